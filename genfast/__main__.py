@@ -1,0 +1,5 @@
+import sys
+
+from genfast.cli import main
+
+sys.exit(main())

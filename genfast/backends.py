@@ -1,0 +1,79 @@
+"""Which implementation runs an op: cuda | triton | cpu | cuda_emu | reference (DESIGN.md §3).
+
+Each op declares, per backend, a function `reasons(**case) -> list[str]` (empty: it can run the
+case). `choose` walks the op's preference order for the tensors' device and takes the first backend
+with no reasons; the reference can run everything, so the fallback is always the same answer.
+`GENFAST_BACKEND=<name>` forces a backend: if it cannot run the case, one ValueError lists every
+reason instead of silently running something else.
+
+  GENFAST_BACKEND=triton   with TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors
+  GENFAST_BACKEND=cuda_emu runs the CUDA kernels on CPU tensors through csrc/emu
+"""
+import os
+
+from genfast import _native
+
+NAMES = ("cuda", "triton", "cpu", "cuda_emu", "reference")
+
+# Preference per op and device type, until the benchmarks on a GPU say otherwise: CUDA first for
+# elementwise and norm ops, Triton first for attention (DESIGN.md §3).
+PREFERENCE = {
+    "flow_euler_step": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")},
+}
+
+
+def forced():
+    name = os.environ.get("GENFAST_BACKEND", "").strip().lower()
+    if name and name not in NAMES:
+        raise ValueError(f"GENFAST_BACKEND={name!r} is not a genfast backend; expected one of {', '.join(NAMES)}")
+    return name or None
+
+
+def triton_reasons(device_type):
+    """Why the Triton kernels cannot run on tensors of this device type (empty list: they can)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return [f"triton is not installed ({e})"]
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if device_type == "cpu" and not interpreted:
+        return ["CPU tensors need TRITON_INTERPRET=1 (set before triton is imported)"]
+    if device_type == "cuda" and interpreted:
+        return ["TRITON_INTERPRET=1 is set: the interpreter runs on CPU tensors only"]
+    if device_type not in ("cpu", "cuda"):
+        return [f"device type {device_type!r} is not supported"]
+    return []
+
+
+def module_reasons(name, device_type, wanted_device):
+    """Reasons a compiled module cannot serve tensors on `device_type`."""
+    if device_type != wanted_device:
+        return [f"runs on {wanted_device} tensors, got {device_type} tensors"]
+    mod, why = _native.status(name)
+    return [] if mod is not None else [why]
+
+
+def choose(op, device_type, reasons_by_backend):
+    """The backend name to run `op` on; reasons_by_backend maps name -> callable returning reasons."""
+    name = forced()
+    if name is not None:
+        if name not in reasons_by_backend:
+            raise ValueError(f"genfast.{op}: GENFAST_BACKEND={name} has no implementation of this op")
+        reasons = reasons_by_backend[name]()
+        if reasons:
+            raise ValueError(f"genfast.{op}: the forced backend {name!r} cannot run this case: " + "; ".join(reasons))
+        return name
+    order = PREFERENCE[op].get(device_type, ("reference",))
+    tried = []
+    for candidate in order:
+        reasons = reasons_by_backend[candidate]()
+        if not reasons:
+            return candidate
+        tried.append(f"{candidate}: " + "; ".join(reasons))
+    raise ValueError(f"genfast.{op}: no backend can run this case ({' | '.join(tried)})")
+
+
+def explain(op, device_type, reasons_by_backend):
+    """[(backend, reasons)] in preference order, for genfast.info()."""
+    order = PREFERENCE[op].get(device_type, ("reference",))
+    return [(name, reasons_by_backend[name]()) for name in order]

@@ -1,0 +1,8 @@
+"""genfast's ops: one module per hot path (checks, backend choice, autograd, torch.library)."""
+from genfast.ops import flow_step
+from genfast.ops.flow_step import flow_euler_step
+
+# For genfast.info(): op name -> (device type, dtype) -> {backend: reasons callable}.
+REASONS_BY_OP = {"flow_euler_step": flow_step._reasons}
+
+__all__ = ["flow_euler_step", "REASONS_BY_OP"]

@@ -1,0 +1,56 @@
+"""What every op module shares: the torch.library namespace, argument checks that raise
+ValueError/TypeError naming the argument, dtype codes for the compiled modules, and 2-D views."""
+import torch
+
+LIB = torch.library.Library("genfast", "DEF")
+
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+KERNEL_DTYPES = tuple(DTYPE_CODE)
+
+
+def check_float_tensor(name, t, *, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64)):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have a floating dtype ({allowed}), got {str(t.dtype).replace('torch.', '')}")
+
+
+def check_like(name, t, ref_name, ref):
+    """t must match ref's shape, dtype and device."""
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; expected the same device")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; expected the same dtype")
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)} but {ref_name} has {tuple(ref.shape)}; expected the same shape")
+
+
+def _span(t):
+    """[first, last] byte addresses t can touch (t non-empty)."""
+    start = t.data_ptr()
+    last = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
+    return start, start + (last + 1) * t.element_size() - 1
+
+
+def overlaps(a, b):
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, a1 = _span(a)
+    b0, b1 = _span(b)
+    return a0 <= b1 and b0 <= a1
+
+
+def rows_view(t):
+    """t as a 2-D [rows, cols] strided view without a copy (rows = dim 0), or None when the
+    non-batch dims cannot be merged into one strided dim (then callers copy)."""
+    if t.dim() == 1:
+        return t.unsqueeze(1)
+    try:
+        return t.view(t.shape[0], -1) if t.shape[0] != 0 else None
+    except RuntimeError:
+        return None
+
+
+def cuda_stream(t):
+    return torch.cuda.current_stream(t.device).cuda_stream

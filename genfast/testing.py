@@ -1,0 +1,97 @@
+"""Sample inputs and the tolerance rule shared by genfast's tests (and usable by yours).
+
+One generator per op feeds its numerics, gradient, opcheck and compile tests (the pattern of
+pytorch/extension-cpp). The tolerance rule is FlashAttention's (DESIGN.md §5): genfast's error
+against a high-precision reference must be at most twice the error of the plain-PyTorch reference
+run in the same low precision, plus a small floor.
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def backends_to_test():
+    """(device, backend) pairs a test suite can run on this machine: CPU tensors through the C++
+    kernels, the emulated CUDA kernels and (without a GPU) the Triton interpreter; CUDA tensors
+    through the CUDA and Triton kernels when a GPU is visible. A missing compiled module makes its
+    tests fail, not skip: CI must notice when a build is gone."""
+    gpu = torch.cuda.is_available()
+    cpu = ["reference", "cpu", "cuda_emu"] + ([] if gpu else ["triton"])
+    return [("cpu", b) for b in cpu] + [("cuda", b) for b in (["cuda", "triton"] if gpu else [])]
+
+
+def assert_within_reference_error(name, got, ref_low, ref_high, *, floor=1e-6):
+    """|got - ref_high| <= 2 |ref_low - ref_high| + floor * max(1, |ref_high|), elementwise max."""
+    got, ref_low, ref_high = got.double(), ref_low.double(), ref_high.double()
+    if got.shape != ref_high.shape:
+        raise AssertionError(f"{name}: shape {tuple(got.shape)} != reference {tuple(ref_high.shape)}")
+    if got.numel() == 0:
+        return
+    nan_got, nan_ref = got.isnan(), ref_high.isnan()
+    if not torch.equal(nan_got, nan_ref):
+        raise AssertionError(f"{name}: NaN pattern differs from the reference")
+    keep = ~nan_ref
+    err = (got - ref_high)[keep].abs().max().item()
+    ref_err = (ref_low - ref_high)[keep].abs().max().item()
+    scale = max(1.0, ref_high[keep].abs().max().item())
+    bound = 2 * ref_err + floor * scale
+    if not err <= bound:
+        raise AssertionError(f"{name}: max error {err:.3g} exceeds {bound:.3g} (2 x reference error {ref_err:.3g} + floor)")
+
+
+@dataclass
+class FlowStepCase:
+    """One call of flow_euler_step: tensors, keyword arguments and a name for the test id."""
+    name: str
+    x: torch.Tensor
+    v_cond: torch.Tensor
+    v_uncond: torch.Tensor = None
+    kwargs: dict = field(default_factory=dict)
+
+    def args(self):
+        return (self.x, self.v_cond) if self.v_uncond is None else (self.x, self.v_cond, self.v_uncond)
+
+    def leaves(self):
+        """The same case with every floating tensor a fresh leaf that requires grad."""
+        def leaf(t):
+            return t.detach().clone().requires_grad_(True) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+        return FlowStepCase(self.name, leaf(self.x), leaf(self.v_cond), leaf(self.v_uncond),
+                            {k: leaf(v) for k, v in self.kwargs.items()})
+
+
+def flow_step_samples(device="cpu", dtype=torch.float32, *, large=False, seed=0):
+    """Cases covering what flow_euler_step promises: CFG and plain steps, per-sample and 0-d dt and
+    guidance, the two halves of a doubled batch, non-contiguous views, odd and empty sizes."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    b = 3
+    cases = [
+        FlowStepCase("cfg_float", rnd(b, 4, 5, 7), rnd(b, 4, 5, 7), rnd(b, 4, 5, 7), dict(dt=0.02, guidance=4.0)),
+        FlowStepCase("euler", rnd(b, 4, 5, 7), rnd(b, 4, 5, 7), None, dict(dt=0.1)),
+        FlowStepCase("one_element", rnd(1), rnd(1), rnd(1), dict(dt=0.5, guidance=1.5)),
+        FlowStepCase("seven", rnd(1, 7), rnd(1, 7), rnd(1, 7), dict(dt=0.25, guidance=2.0)),
+        FlowStepCase("per_sample", rnd(b, 33), rnd(b, 33), rnd(b, 33),
+                     dict(dt=torch.rand(b, generator=g).to(device) * 0.1, guidance=torch.rand(b, generator=g).to(device) * 8)),
+        FlowStepCase("zero_dim_dt", rnd(b, 2, 9), rnd(b, 2, 9), rnd(b, 2, 9),
+                     dict(dt=torch.tensor(0.03).to(device), guidance=torch.tensor(7.5).to(device))),
+        FlowStepCase("guidance_zero", rnd(b, 17), rnd(b, 17), rnd(b, 17), dict(dt=0.1, guidance=0.0)),
+        FlowStepCase("guidance_large", rnd(b, 17), rnd(b, 17), rnd(b, 17), dict(dt=0.01, guidance=100.0)),
+        FlowStepCase("empty", rnd(0, 4, 8), rnd(0, 4, 8), rnd(0, 4, 8), dict(dt=0.1, guidance=1.0)),
+        FlowStepCase("empty_cols", rnd(b, 0), rnd(b, 0), rnd(b, 0), dict(dt=0.1, guidance=1.0)),
+    ]
+    doubled = rnd(2 * b, 4, 6, 5)  # a CFG model's doubled-batch output: halves are strided views
+    vc, vu = doubled.chunk(2)
+    cases.append(FlowStepCase("doubled_batch_halves", rnd(b, 4, 6, 5), vc, vu, dict(dt=0.05, guidance=3.0)))
+    nchw = rnd(b, 6, 5, 4)  # channels-last views: non-mergeable strides, the op must copy or cope
+    cases.append(FlowStepCase("permuted", nchw.permute(0, 2, 3, 1), rnd(b, 6, 5, 4).permute(0, 2, 3, 1),
+                              rnd(b, 6, 5, 4).permute(0, 2, 3, 1), dict(dt=0.2, guidance=1.0)))
+    cases.append(FlowStepCase("column_stride_2", rnd(b, 40)[:, ::2], rnd(b, 40)[:, ::2], rnd(b, 41)[:, 1::2],
+                              dict(dt=0.2, guidance=0.5)))
+    if large:
+        cases.append(FlowStepCase("1000003", rnd(1, 1000003), rnd(1, 1000003), rnd(1, 1000003), dict(dt=0.02, guidance=2.0)))
+    return cases

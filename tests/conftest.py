@@ -1,0 +1,29 @@
+"""Test setup: without a GPU the Triton kernels run under the interpreter, which must be chosen
+before triton is imported; backends are forced per test through GENFAST_BACKEND."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def use_backend(monkeypatch):
+    """use_backend('cuda_emu') forces that backend for the rest of the test."""
+    def force(name):
+        monkeypatch.setenv("GENFAST_BACKEND", name)
+    return force
