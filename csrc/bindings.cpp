@@ -8,6 +8,7 @@
 
 #include <string>
 
+#include "attention.h"
 #include "bind_util.h"
 #include "flow_step.h"
 
@@ -51,6 +52,25 @@ void flow_step(uintptr_t out, uintptr_t x, uintptr_t vc, uintptr_t vu, int64_t r
 #endif
 }
 
+#ifdef GENFAST_CUDA_SIDE
+// Flash attention forward (csrc/attention.h): fp16 / bf16, head dim <= 128; strides in elements.
+void attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, uintptr_t mask, int64_t q_b,
+                   int64_t q_h, int64_t q_n, int64_t k_b, int64_t k_h, int64_t k_n, int64_t v_b, int64_t v_h,
+                   int64_t v_n, int64_t o_b, int64_t o_h, int64_t o_n, int64_t mask_b, int64_t mask_n, int64_t B,
+                   int64_t H, int64_t Nq, int64_t Nk, int64_t D, double scale, bool causal, int32_t dtype,
+                   uintptr_t stream) {
+  if (dtype != kFloat16 && dtype != kBFloat16) throw py::value_error("genfast: attention_fwd takes fp16 or bf16");
+  if (D < 1 || D > 128) throw py::value_error("genfast: attention_fwd takes head dims 1..128");
+  const AttentionParams p{reinterpret_cast<const void*>(q), reinterpret_cast<const void*>(k),
+                          reinterpret_cast<const void*>(v), reinterpret_cast<void*>(o), reinterpret_cast<float*>(lse),
+                          reinterpret_cast<const uint8_t*>(mask), q_b, q_h, q_n, k_b, k_h, k_n, v_b, v_h, v_n, o_b,
+                          o_h, o_n, mask_b, mask_n, B, H, Nq, Nk, D, static_cast<float>(scale), causal ? 1 : 0,
+                          dtype};
+  py::gil_scoped_release nogil;
+  check_launch(attention_fwd_cuda(p, reinterpret_cast<void*>(stream)), "attention_fwd");
+}
+#endif
+
 void bind_all(py::module_& m) {
   m.def("flow_step", &flow_step,
         "Fused rectified-flow Euler / CFG step over [rows, cols] strided views (see csrc/flow_step.h).",
@@ -59,6 +79,15 @@ void bind_all(py::module_& m) {
         py::arg("vc_cs"), py::arg("vu_rs"), py::arg("vu_cs"), py::arg("dt"), py::arg("dt_stride"),
         py::arg("dt_value"), py::arg("w"), py::arg("w_stride"), py::arg("w_value"), py::arg("dtype"),
         py::arg("stream") = 0);
+#ifdef GENFAST_CUDA_SIDE
+  m.def("attention_fwd", &attention_fwd,
+        "Flash attention forward, fp16/bf16, head dim <= 128: writes o and the fp32 lse (csrc/attention.h).",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("mask"), py::arg("q_b"),
+        py::arg("q_h"), py::arg("q_n"), py::arg("k_b"), py::arg("k_h"), py::arg("k_n"), py::arg("v_b"), py::arg("v_h"),
+        py::arg("v_n"), py::arg("o_b"), py::arg("o_h"), py::arg("o_n"), py::arg("mask_b"), py::arg("mask_n"),
+        py::arg("B"), py::arg("H"), py::arg("Nq"), py::arg("Nk"), py::arg("D"), py::arg("scale"), py::arg("causal"),
+        py::arg("dtype"), py::arg("stream") = 0);
+#endif
 }
 
 }  // namespace

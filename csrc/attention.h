@@ -1,0 +1,38 @@
+// Flash attention forward, shared by the CUDA and emulated-CUDA kernels (csrc/cuda/attention.cu).
+// No PyTorch headers: the bindings fill this struct from Python ints.
+//
+//   o = softmax(q k^T * scale + mask) v        q [B, H, Nq, D], k/v [B, H, Nk, D], o [B, H, Nq, D]
+//   lse[b, h, i] = log(sum_j exp(q_i . k_j * scale))   (natural log, fp32, masked keys left out)
+//
+// Any batch / head / token strides (in elements), so q/k/v may be strided views of one fused qkv
+// projection; the head dim is contiguous (stride 1). Masks: causal is top-left aligned (query i
+// sees keys 0..i, also when Nq != Nk, as torch's SDPA is_causal); key_padding_mask [B, Nk] uint8
+// or bool, nonzero = attend. A query row left with no key gives o = 0 and lse = +inf, so that the
+// backward's exp(s - lse) is 0 there (the convention of genfast/ops/attention.py).
+#pragma once
+#include <cstdint>
+
+#include "flow_step.h"  // genfast::DType
+
+namespace genfast {
+
+struct AttentionParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;
+  float* lse;           // [B, H, Nq] contiguous fp32; nullptr: not written
+  const uint8_t* mask;  // [B, Nk] (bool or uint8); nullptr: no key padding mask
+  int64_t q_b, q_h, q_n, k_b, k_h, k_n, v_b, v_h, v_n, o_b, o_h, o_n;  // element strides
+  int64_t mask_b, mask_n;
+  int64_t B, H, Nq, Nk, D;
+  float scale;
+  int32_t causal;
+  int32_t dtype;  // kFloat16 or kBFloat16 (fp32 is not supported by this kernel)
+};
+
+// csrc/cuda/attention.cu: launches on `stream` and returns the cudaError_t as an int
+// (cudaErrorInvalidValue = 1 for a case the kernel does not support: fp32, D > 128).
+int attention_fwd_cuda(const AttentionParams& p, void* stream);
+
+}  // namespace genfast
