@@ -31,8 +31,34 @@ struct AttentionParams {
   int32_t dtype;  // kFloat16 or kBFloat16 (fp32 is not supported by this kernel)
 };
 
+// The backward (FA2): recomputes P = exp(q k^T * scale - lse) tile by tile from the forward's lse.
+//   dv = P^T do,  dS = P * (do v^T - delta),  dq = scale dS k,  dk = scale dS^T q
+// delta[b, h, i] = sum_d do[b, h, i, d] * o[b, h, i, d] (fp32 [B, H, Nq] contiguous) comes from the
+// caller. Masks and lse as in the forward (lse = +inf rows get zero gradients).
+struct AttentionBwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* dout;
+  const float* lse;    // [B, H, Nq] contiguous
+  const float* delta;  // [B, H, Nq] contiguous
+  void* dq;
+  void* dk;
+  void* dv;
+  const uint8_t* mask;
+  int64_t q_b, q_h, q_n, k_b, k_h, k_n, v_b, v_h, v_n, do_b, do_h, do_n;
+  int64_t dq_b, dq_h, dq_n, dk_b, dk_h, dk_n, dv_b, dv_h, dv_n;
+  int64_t mask_b, mask_n;
+  int64_t B, H, Nq, Nk, D;
+  float scale;
+  int32_t causal;
+  int32_t dtype;
+};
+
 // csrc/cuda/attention.cu: launches on `stream` and returns the cudaError_t as an int
 // (cudaErrorInvalidValue = 1 for a case the kernel does not support: fp32, D > 128).
 int attention_fwd_cuda(const AttentionParams& p, void* stream);
+// csrc/cuda/attention_bwd.cu: two kernels (dk/dv per key tile, dq per query tile; no atomics).
+int attention_bwd_cuda(const AttentionBwdParams& p, void* stream);
 
 }  // namespace genfast

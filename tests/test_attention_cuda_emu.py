@@ -157,3 +157,65 @@ def test_empty_and_unsupported():
     big = torch.zeros(1, 1, 4, 160, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="head dims"):
         cuda_emu_attention(big, big, big)
+
+
+# ------------------------------------------------------------------------------------ backward
+def cuda_emu_attention_bwd(dout, q, k, v, out, lse, *, causal=False, scale=None, key_padding_mask=None):
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    delta = (dout.float() * out.float()).sum(-1).contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    m = key_padding_mask
+    emu.attention_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(), delta.data_ptr(),
+                      dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), 0 if m is None else m.data_ptr(),
+                      q.stride()[:3], k.stride()[:3], v.stride()[:3], dout.stride()[:3], dq.stride()[:3],
+                      dk.stride()[:3], dv.stride()[:3], m.stride() if m is not None else (0, 0),
+                      b, h, nq, nk, d, scale, causal, DTYPE_CODE[q.dtype])
+    return dq, dk, dv
+
+
+def plain_grads(dout, q, k, v, dtype, **kw):
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+    out, _ = plain_attention(*leaves, dtype=dtype, **kw)
+    return torch.autograd.grad(out, leaves, dout.to(dtype))
+
+
+def check_bwd(q, k, v, seed=7, **kw):
+    out, lse = cuda_emu_attention(q, k, v, **kw)
+    dout = rnd(*out.shape, dtype=q.dtype, seed=seed)
+    got = cuda_emu_attention_bwd(dout, q, k, v, out, lse, **kw)
+    ref64 = plain_grads(dout, q, k, v, torch.float64, **kw)
+    ref_low = plain_grads(dout, q, k, v, q.dtype, **kw)
+    for name, g, r64, rl in zip(("dq", "dk", "dv"), got, ref64, ref_low):
+        assert g.dtype == q.dtype and torch.isfinite(g).all(), name
+        assert_within_reference_error(name, g.double(), rl.double(), r64, floor=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("nq,nk,d", [(17, 17, 32), (129, 129, 72), (64, 77, 128), (1, 33, 64), (77, 1, 96)])
+def test_backward(nq, nk, d, dtype):
+    q = rnd(1, 2, nq, d, dtype=dtype, seed=0)
+    k, v = rnd(1, 2, nk, d, dtype=dtype, seed=1), rnd(1, 2, nk, d, dtype=dtype, seed=2)
+    check_bwd(q, k, v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("nq,nk,d", [(129, 129, 72), (17, 77, 32), (77, 17, 128)])
+def test_backward_causal(nq, nk, d, dtype):
+    q = rnd(1, 1, nq, d, dtype=dtype, seed=0)
+    k, v = rnd(1, 1, nk, d, dtype=dtype, seed=1), rnd(1, 1, nk, d, dtype=dtype, seed=2)
+    check_bwd(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_key_padding_mask_and_strided_views(causal):
+    b, n, h, d, nk = 2, 33, 1, 72, 77
+    qkv = rnd(b, n, 3 * h * d, dtype=torch.bfloat16).view(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+    q = qkv[0]
+    k, v = rnd(b, h, nk, d, dtype=torch.bfloat16, seed=1), rnd(b, h, nk, d, dtype=torch.bfloat16, seed=2)
+    mask = torch.ones(b, nk, dtype=torch.bool)
+    mask[0, 50:] = False
+    mask[1, :] = False  # no key at all: zero gradients
+    mask[1, 70] = not causal
+    check_bwd(q, k, v, key_padding_mask=mask, causal=causal)

@@ -29,6 +29,7 @@
 // and run through the emulation by tests/test_attention_cuda_emu.py.
 #include "cuda/common.cuh"
 #include "cuda/mma.cuh"
+#include "cuda/attention_tile.cuh"
 
 #include "attention.h"
 
@@ -42,31 +43,6 @@ constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
 __device__ __forceinline__ float neg_inf() { return __uint_as_float(0xff800000u); }
 __device__ __forceinline__ float pos_inf() { return __uint_as_float(0x7f800000u); }
-
-// rows x DP tile of a [N, D] matrix (row stride `rs` elements, head dim contiguous) into shared
-// memory with row stride LD; rows >= nrows and columns >= D are zeros (V's pad rows must be zeros,
-// not garbage: P is 0 there, but 0 * NaN is not). VEC: every row start is 16-byte aligned.
-template <int DP, int LD>
-__device__ __forceinline__ void load_tile(uint16_t* dst, const uint16_t* src, int64_t rs, int nrows, int D, bool vec) {
-  constexpr int kChunks = DP / 8;  // 16-byte chunks per row
-  for (int c = threadIdx.x; c < kBM * kChunks; c += kThreads) {
-    const int row = c / kChunks, col = (c % kChunks) * 8;
-    uint4 val = make_uint4(0u, 0u, 0u, 0u);
-    if (row < nrows) {
-      const uint16_t* s = src + row * rs + col;
-      if (vec && col + 8 <= D) {
-        val = *reinterpret_cast<const uint4*>(s);
-      } else {
-        uint16_t e[8];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) e[i] = col + i < D ? s[i] : uint16_t(0);
-        val = make_uint4(e[0] | (uint32_t(e[1]) << 16), e[2] | (uint32_t(e[3]) << 16), e[4] | (uint32_t(e[5]) << 16),
-                         e[6] | (uint32_t(e[7]) << 16));
-      }
-    }
-    *reinterpret_cast<uint4*>(dst + row * LD + col) = val;
-  }
-}
 
 // flags: bit 0/1/2: q/k/v rows 16-byte aligned; bit 3: o rows 4-byte aligned.
 template <bool BF16, int DP>
@@ -88,7 +64,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   const uint16_t* q = static_cast<const uint16_t*>(p.q) + b * p.q_b + h * p.q_h + q0 * p.q_n;
   const uint16_t* k = static_cast<const uint16_t*>(p.k) + b * p.k_b + h * p.k_h;
   const uint16_t* v = static_cast<const uint16_t*>(p.v) + b * p.v_b + h * p.v_h;
-  load_tile<DP, LD>(sQ, q, p.q_n, static_cast<int>(p.Nq - q0 < kBM ? p.Nq - q0 : kBM), D, flags & 1);
+  attn::load_tile<kBM, DP, LD, kThreads>(sQ, q, p.q_n, static_cast<int>(p.Nq - q0 < kBM ? p.Nq - q0 : kBM), D, flags & 1);
   __syncthreads();
   uint32_t qf[KSTEPS][4];  // this warp's 16 rows of Q as A fragments, one per k16 step
 #pragma unroll
@@ -107,8 +83,8 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   for (int64_t n0 = 0; n0 < kv_end; n0 += kBN) {
     const int nvalid = static_cast<int>(p.Nk - n0 < kBN ? p.Nk - n0 : kBN);
     __syncthreads();  // every warp is done with the previous K/V tile
-    load_tile<DP, LD>(sK, k + n0 * p.k_n, p.k_n, nvalid, D, flags & 2);
-    load_tile<DP, LD>(sV, v + n0 * p.v_n, p.v_n, nvalid, D, flags & 4);
+    attn::load_tile<kBM, DP, LD, kThreads>(sK, k + n0 * p.k_n, p.k_n, nvalid, D, flags & 2);
+    attn::load_tile<kBM, DP, LD, kThreads>(sV, v + n0 * p.v_n, p.v_n, nvalid, D, flags & 4);
     if (p.mask && threadIdx.x < kBN) {
       const int c = static_cast<int>(threadIdx.x);
       sMask[c] = c < nvalid ? p.mask[b * p.mask_b + (n0 + c) * p.mask_n] != 0 : 0;
@@ -168,21 +144,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
         l[i >> 1] += s[j][i];  // a lane's partial row sum; the quad is summed at the end
       }
 
-#pragma unroll
-    for (int kt = 0; kt < kBN / 16; ++kt) {
-      // C fragments of n-tiles 2kt, 2kt+1 = the A fragment (16 rows x 16 keys) of k step kt
-      const uint32_t pa[4] = {dev::pack2<BF16>(s[2 * kt][0], s[2 * kt][1]), dev::pack2<BF16>(s[2 * kt][2], s[2 * kt][3]),
-                              dev::pack2<BF16>(s[2 * kt + 1][0], s[2 * kt + 1][1]),
-                              dev::pack2<BF16>(s[2 * kt + 1][2], s[2 * kt + 1][3])};
-#pragma unroll
-      for (int dn = 0; dn < DT; dn += 2) {  // matrices: (keys lo, d dn), (keys hi, d dn), (keys lo, dn+1), (keys hi, dn+1)
-        uint32_t vb[4];
-        dev::ldmatrix<4, true>(vb, sV + (kt * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + (dn + (lane >> 4)) * 8);
-        const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
-        dev::mma_16816<BF16>(o[dn], pa, b0);
-        dev::mma_16816<BF16>(o[dn + 1], pa, b1);
-      }
-    }
+    attn::mma_pb<BF16, kBN / 16, DT, LD>(o, s, sV, lane);
   }
 
   // epilogue: O / l, lse
@@ -194,18 +156,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
     const int64_t row = r ? row1 : row0;
     if (row >= p.Nq) continue;
     const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;  // no key at all: zeros
-    uint16_t* orow = out + row * p.o_n;
-#pragma unroll
-    for (int j = 0; j < DT; ++j) {
-      const int c = j * 8 + 2 * t;
-      const uint32_t w = dev::pack2<BF16>(o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
-      if ((flags & 8) && c + 1 < D) {
-        *reinterpret_cast<uint32_t*>(orow + c) = w;
-      } else {
-        if (c < D) orow[c] = static_cast<uint16_t>(w & 0xffffu);
-        if (c + 1 < D) orow[c + 1] = static_cast<uint16_t>(w >> 16);
-      }
-    }
+    attn::store_row<BF16, DT>(out + row * p.o_n, o, r, inv, D, flags & 8, t);
     if (p.lse && t == 0) p.lse[bh * p.Nq + row] = l[r] > 0.0f ? (m[r] + __log2f(l[r])) * kLn2 : pos_inf();
   }
 }
@@ -219,10 +170,8 @@ int launch(const AttentionParams& p, void* stream) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return static_cast<int>(e);
   }
-  auto rows16 = [](const void* base, int64_t sb, int64_t sh, int64_t sn) {
-    return (reinterpret_cast<uintptr_t>(base) & 15u) == 0 && sb % 8 == 0 && sh % 8 == 0 && sn % 8 == 0;
-  };
-  const bool o4 = (reinterpret_cast<uintptr_t>(p.o) & 3u) == 0 && p.o_b % 2 == 0 && p.o_h % 2 == 0 && p.o_n % 2 == 0;
+  using attn::rows16;
+  const bool o4 = attn::rows4(p.o, p.o_b, p.o_h, p.o_n);
   const int flags = rows16(p.q, p.q_b, p.q_h, p.q_n) | rows16(p.k, p.k_b, p.k_h, p.k_n) << 1 |
                     rows16(p.v, p.v_b, p.v_h, p.v_n) << 2 | int(o4) << 3;
   const int64_t n_qtiles = (p.Nq + kBM - 1) / kBM, blocks = n_qtiles * p.B * p.H;
