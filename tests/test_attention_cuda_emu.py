@@ -13,26 +13,17 @@ import torch
 
 from genfast.testing import assert_within_reference_error
 
+from genfast.ops import attention_cuda
+
 emu = pytest.importorskip("genfast._cuda_emu")
 if not hasattr(emu, "attention_fwd"):
     pytest.skip("genfast._cuda_emu has no attention_fwd (built without csrc/cuda/attention.cu)", allow_module_level=True)
 
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
 
 def cuda_emu_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None):
     """(out [B, H, Nq, D] contiguous, lse [B, H, Nq] fp32) from the emulated kernel."""
-    b, h, nq, d = q.shape
-    nk = k.shape[2]
-    scale = d ** -0.5 if scale is None else scale
-    out = torch.empty(b, h, nq, d, dtype=q.dtype)
-    lse = torch.empty(b, h, nq, dtype=torch.float32)
-    m = key_padding_mask
-    emu.attention_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                      0 if m is None else m.data_ptr(), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                      *out.stride()[:3], *(m.stride() if m is not None else (0, 0)), b, h, nq, nk, d, scale,
-                      causal, DTYPE_CODE[q.dtype])
-    return out, lse
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return attention_cuda.forward("cuda_emu", q, k, v, key_padding_mask, causal, scale)
 
 
 def plain_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None, dtype=torch.float64):
@@ -152,27 +143,29 @@ def test_empty_and_unsupported():
     kz = torch.zeros(1, 1, 0, 32, dtype=torch.bfloat16)
     out, lse = cuda_emu_attention(q, kz, kz)
     assert (out == 0).all() and torch.isposinf(lse).all()
+    # the raw binding refuses what the kernel cannot run; reasons() says why beforehand
     with pytest.raises(ValueError, match="fp16 or bf16"):
-        cuda_emu_attention(q.float(), q.float(), q.float())
-    big = torch.zeros(1, 1, 4, 160, dtype=torch.bfloat16)
+        emu.attention_fwd(*[0] * 6, *[0] * 14, 1, 1, 4, 4, 32, 1.0, False, 0)
     with pytest.raises(ValueError, match="head dims"):
-        cuda_emu_attention(big, big, big)
+        emu.attention_fwd(*[0] * 6, *[0] * 14, 1, 1, 4, 4, 160, 1.0, False, 2)
+    assert any("fp16, bf16 only" in r for r in attention_cuda.reasons("cuda_emu", q.float(), q.float(), q.float()))
+    big = torch.zeros(1, 1, 4, 160, dtype=torch.bfloat16)
+    assert any("head dim 160" in r for r in attention_cuda.reasons("cuda_emu", big, big, big))
+    assert attention_cuda.reasons("cuda_emu", q, q, q) == []
+    assert any("cuda tensors" in r for r in attention_cuda.reasons("cuda", q, q, q))
+
+
+def test_non_contiguous_head_dim_is_copied():
+    q, k, v = (rnd(1, 2, 40, 64, dtype=torch.float16, seed=s).transpose(-1, -2).contiguous().transpose(-1, -2)
+               for s in range(3))
+    assert q.stride(-1) != 1
+    check(q, k, v)
 
 
 # ------------------------------------------------------------------------------------ backward
 def cuda_emu_attention_bwd(dout, q, k, v, out, lse, *, causal=False, scale=None, key_padding_mask=None):
-    b, h, nq, d = q.shape
-    nk = k.shape[2]
-    scale = d ** -0.5 if scale is None else scale
-    delta = (dout.float() * out.float()).sum(-1).contiguous()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    m = key_padding_mask
-    emu.attention_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(), delta.data_ptr(),
-                      dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), 0 if m is None else m.data_ptr(),
-                      q.stride()[:3], k.stride()[:3], v.stride()[:3], dout.stride()[:3], dq.stride()[:3],
-                      dk.stride()[:3], dv.stride()[:3], m.stride() if m is not None else (0, 0),
-                      b, h, nq, nk, d, scale, causal, DTYPE_CODE[q.dtype])
-    return dq, dk, dv
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return attention_cuda.backward("cuda_emu", dout, q, k, v, out, lse, key_padding_mask, causal, scale)
 
 
 def plain_grads(dout, q, k, v, dtype, **kw):
