@@ -19,8 +19,9 @@
 // 80/72 = 1.11x its own useful work, the pad columns being zeros written to shared memory only
 // (global loads stop at D). Shared-memory rows are padded by 16 bytes (DP + 8 elements) so the
 // eight 16-byte rows an ldmatrix reads fall in different banks.
-// Not here (yet): cp.async double buffering of K/V (loads go through registers, one tile at a
-// time), head dims > 128, fp32 inputs (no fp32 mma: dispatch sends those to Triton / CPU).
+// K/V loads are cp.async (16-byte chunks of aligned rows), overlapped as FlashAttention-2 does:
+// V_j streams in during S = Q K_j^T and the softmax, K_{j+1} during O += P V_j, one buffer each.
+// Not here (yet): head dims > 128, fp32 inputs (no fp32 mma: dispatch sends those to Triton / CPU).
 //
 // Checked without a GPU (DESIGN.md §8):
 //   nvcc -std=c++17 -O3 -arch=sm_80 --resource-usage -Icsrc -c csrc/cuda/attention.cu -o /tmp/a.o
@@ -64,7 +65,22 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   const uint16_t* q = static_cast<const uint16_t*>(p.q) + b * p.q_b + h * p.q_h + q0 * p.q_n;
   const uint16_t* k = static_cast<const uint16_t*>(p.k) + b * p.k_b + h * p.k_h;
   const uint16_t* v = static_cast<const uint16_t*>(p.v) + b * p.v_b + h * p.v_h;
-  attn::load_tile<kBM, DP, LD, kThreads>(sQ, q, p.q_n, static_cast<int>(p.Nq - q0 < kBM ? p.Nq - q0 : kBM), D, flags & 1);
+  const int64_t kv_end = p.causal && q0 + kBM < p.Nk ? q0 + kBM : p.Nk;
+  // K/V pipeline (FA2): V_j lands while S = Q K_j^T and the softmax run, K_{j+1} while O += P V_j;
+  // one buffer each, the barriers say when a buffer is free.
+  auto load_k = [&](int64_t n0) {
+    const int nvalid = static_cast<int>(p.Nk - n0 < kBN ? p.Nk - n0 : kBN);
+    attn::load_tile<kBN, DP, LD, kThreads, true>(sK, k + n0 * p.k_n, p.k_n, nvalid, D, flags & 2);
+    if (p.mask && threadIdx.x < kBN) {
+      const int c = static_cast<int>(threadIdx.x);
+      sMask[c] = c < nvalid ? p.mask[b * p.mask_b + (n0 + c) * p.mask_n] != 0 : 0;
+    }
+    dev::cp_async_commit();
+  };
+  attn::load_tile<kBM, DP, LD, kThreads, true>(sQ, q, p.q_n, static_cast<int>(p.Nq - q0 < kBM ? p.Nq - q0 : kBM), D,
+                                               flags & 1);
+  if (kv_end > 0) load_k(0);
+  dev::cp_async_wait_all();
   __syncthreads();
   uint32_t qf[KSTEPS][4];  // this warp's 16 rows of Q as A fragments, one per k16 step
 #pragma unroll
@@ -78,73 +94,73 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   const float sl2 = p.scale * kLog2e;
   const int64_t row0 = q0 + warp * 16 + g, row1 = row0 + 8;
   const int64_t warp_last_row = q0 + warp * 16 + 15;
-  const int64_t kv_end = p.causal && q0 + kBM < p.Nk ? q0 + kBM : p.Nk;
 
   for (int64_t n0 = 0; n0 < kv_end; n0 += kBN) {
     const int nvalid = static_cast<int>(p.Nk - n0 < kBN ? p.Nk - n0 : kBN);
-    __syncthreads();  // every warp is done with the previous K/V tile
-    attn::load_tile<kBM, DP, LD, kThreads>(sK, k + n0 * p.k_n, p.k_n, nvalid, D, flags & 2);
-    attn::load_tile<kBM, DP, LD, kThreads>(sV, v + n0 * p.v_n, p.v_n, nvalid, D, flags & 4);
-    if (p.mask && threadIdx.x < kBN) {
-      const int c = static_cast<int>(threadIdx.x);
-      sMask[c] = c < nvalid ? p.mask[b * p.mask_b + (n0 + c) * p.mask_n] != 0 : 0;
-    }
-    __syncthreads();
-    if (p.causal && n0 > warp_last_row) continue;  // every key of this tile is in this warp's future
+    attn::load_tile<kBN, DP, LD, kThreads, true>(sV, v + n0 * p.v_n, p.v_n, nvalid, D, flags & 4);
+    dev::cp_async_commit();
+    // a warp whose rows all precede this tile's keys (causal) only takes part in the barriers
+    const bool active = !(p.causal && n0 > warp_last_row);
 
     float s[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+    if (active) {
 #pragma unroll
-    for (int kk = 0; kk < KSTEPS; ++kk) {
+      for (int kk = 0; kk < KSTEPS; ++kk) {
 #pragma unroll
-      for (int j = 0; j < NT; j += 2) {  // matrices: (keys j*8.., d lo), (d hi), (keys j*8+8.., d lo), (d hi)
-        uint32_t kb[4];
-        dev::ldmatrix<4>(kb, sK + (j * 8 + (lane & 7) + 8 * (lane >> 4)) * LD + kk * 16 + 8 * ((lane >> 3) & 1));
-        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
-        dev::mma_16816<BF16>(s[j], qf[kk], b0);
-        dev::mma_16816<BF16>(s[j + 1], qf[kk], b1);
-      }
-    }
-
-    // scale (log2 units) and masks; element i of n-tile j: row g + 8 (i / 2), key 8 j + 2 t + i % 2
-    const bool need_mask = nvalid < kBN || p.mask || (p.causal && n0 + kBN - 1 > q0 + warp * 16);
-    float mx[2] = {neg_inf(), neg_inf()};
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        float x = s[j][i] * sl2;
-        if (need_mask) {
-          const int c = j * 8 + 2 * t + (i & 1);
-          const bool ok = c < nvalid && (!p.mask || sMask[c]) && (!p.causal || n0 + c <= (i < 2 ? row0 : row1));
-          x = ok ? x : neg_inf();
+        for (int j = 0; j < NT; j += 2) {  // matrices: (keys j*8.., d lo), (d hi), (keys j*8+8.., d lo), (d hi)
+          uint32_t kb[4];
+          dev::ldmatrix<4>(kb, sK + (j * 8 + (lane & 7) + 8 * (lane >> 4)) * LD + kk * 16 + 8 * ((lane >> 3) & 1));
+          const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+          dev::mma_16816<BF16>(s[j], qf[kk], b0);
+          dev::mma_16816<BF16>(s[j + 1], qf[kk], b1);
         }
-        s[j][i] = x;
-        mx[i >> 1] = fmaxf(mx[i >> 1], x);
-      }
-    float base[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float m_new = fmaxf(m[r], mx[r]);
-      base[r] = m_new == neg_inf() ? 0.0f : m_new;  // no key yet: exp2(-inf - 0) = 0, never NaN
-      const float alpha = exp2f(m[r] - base[r]);
-      m[r] = m_new;
-      l[r] *= alpha;
-#pragma unroll
-      for (int j = 0; j < DT; ++j) o[j][2 * r] *= alpha, o[j][2 * r + 1] *= alpha;
-    }
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        s[j][i] = exp2f(s[j][i] - base[i >> 1]);
-        l[i >> 1] += s[j][i];  // a lane's partial row sum; the quad is summed at the end
       }
 
-    attn::mma_pb<BF16, kBN / 16, DT, LD>(o, s, sV, lane);
+      // scale (log2 units) and masks; element i of n-tile j: row g + 8 (i / 2), key 8 j + 2 t + i % 2
+      const bool need_mask = nvalid < kBN || p.mask || (p.causal && n0 + kBN - 1 > q0 + warp * 16);
+      float mx[2] = {neg_inf(), neg_inf()};
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          float x = s[j][i] * sl2;
+          if (need_mask) {
+            const int c = j * 8 + 2 * t + (i & 1);
+            const bool ok = c < nvalid && (!p.mask || sMask[c]) && (!p.causal || n0 + c <= (i < 2 ? row0 : row1));
+            x = ok ? x : neg_inf();
+          }
+          s[j][i] = x;
+          mx[i >> 1] = fmaxf(mx[i >> 1], x);
+        }
+      float base[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        const float m_new = fmaxf(m[r], mx[r]);
+        base[r] = m_new == neg_inf() ? 0.0f : m_new;  // no key yet: exp2(-inf - 0) = 0, never NaN
+        const float alpha = exp2f(m[r] - base[r]);
+        m[r] = m_new;
+        l[r] *= alpha;
+#pragma unroll
+        for (int j = 0; j < DT; ++j) o[j][2 * r] *= alpha, o[j][2 * r + 1] *= alpha;
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          s[j][i] = exp2f(s[j][i] - base[i >> 1]);
+          l[i >> 1] += s[j][i];  // a lane's partial row sum; the quad is summed at the end
+        }
+    }
+    dev::cp_async_wait_all();
+    __syncthreads();  // V_j has landed; every warp is done with K_j and sMask
+    if (n0 + kBN < kv_end) load_k(n0 + kBN);
+    if (active) attn::mma_pb<BF16, kBN / 16, DT, LD>(o, s, sV, lane);
+    dev::cp_async_wait_all();
+    __syncthreads();  // K_{j+1} has landed; every warp is done with V_j
   }
 
   // epilogue: O / l, lse

@@ -12,8 +12,9 @@ namespace attn {
 
 // ROWS x DP tile of a matrix with row stride `rs` elements (head dim contiguous) into `dst`;
 // rows >= nrows and columns >= D are zeros (pad rows are multiplied by P = 0, and 0 * NaN is not
-// 0). VEC: every row start is 16-byte aligned (one 16-byte load per 8 elements).
-template <int ROWS, int DP, int LD, int NTHREADS>
+// 0). VEC: every row start is 16-byte aligned (one 16-byte load per 8 elements). ASYNC: those
+// 16-byte loads go through cp.async (the other chunks are stored at once).
+template <int ROWS, int DP, int LD, int NTHREADS, bool ASYNC = false>
 __device__ __forceinline__ void load_tile(uint16_t* dst, const uint16_t* src, int64_t rs, int nrows, int D, bool vec) {
   constexpr int kChunks = DP / 8;
   for (int c = threadIdx.x; c < ROWS * kChunks; c += NTHREADS) {
@@ -22,6 +23,10 @@ __device__ __forceinline__ void load_tile(uint16_t* dst, const uint16_t* src, in
     if (row < nrows) {
       const uint16_t* s = src + row * rs + col;
       if (vec && col + 8 <= D) {
+        if (ASYNC) {  // lands by the caller's cp_async_wait_all + __syncthreads
+          dev::cp_async16(dst + row * LD + col, s);
+          continue;
+        }
         val = *reinterpret_cast<const uint4*>(s);
       } else {
         uint16_t e[8];

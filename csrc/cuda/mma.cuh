@@ -189,5 +189,28 @@ __device__ __forceinline__ void ldmatrix(uint32_t (&r)[N], const void* row_addr)
 #endif
 }
 
+// ---- cp.async (sm_80+): 16-byte global -> shared copies that complete asynchronously -------------
+// cp_async16 copies 16 bytes; cp_async_wait_all waits for every copy this thread issued (then a
+// __syncthreads makes them visible to the block). Under the emulation the copy happens at once,
+// so a missing wait is NOT caught there (only on a GPU): keep each wait next to its barrier.
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+#ifdef GENFAST_EMULATE
+  memcpy(smem_dst, gmem_src, 16);
+#else
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(gmem_src) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifndef GENFAST_EMULATE
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#ifndef GENFAST_EMULATE
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
+
 }  // namespace dev
 }  // namespace genfast
