@@ -33,15 +33,18 @@ struct AttentionParams {
 
 // The backward (FA2): recomputes P = exp(q k^T * scale - lse) tile by tile from the forward's lse.
 //   dv = P^T do,  dS = P * (do v^T - delta),  dq = scale dS k,  dk = scale dS^T q
-// delta[b, h, i] = sum_d do[b, h, i, d] * o[b, h, i, d] (fp32 [B, H, Nq] contiguous) comes from the
-// caller. Masks and lse as in the forward (lse = +inf rows get zero gradients).
+// delta[b, h, i] = sum_d do[b, h, i, d] * o[b, h, i, d] (fp32 [B, H, Nq] contiguous): computed by a
+// first kernel into `delta` (caller-provided workspace) when o is given, else read from it.
+// Masks and lse as in the forward (lse = +inf rows get zero gradients).
 struct AttentionBwdParams {
   const void* q;
   const void* k;
   const void* v;
   const void* dout;
   const float* lse;    // [B, H, Nq] contiguous
-  const float* delta;  // [B, H, Nq] contiguous
+  float* delta;        // [B, H, Nq] contiguous
+  const void* o;       // the forward's output, for delta; nullptr: delta is given
+  int64_t o_b, o_h, o_n;
   void* dq;
   void* dk;
   void* dv;

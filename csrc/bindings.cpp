@@ -71,10 +71,11 @@ void attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t
   check_launch(attention_fwd_cuda(p, reinterpret_cast<void*>(stream)), "attention_fwd");
 }
 
-// Flash attention backward (csrc/attention.h): dq, dk, dv from dout, the forward's lse and
-// delta = rowsum(dout * out) (both fp32 [B, H, Nq] contiguous).
+// Flash attention backward (csrc/attention.h): dq, dk, dv from dout and the forward's lse (fp32
+// [B, H, Nq] contiguous). delta: fp32 [B, H, Nq] workspace, filled with rowsum(dout * o) from o
+// (o = 0: delta holds it already).
 void attention_bwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t dout, uintptr_t lse, uintptr_t delta,
-                   uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t mask, py::tuple q_s, py::tuple k_s,
+                   uintptr_t o, py::tuple o_s, uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t mask, py::tuple q_s, py::tuple k_s,
                    py::tuple v_s, py::tuple do_s, py::tuple dq_s, py::tuple dk_s, py::tuple dv_s, py::tuple mask_s,
                    int64_t B, int64_t H, int64_t Nq, int64_t Nk, int64_t D, double scale, bool causal, int32_t dtype,
                    uintptr_t stream) {
@@ -92,7 +93,9 @@ void attention_bwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t dout, uintpt
   p.v = reinterpret_cast<const void*>(v);
   p.dout = reinterpret_cast<const void*>(dout);
   p.lse = reinterpret_cast<const float*>(lse);
-  p.delta = reinterpret_cast<const float*>(delta);
+  p.delta = reinterpret_cast<float*>(delta);
+  p.o = reinterpret_cast<const void*>(o);
+  strides(o_s, {&p.o_b, &p.o_h, &p.o_n}, "o");
   p.dq = reinterpret_cast<void*>(dq);
   p.dk = reinterpret_cast<void*>(dk);
   p.dv = reinterpret_cast<void*>(dv);
@@ -133,7 +136,7 @@ void bind_all(py::module_& m) {
   m.def("attention_bwd", &attention_bwd,
         "Flash attention backward, fp16/bf16, head dim <= 128: writes dq, dk, dv (csrc/attention.h). Strides as "
         "(b, h, n) tuples, the mask's as (b, n).",
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("dout"), py::arg("lse"), py::arg("delta"), py::arg("dq"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("dout"), py::arg("lse"), py::arg("delta"), py::arg("o"), py::arg("o_strides"), py::arg("dq"),
         py::arg("dk"), py::arg("dv"), py::arg("mask"), py::arg("q_strides"), py::arg("k_strides"),
         py::arg("v_strides"), py::arg("dout_strides"), py::arg("dq_strides"), py::arg("dk_strides"),
         py::arg("dv_strides"), py::arg("mask_strides"), py::arg("B"), py::arg("H"), py::arg("Nq"), py::arg("Nk"),

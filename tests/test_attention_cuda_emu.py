@@ -148,11 +148,21 @@ def test_empty_and_unsupported():
         emu.attention_fwd(*[0] * 6, *[0] * 14, 1, 1, 4, 4, 32, 1.0, False, 0)
     with pytest.raises(ValueError, match="head dims"):
         emu.attention_fwd(*[0] * 6, *[0] * 14, 1, 1, 4, 4, 160, 1.0, False, 2)
-    assert any("fp16, bf16 only" in r for r in attention_cuda.reasons("cuda_emu", q.float(), q.float(), q.float()))
-    big = torch.zeros(1, 1, 4, 160, dtype=torch.bfloat16)
-    assert any("head dim 160" in r for r in attention_cuda.reasons("cuda_emu", big, big, big))
-    assert attention_cuda.reasons("cuda_emu", q, q, q) == []
-    assert any("cuda tensors" in r for r in attention_cuda.reasons("cuda", q, q, q))
+    assert any("fp16, bf16 only" in r for r in attention_cuda.reasons("cuda_emu", "cpu", torch.float32, 32))
+    assert any("head dim 160" in r for r in attention_cuda.reasons("cuda_emu", "cpu", torch.bfloat16, 160))
+    assert attention_cuda.reasons("cuda_emu", "cpu", torch.bfloat16, 128) == []
+    assert any("cuda tensors" in r for r in attention_cuda.reasons("cuda", "cpu", torch.bfloat16, 64))
+
+
+def test_output_in_token_major_memory():
+    """out preallocated as [B, Nq, H, D] memory seen as [B, H, Nq, D] (free reshape before the projection)."""
+    b, h, n, d = 2, 3, 19, 72
+    q, k, v = (rnd(b, h, n, d, dtype=torch.bfloat16, seed=s) for s in range(3))
+    out = torch.empty(b, n, h, d, dtype=torch.bfloat16).transpose(1, 2)
+    got, _ = attention_cuda.forward("cuda_emu", q, k, v, None, False, d ** -0.5, out=out)
+    assert got is out
+    want, _ = cuda_emu_attention(q, k, v)
+    assert torch.equal(out, want)
 
 
 def test_non_contiguous_head_dim_is_copied():

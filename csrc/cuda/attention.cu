@@ -79,6 +79,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   };
   attn::load_tile<kBM, DP, LD, kThreads, true>(sQ, q, p.q_n, static_cast<int>(p.Nq - q0 < kBM ? p.Nq - q0 : kBM), D,
                                                flags & 1);
+  dev::cp_async_commit();  // Q's group (wait_group does not wait for uncommitted copies)
   if (kv_end > 0) load_k(0);
   dev::cp_async_wait_all();
   __syncthreads();

@@ -12,7 +12,7 @@
 // before their products, as FlashAttention does. Causal: the dk/dv kernel starts at the first
 // query tile that can see its keys, the dq kernel stops at the last key tile its rows can see,
 // and warps skip tiles that are entirely in their past / future. delta = rowsum(dO * O) comes from
-// the caller (genfast/ops: one fused torch reduction).
+// a first small kernel (one warp per row) when the caller passes o.
 // Checked as attention.cu is (nvcc --resource-usage for sm_80/sm_90, the emulated build, and
 // tests/test_attention_cuda_emu.py against float64 gradients).
 #include "cuda/common.cuh"
@@ -183,6 +183,24 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
     if (row[r] < p.Nq) attn::store_row<BF16, DT>(dqp + row[r] * p.dq_n, dq, r, p.scale, D, flags & 16, t);
 }
 
+// delta[row] = sum_d dout[row, d] * o[row, d] in fp32, one warp per (b, h, i) row.
+template <bool BF16>
+__global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const AttentionBwdParams p) {
+  const int64_t rows = p.B * p.H * p.Nq;
+  const int lane = threadIdx.x % 32;
+  for (int64_t r = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * (kThreads / 32)) {
+    const int64_t i = r % p.Nq, bh = r / p.Nq, b = bh / p.H, h = bh % p.H;
+    const uint16_t* dor = static_cast<const uint16_t*>(p.dout) + b * p.do_b + h * p.do_h + i * p.do_n;
+    const uint16_t* orow = static_cast<const uint16_t*>(p.o) + b * p.o_b + h * p.o_h + i * p.o_n;
+    float acc = 0.0f;
+    for (int64_t c = lane; c < p.D; c += 32)
+      acc += dev::unpack_half<BF16>(dor[c], false) * dev::unpack_half<BF16>(orow[c], false);
+    acc = dev::warp_sum(acc);
+    if (lane == 0) p.delta[r] = acc;
+  }
+}
+
 template <class Kernel>
 int launch_one(Kernel kernel, int64_t tiles, int64_t bh, size_t smem, const AttentionBwdParams& p, int flags,
                void* stream) {
@@ -207,6 +225,14 @@ int launch(const AttentionBwdParams& p, void* stream) {
                     rows4(p.dq, p.dq_b, p.dq_h, p.dq_n) << 4 | rows4(p.dk, p.dk_b, p.dk_h, p.dk_n) << 5 |
                     rows4(p.dv, p.dv_b, p.dv_h, p.dv_n) << 6;
   const int64_t bh = p.B * p.H;
+  if (p.o && bh * p.Nq > 0) {
+    const int64_t blocks = (bh * p.Nq + kThreads / 32 - 1) / (kThreads / 32);
+    auto delta = &attention_bwd_delta_kernel<BF16>;
+    GENFAST_LAUNCH(delta, dim3(static_cast<unsigned>(blocks < 65536 * 8 ? blocks : 65536 * 8)), dim3(kThreads), 0,
+                   stream, p);
+    const int err = static_cast<int>(cudaGetLastError());
+    if (err) return err;
+  }
   const size_t smem_kv = static_cast<size_t>(2 * kTile + 2 * BQ) * LD * 2 + 2 * BQ * sizeof(float) + kTile;
   auto dkdv = &attention_bwd_dkdv_kernel<BF16, DP>;
   int err = launch_one(dkdv, (p.Nk + kTile - 1) / kTile, bh, smem_kv, p, flags, stream);

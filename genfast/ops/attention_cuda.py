@@ -2,8 +2,9 @@
 what it supports and the calls through the raw bindings of genfast._cuda (CUDA tensors, launched on
 the current stream) or genfast._cuda_emu (CPU tensors through the emulation, for tests).
 
-    reasons(backend, q, k, v, mask) -> [str]          empty: the kernel runs this case
-    forward(backend, q, k, v, mask, causal, scale)    -> (out [B, H, Nq, D] contiguous, lse fp32 [B, H, Nq])
+    reasons(backend, device_type, dtype, head_dim) -> [str]   empty: the kernel runs this case
+    forward(backend, q, k, v, mask, causal, scale, out=None) -> (out [B, H, Nq, D], lse fp32 [B, H, Nq])
+        out: a preallocated [B, H, Nq, D] of any strides (e.g. [B, Nq, H, D] memory); else contiguous
     backward(backend, dout, q, k, v, out, lse, mask, causal, scale) -> (dq, dk, dv) contiguous
 
 Conventions as genfast/ops/attention.py: causal top-left aligned, key_padding_mask bool [B, Nk]
@@ -20,16 +21,16 @@ _CODES = {torch.float16: 1, torch.bfloat16: 2}
 _MODULE = {"cuda": ("_cuda", "cuda"), "cuda_emu": ("_cuda_emu", "cpu")}
 
 
-def reasons(backend, q, k, v, mask=None):
+def reasons(backend, device_type, dtype, head_dim):
     name, device = _MODULE[backend]
-    why = backends.module_reasons(name, q.device.type, device)
+    why = backends.module_reasons(name, device_type, device)
     if not why and not hasattr(_native.module(name), "attention_fwd"):
         why.append(f"genfast.{name} was built without the attention kernels")
-    if q.dtype not in _CODES:
-        why.append(f"dtype {q.dtype} is not supported by the CUDA attention (fp16, bf16 only: no fp32 tensor-core "
+    if dtype not in _CODES:
+        why.append(f"dtype {dtype} is not supported by the CUDA attention (fp16, bf16 only: no fp32 tensor-core "
                    "path; triton / cpu serve fp32)")
-    if q.shape[-1] > MAX_HEAD_DIM:
-        why.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported by the CUDA attention")
+    if head_dim > MAX_HEAD_DIM:
+        why.append(f"head dim {head_dim} > {MAX_HEAD_DIM} is not supported by the CUDA attention")
     return why
 
 
@@ -52,10 +53,13 @@ def _mask_args(mask):
     return m.data_ptr(), tuple(m.stride()), m
 
 
-def forward(backend, q, k, v, mask, causal, scale):
+def forward(backend, q, k, v, mask, causal, scale, out=None):
     q, k, v = (_dense_last(t) for t in (q, k, v))
     b, h, nq, d = q.shape
-    out = torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be [B, H, Nq, D] = {list(q.shape)} in {q.dtype} with a contiguous head dim")
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
     mptr, mstr, _keep = _mask_args(mask)
     _module(backend).attention_fwd(
@@ -68,14 +72,16 @@ def forward(backend, q, k, v, mask, causal, scale):
 def backward(backend, dout, q, k, v, out, lse, mask, causal, scale):
     q, k, v, dout = (_dense_last(t) for t in (q, k, v, dout))
     b, h, nq, d = q.shape
-    delta = (dout.float() * out.float()).sum(-1).contiguous()  # rowsum(dO * O), fp32 [B, H, Nq]
+    out = _dense_last(out)
+    delta = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)  # rowsum(dO * O), by the first kernel
     lse = lse.to(torch.float32).contiguous()
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     mptr, mstr, _keep = _mask_args(mask)
     _module(backend).attention_bwd(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(), delta.data_ptr(), dq.data_ptr(),
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(), delta.data_ptr(), out.data_ptr(),
+        out.stride()[:3], dq.data_ptr(),
         dk.data_ptr(), dv.data_ptr(), mptr, q.stride()[:3], k.stride()[:3], v.stride()[:3], dout.stride()[:3],
         dq.stride()[:3], dk.stride()[:3], dv.stride()[:3], mstr, b, h, nq, k.shape[2], d, float(scale), bool(causal),
         _CODES[q.dtype], _stream(q))
