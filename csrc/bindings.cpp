@@ -9,7 +9,6 @@
 #include <initializer_list>
 #include <string>
 
-#include "attention.h"
 #include "bind_util.h"
 #include "flow_step.h"
 
@@ -18,6 +17,9 @@
 #endif
 #if defined(GENFAST_MODULE_CUDA)
 #include <cuda_runtime_api.h>
+#endif
+#ifdef GENFAST_CUDA_SIDE
+#include "attention_flash.h"
 #endif
 
 namespace py = pybind11;
@@ -35,6 +37,7 @@ void check_launch(int err, const char* what) {
   throw std::runtime_error(std::string("genfast: emulated ") + what + " failed with code " + std::to_string(err));
 #endif
 }
+void bind_attention_flash(py::module_& m);  // the flash-attention kernels, at the end of this file
 #endif
 
 void flow_step(uintptr_t out, uintptr_t x, uintptr_t vc, uintptr_t vu, int64_t rows, int64_t cols,
@@ -53,8 +56,21 @@ void flow_step(uintptr_t out, uintptr_t x, uintptr_t vc, uintptr_t vu, int64_t r
 #endif
 }
 
+void bind_all(py::module_& m) {
+  m.def("flow_step", &flow_step,
+        "Fused rectified-flow Euler / CFG step over [rows, cols] strided views (see csrc/flow_step.h).",
+        py::arg("out"), py::arg("x"), py::arg("vc"), py::arg("vu"), py::arg("rows"), py::arg("cols"),
+        py::arg("out_rs"), py::arg("out_cs"), py::arg("x_rs"), py::arg("x_cs"), py::arg("vc_rs"),
+        py::arg("vc_cs"), py::arg("vu_rs"), py::arg("vu_cs"), py::arg("dt"), py::arg("dt_stride"),
+        py::arg("dt_value"), py::arg("w"), py::arg("w_stride"), py::arg("w_value"), py::arg("dtype"),
+        py::arg("stream") = 0);
 #ifdef GENFAST_CUDA_SIDE
-// Flash attention forward (csrc/attention.h): fp16 / bf16, head dim <= 128; strides in elements.
+  bind_attention_flash(m);
+#endif
+}
+
+#ifdef GENFAST_CUDA_SIDE
+// Flash attention forward (csrc/attention_flash.h): fp16 / bf16, head dim <= 128; strides in elements.
 void attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, uintptr_t mask, int64_t q_b,
                    int64_t q_h, int64_t q_n, int64_t k_b, int64_t k_h, int64_t k_n, int64_t v_b, int64_t v_h,
                    int64_t v_n, int64_t o_b, int64_t o_h, int64_t o_n, int64_t mask_b, int64_t mask_n, int64_t B,
@@ -71,7 +87,7 @@ void attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t
   check_launch(attention_fwd_cuda(p, reinterpret_cast<void*>(stream)), "attention_fwd");
 }
 
-// Flash attention backward (csrc/attention.h): dq, dk, dv from dout and the forward's lse (fp32
+// Flash attention backward (csrc/attention_flash.h): dq, dk, dv from dout and the forward's lse (fp32
 // [B, H, Nq] contiguous). delta: fp32 [B, H, Nq] workspace, filled with rowsum(dout * o) from o
 // (o = 0: delta holds it already).
 void attention_bwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t dout, uintptr_t lse, uintptr_t delta,
@@ -115,34 +131,24 @@ void attention_bwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t dout, uintpt
   py::gil_scoped_release nogil;
   check_launch(attention_bwd_cuda(p, reinterpret_cast<void*>(stream)), "attention_bwd");
 }
-#endif
-
-void bind_all(py::module_& m) {
-  m.def("flow_step", &flow_step,
-        "Fused rectified-flow Euler / CFG step over [rows, cols] strided views (see csrc/flow_step.h).",
-        py::arg("out"), py::arg("x"), py::arg("vc"), py::arg("vu"), py::arg("rows"), py::arg("cols"),
-        py::arg("out_rs"), py::arg("out_cs"), py::arg("x_rs"), py::arg("x_cs"), py::arg("vc_rs"),
-        py::arg("vc_cs"), py::arg("vu_rs"), py::arg("vu_cs"), py::arg("dt"), py::arg("dt_stride"),
-        py::arg("dt_value"), py::arg("w"), py::arg("w_stride"), py::arg("w_value"), py::arg("dtype"),
-        py::arg("stream") = 0);
-#ifdef GENFAST_CUDA_SIDE
+void bind_attention_flash(py::module_& m) {
   m.def("attention_fwd", &attention_fwd,
-        "Flash attention forward, fp16/bf16, head dim <= 128: writes o and the fp32 lse (csrc/attention.h).",
+        "Flash attention forward, fp16/bf16, head dim <= 128: writes o and the fp32 lse (csrc/attention_flash.h).",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("mask"), py::arg("q_b"),
         py::arg("q_h"), py::arg("q_n"), py::arg("k_b"), py::arg("k_h"), py::arg("k_n"), py::arg("v_b"), py::arg("v_h"),
         py::arg("v_n"), py::arg("o_b"), py::arg("o_h"), py::arg("o_n"), py::arg("mask_b"), py::arg("mask_n"),
         py::arg("B"), py::arg("H"), py::arg("Nq"), py::arg("Nk"), py::arg("D"), py::arg("scale"), py::arg("causal"),
         py::arg("dtype"), py::arg("stream") = 0);
   m.def("attention_bwd", &attention_bwd,
-        "Flash attention backward, fp16/bf16, head dim <= 128: writes dq, dk, dv (csrc/attention.h). Strides as "
+        "Flash attention backward, fp16/bf16, head dim <= 128: writes dq, dk, dv (csrc/attention_flash.h). Strides as "
         "(b, h, n) tuples, the mask's as (b, n).",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("dout"), py::arg("lse"), py::arg("delta"), py::arg("o"), py::arg("o_strides"), py::arg("dq"),
         py::arg("dk"), py::arg("dv"), py::arg("mask"), py::arg("q_strides"), py::arg("k_strides"),
         py::arg("v_strides"), py::arg("dout_strides"), py::arg("dq_strides"), py::arg("dk_strides"),
         py::arg("dv_strides"), py::arg("mask_strides"), py::arg("B"), py::arg("H"), py::arg("Nq"), py::arg("Nk"),
         py::arg("D"), py::arg("scale"), py::arg("causal"), py::arg("dtype"), py::arg("stream") = 0);
-#endif
 }
+#endif
 
 }  // namespace
 }  // namespace genfast

@@ -1,5 +1,5 @@
 // Flash attention forward on tensor cores (mma.sync m16n8k16, sm_80+, also runs on Hopper);
-// math, layout and masks: csrc/attention.h.
+// math, layout and masks: csrc/attention_flash.h.
 //
 // One CTA of 4 warps per (batch*head, 64-row query tile); each warp owns 16 query rows. The Q
 // tile is staged in shared memory once and kept in registers as A fragments; K and V stream in
@@ -39,7 +39,7 @@
 #include "cuda/mma.cuh"
 #include "cuda/attention_tile.cuh"
 
-#include "attention.h"
+#include "attention_flash.h"
 
 namespace genfast {
 namespace {

@@ -1,4 +1,4 @@
-// Flash attention backward on tensor cores (FA2 split, no atomics); math: csrc/attention.h.
+// Flash attention backward on tensor cores (FA2 split, no atomics); math: csrc/attention_flash.h.
 //
 // Two kernels, 4 warps each, every warp owning 16 rows of the tile it accumulates:
 //   dk/dv: one CTA per (batch*head, 64-key tile); K and V stay in shared memory while query
@@ -25,7 +25,7 @@
 #include "cuda/mma.cuh"
 #include "cuda/attention_tile.cuh"
 
-#include "attention.h"
+#include "attention_flash.h"
 
 namespace genfast {
 namespace {

@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "cuda/common.cuh"
-#include "attention.h"
+#include "attention_flash.h"
 
 namespace {
 
