@@ -6,7 +6,6 @@
 // the modules work with any torch version (DESIGN.md §2). The GIL is released around kernels.
 #include <pybind11/pybind11.h>
 
-#include <initializer_list>
 #include <string>
 
 #include "bind_util.h"
@@ -19,6 +18,8 @@
 #include <cuda_runtime_api.h>
 #endif
 #ifdef GENFAST_CUDA_SIDE
+#include <initializer_list>
+
 #include "attention_flash.h"
 #endif
 
@@ -37,7 +38,6 @@ void check_launch(int err, const char* what) {
   throw std::runtime_error(std::string("genfast: emulated ") + what + " failed with code " + std::to_string(err));
 #endif
 }
-void bind_attention_flash(py::module_& m);  // the flash-attention kernels, at the end of this file
 #endif
 
 void flow_step(uintptr_t out, uintptr_t x, uintptr_t vc, uintptr_t vu, int64_t rows, int64_t cols,
@@ -64,9 +64,6 @@ void bind_all(py::module_& m) {
         py::arg("vc_cs"), py::arg("vu_rs"), py::arg("vu_cs"), py::arg("dt"), py::arg("dt_stride"),
         py::arg("dt_value"), py::arg("w"), py::arg("w_stride"), py::arg("w_value"), py::arg("dtype"),
         py::arg("stream") = 0);
-#ifdef GENFAST_CUDA_SIDE
-  bind_attention_flash(m);
-#endif
 }
 
 #ifdef GENFAST_CUDA_SIDE
@@ -162,11 +159,13 @@ PYBIND11_MODULE(_C, m) {
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "genfast CUDA kernels";
   genfast::bind_all(m);
+  genfast::bind_attention_flash(m);
 }
 #elif defined(GENFAST_MODULE_CUDA_EMU)
 PYBIND11_MODULE(_cuda_emu, m) {
   m.doc() = "genfast CUDA kernels run on the CPU through csrc/emu (tests only)";
   genfast::bind_all(m);
+  genfast::bind_attention_flash(m);
 }
 #else
 #error "compile bindings.cpp with one of GENFAST_MODULE_CPU / GENFAST_MODULE_CUDA / GENFAST_MODULE_CUDA_EMU"
