@@ -1,19 +1,17 @@
-"""The CUDA flash-attention forward (csrc/cuda/attention.cu) run on CPU tensors through the
-emulation (genfast._cuda_emu, DESIGN.md §8), called through its raw binding.
+"""The CUDA flash attention (csrc/cuda/attention.cu forward, attention_bwd.cu backward) run on CPU
+tensors through the emulation (genfast._cuda_emu, DESIGN.md §8), called through
+genfast.ops.attention_cuda (the thin layer over the raw bindings that genfast.ops.attention uses).
 
-Each case compares the kernel's output and fp32 log-sum-exp with a float64 plain-PyTorch
-softmax(q k^T * scale + mask) v, under the tolerance rule of DESIGN.md §5 (at most 2x the error
-of the same computation done by PyTorch in the inputs' precision, plus a small floor). Shapes are
-tiny: every mma.sync in the emulation is three warp-wide meetings of 32 fibers.
+Each case compares the kernel's output, fp32 log-sum-exp and gradients with a float64 plain-PyTorch
+softmax(q k^T * scale + mask) v, under the tolerance rule of DESIGN.md §5 (at most 2x the error of
+the same computation done by PyTorch in the inputs' precision, plus a small floor). Shapes are tiny:
+every mma.sync in the emulation is three warp-wide meetings of 32 fibers. About 30 s.
 """
-import math
-
 import pytest
 import torch
 
-from genfast.testing import assert_within_reference_error
-
 from genfast.ops import attention_cuda
+from genfast.testing import assert_within_reference_error
 
 emu = pytest.importorskip("genfast._cuda_emu")
 if not hasattr(emu, "attention_fwd"):

@@ -10,8 +10,8 @@
 //                       row max / sum over the 4 lanes of a quad (they share a row)
 //   P -> A fragments    the C fragments of two 8-key n-tiles are one k16 A fragment, repacked
 //   O += P V            V through ldmatrix.trans (a V column is a column of the B operand)
-// then O / l and the fp32 log-sum-exp for the backward (which runs in Triton; see
-// genfast/ops/attention.py).
+// then O / l and the fp32 log-sum-exp for the backward (attention_bwd.cu). A row that sees no
+// key (key padding, causal) ends with l = 0: zeros out, lse = +inf.
 //
 // Head dims: the kernel is a template on the padded head dim DP (a multiple of 16: one mma k
 // step) with five instantiations, 32, 64, 80, 96, 128. D = 72 (DiT-XL/2, PixArt) runs DP = 80,

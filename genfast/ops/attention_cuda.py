@@ -12,9 +12,12 @@ Conventions as genfast/ops/attention.py: causal top-left aligned, key_padding_ma
 zeros). q/k/v may have any batch / head / token strides (views of one qkv projection are read in
 place); a head dim that is not contiguous is copied first (same numbers).
 """
+import contextlib
+
 import torch
 
 from genfast import _native, backends
+from genfast.ops._common import cuda_stream
 
 MAX_HEAD_DIM = 128
 _CODES = {torch.float16: 1, torch.bfloat16: 2}
@@ -39,7 +42,12 @@ def _module(backend):
 
 
 def _stream(t):
-    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+    return cuda_stream(t) if t.is_cuda else 0
+
+
+def _on_device(t):
+    """The kernels launch on the current CUDA device: make it t's (q on cuda:1 with cuda:0 current)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _dense_last(t):
@@ -62,10 +70,11 @@ def forward(backend, q, k, v, mask, causal, scale, out=None):
         raise ValueError(f"out must be [B, H, Nq, D] = {list(q.shape)} in {q.dtype} with a contiguous head dim")
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
     mptr, mstr, _keep = _mask_args(mask)
-    _module(backend).attention_fwd(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), mptr, *q.stride()[:3],
-        *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *mstr, b, h, nq, k.shape[2], d, float(scale),
-        bool(causal), _CODES[q.dtype], _stream(q))
+    with _on_device(q):
+        _module(backend).attention_fwd(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), mptr, *q.stride()[:3],
+            *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *mstr, b, h, nq, k.shape[2], d, float(scale),
+            bool(causal), _CODES[q.dtype], _stream(q))
     return out, lse
 
 
@@ -79,10 +88,10 @@ def backward(backend, dout, q, k, v, out, lse, mask, causal, scale):
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     mptr, mstr, _keep = _mask_args(mask)
-    _module(backend).attention_bwd(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(), delta.data_ptr(), out.data_ptr(),
-        out.stride()[:3], dq.data_ptr(),
-        dk.data_ptr(), dv.data_ptr(), mptr, q.stride()[:3], k.stride()[:3], v.stride()[:3], dout.stride()[:3],
-        dq.stride()[:3], dk.stride()[:3], dv.stride()[:3], mstr, b, h, nq, k.shape[2], d, float(scale), bool(causal),
-        _CODES[q.dtype], _stream(q))
+    with _on_device(q):
+        _module(backend).attention_bwd(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(), delta.data_ptr(),
+            out.data_ptr(), out.stride()[:3], dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), mptr, q.stride()[:3],
+            k.stride()[:3], v.stride()[:3], dout.stride()[:3], dq.stride()[:3], dk.stride()[:3], dv.stride()[:3],
+            mstr, b, h, nq, k.shape[2], d, float(scale), bool(causal), _CODES[q.dtype], _stream(q))
     return dq, dk, dv
