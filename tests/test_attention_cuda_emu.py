@@ -29,7 +29,7 @@ def plain_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
     nq, nk, d = q.shape[2], k.shape[2], q.shape[3]
     scale = d ** -0.5 if scale is None else scale
     s = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale
-    allowed = torch.ones(1, 1, nq, nk, dtype=torch.bool)
+    allowed = torch.ones(1, 1, nq, nk, dtype=torch.bool, device=q.device)
     if causal:
         allowed = allowed.tril()
     if key_padding_mask is not None:
@@ -220,3 +220,34 @@ def test_backward_key_padding_mask_and_strided_views(causal):
     mask[1, :] = False  # no key at all: zero gradients
     mask[1, 70] = not causal
     check_bwd(q, k, v, key_padding_mask=mask, causal=causal)
+
+
+# ------------------------------------------------------------------- the same kernels on a GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("nq,nk,d,causal", [(1000, 1000, 72, True), (257, 333, 64, False), (129, 129, 128, False),
+                                            (4096, 77, 80, False), (77, 4096, 96, True), (17, 17, 32, False)])
+def test_gpu_forward_backward(nq, nk, d, causal, dtype):
+    """genfast._cuda on CUDA tensors (a GPU-lent session runs this): forward, lse and gradients against
+    float64 on the GPU, with q/k/v as views of one projection and a key padding mask."""
+    b, h = 2, 3
+    dev = "cuda"
+    q = rnd(b, h, nq, d, dtype=dtype, seed=0).to(dev)
+    kv = rnd(b, nk, 2, h, d, dtype=dtype, seed=1).to(dev).permute(2, 0, 3, 1, 4)
+    k, v = kv[0], kv[1]
+    mask = torch.rand(b, nk, generator=torch.Generator().manual_seed(2)).to(dev) > 0.2
+    mask[1] = False
+    scale = d ** -0.5
+    out, lse = attention_cuda.forward("cuda", q, k, v, mask, causal, scale)
+    ref64, lse64 = plain_attention(q, k, v, causal=causal, key_padding_mask=mask)
+    ref_low, _ = plain_attention(q, k, v, causal=causal, key_padding_mask=mask, dtype=dtype)
+    assert_within_reference_error("out", out.double(), ref_low.double(), ref64, floor=1e-3)
+    finite = torch.isfinite(lse64)
+    assert torch.equal(torch.isposinf(lse), ~finite)
+    torch.testing.assert_close(lse[finite].double(), lse64[finite], atol=1e-3, rtol=1e-4)
+    dout = rnd(*out.shape, dtype=dtype, seed=3).to(dev)
+    got = attention_cuda.backward("cuda", dout, q, k, v, out, lse, mask, causal, scale)
+    kw = dict(causal=causal, key_padding_mask=mask)
+    for name, g_, r64, rl in zip(("dq", "dk", "dv"), got, plain_grads(dout, q, k, v, torch.float64, **kw),
+                                 plain_grads(dout, q, k, v, dtype, **kw)):
+        assert_within_reference_error(name, g_.double(), rl.double(), r64, floor=1e-3)

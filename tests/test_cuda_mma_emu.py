@@ -54,3 +54,19 @@ def test_attention_kernels_under_tsan(tmp_path):
         pytest.skip(f"ThreadSanitizer binaries do not run here: {r.stderr[-300:]}")
     assert "ThreadSanitizer" not in r.stderr, r.stderr[-4000:]
     assert r.returncode == 0 and "attention: results ok" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+@pytest.mark.gpu
+def test_mma_and_ldmatrix_layouts_on_the_gpu(tmp_path):
+    """The same self-test compiled by nvcc and run on the GPU: the emulated layouts and the hardware's
+    agree (every broken layout fails there too)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    exe = tmp_path / "mma_selftest_gpu"
+    r = subprocess.run([nvcc, "-std=c++17", "-O1", "-arch=native", f"-I{CSRC}", "-x", "cu",
+                        str(CSRC / "emu" / "mma_selftest.cpp"), "-o", str(exe)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "all mma/ldmatrix checks passed" in r.stdout, r.stdout + r.stderr
