@@ -131,7 +131,7 @@ def reparam_kl(mu, logvar, *, noise, reduction="per_sample", free_bits=0.0, logv
         kl = torch.where(keep, kl, torch.full_like(kl, free_bits))
     if reduction == "none":
         return z, kl
-    per_sample = kl.reshape(kl.shape[0], -1).sum(1) if kl.dim() > 0 else kl
+    per_sample = kl.flatten(1).sum(1) if kl.dim() > 1 else kl  # 1-D: one latent per sample
     if reduction == "per_sample":
         return z, per_sample
     return z, per_sample.sum() if reduction == "sum" else per_sample.mean()

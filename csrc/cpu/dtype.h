@@ -5,9 +5,12 @@
 #include <cstring>
 
 // Hot loops are compiled for several ISAs and the best is picked when the module loads (an ifunc),
-// never -march=native (DESIGN.md §2). haswell brings AVX2+FMA+F16C (hardware fp16 conversion).
+// never -march=native (DESIGN.md §2). x86-64-v3 brings AVX2+FMA+F16C (hardware fp16 conversion),
+// v4 AVX-512. Not arch=skylake-avx512/haswell: GCC resolves arch=<cpu> clones with
+// __builtin_cpu_is, so an AMD EPYC (these machines) silently got the SSE2 default; the x86-64-vN
+// levels are checked by feature bits.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define GENFAST_CPU_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#define GENFAST_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define GENFAST_CPU_CLONES
 #endif
