@@ -13,6 +13,7 @@
 // References: Salmon et al., "Parallel random numbers: as easy as 1, 2, 3" (SC'11, Random123);
 // Box & Muller (1958).
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
