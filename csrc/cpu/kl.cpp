@@ -10,6 +10,12 @@
 // -fno-math-errno: otherwise sqrtf keeps a scalar errno path and the noise loop does not vectorise.
 #include <omp.h>
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive inside avx512fintrin.h
+#include <immintrin.h>
+#define GENFAST_HAVE_AVX512_PHILOX 1  // an AVX-512F Philox, picked at run time (philox_block)
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -25,22 +31,78 @@ constexpr int64_t kBlock = 256;            // elements a noise buffer covers (fi
 constexpr int64_t kChunk = 16384;          // elements per OpenMP work item
 constexpr int64_t kParallelMin = 1 << 14;  // below this, threading costs more than it saves
 
-// eps[0 .. n) for global elements g0 .. g0 + n (n <= kBlock): the normals of the groups covering
-// them, written interleaved (group j's four normals at 4j .. 4j + 3) so eps = buf + (g0 & 3).
-GENFAST_CPU_CLONES void philox_block(uint64_t g0, int64_t n, uint64_t seed, uint64_t offset, float* __restrict buf) {
-  const uint64_t first = g0 >> 2;
-  const int64_t groups = static_cast<int64_t>(((g0 + n - 1) >> 2) - first + 1);
-  const uint32_t base_lo = static_cast<uint32_t>(first), base_hi = static_cast<uint32_t>(first >> 32);
+constexpr int64_t kGroupsMax = 80;  // groups a block touches (<= kBlock / 4 + 1), padded to 16
+
+#ifdef GENFAST_HAVE_AVX512_PHILOX
+// The 64-bit products of the 16 words in a with the constant m: vpmuludq on the even and the odd
+// lanes, low and high halves regathered (GCC's auto-vectorised widening multiply needs twice
+// the instructions: zero-extend, vpmullq, extract, permute).
+__attribute__((target("avx512f"))) inline void mulhilo16(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
+  const __m512i pe = _mm512_mul_epu32(a, m);
+  const __m512i po = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  lo = _mm512_mask_blend_epi32(0xAAAA, pe, _mm512_slli_epi64(po, 32));
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe, 32), po);
+}
+
+// Philox4x32-10 words of counters (base + j, offset) for j < groups, 16 counters at a time.
+__attribute__((target("avx512f"))) void philox_words_avx512(uint64_t base, int64_t groups, uint64_t offset,
+                                                            uint64_t seed, uint32_t* w0, uint32_t* w1, uint32_t* w2,
+                                                            uint32_t* w3) {
+  const uint32_t base_lo = static_cast<uint32_t>(base);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(philox::kM0)), m1 = _mm512_set1_epi32(static_cast<int>(philox::kM1));
+  const __m512i vlo = _mm512_set1_epi32(static_cast<int>(base_lo));
+  const __m512i vhi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base >> 32)));
+  for (int64_t j = 0; j < groups; j += 16) {
+    __m512i c0 = _mm512_add_epi32(_mm512_add_epi32(vlo, _mm512_set1_epi32(static_cast<int>(j))), lane);
+    const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, vlo);  // the low word wrapped
+    __m512i c1 = _mm512_mask_add_epi32(vhi, carry, vhi, _mm512_set1_epi32(1));
+    __m512i c2 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
+    __m512i c3 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int i = 0; i < 10; ++i) {
+      __m512i hi0, lo0, hi1, lo1;
+      mulhilo16(c0, m0, hi0, lo0);
+      mulhilo16(c2, m1, hi1, lo1);
+      c0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32(static_cast<int>(k0)), 0x96);  // a ^ b ^ c
+      c2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32(static_cast<int>(k1)), 0x96);
+      c1 = lo1;
+      c3 = lo0;
+      k0 += philox::kW0;
+      k1 += philox::kW1;
+    }
+    _mm512_storeu_si512(w0 + j, c0);
+    _mm512_storeu_si512(w1 + j, c1);
+    _mm512_storeu_si512(w2 + j, c2);
+    _mm512_storeu_si512(w3 + j, c3);
+  }
+}
+#endif
+
+// The Philox words of `groups` counters (base + j, offset), portable (vectorised by GCC).
+GENFAST_CPU_CLONES void philox_words(uint64_t base, int64_t groups, uint64_t offset, uint64_t seed,
+                                     uint32_t* __restrict w0, uint32_t* __restrict w1, uint32_t* __restrict w2,
+                                     uint32_t* __restrict w3) {
+  const uint32_t base_lo = static_cast<uint32_t>(base), base_hi = static_cast<uint32_t>(base >> 32);
   const uint32_t o_lo = static_cast<uint32_t>(offset), o_hi = static_cast<uint32_t>(offset >> 32);
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  float n0[kBlock / 4 + 2], n1[kBlock / 4 + 2], n2[kBlock / 4 + 2], n3[kBlock / 4 + 2];
   for (int64_t j = 0; j < groups; ++j) {
     uint32_t c0 = base_lo + static_cast<uint32_t>(j);
     uint32_t c1 = base_hi + (c0 < base_lo ? 1u : 0u);  // carry into the high word
     uint32_t c2 = o_lo, c3 = o_hi;
     philox::philox4x32_10(c0, c1, c2, c3, k0, k1);
-    philox::box_muller(c0, c1, n0[j], n1[j]);
-    philox::box_muller(c2, c3, n2[j], n3[j]);
+    w0[j] = c0, w1[j] = c1, w2[j] = c2, w3[j] = c3;
+  }
+}
+
+// Normals from the words, interleaved into buf (group j's four normals at 4j .. 4j + 3).
+GENFAST_CPU_CLONES void normals_from_words(int64_t groups, const uint32_t* __restrict w0, const uint32_t* __restrict w1,
+                                           const uint32_t* __restrict w2, const uint32_t* __restrict w3,
+                                           float* __restrict buf) {
+  float n0[kGroupsMax], n1[kGroupsMax], n2[kGroupsMax], n3[kGroupsMax];
+  for (int64_t j = 0; j < groups; ++j) {
+    philox::box_muller(w0[j], w1[j], n0[j], n1[j]);
+    philox::box_muller(w2[j], w3[j], n2[j], n3[j]);
   }
   for (int64_t j = 0; j < groups; ++j) {
     buf[4 * j] = n0[j];
@@ -48,6 +110,25 @@ GENFAST_CPU_CLONES void philox_block(uint64_t g0, int64_t n, uint64_t seed, uint
     buf[4 * j + 2] = n2[j];
     buf[4 * j + 3] = n3[j];
   }
+}
+
+#ifdef GENFAST_HAVE_AVX512_PHILOX
+const bool kAvx512 = __builtin_cpu_supports("avx512f");
+#endif
+
+// eps[0 .. n) for global elements g0 .. g0 + n (n <= kBlock): the normals of the groups covering
+// them, written interleaved so eps = buf + (g0 & 3).
+void philox_block(uint64_t g0, int64_t n, uint64_t seed, uint64_t offset, float* __restrict buf) {
+  const uint64_t first = g0 >> 2;
+  const int64_t groups = static_cast<int64_t>(((g0 + n - 1) >> 2) - first + 1);
+  alignas(64) uint32_t w0[kGroupsMax], w1[kGroupsMax], w2[kGroupsMax], w3[kGroupsMax];
+#ifdef GENFAST_HAVE_AVX512_PHILOX
+  if (kAvx512)
+    philox_words_avx512(first, groups, offset, seed, w0, w1, w2, w3);
+  else
+#endif
+    philox_words(first, groups, offset, seed, w0, w1, w2, w3);
+  normals_from_words(groups, w0, w1, w2, w3, buf);
 }
 
 inline float clamp_lv(float lv, const KLCommon& c) {
