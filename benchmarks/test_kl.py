@@ -90,7 +90,8 @@ def test_reparam_kl_fwd_bwd(compare, shape, dtype):
         saved[k] = _saved_bytes(f, mu, lv)
     rec["saved_for_backward_bytes"] = saved
     print(f"\nmemory kept for the backward ({_name(shape)} {dtype}, N = {n}): " + ", ".join(
-        f"{k} {v / 2**20:.2f} MiB" if isinstance(v, int) else f"{k} {v}" for k, v in saved.items()))
+        (f"{k} {v / 2**20:.2f} MiB" if v >= 2**20 else f"{k} {v} B") if isinstance(v, int) else f"{k} {v}"
+        for k, v in saved.items()))
     assert isinstance(saved["genfast"], int) and isinstance(saved["eager"], int) and saved["genfast"] < saved["eager"]
 
 

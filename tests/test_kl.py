@@ -323,3 +323,61 @@ def test_fp16_extreme_logvar_stays_finite():
     (z.float().sum() + kl.sum()).backward()
     for t in (z, kl, mu.grad, lv.grad):
         assert torch.isfinite(t).all()
+
+
+# ------------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_stream_matches_cpu(backend, use_backend):
+    """The GPU kernels draw the documented stream (same Philox words as the CPU kernel)."""
+    use_backend(backend)
+    zero = torch.zeros(3, 40001, device="cuda")
+    z = genfast.reparam_kl(zero, zero, seed=SEED)[0].cpu()
+    use_backend("cpu")
+    torch.testing.assert_close(z, genfast.reparam_kl(zero.cpu(), zero.cpu(), seed=SEED)[0], rtol=0, atol=2e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_replay_draws_fresh_noise(backend, use_backend):
+    """(seed, offset) are drawn on the device inside the graph: each replay gets new noise, and
+    the backward (captured too) sees the forward's."""
+    use_backend(backend)
+    mu = torch.zeros(4, 4096, device="cuda", requires_grad=True)
+    lv = torch.zeros(4, 4096, device="cuda", requires_grad=True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the graph
+        for _ in range(2):
+            z, kl = genfast.reparam_kl(mu, lv)
+            gmu, glv = torch.autograd.grad((z, kl), (mu, lv), (torch.ones_like(z), torch.zeros_like(kl)))
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        z, kl = genfast.reparam_kl(mu, lv)
+        gmu, glv = torch.autograd.grad((z, kl), (mu, lv), (torch.ones_like(z), torch.zeros_like(kl)))
+    outs = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        outs.append(z.clone())
+        torch.testing.assert_close(glv, 0.5 * z, rtol=0, atol=0)
+        assert abs(z.mean().item()) < 0.03 and abs(z.var().item() - 1) < 0.05
+    assert not torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_global_index_past_2_31(backend, use_backend):
+    """Element indices past 2^31 (int64 offsets, Philox counters past 2^29 groups)."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs ~20 GiB of GPU memory")
+    use_backend(backend)
+    cols = 2**30 + 3
+    mu = torch.zeros(2, cols, device="cuda", dtype=torch.bfloat16)
+    z, kl = genfast.reparam_kl(mu, mu, seed=SEED)
+    start = 2 * cols - 4099  # the last elements: global index ~2^31
+    want = reference.philox_normal(*SEED, 4099, start=start, dtype=torch.float64)
+    torch.testing.assert_close(z[1, -4099:].double().cpu(), want.to(torch.bfloat16).double(), rtol=0, atol=2e-2)
+    torch.testing.assert_close(kl.cpu(), torch.zeros(2), rtol=0, atol=0)
