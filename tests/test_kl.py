@@ -381,3 +381,31 @@ def test_global_index_past_2_31(backend, use_backend):
     want = reference.philox_normal(*SEED, 4099, start=start, dtype=torch.float64)
     torch.testing.assert_close(z[1, -4099:].double().cpu(), want.to(torch.bfloat16).double(), rtol=0, atol=2e-2)
     torch.testing.assert_close(kl.cpu(), torch.zeros(2), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------- the CUDA source under TSan
+def test_cuda_kernels_race_free_under_tsan(tmp_path):
+    """csrc/cuda/kl.cu with one OS thread per CUDA thread under ThreadSanitizer (csrc/emu)."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        pytest.skip(f"{cxx} not found")
+    exe = tmp_path / "kl_tsan"
+    r = subprocess.run([cxx, "-std=c++17", "-O1", "-g", "-fsanitize=thread", "-DGENFAST_EMULATE", "-fno-strict-aliasing",
+                        "-pthread", f"-I{csrc}", str(csrc / "emu" / "kl_tsan_check.cpp"), "-x", "c++",
+                        str(csrc / "cuda" / "kl.cu"), "-o", str(exe)], capture_output=True, text=True)
+    if r.returncode and "sanitize" in r.stderr:
+        pytest.skip(f"no ThreadSanitizer here: {r.stderr[-300:]}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    env = {**os.environ, "TSAN_OPTIONS": "halt_on_error=0 exitcode=66"}
+    for prefix in ([], ["setarch", os.uname().machine, "-R"]):  # older TSan needs ASLR off
+        r = subprocess.run(prefix + [str(exe)], capture_output=True, text=True, timeout=300, env=env)
+        if "FATAL: ThreadSanitizer" not in r.stderr:
+            break
+    assert "ThreadSanitizer" not in r.stderr, r.stderr[-4000:]
+    assert r.returncode == 0 and "kl: results ok" in r.stdout, r.stdout + r.stderr[-2000:]
