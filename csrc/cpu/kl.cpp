@@ -6,7 +6,8 @@
 // (a loop over groups that GCC vectorises: 32-bit lanes, widening multiplies, polynomial log /
 // sincos), then one vectorised pass does the elementwise math. Per-row KL sums: fp32 within a
 // block (lane-parallel via omp simd), double across blocks, the chunks of a row added in order at
-// the end, so the result does not depend on the thread count. setup.py compiles csrc/cpu with
+// the end, so the result does not depend on the thread count. Items are handed out dynamically:
+// on a shared 2-core machine a descheduled thread then delays one item, not half the work. setup.py compiles csrc/cpu with
 // -fno-math-errno: otherwise sqrtf keeps a scalar errno path and the noise loop does not vectorise.
 #include <omp.h>
 
@@ -285,7 +286,7 @@ void forward(const KLForwardParams& p) {
   const int64_t chunks = (p.in.cols + kChunk - 1) / kChunk;
   const int64_t items = p.in.rows * chunks;
   std::vector<double> partial(p.kl_per_row ? items : 0);
-#pragma omp parallel for schedule(static) if (p.in.rows * p.in.cols >= kParallelMin)
+#pragma omp parallel for schedule(dynamic, 1) if (p.in.rows * p.in.cols >= kParallelMin)
   for (int64_t i = 0; i < items; ++i) {
     const int64_t r = i / chunks, c0 = (i % chunks) * kChunk;
     const double s = forward_item<T>(p, r, c0, std::min(p.in.cols, c0 + kChunk), seed, offset);
@@ -305,7 +306,7 @@ void backward(const KLBackwardParams& p) {
   read_seed(p.in, seed, offset);
   const int64_t chunks = (p.in.cols + kChunk - 1) / kChunk;
   const int64_t items = p.in.rows * chunks;
-#pragma omp parallel for schedule(static) if (p.in.rows * p.in.cols >= kParallelMin)
+#pragma omp parallel for schedule(dynamic, 1) if (p.in.rows * p.in.cols >= kParallelMin)
   for (int64_t i = 0; i < items; ++i) {
     const int64_t r = i / chunks, c0 = (i % chunks) * kChunk;
     backward_item<T>(p, r, c0, std::min(p.in.cols, c0 + kChunk), seed, offset);
