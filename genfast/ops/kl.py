@@ -201,7 +201,7 @@ def _forward(mu, logvar, noise, seed, lo, hi, clamp, per_row):
     mu_, (mu_rs, mu_cs) = _as_rows(mu)
     lv_, (lv_rs, lv_cs) = _as_rows(logvar)
     n_, (n_rs, n_cs) = _as_rows(noise) if noise is not None else (None, (0, 0))
-    rows, cols = b, mu[0].numel()
+    rows, cols = b, math.prod(mu.shape[1:])
     kl_rs, kl_cs = (kl.stride(0), 0) if per_row else (cols, 1)
     if name == "triton":
         from genfast.kernels.kl import kl_forward as triton_kl_forward
@@ -246,15 +246,15 @@ def _backward_impl(dz, gkl, mu, logvar, noise, seed, lo, hi, clamp):
     lv_, (lv_rs, lv_cs) = _as_rows(logvar)
     n_, (n_rs, n_cs) = _as_rows(noise) if noise is not None else (None, (0, 0))
     dz_, (dz_rs, dz_cs) = _as_rows(dz) if dz is not None else (None, (0, 0))
+    if gkl is not None and gkl.dtype != torch.float32:
+        gkl = gkl.float()  # the kernels read an fp32 KL gradient
     if gkl is None:
         g_, (g_rs, g_cs) = None, (0, 0)
     elif gkl.dim() == 1 and mu.dim() > 1:
         g_, (g_rs, g_cs) = gkl, (gkl.stride(0), 0)  # per-row KL gradient
     else:
         g_, (g_rs, g_cs) = _as_rows(gkl)
-    if g_ is not None and g_.dtype != torch.float32:
-        g_ = g_.float()
-    rows, cols = mu.shape[0], mu[0].numel()
+    rows, cols = mu.shape[0], math.prod(mu.shape[1:])
     strides = [mu_rs, mu_cs, lv_rs, lv_cs, n_rs, n_cs, dz_rs, dz_cs, g_rs, g_cs, cols, 1, cols, 1]
     if name == "triton":
         from genfast.kernels.kl import kl_backward as triton_kl_backward
