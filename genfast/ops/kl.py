@@ -66,7 +66,11 @@ def reparam_kl(mu, logvar, *, seed=None, generator=None, noise=None, reduction="
     lo, hi = (float(logvar_clamp[0]), float(logvar_clamp[1])) if logvar_clamp is not None else (0.0, 0.0)
     clamp = logvar_clamp is not None
     per_row = reduction != "none" and free_bits == 0
-    z, kl = torch.ops.genfast.reparam_kl(mu, logvar, noise, seed_t, lo, hi, clamp, per_row)
+    args = (mu, logvar, noise, seed_t, lo, hi, clamp, per_row)
+    if _plain_eager(mu, logvar, noise):
+        z, kl = _ReparamKL.apply(*args) if torch.is_grad_enabled() else _forward(*args)
+    else:
+        z, kl = torch.ops.genfast.reparam_kl(*args)
     if free_bits > 0:
         if kl.numel() > 0:
             keep = kl.mean(0, keepdim=True) >= free_bits
@@ -78,6 +82,19 @@ def reparam_kl(mu, logvar, *, seed=None, generator=None, noise=None, reduction="
     elif reduction == "mean":
         kl = kl.mean()
     return z, kl
+
+
+def _plain_eager(*tensors):
+    """True when the dispatcher would add nothing but cost: plain tensors, no compile, no vmap/grad
+    transform, no torch function or dispatch mode. Then eager calls skip torch.ops.genfast.* (whose
+    register_autograd path costs ~40 us a call in Python) for an autograd.Function running the same
+    forward and backward; everything else takes the registered op, so torch.compile, fake tensors
+    and modes see it."""
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return all(t is None or type(t) is torch.Tensor for t in tensors)
 
 
 def _check(mu, logvar, noise, reduction, free_bits, logvar_clamp):
@@ -307,3 +324,19 @@ def _backward(ctx, dz, dkl):
 
 
 torch.library.register_autograd("genfast::reparam_kl", _backward, setup_context=_setup_context)
+
+
+class _ReparamKL(torch.autograd.Function):
+    """The eager fast path of the same op (see _plain_eager): same kernels, same saved tensors."""
+
+    @staticmethod
+    def forward(ctx, mu, logvar, noise, seed, lo, hi, clamp, per_row):
+        ctx.params = (lo, hi, clamp)
+        ctx.save_for_backward(mu, logvar, noise, seed)
+        return _forward(mu, logvar, noise, seed, lo, hi, clamp, per_row)
+
+    @staticmethod
+    def backward(ctx, dz, dkl):
+        mu, logvar, noise, seed = ctx.saved_tensors
+        dmu, dlv = _backward_impl(dz, dkl, mu, logvar, noise, seed, *ctx.params)
+        return dmu, dlv, None, None, None, None, None, None
