@@ -32,7 +32,8 @@ def reparam_kl(mu, logvar, *, seed=None, generator=None, noise=None, reduction="
             (same z for the same seed on the same backend). None: (seed, offset) are drawn from
             `generator` (default: the device's default generator), so torch.manual_seed
             reproduces the noise; on a GPU they are drawn on the device, so CUDA-graph replays get
-            fresh noise.
+            fresh noise. (An int seed becomes a host-to-device copy: inside a graph capture use
+            the generator instead.)
         noise: an explicit eps (same shape, dtype and device as mu; a constant, no gradient) in
             place of the generator. Excludes seed and generator.
         reduction: how the KL is summed (the conventions users mix up):
