@@ -9,7 +9,9 @@ takes word g % 4 of Philox4x32-10 at counter (g // 4, offset) under key seed, wi
 read on the device from a [2] int64 tensor (CUDA-graph safe); Box-Muller turns the words into
 normals (csrc/philox.h defines the stream; genfast/reference.py computes it in plain PyTorch).
 The Philox words are bit-identical to the C++ and CUDA kernels'; the normals use Triton's
-log / sqrt / sin / cos (after the same exact quadrant split), so they agree to ~1e-6.
+log / sqrt / sin / cos (after the same exact quadrant split), so they agree to ~1e-6. Triton's own
+tl.randint4x(seed, g // 4) gives the same words at offset 0 (tests/test_kl.py checks it), but
+tl.randn maps them to normals its own way and has no offset words, hence the explicit rounds here.
 
 Per-row KL sums: each program writes the fp32 sum of its tile to partial[row, tile]; the launcher
 reduces partial over tiles with torch.sum (a fixed order: deterministic, no atomics).

@@ -424,3 +424,31 @@ def test_registered_op_and_eager_fast_path_agree():
     torch.autograd.backward([za, kla], list(g))
     torch.autograd.backward([zb, klb], list(g))
     assert torch.equal(a[0].grad, b[0].grad) and torch.equal(a[1].grad, b[1].grad)
+
+
+@pytest.mark.skipif(not any(b == "triton" for _, b in ALL_BACKENDS), reason="triton backend not testable here")
+def test_tritons_own_philox_words_match_at_offset_zero():
+    """Triton's tl.randint4x(seed, g // 4) is Philox4x32-10 with counter (g // 4, 0, 0) and the
+    same key: its words equal ours at offset 0 (tl.randn then maps them to normals differently,
+    which is why kernels/kl.py does its own Box-Muller)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def words(out_ptr, seed, N: tl.constexpr):
+        grp = tl.arange(0, N).to(tl.int64) + (1 << 33)  # counters past 2^32 use the high word too
+        a, b, c, d = tl.randint4x(seed, grp)
+        base = tl.arange(0, N) * 4
+        tl.store(out_ptr + base, a.to(tl.int64, bitcast=False) & 0xFFFFFFFF)
+        tl.store(out_ptr + base + 1, b.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out_ptr + base + 2, c.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out_ptr + base + 3, d.to(tl.int64) & 0xFFFFFFFF)
+
+    n, seed = 64, 0x1234567890AB
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = torch.empty(4 * n, dtype=torch.int64, device=device)
+    words[(1,)](out, seed, N=n)
+    grp = torch.arange(n, dtype=torch.int64) + (1 << 33)
+    zero = torch.zeros_like(grp)
+    want = reference.philox4x32_10(grp & 0xFFFFFFFF, grp >> 32, zero, zero, seed & 0xFFFFFFFF, seed >> 32)
+    assert torch.equal(out.cpu().view(n, 4), torch.stack(want, dim=1))
