@@ -337,6 +337,7 @@ class _ReparamKL(torch.autograd.Function):
         return _forward(mu, logvar, noise, seed, lo, hi, clamp, per_row)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: say so instead of a silent 0
     def backward(ctx, dz, dkl):
         mu, logvar, noise, seed = ctx.saved_tensors
         dmu, dlv = _backward_impl(dz, dkl, mu, logvar, noise, seed, *ctx.params)
