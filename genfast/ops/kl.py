@@ -54,7 +54,10 @@ def reparam_kl(mu, logvar, *, seed=None, generator=None, noise=None, reduction="
             DiagonalGaussianDistribution does with (-30, 20); its gradient is 0 outside. None: no
             clamp (exp may overflow to inf for logvar > 88).
     Returns:
-        (z, kl): z in mu's dtype and shape (contiguous); kl per `reduction`.
+        (z, kl): z in mu's dtype and shape (contiguous); kl per `reduction`. The math is fp32, so
+        the KL and the gradients stay finite at logvar +-50 in every dtype; z itself is stored in
+        mu's dtype: in fp16 it overflows where |eps| exp(hi / 2) > 65504 (hi = 20: |eps| > 2.97),
+        a limit of fp16's range (bf16 has fp32's).
     Math in fp32. Backends: the C++ CPU kernel and the emulated CUDA kernel draw the same Philox
     words and the same polynomial Box-Muller (normals equal to a few ulp); the Triton kernel draws
     the same words but uses its own log/sin/cos (normals within ~1e-6); the reference (fp64
