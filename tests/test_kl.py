@@ -452,3 +452,14 @@ def test_tritons_own_philox_words_match_at_offset_zero():
     zero = torch.zeros_like(grp)
     want = reference.philox4x32_10(grp & 0xFFFFFFFF, grp >> 32, zero, zero, seed & 0xFFFFFFFF, seed >> 32)
     assert torch.equal(out.cpu().view(n, 4), torch.stack(want, dim=1))
+
+
+def test_bf16_extreme_logvar_with_philox_noise_stays_finite():
+    mu = torch.zeros(4, 1000, dtype=torch.bfloat16, requires_grad=True)
+    lv = torch.full((4, 1000), 50.0, dtype=torch.bfloat16)
+    lv[:, ::2] = -50.0
+    lv.requires_grad_(True)
+    z, kl = genfast.reparam_kl(mu, lv, seed=3)
+    (z.float().sum() + kl.sum()).backward()
+    for t in (z, kl, mu.grad, lv.grad):
+        assert torch.isfinite(t).all()
