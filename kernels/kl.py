@@ -23,9 +23,11 @@ so a tile holds whole Philox groups: GROUPS counters -> 4 x GROUPS words -> inte
 References: Salmon et al., "Parallel random numbers: as easy as 1, 2, 3" (SC'11);
 Kingma & Welling, "Auto-Encoding Variational Bayes" (arXiv:1312.6114).
 
-Configuration (fixed): GROUPS = 256 (1024 elements a program, 4 warps -> 8 elements a thread a
-tensor): a pure stream with ~40 flops an element for the noise, where one config is within noise
-of the best and autotuning would add a first-call stall.
+Configuration (fixed): GROUPS = 256 (1024 elements a program), 8 warps -> one Philox group (4
+elements) a thread, as the CUDA kernel does. With 4 warps ptxas needs 80-92 registers (two groups
+a thread), with 8 warps 44-48 (sm_90, no spills; gpu_compile), twice the resident threads for a
+stream that needs bytes in flight. Not yet timed on a GPU: autotuning would add a first-call stall
+and a sync; the choice is to be confirmed by benchmarks/test_kl.py on an H100.
 """
 import torch
 import triton
@@ -33,7 +35,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 # name -> (GROUPS, num_warps, num_stages)
-CONFIGS = {"default": (256, 4, 1)}
+CONFIGS = {"default": (256, 8, 1)}
 
 
 @triton.jit
