@@ -22,3 +22,7 @@ from genfast.ops import flow_euler_step  # noqa: E402
 from genfast.sampling import sample_rectified_flow  # noqa: E402
 
 __all__ = ["info", "flow_euler_step", "sample_rectified_flow", "__version__"]
+
+from genfast.ops import adaln_modulate, gated_residual  # noqa: E402
+
+__all__ += ["adaln_modulate", "gated_residual"]
