@@ -152,7 +152,8 @@ def _modulate_impl(x, shift, scale, eps, rms):
         m = xf.mean(-1) if not rms else torch.zeros_like(xf[..., 0])
         mean.copy_(m)
         rstd.copy_(torch.rsqrt(((xf - m[..., None]) ** 2).mean(-1) + eps))
-        return reference.adaln_modulate(x, shift, scale, eps=eps, norm="rms" if rms else "layer"), mean, rstd
+        out = reference.adaln_modulate(x, shift, scale, eps=eps, norm="rms" if rms else "layer")
+        return out.contiguous(), mean, rstd
     x, scale = _unit_c(x), _unit_c(scale)
     shift = _unit_c(shift) if shift is not None else None
     out = torch.empty(b, n, c, device=x.device, dtype=x.dtype)
@@ -198,13 +199,25 @@ def _modulate_bwd_impl(grad, x, shift, scale, mean, rstd, eps, rms, needs):
 
 
 def _reference_backward(grad, x, shift, scale, eps, rms, needs):
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(w) if t is not None else None for t, w in zip((x, shift, scale), needs)]
-        out = reference.adaln_modulate(*leaves, eps=eps, norm="rms" if rms else "layer")
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        got = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True)) if wanted else iter(())
+    """The backward in plain PyTorch (fp32, fp64 for fp64 x), statistics recomputed in that dtype.
+    Written out, not autograd: inside an op's kernel autograd does not record."""
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf, g = x.to(ct), grad.to(ct)
+    mean = torch.zeros_like(xf[..., :1]) if rms else xf.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(((xf - mean) ** 2).mean(-1, keepdim=True) + eps)
+    xh = (xf - mean) * rstd
     nothing = x.new_empty(0)
-    return tuple(next(got) if t is not None and t.requires_grad else nothing for t in leaves)
+    dx = dshift = dscale = nothing
+    if needs[0]:
+        dxh = g * (1 + scale.to(ct))
+        centred = dxh if rms else dxh - dxh.mean(-1, keepdim=True)
+        dx = (rstd * (centred - xh * (dxh * xh).mean(-1, keepdim=True))).to(x.dtype)
+    if needs[1] and shift is not None:
+        dshift = g.sum(1, keepdim=True).to(x.dtype) if shift.shape[1] != g.shape[1] else g.to(x.dtype, copy=True)
+    if needs[2]:
+        dscale = (g * xh).sum(1, keepdim=True) if scale.shape[1] != g.shape[1] else g * xh
+        dscale = dscale.to(x.dtype)
+    return dx.contiguous(), dshift.contiguous(), dscale.contiguous()
 
 
 def _modulate_fake(x, shift, scale, eps, rms):
@@ -276,9 +289,9 @@ def _gated_bwd_impl(grad, gate, y, needs):
     if name == "reference":
         ct = torch.float64 if y.dtype == torch.float64 else torch.float32
         g = grad.to(ct)
-        dy = (g * gate.to(ct)).to(y.dtype) if need_y else nothing
+        dy = (g * gate.to(ct)).to(y.dtype).contiguous() if need_y else nothing
         dgate = (g * y.to(ct)).sum(1, keepdim=True) if per_sample else g * y.to(ct)
-        return dy, dgate.to(y.dtype).reshape(gate.shape) if need_gate else nothing
+        return dy, dgate.to(y.dtype).contiguous().reshape(gate.shape) if need_gate else nothing
     grad, gate, y = _unit_c(grad), _unit_c(gate), _unit_c(y)
     dy = torch.empty(b, n, c, device=y.device, dtype=y.dtype) if need_y else None
     dgate = torch.empty((b, 1, c) if per_sample else (b, n, c), device=y.device, dtype=y.dtype) if need_gate else None
