@@ -140,6 +140,7 @@ def modulate_samples(device="cpu", dtype=torch.float32, *, seed=0):
         case("one_channel", 2, 3, 1, norm="rms"),  # layer norm of one channel is identically 0
         case("chunks", 2, 67, 24, eps=1e-5),
         case("dit_width", 2, 3, 1152),
+        case("wide_row", 1, 5, 1600),  # wider than the CUDA kernels keep in registers
     ]
     x = rnd(2, 6, 21)
     cases.append(ModulateCase("b1c", x, rnd(2, 1, 21), rnd(2, 1, 21), rnd(2, 6, 21)))
