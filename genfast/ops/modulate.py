@@ -131,7 +131,7 @@ def _launch(name, fn, tensors, **kw):
     if name == "triton":
         from genfast.kernels import modulate as tk
 
-        getattr(tk, fn)(*tensors, **kw)
+        getattr(tk, fn)(*tensors, **kw)  # same argument order, tensors instead of pointers
         return
     mod = _native.module({"cpu": "_C", "cuda": "_cuda", "cuda_emu": "_cuda_emu"}[name])
     ref = next(t for t in tensors if t is not None)
