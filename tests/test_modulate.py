@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import genfast
+import genfast.nn
 from genfast import reference
 from genfast.testing import FLOAT_DTYPES, assert_within_reference_error, backends_to_test, modulate_samples
 
@@ -204,3 +205,61 @@ def test_forced_backend_that_cannot_run_raises(use_backend):
     x = torch.randn(2, 3, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match="dtype"):
         genfast.adaln_modulate(x, None, torch.randn(2, 8, dtype=torch.float64))
+
+
+class _TinyDiTBranch(torch.nn.Module):
+    """The adaLN-Zero pattern of a DiT block around an MLP, with genfast's modules or eager ones."""
+
+    def __init__(self, c, fused):
+        super().__init__()
+        self.adaLN_modulation = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Linear(c, 3 * c))
+        self.norm = genfast.nn.AdaLNModulate(c, eps=1e-6) if fused else torch.nn.LayerNorm(c, elementwise_affine=False,
+                                                                                             eps=1e-6)
+        self.mlp = torch.nn.Linear(c, c)
+        self.fused = fused
+
+    def forward(self, x, cond):
+        shift, scale, gate = self.adaLN_modulation(cond).chunk(3, dim=1)
+        if self.fused:
+            return genfast.gated_residual(x, gate, self.mlp(self.norm(x, shift, scale)))
+        h = self.norm(x) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+        return x + gate.unsqueeze(1) * self.mlp(h)
+
+
+def test_adaln_modulate_module_is_a_drop_in():
+    torch.manual_seed(0)
+    eager, fused = _TinyDiTBranch(32, False), _TinyDiTBranch(32, True)
+    fused.load_state_dict(eager.state_dict())  # the LayerNorm without affine has no parameters either
+    x, cond = torch.randn(2, 11, 32), torch.randn(2, 32)
+    compiled = torch.compile(fused, fullgraph=True)
+    outs = []
+    for m in (eager, fused, compiled):
+        m.zero_grad()
+        xl = x.clone().requires_grad_()
+        out = m(xl, cond)
+        out.square().sum().backward()
+        outs.append((out, xl.grad, [p.grad for p in m.parameters()]))
+    (o_e, gx_e, gp_e), (o_f, gx_f, gp_f), (o_c, gx_c, gp_c) = outs
+    torch.testing.assert_close(o_f, o_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_f, gx_e, rtol=1e-4, atol=1e-4)
+    for a, b in zip(gp_f, gp_e):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(o_c, o_f, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx_c, gx_f, rtol=1e-6, atol=1e-6)
+    for a, b in zip(gp_c, gp_f):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_adaln_modulate_module_casts_modulation_and_checks_width():
+    m = genfast.nn.AdaLNModulate(16, norm="rms")
+    x = torch.randn(2, 3, 16)
+    sh, sc = torch.randn(2, 16).bfloat16(), torch.randn(2, 16).bfloat16()
+    out = m(x, sh, sc)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, reference.adaln_modulate(x, sh.float(), sc.float(), norm="rms"))
+    assert m(x, None, sc).shape == x.shape
+    with pytest.raises(ValueError, match="hidden_size"):
+        m(torch.randn(2, 3, 8), None, torch.randn(2, 8))
+    with pytest.raises(ValueError, match="norm"):
+        genfast.nn.AdaLNModulate(16, norm="group")
+    assert "16, eps=1e-06, norm='rms'" in repr(m)

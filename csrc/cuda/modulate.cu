@@ -16,7 +16,10 @@
 // packs (dev::load_pack) are a GPU-measured refinement still to do.
 //
 // Checked without a GPU (DESIGN.md §8):
-//   nvcc -std=c++17 -arch=sm_90 --resource-usage -Icsrc -c csrc/cuda/modulate.cu -o /tmp/m.o
+//   nvcc -std=c++17 -arch=sm_80|sm_90 --resource-usage -Icsrc -c csrc/cuda/modulate.cu -o /tmp/m.o
+//     (nvcc 13.0: no spills, no stack frame; forward 30-52 registers, backward 107-126, the
+//     others 26-56. IEEE divides and 1/sqrtf are subroutine calls that spilled on sm_80, hence
+//     __frcp_rn / __fsqrt_rn and multiplies by 1/C.)
 //   g++ -x c++ -std=c++17 -DGENFAST_EMULATE -fno-strict-aliasing -pthread -Icsrc -c csrc/cuda/modulate.cu
 #include "cuda/common.cuh"
 
@@ -57,7 +60,8 @@ __global__ void __launch_bounds__(kThreads) modulate_fwd_kernel(const ModulatePa
   } else {
     for (int64_t c = tid; c < C; c += kThreads) s += dev::load_elem<DT>(x, c);
   }
-  const float mean = p.rms ? 0.f : dev::block_sum(s, scratch) / static_cast<float>(C);
+  const float inv_c = __frcp_rn(static_cast<float>(C));  // multiply, not divide: no div subroutine
+  const float mean = p.rms ? 0.f : dev::block_sum(s, scratch) * inv_c;
   float q = 0.f;  // mean((x - mean)^2), never E[x^2] - mean^2
   if constexpr (ITEMS > 0) {
 #pragma unroll
@@ -72,20 +76,23 @@ __global__ void __launch_bounds__(kThreads) modulate_fwd_kernel(const ModulatePa
       q += d * d;
     }
   }
-  const float rstd = 1.f / sqrtf(dev::block_sum(q, scratch) / static_cast<float>(C) + p.eps);
-  auto emit = [&](int64_t c, float xv) {
-    float o = (xv - mean) * rstd * (1.f + dev::load_elem<DT>(scale, c));
-    if (shift) o += dev::load_elem<DT>(shift, c);
-    dev::store_elem<DT>(out, c, o);
-  };
+  // Correctly rounded sqrt and reciprocal as inline instructions (the IEEE 1/sqrtf path is a
+  // subroutine call that cost a stack frame and a spill on sm_80); same values as the C++ kernel.
+  const float rstd = __frcp_rn(__fsqrt_rn(dev::block_sum(q, scratch) * inv_c + p.eps));
   if constexpr (ITEMS > 0) {
 #pragma unroll
     for (int k = 0; k < ITEMS; ++k) {
       const int64_t c = tid + static_cast<int64_t>(k) * kThreads;
-      if (c < C) emit(c, v[k]);
+      if (c < C) {
+        const float o = (v[k] - mean) * rstd * (1.f + dev::load_elem<DT>(scale, c));
+        dev::store_elem<DT>(out, c, shift ? o + dev::load_elem<DT>(shift, c) : o);
+      }
     }
   } else {
-    for (int64_t c = tid; c < C; c += kThreads) emit(c, dev::load_elem<DT>(x, c));
+    for (int64_t c = tid; c < C; c += kThreads) {
+      const float o = (dev::load_elem<DT>(x, c) - mean) * rstd * (1.f + dev::load_elem<DT>(scale, c));
+      dev::store_elem<DT>(out, c, shift ? o + dev::load_elem<DT>(shift, c) : o);
+    }
   }
   if (tid == 0) {
     p.mean[r] = mean;
@@ -135,7 +142,7 @@ __device__ __forceinline__ void modulate_bwd_row(const ModulateBwdParams& p, int
     }
   }
   if (!p.dx) return;  // uniform across the block: no thread skips the reductions below alone
-  const float inv_c = 1.f / static_cast<float>(C);
+  const float inv_c = __frcp_rn(static_cast<float>(C));
   const float ma = p.rms ? 0.f : dev::block_sum(a, scratch) * inv_c;
   const float mb = dev::block_sum(bs, scratch) * inv_c;
   E<DT>* dx = static_cast<E<DT>*>(p.dx) + b * p.dx_sb + n * p.dx_sn;
@@ -169,7 +176,7 @@ __device__ void modulate_bwd_row_wide(const ModulateBwdParams& p, int64_t b, int
     if (!p.per_sample && p.dshift) dev::store_elem<DT>(p.dshift, r * C + c, gv);
   }
   if (!p.dx) return;
-  const float inv_c = 1.f / static_cast<float>(C);
+  const float inv_c = __frcp_rn(static_cast<float>(C));
   const float ma = p.rms ? 0.f : dev::block_sum(a, scratch) * inv_c;
   const float mb = dev::block_sum(bs, scratch) * inv_c;
   E<DT>* dx = static_cast<E<DT>*>(p.dx) + b * p.dx_sb + n * p.dx_sn;

@@ -1,1 +1,2 @@
 """genfast.nn"""
+from genfast.nn.modulate import AdaLNModulate  # noqa: E402,F401
