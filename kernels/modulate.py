@@ -14,8 +14,8 @@ References: Peebles & Xie, "Scalable Diffusion Models with Transformers" (DiT, a
 arXiv:2212.09748; Ba et al., "Layer Normalization", arXiv:1607.06450.
 
 Configuration: a whole row per program (BLOCK_C = next power of two >= C, at most MAX_C), warps
-by row width (4 up to 1024 columns, 8 up to 8192, 16 above; 16 warps at 4096 made ptxas
-cap registers at 64 and spill for fp16 on sm_80). No autotune: the forward is one
+by row width (4 up to 1024 columns, 8 up to 2048, 16 above: with 8 warps at 4096, ptxas
+kept fp16 on sm_80 at 64 registers and spilled). No autotune: the forward is one
 read and one write per element, and a first-call stall or host sync inside a DiT block is not
 worth the few percent a tuned warp count might give; the GPU benchmarks will say otherwise.
 """
@@ -230,7 +230,7 @@ _INTERPRETED = isinstance(modulate_fwd_kernel, InterpretedFunction)
 
 
 def _warps(block):
-    return 4 if block <= 1024 else 8 if block <= 8192 else 16
+    return 4 if block <= 1024 else 8 if block <= 2048 else 16
 
 
 def _rtne(t):
