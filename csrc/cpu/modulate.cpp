@@ -135,17 +135,22 @@ GENFAST_VEC_CLONES void modulate_bwd_row(T* __restrict dx, const T* __restrict g
   }
 }
 
-// Adds the chunks' partial sums in order: out[b, c] = sum_k partial[b, k, which, c].
+// Adds the chunks' partial sums in order: out[b, c] = sum_k partial[b, k, which, c], for up to two
+// outputs (which = 0 -> out0, 1 -> out1) in one parallel region.
 template <typename T>
-void reduce_partials(T* out, const float* partial, int64_t B, int64_t nchunks, int64_t stride_k, int64_t C) {
+void reduce_partials(T* out0, T* out1, const float* partial, int64_t B, int64_t nchunks, int64_t stride_k,
+                     int64_t C) {
+  const int64_t jobs = 2 * B;
 #pragma omp parallel for schedule(static) if (B * nchunks * C >= kParallelMin)
-  for (int64_t b = 0; b < B; ++b) {
-    const float* src = partial + b * nchunks * stride_k;
-    T* dst = out + b * C;
+  for (int64_t j = 0; j < jobs; ++j) {
+    const int64_t b = j >> 1, which = j & 1;
+    T* dst = which ? out1 : out0;
+    if (!dst) continue;
+    const float* src = partial + b * nchunks * stride_k + which * C;
     for (int64_t c = 0; c < C; ++c) {
       float s = 0.f;
       for (int64_t k = 0; k < nchunks; ++k) s += src[k * stride_k + c];
-      vec::store1(dst + c, s);
+      vec::store1(dst + b * C + c, s);
     }
   }
 }
@@ -190,8 +195,8 @@ void modulate_bwd(const ModulateBwdParams& p) {
                           p.dshift ? acc_shift : nullptr, nullptr, nullptr);
     }
   }
-  if (p.dscale) reduce_partials<T>(static_cast<T*>(p.dscale), p.partial, p.B, nchunks, 2 * C, C);
-  if (p.dshift) reduce_partials<T>(static_cast<T*>(p.dshift), p.partial + C, p.B, nchunks, 2 * C, C);
+  if (p.dscale || p.dshift)
+    reduce_partials<T>(static_cast<T*>(p.dscale), static_cast<T*>(p.dshift), p.partial, p.B, nchunks, 2 * C, C);
 }
 
 // ------------------------------------------------------------------------------ gated residual
@@ -261,7 +266,7 @@ void gated_bwd(const GatedResidualBwdParams& p) {
     std::fill(acc, acc + C, 0.f);
     for (int64_t n = k * p.chunk_rows; n < std::min(p.N, (k + 1) * p.chunk_rows); ++n) row(b, n, acc, nullptr);
   }
-  reduce_partials<T>(static_cast<T*>(p.dgate), p.partial, p.B, nchunks, C, C);
+  reduce_partials<T>(static_cast<T*>(p.dgate), nullptr, p.partial, p.B, nchunks, C, C);
 }
 
 template <template <typename> class Fn, typename P>
