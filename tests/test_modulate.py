@@ -263,3 +263,28 @@ def test_adaln_modulate_module_casts_modulation_and_checks_width():
     with pytest.raises(ValueError, match="norm"):
         genfast.nn.AdaLNModulate(16, norm="group")
     assert "16, eps=1e-06, norm='rms'" in repr(m)
+
+
+@pytest.mark.slow
+def test_cuda_kernels_under_tsan(tmp_path):
+    """csrc/cuda/modulate.cu with one OS thread per CUDA thread under ThreadSanitizer: no races."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None or not (repo / "csrc" / "cuda" / "modulate.cu").exists():
+        pytest.skip("needs g++ and the csrc/ sources (run from a checkout)")
+    exe = tmp_path / "tsan_modulate"
+    build = subprocess.run([cxx, "-std=c++17", "-O1", "-g", "-fsanitize=thread", "-DGENFAST_EMULATE",
+                            "-fno-strict-aliasing", "-pthread", f"-I{repo / 'csrc'}", str(repo / "tests" / "tsan_modulate.cpp"),
+                            "-x", "c++", str(repo / "csrc" / "cuda" / "modulate.cu"), "-o", str(exe)],
+                           capture_output=True, text=True)
+    if build.returncode != 0 and "sanitize" in build.stderr:
+        pytest.skip(f"ThreadSanitizer unavailable: {build.stderr[-300:]}")
+    assert build.returncode == 0, build.stderr[-2000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "GENFAST_EMU_RUNNER": "threads"})
+    assert run.returncode == 0 and "ok" in run.stdout, (run.stdout + run.stderr)[-3000:]
