@@ -13,7 +13,7 @@
 namespace genfast {
 
 template <typename T>
-inline T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+inline T* raw(uintptr_t p) { return reinterpret_cast<T*>(p); }  // a Python int as a pointer
 
 inline void check_dtype_code(int32_t dtype) {
   if (dtype < kFloat32 || dtype > kBFloat16) throw pybind11::value_error("genfast: unknown dtype code");
@@ -24,8 +24,8 @@ inline ModulateParams make_modulate_params(uintptr_t out, uintptr_t x, uintptr_t
                                            uintptr_t mean, uintptr_t rstd, int64_t B, int64_t N, int64_t C,
                                            const std::array<int64_t, 8>& s, double eps, bool rms, int32_t dtype) {
   check_dtype_code(dtype);
-  return ModulateParams{ptr<void>(out), ptr<const void>(x), ptr<const void>(shift), ptr<const void>(scale),
-                        ptr<float>(mean), ptr<float>(rstd), B, N, C, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7],
+  return ModulateParams{raw<void>(out), raw<const void>(x), raw<const void>(shift), raw<const void>(scale),
+                        raw<float>(mean), raw<float>(rstd), B, N, C, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7],
                         static_cast<float>(eps), rms ? 1 : 0, dtype};
 }
 
@@ -37,9 +37,9 @@ inline ModulateBwdParams make_modulate_bwd_params(uintptr_t dx, uintptr_t dshift
                                                   bool per_sample, bool rms, int32_t dtype) {
   check_dtype_code(dtype);
   if (per_sample && chunk_rows < 1) throw pybind11::value_error("genfast: chunk_rows must be >= 1");
-  return ModulateBwdParams{ptr<void>(dx), ptr<void>(dshift), ptr<void>(dscale), ptr<float>(partial),
-                           ptr<const void>(grad), ptr<const void>(x), ptr<const void>(scale),
-                           ptr<const float>(mean), ptr<const float>(rstd), B, N, C, s[0], s[1], s[2], s[3], s[4],
+  return ModulateBwdParams{raw<void>(dx), raw<void>(dshift), raw<void>(dscale), raw<float>(partial),
+                           raw<const void>(grad), raw<const void>(x), raw<const void>(scale),
+                           raw<const float>(mean), raw<const float>(rstd), B, N, C, s[0], s[1], s[2], s[3], s[4],
                            s[5], s[6], s[7], chunk_rows, per_sample ? 1 : 0, rms ? 1 : 0, dtype};
 }
 
@@ -47,7 +47,7 @@ inline ModulateBwdParams make_modulate_bwd_params(uintptr_t dx, uintptr_t dshift
 inline GatedResidualParams make_gated_params(uintptr_t out, uintptr_t x, uintptr_t gate, uintptr_t y, int64_t B,
                                              int64_t N, int64_t C, const std::array<int64_t, 8>& s, int32_t dtype) {
   check_dtype_code(dtype);
-  return GatedResidualParams{ptr<void>(out), ptr<const void>(x), ptr<const void>(gate), ptr<const void>(y), B, N, C,
+  return GatedResidualParams{raw<void>(out), raw<const void>(x), raw<const void>(gate), raw<const void>(y), B, N, C,
                              s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], dtype};
 }
 
@@ -58,8 +58,8 @@ inline GatedResidualBwdParams make_gated_bwd_params(uintptr_t dy, uintptr_t dgat
                                                     bool per_sample, int32_t dtype) {
   check_dtype_code(dtype);
   if (per_sample && chunk_rows < 1) throw pybind11::value_error("genfast: chunk_rows must be >= 1");
-  return GatedResidualBwdParams{ptr<void>(dy), ptr<void>(dgate), ptr<float>(partial), ptr<const void>(grad),
-                                ptr<const void>(gate), ptr<const void>(y), B, N, C, s[0], s[1], s[2], s[3], s[4],
+  return GatedResidualBwdParams{raw<void>(dy), raw<void>(dgate), raw<float>(partial), raw<const void>(grad),
+                                raw<const void>(gate), raw<const void>(y), B, N, C, s[0], s[1], s[2], s[3], s[4],
                                 s[5], chunk_rows, per_sample ? 1 : 0, dtype};
 }
 

@@ -21,6 +21,7 @@ PREFERENCE = {
     "flow_euler_step": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")},
     "adaln_modulate": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")},
     "gated_residual": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")},
+    "reparam_kl": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")},
 }
 
 

@@ -1,2 +1,5 @@
 """genfast.nn"""
-from genfast.nn.modulate import AdaLNModulate  # noqa: E402,F401
+from genfast.nn.gaussian import DiagonalGaussian, GaussianPosterior
+from genfast.nn.modulate import AdaLNModulate
+
+__all__ = ["DiagonalGaussian", "GaussianPosterior", "AdaLNModulate"]
