@@ -10,6 +10,7 @@
 
 #include "bind_util.h"
 #include "flow_step.h"
+#include "vq.h"
 
 #if defined(GENFAST_MODULE_CUDA) || defined(GENFAST_MODULE_CUDA_EMU)
 #define GENFAST_CUDA_SIDE 1
@@ -51,6 +52,31 @@ void flow_step(uintptr_t out, uintptr_t x, uintptr_t vc, uintptr_t vu, int64_t r
 #endif
 }
 
+void vq_nearest(uintptr_t z, int64_t n, int64_t d, int64_t z_rs, int64_t z_cs, int32_t z_dtype, uintptr_t codebook,
+                int64_t k, int64_t c_rs, int64_t c_cs, int32_t c_dtype, int32_t metric, uintptr_t indices,
+                uintptr_t distance, uintptr_t stream) {
+  const VqParams p = make_vq_params(z, n, d, z_rs, z_cs, z_dtype, codebook, k, c_rs, c_cs, c_dtype, metric, indices,
+                                    distance);
+  py::gil_scoped_release nogil;
+#ifdef GENFAST_CUDA_SIDE
+  check_launch(vq_nearest_cuda(p, reinterpret_cast<void*>(stream)), "vq_nearest");
+#else
+  (void)stream;
+  vq_nearest_cpu(p);
+#endif
+}
+
+void vq_counts(uintptr_t indices, int64_t n, int64_t idx_stride, int64_t k, uintptr_t counts, uintptr_t stream) {
+  const VqCountsParams p{reinterpret_cast<const int64_t*>(indices), n, idx_stride, k, reinterpret_cast<int64_t*>(counts)};
+  py::gil_scoped_release nogil;
+#ifdef GENFAST_CUDA_SIDE
+  check_launch(vq_counts_cuda(p, reinterpret_cast<void*>(stream)), "vq_counts");
+#else
+  (void)stream;
+  vq_counts_cpu(p);
+#endif
+}
+
 void bind_all(py::module_& m) {
   m.def("flow_step", &flow_step,
         "Fused rectified-flow Euler / CFG step over [rows, cols] strided views (see csrc/flow_step.h).",
@@ -58,6 +84,13 @@ void bind_all(py::module_& m) {
         py::arg("out_rs"), py::arg("out_cs"), py::arg("x_rs"), py::arg("x_cs"), py::arg("vc_rs"),
         py::arg("vc_cs"), py::arg("vu_rs"), py::arg("vu_cs"), py::arg("dt"), py::arg("dt_stride"),
         py::arg("dt_value"), py::arg("w"), py::arg("w_stride"), py::arg("w_value"), py::arg("dtype"),
+        py::arg("stream") = 0);
+  m.def("vq_nearest", &vq_nearest, "Nearest codebook row per row of z, O(n) memory (see csrc/vq.h).",
+        py::arg("z"), py::arg("n"), py::arg("d"), py::arg("z_rs"), py::arg("z_cs"), py::arg("z_dtype"),
+        py::arg("codebook"), py::arg("k"), py::arg("c_rs"), py::arg("c_cs"), py::arg("c_dtype"), py::arg("metric"),
+        py::arg("indices"), py::arg("distance"), py::arg("stream") = 0);
+  m.def("vq_counts", &vq_counts, "Per-code counts of int64 indices in [0, k) (see csrc/vq.h).",
+        py::arg("indices"), py::arg("n"), py::arg("idx_stride"), py::arg("k"), py::arg("counts"),
         py::arg("stream") = 0);
 }
 

@@ -1,0 +1,59 @@
+// Nearest-codebook lookup (VQ) and per-code counts, shared by the CPU, CUDA and emulated-CUDA
+// kernels. No PyTorch headers: the bindings fill these structs from Python ints.
+//
+// For every row z_n of z [n, d] the index of the code c_k of codebook [k, d] with the smallest
+//   l2:      score(n, k) = ||c_k||^2 - 2 z_n . c_k            (= ||z_n - c_k||^2 - ||z_n||^2)
+//   cosine:  score(n, k) = -(z_n . c_k) / max(||c_k||, eps)    (argmax of the cosine similarity;
+//            dividing by ||z_n|| changes no row's argmin, so z is not normalised)
+// without ever holding the n x k score matrix: tiles of z against tiles of the codebook, a
+// running min and argmin per row. Scores accumulate in fp32 whatever the storage dtype.
+//
+// Ties go to the lowest index (as torch.argmin). A NaN score never compares smaller, so a row
+// whose every score is NaN (a NaN in z) gets index 0 — what torch.argmin answers for a row of
+// NaN distances — and a code containing NaN is never chosen while any code scores a number.
+//
+// When `distance` is given, the chosen code's distance is recomputed directly, without the
+// cancellation of the expanded form: l2 -> ||z_n - c||^2, cosine -> ||z_n/|z_n| - c/|c| ||^2
+// (= 2 - 2 cos), both in fp32.
+#pragma once
+#include <cstdint>
+
+#include "flow_step.h"  // enum DType
+
+namespace genfast {
+
+enum VqMetric : int32_t { kVqL2 = 0, kVqCosine = 1 };
+
+// Norms below this count as this (F.normalize's eps), so a zero code scores 0, not NaN.
+constexpr float kVqNormEps = 1e-12f;
+
+struct VqParams {
+  const void* z;  // [n, d], strides (z_rs, z_cs) in elements
+  int64_t n, d;
+  int64_t z_rs, z_cs;
+  int32_t z_dtype;  // DType
+  const void* codebook;  // [k, d], strides (c_rs, c_cs) in elements
+  int64_t k;
+  int64_t c_rs, c_cs;
+  int32_t c_dtype;  // DType (may differ from z's: bf16 z with an fp32 codebook)
+  int32_t metric;   // VqMetric
+  int64_t* indices;  // [n] contiguous, written
+  float* distance;   // [n] contiguous fp32, or nullptr
+};
+
+struct VqCountsParams {
+  const int64_t* indices;  // [n], stride idx_stride; every value in [0, k) (checked by the caller)
+  int64_t n, idx_stride;
+  int64_t k;
+  int64_t* counts;  // [k] contiguous, overwritten
+};
+
+// csrc/cpu/vq.cpp
+void vq_nearest_cpu(const VqParams& p);
+void vq_counts_cpu(const VqCountsParams& p);
+
+// csrc/cuda/vq.cu: launch on `stream` (a cudaStream_t), return the cudaError_t as an int.
+int vq_nearest_cuda(const VqParams& p, void* stream);
+int vq_counts_cuda(const VqCountsParams& p, void* stream);
+
+}  // namespace genfast
