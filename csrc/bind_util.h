@@ -47,13 +47,16 @@ inline FlowStepParams make_flow_step_params(
 // vc_cs, vu_rs, vu_cs, dt, dt_stride, dt_value, w, w_stride, w_value, dtype. Pointers are ints
 // (0 for none).
 
-inline VqParams make_vq_params(uintptr_t z, int64_t n, int64_t d, int64_t z_rs, int64_t z_cs, int32_t z_dtype,
+inline VqParams make_vq_params(uintptr_t z, int64_t n, int64_t d, int64_t z_inner, int64_t z_os, int64_t z_rs,
+                               int64_t z_cs, int32_t z_dtype,
                                uintptr_t codebook, int64_t k, int64_t c_rs, int64_t c_cs, int32_t c_dtype,
                                int32_t metric, uintptr_t indices, uintptr_t distance) {
   VqParams p;
   p.z = reinterpret_cast<const void*>(z);
   p.n = n;
   p.d = d;
+  p.z_inner = z_inner;
+  p.z_os = z_os;
   p.z_rs = z_rs;
   p.z_cs = z_cs;
   p.z_dtype = z_dtype;
@@ -68,11 +71,11 @@ inline VqParams make_vq_params(uintptr_t z, int64_t n, int64_t d, int64_t z_rs, 
   for (int32_t t : {z_dtype, c_dtype})
     if (t < kFloat32 || t > kBFloat16) throw pybind11::value_error("genfast: unknown dtype code");
   if (metric != kVqL2 && metric != kVqCosine) throw pybind11::value_error("genfast: unknown vq metric code");
-  if (d < 1 || k < 1 || k > INT32_MAX) throw pybind11::value_error("genfast: vq needs d >= 1 and 1 <= k < 2^31");
+  if (d < 1 || k < 1 || k > INT32_MAX || z_inner < 1) throw pybind11::value_error("genfast: vq needs d >= 1 and 1 <= k < 2^31");
   return p;
 }
 
-// vq_nearest(z, n, d, z_rs, z_cs, z_dtype, codebook, k, c_rs, c_cs, c_dtype, metric, indices,
+// vq_nearest(z, n, d, z_inner, z_os, z_rs, z_cs, z_dtype, codebook, k, c_rs, c_cs, c_dtype, metric, indices,
 // distance[, stream]) and vq_counts(indices, n, idx_stride, k, counts[, stream]): pointers are ints.
 
 }  // namespace genfast

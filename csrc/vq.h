@@ -28,9 +28,12 @@ enum VqMetric : int32_t { kVqL2 = 0, kVqCosine = 1 };
 constexpr float kVqNormEps = 1e-12f;
 
 struct VqParams {
-  const void* z;  // [n, d], strides (z_rs, z_cs) in elements
+  // z [n, d]: row r = o * z_inner + i starts at o * z_os + i * z_rs, column j at + j * z_cs
+  // (elements), so channels-first latents permuted to channels-last ([B, H, W, C] over a
+  // contiguous [B, C, H, W]: z_inner = H*W, z_os = C*H*W, z_rs = 1, z_cs = H*W) are read in place.
+  const void* z;
   int64_t n, d;
-  int64_t z_rs, z_cs;
+  int64_t z_inner, z_os, z_rs, z_cs;
   int32_t z_dtype;  // DType
   const void* codebook;  // [k, d], strides (c_rs, c_cs) in elements
   int64_t k;

@@ -19,6 +19,8 @@ NAMES = ("cuda", "triton", "cpu", "cuda_emu", "reference")
 # elementwise and norm ops, Triton first for attention (DESIGN.md §3).
 PREFERENCE = {
     "flow_euler_step": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")},
+    # Triton first for VQ: its tl.dot tiles beat the SIMT CUDA kernel (tensor cores) until measured.
+    "vq_nearest": {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")},
 }
 
 

@@ -35,18 +35,21 @@ constexpr int kMR = 6;                      // z rows per register tile
 constexpr int64_t kBlockFloats = 48 << 10;  // packed codes per block: 192 KiB of fp32
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// Row r of a [rows, d] strided tensor as fp32 into out[0, d).
+// Where row r of z starts (vq.h).
+inline int64_t z_row(const VqParams& p, int64_t r) { return (r / p.z_inner) * p.z_os + (r % p.z_inner) * p.z_rs; }
+
+// The d elements at base + off + i * cs as fp32 into out[0, d).
 template <typename T>
-void row_to_float(const void* base, int64_t rs, int64_t cs, int64_t r, int64_t d, float* out) {
-  const T* p = static_cast<const T*>(base) + r * rs;
+void row_to_float(const void* base, int64_t off, int64_t cs, int64_t d, float* out) {
+  const T* p = static_cast<const T*>(base) + off;
   for (int64_t i = 0; i < d; ++i) out[i] = to_float(p[i * cs]);
 }
 
-void row_any(int32_t dtype, const void* base, int64_t rs, int64_t cs, int64_t r, int64_t d, float* out) {
+void row_any(int32_t dtype, const void* base, int64_t off, int64_t cs, int64_t d, float* out) {
   switch (dtype) {
-    case kFloat16: row_to_float<Half>(base, rs, cs, r, d, out); break;
-    case kBFloat16: row_to_float<BFloat16>(base, rs, cs, r, d, out); break;
-    default: row_to_float<float>(base, rs, cs, r, d, out); break;
+    case kFloat16: row_to_float<Half>(base, off, cs, d, out); break;
+    case kBFloat16: row_to_float<BFloat16>(base, off, cs, d, out); break;
+    default: row_to_float<float>(base, off, cs, d, out); break;
   }
 }
 
@@ -61,7 +64,7 @@ void pack_block(const VqParams& p, int64_t k0, int64_t kc, float* panels, float*
       bias[j] = kInf;
       continue;
     }
-    row_any(p.c_dtype, p.codebook, p.c_rs, p.c_cs, k0 + j, d, row);
+    row_any(p.c_dtype, p.codebook, (k0 + j) * p.c_rs, p.c_cs, d, row);
     float sq = 0.0f;
     for (int64_t i = 0; i < d; ++i) sq += row[i] * row[i];
     // l2: -2c is exact in fp32 (barring overflow), so the ranking is that of |c|^2 - 2 z.c.
@@ -143,12 +146,24 @@ void tile_avx512(const float* const* zr, int64_t d, const float* panels, const f
       }
     }
   }
+  // Lanes in lane order, strict <: among equal minima the lowest code index wins (every lane
+  // holds codes of increasing index, and lane l < lane l' at equal panel position).
   for (int r = 0; r < MR; ++r) {
-    const float m = _mm512_reduce_min_ps(minv[r]);
-    if (m < best[r]) {
-      const __mmask16 eq = _mm512_cmp_ps_mask(minv[r], _mm512_set1_ps(m), _CMP_EQ_OQ);
+    alignas(64) float mv[16];
+    alignas(64) int32_t av[16];
+    _mm512_store_ps(mv, minv[r]);
+    _mm512_store_si512(av, argv[r]);
+    float m = best[r];
+    int64_t a = -1;
+    for (int l = 0; l < 16; ++l) {
+      if (mv[l] < m || (a >= 0 && mv[l] == m && av[l] < a)) {
+        m = mv[l];
+        a = av[l];
+      }
+    }
+    if (a >= 0) {
       best[r] = m;
-      best_idx[r] = k0 + _mm512_mask_reduce_min_epi32(eq, argv[r]);
+      best_idx[r] = k0 + a;
     }
   }
 }
@@ -208,9 +223,9 @@ void run_task(const VqParams& p, int64_t n0, int64_t n1, int64_t ka, int64_t kb,
       const float* zr[kMR];
       for (int r = 0; r < rows; ++r) {
         if (direct) {
-          zr[r] = static_cast<const float*>(p.z) + (r0 + r) * p.z_rs;
+          zr[r] = static_cast<const float*>(p.z) + z_row(p, r0 + r);
         } else {
-          row_any(p.z_dtype, p.z, p.z_rs, p.z_cs, r0 + r, d, zbuf.data() + r * d);
+          row_any(p.z_dtype, p.z, z_row(p, r0 + r), p.z_cs, d, zbuf.data() + r * d);
           zr[r] = zbuf.data() + r * d;
         }
       }
@@ -226,8 +241,8 @@ void run_task(const VqParams& p, int64_t n0, int64_t n1, int64_t ka, int64_t kb,
 
 // The chosen code's distance, directly (no cancellation): see vq.h.
 float chosen_distance(const VqParams& p, int64_t r, int64_t k, float* zrow, float* crow) {
-  row_any(p.z_dtype, p.z, p.z_rs, p.z_cs, r, p.d, zrow);
-  row_any(p.c_dtype, p.codebook, p.c_rs, p.c_cs, k, p.d, crow);
+  row_any(p.z_dtype, p.z, z_row(p, r), p.z_cs, p.d, zrow);
+  row_any(p.c_dtype, p.codebook, k * p.c_rs, p.c_cs, p.d, crow);
   if (p.metric == kVqL2) {
     float s = 0.0f;
     for (int64_t i = 0; i < p.d; ++i) s += (zrow[i] - crow[i]) * (zrow[i] - crow[i]);
@@ -293,7 +308,10 @@ void vq_counts_cpu(const VqCountsParams& p) {
   if (p.n == 0) return;
   const int threads = p.n < (1 << 16) ? 1 : omp_get_max_threads();
   if (threads == 1) {
-    for (int64_t i = 0; i < p.n; ++i) ++p.counts[p.indices[i * p.idx_stride]];
+    for (int64_t i = 0; i < p.n; ++i) {
+      const uint64_t v = static_cast<uint64_t>(p.indices[i * p.idx_stride]);
+      if (v < static_cast<uint64_t>(p.k)) ++p.counts[v];  // out of range (negative too): not counted
+    }
     return;
   }
   // One private histogram per thread, summed: no atomics in the hot loop.
@@ -302,7 +320,10 @@ void vq_counts_cpu(const VqCountsParams& p) {
   {
     int64_t* h = local.data() + omp_get_thread_num() * p.k;
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < p.n; ++i) ++h[p.indices[i * p.idx_stride]];
+    for (int64_t i = 0; i < p.n; ++i) {
+      const uint64_t v = static_cast<uint64_t>(p.indices[i * p.idx_stride]);
+      if (v < static_cast<uint64_t>(p.k)) ++h[v];
+    }
   }
   for (int t = 0; t < threads; ++t)
     for (int64_t c = 0; c < p.k; ++c) p.counts[c] += local[t * p.k + c];
