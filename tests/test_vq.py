@@ -22,6 +22,21 @@ def test_indices_match_float64(device, backend, dtype, use_backend):
         assert_vq_indices(case.name, idx, case.z, case.codebook, case.metric)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter-only check (the GPU runs tl.dot anyway)")
+def test_triton_dot_formulation_under_interpreter():
+    """The GPU's tl.dot path, run by the interpreter (where the default is multiply + sum)."""
+    from genfast.kernels import vq as kvq
+    from genfast.ops.vq import METRICS, z_layout
+
+    for dtype in (torch.float32, torch.float16):
+        for case in vq_samples("cpu", dtype)[:7]:
+            z = case.z if z_layout(case.z) is not None else case.z.contiguous()
+            idx = torch.empty(z.shape[:-1], dtype=torch.int64)
+            dist = torch.empty(z.shape[:-1], dtype=torch.float32)
+            kvq.vq_nearest(z, case.codebook, idx.view(-1), dist.view(-1), METRICS[case.metric], z_layout(z), use_dot=True)
+            assert_vq_indices(case.name, idx, case.z, case.codebook, case.metric)
+
+
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS, ids=IDS)
 def test_mixed_dtypes(device, backend, use_backend):
     """bf16 / fp16 z with an fp32 codebook (and the reverse) compare in fp32."""
