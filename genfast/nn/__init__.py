@@ -1,1 +1,4 @@
 """genfast.nn"""
+from genfast.nn.vq import VectorQuantizer
+
+__all__ = ["VectorQuantizer"]
