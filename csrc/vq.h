@@ -23,6 +23,10 @@
 namespace genfast {
 
 enum VqMetric : int32_t { kVqL2 = 0, kVqCosine = 1 };
+// kVqBf16Screen (CPUs with AVX-512 BF16; elsewhere, and on the GPU kernels, the fp32 mode runs):
+// bf16 products screen the codes with a rigorous error bound, the survivors are re-scored exactly
+// as the fp32 mode scores them, so the indices are the fp32 mode's (csrc/cpu/vq_screen.cpp).
+enum VqPrecision : int32_t { kVqFp32 = 0, kVqBf16Screen = 1 };
 
 // Norms below this count as this (F.normalize's eps), so a zero code scores 0, not NaN.
 constexpr float kVqNormEps = 1e-12f;
@@ -40,6 +44,7 @@ struct VqParams {
   int64_t c_rs, c_cs;
   int32_t c_dtype;  // DType (may differ from z's: bf16 z with an fp32 codebook)
   int32_t metric;   // VqMetric
+  int32_t precision;  // VqPrecision
   int64_t* indices;  // [n] contiguous, written
   float* distance;   // [n] contiguous fp32, or nullptr
 };

@@ -25,33 +25,16 @@
 #endif
 
 #include "cpu/dtype.h"
+#include "cpu/vq_rows.h"
 #include "vq.h"
 
 namespace genfast {
 namespace {
+using namespace vq_cpu;
 
 constexpr int kNR = 64;                     // codes per packed panel
 constexpr int kMR = 6;                      // z rows per register tile
 constexpr int64_t kBlockFloats = 48 << 10;  // packed codes per block: 192 KiB of fp32
-constexpr float kInf = std::numeric_limits<float>::infinity();
-
-// Where row r of z starts (vq.h).
-inline int64_t z_row(const VqParams& p, int64_t r) { return (r / p.z_inner) * p.z_os + (r % p.z_inner) * p.z_rs; }
-
-// The d elements at base + off + i * cs as fp32 into out[0, d).
-template <typename T>
-void row_to_float(const void* base, int64_t off, int64_t cs, int64_t d, float* out) {
-  const T* p = static_cast<const T*>(base) + off;
-  for (int64_t i = 0; i < d; ++i) out[i] = to_float(p[i * cs]);
-}
-
-void row_any(int32_t dtype, const void* base, int64_t off, int64_t cs, int64_t d, float* out) {
-  switch (dtype) {
-    case kFloat16: row_to_float<Half>(base, off, cs, d, out); break;
-    case kBFloat16: row_to_float<BFloat16>(base, off, cs, d, out); break;
-    default: row_to_float<float>(base, off, cs, d, out); break;
-  }
-}
 
 // Codes [k0, k0 + kc) into panels[(panel * d + i) * kNR + lane] and bias[panel * kNR + lane];
 // the padding of the last panel scores +inf (zero codes, infinite bias): never chosen.
@@ -65,12 +48,9 @@ void pack_block(const VqParams& p, int64_t k0, int64_t kc, float* panels, float*
       continue;
     }
     row_any(p.c_dtype, p.codebook, (k0 + j) * p.c_rs, p.c_cs, d, row);
-    float sq = 0.0f;
-    for (int64_t i = 0; i < d; ++i) sq += row[i] * row[i];
-    // l2: -2c is exact in fp32 (barring overflow), so the ranking is that of |c|^2 - 2 z.c.
-    const float scale = p.metric == kVqCosine ? -1.0f / std::max(std::sqrt(sq), kVqNormEps) : -2.0f;
+    float scale;
+    code_scale_bias(p, row, &scale, &bias[j]);
     for (int64_t i = 0; i < d; ++i) dst[i * kNR] = scale * row[i];
-    bias[j] = p.metric == kVqCosine ? 0.0f : sq;
   }
 }
 
@@ -273,6 +253,9 @@ void vq_nearest_cpu(const VqParams& p) {
   const int64_t tasks = row_parts * code_parts;
   const int64_t rows_per = ((p.n + row_parts - 1) / row_parts + kMR - 1) / kMR * kMR;
   const int64_t codes_per = ((p.k + code_parts - 1) / code_parts + kNR - 1) / kNR * kNR;
+  // The bf16 screen pays off once the products dominate (it needs AVX-512 BF16 and, to beat
+  // the fp32 kernel's epilogue, D of at least a few dozen).
+  const bool screen = p.precision == kVqBf16Screen && vq_screen_supported();
   std::vector<float> best(static_cast<size_t>(p.n * code_parts), kInf);
   std::vector<int64_t> arg(static_cast<size_t>(p.n * code_parts), 0);
 #pragma omp parallel for schedule(static, 1) num_threads(team)
@@ -280,7 +263,11 @@ void vq_nearest_cpu(const VqParams& p) {
     const int64_t rp = t / code_parts, cp = t % code_parts;
     const int64_t n0 = rp * rows_per, n1 = std::min(p.n, n0 + rows_per);
     const int64_t ka = cp * codes_per, kb = std::min(p.k, ka + codes_per);
-    if (n0 < n1 && ka < kb) run_task(p, n0, n1, ka, kb, best.data() + cp * p.n + n0, arg.data() + cp * p.n + n0);
+    if (n0 >= n1 || ka >= kb) continue;
+    if (screen)
+      vq_screen_task(p, n0, n1, ka, kb, best.data() + cp * p.n + n0, arg.data() + cp * p.n + n0);
+    else
+      run_task(p, n0, n1, ka, kb, best.data() + cp * p.n + n0, arg.data() + cp * p.n + n0);
   }
   for (int64_t r = 0; r < p.n; ++r) {
     float b = best[r];
