@@ -240,3 +240,38 @@ def test_compile_matches_eager():
     compiled = torch.compile(model, fullgraph=True)(x)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_bf16_screen_equals_fp32_bit_for_bit(dtype, use_backend):
+    """precision="bf16-screen" (the CPU kernel's vdpbf16ps screen + exact fp32 re-check) returns
+    exactly the fp32 mode's indices: every sample case, NaN rows and codes, exact ties, large D,
+    and few rows (the code range split over threads)."""
+    use_backend("cpu")
+    cases = vq_samples("cpu", dtype, heavy=True)
+    g = torch.Generator().manual_seed(7)
+    c = torch.randn(3000, 40, generator=g).to(dtype)
+    c[100], c[2999] = c[7], c[7]
+    z = torch.cat([c[[7, 100]], torch.randn(50, 40, generator=g).to(dtype)])
+    z[5, 3] = float("nan")
+    c[11, 0] = float("nan")
+    extra = [("ties_nan", z, c, m) for m in ("l2", "cosine")]
+    extra.append(("d256", torch.randn(200, 256, generator=g).to(dtype), torch.randn(5000, 256, generator=g).to(dtype), "l2"))
+    extra.append(("few_rows", torch.randn(3, 96, generator=g).to(dtype), torch.randn(9000, 96, generator=g).to(dtype), "cosine"))
+    extra.append(("huge_values", torch.randn(20, 8, generator=g).to(dtype) * 1e18, torch.randn(70, 8, generator=g).to(dtype), "l2"))
+    for name, zz, cc, metric in [(k.name, k.z, k.codebook, k.metric) for k in cases] + extra:
+        want = genfast.vq_nearest(zz, cc, metric=metric)
+        got, dist = genfast.vq_nearest(zz, cc, metric=metric, precision="bf16-screen", return_distance=True)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+        _, want_dist = genfast.vq_nearest(zz, cc, metric=metric, return_distance=True)
+        torch.testing.assert_close(dist, want_dist, rtol=0, atol=0, equal_nan=True, msg=name)
+    with pytest.raises(ValueError, match="precision"):
+        genfast.vq_nearest(z, c, precision="tf32")
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS, ids=IDS)
+def test_bf16_screen_elsewhere_is_the_fp32_path(device, backend, use_backend):
+    use_backend(backend)
+    case = vq_samples(device, torch.float32)[0]
+    torch.testing.assert_close(genfast.vq_nearest(case.z, case.codebook, precision="bf16-screen"),
+                               genfast.vq_nearest(case.z, case.codebook), rtol=0, atol=0)

@@ -32,14 +32,15 @@ inline void row_any(int32_t dtype, const void* base, int64_t off, int64_t cs, in
   }
 }
 
-// A code's packing scale and bias (score = bias + z . (scale c)); also what the bf16 screen's
+// A code's packing scale and bias (score = bias + z . (scale c)), returning |c|^2; also what the bf16 screen's
 // exact re-check uses, so both modes score a code bit-identically.
-inline void code_scale_bias(const VqParams& p, const float* row, float* scale, float* bias) {
+inline float code_scale_bias(const VqParams& p, const float* row, float* scale, float* bias) {
   float sq = 0.0f;
   for (int64_t i = 0; i < p.d; ++i) sq += row[i] * row[i];
   // l2: -2c is exact in fp32 (barring overflow), so the ranking is that of |c|^2 - 2 z.c.
   *scale = p.metric == kVqCosine ? -1.0f / std::max(std::sqrt(sq), kVqNormEps) : -2.0f;
   *bias = p.metric == kVqCosine ? 0.0f : sq;
+  return sq;  // |c|^2 in fp32
 }
 
 }  // namespace vq_cpu

@@ -110,9 +110,9 @@ constexpr PanelFn kPanels[kMR + 1] = {nullptr, kPanel<1>, kPanel<2>, kPanel<3>, 
 
 // Code ka + j: fp32 values into c, scale and bias exactly as pack_block (outside any target region,
 // so the compiler contracts nothing differently).
-void load_code(const VqParams& p, int64_t k, float* c, float* scale, float* bias) {
+float load_code(const VqParams& p, int64_t k, float* c, float* scale, float* bias) {
   row_any(p.c_dtype, p.codebook, k * p.c_rs, p.c_cs, p.d, c);
-  code_scale_bias(p, c, scale, bias);
+  return code_scale_bias(p, c, scale, bias);
 }
 
 void prune(std::vector<Candidate>& cs, float u) {
@@ -145,16 +145,20 @@ void vq_screen_task(const VqParams& p, int64_t n0, int64_t n1, int64_t ka, int64
   const int64_t cap = std::min(kc, (kb - ka + kNR - 1) / kNR * kNR);
   std::vector<uint16_t> panels(static_cast<size_t>(cap * dp * 2));
   std::vector<float> bias(cap), emul(cap), eadd(cap), crow(d), zrow(d);
-  std::vector<uint32_t> zbuf(static_cast<size_t>(kMR * dp));
+  // z as bf16 pairs, converted once per task (N D 2 bytes in all: the screen's only O(N D) buffer)
+  std::vector<uint32_t> zbuf(static_cast<size_t>(rows * dp));
   std::vector<float> U(rows, kInf), zn(rows);
   std::vector<std::vector<Candidate>> cand(rows);
   const float beta = std::ldexp(1.0f, -7) + std::ldexp(1.0f, -15) + (d + 2) * std::ldexp(1.0f, -23) + std::ldexp(1.0f, -22);
   const float floor_abs = d * std::ldexp(1.0f, -120);
-  for (int64_t r = 0; r < rows; ++r) {  // |z| rounded up
+  for (int64_t r = 0; r < rows; ++r) {  // bf16 pairs and |z| rounded up
     row_any(p.z_dtype, p.z, z_row(p, n0 + r), p.z_cs, d, zrow.data());
     double s = 0;
     for (int64_t i = 0; i < d; ++i) s += double(zrow[i]) * zrow[i];
     zn[r] = static_cast<float>(std::sqrt(s) * (1 + 1e-6));
+    uint32_t* dst = zbuf.data() + r * dp;
+    for (int64_t i = 0; i < dp; ++i)
+      dst[i] = to_bf16(zrow[2 * i]) | (uint32_t(2 * i + 1 < d ? to_bf16(zrow[2 * i + 1]) : 0) << 16);
   }
   for (int64_t k0 = ka; k0 < kb; k0 += kc) {
     const int64_t n_codes = std::min(kc, kb - k0), npan = (n_codes + kNR - 1) / kNR;
@@ -162,10 +166,9 @@ void vq_screen_task(const VqParams& p, int64_t n0, int64_t n1, int64_t ka, int64
       uint16_t* dst = panels.data() + (j / kNR) * dp * kNR * 2 + (j % kNR) * 2;
       float scale = 0.0f;
       if (j < n_codes) {
-        load_code(p, k0 + j, crow.data(), &scale, &bias[j]);
-        double cn = 0;
-        for (int64_t i = 0; i < d; ++i) cn += double(scale * crow[i]) * (scale * crow[i]);
-        const float cnorm = static_cast<float>(std::sqrt(cn) * (1 + 1e-6));
+        const float sq = load_code(p, k0 + j, crow.data(), &scale, &bias[j]);
+        // |scale c|, rounded up past the fp32 sum's rounding (relative d 2^-24 at most)
+        const float cnorm = std::fabs(scale) * std::sqrt(sq) * (1.0f + (d + 8) * std::ldexp(1.0f, -23));
         emul[j] = beta * cnorm;
         eadd[j] = std::ldexp(1.0f, -22) * std::fabs(bias[j]) + floor_abs * (1 + cnorm);
       } else {
@@ -182,13 +185,7 @@ void vq_screen_task(const VqParams& p, int64_t n0, int64_t n1, int64_t ka, int64
     for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
       const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - r0));
       const uint32_t* zp[kMR];
-      for (int r = 0; r < mr; ++r) {
-        row_any(p.z_dtype, p.z, z_row(p, n0 + r0 + r), p.z_cs, d, zrow.data());
-        uint32_t* dst = zbuf.data() + r * dp;
-        for (int64_t i = 0; i < dp; ++i)
-          dst[i] = to_bf16(zrow[2 * i]) | (uint32_t(2 * i + 1 < d ? to_bf16(zrow[2 * i + 1]) : 0) << 16);
-        zp[r] = dst;
-      }
+      for (int r = 0; r < mr; ++r) zp[r] = zbuf.data() + (r0 + r) * dp;
       for (int64_t pn = 0; pn < npan; ++pn) {
         kPanels[mr](zp, zn.data() + r0, dp, panels.data() + pn * dp * kNR * 2, bias.data() + pn * kNR,
                     emul.data() + pn * kNR, eadd.data() + pn * kNR, static_cast<int32_t>(k0 - ka + pn * kNR),

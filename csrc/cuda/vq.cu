@@ -53,9 +53,8 @@ __global__ void __launch_bounds__(kThreads) vq_nearest_kernel(const VqParams p) 
   // Each thread stages 4 (row or code, d) pairs of a 64 x 16 tile: element e = tid + 256 s.
   for (int64_t k0 = 0; k0 < p.k; k0 += kCodes) {
     float acc[kTile][kTile] = {};
-    if (threadIdx.x < kCodes) csq[threadIdx.x] = 0.0f;
     for (int64_t d0 = 0; d0 < p.d; d0 += kD) {
-      __syncthreads();  // the previous slice (and csq's reset) is done with
+      __syncthreads();  // everyone is done with the previous slice (and the previous tile's csq)
 #pragma unroll
       for (int s = 0; s < (kRows * kD) / kThreads; ++s) {
         const int e = threadIdx.x + kThreads * s, r = e / kD, j = e % kD;
@@ -66,7 +65,7 @@ __global__ void __launch_bounds__(kThreads) vq_nearest_kernel(const VqParams p) 
       }
       __syncthreads();
       if (threadIdx.x < kCodes) {
-        float s = csq[threadIdx.x];
+        float s = d0 == 0 ? 0.0f : csq[threadIdx.x];  // a new tile starts from 0
 #pragma unroll
         for (int j = 0; j < kD; ++j) s = fmaf(cs[j][threadIdx.x], cs[j][threadIdx.x], s);
         csq[threadIdx.x] = s;
