@@ -216,6 +216,7 @@ def test_opcheck(backend, use_backend):
         for rd in (False, True):
             torch.library.opcheck(torch.ops.genfast.vq_nearest.default,
                                   (case.z, case.codebook, genfast.ops.vq.METRICS[case.metric], rd))
+    torch.library.opcheck(torch.ops.genfast.vq_nearest.default, (case.z, case.codebook, 0, True, 1))  # bf16-screen
     torch.library.opcheck(torch.ops.genfast.vq_counts.default, (torch.randint(0, 9, (50,)), 9))
 
 
