@@ -110,8 +110,11 @@ def extra_peak(n, k, d, impl, device, precision="fp32"):
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
+    # A fixed mmap threshold: glibc's dynamic one would keep blocks freed by the warm-up call
+    # resident and reuse them, so the measured call would show no growth for them.
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536"}
     r = subprocess.run([sys.executable, __file__, "--peak", str(n), str(k), str(d), impl, precision],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                       capture_output=True, text=True, timeout=600, env=env)
     out = r.stdout.strip().splitlines()
     if r.returncode != 0 or not out:
         return f"peak measurement failed: {(r.stderr.strip().splitlines() or ['?'])[-1][:150]}"

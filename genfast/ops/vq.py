@@ -37,7 +37,8 @@ def vq_nearest(z, codebook, *, metric="l2", return_distance=False, precision="fp
             CPU kernel screens codes with bf16 products (AVX-512 BF16, ~2x the fp32 rate at large
             D) under a rigorous error bound and re-scores the survivors exactly as "fp32" does, so
             the indices are identical to "fp32" (tested bit for bit); only the time differs, and
-            it helps at D >= ~64 (at small D the fp32 kernel is faster). Every other backend, and
+            it helps at D >= ~64 (at small D the fp32 kernel is faster); it holds z as bf16
+            (N D 2 bytes) besides O(N). Every other backend, and
             CPUs without AVX-512 BF16, run the fp32 path for it: the same answer.
     Returns:
         int64 indices of shape z.shape[:-1] (and the distances, same shape).
