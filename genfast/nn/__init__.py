@@ -1,4 +1,5 @@
 """genfast.nn"""
+from genfast.nn.gaussian import DiagonalGaussian, GaussianPosterior
 from genfast.nn.vq import VectorQuantizer
 
-__all__ = ["VectorQuantizer"]
+__all__ = ["DiagonalGaussian", "GaussianPosterior", "VectorQuantizer"]

@@ -10,3 +10,10 @@ REASONS_BY_OP["vq_nearest"] = vq._reasons
 
 __all__ = ["flow_euler_step", "REASONS_BY_OP"]
 __all__ += ["vq_nearest", "vector_quantize", "code_counts"]
+
+# reparam_kl (issue 6)
+from genfast.ops import kl  # noqa: E402
+from genfast.ops.kl import reparam_kl  # noqa: E402
+
+REASONS_BY_OP["reparam_kl"] = kl._reasons
+__all__ += ["reparam_kl"]
