@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "flow_step.h"
+#include "vq.h"
 
 namespace genfast {
 
@@ -45,5 +46,38 @@ inline FlowStepParams make_flow_step_params(
 // module launches CUDA work): out, x, vc, vu, rows, cols, out_rs, out_cs, x_rs, x_cs, vc_rs,
 // vc_cs, vu_rs, vu_cs, dt, dt_stride, dt_value, w, w_stride, w_value, dtype. Pointers are ints
 // (0 for none).
+
+inline VqParams make_vq_params(uintptr_t z, int64_t n, int64_t d, int64_t z_inner, int64_t z_os, int64_t z_rs,
+                               int64_t z_cs, int32_t z_dtype,
+                               uintptr_t codebook, int64_t k, int64_t c_rs, int64_t c_cs, int32_t c_dtype,
+                               int32_t metric, int32_t precision, uintptr_t indices, uintptr_t distance) {
+  VqParams p;
+  p.z = reinterpret_cast<const void*>(z);
+  p.n = n;
+  p.d = d;
+  p.z_inner = z_inner;
+  p.z_os = z_os;
+  p.z_rs = z_rs;
+  p.z_cs = z_cs;
+  p.z_dtype = z_dtype;
+  p.codebook = reinterpret_cast<const void*>(codebook);
+  p.k = k;
+  p.c_rs = c_rs;
+  p.c_cs = c_cs;
+  p.c_dtype = c_dtype;
+  p.metric = metric;
+  p.precision = precision;
+  p.indices = reinterpret_cast<int64_t*>(indices);
+  p.distance = reinterpret_cast<float*>(distance);
+  for (int32_t t : {z_dtype, c_dtype})
+    if (t < kFloat32 || t > kBFloat16) throw pybind11::value_error("genfast: unknown dtype code");
+  if (metric != kVqL2 && metric != kVqCosine) throw pybind11::value_error("genfast: unknown vq metric code");
+  if (precision != kVqFp32 && precision != kVqBf16Screen) throw pybind11::value_error("genfast: unknown vq precision");
+  if (d < 1 || k < 1 || k > INT32_MAX || z_inner < 1) throw pybind11::value_error("genfast: vq needs d >= 1 and 1 <= k < 2^31");
+  return p;
+}
+
+// vq_nearest(z, n, d, z_inner, z_os, z_rs, z_cs, z_dtype, codebook, k, c_rs, c_cs, c_dtype, metric, precision,
+// indices, distance[, stream]) and vq_counts(indices, n, idx_stride, k, counts[, stream]): pointers are ints.
 
 }  // namespace genfast

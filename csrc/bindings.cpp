@@ -12,6 +12,7 @@
 #include "flow_step.h"
 #include "modulate.h"
 #include "modulate_bind.h"
+#include "vq.h"
 #include "kl_bind.h"
 
 #if defined(GENFAST_MODULE_CUDA) || defined(GENFAST_MODULE_CUDA_EMU)
@@ -127,7 +128,40 @@ void kl_backward(uintptr_t dmu, uintptr_t dlogvar, uintptr_t dz, uintptr_t gkl, 
 #endif
 }
 
+void vq_nearest(uintptr_t z, int64_t n, int64_t d, int64_t z_inner, int64_t z_os, int64_t z_rs, int64_t z_cs,
+                int32_t z_dtype, uintptr_t codebook, int64_t k, int64_t c_rs, int64_t c_cs, int32_t c_dtype,
+                int32_t metric, int32_t precision, uintptr_t indices, uintptr_t distance, uintptr_t stream) {
+  const VqParams p = make_vq_params(z, n, d, z_inner, z_os, z_rs, z_cs, z_dtype, codebook, k, c_rs, c_cs, c_dtype,
+                                    metric, precision, indices, distance);
+  py::gil_scoped_release nogil;
+#ifdef GENFAST_CUDA_SIDE
+  check_launch(vq_nearest_cuda(p, reinterpret_cast<void*>(stream)), "vq_nearest");
+#else
+  (void)stream;
+  vq_nearest_cpu(p);
+#endif
+}
+
+void vq_counts(uintptr_t indices, int64_t n, int64_t idx_stride, int64_t k, uintptr_t counts, uintptr_t stream) {
+  const VqCountsParams p{reinterpret_cast<const int64_t*>(indices), n, idx_stride, k, reinterpret_cast<int64_t*>(counts)};
+  py::gil_scoped_release nogil;
+#ifdef GENFAST_CUDA_SIDE
+  check_launch(vq_counts_cuda(p, reinterpret_cast<void*>(stream)), "vq_counts");
+#else
+  (void)stream;
+  vq_counts_cpu(p);
+#endif
+}
+
 void bind_all(py::module_& m) {
+  m.def("vq_nearest", &vq_nearest, "Nearest codebook row per row of z, O(n) memory (see csrc/vq.h).",
+        py::arg("z"), py::arg("n"), py::arg("d"), py::arg("z_inner"), py::arg("z_os"), py::arg("z_rs"),
+        py::arg("z_cs"), py::arg("z_dtype"), py::arg("codebook"), py::arg("k"), py::arg("c_rs"), py::arg("c_cs"),
+        py::arg("c_dtype"), py::arg("metric"), py::arg("precision"), py::arg("indices"), py::arg("distance"),
+        py::arg("stream") = 0);
+  m.def("vq_counts", &vq_counts, "Per-code counts of int64 indices in [0, k) (see csrc/vq.h).",
+        py::arg("indices"), py::arg("n"), py::arg("idx_stride"), py::arg("k"), py::arg("counts"),
+        py::arg("stream") = 0);
   m.def("flow_step", &flow_step,
         "Fused rectified-flow Euler / CFG step over [rows, cols] strided views (see csrc/flow_step.h).",
         py::arg("out"), py::arg("x"), py::arg("vc"), py::arg("vu"), py::arg("rows"), py::arg("cols"),

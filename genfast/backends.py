@@ -21,6 +21,8 @@ PREFERENCE = {
     "flow_euler_step": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")},
     "adaln_modulate": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")},
     "gated_residual": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")},
+    # Triton first for VQ: its tl.dot tiles beat the SIMT CUDA kernel (tensor cores) until measured.
+    "vq_nearest": {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")},
     "reparam_kl": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")},
 }
 

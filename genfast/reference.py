@@ -92,6 +92,85 @@ def gated_residual(x, gate, y):
     return (x.to(ct) + _per_sample_or_token(gate, x, ct) * y.to(ct)).to(x.dtype)
 
 
+# ------------------------------------------------------------------------------------------ VQ
+VQ_NORM_EPS = 1e-12  # F.normalize's eps: a zero vector scores 0 in cosine mode, not NaN
+
+
+def _vq_compute_dtype(z, codebook):
+    return torch.float64 if torch.float64 in (z.dtype, codebook.dtype) else torch.float32
+
+
+def vq_scores(z2, codebook, metric="l2"):
+    """[n, k] scores whose row-wise argmin is the nearest code (what the kernels rank, vq.h):
+    l2 -> |c|^2 - 2 z.c (|z|^2 dropped: it ranks nothing); cosine -> -(z.c) / max(|c|, eps)."""
+    if metric == "cosine":
+        return -(z2 @ (codebook / codebook.norm(dim=1, keepdim=True).clamp_min(VQ_NORM_EPS)).T)
+    return (codebook * codebook).sum(1) - 2 * (z2 @ codebook.T)
+
+
+def vq_distance(z2, c2, metric="l2"):
+    """Row-wise distance of z2 [n, d] to c2 [n, d], computed directly: l2 -> |z - c|^2, cosine ->
+    |z/|z| - c/|c||^2 (= 2 - 2 cos)."""
+    if metric == "cosine":
+        z2 = z2 / z2.norm(dim=1, keepdim=True).clamp_min(VQ_NORM_EPS)
+        c2 = c2 / c2.norm(dim=1, keepdim=True).clamp_min(VQ_NORM_EPS)
+    return ((z2 - c2) ** 2).sum(1)
+
+
+def vq_nearest(z, codebook, *, metric="l2", return_distance=False, chunk=4096):
+    """Index of the nearest codebook row for every z[..., :] (int64, shape z.shape[:-1]).
+
+    Math in fp32 (fp64 when either input is fp64). Ties go to the lowest index; a NaN score never
+    wins (a row of all-NaN scores, i.e. NaN in z, gets index 0). Rows are taken `chunk` at a time
+    so the reference holds chunk x k scores, not n x k."""
+    ct = _vq_compute_dtype(z, codebook)
+    d = codebook.shape[1]
+    z2 = z.reshape(-1, d).to(ct)
+    c = codebook.to(ct)
+    out = torch.empty(z2.shape[0], dtype=torch.int64, device=z.device)
+    for i in range(0, z2.shape[0], chunk):
+        s = vq_scores(z2[i:i + chunk], c, metric)
+        out[i:i + chunk] = s.nan_to_num(nan=float("inf")).argmin(1)  # argmin alone lets NaN win
+    idx = out.reshape(z.shape[:-1])
+    if not return_distance:
+        return idx
+    return idx, vq_distance(z2, c[out], metric).reshape(z.shape[:-1])
+
+
+def code_counts(indices, codebook_size):
+    """How many times each code appears in indices: int64 [codebook_size]."""
+    return torch.bincount(indices.reshape(-1), minlength=codebook_size)
+
+
+def vector_quantize(z, codebook, *, beta=0.25, metric="l2"):
+    """(z_q, indices, loss) of the VQ-VAE (van den Oord et al. 2017, arXiv:1711.00937):
+
+        z_q  = z + sg(c - z)                 straight-through: dz_q/dz = 1, value c
+        loss = |sg(z) - c|^2 + beta |z - sg(c)|^2   (means over every element; fp32)
+
+    with c = codebook[indices] (in z's dtype). Cosine: z and the codebook are L2-normalised
+    first (F.normalize), so z_q is the unit code and the losses compare unit vectors."""
+    if metric == "cosine":
+        z = torch.nn.functional.normalize(z, dim=-1, eps=VQ_NORM_EPS)
+        codebook = torch.nn.functional.normalize(codebook, dim=-1, eps=VQ_NORM_EPS)
+    idx = vq_nearest(z.detach(), codebook.detach(), metric="l2")
+    c = codebook[idx]
+    zf, cf = z.float() if z.dtype != torch.float64 else z, c.float() if c.dtype != torch.float64 else c
+    loss = ((zf.detach() - cf) ** 2).mean() + beta * ((zf - cf.detach()) ** 2).mean()
+    z_q = z + (c.to(z.dtype) - z).detach()
+    return z_q, idx, loss
+
+
+def ema_codebook_step(cluster_size, embed_sum, z2, indices, *, decay, eps):
+    """One EMA step of the VQ-VAE codebook (arXiv:1711.00937 App. A.1, with Laplace smoothing of
+    the cluster sizes as in Sonnet / VQ-VAE-2): returns (cluster_size, embed_sum, codebook)."""
+    k = cluster_size.shape[0]
+    onehot = torch.nn.functional.one_hot(indices.reshape(-1), k).to(cluster_size.dtype)
+    cluster_size = decay * cluster_size + (1 - decay) * onehot.sum(0)
+    embed_sum = decay * embed_sum + (1 - decay) * (onehot.T @ z2.to(embed_sum.dtype))
+    n = cluster_size.sum()
+    smoothed = (cluster_size + eps) / (n + k * eps) * n
+    return cluster_size, embed_sum, embed_sum / smoothed[:, None]
 # ------------------------------------------------------------------------------- reparam_kl
 # Philox4x32-10 in plain integer torch ops (the oracle of the kernels' noise; csrc/philox.h defines
 # the stream): words are held in int64 tensors, products of two 32-bit words split in 16-bit halves

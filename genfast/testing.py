@@ -162,6 +162,95 @@ def modulate_samples(device="cpu", dtype=torch.float32, *, seed=0):
     return cases
 
 
+# ------------------------------------------------------------------------------------------ VQ
+@dataclass
+class VqCase:
+    """One call of vq_nearest / vector_quantize: z [..., D], codebook [K, D], a metric."""
+    name: str
+    z: torch.Tensor
+    codebook: torch.Tensor
+    metric: str = "l2"
+
+
+def vq_samples(device="cpu", dtype=torch.float32, *, heavy=False, seed=0, codebook_dtype=None):
+    """Cases covering what vq_nearest promises: odd D (3 to 512), K from 1 up, N not a multiple of
+    any tile, channels-first latents permuted to channels-last (read in place), leading dims that
+    do not fold (copied), a strided codebook, empty N, both metrics. heavy adds K = 65536."""
+    g = torch.Generator().manual_seed(seed)
+    cdt = codebook_dtype or dtype
+
+    def rnd(*shape, dt=dtype):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dt)
+
+    cases = [
+        VqCase("basic", rnd(37, 16), rnd(50, 16, dt=cdt)),
+        VqCase("d3_k1", rnd(5, 3), rnd(1, 3, dt=cdt)),
+        VqCase("one_row", rnd(1, 9), rnd(131, 9, dt=cdt)),
+        VqCase("d5_batch", rnd(3, 7, 5), rnd(67, 5, dt=cdt)),
+        VqCase("d33", rnd(67, 33), rnd(200, 33, dt=cdt)),
+        VqCase("d512", rnd(13, 512), rnd(70, 512, dt=cdt)),
+        VqCase("cosine", rnd(29, 24), rnd(90, 24, dt=cdt) * torch.rand(90, 1, generator=g).to(device, cdt) * 5, "cosine"),
+        VqCase("empty", rnd(0, 16), rnd(10, 16, dt=cdt)),
+        VqCase("empty_batch", rnd(2, 0, 8), rnd(10, 8, dt=cdt), "cosine"),
+    ]
+    fmap = rnd(2, 12, 5, 3)  # channels-first latents [B, C, H, W] seen as [B, H, W, C]: in place
+    cases.append(VqCase("channels_last_view", fmap.permute(0, 2, 3, 1), rnd(40, 12, dt=cdt)))
+    cases.append(VqCase("channels_last_cosine", fmap.permute(0, 2, 3, 1), rnd(40, 12, dt=cdt), "cosine"))
+    odd = rnd(3, 4, 6, 10)[:, ::2, ::2, :]  # three non-foldable leading dims: the op copies
+    cases.append(VqCase("unfoldable", odd, rnd(33, 10, dt=cdt)))
+    cases.append(VqCase("strided_codebook", rnd(21, 6), rnd(6, 150, dt=cdt).T[::2]))
+    if heavy:
+        cases.append(VqCase("k65536_d3", rnd(70, 3), rnd(65536, 3, dt=cdt)))
+        cases.append(VqCase("k4097_d129", rnd(300, 129), rnd(4097, 129, dt=cdt)))
+    return cases
+
+
+def vq_score_tolerance(z2, codebook, metric):
+    """Per-row bound on how far an fp32 score (csrc/vq.h) can be from the exact one: the dot
+    products' rounding, |sum fl - sum| <= (D + 2) u sum |z_i c_i| (u = 2^-24), applied to the
+    largest code, plus the rounding of |c|^2. Inputs are fp64 copies of the (rounded) inputs."""
+    d = codebook.shape[1]
+    u = 2.0 ** -24
+    zn = z2.norm(dim=1)
+    cn = codebook.norm(dim=1).max()
+    gamma = 2 * (d + 4) * u  # twice the textbook bound: the -2 and 1/|c| scalings round too
+    if metric == "cosine":
+        return gamma * zn
+    return gamma * (2 * zn * cn + cn * cn)
+
+
+def assert_vq_indices(name, idx, z, codebook, metric="l2"):
+    """Indices equal the fp64 argmin wherever the best and second-best scores differ by more than
+    the fp32 rounding bound; elsewhere the chosen code scores within that bound of the minimum.
+    A row of z containing NaN must get index 0."""
+    d = codebook.shape[1]
+    from genfast import reference
+
+    assert idx.dtype == torch.int64, f"{name}: indices dtype {idx.dtype}"
+    assert idx.shape == z.shape[:-1], f"{name}: indices shape {tuple(idx.shape)} != {tuple(z.shape[:-1])}"
+    if idx.numel() == 0:
+        return
+    z2 = z.reshape(-1, d).double().cpu()
+    c = codebook.double().cpu()
+    got = idx.reshape(-1).cpu()
+    nan_rows = z2.isnan().any(1)
+    assert (got[nan_rows] == 0).all(), f"{name}: rows with NaN must get index 0"
+    z2, got = z2[~nan_rows], got[~nan_rows]
+    assert ((got >= 0) & (got < c.shape[0])).all(), f"{name}: index out of range"
+    s = reference.vq_scores(z2, c, metric)
+    tol = vq_score_tolerance(z2, c, metric)
+    best, want = s.min(1)
+    chosen = s.gather(1, got[:, None])[:, 0]
+    bad = chosen > best + tol
+    assert not bad.any(), (f"{name}: {int(bad.sum())} rows chose a code scoring more than the rounding bound above "
+                           f"the minimum (worst excess {(chosen - best - tol).max().item():.3g})")
+    if c.shape[0] > 1:
+        second = s.scatter(1, want[:, None], float("inf")).min(1).values
+        clear = second - best > 2 * tol
+        mism = clear & (got != want)
+        assert not mism.any(), f"{name}: {int(mism.sum())} of {int(clear.sum())} clearly separated rows differ"
+    else:
+        assert (got == 0).all()
 # ------------------------------------------------------------------------------- reparam_kl
 @dataclass
 class ReparamKLCase:

@@ -1,5 +1,6 @@
-"""genfast.nn"""
+"""genfast.nn: drop-in modules built on genfast's ops."""
 from genfast.nn.gaussian import DiagonalGaussian, GaussianPosterior
 from genfast.nn.modulate import AdaLNModulate
+from genfast.nn.vq import VectorQuantizer
 
-__all__ = ["DiagonalGaussian", "GaussianPosterior", "AdaLNModulate"]
+__all__ = ["DiagonalGaussian", "GaussianPosterior", "AdaLNModulate", "VectorQuantizer"]

@@ -1,11 +1,15 @@
 """genfast's ops: one module per hot path (checks, backend choice, autograd, torch.library)."""
 from genfast.ops import flow_step
 from genfast.ops.flow_step import flow_euler_step
+from genfast.ops import vq
+from genfast.ops.vq import code_counts, vector_quantize, vq_nearest
 
 # For genfast.info(): op name -> (device type, dtype) -> {backend: reasons callable}.
 REASONS_BY_OP = {"flow_euler_step": flow_step._reasons}
+REASONS_BY_OP["vq_nearest"] = vq._reasons
 
 __all__ = ["flow_euler_step", "REASONS_BY_OP"]
+__all__ += ["vq_nearest", "vector_quantize", "code_counts"]
 
 # adaLN modulate / gated residual (issue 4)
 from genfast.ops import modulate  # noqa: E402
