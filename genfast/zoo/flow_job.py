@@ -19,8 +19,8 @@ from genfast.zoo._ops import which
 from genfast.zoo.dit import DiT, num_params
 
 NULL = 10  # the null class of classifier-free guidance
-DEFAULTS = dict(train_steps=1200, batch=128, lr=1e-3, sample_steps=50, guidances=(0.0, 1.0, 2.0, 4.0),
-                samples_per_class=30, headline_guidance=2.0, size=16,
+DEFAULTS = dict(train_steps=1000, batch=128, lr=1e-3, sample_steps=50, guidances=(0.0, 1.0, 3.0),
+                samples_per_class=20, headline_guidance=1.0, size=16,
                 dit=dict(hidden_size=128, depth=4, num_heads=4, patch_size=4))
 
 

@@ -1,7 +1,8 @@
 """`python -m genfast demo --model NAME`: which zoo job trains and samples each model."""
 import importlib
 
-JOBS = {"dit": "genfast.zoo.flow_job", "vae": "genfast.zoo.vae", "gan": "genfast.zoo.gan"}
+JOBS = {"dit": "genfast.zoo.flow_job", "vae": "genfast.zoo.vae", "gan": "genfast.zoo.gan",
+        "vqvae": "genfast.zoo.vqvae"}
 
 
 def run(model, out, **options):
