@@ -19,8 +19,8 @@ from genfast.zoo._ops import which
 from genfast.zoo.dit import DiT, num_params
 
 NULL = 10  # the null class of classifier-free guidance
-DEFAULTS = dict(train_steps=1000, batch=128, lr=1e-3, sample_steps=50, guidances=(0.0, 1.0, 3.0),
-                samples_per_class=20, headline_guidance=1.0, size=16,
+DEFAULTS = dict(train_steps=800, batch=128, lr=1.5e-3, sample_steps=50, guidances=(0.0, 1.0, 3.0),
+                samples_per_class=20, headline_guidance=1.0, size=16, checkpoint_every=200,
                 dit=dict(hidden_size=128, depth=4, num_heads=4, patch_size=4))
 
 
@@ -28,18 +28,30 @@ def build(cfg):
     return DiT(input_size=cfg["size"], in_channels=1, num_classes=10, **cfg["dit"])
 
 
-def make_step(model, opt, sched, x, y, g, batch):
+def make_step(model, opt, sched, x, y, g, batch, rank=0, world=1):
+    """One optimisation step on a global batch of `batch` images. Every rank draws the whole batch's
+    indices, times, noise and label dropout from the same generator and keeps its shard, so N ranks
+    under DDP (gradients averaged) take the step one process takes on the same global batch."""
+    if batch % world:
+        raise ValueError(f"batch {batch} is not divisible by the {world} ranks")
+    shard = slice(rank * batch // world, (rank + 1) * batch // world)
+
     def step(i):
         model.train()
         idx = torch.randint(0, len(y), (batch,), generator=g)
-        loss = rf.flow_loss(model, x[idx], y[idx], null_label=NULL, label_dropout=0.1, schedule="logit_normal",
-                            generator=g)
+        t = rf.sample_timesteps(batch, schedule="logit_normal", generator=g)
+        z = torch.randn((batch, *x.shape[1:]), generator=g)
+        drop = torch.rand(batch, generator=g) < 0.1  # label dropout for classifier-free guidance
+        labels = torch.where(drop, NULL, y[idx])
+        dev = next(model.parameters()).device
+        xb, yb, tb, zb = (v[shard].to(dev) for v in (x[idx], labels, t, z))
+        loss = rf.flow_loss(model, xb, yb, t=tb, noise=zb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        return {"loss": loss.item()}
+        return {"loss": train.global_mean(loss.detach())}
     return step
 
 
@@ -53,17 +65,20 @@ def train_model(cfg, *, out=None, seed=0, resume=False, progress=True):
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     x, y = data.digits(cfg["size"], split="train")
-    model = build(cfg)
+    rank, world, device = train.distributed()
+    model = build(cfg).to(device)
+    net = train.wrap(model)  # DistributedDataParallel under torchrun, else the model itself
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
     warm = max(1, cfg["train_steps"] // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1 - s / max(1, cfg["train_steps"])))
     config = checkpoint_config(cfg)
     t0 = time.perf_counter()
-    history = train.fit(make_step(model, opt, sched, x, y, g, cfg["batch"]), steps=cfg["train_steps"],
+    history = train.fit(make_step(net, opt, sched, x, y, g, cfg["batch"], rank, world), steps=cfg["train_steps"],
                         state={"model": model, "opt": opt, "sched": sched, "rng": g}, kind="dit-rectified-flow",
                         config=config, ckpt=None if out is None else Path(out) / "checkpoint.pt", resume=resume,
-                        progress=progress, desc="training dit", items_per_step=cfg["batch"])
+                        progress=progress, desc="training dit", items_per_step=cfg["batch"],
+                        every=cfg["checkpoint_every"])
     return model, history, time.perf_counter() - t0
 
 
@@ -93,6 +108,9 @@ def run(out="out/demo", *, seed=0, resume=False, progress=True, **overrides):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, history, train_s = train_model(cfg, out=out, seed=seed, resume=resume, progress=progress)
+    if not train.is_main():  # under torchrun, rank 0 alone samples and writes the outputs
+        return {"rank": train.distributed()[0], "final_loss": history["loss"][-1]}
+    model = model.cpu()
     clf, clf_acc = classifier.load_or_train(out, size=cfg["size"])
     scores = evaluate(model, cfg, clf, seed=seed, progress=progress)
     real_train, _ = data.digits(cfg["size"], split="train")

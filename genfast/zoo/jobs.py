@@ -2,7 +2,7 @@
 import importlib
 
 JOBS = {"dit": "genfast.zoo.flow_job", "vae": "genfast.zoo.vae", "gan": "genfast.zoo.gan",
-        "vqvae": "genfast.zoo.vqvae"}
+        "vqvae": "genfast.zoo.vqvae", "distill": "genfast.zoo.distill"}
 
 
 def run(model, out, **options):

@@ -21,11 +21,12 @@ def tile(images, pad=1):
 
 
 def save_grid(path, rows, *, title=None, pad=1):
-    """rows: [(label, images [k, C, H, W])], one labelled row each (same k, H, W)."""
+    """rows: [(label, images [k, C, H, W])], one labelled row each (same H, W)."""
     plt = _plt()
     imgs = [tile(r, pad) for _, r in rows]
-    h = imgs[0].shape[0]
-    sep = torch.ones(pad, imgs[0].shape[1])
+    h, width = imgs[0].shape[0], max(im.shape[1] for im in imgs)
+    imgs = [torch.cat([im, torch.ones(h, width - im.shape[1])], 1) for im in imgs]  # shorter rows: blank tail
+    sep = torch.ones(pad, width)
     grid = torch.cat([torch.cat([im, sep]) for im in imgs])
     fig_w = max(4.0, grid.shape[1] / 18)
     fig, ax = plt.subplots(figsize=(fig_w + 1.5, grid.shape[0] / 18 + 0.6))

@@ -16,6 +16,44 @@ from tqdm.auto import tqdm
 from genfast.zoo import checkpoint
 
 
+def distributed():
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) the process group is set up on
+    first call: gloo for CPU, nccl when each rank has a GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, torch.device("cpu")
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    rank = dist.get_rank()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return rank, world, torch.device("cuda", torch.cuda.current_device())
+    return rank, world, torch.device("cpu")
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def wrap(model):
+    """DistributedDataParallel(model) when a process group is up, else the model."""
+    if not dist.is_initialized():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model)
+
+
+def global_mean(value):
+    """The mean over ranks of a scalar tensor (as a float); the value itself in one process."""
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value.item()
+
+
 def _state_of(obj):
     return obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
 
