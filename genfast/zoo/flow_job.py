@@ -25,7 +25,7 @@ DEFAULTS = dict(train_steps=800, batch=128, lr=1.5e-3, sample_steps=50, guidance
 
 
 def build(cfg):
-    return DiT(input_size=cfg["size"], in_channels=1, num_classes=10, **cfg["dit"])
+    return DiT(input_size=cfg["size"], in_channels=cfg.get("channels", 1), num_classes=10, **cfg["dit"])
 
 
 def make_step(model, opt, sched, x, y, g, batch, rank=0, world=1):
@@ -60,11 +60,11 @@ def checkpoint_config(cfg):
     return {k: cfg[k] for k in ("size", "dit", "batch", "lr", "train_steps")}
 
 
-def train_model(cfg, *, out=None, seed=0, resume=False, progress=True):
+def train_model(cfg, *, out=None, seed=0, resume=False, progress=True, dataset=None, ckpt_name="checkpoint.pt"):
     """Trains (or resumes) the DiT; returns (model, history, seconds)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    x, y = data.digits(cfg["size"], split="train")
+    x, y = data.digits(cfg["size"], split="train") if dataset is None else dataset  # dataset: e.g. latents
     rank, world, device = train.distributed()
     model = build(cfg).to(device)
     net = train.wrap(model)  # DistributedDataParallel under torchrun, else the model itself
@@ -76,7 +76,7 @@ def train_model(cfg, *, out=None, seed=0, resume=False, progress=True):
     t0 = time.perf_counter()
     history = train.fit(make_step(net, opt, sched, x, y, g, cfg["batch"], rank, world), steps=cfg["train_steps"],
                         state={"model": model, "opt": opt, "sched": sched, "rng": g}, kind="dit-rectified-flow",
-                        config=config, ckpt=None if out is None else Path(out) / "checkpoint.pt", resume=resume,
+                        config=config, ckpt=None if out is None else Path(out) / ckpt_name, resume=resume,
                         progress=progress, desc="training dit", items_per_step=cfg["batch"],
                         every=cfg["checkpoint_every"])
     return model, history, time.perf_counter() - t0
@@ -87,7 +87,7 @@ def sample_grid(model, cfg, guidance, *, per_class, seed, progress=False, method
     model.eval()
     labels = torch.arange(10).repeat_interleave(per_class)
     g = torch.Generator().manual_seed(seed)
-    return rf.sample(model, (len(labels), 1, cfg["size"], cfg["size"]), method=method, steps=cfg["sample_steps"],
+    return rf.sample(model, (len(labels), cfg.get("channels", 1), cfg["size"], cfg["size"]), method=method, steps=cfg["sample_steps"],
                      guidance=guidance or None, labels=labels, null_label=NULL, generator=g, progress=progress), labels
 
 

@@ -2,7 +2,8 @@
 import importlib
 
 JOBS = {"dit": "genfast.zoo.flow_job", "vae": "genfast.zoo.vae", "gan": "genfast.zoo.gan",
-        "vqvae": "genfast.zoo.vqvae", "distill": "genfast.zoo.distill"}
+        "vqvae": "genfast.zoo.vqvae", "distill": "genfast.zoo.distill",
+        "ldm": "genfast.zoo.ldm"}
 
 
 def run(model, out, **options):
