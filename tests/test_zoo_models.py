@@ -143,3 +143,65 @@ def test_gan_interpolation_and_training():
     with torch.no_grad():
         ends = G(torch.stack([z0, z1]), torch.tensor([3, 3]))
     torch.testing.assert_close(strip[[0, -1]], ends)
+
+
+# ------------------------------------------------------------------------------ DiT variants
+@pytest.mark.parametrize("mode", ["cross", "joint"])
+def test_conditioned_dit_variants(mode, monkeypatch):
+    from genfast.zoo import dit_variants
+    from genfast.zoo import rectified_flow as rf
+
+    torch.manual_seed(0)
+    m = dit_variants.ConditionedDiT(mode=mode, context_len=3, input_size=8, patch_size=2, hidden_size=32, depth=2,
+                                    num_heads=2)
+    for p in m.parameters():
+        p.data.add_(0.02 * torch.randn_like(p))
+    x, t, y = torch.randn(3, 1, 8, 8), torch.rand(3), torch.tensor([1, 4, 10])
+    ctx = torch.randn(3, 5, 32)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False], [True] + [False] * 4])
+
+    def run():
+        m.zero_grad()
+        out = m(x, t, y, context=ctx, context_mask=mask)
+        out.square().sum().backward()
+        return out, m.blocks[0].attn.qkv.weight.grad.clone() if mode == "cross" else m.blocks[0].x_attn.qkv.weight.grad.clone()
+    _same_with_reference_backend(run, monkeypatch)
+    # masked condition tokens change nothing
+    ctx2 = ctx.clone()
+    ctx2[1, 2:] = 100.0
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, t, y, context=ctx2, context_mask=mask)[1], m(x, t, y, context=ctx, context_mask=mask)[1])
+    # trains through the ordinary flow loss from labels alone
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    xb, yb = data.digits(8, split="train")
+    losses = []
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        idx = torch.randint(0, len(yb), (32,), generator=g)
+        loss = rf.flow_loss(m, xb[idx], yb[idx], null_label=10, label_dropout=0.1, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
+
+
+def test_joint_attention_is_attention_over_the_concatenation():
+    from genfast.zoo import dit_variants
+
+    torch.manual_seed(0)
+    blk = dit_variants.JointBlock(16, 2)
+    for p in blk.parameters():
+        p.data.normal_(0, 0.1)
+    x, ctx, c = torch.randn(2, 5, 16), torch.randn(2, 3, 16), torch.randn(2, 16)
+    ox, oc = blk(x, c, ctx)
+    # by hand: one softmax over the 8 keys of [ctx; x] for every query
+    mx, mc = blk.x_adaLN_modulation(c).chunk(6, 1), blk.c_adaLN_modulation(c).chunk(6, 1)
+    hx = torch.nn.functional.layer_norm(x, (16,), eps=1e-6) * (1 + mx[1][:, None]) + mx[0][:, None]
+    hc = torch.nn.functional.layer_norm(ctx, (16,), eps=1e-6) * (1 + mc[1][:, None]) + mc[0][:, None]
+    qkv = torch.cat([blk.c_attn.qkv(hc), blk.x_attn.qkv(hx)], 1).view(2, 8, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    a = torch.softmax(qkv[0] @ qkv[1].transpose(-1, -2) / 8 ** 0.5, -1) @ qkv[2]
+    a = a.transpose(1, 2).reshape(2, 8, 16)
+    x1 = x + mx[2][:, None] * blk.x_attn.proj(a[:, 3:])
+    h = torch.nn.functional.layer_norm(x1, (16,), eps=1e-6) * (1 + mx[4][:, None]) + mx[3][:, None]
+    torch.testing.assert_close(ox, x1 + mx[5][:, None] * blk.x_mlp(h), atol=1e-5, rtol=1e-4)
