@@ -23,10 +23,11 @@ _state = {"genfast": os.environ.get("GENFAST_ZOO_OPS", "").lower() != "eager"}
 
 
 def _genfast_op(name):
-    fn = getattr(genfast, name, None)
-    if fn is None:
-        fn = getattr(getattr(genfast, "ops", None), name, None)
-    return fn
+    for where in (genfast, getattr(genfast, "ops", None)):
+        fn = getattr(where, name, None)
+        if callable(fn):  # genfast.ops.<name> may be the op's module rather than the function
+            return fn
+    return None
 
 
 def which():
