@@ -24,7 +24,29 @@ DEFAULTS = dict(train_steps=800, batch=128, lr=1.5e-3, sample_steps=50, guidance
                 dit=dict(hidden_size=128, depth=4, num_heads=4, patch_size=4))
 
 
+class VelocityMLP(torch.nn.Module):
+    """`--model flow`: the same rectified flow with a plain MLP velocity model on flattened images
+    (time features and a label embedding added to the first hidden layer)."""
+
+    def __init__(self, size, channels=1, hidden=512, classes=10):
+        super().__init__()
+        d = channels * size * size
+        self.shape = (channels, size, size)
+        self.inp, self.t = torch.nn.Linear(d, hidden), torch.nn.Linear(64, hidden)
+        self.label = torch.nn.Embedding(classes + 1, hidden)
+        self.net = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Linear(hidden, hidden), torch.nn.SiLU(),
+                                       torch.nn.Linear(hidden, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, d))
+
+    def forward(self, x, t, y):
+        from genfast.zoo._ops import timestep_features
+
+        h = self.inp(x.flatten(1)) + self.t(timestep_features(t * 1000.0, 64)) + self.label(y)
+        return self.net(h).view(-1, *self.shape)
+
+
 def build(cfg):
+    if cfg.get("arch", "dit") == "mlp":
+        return VelocityMLP(cfg["size"], cfg.get("channels", 1))
     return DiT(input_size=cfg["size"], in_channels=cfg.get("channels", 1), num_classes=10, **cfg["dit"])
 
 
@@ -57,7 +79,7 @@ def make_step(model, opt, sched, x, y, g, batch, rank=0, world=1):
 
 def checkpoint_config(cfg):
     """What a checkpoint must agree on to be resumed (the schedule depends on train_steps)."""
-    return {k: cfg[k] for k in ("size", "dit", "batch", "lr", "train_steps")}
+    return {k: cfg.get(k) for k in ("size", "dit", "batch", "lr", "train_steps", "arch")}
 
 
 def train_model(cfg, *, out=None, seed=0, resume=False, progress=True, dataset=None, ckpt_name="checkpoint.pt"):
@@ -75,9 +97,9 @@ def train_model(cfg, *, out=None, seed=0, resume=False, progress=True, dataset=N
     config = checkpoint_config(cfg)
     t0 = time.perf_counter()
     history = train.fit(make_step(net, opt, sched, x, y, g, cfg["batch"], rank, world), steps=cfg["train_steps"],
-                        state={"model": model, "opt": opt, "sched": sched, "rng": g}, kind="dit-rectified-flow",
+                        state={"model": model, "opt": opt, "sched": sched, "rng": g}, kind=f"{cfg.get('arch', 'dit')}-rectified-flow",
                         config=config, ckpt=None if out is None else Path(out) / ckpt_name, resume=resume,
-                        progress=progress, desc="training dit", items_per_step=cfg["batch"],
+                        progress=progress, desc=f"training {cfg.get('arch', 'dit')}", items_per_step=cfg["batch"],
                         every=cfg["checkpoint_every"])
     return model, history, time.perf_counter() - t0
 
@@ -103,6 +125,11 @@ def evaluate(model, cfg, clf, *, seed, progress=False):
     return out
 
 
+def run_mlp(out="out/flow", **kw):
+    """`--model flow`: the rectified flow with the MLP velocity model."""
+    return run(out, arch="mlp", **kw)
+
+
 def run(out="out/demo", *, seed=0, resume=False, progress=True, **overrides):
     cfg = {**DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
     out = Path(out)
@@ -122,11 +149,13 @@ def run(out="out/demo", *, seed=0, resume=False, progress=True, **overrides):
     rows = [(f"class {c}", xs[c, :k]) for c in range(10)]
     for w in cfg["guidances"]:  # one row per guidance weight: classes 0..9, one sample each
         rows.append((f"w={w:g}", scores[w]["samples"].view(10, per, 1, cfg["size"], cfg["size"])[:, 0][:k]))
-    plots.save_grid(out / "samples.png", rows, title=f"DiT rectified flow, {cfg['sample_steps']} Euler steps; "
+    name = "MLP" if cfg.get("arch") == "mlp" else "DiT"
+    plots.save_grid(out / "samples.png", rows, title=f"{name} rectified flow, {cfg['sample_steps']} Euler steps; "
                     f"class rows at w={head:g}")
     plots.save_loss_curve(out / "loss.png", {"flow matching loss": history["loss"]})
     metrics = {
-        "model": "dit", "params": num_params(model), "config": cfg["dit"], "train_steps": cfg["train_steps"],
+        "model": "flow" if cfg.get("arch") == "mlp" else "dit", "params": num_params(model),
+        "config": cfg["dit"] if cfg.get("arch", "dit") == "dit" else "mlp", "train_steps": cfg["train_steps"],
         "batch": cfg["batch"], "train_seconds": round(train_s, 1), "final_loss": sum(history["loss"][-100:]) / len(history["loss"][-100:]),
         "sample_steps": cfg["sample_steps"], "samples_per_guidance": 10 * per,
         "classifier_test_accuracy": clf_acc,
