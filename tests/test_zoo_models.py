@@ -93,10 +93,12 @@ def test_ema_codebook_moves_to_cluster_means():
     torch.testing.assert_close(q.codebook.data, torch.tensor([[2.0, 1.0], [9.0, 9.0]]))
 
 
-def test_ar_prior_kv_cache_topk_and_bits():
+def test_ar_prior_kv_cache_topk_and_bits(monkeypatch):
     torch.manual_seed(0)
     prior = vqvae.ARPrior(12, 9, dim=32, depth=2, heads=2).eval()
     y = torch.tensor([0, 3, -1])
+    toks = torch.randint(0, 12, (3, 9))
+    _same_with_reference_backend(lambda: (prior(toks, y),), monkeypatch)
     a = prior.sample(3, y, generator=torch.Generator().manual_seed(1), top_k=4, temperature=0.8)
     b = prior.sample(3, y, generator=torch.Generator().manual_seed(1), top_k=4, temperature=0.8, use_cache=False)
     assert torch.equal(a, b) and a.shape == (3, 9) and a.max() < 12
