@@ -10,6 +10,7 @@
 
 #include "bind_util.h"
 #include "flow_step.h"
+#include "kl_bind.h"
 
 #if defined(GENFAST_MODULE_CUDA) || defined(GENFAST_MODULE_CUDA_EMU)
 #define GENFAST_CUDA_SIDE 1
@@ -51,6 +52,34 @@ void flow_step(uintptr_t out, uintptr_t x, uintptr_t vc, uintptr_t vu, int64_t r
 #endif
 }
 
+void kl_forward(uintptr_t z, uintptr_t kl, uintptr_t mu, uintptr_t logvar, uintptr_t noise, uintptr_t seed,
+                int64_t rows, int64_t cols, const std::vector<int64_t>& strides, double lo, double hi, bool clamp,
+                bool kl_per_row, uintptr_t partial, int64_t row_blocks, int32_t dtype, uintptr_t stream) {
+  const KLForwardParams p = make_kl_forward(z, kl, mu, logvar, noise, seed, rows, cols, strides, lo, hi, clamp,
+                                            kl_per_row, partial, row_blocks, dtype);
+  py::gil_scoped_release nogil;
+#ifdef GENFAST_CUDA_SIDE
+  check_launch(kl_forward_cuda(p, reinterpret_cast<void*>(stream)), "kl_forward");
+#else
+  (void)stream;
+  kl_forward_cpu(p);
+#endif
+}
+
+void kl_backward(uintptr_t dmu, uintptr_t dlogvar, uintptr_t dz, uintptr_t gkl, uintptr_t mu, uintptr_t logvar,
+                 uintptr_t noise, uintptr_t seed, int64_t rows, int64_t cols, const std::vector<int64_t>& strides,
+                 double lo, double hi, bool clamp, int32_t dtype, uintptr_t stream) {
+  const KLBackwardParams p =
+      make_kl_backward(dmu, dlogvar, dz, gkl, mu, logvar, noise, seed, rows, cols, strides, lo, hi, clamp, dtype);
+  py::gil_scoped_release nogil;
+#ifdef GENFAST_CUDA_SIDE
+  check_launch(kl_backward_cuda(p, reinterpret_cast<void*>(stream)), "kl_backward");
+#else
+  (void)stream;
+  kl_backward_cpu(p);
+#endif
+}
+
 void bind_all(py::module_& m) {
   m.def("flow_step", &flow_step,
         "Fused rectified-flow Euler / CFG step over [rows, cols] strided views (see csrc/flow_step.h).",
@@ -59,6 +88,12 @@ void bind_all(py::module_& m) {
         py::arg("vc_cs"), py::arg("vu_rs"), py::arg("vu_cs"), py::arg("dt"), py::arg("dt_stride"),
         py::arg("dt_value"), py::arg("w"), py::arg("w_stride"), py::arg("w_value"), py::arg("dtype"),
         py::arg("stream") = 0);
+  // reparam_kl: see csrc/kl.h and csrc/kl_bind.h for the stride lists.
+  m.def("kl_forward", &kl_forward, "Reparameterized sample + KL forward (csrc/kl.h).");
+  m.def("kl_backward", &kl_backward, "Reparameterized sample + KL backward (csrc/kl.h).");
+#ifdef GENFAST_CUDA_SIDE
+  m.def("kl_row_blocks", &kl_cuda_row_blocks, "Column blocks per row of the CUDA forward's KL scratch.");
+#endif
 }
 
 }  // namespace

@@ -95,3 +95,52 @@ def flow_step_samples(device="cpu", dtype=torch.float32, *, large=False, seed=0)
     if large:
         cases.append(FlowStepCase("1000003", rnd(1, 1000003), rnd(1, 1000003), rnd(1, 1000003), dict(dt=0.02, guidance=2.0)))
     return cases
+
+
+# ------------------------------------------------------------------------------- reparam_kl
+@dataclass
+class ReparamKLCase:
+    """One call of reparam_kl: mu, logvar and keyword arguments (no seed/noise: tests add them)."""
+    name: str
+    mu: torch.Tensor
+    logvar: torch.Tensor
+    kwargs: dict = field(default_factory=dict)
+
+    def leaves(self):
+        """mu and logvar as fresh leaves that require grad (the same strides kept via clone)."""
+        return (self.mu.detach().clone().requires_grad_(True), self.logvar.detach().clone().requires_grad_(True))
+
+
+def reparam_kl_samples(device="cpu", dtype=torch.float32, *, seed=0, large=False):
+    """Cases covering what reparam_kl promises: the two chunks of one encoder output (strided
+    views), odd sizes (rows not a multiple of Philox's 4 words, blocks cut mid-row), 1-D latents,
+    empty batch and empty latents, extreme logvar (clamped and not), every reduction, free bits,
+    channels-last views that must be copied, column strides."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    b = 3
+    enc = rnd(b, 8, 5, 7)
+    mu_h, lv_h = enc.chunk(2, dim=1)  # the halves of one encoder output: strided views
+    cases = [
+        ReparamKLCase("chunk_halves", mu_h, lv_h),
+        ReparamKLCase("contiguous_4d", rnd(b, 4, 5, 7), rnd(b, 4, 5, 7)),
+        ReparamKLCase("odd_cols_1001", rnd(2, 1001), rnd(2, 1001, scale=2.0), dict(reduction="sum")),
+        ReparamKLCase("one_d", rnd(5), rnd(5), dict(reduction="mean")),
+        ReparamKLCase("single", rnd(1, 3), rnd(1, 3), dict(reduction="none")),
+        ReparamKLCase("empty_batch", rnd(0, 4, 3), rnd(0, 4, 3)),
+        ReparamKLCase("empty_latent", rnd(b, 0), rnd(b, 0)),
+        ReparamKLCase("extreme_logvar", rnd(2, 37), (torch.tensor([50.0, -50.0]).repeat(37)[:37] * torch.ones(2, 1)).to(
+            device=device, dtype=dtype)),
+        ReparamKLCase("no_clamp", rnd(2, 19), rnd(2, 19, scale=3.0), dict(logvar_clamp=None, reduction="none")),
+        ReparamKLCase("narrow_clamp", rnd(2, 19), rnd(2, 19, scale=3.0), dict(logvar_clamp=(-1.0, 0.5))),
+        ReparamKLCase("free_bits", rnd(4, 2, 3), rnd(4, 2, 3), dict(free_bits=0.6)),
+        ReparamKLCase("free_bits_none", rnd(4, 6), rnd(4, 6), dict(free_bits=0.4, reduction="none")),
+        ReparamKLCase("channels_last", rnd(b, 5, 4, 6).permute(0, 2, 3, 1), rnd(b, 5, 4, 6).permute(0, 2, 3, 1)),
+        ReparamKLCase("column_stride_2", rnd(b, 40)[:, ::2], rnd(b, 41)[:, 1::2], dict(reduction="mean")),
+    ]
+    if large:  # several CPU work items per row and blocks that do not divide the row
+        cases.append(ReparamKLCase("rows_of_40003", rnd(2, 40003), rnd(2, 40003)))
+    return cases

@@ -6,3 +6,10 @@ from genfast.ops.flow_step import flow_euler_step
 REASONS_BY_OP = {"flow_euler_step": flow_step._reasons}
 
 __all__ = ["flow_euler_step", "REASONS_BY_OP"]
+
+# reparam_kl (issue 6)
+from genfast.ops import kl  # noqa: E402
+from genfast.ops.kl import reparam_kl  # noqa: E402
+
+REASONS_BY_OP["reparam_kl"] = kl._reasons
+__all__ += ["reparam_kl"]
