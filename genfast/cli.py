@@ -16,6 +16,8 @@ def main(argv=None):
     demo.add_argument("--train-steps", type=int, default=None, help="training steps (default: per model)")
     demo.add_argument("--sample-steps", type=int, default=None, help="sampling steps (default: 50)")
     demo.add_argument("--batch", type=int, default=None, help="batch size (default: per model)")
+    demo.add_argument("--sampler", choices=["euler", "heun", "sde"], default=None,
+                      help="flow models: Euler (fused step, default), Heun, or Euler-Maruyama")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -35,7 +37,8 @@ def main(argv=None):
 
             try:
                 metrics = jobs.run(args.model, args.out, train_steps=args.train_steps, sample_steps=args.sample_steps,
-                                   batch=args.batch, seed=args.seed, resume=args.resume, progress=not args.no_progress)
+                                   batch=args.batch, sampler=args.sampler, seed=args.seed, resume=args.resume,
+                                   progress=not args.no_progress)
             except checkpoint.CheckpointError as e:
                 parser.exit(2, f"genfast demo: {e}\n")
         print(json.dumps(metrics, indent=2))

@@ -76,7 +76,8 @@ def train_student(teacher, pairs, cfg, *, out=None, seed=0, resume=False, progre
     return student, hist
 
 
-def run(out="out/distill", *, seed=0, resume=False, progress=True, train_steps=None, sample_steps=None, batch=None):
+def run(out="out/distill", *, seed=0, resume=False, progress=True, train_steps=None, sample_steps=None, batch=None,
+        **_):
     cfg = dict(DEFAULTS)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

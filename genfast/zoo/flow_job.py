@@ -20,7 +20,7 @@ from genfast.zoo.dit import DiT, num_params
 
 NULL = 10  # the null class of classifier-free guidance
 DEFAULTS = dict(train_steps=800, batch=128, lr=1.5e-3, sample_steps=50, guidances=(0.0, 1.0, 3.0),
-                samples_per_class=20, headline_guidance=1.0, size=16, checkpoint_every=200,
+                samples_per_class=20, headline_guidance=1.0, size=16, checkpoint_every=200, sampler="euler",
                 dit=dict(hidden_size=128, depth=4, num_heads=4, patch_size=4))
 
 
@@ -119,7 +119,8 @@ def evaluate(model, cfg, clf, *, seed, progress=False):
     out = {}
     for w in cfg["guidances"]:
         t0 = time.perf_counter()
-        xs, labels = sample_grid(model, cfg, w, per_class=cfg["samples_per_class"], seed=seed + 1, progress=progress)
+        xs, labels = sample_grid(model, cfg, w, per_class=cfg["samples_per_class"], seed=seed + 1, progress=progress,
+                                 method=cfg["sampler"])
         s = classifier.score(clf, xs, labels, real)
         out[w] = {**s, "sample_seconds": round(time.perf_counter() - t0, 2), "samples": xs, "labels": labels}
     return out
@@ -150,14 +151,14 @@ def run(out="out/demo", *, seed=0, resume=False, progress=True, **overrides):
     for w in cfg["guidances"]:  # one row per guidance weight: classes 0..9, one sample each
         rows.append((f"w={w:g}", scores[w]["samples"].view(10, per, 1, cfg["size"], cfg["size"])[:, 0][:k]))
     name = "MLP" if cfg.get("arch") == "mlp" else "DiT"
-    plots.save_grid(out / "samples.png", rows, title=f"{name} rectified flow, {cfg['sample_steps']} Euler steps; "
+    plots.save_grid(out / "samples.png", rows, title=f"{name} rectified flow, {cfg['sample_steps']} {cfg['sampler']} steps; "
                     f"class rows at w={head:g}")
     plots.save_loss_curve(out / "loss.png", {"flow matching loss": history["loss"]})
     metrics = {
         "model": "flow" if cfg.get("arch") == "mlp" else "dit", "params": num_params(model),
         "config": cfg["dit"] if cfg.get("arch", "dit") == "dit" else "mlp", "train_steps": cfg["train_steps"],
         "batch": cfg["batch"], "train_seconds": round(train_s, 1), "final_loss": sum(history["loss"][-100:]) / len(history["loss"][-100:]),
-        "sample_steps": cfg["sample_steps"], "samples_per_guidance": 10 * per,
+        "sample_steps": cfg["sample_steps"], "sampler": cfg["sampler"], "samples_per_guidance": 10 * per,
         "classifier_test_accuracy": clf_acc,
         "frechet_real_train_vs_test": classifier.frechet_distance(clf, real_train, real_test),
         "guidance": {str(w): {k2: v for k2, v in s.items() if k2 not in ("samples", "labels")} for w, s in scores.items()},

@@ -90,7 +90,8 @@ def train_autoencoder(cfg, *, out=None, seed=0, resume=False, progress=True):
     return ae, hist
 
 
-def run(out="out/ldm", *, seed=0, resume=False, progress=True, train_steps=None, sample_steps=None, batch=None):
+def run(out="out/ldm", *, seed=0, resume=False, progress=True, train_steps=None, sample_steps=None, batch=None,
+        **_):
     cfg = {**DEFAULTS, **({"flow_steps": train_steps} if train_steps else {})}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
