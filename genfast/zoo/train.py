@@ -17,11 +17,11 @@ from genfast.zoo import checkpoint
 
 
 def distributed():
-    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) the process group is set up on
+    """(rank, world size, device: the GPU when there is one). Under torchrun (WORLD_SIZE > 1) the process group is set up on
     first call: gloo for CPU, nccl when each rank has a GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1, torch.device("cpu")
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
