@@ -84,6 +84,7 @@ def run(out="out/distill", *, seed=0, resume=False, progress=True, train_steps=N
     tcfg = {**flow_job.DEFAULTS, **({"train_steps": train_steps} if train_steps else {})}
     t0 = time.perf_counter()
     teacher, _, _ = flow_job.train_model(tcfg, out=out, seed=seed, resume=resume, progress=progress)
+    teacher = teacher.cpu()  # the zoo's CPU path from here on
     pairs = teacher_pairs(teacher, cfg["pairs"], guidance=cfg["guidance"], steps=cfg["teacher_steps"],
                           size=tcfg["size"], seed=seed + 11)
     student, hist = train_student(teacher, pairs, cfg, out=out, seed=seed, resume=resume, progress=progress)

@@ -107,6 +107,7 @@ def run(out="out/ldm", *, seed=0, resume=False, progress=True, train_steps=None,
             **({"sample_steps": sample_steps} if sample_steps else {})}
     dit, hist, _ = flow_job.train_model(fcfg, out=out, seed=seed, resume=resume, progress=progress,
                                         dataset=(lat * scale, y), ckpt_name="flow.pt")
+    dit = dit.cpu()
     train_s = time.perf_counter() - t0
     clf, clf_acc = classifier.load_or_train(out, size=16)
     real, real_y = data.digits(16, split="test")
