@@ -10,6 +10,8 @@
 
 #include "bind_util.h"
 #include "flow_step.h"
+#include "modulate.h"
+#include "modulate_bind.h"
 #include "kl_bind.h"
 
 #if defined(GENFAST_MODULE_CUDA) || defined(GENFAST_MODULE_CUDA_EMU)
@@ -57,6 +59,46 @@ void flow_step(uintptr_t out, uintptr_t x, uintptr_t vc, uintptr_t vu, int64_t r
 #endif
 }
 
+#ifdef GENFAST_CUDA_SIDE
+#define GENFAST_RUN(fn, p, stream) check_launch(fn##_cuda(p, reinterpret_cast<void*>(stream)), #fn)
+#else
+#define GENFAST_RUN(fn, p, stream) ((void)(stream), fn##_cpu(p))
+#endif
+
+void modulate_fwd(uintptr_t out, uintptr_t x, uintptr_t shift, uintptr_t scale, uintptr_t mean, uintptr_t rstd,
+                  int64_t B, int64_t N, int64_t C, const std::array<int64_t, 8>& strides, double eps, bool rms,
+                  int32_t dtype, uintptr_t stream) {
+  const ModulateParams p = make_modulate_params(out, x, shift, scale, mean, rstd, B, N, C, strides, eps, rms, dtype);
+  py::gil_scoped_release nogil;
+  GENFAST_RUN(modulate_fwd, p, stream);
+}
+
+void modulate_bwd(uintptr_t dx, uintptr_t dshift, uintptr_t dscale, uintptr_t partial, uintptr_t grad, uintptr_t x,
+                  uintptr_t scale, uintptr_t mean, uintptr_t rstd, int64_t B, int64_t N, int64_t C,
+                  const std::array<int64_t, 8>& strides, int64_t chunk_rows, bool per_sample, bool rms, int32_t dtype,
+                  uintptr_t stream) {
+  const ModulateBwdParams p = make_modulate_bwd_params(dx, dshift, dscale, partial, grad, x, scale, mean, rstd, B, N,
+                                                       C, strides, chunk_rows, per_sample, rms, dtype);
+  py::gil_scoped_release nogil;
+  GENFAST_RUN(modulate_bwd, p, stream);
+}
+
+void gated_residual_fwd(uintptr_t out, uintptr_t x, uintptr_t gate, uintptr_t y, int64_t B, int64_t N, int64_t C,
+                        const std::array<int64_t, 8>& strides, int32_t dtype, uintptr_t stream) {
+  const GatedResidualParams p = make_gated_params(out, x, gate, y, B, N, C, strides, dtype);
+  py::gil_scoped_release nogil;
+  GENFAST_RUN(gated_residual_fwd, p, stream);
+}
+
+void gated_residual_bwd(uintptr_t dy, uintptr_t dgate, uintptr_t partial, uintptr_t grad, uintptr_t gate, uintptr_t y,
+                        int64_t B, int64_t N, int64_t C, const std::array<int64_t, 6>& strides, int64_t chunk_rows,
+                        bool per_sample, int32_t dtype, uintptr_t stream) {
+  const GatedResidualBwdParams p =
+      make_gated_bwd_params(dy, dgate, partial, grad, gate, y, B, N, C, strides, chunk_rows, per_sample, dtype);
+  py::gil_scoped_release nogil;
+  GENFAST_RUN(gated_residual_bwd, p, stream);
+}
+
 void kl_forward(uintptr_t z, uintptr_t kl, uintptr_t mu, uintptr_t logvar, uintptr_t noise, uintptr_t seed,
                 int64_t rows, int64_t cols, const std::vector<int64_t>& strides, double lo, double hi, bool clamp,
                 bool kl_per_row, uintptr_t partial, int64_t row_blocks, int32_t dtype, uintptr_t stream) {
@@ -93,6 +135,21 @@ void bind_all(py::module_& m) {
         py::arg("vc_cs"), py::arg("vu_rs"), py::arg("vu_cs"), py::arg("dt"), py::arg("dt_stride"),
         py::arg("dt_value"), py::arg("w"), py::arg("w_stride"), py::arg("w_value"), py::arg("dtype"),
         py::arg("stream") = 0);
+  // adaLN modulate / gated residual (csrc/modulate.h); strides as tuples in the structs' order.
+  m.def("modulate_fwd", &modulate_fwd, "adaLN modulate forward (csrc/modulate.h)", py::arg("out"), py::arg("x"),
+        py::arg("shift"), py::arg("scale"), py::arg("mean"), py::arg("rstd"), py::arg("B"), py::arg("N"), py::arg("C"),
+        py::arg("strides"), py::arg("eps"), py::arg("rms"), py::arg("dtype"), py::arg("stream") = 0);
+  m.def("modulate_bwd", &modulate_bwd, "adaLN modulate fused backward (csrc/modulate.h)", py::arg("dx"),
+        py::arg("dshift"), py::arg("dscale"), py::arg("partial"), py::arg("grad"), py::arg("x"), py::arg("scale"),
+        py::arg("mean"), py::arg("rstd"), py::arg("B"), py::arg("N"), py::arg("C"), py::arg("strides"),
+        py::arg("chunk_rows"), py::arg("per_sample"), py::arg("rms"), py::arg("dtype"), py::arg("stream") = 0);
+  m.def("gated_residual_fwd", &gated_residual_fwd, "x + gate * y (csrc/modulate.h)", py::arg("out"), py::arg("x"),
+        py::arg("gate"), py::arg("y"), py::arg("B"), py::arg("N"), py::arg("C"), py::arg("strides"), py::arg("dtype"),
+        py::arg("stream") = 0);
+  m.def("gated_residual_bwd", &gated_residual_bwd, "gated residual backward: dy, dgate (csrc/modulate.h)",
+        py::arg("dy"), py::arg("dgate"), py::arg("partial"), py::arg("grad"), py::arg("gate"), py::arg("y"),
+        py::arg("B"), py::arg("N"), py::arg("C"), py::arg("strides"), py::arg("chunk_rows"), py::arg("per_sample"),
+        py::arg("dtype"), py::arg("stream") = 0);
   // reparam_kl: see csrc/kl.h and csrc/kl_bind.h for the stride lists.
   m.def("kl_forward", &kl_forward, "Reparameterized sample + KL forward (csrc/kl.h).");
   m.def("kl_backward", &kl_backward, "Reparameterized sample + KL backward (csrc/kl.h).");

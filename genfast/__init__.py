@@ -23,3 +23,7 @@ from genfast.sampling import sample_rectified_flow  # noqa: E402
 from genfast.ops import reparam_kl  # noqa: E402
 
 __all__ = ["info", "flow_euler_step", "sample_rectified_flow", "reparam_kl", "__version__"]
+
+from genfast.ops import adaln_modulate, gated_residual  # noqa: E402
+
+__all__ += ["adaln_modulate", "gated_residual"]

@@ -59,6 +59,39 @@ def sample_rectified_flow(model, shape, *, steps=50, guidance=None, labels=None,
     return x
 
 
+def _per_sample_or_token(t, x, ct):
+    """shift / scale / gate: [B, C] -> [B, 1, C]; [B, 1, C] or [B, N, C] as they are."""
+    t = t.to(ct)
+    return t.unsqueeze(1) if t.dim() == 2 else t
+
+
+def adaln_modulate(x, shift, scale, *, eps=1e-6, norm="layer"):
+    """norm(x, no affine) * (1 + scale) + shift over the last dim of x [B, N, C].
+
+    norm="layer": (x - mean) / sqrt(var + eps); "rms": x / sqrt(mean(x^2) + eps). shift/scale are
+    [B, C] (per sample) or [B, N, C] (per token); shift may be None. Statistics and math in fp32
+    (fp64 for fp64 x), the variance as mean((x - mean)^2), result in x's dtype."""
+    ct = _compute_dtype(x)
+    xf = x.to(ct)
+    if norm == "layer":
+        xc = xf - xf.mean(-1, keepdim=True)
+        xn = xc * torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)
+    elif norm == "rms":
+        xn = xf * torch.rsqrt((xf * xf).mean(-1, keepdim=True) + eps)
+    else:
+        raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
+    out = xn * (1 + _per_sample_or_token(scale, x, ct))
+    if shift is not None:
+        out = out + _per_sample_or_token(shift, x, ct)
+    return out.to(x.dtype)
+
+
+def gated_residual(x, gate, y):
+    """x + gate * y: x, y [B, N, C], gate [B, C] (per sample) or [B, N, C]. fp32 math."""
+    ct = _compute_dtype(x)
+    return (x.to(ct) + _per_sample_or_token(gate, x, ct) * y.to(ct)).to(x.dtype)
+
+
 # ------------------------------------------------------------------------------- reparam_kl
 # Philox4x32-10 in plain integer torch ops (the oracle of the kernels' noise; csrc/philox.h defines
 # the stream): words are held in int64 tensors, products of two 32-bit words split in 16-bit halves
