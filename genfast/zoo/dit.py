@@ -1,0 +1,201 @@
+"""DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers") as a rectified-flow velocity
+model: patchify, adaLN-Zero blocks, final layer, unpatchify.
+
+Parameter names follow the reference DiT (facebookresearch/DiT models.py): x_embedder.proj,
+t_embedder.mlp.{0,2}, y_embedder.embedding_table, blocks.i.{attn.qkv, attn.proj, mlp.fc1, mlp.fc2,
+adaLN_modulation.1}, final_layer.{linear, adaLN_modulation.1}, so its checkpoints map over.
+The blocks are genfast.nn.DiTBlock when genfast has it; otherwise the block below, which reaches
+the hot ops (modulate, attention, gated residual) through genfast.zoo._ops.
+
+The model predicts the rectified-flow velocity v = noise - data at t in [0, 1] (t = 1 is noise);
+labels == num_classes is the null class of classifier-free guidance.
+"""
+import torch
+from torch import nn
+
+import genfast.nn as gnn
+from genfast.zoo import _ops
+
+CONFIGS = {
+    # name: (depth, hidden, heads, patch)
+    "tiny": (4, 96, 4, 2),        # the CPU demo on 16x16 digits
+    "S/2": (12, 384, 6, 2),
+    "B/2": (12, 768, 12, 2),
+    "XL/2": (28, 1152, 16, 2),
+}
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection; q, k, v are strided views of it."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not a multiple of num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        o = _ops.attention(qkv[0], qkv[1], qkv[2])  # [B, H, N, D] views, no copy
+        return self.proj(o.transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(_ops.gelu_tanh(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: x += gate * attn(modulate(LN(x))); x += gate * mlp(modulate(LN(x)))."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.attn = Attention(hidden_size, num_heads)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c):
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = _ops.gated_residual(x, gate_a, self.attn(_ops.adaln_modulate(x, shift_a, scale_a)))
+        return _ops.gated_residual(x, gate_m, self.mlp(_ops.adaln_modulate(x, shift_m, scale_m)))
+
+
+def block_class():
+    """genfast.nn.DiTBlock once merged (same state dict), else the block above."""
+    return getattr(gnn, "DiTBlock", DiTBlock)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t):
+        # t in [0, 1]; scaled to DiT's 0..1000 range so the frequencies resolve it
+        return self.mlp(_ops.timestep_features(t * 1000.0, self.freq_dim))
+
+
+class LabelEmbedder(nn.Module):
+    def __init__(self, num_classes, hidden):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden)  # last row: the null class
+
+    def forward(self, y):
+        return self.embedding_table(y)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, in_channels, hidden, patch):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden, patch, stride=patch)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, N, hidden]
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden, patch, out_channels):
+        super().__init__()
+        self.linear = nn.Linear(hidden, patch * patch * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(_ops.adaln_modulate(x, shift, scale))
+
+
+def sincos_pos_embed(hidden, grid):
+    """Fixed 2-D sine-cosine position embedding [grid*grid, hidden] (MAE / DiT)."""
+    if hidden % 4:
+        raise ValueError(f"hidden size {hidden} must be a multiple of 4 for the 2-D sincos embedding")
+    coords = torch.arange(grid, dtype=torch.float64)
+    gy, gx = torch.meshgrid(coords, coords, indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(hidden // 4, dtype=torch.float64) / (hidden / 4))
+
+    def emb(pos):
+        a = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([a.sin(), a.cos()], 1)
+    return torch.cat([emb(gy), emb(gx)], 1).float()
+
+
+class DiT(nn.Module):
+    """v = DiT(x [B, C, H, W], t [B] in [0, 1], y [B] int64) -> [B, C, H, W]."""
+
+    def __init__(self, input_size=16, in_channels=1, patch_size=2, hidden_size=96, depth=4, num_heads=4,
+                 mlp_ratio=4.0, num_classes=10):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
+        self.in_channels, self.patch, self.num_classes = in_channels, patch_size, num_classes
+        self.config = dict(input_size=input_size, in_channels=in_channels, patch_size=patch_size,
+                           hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                           num_classes=num_classes)
+        self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        grid = input_size // patch_size
+        self.register_buffer("pos_embed", sincos_pos_embed(hidden_size, grid)[None], persistent=False)
+        block = block_class()
+        self.blocks = nn.ModuleList([block(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.initialize_weights()
+
+    @classmethod
+    def from_config(cls, name, **kwargs):
+        depth, hidden, heads, patch = CONFIGS[name]
+        return cls(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch, **kwargs)
+
+    def initialize_weights(self):
+        # DiT's init: xavier linears, zeroed adaLN-Zero modulation and output layer
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+        for blk in self.blocks:
+            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+        for p in (self.final_layer.adaLN_modulation[-1].weight, self.final_layer.adaLN_modulation[-1].bias,
+                  self.final_layer.linear.weight, self.final_layer.linear.bias):
+            nn.init.zeros_(p)
+
+    def unpatchify(self, x, h, w):
+        p, c = self.patch, self.in_channels
+        b = x.shape[0]
+        x = x.view(b, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(b, c, h, w)
+
+    def forward(self, x, t, y):
+        h, w = x.shape[-2:]
+        tok = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y)
+        for blk in self.blocks:
+            tok = blk(tok, c)
+        return self.unpatchify(self.final_layer(tok, c), h, w)
+
+
+def num_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_sample(model, hw):
+    """Approximate forward FLOPs per image (2 per multiply-add): linears over tokens plus attention."""
+    cfg = model.config
+    n = (hw // cfg["patch_size"]) ** 2
+    hdim, depth = cfg["hidden_size"], cfg["depth"]
+    lin = depth * (n * (3 + 1 + 2 * cfg["mlp_ratio"]) * hdim * hdim + 2 * n * n * hdim)
+    return 2 * lin + 4 * n * hdim * cfg["patch_size"] ** 2 * cfg["in_channels"]  # + patch embed, final

@@ -1,0 +1,246 @@
+"""VQ-VAE (van den Oord et al. 2017) and a GPT-style autoregressive prior over its token grid: the
+notes' "images as sequences of discrete tokens".
+
+  VQVAE    conv encoder -> 4x4 grid of D-dim vectors -> nearest codebook entry (genfast's
+           vector_quantize: straight-through z_q, indices, codebook + beta * commitment loss; or
+           ema=True: the codebook follows EMA cluster means, only the commitment term trains the
+           encoder) -> conv decoder. Reports codebook usage (fraction of codes used, perplexity).
+  ARPrior  causal transformer over the 16 tokens (genfast attention, causal=True), optionally
+           class-conditional through its start token; sampling with temperature / top-k and a
+           KV cache (each new token attends to the cached keys: one token's work per step).
+"""
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genfast import data
+from genfast.zoo import _ops, classifier, plots, train
+
+
+class Quantizer(nn.Module):
+    def __init__(self, dim, codebook_size, *, beta=0.25, ema=False, decay=0.99, eps=1e-5):
+        super().__init__()
+        self.beta, self.ema, self.decay, self.eps = beta, ema, decay, eps
+        self.codebook = nn.Parameter(torch.randn(codebook_size, dim) * 0.5, requires_grad=not ema)
+        if ema:
+            self.register_buffer("cluster_size", torch.ones(codebook_size))
+            self.register_buffer("embed_sum", self.codebook.detach().clone())
+
+    def forward(self, z):
+        """z [..., D] -> (z_q straight-through, indices [...], loss)."""
+        zq, idx, loss = _ops.vector_quantize(z, self.codebook, beta=self.beta)
+        if self.ema:
+            loss = self.beta * F.mse_loss(z, zq.detach())  # commitment only; the codebook moves by EMA
+            if self.training:
+                self._ema_update(z.detach().reshape(-1, z.shape[-1]), idx.reshape(-1))
+        return zq, idx, loss
+
+    @torch.no_grad()
+    def _ema_update(self, flat, idx):
+        onehot = F.one_hot(idx, self.codebook.shape[0]).to(flat.dtype)
+        self.cluster_size.mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(onehot.t() @ flat, alpha=1 - self.decay)
+        n = self.cluster_size.sum()
+        size = (self.cluster_size + self.eps) / (n + self.codebook.shape[0] * self.eps) * n  # Laplace smoothing
+        self.codebook.data.copy_(self.embed_sum / size[:, None])
+
+
+class VQVAE(nn.Module):
+    def __init__(self, *, size=16, dim=16, codebook_size=64, width=64, beta=0.25, ema=False):
+        super().__init__()
+        self.config = dict(size=size, dim=dim, codebook_size=codebook_size, width=width, beta=beta, ema=ema)
+        self.encoder = nn.Sequential(nn.Conv2d(1, width, 4, 2, 1), nn.SiLU(), nn.Conv2d(width, width, 4, 2, 1),
+                                     nn.SiLU(), nn.Conv2d(width, dim, 1))
+        self.quantizer = Quantizer(dim, codebook_size, beta=beta, ema=ema)
+        self.decoder = nn.Sequential(nn.Conv2d(dim, width, 3, 1, 1), nn.SiLU(), nn.ConvTranspose2d(width, width, 4, 2, 1),
+                                     nn.SiLU(), nn.ConvTranspose2d(width, width, 4, 2, 1), nn.SiLU(),
+                                     nn.Conv2d(width, 1, 3, 1, 1))
+
+    def encode(self, x):
+        """-> (z_q [B, D, h, w], indices [B, h, w], vq loss)."""
+        z = self.encoder(x).permute(0, 2, 3, 1)  # channels last: [B, h, w, D]
+        zq, idx, loss = self.quantizer(z)
+        return zq.permute(0, 3, 1, 2), idx, loss
+
+    def decode_indices(self, idx):
+        return self.decoder(self.quantizer.codebook[idx].permute(0, 3, 1, 2))
+
+    def forward(self, x):
+        zq, idx, vq_loss = self.encode(x)
+        rec = F.mse_loss(self.decoder(zq), x)
+        return {"loss": rec + vq_loss, "recon": rec, "vq": vq_loss, "indices": idx}
+
+
+def codebook_usage(indices, k):
+    counts = torch.bincount(indices.flatten(), minlength=k).float()
+    p = counts / counts.sum()
+    return {"used_fraction": (counts > 0).float().mean().item(),
+            "perplexity": math.exp(-(p[p > 0] * p[p > 0].log()).sum().item())}
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x, cache=None):
+        """x [B, n, C]; with cache (a dict), the n new tokens attend to the cached keys too."""
+        b, n, c = x.shape
+        qkv = self.qkv(self.ln1(x)).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+        # causal over the new block; with one new token and a cache it sees every cached key
+        o = _ops.attention(q, k, v, causal=n > 1 or cache is None)
+        x = x + self.proj(o.transpose(1, 2).reshape(b, n, c))
+        return x + self.fc2(_ops.gelu_tanh(self.fc1(self.ln2(x))))
+
+
+class ARPrior(nn.Module):
+    """p(t_1..t_n | y) = prod p(t_i | t_<i, y); the start token is the class (or one shared token)."""
+
+    def __init__(self, vocab, length, *, classes=10, dim=128, depth=4, heads=4):
+        super().__init__()
+        self.config = dict(vocab=vocab, length=length, classes=classes, dim=dim, depth=depth, heads=heads)
+        self.vocab, self.length = vocab, length
+        self.tok = nn.Embedding(vocab + classes + 1, dim)  # codes, class start tokens, unconditional start
+        self.pos = nn.Parameter(torch.zeros(length, dim))
+        self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
+        self.ln, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab)
+        self.classes = classes
+
+    def start(self, y, b, device):
+        """Start tokens: the class's, or the shared unconditional one where y is None or -1."""
+        uncond = torch.full((b,), self.vocab + self.classes, device=device)
+        return uncond if y is None else torch.where(y < 0, uncond, y + self.vocab)
+
+    def forward(self, tokens, y=None):
+        """Logits [B, n, vocab] of token i given the start token and tokens < i."""
+        b, n = tokens.shape
+        seq = torch.cat([self.start(y, b, tokens.device)[:, None], tokens[:, :-1]], 1)
+        h = self.tok(seq) + self.pos[:n]
+        for blk in self.blocks:
+            h = blk(h)
+        return self.head(self.ln(h))
+
+    def bits_per_token(self, tokens, y=None):
+        logits = self(tokens, y)
+        return F.cross_entropy(logits.reshape(-1, self.vocab), tokens.reshape(-1)).item() / math.log(2)
+
+    @torch.no_grad()
+    def sample(self, b, y=None, *, temperature=1.0, top_k=None, generator=None, use_cache=True):
+        device = self.pos.device
+        seq = self.start(y, b, device)[:, None]
+        caches = [{} for _ in self.blocks] if use_cache else None
+        out = []
+        for i in range(self.length):
+            if use_cache:  # only the newest token goes through the network
+                h = self.tok(seq[:, -1:]) + self.pos[i]
+                for blk, c in zip(self.blocks, caches):
+                    h = blk(h, c)
+            else:
+                h = self.tok(seq) + self.pos[:i + 1]
+                for blk in self.blocks:
+                    h = blk(h)
+            logits = self.head(self.ln(h[:, -1])) / max(temperature, 1e-6)
+            if top_k is not None:
+                kth = logits.topk(top_k, dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+            out.append(nxt)
+            seq = torch.cat([seq, nxt], 1)
+        return torch.cat(out, 1)
+
+
+DEFAULTS = dict(train_steps=1200, prior_steps=1000, batch=128, lr=2e-3, size=16, dim=16, codebook_size=64,
+                ema=True, temperature=1.0, top_k=None)
+
+
+def train_models(cfg, *, out=None, seed=0, resume=False, progress=True):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    x, y = data.digits(cfg["size"], split="train")
+    vq = VQVAE(size=cfg["size"], dim=cfg["dim"], codebook_size=cfg["codebook_size"], ema=cfg["ema"])
+    opt = torch.optim.Adam([p for p in vq.parameters() if p.requires_grad], lr=cfg["lr"])
+    ck = None if out is None else Path(out)
+
+    def vq_step(i):
+        vq.train()
+        r = vq(x[torch.randint(0, len(y), (cfg["batch"],), generator=g)])
+        opt.zero_grad(set_to_none=True)
+        r["loss"].backward()
+        opt.step()
+        return {"loss": r["loss"].item(), "recon": r["recon"].item()}
+
+    conf = {k: cfg[k] for k in ("size", "dim", "codebook_size", "ema", "batch", "lr", "train_steps", "prior_steps")}
+    t0 = time.perf_counter()
+    h1 = train.fit(vq_step, steps=cfg["train_steps"], state={"model": vq, "opt": opt, "rng": g}, kind="vqvae",
+                   config=conf, ckpt=ck and ck / "checkpoint.pt", resume=resume, progress=progress,
+                   desc="training vq-vae", items_per_step=cfg["batch"])
+    vq.eval()
+    with torch.no_grad():
+        tokens = vq.encode(x)[1].flatten(1)
+    prior = ARPrior(cfg["codebook_size"], tokens.shape[1])
+    popt = torch.optim.AdamW(prior.parameters(), lr=1e-3, weight_decay=0.01)
+    psched = torch.optim.lr_scheduler.CosineAnnealingLR(popt, cfg["prior_steps"])
+
+    def prior_step(i):
+        prior.train()
+        idx = torch.randint(0, len(y), (cfg["batch"],), generator=g)
+        yy = torch.where(torch.rand(cfg["batch"], generator=g) < 0.1, -1, y[idx])  # some unconditional
+        logits = prior(tokens[idx], yy)
+        loss = F.cross_entropy(logits.reshape(-1, prior.vocab), tokens[idx].reshape(-1))
+        popt.zero_grad(set_to_none=True)
+        loss.backward()
+        popt.step()
+        psched.step()
+        return {"loss": loss.item()}
+
+    h2 = train.fit(prior_step, steps=cfg["prior_steps"], state={"prior": prior, "opt": popt, "sched": psched, "rng": g},
+                   kind="ar-prior", config=conf, ckpt=ck and ck / "prior.pt", resume=resume, progress=progress,
+                   desc="training ar prior", items_per_step=cfg["batch"])
+    return vq, prior, h1, h2, time.perf_counter() - t0
+
+
+def run(out="out/vqvae", *, seed=0, resume=False, progress=True, sample_steps=None, **overrides):
+    cfg = {**DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vq, prior, h1, h2, secs = train_models(cfg, out=out, seed=seed, resume=resume, progress=progress)
+    test, test_y = data.digits(cfg["size"], split="test")
+    train_x, _ = data.digits(cfg["size"], split="train")
+    with torch.no_grad():
+        r = vq(test)
+        test_tokens = r["indices"].flatten(1)
+        labels = torch.arange(10).repeat_interleave(20)
+        g = torch.Generator().manual_seed(seed + 1)
+        toks = prior.sample(len(labels), labels, temperature=cfg["temperature"], top_k=cfg["top_k"], generator=g)
+        xs = vq.decode_indices(toks.view(-1, *r["indices"].shape[1:])).clamp(-1, 1)
+        prior.eval()
+        bpt = prior.bits_per_token(test_tokens, test_y)
+        bpt_uncond = prior.bits_per_token(test_tokens)
+    clf, clf_acc = classifier.load_or_train(out, size=cfg["size"])
+    s = classifier.score(clf, xs, labels, test)
+    rows = [("data", test[:12]), ("reconstruction", vq.decode_indices(r["indices"][:12]).clamp(-1, 1).detach())]
+    rows += [(f"class {c}", xs.view(10, 20, 1, cfg["size"], cfg["size"])[c, :12]) for c in range(10)]
+    plots.save_grid(out / "samples.png", rows, title="VQ-VAE reconstructions; AR-prior samples, one row per class")
+    plots.save_loss_curve(out / "loss.png", {"vq-vae loss": h1["loss"], "prior cross-entropy (nats)": h2["loss"]})
+    metrics = {"model": "vqvae", "config": vq.config, "prior": prior.config, "train_seconds": round(secs, 1),
+               "heldout_recon_mse": r["recon"].item(), "heldout_bits_per_token": bpt,
+               "heldout_bits_per_token_unconditional": bpt_uncond, "uniform_bits_per_token": math.log2(cfg["codebook_size"]),
+               "codebook_usage_train": codebook_usage(vq.encode(train_x)[1], cfg["codebook_size"]),
+               "sample_accuracy": s["accuracy"], "frechet": s["frechet"], "classifier_test_accuracy": clf_acc,
+               "temperature": cfg["temperature"], "top_k": cfg["top_k"], "ops": _ops.which()}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
