@@ -19,6 +19,8 @@ _native.warn_if_cpu_module_missing()
 
 from genfast.info import info  # noqa: E402
 from genfast.ops import flow_euler_step  # noqa: E402
+from genfast.ops.attention import attention  # noqa: E402
 from genfast.sampling import sample_rectified_flow  # noqa: E402
 
 __all__ = ["info", "flow_euler_step", "sample_rectified_flow", "__version__"]
+__all__ += ["attention"]
