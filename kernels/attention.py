@@ -252,12 +252,13 @@ def _tuned(kernel, configs):
         key=["nq", "nk", "D"], prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
+# What the launchers run: the plain kernels under the interpreter, else their autotuners (kept
+# in a dict: tools that scan this module for jit functions see the kernels themselves).
 if _INTERPRETED:
-    _FWD, _DKDV, _DQ = attn_fwd_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
+    _RUN = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel}
 else:
-    _FWD = _tuned(attn_fwd_kernel, FWD_CONFIGS)
-    _DKDV = _tuned(attn_bwd_dkdv_kernel, BWD_CONFIGS)
-    _DQ = _tuned(attn_bwd_dq_kernel, BWD_CONFIGS)
+    _RUN = {"fwd": _tuned(attn_fwd_kernel, FWD_CONFIGS), "dkdv": _tuned(attn_bwd_dkdv_kernel, BWD_CONFIGS),
+            "dq": _tuned(attn_bwd_dq_kernel, BWD_CONFIGS)}
 
 
 def _block_d(d):
@@ -289,7 +290,7 @@ def attention_forward(q, k, v, mask, causal, scale):
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
     m, strides, mstr, sizes, consts = _common(q, k, v, mask, causal, scale)
     grid = lambda meta: _grid(triton.cdiv(nq, meta["BLOCK_M"]), b * h)  # noqa: E731
-    _FWD[grid](q, k, v, m, out, lse, *strides, *mstr, *sizes, float(scale) * LOG2E, **consts)
+    _RUN["fwd"][grid](q, k, v, m, out, lse, *strides, *mstr, *sizes, float(scale) * LOG2E, **consts)
     return out, lse
 
 
@@ -305,9 +306,9 @@ def attention_backward(dout, q, k, v, out, lse, mask, causal, scale):
     dv = torch.empty((b, h, nk, d), dtype=q.dtype, device=q.device)
     m, strides, mstr, sizes, consts = _common(q, k, v, mask, causal, scale)
     scalars = (float(scale) * LOG2E, float(scale))
-    _DKDV[lambda meta: _grid(triton.cdiv(nk, meta["BLOCK_N"]), b * h)](
+    _RUN["dkdv"][lambda meta: _grid(triton.cdiv(nk, meta["BLOCK_N"]), b * h)](
         q, k, v, do, m, lse, delta, dk, dv, *strides, *mstr, *sizes, *scalars, **consts)
-    _DQ[lambda meta: _grid(triton.cdiv(nq, meta["BLOCK_M"]), b * h)](
+    _RUN["dq"][lambda meta: _grid(triton.cdiv(nq, meta["BLOCK_M"]), b * h)](
         q, k, v, do, m, lse, delta, dq, *strides, *mstr, *sizes, *scalars, **consts)
     return dq, dk, dv
 

@@ -129,10 +129,22 @@ def _reference_fwd(q, k, v, mask, causal, scale):
 
 
 def _reference_bwd(dout, q, k, v, mask, causal, scale):
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        out = reference.attention(*leaves, causal=causal, scale=scale, key_padding_mask=mask)
-        return torch.autograd.grad(out, leaves, dout)
+    """The softmax-attention gradients written out in plain PyTorch (fp32, fp64 for fp64): autograd
+    does not record inside a custom op's implementation."""
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qc, kc, vc, do = q.to(ct), k.to(ct), v.to(ct), dout.to(ct)
+    s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    if causal or mask is not None:
+        allowed = reference.attention_allowed(q.shape[2], k.shape[2], causal=causal, key_padding_mask=mask,
+                                              device=q.device)
+        any_key = allowed.any(-1, keepdim=True)
+        p = torch.softmax(s.masked_fill(~allowed, float("-inf")).masked_fill(~any_key, 0.0), -1) * any_key
+    else:
+        p = torch.softmax(s, -1)
+    dp = torch.matmul(do, vc.transpose(-1, -2))
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True)) * scale
+    return (torch.matmul(ds, kc).to(q.dtype), torch.matmul(ds.transpose(-1, -2), qc).to(k.dtype),
+            torch.matmul(p.transpose(-1, -2), do).to(v.dtype))
 
 
 def _fwd_impl(q, k, v, mask, causal, scale):

@@ -61,7 +61,7 @@ def forward(q, k, v, mask, causal, scale, fully_masked):
         am = _additive_mask(mask, q.dtype) if mask is not None else None
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             _unit_last(q), _unit_last(k), _unit_last(v), 0.0, causal, attn_mask=am, scale=scale)
-        out = out.contiguous()
+        out, lse = out.contiguous(), lse.contiguous()
     else:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
@@ -98,8 +98,10 @@ def backward(dout, q, k, v, out, lse, mask, causal, scale):
         qb, dob = q[:, :, q0:q1], dout[:, :, q0:q1]
         p = _scores(qb, kt, q0, causal, mask, scale).sub_(lse[:, :, q0:q1, None]).exp_()  # +inf lse -> 0
         dv += torch.matmul(p.to(dt).transpose(-1, -2), dob).float()
-        delta = (dob.float() * out[:, :, q0:q1].float()).sum(-1, keepdim=True)
-        ds = torch.matmul(dob, vt).float().sub_(delta).mul_(p).mul_(scale).to(dt)
+        dp = torch.matmul(dob, vt).float()
+        # rowsum(p * dp), not rowsum(dout * out): dp left the bf16 GEMM rounded, and the same
+        # rounded dp on both sides keeps ds exact where it must vanish (a single key, p = 1).
+        ds = dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p).mul_(scale).to(dt)
         torch.matmul(ds, k, out=dq[:, :, q0:q1])
         dk += torch.matmul(ds.transpose(-1, -2), qb).float()
     return dq, dk.to(dt), dv.to(dt)
