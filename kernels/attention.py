@@ -41,10 +41,19 @@ def _store(ptrs, x, mask, BF16_RTNE: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, DOT_F32: tl.constexpr, IN_TY: tl.constexpr, PREC: tl.constexpr):
-    # a, b arrive in fp32; the GPU multiplies them in the inputs' dtype (fp32 accumulation).
+def _ld(x, DOT_F32: tl.constexpr):
+    # A tile that only feeds tl.dot: fp32 at once under the interpreter (its bf16 math is wrong),
+    # the input dtype on the GPU (half the registers; tl.dot accumulates in fp32).
     if DOT_F32:
-        return tl.dot(a, b)
+        return x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _dot(a, b, DOT_F32: tl.constexpr, IN_TY: tl.constexpr, PREC: tl.constexpr):
+    # fp32 operands under the interpreter; on the GPU both in the inputs' dtype, fp32 accumulation.
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
     return tl.dot(a.to(IN_TY), b.to(IN_TY), input_precision=PREC)
 
 
@@ -84,8 +93,8 @@ def attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)  # [BLOCK_M] int64
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < nq) & d_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_D]
+    q = _ld(tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=(offs_m[:, None] < nq) & d_ok[None, :], other=0.0), DOT_F32)  # [BLOCK_M, BLOCK_D]
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
     m_base = mask_ptr + b * msk_b
@@ -99,7 +108,7 @@ def attn_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n[:, None] < nk) & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0).to(tl.float32)
+        k = _ld(tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0), DOT_F32)
         s = _dot(q, tl.trans(k), DOT_F32, IN_TY, PREC) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         s = tl.where(_valid(offs_m, offs_n, nq, nk, m_base, msk_n, CAUSAL, HAS_MASK), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -107,7 +116,7 @@ def attn_fwd_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0).to(tl.float32)
+        v = _ld(tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0), DOT_F32)
         acc = acc * alpha[:, None] + _dot(p, v, DOT_F32, IN_TY, PREC)
         m_i = m_new
 
@@ -144,8 +153,8 @@ def attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     kv_ok = (offs_n[:, None] < nk) & d_ok[None, :]
-    k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0).to(tl.float32)
+    k = _ld(tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0), DOT_F32)
+    v = _ld(tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0), DOT_F32)
     q_base = q_ptr + b * sqb + h * sqh
     row0 = pid_bh * nq
     m_base = mask_ptr + b * msk_b
@@ -157,8 +166,8 @@ def attn_bwd_dkdv_kernel(
     for start_m in range(lo, nq, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
         q_ok = (offs_m[:, None] < nq) & d_ok[None, :]
-        q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=q_ok, other=0.0).to(tl.float32)
-        do = tl.load(do_ptr + (row0 + offs_m)[:, None] * D + offs_d[None, :], mask=q_ok, other=0.0).to(tl.float32)
+        q = _ld(tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=q_ok, other=0.0), DOT_F32)
+        do = _ld(tl.load(do_ptr + (row0 + offs_m)[:, None] * D + offs_d[None, :], mask=q_ok, other=0.0), DOT_F32)
         lse2 = tl.load(lse_ptr + row0 + offs_m, mask=offs_m < nq, other=float("inf")) * 1.4426950408889634
         delta = tl.load(delta_ptr + row0 + offs_m, mask=offs_m < nq, other=0.0)
         s = _dot(q, tl.trans(k), DOT_F32, IN_TY, PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
@@ -199,8 +208,8 @@ def attn_bwd_dq_kernel(
     d_ok = offs_d < D
     q_ok = (offs_m[:, None] < nq) & d_ok[None, :]
     row = pid_bh * nq + offs_m
-    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=q_ok, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + row[:, None] * D + offs_d[None, :], mask=q_ok, other=0.0).to(tl.float32)
+    q = _ld(tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=q_ok, other=0.0), DOT_F32)
+    do = _ld(tl.load(do_ptr + row[:, None] * D + offs_d[None, :], mask=q_ok, other=0.0), DOT_F32)
     lse2 = tl.load(lse_ptr + row, mask=offs_m < nq, other=float("inf")) * 1.4426950408889634
     delta = tl.load(delta_ptr + row, mask=offs_m < nq, other=0.0)
     k_base = k_ptr + b * skb + h * skh
@@ -213,8 +222,8 @@ def attn_bwd_dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n[:, None] < nk) & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0).to(tl.float32)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0).to(tl.float32)
+        k = _ld(tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0), DOT_F32)
+        v = _ld(tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0), DOT_F32)
         s = _dot(q, tl.trans(k), DOT_F32, IN_TY, PREC) * qk_scale
         ok = _valid(offs_m, offs_n, nq, nk, m_base, msk_n, CAUSAL, HAS_MASK)
         p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
@@ -233,16 +242,30 @@ _INTERPRETED = isinstance(attn_fwd_kernel, InterpretedFunction)
 MAX_GRID_YZ = 65535
 # Under the interpreter one config (it is slow: 32-blocks keep a 257-token test under a second).
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
-# GPU: a small autotune space per kernel, (BLOCK_M, BLOCK_N, num_warps, num_stages), pruned by the
-# head-dim block (256-wide blocks keep the tiles small enough for the register file). Tuned once
-# per (nq, nk, D) in a process (triton.autotune caches by key).
-FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4)]
-BWD_CONFIGS = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)]
+# GPU: a small autotune space per kernel, (BLOCK_M, BLOCK_N, num_warps, num_stages), pruned by
+# dtype and head-dim block so the surviving tiles fit the register file (fp32 runs IEEE FMA dots:
+# small tiles). Tuned once per (nq, nk, D) in a process (triton.autotune caches by key). The first
+# survivor is the default that genfast/devtools/gpu_compile.py checks for spills (AOT_CONFIGS).
+FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4), (32, 32, 4, 2)]
+BWD_CONFIGS = [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (32, 32, 4, 2)]
+
+
+def _fits(block_m, block_n, block_d, fp32):
+    if fp32:
+        return block_m * block_n <= 32 * 32 if block_d >= 128 else block_m * block_n <= 64 * 32
+    return block_d < 256 or block_m * block_n <= 64 * 64
+
+
+def _survivors(configs, block_d, fp32):
+    keep = [c for c in configs if _fits(c[0], c[1], block_d, fp32)]
+    return keep or configs[-1:]
 
 
 def _prune(configs, named_args, **kwargs):
     bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
-    keep = [c for c in configs if bd < 256 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    q = named_args.get("q_ptr")
+    fp32 = getattr(q, "dtype", None) == torch.float32
+    keep = [c for c in configs if _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], bd, fp32)]
     return keep or configs[-1:]
 
 
@@ -323,16 +346,16 @@ _SIZES = ("BH", "H", "nq", "nk", "D")
 
 def _aot(kind, dtype, d, causal=True, masked=True):
     kernel, ptrs, scalars, cfg = {
-        "fwd": (attn_fwd_kernel, ("q_ptr", "k_ptr", "v_ptr", "mask_ptr", "out_ptr", "lse_ptr"), ("qk_scale",), FWD_CONFIGS[0]),
+        "fwd": (attn_fwd_kernel, ("q_ptr", "k_ptr", "v_ptr", "mask_ptr", "out_ptr", "lse_ptr"), ("qk_scale",), FWD_CONFIGS),
         "dkdv": (attn_bwd_dkdv_kernel, ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "mask_ptr", "lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr"),
-                 ("qk_scale", "scale"), BWD_CONFIGS[0]),
+                 ("qk_scale", "scale"), BWD_CONFIGS),
         "dq": (attn_bwd_dq_kernel, ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "mask_ptr", "lse_ptr", "delta_ptr", "dq_ptr"),
-               ("qk_scale", "scale"), BWD_CONFIGS[0]),
+               ("qk_scale", "scale"), BWD_CONFIGS),
     }[kind]
     sig = {p: ("*u8" if p == "mask_ptr" else "*fp32" if p in ("lse_ptr", "delta_ptr") else f"*{dtype}") for p in ptrs}
     sig.update({n: "i32" for n in _STRIDES + _SIZES})
     sig.update({n: "fp32" for n in scalars})
-    block_m, block_n, num_warps, num_stages = cfg
+    block_m, block_n, num_warps, num_stages = _survivors(cfg, _block_d(d), dtype == "fp32")[0]
     return {
         "name": f"attention_{kind}[{dtype},D={d},{'causal,' if causal else ''}{'mask' if masked else 'nomask'}]",
         "kernel": kernel,

@@ -1,1 +1,2 @@
 """genfast.nn"""
+from genfast.nn.dit import DiTAttention, DiTBlock  # noqa: E402,F401
