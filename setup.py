@@ -42,10 +42,11 @@ def find_nvcc():
 def cuda_home(nvcc):
     # /usr/local/bin/nvcc may be a wrapper script: ask nvcc itself where its toolkit lives.
     try:
-        out = subprocess.run([nvcc, "-dryrun", "--version"], capture_output=True, text=True).stderr
+        out = subprocess.run([nvcc, "-dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
         for line in out.splitlines():
             if "TOP=" in line:
-                return line.split("TOP=", 1)[1].strip().strip('"')
+                return os.path.normpath(line.split("TOP=", 1)[1].strip().strip('"'))
     except OSError:
         pass
     return str(Path(os.path.realpath(nvcc)).parent.parent)
@@ -107,7 +108,7 @@ class NinjaBuildExt(build_ext):
         rules = [
             f"rule cxx\n  command = {cxx} {base} $flags -MMD -MF $out.d -c $in -o $out\n  depfile = $out.d\n  deps = gcc\n",
             # The emulated CUDA build: the .cu text as C++ against csrc/emu (DESIGN.md §8).
-            f"rule emu\n  command = {cxx} -x c++ {base} -O2 -fno-strict-aliasing -pthread -DGENFAST_EMULATE"
+            f"rule emu\n  command = {cxx} -x c++ {base} -O2 -fno-strict-aliasing -Wno-unknown-pragmas -pthread -DGENFAST_EMULATE"
             f" $flags -MMD -MF $out.d -c $in -o $out\n  depfile = $out.d\n  deps = gcc\n",
         ]
         self.objects = {"genfast._C": [], "genfast._cuda_emu": [], "genfast._cuda": []}

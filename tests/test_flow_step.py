@@ -119,3 +119,33 @@ def test_drift_bf16_vs_fp32():
     # field that stays within 4 % of the trajectory's scale (measured 1.3-2.6 % over seeds; a naive
     # bf16 loop reaches 1.2-2.9 %, the storage rounding dominates once the math is fp32).
     assert drift < 0.04, drift
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_capture_reads_dt_on_device(backend, use_backend):
+    """A captured step re-reads dt and guidance from device memory at every replay."""
+    use_backend(backend)
+    x, vc, vu = (torch.randn(4, 1024, device="cuda") for _ in range(3))
+    dt, w = torch.full((4,), 0.1, device="cuda"), torch.tensor(2.0, device="cuda")
+    out = torch.empty_like(x)
+    genfast.flow_euler_step(x, vc, vu, dt=dt, guidance=w, out=out)  # warm-up (Triton compiles here)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        genfast.flow_euler_step(x, vc, vu, dt=dt, guidance=w, out=out)
+    for value in (0.3, 0.05):
+        dt.fill_(value)
+        graph.replay()
+        torch.testing.assert_close(out, reference.flow_euler_step(x, vc, vu, dt=dt, guidance=w))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_offsets_past_2_31_elements(backend, use_backend):
+    use_backend(backend)
+    cols = (1 << 31) // 2 + 7  # two rows: the second row starts past 2^31 elements
+    x = torch.zeros(2, cols, device="cuda", dtype=torch.bfloat16)
+    v = torch.ones_like(x)
+    genfast.flow_euler_step(x, v, dt=0.5, out=x)
+    assert x[1, -4:].float().eq(-0.5).all() and x[0, :4].float().eq(-0.5).all()

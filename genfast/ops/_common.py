@@ -29,6 +29,8 @@ def check_like(name, t, ref_name, ref):
 def _span(t):
     """[first, last] byte addresses t can touch (t non-empty)."""
     start = t.data_ptr()
+    if t.is_contiguous():
+        return start, start + t.numel() * t.element_size() - 1
     last = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
     return start, start + (last + 1) * t.element_size() - 1
 
@@ -39,6 +41,23 @@ def overlaps(a, b):
     a0, a1 = _span(a)
     b0, b1 = _span(b)
     return a0 <= b1 and b0 <= a1
+
+
+def rows_strides(t):
+    """(row stride, column stride) of t seen as [rows, cols] (rows = dim 0, cols = the rest merged)
+    without a copy, or None when the non-batch dims cannot merge into one strided dim. Plain ints:
+    cheaper than building a view on the launch-bound path."""
+    shape, stride = t.shape, t.stride()
+    col_stride = expect = None
+    for size, st in zip(reversed(shape[1:]), reversed(stride[1:])):
+        if size == 1:
+            continue
+        if col_stride is not None and st != expect:
+            return None
+        if col_stride is None:
+            col_stride = st
+        expect = st * size
+    return stride[0], 1 if col_stride is None else col_stride
 
 
 def rows_view(t):

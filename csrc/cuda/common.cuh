@@ -1,0 +1,154 @@
+// Included first by every .cu in csrc/cuda. Each .cu compiles twice (DESIGN.md §8):
+//   nvcc                       the CUDA headers; GENFAST_LAUNCH is a <<<…>>> launch
+//   g++ -x c++ -DGENFAST_EMULATE  csrc/emu/cuda_emu.h: the kernels run on the CPU
+// so kernels launch only through GENFAST_LAUNCH and take dynamic shared memory only through
+// GENFAST_DYN_SHARED, and nothing else may differ between the two builds.
+//
+// Conventions for kernel files: kernels and file-local helpers in an anonymous namespace (the
+// emulated build links all .cu files into one module); device helpers in headers are
+// __forceinline__ or templates; do math in fp32 (load_* / store_* below convert).
+//
+// GENFAST_LAUNCH(kernel, grid, block, dyn_shared_bytes, stream, args...) is a statement; check
+// cudaGetLastError() after it. A template kernel goes through a pointer variable first
+// (auto k = &kern<A, B>;) because of the commas. GENFAST_DYN_SHARED(T, name) declares
+// `T* name` at the start of dynamic shared memory (128-byte aligned).
+#pragma once
+
+#include <stdint.h>
+
+#include "flow_step.h"  // genfast::DType (the dtype codes shared with the bindings)
+
+#ifdef GENFAST_EMULATE
+#include "emu/cuda_emu.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#define GENFAST_LAUNCH(kernel, grid, block, shmem, stream, ...) \
+  kernel<<<(grid), (block), (shmem), (cudaStream_t)(stream)>>>(__VA_ARGS__)
+#define GENFAST_DYN_SHARED(T, name)                                      \
+  extern __shared__ __align__(128) unsigned char genfast_dyn_smem_[];    \
+  T* name = reinterpret_cast<T*>(genfast_dyn_smem_)
+#endif
+
+namespace genfast {
+namespace dev {
+
+// ---- element types by dtype code ----------------------------------------------------------------
+template <int DT> struct ElemOf;
+template <> struct ElemOf<kFloat32> { using type = float; };
+template <> struct ElemOf<kFloat16> { using type = __half; };
+template <> struct ElemOf<kBFloat16> { using type = __nv_bfloat16; };
+template <int DT> using elem_t = typename ElemOf<DT>::type;
+// Elements in one 16-byte vector (a single ld/st.global.v4 on the GPU).
+template <int DT> constexpr int kPack = 16 / static_cast<int>(sizeof(elem_t<DT>));
+
+// ---- one element, dtype known at compile time (hot loops) or at run time -----------------------
+template <int DT>
+__device__ __forceinline__ float load_elem(const void* base, int64_t i) {
+  const elem_t<DT> v = static_cast<const elem_t<DT>*>(base)[i];
+  if constexpr (DT == kFloat32) return v;
+  else if constexpr (DT == kFloat16) return __half2float(v);
+  else return __bfloat162float(v);
+}
+template <int DT>
+__device__ __forceinline__ void store_elem(void* base, int64_t i, float v) {
+  if constexpr (DT == kFloat32) static_cast<float*>(base)[i] = v;
+  else if constexpr (DT == kFloat16) static_cast<__half*>(base)[i] = __float2half_rn(v);
+  else static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(v);
+}
+__device__ __forceinline__ float load_elem(const void* base, int64_t i, int dtype) {
+  return dtype == kFloat32 ? load_elem<kFloat32>(base, i)
+         : dtype == kFloat16 ? load_elem<kFloat16>(base, i) : load_elem<kBFloat16>(base, i);
+}
+__device__ __forceinline__ void store_elem(void* base, int64_t i, float v, int dtype) {
+  if (dtype == kFloat32) store_elem<kFloat32>(base, i, v);
+  else if (dtype == kFloat16) store_elem<kFloat16>(base, i, v);
+  else store_elem<kBFloat16>(base, i, v);
+}
+
+// ---- 16-byte vectors: p must be 16-byte aligned. Element i of a packed 32-bit word sits in its
+// low half (the layout of __half2 / __nv_bfloat162).
+template <int DT>
+__device__ __forceinline__ void load_pack(const void* p, float (&v)[kPack<DT>]) {
+  const uint4 u = *static_cast<const uint4*>(p);
+  const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (DT == kFloat32) {
+      v[i] = __uint_as_float(w[i]);
+    } else if constexpr (DT == kBFloat16) {  // bf16 -> fp32 is a shift
+      v[2 * i] = __uint_as_float(w[i] << 16);
+      v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    } else {
+      v[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] & 0xffffu)));
+      v[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
+    }
+  }
+}
+template <int DT>
+__device__ __forceinline__ void store_pack(void* p, const float (&v)[kPack<DT>]) {
+  unsigned w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (DT == kFloat32) {
+      w[i] = __float_as_uint(v[i]);
+    } else if constexpr (DT == kBFloat16) {  // one cvt.rn.bf16x2.f32 on sm_80+
+      const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+      w[i] = __bfloat16_as_ushort(h.x) | (static_cast<unsigned>(__bfloat16_as_ushort(h.y)) << 16);
+    } else {  // one cvt.rn.f16x2.f32 on sm_80+
+      const __half2 h = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+      w[i] = __half_as_ushort(h.x) | (static_cast<unsigned>(__half_as_ushort(h.y)) << 16);
+    }
+  }
+  *static_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// ---- reductions ---------------------------------------------------------------------------------
+struct SumOp {
+  template <class T> __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+  template <class T> __device__ __forceinline__ T operator()(T a, T b) const { return a < b ? b : a; }
+};
+
+// Every lane of a full warp gets the reduction of all 32 lanes' values (xor butterfly).
+template <class T, class Op>
+__device__ __forceinline__ T warp_allreduce(T v, Op op) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) { return warp_allreduce(v, SumOp()); }
+__device__ __forceinline__ float warp_max(float v) { return warp_allreduce(v, MaxOp()); }
+
+// Every thread of the block gets the reduction over the block. All threads of the block must
+// call it (threads that returned earlier are fine); the block size must be a multiple of 32.
+// `scratch` is a __shared__ T[32] owned by the caller; it may be reused by the next call (the
+// leading barrier protects it).
+template <class T, class Op>
+__device__ __forceinline__ T block_allreduce(T v, T* scratch, Op op, T identity) {
+  const unsigned tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  const unsigned nwarps = (blockDim.x * blockDim.y * blockDim.z + 31) / 32;
+  v = warp_allreduce(v, op);
+  __syncthreads();  // a previous call may still be reading scratch
+  if ((tid & 31) == 0) scratch[tid >> 5] = v;
+  __syncthreads();
+  v = (tid & 31) < nwarps ? scratch[tid & 31] : identity;
+  return warp_allreduce(v, op);
+}
+__device__ __forceinline__ float block_sum(float v, float* scratch) { return block_allreduce(v, scratch, SumOp(), 0.0f); }
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  return block_allreduce(v, scratch, MaxOp(), __uint_as_float(0xff800000u));  // -inf
+}
+
+// ---- tensor cores (not written yet) -----------------------------------------------------------
+// Wrappers for mma.sync.aligned.m16n8k16 (bf16/fp16 -> fp32) and ldmatrix(.trans).x1/.x2/.x4
+// go in csrc/cuda/mma.cuh: inline PTX under nvcc, and under GENFAST_EMULATE a twin built on
+// genfast_emu::warp_collective that follows the PTX ISA fragment layouts lane by lane
+// (DESIGN.md §8). Kernels that use them include "cuda/mma.cuh" after this header.
+
+}  // namespace dev
+}  // namespace genfast
