@@ -247,12 +247,12 @@ INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
 # small tiles). Tuned once per (nq, nk, D) in a process (triton.autotune caches by key). The first
 # survivor is the default that genfast/devtools/gpu_compile.py checks for spills (AOT_CONFIGS).
 FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4), (32, 32, 4, 2)]
-BWD_CONFIGS = [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (32, 32, 4, 2)]
+BWD_CONFIGS = [(32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (32, 32, 4, 2)]
 
 
 def _fits(block_m, block_n, block_d, fp32):
-    if fp32:
-        return block_m * block_n <= 32 * 32 if block_d >= 128 else block_m * block_n <= 64 * 32
+    if fp32:  # IEEE fp32 dots run on FMA units with fp32 operand tiles: the smallest tiles only
+        return block_m * block_n <= 32 * 32
     return block_d < 256 or block_m * block_n <= 64 * 64
 
 
