@@ -5,9 +5,12 @@
 #include <cstring>
 
 // Hot loops are compiled for several ISAs and the best is picked when the module loads (an ifunc),
-// never -march=native (DESIGN.md §2). haswell brings AVX2+FMA+F16C (hardware fp16 conversion).
+// never -march=native (DESIGN.md §2). x86-64-v3 brings AVX2+FMA+F16C (hardware fp16 conversion),
+// v4 AVX-512 F/BW/DQ/VL. Not "arch=skylake-avx512"/"arch=haswell": GCC dispatches those with
+// __builtin_cpu_is (the CPU *model*), so every AMD CPU got the baseline SSE2 clone; the x86-64-vN
+// levels dispatch on feature bits (GCC >= 12).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define GENFAST_CPU_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#define GENFAST_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define GENFAST_CPU_CLONES
 #endif
