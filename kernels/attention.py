@@ -73,10 +73,11 @@ def _valid(offs_m, offs_n, nq, nk, m_ptr, msk_n, CAUSAL: tl.constexpr, HAS_MASK:
 def attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr,  # [B, H, Nq, D], [B, H, Nk, D], [B, H, Nk, D], any strides
     mask_ptr,  # [B, Nk] uint8 (1 = attend); unused unless HAS_MASK
-    out_ptr,  # [B, H, Nq, D] contiguous, q's dtype
+    out_ptr,  # [B, H, Nq, D] q's dtype, strides (sob, soh, som, 1) ([B, Nq, H, D] memory from genfast.ops)
     lse_ptr,  # [B, H, Nq] fp32 contiguous
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,  # scalar ints: strides in elements
     msk_b, msk_n,  # scalar ints: strides of the mask
+    sob, soh, som,  # scalar ints: strides of out
     BH, H, nq, nk, D,  # scalar ints: batch*heads, heads, query and key lengths, head dim
     qk_scale,  # scalar fp32: scale * log2(e)
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -124,7 +125,8 @@ def attn_fwd_kernel(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     row = pid_bh * nq + offs_m
-    _store(out_ptr + row[:, None] * D + offs_d[None, :], out, (offs_m[:, None] < nq) & d_ok[None, :], BF16_RTNE)
+    _store(out_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], out,
+           (offs_m[:, None] < nq) & d_ok[None, :], BF16_RTNE)
     tl.store(lse_ptr + row, lse, mask=offs_m < nq)
 
 
@@ -306,14 +308,15 @@ def _common(q, k, v, mask, causal, scale):
     return m, strides, mstr, (q.shape[0] * h, h, nq, k.shape[2], d), consts
 
 
-def attention_forward(q, k, v, mask, causal, scale):
-    """(out [B, H, Nq, D] contiguous in q's dtype, lse [B, H, Nq] fp32). Checked by genfast.ops."""
+def attention_forward(q, k, v, mask, causal, scale, out=None):
+    """(out [B, H, Nq, D] in q's dtype, lse [B, H, Nq] fp32). out: where to write (unit last
+    stride), default contiguous. Checked by genfast.ops."""
     b, h, nq, d = q.shape
-    out = torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
+    out = torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device) if out is None else out
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
     m, strides, mstr, sizes, consts = _common(q, k, v, mask, causal, scale)
     grid = lambda meta: _grid(triton.cdiv(nq, meta["BLOCK_M"]), b * h)  # noqa: E731
-    _RUN["fwd"][grid](q, k, v, m, out, lse, *strides, *mstr, *sizes, float(scale) * LOG2E, **consts)
+    _RUN["fwd"][grid](q, k, v, m, out, lse, *strides, *mstr, *out.stride()[:3], *sizes, float(scale) * LOG2E, **consts)
     return out, lse
 
 
@@ -353,7 +356,7 @@ def _aot(kind, dtype, d, causal=True, masked=True):
                ("qk_scale", "scale"), BWD_CONFIGS),
     }[kind]
     sig = {p: ("*u8" if p == "mask_ptr" else "*fp32" if p in ("lse_ptr", "delta_ptr") else f"*{dtype}") for p in ptrs}
-    sig.update({n: "i32" for n in _STRIDES + _SIZES})
+    sig.update({n: "i32" for n in _STRIDES + _SIZES + (("sob", "soh", "som") if kind == "fwd" else ())})
     sig.update({n: "fp32" for n in scalars})
     block_m, block_n, num_warps, num_stages = _survivors(cfg, _block_d(d), dtype == "fp32")[0]
     return {
@@ -363,7 +366,8 @@ def _aot(kind, dtype, d, causal=True, masked=True):
         "constexprs": {"CAUSAL": causal, "HAS_MASK": masked, "BLOCK_M": block_m, "BLOCK_N": block_n,
                        "BLOCK_D": _block_d(d), "DOT_F32": False, "PREC": "ieee" if dtype == "fp32" else "tf32",
                        "BF16_RTNE": False},
-        "divisible_by_16": [p for p in ptrs if p != "mask_ptr"] + ["sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn"],
+        "divisible_by_16": [p for p in ptrs if p != "mask_ptr"] + ["sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn"]
+        + (["sob", "som"] if kind == "fwd" else []),
         "num_warps": num_warps,
         "num_stages": num_stages,
     }

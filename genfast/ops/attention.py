@@ -98,9 +98,8 @@ def _reasons(device_type, dtype):
         "cuda": lambda: ["no CUDA attention kernel yet (Triton serves CUDA tensors)"],
         "cuda_emu": lambda: ["no CUDA attention kernel yet"],
         "triton": lambda: backends.triton_reasons(device_type) + _dtype_reasons(dtype),
-        # Built on torch's own CPU ops (measured fastest here, see attention_cpu.py).
-        "cpu": lambda: ([] if device_type == "cpu" else [f"runs on cpu tensors, got {device_type} tensors"])
-        + _dtype_reasons(dtype),
+        # torch's GEMMs / fused CPU kernel around genfast._C's softmax rows (see attention_cpu.py).
+        "cpu": lambda: backends.module_reasons("_C", device_type, "cpu") + _dtype_reasons(dtype),
         "reference": lambda: [],
     }
 
@@ -151,17 +150,25 @@ def _fwd_impl(q, k, v, mask, causal, scale):
     b, h, nq, d = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if q.numel() == 0 or k.shape[2] == 0:  # nothing to compute, or no key at all: zeros
-        return q.new_zeros(q.shape), torch.full((b, h, nq), float("inf"), dtype=lse_dtype, device=q.device)
+        return _out_layout(q).zero_(), torch.full((b, h, nq), float("inf"), dtype=lse_dtype, device=q.device)
     name = backend_for(q)
     if name == "triton":
         from genfast.kernels.attention import attention_forward
 
-        return attention_forward(q, k, v, mask, causal, scale)
+        return attention_forward(q, k, v, mask, causal, scale, out=_out_layout(q))
     if name == "cpu":
         from genfast.ops import attention_cpu
 
         return attention_cpu.forward(q, k, v, mask, causal, scale, _fully_masked_rows(nq, k.shape[2], causal, mask, q.device))
-    return _reference_fwd(q, k, v, mask, causal, scale)
+    out, lse = _reference_fwd(q, k, v, mask, causal, scale)
+    return _out_layout(q).copy_(out), lse
+
+
+def _out_layout(q):
+    """The forward's output: [B, H, Nq, D] with [B, Nq, H, D] memory on every backend, so that
+    out.transpose(1, 2).reshape(B, Nq, H * D) before the output projection is free."""
+    b, h, nq, d = q.shape
+    return torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
 def _bwd_impl(dout, q, k, v, out, lse, mask, causal, scale):
@@ -188,7 +195,7 @@ for _key in ("CPU", "CUDA"):
 @torch.library.register_fake("genfast::attention_fwd")
 def _fake_fwd(q, k, v, mask, causal, scale):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=lse_dtype)
+    return _out_layout(q), q.new_empty(q.shape[:3], dtype=lse_dtype)
 
 
 @torch.library.register_fake("genfast::attention_bwd")

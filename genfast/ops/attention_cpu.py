@@ -1,26 +1,32 @@
-"""The 'cpu' backend of genfast.attention, built on torch's own CPU ops (measured fastest here).
+"""The 'cpu' backend of genfast.attention: torch's own GEMMs around genfast's fused softmax rows.
 
-Two ways, picked per dtype (benchmarks/test_attention.py measured them on the 2-core AVX-512
-machine against SDPA and the plain matmul-softmax-matmul):
+Two ways, picked per dtype (measured on the 2-core AVX-512 machine, benchmarks/test_attention.py):
 
   "sdpa"    torch's fused CPU flash kernel (aten::_scaled_dot_product_flash_attention_for_cpu and
-            its backward), which already returns the fp32 log-sum-exp. Used for fp32 and fp16.
-  "blocked" query blocks of plain batched matmuls in the input dtype (oneDNN's bf16 GEMMs run on
-            the AVX-512 BF16 units, ~4x the fp32 rate), softmax and log-sum-exp in fp32, the
-            Nq x Nk scores only ever one block of queries at a time. Used for bf16. As in plain
-            PyTorch bf16 code, q k^T leaves the GEMM rounded to bf16 (fp32 accumulation inside);
-            the tolerance tests hold it to 2x the error of plain bf16 PyTorch.
+            its backward), which already returns the fp32 log-sum-exp.
+  "blocked" blocks of query rows: s = q k^T by torch's batched GEMM in the input dtype (oneDNN's
+            bf16 GEMMs run on the AVX-512 BF16 units, ~4x the fp32 rate), then ONE fused C++ pass
+            per score row (csrc/cpu/attention.cpp: scale, causal and key masks, softmax in fp32,
+            log-sum-exp) writing p over s in place, then p v by the GEMM. The plain path spends
+            its time in the passes between the GEMMs (scale, softmax: two round trips over
+            Nq x Nk); this keeps one, and the scores of one block of queries at a time. As in
+            plain PyTorch bf16 code, q k^T leaves the GEMM rounded to bf16 and p is rounded to
+            bf16 before p v (as FlashAttention does on GPUs); the tests hold it to 2x the error
+            of plain bf16 PyTorch. The backward is the same with one fused pass for
+            p = exp(s - lse) and ds = p (dp - rowsum(p dp)) scale.
 
-A C++ flash kernel was not written: it would have to beat these GEMMs (see the closing note of
-issue 4, part 3). Both ways accept any strides; the fused kernel needs a unit last-dim stride
-(it reads garbage otherwise, torch 2.13), so such views are copied first.
+Any strides are accepted; the fused aten kernel needs a unit last-dim stride (it reads garbage
+otherwise, torch 2.13), so such views are copied first.
 """
 import torch
 
+from genfast import _native
+from genfast.ops._common import DTYPE_CODE
+
 # Which way per dtype (see the module docstring).
 VARIANT = {torch.float32: "sdpa", torch.float16: "sdpa", torch.bfloat16: "blocked"}
-# Bytes of fp32 scores a block of queries may hold: a few L2s, so the matmul stays efficient.
-BLOCK_BYTES = 8 << 20
+# Bytes of scores a block of queries may hold (all heads): big GEMMs, bounded memory.
+BLOCK_BYTES = 32 << 20
 
 
 def _unit_last(t):
@@ -34,48 +40,48 @@ def _additive_mask(mask, dtype):
 
 def _block_rows(q, nk):
     b, h = q.shape[:2]
-    return max(16, min(q.shape[2], BLOCK_BYTES // max(1, b * h * nk * 4)))
+    return max(16, min(q.shape[2], BLOCK_BYTES // max(1, b * h * nk * q.element_size())))
 
 
-def _allowed(q0, q1, nk, causal, mask, device):
-    """Bool [B or 1, 1, q1 - q0, Nk] for query rows q0..q1, or None when nothing is masked."""
-    allowed = None
-    if causal:
-        rows = torch.arange(q0, q1, device=device)[:, None]
-        allowed = (torch.arange(nk, device=device)[None, :] <= rows)[None, None]
-    if mask is not None:
-        m = mask[:, None, None, :]
-        allowed = m if allowed is None else allowed & m
-    return allowed
+def _rows_args(q, k, mask, causal, scale, lse, q0):
+    b, h, nq, _ = q.shape
+    m = mask.contiguous().view(torch.uint8) if mask is not None else None
+    return dict(heads=h, q0=q0, scale=float(scale), causal=bool(causal), mask=m.data_ptr() if m is not None else 0,
+                mask_bs=m.stride(0) if m is not None else 0, lse=lse[:, :, q0:].data_ptr(), lse_gs=nq,
+                dtype=DTYPE_CODE[q.dtype])
 
 
-def _scores(qb, kt, q0, causal, mask, scale):
-    s = torch.matmul(qb, kt).float().mul_(scale)  # [B, H, bq, Nk] fp32
-    allowed = _allowed(q0, q0 + qb.shape[2], kt.shape[-1], causal, mask, qb.device)
-    return s if allowed is None else s.masked_fill_(~allowed, float("-inf"))
+def out_layout(q):
+    """[B, H, Nq, D] with [B, Nq, H, D] memory: out.transpose(1, 2).reshape(B, Nq, H * D) is free."""
+    b, h, nq, d = q.shape
+    return torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
 def forward(q, k, v, mask, causal, scale, fully_masked):
-    """(out [B, H, Nq, D] contiguous in q's dtype, lse [B, H, Nq] fp32 with +inf on fully masked rows)."""
+    """(out [B, H, Nq, D] in q's dtype with out_layout's strides, lse [B, H, Nq] fp32 contiguous,
+    +inf on fully masked rows)."""
+    out = out_layout(q)
     if VARIANT.get(q.dtype) == "sdpa":
         am = _additive_mask(mask, q.dtype) if mask is not None else None
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             _unit_last(q), _unit_last(k), _unit_last(v), 0.0, causal, attn_mask=am, scale=scale)
-        out, lse = out.contiguous(), lse.contiguous()
-    else:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        kt = k.transpose(-1, -2)
-        bq = _block_rows(q, k.shape[2])
-        for q0 in range(0, q.shape[2], bq):
-            s = _scores(q[:, :, q0:q0 + bq], kt, q0, causal, mask, scale)
-            lse_b = torch.logsumexp(s, -1)  # -inf on fully masked rows
-            p = s.sub_(lse_b.nan_to_num(neginf=0.0)[..., None]).exp_()  # masked -> exp(-inf) = 0
-            torch.matmul(p.to(q.dtype), v, out=out[:, :, q0:q0 + bq])
-            lse[:, :, q0:q0 + bq] = lse_b
-    if fully_masked is not None:
-        out.masked_fill_(fully_masked[..., None], 0.0)
-        lse = lse.masked_fill(fully_masked, float("inf"))
+        out.copy_(o)  # the fused kernel already writes [B, Nq, H, D] memory: usually a no-op layout-wise
+        lse = lse.contiguous()
+        if fully_masked is not None:
+            out.masked_fill_(fully_masked[..., None], 0.0)
+            lse = lse.masked_fill(fully_masked, float("inf"))
+        return out, lse
+    mod = _native.module("_C")
+    b, h, nq, _ = q.shape
+    nk = k.shape[2]
+    lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
+    kt = k.transpose(-1, -2)
+    bq = _block_rows(q, nk)
+    for q0 in range(0, nq, bq):
+        s = torch.matmul(q[:, :, q0:q0 + bq], kt)  # [B, H, bq, Nk] contiguous, q's dtype
+        rows = s.shape[2]
+        mod.attn_softmax_rows(s.data_ptr(), s.data_ptr(), b * h, rows, nk, **_rows_args(q, k, mask, causal, scale, lse, q0))
+        out[:, :, q0:q0 + rows] = torch.matmul(s, v)
     return out, lse
 
 
@@ -87,21 +93,25 @@ def backward(dout, q, k, v, out, lse, mask, causal, scale):
             _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out), lse, 0.0, causal,
             attn_mask=am, scale=scale)
         return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    mod = _native.module("_C")
     dt = q.dtype
+    b, h, nq, _ = q.shape
+    nk = k.shape[2]
     dq = torch.empty(q.shape, dtype=dt, device=q.device)
-    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)  # sums over query blocks in fp32
-    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    dk = dv = None  # sums over query blocks, fp32 when there is more than one block
     kt, vt = k.transpose(-1, -2), v.transpose(-1, -2)
-    bq = _block_rows(q, k.shape[2])
-    for q0 in range(0, q.shape[2], bq):
-        q1 = q0 + bq
-        qb, dob = q[:, :, q0:q1], dout[:, :, q0:q1]
-        p = _scores(qb, kt, q0, causal, mask, scale).sub_(lse[:, :, q0:q1, None]).exp_()  # +inf lse -> 0
-        dv += torch.matmul(p.to(dt).transpose(-1, -2), dob).float()
-        dp = torch.matmul(dob, vt).float()
-        # rowsum(p * dp), not rowsum(dout * out): dp left the bf16 GEMM rounded, and the same
-        # rounded dp on both sides keeps ds exact where it must vanish (a single key, p = 1).
-        ds = dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p).mul_(scale).to(dt)
-        torch.matmul(ds, k, out=dq[:, :, q0:q1])
-        dk += torch.matmul(ds.transpose(-1, -2), qb).float()
-    return dq, dk.to(dt), dv.to(dt)
+    bq = _block_rows(q, nk)
+    for q0 in range(0, nq, bq):
+        qb, dob = q[:, :, q0:q0 + bq], dout[:, :, q0:q0 + bq]
+        s, dp = torch.matmul(qb, kt), torch.matmul(dob, vt)  # [B, H, bq, Nk] contiguous
+        mod.attn_softmax_bwd_rows(s.data_ptr(), dp.data_ptr(), s.data_ptr(), dp.data_ptr(), b * h, s.shape[2], nk,
+                                  **_rows_args(q, k, mask, causal, scale, lse, q0))
+        p, ds = s, dp
+        torch.matmul(ds, k, out=dq[:, :, q0:q0 + bq])
+        dv_b, dk_b = torch.matmul(p.transpose(-1, -2), dob), torch.matmul(ds.transpose(-1, -2), qb)
+        if dk is None:
+            dk, dv = (dk_b, dv_b) if q0 + bq >= nq else (dk_b.float(), dv_b.float())
+        else:
+            dk += dk_b
+            dv += dv_b
+    return dq, dk.to(dt).contiguous(), dv.to(dt).contiguous()
