@@ -159,15 +159,23 @@ def _fwd_impl(q, k, v, mask, causal, scale):
     if name == "cpu":
         from genfast.ops import attention_cpu
 
-        return attention_cpu.forward(q, k, v, mask, causal, scale, _fully_masked_rows(nq, k.shape[2], causal, mask, q.device))
+        return attention_cpu.forward(q, k, v, mask, causal, scale,
+                                     _fully_masked_rows(nq, k.shape[2], causal, mask, q.device), _out_layout(q))
     out, lse = _reference_fwd(q, k, v, mask, causal, scale)
     return _out_layout(q).copy_(out), lse
 
 
 def _out_layout(q):
-    """The forward's output: [B, H, Nq, D] with [B, Nq, H, D] memory on every backend, so that
-    out.transpose(1, 2).reshape(B, Nq, H * D) before the output projection is free."""
+    """The forward's output [B, H, Nq, D]. Its memory is [B, Nq, H, D] (so that
+    out.transpose(1, 2).reshape(B, Nq, H * D) before the output projection is free) on every
+    backend, except for CPU tensors of the dtypes torch's fused CPU kernel serves (it writes
+    [B, H, Nq, D]; re-laying it out would cost the copy it saves). A function of device type and
+    dtype only, so the fake and every backend agree."""
     b, h, nq, d = q.shape
+    from genfast.ops import attention_cpu
+
+    if q.device.type == "cpu" and attention_cpu.VARIANT.get(q.dtype) == "sdpa":
+        return torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
     return torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
 
 

@@ -51,21 +51,14 @@ def _rows_args(q, k, mask, causal, scale, lse, q0):
                 dtype=DTYPE_CODE[q.dtype])
 
 
-def out_layout(q):
-    """[B, H, Nq, D] with [B, Nq, H, D] memory: out.transpose(1, 2).reshape(B, Nq, H * D) is free."""
-    b, h, nq, d = q.shape
-    return torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
-
-
-def forward(q, k, v, mask, causal, scale, fully_masked):
-    """(out [B, H, Nq, D] in q's dtype with out_layout's strides, lse [B, H, Nq] fp32 contiguous,
-    +inf on fully masked rows)."""
-    out = out_layout(q)
+def forward(q, k, v, mask, causal, scale, fully_masked, out):
+    """Writes out [B, H, Nq, D] (genfast.ops' layout for this dtype); returns (out, lse [B, H, Nq]
+    fp32 contiguous, +inf on fully masked rows)."""
     if VARIANT.get(q.dtype) == "sdpa":
         am = _additive_mask(mask, q.dtype) if mask is not None else None
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             _unit_last(q), _unit_last(k), _unit_last(v), 0.0, causal, attn_mask=am, scale=scale)
-        out.copy_(o)  # the fused kernel already writes [B, Nq, H, D] memory: usually a no-op layout-wise
+        out = o if o.stride() == out.stride() else out.copy_(o)
         lse = lse.contiguous()
         if fully_masked is not None:
             out.masked_fill_(fully_masked[..., None], 0.0)
