@@ -249,17 +249,19 @@ INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
 # small tiles). Tuned once per (nq, nk, D) in a process (triton.autotune caches by key). The first
 # survivor is the default that genfast/devtools/gpu_compile.py checks for spills (AOT_CONFIGS).
 FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4), (32, 32, 4, 2)]
-BWD_CONFIGS = [(32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (32, 32, 4, 2)]
+BWD_CONFIGS = [(32, 64, 4, 2), (32, 64, 8, 2), (64, 32, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (32, 32, 4, 2)]
 
 
-def _fits(block_m, block_n, block_d, fp32):
+def _fits(block_m, block_n, warps, block_d, fp32):
     if fp32:  # IEEE fp32 dots run on FMA units with fp32 operand tiles: the smallest tiles only
         return block_m * block_n <= 32 * 32
+    if block_d >= 128 and warps < 8 and block_m * block_n > 32 * 32:
+        return False  # 128-wide rows (D = 72..128) need 8 warps' registers (ptxas: spills at 4)
     return block_d < 256 or block_m * block_n <= 64 * 64
 
 
 def _survivors(configs, block_d, fp32):
-    keep = [c for c in configs if _fits(c[0], c[1], block_d, fp32)]
+    keep = [c for c in configs if _fits(c[0], c[1], c[2], block_d, fp32)]
     return keep or configs[-1:]
 
 
@@ -267,7 +269,7 @@ def _prune(configs, named_args, **kwargs):
     bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
     q = named_args.get("q_ptr")
     fp32 = getattr(q, "dtype", None) == torch.float32
-    keep = [c for c in configs if _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], bd, fp32)]
+    keep = [c for c in configs if _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, bd, fp32)]
     return keep or configs[-1:]
 
 
@@ -356,20 +358,26 @@ def _aot(kind, dtype, d, causal=True, masked=True):
                ("qk_scale", "scale"), BWD_CONFIGS),
     }[kind]
     sig = {p: ("*u8" if p == "mask_ptr" else "*fp32" if p in ("lse_ptr", "delta_ptr") else f"*{dtype}") for p in ptrs}
-    sig.update({n: "i32" for n in _STRIDES + _SIZES + (("sob", "soh", "som") if kind == "fwd" else ())})
+    # The head-dim and mask strides are 1 in every real launch, where Triton specialises a 1 into a
+    # constant (contiguous, vectorised loads): the same here, or the figures describe per-element
+    # 64-bit address math no launch does.
+    unit = ("sqd", "skd", "svd", "msk_n")
+    sig.update({n: "i32" for n in _STRIDES + _SIZES + (("sob", "soh", "som") if kind == "fwd" else ()) if n not in unit})
     sig.update({n: "fp32" for n in scalars})
     block_m, block_n, num_warps, num_stages = _survivors(cfg, _block_d(d), dtype == "fp32")[0]
     return {
         "name": f"attention_{kind}[{dtype},D={d},{'causal,' if causal else ''}{'mask' if masked else 'nomask'}]",
         "kernel": kernel,
         "signature": sig,
-        "constexprs": {"CAUSAL": causal, "HAS_MASK": masked, "BLOCK_M": block_m, "BLOCK_N": block_n,
+        "constexprs": {**{n: 1 for n in unit}, "CAUSAL": causal, "HAS_MASK": masked, "BLOCK_M": block_m, "BLOCK_N": block_n,
                        "BLOCK_D": _block_d(d), "DOT_F32": False, "PREC": "ieee" if dtype == "fp32" else "tf32",
                        "BF16_RTNE": False},
         "divisible_by_16": [p for p in ptrs if p != "mask_ptr"] + ["sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn"]
         + (["sob", "som"] if kind == "fwd" else []),
         "num_warps": num_warps,
         "num_stages": num_stages,
+        **({"allow_spills": "fp32 (IEEE) dk/dv: fp32 operand tiles of four dots on FMA units; correctness path, "
+                            "bf16/fp16 are the fast GPU paths"} if dtype == "fp32" and kind == "dkdv" else {}),
     }
 
 
