@@ -118,18 +118,19 @@ def test_opcheck(backend, use_backend):
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_compile_fullgraph_matches_eager(backend, use_backend):
+@pytest.mark.parametrize("backend,dtype", [("cpu", torch.float32), ("cpu", torch.bfloat16), ("triton", torch.float32)])
+def test_compile_fullgraph_matches_eager(backend, dtype, use_backend):
+    """Also checks the fake's output layout: fp32 on CPU is [B, H, N, D] memory, bf16 [B, N, H, D]."""
     use_backend(backend)
     torch._dynamo.reset()
-    lin = torch.nn.Linear(64, 3 * 64)
+    lin = torch.nn.Linear(64, 3 * 64).to(dtype)
 
     def block(x, mask):
         b, n, _ = x.shape
         q, k, v = lin(x).view(b, n, 3, 2, 32).permute(2, 0, 3, 1, 4)
-        return genfast.attention(q, k, v, key_padding_mask=mask).transpose(1, 2).reshape(b, n, 64).square().sum()
+        return genfast.attention(q, k, v, key_padding_mask=mask).transpose(1, 2).reshape(b, n, 64).float().square().sum()
 
-    x = torch.randn(2, 19, 64, requires_grad=True)
+    x = torch.randn(2, 19, 64).to(dtype).requires_grad_(True)
     mask = torch.rand(2, 19) > 0.2
     eager = block(x, mask)
     (gx_eager,) = torch.autograd.grad(eager, x)
