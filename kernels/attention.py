@@ -343,8 +343,8 @@ def attention_backward(dout, q, k, v, out, lse, mask, causal, scale):
 
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time compile list for genfast/devtools/gpu_compile.py (format of kernels/flow_step.py):
-# the first (default) config of each kernel at head dims 64, 72 (a 128 block) and 128 in bf16 and
-# fp16, plus fp32 (IEEE dots) at 64, with causal and the key mask on (the heaviest variant).
+# the default (first surviving) config of each kernel at head dims 64, 72 (a 128 block) and 128 in
+# bf16, plus fp32 (IEEE dots) at 64, with causal and the key mask on (the heaviest variant).
 _STRIDES = ("sqb", "sqh", "sqm", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd", "msk_b", "msk_n")
 _SIZES = ("BH", "H", "nq", "nk", "D")
 
@@ -381,8 +381,11 @@ def _aot(kind, dtype, d, causal=True, masked=True):
     }
 
 
+# fp16 compiles to the same registers as bf16 (checked): one fp16 entry keeps it covered, and
+# the list small enough for CI's 2-core compile budget.
 AOT_CONFIGS = (
-    [_aot(kind, dt, d) for kind in ("fwd", "dkdv", "dq") for dt in ("bf16", "fp16") for d in (64, 72, 128)]
+    [_aot(kind, "bf16", d) for kind in ("fwd", "dkdv", "dq") for d in (64, 72, 128)]
+    + [_aot("fwd", "fp16", 72)]
     + [_aot(kind, "fp32", 64) for kind in ("fwd", "dkdv", "dq")]
     + [_aot("fwd", "bf16", 72, causal=False, masked=False)]
 )
