@@ -10,8 +10,14 @@ state dict loads unchanged:
     mlp.fc2.{weight,bias}             [C, hidden]
 
 The path through a block: adaln_modulate (LayerNorm statistics + modulation in one pass), the qkv
-Linear, genfast.attention reading q/k/v as strided views of the qkv output (no transpose copy),
-proj, gated_residual (x + gate * y in one pass); the same for the MLP.
+Linear, genfast.attention reading q/k/v as strided views of the qkv output (no transpose copy) and
+writing [B, N, H, D] memory where it can (bf16 on CPU, every GPU dtype) so the reshape before proj
+is free, proj, gated_residual (x + gate * y in one pass); the same for the MLP.
+
+Measured on the 2-core CPU (benchmarks/test_attention.py, DiT-S): the attention is the part that
+pays (bf16: the blocked GEMM path beats SDPA's bf16 CPU kernel ~2-2.7x). Folding the modulation
+into the qkv / fc1 weights or the gate into proj means a per-sample copy of the weight (B x C x C),
+larger than the activation pass it saves at DiT sizes, so it was not done.
 """
 import torch
 from torch import nn
