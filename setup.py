@@ -120,7 +120,7 @@ class NinjaBuildExt(build_ext):
             self.objects[ext].append(str(obj))
 
         for s in CPU_SOURCES:
-            add("cxx", s, "genfast._C", "-fopenmp")
+            add("cxx", s, "genfast._C", "-fopenmp -fno-math-errno")  # errno-free sqrtf vectorises
         add("cxx", BINDINGS, "genfast._C", "-DGENFAST_MODULE_CPU")
         for s in CUDA_SOURCES:
             add("emu", s, "genfast._cuda_emu")

@@ -10,6 +10,9 @@
 
 #include "bind_util.h"
 #include "flow_step.h"
+#include "modulate.h"
+#include "modulate_bind.h"
+#include "kl_bind.h"
 #include "attention.h"
 
 #if defined(GENFAST_MODULE_CUDA) || defined(GENFAST_MODULE_CUDA_EMU)
@@ -17,6 +20,11 @@
 #endif
 #if defined(GENFAST_MODULE_CUDA)
 #include <cuda_runtime_api.h>
+#endif
+#ifdef GENFAST_CUDA_SIDE
+#include <initializer_list>
+
+#include "attention_flash.h"
 #endif
 
 namespace py = pybind11;
@@ -49,6 +57,74 @@ void flow_step(uintptr_t out, uintptr_t x, uintptr_t vc, uintptr_t vu, int64_t r
 #else
   (void)stream;
   flow_step_cpu(p);
+#endif
+}
+
+#ifdef GENFAST_CUDA_SIDE
+#define GENFAST_RUN(fn, p, stream) check_launch(fn##_cuda(p, reinterpret_cast<void*>(stream)), #fn)
+#else
+#define GENFAST_RUN(fn, p, stream) ((void)(stream), fn##_cpu(p))
+#endif
+
+void modulate_fwd(uintptr_t out, uintptr_t x, uintptr_t shift, uintptr_t scale, uintptr_t mean, uintptr_t rstd,
+                  int64_t B, int64_t N, int64_t C, const std::array<int64_t, 8>& strides, double eps, bool rms,
+                  int32_t dtype, uintptr_t stream) {
+  const ModulateParams p = make_modulate_params(out, x, shift, scale, mean, rstd, B, N, C, strides, eps, rms, dtype);
+  py::gil_scoped_release nogil;
+  GENFAST_RUN(modulate_fwd, p, stream);
+}
+
+void modulate_bwd(uintptr_t dx, uintptr_t dshift, uintptr_t dscale, uintptr_t partial, uintptr_t grad, uintptr_t x,
+                  uintptr_t scale, uintptr_t mean, uintptr_t rstd, int64_t B, int64_t N, int64_t C,
+                  const std::array<int64_t, 8>& strides, int64_t chunk_rows, bool per_sample, bool rms, int32_t dtype,
+                  uintptr_t stream) {
+  const ModulateBwdParams p = make_modulate_bwd_params(dx, dshift, dscale, partial, grad, x, scale, mean, rstd, B, N,
+                                                       C, strides, chunk_rows, per_sample, rms, dtype);
+  py::gil_scoped_release nogil;
+  GENFAST_RUN(modulate_bwd, p, stream);
+}
+
+void gated_residual_fwd(uintptr_t out, uintptr_t x, uintptr_t gate, uintptr_t y, int64_t B, int64_t N, int64_t C,
+                        const std::array<int64_t, 8>& strides, int32_t dtype, uintptr_t stream) {
+  const GatedResidualParams p = make_gated_params(out, x, gate, y, B, N, C, strides, dtype);
+  py::gil_scoped_release nogil;
+  GENFAST_RUN(gated_residual_fwd, p, stream);
+}
+
+void gated_residual_bwd(uintptr_t dy, uintptr_t dgate, uintptr_t partial, uintptr_t grad, uintptr_t gate, uintptr_t y,
+                        int64_t B, int64_t N, int64_t C, const std::array<int64_t, 6>& strides, int64_t chunk_rows,
+                        bool per_sample, int32_t dtype, uintptr_t stream) {
+  const GatedResidualBwdParams p =
+      make_gated_bwd_params(dy, dgate, partial, grad, gate, y, B, N, C, strides, chunk_rows, per_sample, dtype);
+  py::gil_scoped_release nogil;
+  GENFAST_RUN(gated_residual_bwd, p, stream);
+}
+
+void kl_forward(uintptr_t z, uintptr_t kl, uintptr_t mu, uintptr_t logvar, uintptr_t noise, uintptr_t seed,
+                int64_t rows, int64_t cols, const std::vector<int64_t>& strides, double lo, double hi, bool clamp,
+                bool kl_per_row, uintptr_t partial, int64_t row_blocks, int32_t dtype, uintptr_t stream) {
+  const KLForwardParams p = make_kl_forward(z, kl, mu, logvar, noise, seed, rows, cols, strides, lo, hi, clamp,
+                                            kl_per_row, partial, row_blocks, dtype);
+  py::gil_scoped_release nogil;
+#ifdef GENFAST_CUDA_SIDE
+  check_launch(kl_forward_cuda(p, reinterpret_cast<void*>(stream)), "kl_forward");
+#else
+  (void)stream;
+  kl_forward_cpu(p);
+#endif
+}
+
+void kl_backward(uintptr_t dmu, uintptr_t dlogvar, uintptr_t dz, uintptr_t gkl, uintptr_t mu, uintptr_t logvar,
+                 uintptr_t noise, uintptr_t seed, int64_t rows, int64_t cols, const std::vector<int64_t>& strides,
+                 double lo, double hi, bool clamp, int32_t dtype, uintptr_t stream) {
+  const KLBackwardParams p =
+      make_kl_backward(dmu, dlogvar, dz, gkl, mu, logvar, noise, seed, rows, cols, strides, lo, hi, clamp, dtype);
+  py::gil_scoped_release nogil;
+#ifdef GENFAST_CUDA_SIDE
+  check_launch(kl_backward_cuda(p, reinterpret_cast<void*>(stream)), "kl_backward");
+#else
+  (void)stream;
+  kl_backward_cpu(p);
 #endif
 }
 
@@ -98,7 +174,109 @@ void bind_all(py::module_& m) {
         py::arg("vc_cs"), py::arg("vu_rs"), py::arg("vu_cs"), py::arg("dt"), py::arg("dt_stride"),
         py::arg("dt_value"), py::arg("w"), py::arg("w_stride"), py::arg("w_value"), py::arg("dtype"),
         py::arg("stream") = 0);
+  // adaLN modulate / gated residual (csrc/modulate.h); strides as tuples in the structs' order.
+  m.def("modulate_fwd", &modulate_fwd, "adaLN modulate forward (csrc/modulate.h)", py::arg("out"), py::arg("x"),
+        py::arg("shift"), py::arg("scale"), py::arg("mean"), py::arg("rstd"), py::arg("B"), py::arg("N"), py::arg("C"),
+        py::arg("strides"), py::arg("eps"), py::arg("rms"), py::arg("dtype"), py::arg("stream") = 0);
+  m.def("modulate_bwd", &modulate_bwd, "adaLN modulate fused backward (csrc/modulate.h)", py::arg("dx"),
+        py::arg("dshift"), py::arg("dscale"), py::arg("partial"), py::arg("grad"), py::arg("x"), py::arg("scale"),
+        py::arg("mean"), py::arg("rstd"), py::arg("B"), py::arg("N"), py::arg("C"), py::arg("strides"),
+        py::arg("chunk_rows"), py::arg("per_sample"), py::arg("rms"), py::arg("dtype"), py::arg("stream") = 0);
+  m.def("gated_residual_fwd", &gated_residual_fwd, "x + gate * y (csrc/modulate.h)", py::arg("out"), py::arg("x"),
+        py::arg("gate"), py::arg("y"), py::arg("B"), py::arg("N"), py::arg("C"), py::arg("strides"), py::arg("dtype"),
+        py::arg("stream") = 0);
+  m.def("gated_residual_bwd", &gated_residual_bwd, "gated residual backward: dy, dgate (csrc/modulate.h)",
+        py::arg("dy"), py::arg("dgate"), py::arg("partial"), py::arg("grad"), py::arg("gate"), py::arg("y"),
+        py::arg("B"), py::arg("N"), py::arg("C"), py::arg("strides"), py::arg("chunk_rows"), py::arg("per_sample"),
+        py::arg("dtype"), py::arg("stream") = 0);
+  // reparam_kl: see csrc/kl.h and csrc/kl_bind.h for the stride lists.
+  m.def("kl_forward", &kl_forward, "Reparameterized sample + KL forward (csrc/kl.h).");
+  m.def("kl_backward", &kl_backward, "Reparameterized sample + KL backward (csrc/kl.h).");
+#ifdef GENFAST_CUDA_SIDE
+  m.def("kl_row_blocks", &kl_cuda_row_blocks, "Column blocks per row of the CUDA forward's KL scratch.");
+#endif
 }
+
+#ifdef GENFAST_CUDA_SIDE
+// Flash attention forward (csrc/attention_flash.h): fp16 / bf16, head dim <= 128; strides in elements.
+void attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, uintptr_t mask, int64_t q_b,
+                   int64_t q_h, int64_t q_n, int64_t k_b, int64_t k_h, int64_t k_n, int64_t v_b, int64_t v_h,
+                   int64_t v_n, int64_t o_b, int64_t o_h, int64_t o_n, int64_t mask_b, int64_t mask_n, int64_t B,
+                   int64_t H, int64_t Nq, int64_t Nk, int64_t D, double scale, bool causal, int32_t dtype,
+                   uintptr_t stream) {
+  if (dtype != kFloat16 && dtype != kBFloat16) throw py::value_error("genfast: attention_fwd takes fp16 or bf16");
+  if (D < 1 || D > 128) throw py::value_error("genfast: attention_fwd takes head dims 1..128");
+  const AttentionParams p{reinterpret_cast<const void*>(q), reinterpret_cast<const void*>(k),
+                          reinterpret_cast<const void*>(v), reinterpret_cast<void*>(o), reinterpret_cast<float*>(lse),
+                          reinterpret_cast<const uint8_t*>(mask), q_b, q_h, q_n, k_b, k_h, k_n, v_b, v_h, v_n, o_b,
+                          o_h, o_n, mask_b, mask_n, B, H, Nq, Nk, D, static_cast<float>(scale), causal ? 1 : 0,
+                          dtype};
+  py::gil_scoped_release nogil;
+  check_launch(attention_fwd_cuda(p, reinterpret_cast<void*>(stream)), "attention_fwd");
+}
+
+// Flash attention backward (csrc/attention_flash.h): dq, dk, dv from dout and the forward's lse (fp32
+// [B, H, Nq] contiguous). delta: fp32 [B, H, Nq] workspace, filled with rowsum(dout * o) from o
+// (o = 0: delta holds it already).
+void attention_bwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t dout, uintptr_t lse, uintptr_t delta,
+                   uintptr_t o, py::tuple o_s, uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t mask, py::tuple q_s, py::tuple k_s,
+                   py::tuple v_s, py::tuple do_s, py::tuple dq_s, py::tuple dk_s, py::tuple dv_s, py::tuple mask_s,
+                   int64_t B, int64_t H, int64_t Nq, int64_t Nk, int64_t D, double scale, bool causal, int32_t dtype,
+                   uintptr_t stream) {
+  if (dtype != kFloat16 && dtype != kBFloat16) throw py::value_error("genfast: attention_bwd takes fp16 or bf16");
+  if (D < 1 || D > 128) throw py::value_error("genfast: attention_bwd takes head dims 1..128");
+  // (b, h, n) or (b, n) strides from a tuple, into the named fields
+  auto strides = [](const py::tuple& t, std::initializer_list<int64_t*> out, const char* name) {
+    if (t.size() != out.size()) throw py::value_error(std::string("genfast: attention_bwd: wrong number of ") + name + " strides");
+    size_t i = 0;
+    for (int64_t* o : out) *o = t[i++].cast<int64_t>();
+  };
+  AttentionBwdParams p{};
+  p.q = reinterpret_cast<const void*>(q);
+  p.k = reinterpret_cast<const void*>(k);
+  p.v = reinterpret_cast<const void*>(v);
+  p.dout = reinterpret_cast<const void*>(dout);
+  p.lse = reinterpret_cast<const float*>(lse);
+  p.delta = reinterpret_cast<float*>(delta);
+  p.o = reinterpret_cast<const void*>(o);
+  strides(o_s, {&p.o_b, &p.o_h, &p.o_n}, "o");
+  p.dq = reinterpret_cast<void*>(dq);
+  p.dk = reinterpret_cast<void*>(dk);
+  p.dv = reinterpret_cast<void*>(dv);
+  p.mask = reinterpret_cast<const uint8_t*>(mask);
+  strides(q_s, {&p.q_b, &p.q_h, &p.q_n}, "q");
+  strides(k_s, {&p.k_b, &p.k_h, &p.k_n}, "k");
+  strides(v_s, {&p.v_b, &p.v_h, &p.v_n}, "v");
+  strides(do_s, {&p.do_b, &p.do_h, &p.do_n}, "dout");
+  strides(dq_s, {&p.dq_b, &p.dq_h, &p.dq_n}, "dq");
+  strides(dk_s, {&p.dk_b, &p.dk_h, &p.dk_n}, "dk");
+  strides(dv_s, {&p.dv_b, &p.dv_h, &p.dv_n}, "dv");
+  strides(mask_s, {&p.mask_b, &p.mask_n}, "mask");
+  p.B = B, p.H = H, p.Nq = Nq, p.Nk = Nk, p.D = D;
+  p.scale = static_cast<float>(scale);
+  p.causal = causal ? 1 : 0;
+  p.dtype = dtype;
+  py::gil_scoped_release nogil;
+  check_launch(attention_bwd_cuda(p, reinterpret_cast<void*>(stream)), "attention_bwd");
+}
+void bind_attention_flash(py::module_& m) {
+  m.def("attention_fwd", &attention_fwd,
+        "Flash attention forward, fp16/bf16, head dim <= 128: writes o and the fp32 lse (csrc/attention_flash.h).",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("mask"), py::arg("q_b"),
+        py::arg("q_h"), py::arg("q_n"), py::arg("k_b"), py::arg("k_h"), py::arg("k_n"), py::arg("v_b"), py::arg("v_h"),
+        py::arg("v_n"), py::arg("o_b"), py::arg("o_h"), py::arg("o_n"), py::arg("mask_b"), py::arg("mask_n"),
+        py::arg("B"), py::arg("H"), py::arg("Nq"), py::arg("Nk"), py::arg("D"), py::arg("scale"), py::arg("causal"),
+        py::arg("dtype"), py::arg("stream") = 0);
+  m.def("attention_bwd", &attention_bwd,
+        "Flash attention backward, fp16/bf16, head dim <= 128: writes dq, dk, dv (csrc/attention_flash.h). Strides as "
+        "(b, h, n) tuples, the mask's as (b, n).",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("dout"), py::arg("lse"), py::arg("delta"), py::arg("o"), py::arg("o_strides"), py::arg("dq"),
+        py::arg("dk"), py::arg("dv"), py::arg("mask"), py::arg("q_strides"), py::arg("k_strides"),
+        py::arg("v_strides"), py::arg("dout_strides"), py::arg("dq_strides"), py::arg("dk_strides"),
+        py::arg("dv_strides"), py::arg("mask_strides"), py::arg("B"), py::arg("H"), py::arg("Nq"), py::arg("Nk"),
+        py::arg("D"), py::arg("scale"), py::arg("causal"), py::arg("dtype"), py::arg("stream") = 0);
+}
+#endif
 
 }  // namespace
 }  // namespace genfast
@@ -112,11 +290,13 @@ PYBIND11_MODULE(_C, m) {
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "genfast CUDA kernels";
   genfast::bind_all(m);
+  genfast::bind_attention_flash(m);
 }
 #elif defined(GENFAST_MODULE_CUDA_EMU)
 PYBIND11_MODULE(_cuda_emu, m) {
   m.doc() = "genfast CUDA kernels run on the CPU through csrc/emu (tests only)";
   genfast::bind_all(m);
+  genfast::bind_attention_flash(m);
 }
 #else
 #error "compile bindings.cpp with one of GENFAST_MODULE_CPU / GENFAST_MODULE_CUDA / GENFAST_MODULE_CUDA_EMU"

@@ -21,6 +21,11 @@ from genfast.info import info  # noqa: E402
 from genfast.ops import flow_euler_step  # noqa: E402
 from genfast.ops.attention import attention  # noqa: E402
 from genfast.sampling import sample_rectified_flow  # noqa: E402
+from genfast.ops import reparam_kl  # noqa: E402
 
-__all__ = ["info", "flow_euler_step", "sample_rectified_flow", "__version__"]
+__all__ = ["info", "flow_euler_step", "sample_rectified_flow", "reparam_kl", "__version__"]
+
+from genfast.ops import adaln_modulate, gated_residual  # noqa: E402
+
+__all__ += ["adaln_modulate", "gated_residual"]
 __all__ += ["attention"]

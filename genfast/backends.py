@@ -19,6 +19,9 @@ NAMES = ("cuda", "triton", "cpu", "cuda_emu", "reference")
 # elementwise and norm ops, Triton first for attention (DESIGN.md §3).
 PREFERENCE = {
     "flow_euler_step": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")},
+    "adaln_modulate": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")},
+    "gated_residual": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")},
+    "reparam_kl": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")},
     "attention": {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")},
 }
 

@@ -59,6 +59,117 @@ def sample_rectified_flow(model, shape, *, steps=50, guidance=None, labels=None,
     return x
 
 
+def _per_sample_or_token(t, x, ct):
+    """shift / scale / gate: [B, C] -> [B, 1, C]; [B, 1, C] or [B, N, C] as they are."""
+    t = t.to(ct)
+    return t.unsqueeze(1) if t.dim() == 2 else t
+
+
+def adaln_modulate(x, shift, scale, *, eps=1e-6, norm="layer"):
+    """norm(x, no affine) * (1 + scale) + shift over the last dim of x [B, N, C].
+
+    norm="layer": (x - mean) / sqrt(var + eps); "rms": x / sqrt(mean(x^2) + eps). shift/scale are
+    [B, C] (per sample) or [B, N, C] (per token); shift may be None. Statistics and math in fp32
+    (fp64 for fp64 x), the variance as mean((x - mean)^2), result in x's dtype."""
+    ct = _compute_dtype(x)
+    xf = x.to(ct)
+    if norm == "layer":
+        xc = xf - xf.mean(-1, keepdim=True)
+        xn = xc * torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)
+    elif norm == "rms":
+        xn = xf * torch.rsqrt((xf * xf).mean(-1, keepdim=True) + eps)
+    else:
+        raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
+    out = xn * (1 + _per_sample_or_token(scale, x, ct))
+    if shift is not None:
+        out = out + _per_sample_or_token(shift, x, ct)
+    return out.to(x.dtype)
+
+
+def gated_residual(x, gate, y):
+    """x + gate * y: x, y [B, N, C], gate [B, C] (per sample) or [B, N, C]. fp32 math."""
+    ct = _compute_dtype(x)
+    return (x.to(ct) + _per_sample_or_token(gate, x, ct) * y.to(ct)).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------- reparam_kl
+# Philox4x32-10 in plain integer torch ops (the oracle of the kernels' noise; csrc/philox.h defines
+# the stream): words are held in int64 tensors, products of two 32-bit words split in 16-bit halves
+# so no intermediate passes 2^63.
+_M32 = 0xFFFFFFFF
+
+
+def _mul_hi_lo(m, x):
+    """(hi, lo) 32-bit words of the 64-bit product of the constant m and the words x."""
+    lo16, hi16 = x & 0xFFFF, x >> 16
+    a = m * lo16  # < 2^48
+    b = m * hi16  # < 2^48
+    mid = a + ((b & 0xFFFF) << 16)  # < 2^49
+    return ((b >> 16) + (mid >> 32)) & _M32, mid & _M32
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 (Salmon et al., SC'11) on int64 tensors of 32-bit counter words; k0, k1: ints."""
+    for _ in range(10):
+        hi0, lo0 = _mul_hi_lo(0xD2511F53, c0)
+        hi1, lo1 = _mul_hi_lo(0xCD9E8D57, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+    return c0, c1, c2, c3
+
+
+def philox_normal(seed, offset, numel, *, start=0, dtype=torch.float32, device=None):
+    """The normals genfast's kernels draw for elements start .. start + numel of a call with
+    (seed, offset), computed in float64 from the same Philox words and returned in `dtype`.
+    Element g uses output g % 4 of Philox at counter (g // 4, offset), key seed; pairs of words give
+    two normals by Box-Muller (u from the first word's top 24 bits, in (0, 1]; the angle from the
+    second's, in turns)."""
+    seed, offset = int(seed) & (2**64 - 1), int(offset) & (2**64 - 1)
+    if numel == 0:
+        return torch.empty(0, dtype=dtype, device=device)
+    g = torch.arange(start, start + numel, dtype=torch.int64, device=device)
+    first, last = start // 4, (start + numel - 1) // 4
+    grp = torch.arange(first, last + 1, dtype=torch.int64, device=device)
+    zero = torch.zeros_like(grp)
+    words = philox4x32_10(grp & _M32, grp >> 32, zero + (offset & _M32), zero + (offset >> 32),
+                          seed & _M32, seed >> 32)
+    out = []
+    for xu, xa in ((words[0], words[1]), (words[2], words[3])):
+        u = ((xu >> 8) + 1).double() * 2.0**-24
+        a = (xa >> 8).double() * 2.0**-24
+        r = torch.sqrt(-2.0 * torch.log(u))
+        out += [r * torch.cos(2 * torch.pi * a), r * torch.sin(2 * torch.pi * a)]
+    normals = torch.stack(out, dim=1).reshape(-1)  # group-major: n0 n1 n2 n3 of each group
+    return normals[g - 4 * first].to(dtype)
+
+
+REDUCTIONS = ("per_sample", "sum", "mean", "none")
+
+
+def reparam_kl(mu, logvar, *, noise, reduction="per_sample", free_bits=0.0, logvar_clamp=(-30.0, 20.0)):
+    """z = mu + noise * exp(lv / 2) and KL(N(mu, exp(lv)) || N(0, 1)) = 0.5 (mu^2 + exp(lv) - 1 - lv),
+    lv = logvar clamped to logvar_clamp (None: no clamp). Math in fp32 (fp64 for fp64 inputs); z in
+    mu's dtype, the KL in the math dtype. free_bits > 0: per latent dimension (an element of the
+    non-batch dims), the batch mean of the KL is clamped from below; a dimension under the floor
+    contributes free_bits per sample and no gradient. Reductions: "none" element-wise, "per_sample"
+    sum over the non-batch dims [B], "sum" / "mean" of that over the batch."""
+    ct = _compute_dtype(mu)
+    m, lv = mu.to(ct), logvar.to(ct)
+    if logvar_clamp is not None:
+        lv = torch.clamp(lv, logvar_clamp[0], logvar_clamp[1])
+    z = (m + noise.to(ct) * torch.exp(0.5 * lv)).to(mu.dtype)
+    kl = -0.5 * (1 + lv - m.pow(2) - torch.exp(lv))
+    if free_bits > 0 and kl.numel() > 0:
+        keep = kl.mean(0, keepdim=True) >= free_bits
+        kl = torch.where(keep, kl, torch.full_like(kl, free_bits))
+    if reduction == "none":
+        return z, kl
+    per_sample = kl.flatten(1).sum(1) if kl.dim() > 1 else kl  # 1-D: one latent per sample
+    if reduction == "per_sample":
+        return z, per_sample
+    return z, per_sample.sum() if reduction == "sum" else per_sample.mean()
+
+
 def attention_allowed(nq, nk, *, causal=False, key_padding_mask=None, device=None):
     """Bool [B or 1, 1, Nq, Nk]: which (query, key) pairs take part. causal is top-left aligned,
     as in torch's scaled_dot_product_attention(is_causal=True): query i sees keys 0..i.

@@ -98,6 +98,120 @@ def flow_step_samples(device="cpu", dtype=torch.float32, *, large=False, seed=0)
 
 
 @dataclass
+class ModulateCase:
+    """One call of adaln_modulate (x, shift, scale, kwargs) or gated_residual (x, gate=scale, y=y)."""
+    name: str
+    x: torch.Tensor
+    shift: torch.Tensor
+    scale: torch.Tensor
+    y: torch.Tensor = None
+    kwargs: dict = field(default_factory=dict)
+
+    def leaves(self):
+        """The same case with every tensor a fresh leaf that requires grad (views become copies)."""
+        def leaf(t):
+            return t.detach().clone().requires_grad_(True) if isinstance(t, torch.Tensor) else t
+        return ModulateCase(self.name, leaf(self.x), leaf(self.shift), leaf(self.scale), leaf(self.y), dict(self.kwargs))
+
+
+def modulate_samples(device="cpu", dtype=torch.float32, *, seed=0):
+    """Cases covering what adaln_modulate and gated_residual promise: per-sample [B, C], [B, 1, C]
+    and per-token [B, N, C] modulation, no shift, layer and rms, channel counts that are not a
+    multiple of the vector width, N spanning several reduction chunks, strided x (including a
+    non-unit channel stride), shift/scale/gate as chunks of one adaLN projection, large-magnitude
+    inputs, one token and empty tensors. `y` is set for the gated residual (gate = scale)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g) * s).to(device=device, dtype=dtype)
+
+    def case(name, b, n, c, *, per_token=False, shift=True, **kw):
+        mshape = (b, n, c) if per_token else (b, c)
+        return ModulateCase(name, rnd(b, n, c), rnd(*mshape, s=0.5) if shift else None, rnd(*mshape, s=0.5),
+                            rnd(b, n, c), kw)
+
+    cases = [
+        case("per_sample", 2, 17, 40),
+        case("per_sample_rms", 2, 17, 40, norm="rms"),
+        case("per_token", 2, 5, 33, per_token=True),
+        case("no_shift_rms", 3, 7, 64, shift=False, norm="rms"),
+        case("no_shift_layer", 2, 9, 19, shift=False),
+        case("one_token", 1, 1, 8),
+        case("one_channel", 2, 3, 1, norm="rms"),  # layer norm of one channel is identically 0
+        case("chunks", 2, 67, 24, eps=1e-5),
+        case("dit_width", 2, 3, 1152),
+        case("wide_row", 1, 5, 1600),  # wider than the CUDA kernels keep in registers
+    ]
+    x = rnd(2, 6, 21)
+    cases.append(ModulateCase("b1c", x, rnd(2, 1, 21), rnd(2, 1, 21), rnd(2, 6, 21)))
+    cases.append(ModulateCase("mixed_forms", x, rnd(2, 6, 21), rnd(2, 21), rnd(2, 6, 21)))
+    cases.append(ModulateCase("mixed_forms2", x, rnd(2, 21), rnd(2, 6, 21), rnd(2, 6, 21)))
+    ada = rnd(3, 6 * 48)  # DiT's adaLN Linear output: six [B, C] chunks, each a strided view
+    sh, sc, gt = ada.chunk(6, dim=1)[:3]
+    cases.append(ModulateCase("adaln_chunks", rnd(3, 10, 48), sh, sc, rnd(3, 10, 48)))
+    cases.append(ModulateCase("strided_x", rnd(2, 14, 30)[:, ::2, :], rnd(2, 30), rnd(2, 30), rnd(2, 7, 30)))
+    cases.append(ModulateCase("channel_stride", rnd(2, 20, 6).transpose(1, 2), rnd(2, 20), rnd(2, 20),
+                              rnd(2, 20, 6).transpose(1, 2)))
+    cases.append(ModulateCase("token_major", rnd(5, 2, 16).transpose(0, 1), rnd(2, 16), rnd(2, 16), rnd(2, 5, 16)))
+    big = 1000 + torch.randn(2, 4, 64, generator=g)  # fp16: x^2 overflows, E[x^2] - mean^2 cancels
+    cases.append(ModulateCase("magnitude_1000", big.to(device=device, dtype=dtype), rnd(2, 64), rnd(2, 64),
+                              rnd(2, 4, 64)))
+    cases.append(case("empty_batch", 0, 5, 8))
+    cases.append(case("empty_tokens", 2, 0, 8))
+    cases.append(case("empty_tokens_per_token", 2, 0, 8, per_token=True))
+    return cases
+
+
+# ------------------------------------------------------------------------------- reparam_kl
+@dataclass
+class ReparamKLCase:
+    """One call of reparam_kl: mu, logvar and keyword arguments (no seed/noise: tests add them)."""
+    name: str
+    mu: torch.Tensor
+    logvar: torch.Tensor
+    kwargs: dict = field(default_factory=dict)
+
+    def leaves(self):
+        """mu and logvar as fresh leaves that require grad (the same strides kept via clone)."""
+        return (self.mu.detach().clone().requires_grad_(True), self.logvar.detach().clone().requires_grad_(True))
+
+
+def reparam_kl_samples(device="cpu", dtype=torch.float32, *, seed=0, large=False):
+    """Cases covering what reparam_kl promises: the two chunks of one encoder output (strided
+    views), odd sizes (rows not a multiple of Philox's 4 words, blocks cut mid-row), 1-D latents,
+    empty batch and empty latents, extreme logvar (clamped and not), every reduction, free bits,
+    channels-last views that must be copied, column strides."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    b = 3
+    enc = rnd(b, 8, 5, 7)
+    mu_h, lv_h = enc.chunk(2, dim=1)  # the halves of one encoder output: strided views
+    cases = [
+        ReparamKLCase("chunk_halves", mu_h, lv_h),
+        ReparamKLCase("contiguous_4d", rnd(b, 4, 5, 7), rnd(b, 4, 5, 7)),
+        ReparamKLCase("odd_cols_1001", rnd(2, 1001), rnd(2, 1001, scale=2.0), dict(reduction="sum")),
+        ReparamKLCase("one_d", rnd(5), rnd(5), dict(reduction="mean")),
+        ReparamKLCase("single", rnd(1, 3), rnd(1, 3), dict(reduction="none")),
+        ReparamKLCase("empty_batch", rnd(0, 4, 3), rnd(0, 4, 3)),
+        ReparamKLCase("empty_latent", rnd(b, 0), rnd(b, 0)),
+        ReparamKLCase("extreme_logvar", rnd(2, 37), (torch.tensor([50.0, -50.0]).repeat(37)[:37] * torch.ones(2, 1)).to(
+            device=device, dtype=dtype)),
+        ReparamKLCase("no_clamp", rnd(2, 19), rnd(2, 19, scale=3.0), dict(logvar_clamp=None, reduction="none")),
+        ReparamKLCase("narrow_clamp", rnd(2, 19), rnd(2, 19, scale=3.0), dict(logvar_clamp=(-1.0, 0.5))),
+        ReparamKLCase("free_bits", rnd(4, 2, 3), rnd(4, 2, 3), dict(free_bits=0.6)),
+        ReparamKLCase("free_bits_none", rnd(4, 6), rnd(4, 6), dict(free_bits=0.4, reduction="none")),
+        ReparamKLCase("channels_last", rnd(b, 5, 4, 6).permute(0, 2, 3, 1), rnd(b, 5, 4, 6).permute(0, 2, 3, 1)),
+        ReparamKLCase("column_stride_2", rnd(b, 40)[:, ::2], rnd(b, 41)[:, 1::2], dict(reduction="mean")),
+    ]
+    if large:  # several CPU work items per row and blocks that do not divide the row
+        cases.append(ReparamKLCase("rows_of_40003", rnd(2, 40003), rnd(2, 40003)))
+    return cases
+
+
+@dataclass
 class AttentionCase:
     """One call of genfast.attention: q, k, v, keyword arguments and a name for the test id."""
     name: str

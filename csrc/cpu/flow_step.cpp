@@ -7,15 +7,17 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu/dtype.h"
+#include "cpu/vec512.h"
 #include "flow_step.h"
 
 namespace genfast {
 namespace {
 
 constexpr int64_t kChunk = 8192;           // elements per work item: a few L1-sized streams
-constexpr int64_t kParallelMin = 1 << 15;  // below this, threading costs more than it saves
+constexpr int64_t kParallelMin = 1 << 16;  // below this, threading costs more than it saves
 
 template <typename T>
 GENFAST_CPU_CLONES void step_contiguous(T* __restrict out, const T* x, const T* __restrict vc,
@@ -32,6 +34,34 @@ GENFAST_CPU_CLONES void step_contiguous(T* __restrict out, const T* x, const T* 
   }
 }
 
+#ifdef GENFAST_HAVE_AVX512
+// The contiguous step with hardware fp16/bf16 conversions; the scalar tail reuses the clone above.
+template <typename T>
+GENFAST_AVX512 void step_contiguous_avx512(T* out, const T* x, const T* vc, const T* vu, int64_t n, float dt, float w) {
+  using namespace vec512;
+  const int64_t n16 = n & ~int64_t{15};
+  const __m512 vdt = _mm512_set1_ps(dt), va = _mm512_set1_ps(1.0f + w), vw = _mm512_set1_ps(w);
+  for (int64_t i = 0; i < n16; i += 16) {
+    __m512 v = load16(vc + i);
+    if (vu) v = _mm512_fmsub_ps(va, v, _mm512_mul_ps(vw, load16(vu + i)));
+    store16(out + i, _mm512_fnmadd_ps(vdt, v, load16(x + i)));
+  }
+  if (n16 < n) step_contiguous<T>(out + n16, x + n16, vc + n16, vu ? vu + n16 : nullptr, n - n16, dt, w);
+}
+#endif
+
+template <typename T>
+void step_row(T* out, const T* x, const T* vc, const T* vu, int64_t n, float dt, float w) {
+#ifdef GENFAST_HAVE_AVX512
+  // fp32 is already fast through the clones; the 16-bit types gain ~3x from hardware conversions.
+  if (!std::is_same<T, float>::value && vec512::cpu_has_avx512_bf16()) {
+    step_contiguous_avx512<T>(out, x, vc, vu, n, dt, w);
+    return;
+  }
+#endif
+  step_contiguous<T>(out, x, vc, vu, n, dt, w);
+}
+
 template <typename T>
 void step_strided(const FlowStepParams& p, int64_t r, int64_t c0, int64_t c1, float dt, float w) {
   T* out = static_cast<T*>(p.out) + r * p.out_rs;
@@ -39,7 +69,7 @@ void step_strided(const FlowStepParams& p, int64_t r, int64_t c0, int64_t c1, fl
   const T* vc = static_cast<const T*>(p.vc) + r * p.vc_rs;
   const T* vu = p.vu ? static_cast<const T*>(p.vu) + r * p.vu_rs : nullptr;
   if (p.out_cs == 1 && p.x_cs == 1 && p.vc_cs == 1 && (!vu || p.vu_cs == 1)) {
-    step_contiguous<T>(out + c0, x + c0, vc + c0, vu ? vu + c0 : nullptr, c1 - c0, dt, w);
+    step_row<T>(out + c0, x + c0, vc + c0, vu ? vu + c0 : nullptr, c1 - c0, dt, w);
     return;
   }
   for (int64_t c = c0; c < c1; ++c) {

@@ -23,24 +23,14 @@ import torch
 from torch import nn
 
 import genfast
-from genfast import reference
 
 
-# TODO(adaln_modulate, gated_residual): the ops land from the 'modulate' branch; until then these
-# shims use genfast's op when it exists, else the same math in plain PyTorch. The lead wires them.
 def _adaln_modulate(x, shift, scale, eps=1e-6):
-    op = getattr(genfast, "adaln_modulate", None) or getattr(reference, "adaln_modulate", None)
-    if op is not None:
-        return op(x, shift, scale, eps=eps)
-    xn = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps)
-    return xn * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    return genfast.adaln_modulate(x, shift, scale, eps=eps)
 
 
 def _gated_residual(x, gate, y):
-    op = getattr(genfast, "gated_residual", None) or getattr(reference, "gated_residual", None)
-    if op is not None:
-        return op(x, gate, y)
-    return torch.addcmul(x, gate.unsqueeze(1), y)
+    return genfast.gated_residual(x, gate, y)
 
 
 class DiTAttention(nn.Module):

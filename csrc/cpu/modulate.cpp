@@ -1,0 +1,376 @@
+// adaLN modulate and gated residual on the CPU, forward and backward (math and layout in
+// modulate.h). One row of C elements is one work item: it stays in L1/L2 between the passes
+// (statistics, then the modulated output), so x is read from memory once. Rows are processed 16
+// fp32 lanes at a time (vec16.h), sums in a fixed lane order; per-sample gradients
+// go through fixed-size row chunks and an ordered sum, so results never depend on thread count.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "cpu/dtype.h"
+#include "cpu/vec16.h"
+#include "modulate.h"
+
+namespace genfast {
+namespace {
+
+constexpr int64_t kParallelMin = 1 << 14;  // elements: below this, threading costs more than it saves
+
+// ------------------------------------------------------------------------------------ forward
+// sum(x - m) (POW 1) or sum((x - m)^2) (POW 2) over a row: four independent 16-lane accumulators
+// (one would wait on the add latency every step), combined in a fixed order.
+template <typename T, int POW>
+GENFAST_INLINE float row_sum_dev(const T* __restrict x, int64_t C, float m) {
+  using namespace vec;
+  auto term = [m](f32x16 v) { return POW == 1 ? v - m : (v - m) * (v - m); };
+  f32x16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  int64_t c = 0;
+  for (; c + 64 <= C; c += 64) {
+    a0 += term(load(x + c));
+    a1 += term(load(x + c + 16));
+    a2 += term(load(x + c + 32));
+    a3 += term(load(x + c + 48));
+  }
+  for (; c + 16 <= C; c += 16) a0 += term(load(x + c));
+  float s = hsum((a0 + a1) + (a2 + a3));
+  for (; c < C; ++c) {
+    const float d = load1(x + c) - m;
+    s += POW == 1 ? d : d * d;
+  }
+  return s;
+}
+
+template <typename T>
+GENFAST_VEC_CLONES void modulate_row_nocache(T* __restrict out, const T* __restrict x, const T* __restrict shift,
+                                     const T* __restrict scale, int64_t C, float eps, int rms, float* mean_o,
+                                     float* rstd_o) {
+  using namespace vec;
+  const int64_t C16 = C & ~int64_t{15};
+  const float mean = rms ? 0.f : row_sum_dev<T, 1>(x, C, 0.f) / static_cast<float>(C);
+  // mean((x - mean)^2), never E[x^2] - mean^2: fp16 inputs of magnitude 1e3 stay accurate.
+  const float q = row_sum_dev<T, 2>(x, C, mean);
+  const float rstd = 1.f / std::sqrt(q / static_cast<float>(C) + eps);
+  for (int64_t c = 0; c < C16; c += 16) {
+    f32x16 v = (load(x + c) - mean) * rstd * (1.f + load(scale + c));
+    if (shift) v += load(shift + c);
+    store(out + c, v);
+  }
+  for (int64_t c = C16; c < C; ++c) {
+    float v = (load1(x + c) - mean) * rstd * (1.f + load1(scale + c));
+    if (shift) v += load1(shift + c);
+    store1(out + c, v);
+  }
+  *mean_o = mean;
+  *rstd_o = rstd;
+}
+
+// The same for 16-bit rows of up to kRowBuf channels: converted to fp32 once, into `buf` (an
+// L1-resident row), which the later passes read instead of converting again (~12% for bf16).
+template <typename T>
+GENFAST_VEC_CLONES void modulate_row(T* __restrict out, const T* __restrict x, const T* __restrict shift,
+                                     const T* __restrict scale, int64_t C, float eps, int rms, float* mean_o,
+                                     float* rstd_o, float* __restrict buf) {
+  using namespace vec;
+  const int64_t C16 = C & ~int64_t{15};
+  const float* xf;
+  if constexpr (sizeof(T) == 2) {
+    for (int64_t c = 0; c < C16; c += 16) store(buf + c, load(x + c));
+    for (int64_t c = C16; c < C; ++c) buf[c] = load1(x + c);
+    xf = buf;
+  } else {
+    xf = x;
+  }
+  const float mean = rms ? 0.f : row_sum_dev<float, 1>(xf, C, 0.f) / static_cast<float>(C);
+  // mean((x - mean)^2), never E[x^2] - mean^2: fp16 inputs of magnitude 1e3 stay accurate.
+  const float q = row_sum_dev<float, 2>(xf, C, mean);
+  const float rstd = 1.f / std::sqrt(q / static_cast<float>(C) + eps);
+  for (int64_t c = 0; c < C16; c += 16) {
+    f32x16 v = (load(xf + c) - mean) * rstd * (1.f + load(scale + c));
+    if (shift) v += load(shift + c);
+    store(out + c, v);
+  }
+  for (int64_t c = C16; c < C; ++c) {
+    float v = (xf[c] - mean) * rstd * (1.f + load1(scale + c));
+    if (shift) v += load1(shift + c);
+    store1(out + c, v);
+  }
+  *mean_o = mean;
+  *rstd_o = rstd;
+}
+
+constexpr int64_t kRowBuf = 8192;  // fp32 row cache per thread (32 KiB); wider 16-bit rows convert per pass
+
+template <typename T>
+void modulate_fwd(const ModulateParams& p) {
+  const int64_t rows = p.B * p.N;
+#pragma omp parallel if (rows * p.C >= kParallelMin)
+  {
+    alignas(64) float buf[sizeof(T) == 2 ? kRowBuf : 1];
+    const bool cache = sizeof(T) == 2 && p.C <= kRowBuf;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t b = r / p.N, n = r % p.N;
+      const T* shift = p.shift ? static_cast<const T*>(p.shift) + b * p.shift_sb + n * p.shift_sn : nullptr;
+      T* out = static_cast<T*>(p.out) + b * p.out_sb + n * p.out_sn;
+      const T* x = static_cast<const T*>(p.x) + b * p.x_sb + n * p.x_sn;
+      const T* scale = static_cast<const T*>(p.scale) + b * p.scale_sb + n * p.scale_sn;
+      if (cache)
+        modulate_row<T>(out, x, shift, scale, p.C, p.eps, p.rms, p.mean + r, p.rstd + r, buf);
+      else
+        modulate_row_nocache<T>(out, x, shift, scale, p.C, p.eps, p.rms, p.mean + r, p.rstd + r);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------- backward
+// One row: dx (when wanted) and the row's dscale/dshift contributions, either accumulated into
+// fp32 sums (per sample: acc_scale/acc_shift) or written out (per token: ds_row/dsh_row).
+//   xhat = (x - mean) * rstd, dxhat = g * (1 + scale)
+//   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))     (rms: no mean(dxhat) term)
+template <typename T>
+GENFAST_VEC_CLONES void modulate_bwd_row(T* __restrict dx, const T* __restrict g, const T* __restrict x,
+                                         const T* __restrict scale, float mean, float rstd, int64_t C, int rms,
+                                         float* __restrict acc_scale, float* __restrict acc_shift,
+                                         T* __restrict ds_row, T* __restrict dsh_row, float* __restrict gbuf,
+                                         float* __restrict xbuf) {
+  // gbuf/xbuf (16-bit rows of up to kRowBuf channels, else nullptr): g and x converted to fp32 in
+  // the first pass, read back by the second.
+  using namespace vec;
+  const int64_t C16 = C & ~int64_t{15};
+  f32x16 va[2] = {}, vb[2] = {};  // sum(dxhat), sum(dxhat * xhat); two chains each for the add latency
+  auto step = [&](int64_t c, int k) {
+    const f32x16 gc = load(g + c), xc = load(x + c), xh = (xc - mean) * rstd;
+    if (gbuf) {
+      store(gbuf + c, gc);
+      store(xbuf + c, xc);
+    }
+    const f32x16 dxh = gc * (1.f + load(scale + c));
+    va[k] += dxh;
+    vb[k] += dxh * xh;
+    if (acc_scale) store(acc_scale + c, load(acc_scale + c) + gc * xh);
+    if (acc_shift) store(acc_shift + c, load(acc_shift + c) + gc);
+    if (ds_row) store(ds_row + c, gc * xh);
+    if (dsh_row) store(dsh_row + c, gc);
+  };
+  int64_t c16 = 0;
+  for (; c16 + 32 <= C16; c16 += 32) {
+    step(c16, 0);
+    step(c16 + 16, 1);
+  }
+  if (c16 < C16) step(c16, 0);
+  float a = hsum(va[0] + va[1]), bsum = hsum(vb[0] + vb[1]);
+  for (int64_t c = C16; c < C; ++c) {
+    const float gc = load1(g + c), xh = (load1(x + c) - mean) * rstd;
+    const float dxh = gc * (1.f + load1(scale + c));
+    a += dxh;
+    bsum += dxh * xh;
+    if (acc_scale) acc_scale[c] += gc * xh;
+    if (acc_shift) acc_shift[c] += gc;
+    if (ds_row) store1(ds_row + c, gc * xh);
+    if (dsh_row) store1(dsh_row + c, gc);
+  }
+  if (!dx) return;
+  const float inv_c = 1.f / static_cast<float>(C);
+  const float ma = rms ? 0.f : a * inv_c, mb = bsum * inv_c;
+  if (gbuf) {
+    for (int64_t c = 0; c < C16; c += 16) {
+      const f32x16 xh = (load(xbuf + c) - mean) * rstd;
+      const f32x16 dxh = load(gbuf + c) * (1.f + load(scale + c));
+      store(dx + c, rstd * (dxh - ma - xh * mb));
+    }
+  } else {
+    for (int64_t c = 0; c < C16; c += 16) {
+      const f32x16 xh = (load(x + c) - mean) * rstd;
+      const f32x16 dxh = load(g + c) * (1.f + load(scale + c));
+      store(dx + c, rstd * (dxh - ma - xh * mb));
+    }
+  }
+  for (int64_t c = C16; c < C; ++c) {
+    const float xh = (load1(x + c) - mean) * rstd;
+    const float dxh = load1(g + c) * (1.f + load1(scale + c));
+    store1(dx + c, rstd * (dxh - ma - xh * mb));
+  }
+}
+
+// Adds the chunks' partial sums in order: out[b, c] = sum_k partial[b, k, which, c], for up to two
+// outputs (which = 0 -> out0, 1 -> out1) in one parallel region.
+template <typename T>
+void reduce_partials(T* out0, T* out1, const float* partial, int64_t B, int64_t nchunks, int64_t stride_k,
+                     int64_t C) {
+  const int64_t jobs = 2 * B;
+#pragma omp parallel for schedule(static) if (B * nchunks * C >= kParallelMin)
+  for (int64_t j = 0; j < jobs; ++j) {
+    const int64_t b = j >> 1, which = j & 1;
+    T* dst = which ? out1 : out0;
+    if (!dst) continue;
+    const float* src = partial + b * nchunks * stride_k + which * C;
+    for (int64_t c = 0; c < C; ++c) {
+      float s = 0.f;
+      for (int64_t k = 0; k < nchunks; ++k) s += src[k * stride_k + c];
+      vec::store1(dst + b * C + c, s);
+    }
+  }
+}
+
+template <typename T>
+void modulate_bwd(const ModulateBwdParams& p) {
+  const int64_t C = p.C;
+  auto row_ptrs = [&](int64_t b, int64_t n, T*& dx, const T*& g, const T*& x, const T*& sc) {
+    dx = p.dx ? static_cast<T*>(p.dx) + b * p.dx_sb + n * p.dx_sn : nullptr;
+    g = static_cast<const T*>(p.grad) + b * p.g_sb + n * p.g_sn;
+    x = static_cast<const T*>(p.x) + b * p.x_sb + n * p.x_sn;
+    sc = static_cast<const T*>(p.scale) + b * p.scale_sb + n * p.scale_sn;
+  };
+  const bool cache = sizeof(T) == 2 && C <= kRowBuf && p.dx;
+  if (!p.per_sample) {
+    const int64_t rows = p.B * p.N;
+#pragma omp parallel if (rows * C >= kParallelMin)
+    {
+      alignas(64) float gbuf[sizeof(T) == 2 ? kRowBuf : 1], xbuf[sizeof(T) == 2 ? kRowBuf : 1];
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < rows; ++r) {
+        T* dx;
+        const T *g, *x, *sc;
+        row_ptrs(r / p.N, r % p.N, dx, g, x, sc);
+        modulate_bwd_row<T>(dx, g, x, sc, p.mean[r], p.rstd[r], C, p.rms, nullptr, nullptr,
+                            p.dscale ? static_cast<T*>(p.dscale) + r * C : nullptr,
+                            p.dshift ? static_cast<T*>(p.dshift) + r * C : nullptr, cache ? gbuf : nullptr,
+                            cache ? xbuf : nullptr);
+      }
+    }
+    return;
+  }
+  const int64_t nchunks = (p.N + p.chunk_rows - 1) / p.chunk_rows;
+  const int64_t items = p.B * nchunks;
+  const bool sums = p.dscale || p.dshift;
+#pragma omp parallel if (p.B * p.N * C >= kParallelMin)
+  {
+    alignas(64) float gbuf[sizeof(T) == 2 ? kRowBuf : 1], xbuf[sizeof(T) == 2 ? kRowBuf : 1];
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < items; ++i) {
+      const int64_t b = i / nchunks, k = i % nchunks;
+      float* acc_scale = sums ? p.partial + (i * 2) * C : nullptr;
+      float* acc_shift = sums ? acc_scale + C : nullptr;
+      if (sums) std::fill(acc_scale, acc_scale + 2 * C, 0.f);
+      for (int64_t n = k * p.chunk_rows; n < std::min(p.N, (k + 1) * p.chunk_rows); ++n) {
+        T* dx;
+        const T *g, *x, *sc;
+        row_ptrs(b, n, dx, g, x, sc);
+        const int64_t r = b * p.N + n;
+        modulate_bwd_row<T>(dx, g, x, sc, p.mean[r], p.rstd[r], C, p.rms, p.dscale ? acc_scale : nullptr,
+                            p.dshift ? acc_shift : nullptr, nullptr, nullptr, cache ? gbuf : nullptr,
+                            cache ? xbuf : nullptr);
+      }
+    }
+  }
+  if (p.dscale || p.dshift)
+    reduce_partials<T>(static_cast<T*>(p.dscale), static_cast<T*>(p.dshift), p.partial, p.B, nchunks, 2 * C, C);
+}
+
+// ------------------------------------------------------------------------------ gated residual
+template <typename T>
+GENFAST_VEC_CLONES void gated_row(T* out, const T* x, const T* __restrict gate, const T* __restrict y, int64_t C) {
+  // out may be x (in place): each element is read before it is written.
+  using namespace vec;
+  const int64_t C16 = C & ~int64_t{15};
+  for (int64_t c = 0; c < C16; c += 16) store(out + c, load(x + c) + load(gate + c) * load(y + c));
+  for (int64_t c = C16; c < C; ++c) store1(out + c, load1(x + c) + load1(gate + c) * load1(y + c));
+}
+
+template <typename T>
+void gated_fwd(const GatedResidualParams& p) {
+  const int64_t rows = p.B * p.N;
+#pragma omp parallel for schedule(static) if (rows * p.C >= kParallelMin)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t b = r / p.N, n = r % p.N;
+    gated_row<T>(static_cast<T*>(p.out) + b * p.out_sb + n * p.out_sn,
+                 static_cast<const T*>(p.x) + b * p.x_sb + n * p.x_sn,
+                 static_cast<const T*>(p.gate) + b * p.gate_sb + n * p.gate_sn,
+                 static_cast<const T*>(p.y) + b * p.y_sb + n * p.y_sn, p.C);
+  }
+}
+
+template <typename T>
+GENFAST_VEC_CLONES void gated_bwd_row(T* __restrict dy, const T* __restrict g, const T* __restrict gate,
+                                      const T* __restrict y, int64_t C, float* __restrict acc, T* __restrict dgate) {
+  using namespace vec;
+  const int64_t C16 = C & ~int64_t{15};
+  for (int64_t c = 0; c < C16; c += 16) {
+    const f32x16 gc = load(g + c);
+    if (dy) store(dy + c, gc * load(gate + c));
+    if (acc) store(acc + c, load(acc + c) + gc * load(y + c));
+    if (dgate) store(dgate + c, gc * load(y + c));
+  }
+  for (int64_t c = C16; c < C; ++c) {
+    const float gc = load1(g + c);
+    if (dy) store1(dy + c, gc * load1(gate + c));
+    if (acc) acc[c] += gc * load1(y + c);
+    if (dgate) store1(dgate + c, gc * load1(y + c));
+  }
+}
+
+template <typename T>
+void gated_bwd(const GatedResidualBwdParams& p) {
+  const int64_t C = p.C;
+  auto row = [&](int64_t b, int64_t n, float* acc, T* dgate) {
+    const int64_t r = b * p.N + n;
+    gated_bwd_row<T>(p.dy ? static_cast<T*>(p.dy) + r * C : nullptr,
+                     static_cast<const T*>(p.grad) + b * p.g_sb + n * p.g_sn,
+                     static_cast<const T*>(p.gate) + b * p.gate_sb + n * p.gate_sn,
+                     static_cast<const T*>(p.y) + b * p.y_sb + n * p.y_sn, C, acc, dgate);
+  };
+  if (!p.per_sample || !p.dgate) {
+    const int64_t rows = p.B * p.N;
+#pragma omp parallel for schedule(static) if (rows * C >= kParallelMin)
+    for (int64_t r = 0; r < rows; ++r)
+      row(r / p.N, r % p.N, nullptr, p.dgate ? static_cast<T*>(p.dgate) + r * C : nullptr);
+    return;
+  }
+  const int64_t nchunks = (p.N + p.chunk_rows - 1) / p.chunk_rows;
+#pragma omp parallel for schedule(static) if (p.B * p.N * C >= kParallelMin)
+  for (int64_t i = 0; i < p.B * nchunks; ++i) {
+    const int64_t b = i / nchunks, k = i % nchunks;
+    float* acc = p.partial + i * C;
+    std::fill(acc, acc + C, 0.f);
+    for (int64_t n = k * p.chunk_rows; n < std::min(p.N, (k + 1) * p.chunk_rows); ++n) row(b, n, acc, nullptr);
+  }
+  reduce_partials<T>(static_cast<T*>(p.dgate), nullptr, p.partial, p.B, nchunks, C, C);
+}
+
+template <template <typename> class Fn, typename P>
+void by_dtype(const P& p) {
+  switch (p.dtype) {
+    case kFloat32: Fn<float>::run(p); break;
+    case kFloat16: Fn<Half>::run(p); break;
+    case kBFloat16: Fn<BFloat16>::run(p); break;
+  }
+}
+template <typename T> struct FwdFn { static void run(const ModulateParams& p) { modulate_fwd<T>(p); } };
+template <typename T> struct BwdFn { static void run(const ModulateBwdParams& p) { modulate_bwd<T>(p); } };
+template <typename T> struct GFwdFn { static void run(const GatedResidualParams& p) { gated_fwd<T>(p); } };
+template <typename T> struct GBwdFn { static void run(const GatedResidualBwdParams& p) { gated_bwd<T>(p); } };
+
+}  // namespace
+
+void modulate_fwd_cpu(const ModulateParams& p) {
+  if (p.B * p.N == 0 || p.C == 0) return;
+  by_dtype<FwdFn>(p);
+}
+
+void modulate_bwd_cpu(const ModulateBwdParams& p) {
+  if (p.B * p.N == 0 || p.C == 0) return;
+  by_dtype<BwdFn>(p);
+}
+
+void gated_residual_fwd_cpu(const GatedResidualParams& p) {
+  if (p.B * p.N == 0 || p.C == 0) return;
+  by_dtype<GFwdFn>(p);
+}
+
+void gated_residual_bwd_cpu(const GatedResidualBwdParams& p) {
+  if (p.B * p.N == 0 || p.C == 0) return;
+  by_dtype<GBwdFn>(p);
+}
+
+}  // namespace genfast

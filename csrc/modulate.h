@@ -1,0 +1,94 @@
+// adaLN modulate and gated residual (DiT adaLN-Zero), shared by the CPU, CUDA and emulated-CUDA
+// kernels. No PyTorch headers: the bindings fill these structs from Python ints.
+//
+//   modulate:        out = norm(x) * (1 + scale) + shift      norm over C, no affine, fp32 stats
+//                    layer: xhat = (x - mean) * rstd, rstd = 1/sqrt(mean((x - mean)^2) + eps)
+//                    rms:   xhat = x * rstd,          rstd = 1/sqrt(mean(x^2) + eps)   (mean = 0)
+//   gated residual:  out = x + gate * y
+//
+// x, y, out, grad are [B, N, C] with row strides (sb, sn) and unit column stride; shift, scale and
+// gate are [B, N, C] with (sb, sn) strides too, sn = 0 for a per-sample [B, C] tensor. Row r of
+// the B*N rows is (b, n) = (r / N, r % N). All tensors share one dtype (DType); math in fp32.
+//
+// Per-sample gradients (dshift/dscale/dgate [B, C]) are sums over N, made deterministic without
+// atomics: rows are cut into chunks of `chunk_rows` (chosen by the caller, independent of thread
+// count), each chunk writes its fp32 partial sums to `partial` [B, nchunks, 2, C], and a second
+// step adds the chunks in order and writes the [B, C] results in the tensors' dtype.
+#pragma once
+#include <cstdint>
+
+#include "flow_step.h"  // DType
+
+namespace genfast {
+
+struct ModulateParams {
+  void* out;            // [B, N, C] strides (out_sb, out_sn, 1)
+  const void* x;        // [B, N, C] strides (x_sb, x_sn, 1)
+  const void* shift;    // nullptr: no shift
+  const void* scale;
+  float* mean;          // [B * N] fp32, written (0 for rms): saved for the backward
+  float* rstd;          // [B * N] fp32, written
+  int64_t B, N, C;
+  int64_t out_sb, out_sn, x_sb, x_sn, shift_sb, shift_sn, scale_sb, scale_sn;
+  float eps;
+  int32_t rms;          // 1: RMS norm, 0: layer norm
+  int32_t dtype;
+};
+
+struct ModulateBwdParams {
+  void* dx;             // [B, N, C] strides (dx_sb, dx_sn, 1); nullptr: not needed
+  void* dshift;         // per token: [B, N, C] contiguous; per sample: [B, C] contiguous; nullptr: not needed
+  void* dscale;         // same layout as dshift
+  float* partial;       // per sample only: [B, nchunks, 2, C] fp32 workspace
+  const void* grad;     // [B, N, C] strides (g_sb, g_sn, 1)
+  const void* x;
+  const void* scale;
+  const float* mean;    // [B * N] from the forward
+  const float* rstd;
+  int64_t B, N, C;
+  int64_t dx_sb, dx_sn, g_sb, g_sn, x_sb, x_sn, scale_sb, scale_sn;
+  int64_t chunk_rows;   // per sample: rows of one partial sum; nchunks = ceil(N / chunk_rows)
+  int32_t per_sample;   // 1: dshift/dscale are [B, C] sums over N; 0: [B, N, C] elementwise
+  int32_t rms;
+  int32_t dtype;
+};
+
+struct GatedResidualParams {
+  void* out;            // [B, N, C] (out_sb, out_sn, 1); may be x exactly
+  const void* x;
+  const void* gate;     // gate_sn = 0: per sample
+  const void* y;
+  int64_t B, N, C;
+  int64_t out_sb, out_sn, x_sb, x_sn, gate_sb, gate_sn, y_sb, y_sn;
+  int32_t dtype;
+};
+
+// dx = grad is not computed (the caller passes grad on); dy = grad * gate, dgate = grad * y (per
+// token) or its sum over N (per sample, same chunked partials as ModulateBwdParams).
+struct GatedResidualBwdParams {
+  void* dy;             // [B, N, C] contiguous; nullptr: not needed
+  void* dgate;          // [B, N, C] or [B, C] contiguous; nullptr: not needed
+  float* partial;       // per sample only: [B, nchunks, C] fp32 workspace
+  const void* grad;
+  const void* gate;
+  const void* y;
+  int64_t B, N, C;
+  int64_t g_sb, g_sn, gate_sb, gate_sn, y_sb, y_sn;
+  int64_t chunk_rows;
+  int32_t per_sample;
+  int32_t dtype;
+};
+
+// csrc/cpu/modulate.cpp
+void modulate_fwd_cpu(const ModulateParams& p);
+void modulate_bwd_cpu(const ModulateBwdParams& p);
+void gated_residual_fwd_cpu(const GatedResidualParams& p);
+void gated_residual_bwd_cpu(const GatedResidualBwdParams& p);
+
+// csrc/cuda/modulate.cu: launch on `stream`, return the cudaError_t as an int (see flow_step.h).
+int modulate_fwd_cuda(const ModulateParams& p, void* stream);
+int modulate_bwd_cuda(const ModulateBwdParams& p, void* stream);
+int gated_residual_fwd_cuda(const GatedResidualParams& p, void* stream);
+int gated_residual_bwd_cuda(const GatedResidualBwdParams& p, void* stream);
+
+}  // namespace genfast
