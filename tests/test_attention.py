@@ -6,7 +6,8 @@ import genfast
 from genfast import reference
 from genfast.testing import FLOAT_DTYPES, assert_within_reference_error, attention_samples, backends_to_test
 
-# The CUDA attention (and so its emulation) is a later part of issue 4: cuda / cuda_emu are absent.
+# The CUDA attention (fp16/bf16 only) and its emulation have their own suite
+# (tests/test_attention_cuda.py, slow under emulation); one case runs through the op below.
 BACKENDS = [(d, b) for d, b in backends_to_test() if b not in ("cuda", "cuda_emu")]
 IDS = [f"{d}-{b}" for d, b in BACKENDS]
 
@@ -145,8 +146,23 @@ def test_backend_choice_on_cpu(monkeypatch):
     assert genfast.ops.attention.backend_for(torch.empty(1, 1, 1, 8)) == "cpu"
     assert genfast.ops.attention.backend_for(torch.empty(1, 1, 1, 8, dtype=torch.float64)) == "reference"
     monkeypatch.setenv("GENFAST_BACKEND", "cuda_emu")
-    with pytest.raises(ValueError, match="no CUDA attention kernel"):
+    with pytest.raises(ValueError, match="fp16, bf16 only"):  # a forced backend that cannot run: one error
         genfast.attention(*(torch.randn(1, 1, 4, 8) for _ in range(3)))
+
+
+def test_cuda_emu_through_the_op(use_backend):
+    """The CUDA kernels (emulated) behind genfast.attention: one bf16 case, forward and backward
+    (their own suite, tests/test_attention_cuda.py, covers them in depth)."""
+    use_backend("cuda_emu")
+    case = next(c for c in attention_samples("cpu", torch.bfloat16) if c.name == "mask_33x77_d72")
+    got = genfast.attention(*case.args(), **case.kwargs)
+    assert_within_reference_error(case.name, got, _ref(case, upcast=False), _ref(case, torch.float64), floor=1e-5)
+    g = torch.randn(case.q.shape).to(torch.bfloat16)
+    grads = _grads(lambda *a: genfast.attention(*a, **case.kwargs), case.leaves(), g)
+    low = _grads(lambda *a: reference.attention(*a, upcast=False, **case.kwargs), case.leaves(), g)
+    high = _grads(lambda *a: reference.attention(*a, **case.kwargs), case.leaves(torch.float64), g)
+    for name, a, lo, hi in zip("qkv", grads, low, high):
+        assert_within_reference_error(f"d{name}", a, lo, hi, floor=1e-5)
 
 
 def _qkv(*shapes, dtype=torch.float32):

@@ -91,12 +91,13 @@ def _dtype_reasons(dtype):
     return [] if dtype in _KERNEL_DTYPES else [f"dtype {dtype} is not supported (fp32, fp16, bf16 only)"]
 
 
-def _reasons(device_type, dtype):
+def _reasons(device_type, dtype, head_dim=64):
     """{backend: callable -> reasons}. Head dims 1..256 are checked in attention() for every backend."""
+    from genfast.ops import attention_cuda  # the CUDA flash kernels (mma.sync) and their emulated twin
+
     return {
-        # The CUDA attention (mma.sync, with an emulated twin) is a later part of issue 4.
-        "cuda": lambda: ["no CUDA attention kernel yet (Triton serves CUDA tensors)"],
-        "cuda_emu": lambda: ["no CUDA attention kernel yet"],
+        "cuda": lambda: attention_cuda.reasons("cuda", device_type, dtype, head_dim),
+        "cuda_emu": lambda: attention_cuda.reasons("cuda_emu", device_type, dtype, head_dim),
         "triton": lambda: backends.triton_reasons(device_type) + _dtype_reasons(dtype),
         # torch's GEMMs / fused CPU kernel around genfast._C's softmax rows (see attention_cpu.py).
         "cpu": lambda: backends.module_reasons("_C", device_type, "cpu") + _dtype_reasons(dtype),
@@ -105,7 +106,7 @@ def _reasons(device_type, dtype):
 
 
 def backend_for(q):
-    return backends.choose(OP, q.device.type, _reasons(q.device.type, q.dtype))
+    return backends.choose(OP, q.device.type, _reasons(q.device.type, q.dtype, q.shape[-1]))
 
 
 def _fully_masked_rows(nq, nk, causal, mask, device):
@@ -156,6 +157,10 @@ def _fwd_impl(q, k, v, mask, causal, scale):
         from genfast.kernels.attention import attention_forward
 
         return attention_forward(q, k, v, mask, causal, scale, out=_out_layout(q))
+    if name in ("cuda", "cuda_emu"):
+        from genfast.ops import attention_cuda
+
+        return attention_cuda.forward(name, q, k, v, mask, causal, scale, out=_out_layout(q))
     if name == "cpu":
         from genfast.ops import attention_cpu
 
@@ -187,6 +192,10 @@ def _bwd_impl(dout, q, k, v, out, lse, mask, causal, scale):
         from genfast.kernels.attention import attention_backward
 
         return attention_backward(dout, q, k, v, out, lse, mask, causal, scale)
+    if name in ("cuda", "cuda_emu"):
+        from genfast.ops import attention_cuda
+
+        return attention_cuda.backward(name, dout, q, k, v, out, lse, mask, causal, scale)
     if name == "cpu":
         from genfast.ops import attention_cpu
 
