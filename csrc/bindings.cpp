@@ -14,6 +14,7 @@
 #include "modulate_bind.h"
 #include "vq.h"
 #include "kl_bind.h"
+#include "attention.h"
 
 #if defined(GENFAST_MODULE_CUDA) || defined(GENFAST_MODULE_CUDA_EMU)
 #define GENFAST_CUDA_SIDE 1
@@ -153,6 +154,34 @@ void vq_counts(uintptr_t indices, int64_t n, int64_t idx_stride, int64_t k, uint
 #endif
 }
 
+#ifndef GENFAST_CUDA_SIDE
+// The CPU attention path's fused softmax rows (csrc/attention.h); genfast._C only.
+AttnRowsParams attn_rows_params(int64_t groups, int64_t rows, int64_t nk, int64_t heads, int64_t q0, double scale,
+                                bool causal, uintptr_t mask, int64_t mask_bs, uintptr_t lse, int64_t lse_gs,
+                                int32_t dtype) {
+  if (dtype < kFloat32 || dtype > kBFloat16) throw py::value_error("genfast: unknown dtype code");
+  return AttnRowsParams{groups, rows, nk, heads, q0, static_cast<float>(scale), causal ? 1 : 0,
+                        reinterpret_cast<const uint8_t*>(mask), mask_bs, reinterpret_cast<float*>(lse), lse_gs, dtype};
+}
+
+void attn_softmax_rows(uintptr_t s, uintptr_t p, int64_t groups, int64_t rows, int64_t nk, int64_t heads, int64_t q0,
+                       double scale, bool causal, uintptr_t mask, int64_t mask_bs, uintptr_t lse, int64_t lse_gs,
+                       int32_t dtype) {
+  const AttnRowsParams a = attn_rows_params(groups, rows, nk, heads, q0, scale, causal, mask, mask_bs, lse, lse_gs, dtype);
+  py::gil_scoped_release nogil;
+  attn_softmax_rows_cpu(a, reinterpret_cast<const void*>(s), reinterpret_cast<void*>(p));
+}
+
+void attn_softmax_bwd_rows(uintptr_t s, uintptr_t dp, uintptr_t p, uintptr_t ds, int64_t groups, int64_t rows,
+                           int64_t nk, int64_t heads, int64_t q0, double scale, bool causal, uintptr_t mask,
+                           int64_t mask_bs, uintptr_t lse, int64_t lse_gs, int32_t dtype) {
+  const AttnRowsParams a = attn_rows_params(groups, rows, nk, heads, q0, scale, causal, mask, mask_bs, lse, lse_gs, dtype);
+  py::gil_scoped_release nogil;
+  attn_softmax_bwd_rows_cpu(a, reinterpret_cast<const void*>(s), reinterpret_cast<const void*>(dp),
+                            reinterpret_cast<void*>(p), reinterpret_cast<void*>(ds));
+}
+#endif
+
 void bind_all(py::module_& m) {
   m.def("vq_nearest", &vq_nearest, "Nearest codebook row per row of z, O(n) memory (see csrc/vq.h).",
         py::arg("z"), py::arg("n"), py::arg("d"), py::arg("z_inner"), py::arg("z_os"), py::arg("z_rs"),
@@ -162,6 +191,16 @@ void bind_all(py::module_& m) {
   m.def("vq_counts", &vq_counts, "Per-code counts of int64 indices in [0, k) (see csrc/vq.h).",
         py::arg("indices"), py::arg("n"), py::arg("idx_stride"), py::arg("k"), py::arg("counts"),
         py::arg("stream") = 0);
+#ifndef GENFAST_CUDA_SIDE
+  m.def("attn_softmax_rows", &attn_softmax_rows, "Fused scale + mask + softmax + log-sum-exp over score rows (csrc/attention.h).",
+        py::arg("s"), py::arg("p"), py::arg("groups"), py::arg("rows"), py::arg("nk"), py::arg("heads"), py::arg("q0"),
+        py::arg("scale"), py::arg("causal"), py::arg("mask"), py::arg("mask_bs"), py::arg("lse"), py::arg("lse_gs"),
+        py::arg("dtype"));
+  m.def("attn_softmax_bwd_rows", &attn_softmax_bwd_rows, "Fused softmax backward over score rows (csrc/attention.h).",
+        py::arg("s"), py::arg("dp"), py::arg("p"), py::arg("ds"), py::arg("groups"), py::arg("rows"), py::arg("nk"),
+        py::arg("heads"), py::arg("q0"), py::arg("scale"), py::arg("causal"), py::arg("mask"), py::arg("mask_bs"),
+        py::arg("lse"), py::arg("lse_gs"), py::arg("dtype"));
+#endif
   m.def("flow_step", &flow_step,
         "Fused rectified-flow Euler / CFG step over [rows, cols] strided views (see csrc/flow_step.h).",
         py::arg("out"), py::arg("x"), py::arg("vc"), py::arg("vu"), py::arg("rows"), py::arg("cols"),

@@ -18,14 +18,10 @@ from genfast import _native  # noqa: E402
 _native.warn_if_cpu_module_missing()
 
 from genfast.info import info  # noqa: E402
-from genfast.ops import flow_euler_step  # noqa: E402
+from genfast.ops import (  # noqa: E402
+    adaln_modulate, code_counts, flow_euler_step, gated_residual, reparam_kl, vector_quantize, vq_nearest)
+from genfast.ops.attention import attention  # noqa: E402
 from genfast.sampling import sample_rectified_flow  # noqa: E402
-from genfast.ops import reparam_kl  # noqa: E402
-from genfast.ops import code_counts, vector_quantize, vq_nearest  # noqa: E402
 
-__all__ = ["info", "flow_euler_step", "sample_rectified_flow", "reparam_kl", "__version__"]
-
-from genfast.ops import adaln_modulate, gated_residual  # noqa: E402
-
-__all__ += ["adaln_modulate", "gated_residual"]
-__all__ += ["vq_nearest", "vector_quantize", "code_counts"]
+__all__ = ["info", "flow_euler_step", "sample_rectified_flow", "attention", "adaln_modulate", "gated_residual",
+           "vq_nearest", "vector_quantize", "code_counts", "reparam_kl", "__version__"]

@@ -24,6 +24,7 @@ PREFERENCE = {
     # Triton first for VQ: its tl.dot tiles beat the SIMT CUDA kernel (tensor cores) until measured.
     "vq_nearest": {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")},
     "reparam_kl": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")},
+    "attention": {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")},
 }
 
 

@@ -247,3 +247,51 @@ def reparam_kl(mu, logvar, *, noise, reduction="per_sample", free_bits=0.0, logv
     if reduction == "per_sample":
         return z, per_sample
     return z, per_sample.sum() if reduction == "sum" else per_sample.mean()
+
+
+def attention_allowed(nq, nk, *, causal=False, key_padding_mask=None, device=None):
+    """Bool [B or 1, 1, Nq, Nk]: which (query, key) pairs take part. causal is top-left aligned,
+    as in torch's scaled_dot_product_attention(is_causal=True): query i sees keys 0..i.
+    key_padding_mask [B, Nk]: True = a real key (attend), False = padding (ignored)."""
+    allowed = torch.ones(1, 1, nq, nk, dtype=torch.bool, device=device)
+    if causal:
+        allowed = allowed.tril()
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :]
+    return allowed
+
+
+def attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None, upcast=True):
+    """softmax(q k^T * scale + mask) v over [B, H, N, D], written as plain PyTorch writes it.
+
+    upcast=True: math in fp32 (fp64 for fp64 inputs), the result cast to q's dtype (the ground
+    truth). upcast=False: matmuls and softmax in the inputs' dtype, as a user's low-precision
+    eager code runs (the "reference error" side of the tolerance rule).
+    A query row whose keys are all masked (a fully padded sample, or causal rows before the first
+    real key) gives zeros, and zero (finite) gradients."""
+    ct = (torch.float64 if q.dtype == torch.float64 else torch.float32) if upcast else q.dtype
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
+    if causal or key_padding_mask is not None:
+        allowed = attention_allowed(q.shape[-2], k.shape[-2], causal=causal,
+                                    key_padding_mask=key_padding_mask, device=q.device)
+        any_key = allowed.any(-1, keepdim=True)
+        # Fully masked rows: a finite row (softmax stays finite) zeroed afterwards.
+        s = s.masked_fill(~allowed, float("-inf")).masked_fill(~any_key, 0.0)
+        p = torch.softmax(s, dim=-1) * any_key
+    else:
+        p = torch.softmax(s, dim=-1)
+    return torch.matmul(p.to(ct), v.to(ct)).to(q.dtype)
+
+
+def attention_lse(q, k, *, causal=False, scale=None, key_padding_mask=None):
+    """fp32 (fp64) log-sum-exp of each query row's scaled scores [B, H, Nq]; -inf for fully
+    masked rows. What the kernels keep for the backward."""
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
+    if causal or key_padding_mask is not None:
+        allowed = attention_allowed(q.shape[-2], k.shape[-2], causal=causal,
+                                    key_padding_mask=key_padding_mask, device=q.device)
+        s = s.masked_fill(~allowed, float("-inf"))
+    return torch.logsumexp(s, dim=-1)

@@ -298,3 +298,77 @@ def reparam_kl_samples(device="cpu", dtype=torch.float32, *, seed=0, large=False
     if large:  # several CPU work items per row and blocks that do not divide the row
         cases.append(ReparamKLCase("rows_of_40003", rnd(2, 40003), rnd(2, 40003)))
     return cases
+
+
+@dataclass
+class AttentionCase:
+    """One call of genfast.attention: q, k, v, keyword arguments and a name for the test id."""
+    name: str
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    kwargs: dict = field(default_factory=dict)
+
+    def args(self):
+        return self.q, self.k, self.v
+
+    def leaves(self, dtype=None):
+        """q, k, v as fresh leaves that require grad (in `dtype` when given)."""
+        return tuple(t.detach().to(dtype or t.dtype).requires_grad_(True) for t in self.args())
+
+
+def attention_samples(device="cpu", dtype=torch.float32, *, long=False, seed=0):
+    """Cases covering what attention promises: lengths around the block sizes, head dims 32 and 72,
+    cross attention with text-length keys, causal, key padding masks with a fully masked sample,
+    q/k/v as strided views of one fused qkv projection, a non-unit last stride, empty batches.
+    long=True adds what the interpreter/emulation are too slow for: lengths 257 and 1000, 333 text
+    tokens, head dims 64, 80, 96, 128."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    def mask(b, nk, p=0.3):
+        return (torch.rand(b, nk, generator=g) > p).to(device)
+
+    def self_case(name, b, h, n, d, **kw):
+        return AttentionCase(name, rnd(b, h, n, d), rnd(b, h, n, d), rnd(b, h, n, d), kw)
+
+    def cross_case(name, b, h, nq, nk, d, **kw):
+        return AttentionCase(name, rnd(b, h, nq, d), rnd(b, h, nk, d), rnd(b, h, nk, d), kw)
+
+    cases = [
+        self_case("n1_d32", 2, 2, 1, 32),
+        self_case("n17_d72", 2, 2, 17, 72),
+        self_case("n64_d32", 1, 2, 64, 32),
+        self_case("n127_d72", 1, 2, 127, 72),
+        self_case("n129_d32_scale", 1, 1, 129, 32, scale=0.3),
+        cross_case("cross_17x77_d72", 2, 2, 17, 77, 72),
+        self_case("causal_n127_d72", 1, 2, 127, 72, causal=True),
+        cross_case("causal_cross_29x17_d32", 1, 2, 29, 17, 32, causal=True),
+    ]
+    m = mask(3, 77)
+    m[1] = False  # a fully padded sample: its rows must be zeros
+    cases.append(cross_case("mask_33x77_d72", 3, 2, 33, 77, 72, key_padding_mask=m))
+    m = mask(2, 40)
+    m[:, :5] = False  # causal rows 0..4 see no key
+    cases.append(self_case("causal_mask_n40_d32", 2, 1, 40, 32, causal=True, key_padding_mask=m.clone()))
+    m[:, 5:] = True
+    cases.append(self_case("mask_none_masked_n40_d32", 2, 1, 40, 32, key_padding_mask=torch.ones_like(m)))
+    # One fused qkv projection [B, N, 3 * H * D] read as three [B, H, N, D] views (no copy).
+    b, n, h, d = 2, 33, 2, 72
+    qkv = rnd(b, n, 3 * h * d).view(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+    cases.append(AttentionCase("qkv_views_n33_d72", qkv[0], qkv[1], qkv[2]))
+    t = rnd(1, 2, 32, 20).transpose(-1, -2)  # last-dim stride != 1
+    cases.append(AttentionCase("transposed_d32", t, rnd(1, 2, 32, 20).transpose(-1, -2), rnd(1, 2, 20, 32)))
+    cases.append(self_case("empty_batch", 0, 2, 16, 32))
+    cases.append(cross_case("no_keys", 1, 2, 5, 0, 32))
+    if long:
+        cases += [
+            self_case("n257_d64", 1, 2, 257, 64),
+            self_case("n1000_d72", 1, 2, 1000, 72, causal=True),
+            self_case("n128_d80", 1, 2, 128, 80),
+            cross_case("cross_120x333_d96", 1, 2, 120, 333, 96, key_padding_mask=mask(1, 333)),
+            self_case("n129_d128", 1, 2, 129, 128),
+        ]
+    return cases

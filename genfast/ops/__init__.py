@@ -1,25 +1,20 @@
 """genfast's ops: one module per hot path (checks, backend choice, autograd, torch.library)."""
-from genfast.ops import flow_step
+from genfast.ops import attention as _attention_op  # the module; the function is genfast.attention
+from genfast.ops import flow_step, kl, modulate, vq
 from genfast.ops.flow_step import flow_euler_step
-from genfast.ops import vq
+from genfast.ops.kl import reparam_kl
+from genfast.ops.modulate import adaln_modulate, gated_residual
 from genfast.ops.vq import code_counts, vector_quantize, vq_nearest
 
 # For genfast.info(): op name -> (device type, dtype) -> {backend: reasons callable}.
-REASONS_BY_OP = {"flow_euler_step": flow_step._reasons}
-REASONS_BY_OP["vq_nearest"] = vq._reasons
+REASONS_BY_OP = {
+    "flow_euler_step": flow_step._reasons,
+    "attention": _attention_op._reasons,
+    "adaln_modulate": modulate._reasons,
+    "gated_residual": modulate._reasons,
+    "vq_nearest": vq._reasons,
+    "reparam_kl": kl._reasons,
+}
 
-__all__ = ["flow_euler_step", "REASONS_BY_OP"]
-__all__ += ["vq_nearest", "vector_quantize", "code_counts"]
-
-# adaLN modulate / gated residual (issue 4)
-from genfast.ops import modulate  # noqa: E402
-from genfast.ops.modulate import adaln_modulate, gated_residual  # noqa: E402
-
-REASONS_BY_OP.update({"adaln_modulate": modulate._reasons, "gated_residual": modulate._reasons})
-__all__ += ["adaln_modulate", "gated_residual"]
-# reparam_kl (issue 6)
-from genfast.ops import kl  # noqa: E402
-from genfast.ops.kl import reparam_kl  # noqa: E402
-
-REASONS_BY_OP["reparam_kl"] = kl._reasons
-__all__ += ["reparam_kl"]
+__all__ = ["flow_euler_step", "reparam_kl", "adaln_modulate", "gated_residual", "vq_nearest", "vector_quantize",
+           "code_counts", "REASONS_BY_OP"]

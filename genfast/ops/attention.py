@@ -1,0 +1,241 @@
+"""Flash attention: checks, backend choice, autograd and the torch.library registration
+(genfast::attention_fwd -> (out, lse), genfast::attention_bwd -> (dq, dk, dv)).
+
+    out = softmax(q k^T * scale + mask) v            q [B, H, Nq, D], k/v [B, H, Nk, D]
+
+Masks: causal is top-left aligned, as torch's scaled_dot_product_attention(is_causal=True)
+(query i sees keys 0..i, also when Nq != Nk); key_padding_mask [B, Nk] bool, True = a real key,
+False = padding. A query row with no key left (a fully padded sample, or causal rows before the
+first real key) gives zeros and zero, finite gradients.
+
+The forward keeps the log-sum-exp of each row in fp32 [B, H, Nq] (+inf marks a fully masked row,
+so exp(s - lse) = 0 there) and the backward recomputes the probabilities from it: the Nq x Nk
+matrix is never stored by the kernels (the reference and the CPU path build it in blocks).
+"""
+import math
+
+import torch
+
+from genfast import backends, reference
+from genfast.ops._common import LIB, check_float_tensor
+
+OP = "attention"
+MAX_HEAD_DIM = 256
+LIB.define("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, float scale)"
+           " -> (Tensor, Tensor)")
+LIB.define("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+           " Tensor? key_padding_mask, bool causal, float scale) -> (Tensor, Tensor, Tensor)")
+
+
+def attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None):
+    """Scaled dot-product attention without the Nq x Nk matrix (online softmax), differentiable.
+
+    Args:
+        q: queries [B, H, Nq, D]; k, v: keys and values [B, H, Nk, D] (Nk may differ from Nq:
+            cross attention). fp32, fp16 or bf16 (fp64 runs on the reference). Any strides: the
+            views `qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)` of one fused projection are read
+            in place, without a transpose copy. 1 <= D <= 256.
+        causal: top-left aligned causal mask (query i attends keys 0..i), as SDPA's is_causal.
+        scale: multiplies q k^T; default 1 / sqrt(D).
+        key_padding_mask: None or bool [B, Nk] on q's device; True = attend, False = padding.
+    Returns:
+        [B, H, Nq, D] in q's dtype. Rows with every key masked are zeros (and get zero gradients).
+    """
+    _check(q, k, v, causal, scale, key_padding_mask)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return torch.ops.genfast.attention_fwd(q, k, v, key_padding_mask, bool(causal), scale)[0]
+
+
+def _check(q, k, v, causal, scale, mask):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float_tensor(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, N, D], got shape {tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; expected the same device")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; expected the same dtype")
+    b, h, _, d = q.shape
+    if k.shape[:2] != (b, h) or v.shape[:2] != (b, h):
+        raise ValueError(f"k and v must have q's batch and heads {(b, h)}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same number of keys, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[3] != d or v.shape[3] != d:
+        raise ValueError(f"k and v must have q's head dim {d}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim (q.shape[-1]) must be in 1..{MAX_HEAD_DIM}, got {d}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask must be a bool tensor or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must have dtype bool (True = attend), got {mask.dtype}")
+        if mask.shape != (b, k.shape[2]):
+            raise ValueError(f"key_padding_mask must have shape [B, Nk] = {[b, k.shape[2]]}, got {list(mask.shape)}")
+        if mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {mask.device} but q is on {q.device}; expected the same device")
+
+
+# ----------------------------------------------------------------------------------- backends
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dtype_reasons(dtype):
+    return [] if dtype in _KERNEL_DTYPES else [f"dtype {dtype} is not supported (fp32, fp16, bf16 only)"]
+
+
+def _reasons(device_type, dtype, head_dim=64):
+    """{backend: callable -> reasons}. Head dims 1..256 are checked in attention() for every backend."""
+    from genfast.ops import attention_cuda  # the CUDA flash kernels (mma.sync) and their emulated twin
+
+    return {
+        "cuda": lambda: attention_cuda.reasons("cuda", device_type, dtype, head_dim),
+        "cuda_emu": lambda: attention_cuda.reasons("cuda_emu", device_type, dtype, head_dim),
+        "triton": lambda: backends.triton_reasons(device_type) + _dtype_reasons(dtype),
+        # torch's GEMMs / fused CPU kernel around genfast._C's softmax rows (see attention_cpu.py).
+        "cpu": lambda: backends.module_reasons("_C", device_type, "cpu") + _dtype_reasons(dtype),
+        "reference": lambda: [],
+    }
+
+
+def backend_for(q):
+    return backends.choose(OP, q.device.type, _reasons(q.device.type, q.dtype, q.shape[-1]))
+
+
+def _fully_masked_rows(nq, nk, causal, mask, device):
+    """Bool [B or 1, 1, Nq]: rows with no key to attend, or None when there are none."""
+    if mask is None:
+        return None if nk > 0 else torch.ones(1, 1, nq, dtype=torch.bool, device=device)
+    if causal:  # row i sees keys 0..i: masked when none of mask[:, :i+1] is True
+        seen = mask[:, :nq].cumsum(1) > 0
+        if nq > nk:
+            seen = torch.cat([seen, seen[:, -1:].expand(-1, nq - nk)], 1) if nk else seen.new_zeros(mask.shape[0], nq)
+        return ~seen[:, None, :]
+    return ~mask.any(1)[:, None, None].expand(-1, 1, nq)
+
+
+def _reference_fwd(q, k, v, mask, causal, scale):
+    out = reference.attention(q, k, v, causal=causal, scale=scale, key_padding_mask=mask)
+    lse = reference.attention_lse(q, k, causal=causal, scale=scale, key_padding_mask=mask)
+    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+    return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+def _reference_bwd(dout, q, k, v, mask, causal, scale):
+    """The softmax-attention gradients written out in plain PyTorch (fp32, fp64 for fp64): autograd
+    does not record inside a custom op's implementation."""
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qc, kc, vc, do = q.to(ct), k.to(ct), v.to(ct), dout.to(ct)
+    s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    if causal or mask is not None:
+        allowed = reference.attention_allowed(q.shape[2], k.shape[2], causal=causal, key_padding_mask=mask,
+                                              device=q.device)
+        any_key = allowed.any(-1, keepdim=True)
+        p = torch.softmax(s.masked_fill(~allowed, float("-inf")).masked_fill(~any_key, 0.0), -1) * any_key
+    else:
+        p = torch.softmax(s, -1)
+    dp = torch.matmul(do, vc.transpose(-1, -2))
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True)) * scale
+    return (torch.matmul(ds, kc).to(q.dtype), torch.matmul(ds.transpose(-1, -2), qc).to(k.dtype),
+            torch.matmul(p.transpose(-1, -2), do).to(v.dtype))
+
+
+def _fwd_impl(q, k, v, mask, causal, scale):
+    b, h, nq, d = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if q.numel() == 0 or k.shape[2] == 0:  # nothing to compute, or no key at all: zeros
+        return _out_layout(q).zero_(), torch.full((b, h, nq), float("inf"), dtype=lse_dtype, device=q.device)
+    name = backend_for(q)
+    if name == "triton":
+        from genfast.kernels.attention import attention_forward
+
+        return attention_forward(q, k, v, mask, causal, scale, out=_out_layout(q))
+    if name in ("cuda", "cuda_emu"):
+        from genfast.ops import attention_cuda
+
+        return attention_cuda.forward(name, q, k, v, mask, causal, scale, out=_out_layout(q))
+    if name == "cpu":
+        from genfast.ops import attention_cpu
+
+        return attention_cpu.forward(q, k, v, mask, causal, scale,
+                                     _fully_masked_rows(nq, k.shape[2], causal, mask, q.device), _out_layout(q))
+    out, lse = _reference_fwd(q, k, v, mask, causal, scale)
+    return _out_layout(q).copy_(out), lse
+
+
+def _out_layout(q):
+    """The forward's output [B, H, Nq, D]. Its memory is [B, Nq, H, D] (so that
+    out.transpose(1, 2).reshape(B, Nq, H * D) before the output projection is free) on every
+    backend, except for CPU tensors of the dtypes torch's fused CPU kernel serves (it writes
+    [B, H, Nq, D]; re-laying it out would cost the copy it saves). A function of device type and
+    dtype only, so the fake and every backend agree."""
+    b, h, nq, d = q.shape
+    from genfast.ops import attention_cpu
+
+    if q.device.type == "cpu" and attention_cpu.VARIANT.get(q.dtype) == "sdpa":
+        return torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
+    return torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+
+
+def _bwd_impl(dout, q, k, v, out, lse, mask, causal, scale):
+    if q.numel() == 0 or k.shape[2] == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    name = backend_for(q)
+    if name == "triton":
+        from genfast.kernels.attention import attention_backward
+
+        return attention_backward(dout, q, k, v, out, lse, mask, causal, scale)
+    if name in ("cuda", "cuda_emu"):
+        from genfast.ops import attention_cuda
+
+        return attention_cuda.backward(name, dout, q, k, v, out, lse, mask, causal, scale)
+    if name == "cpu":
+        from genfast.ops import attention_cpu
+
+        return attention_cpu.backward(dout, q, k, v, out, lse, mask, causal, scale)
+    return _reference_bwd(dout, q, k, v, mask, causal, scale)
+
+
+# ------------------------------------------------------------------------ torch.library glue
+for _key in ("CPU", "CUDA"):
+    LIB.impl("attention_fwd", _fwd_impl, _key)
+    LIB.impl("attention_bwd", _bwd_impl, _key)
+
+
+@torch.library.register_fake("genfast::attention_fwd")
+def _fake_fwd(q, k, v, mask, causal, scale):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return _out_layout(q), q.new_empty(q.shape[:3], dtype=lse_dtype)
+
+
+@torch.library.register_fake("genfast::attention_bwd")
+def _fake_bwd(dout, q, k, v, out, lse, mask, causal, scale):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, causal, scale = inputs
+    out, lse = output
+    ctx.causal, ctx.scale = causal, scale
+    ctx.save_for_backward(q, k, v, out, lse, mask)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, mask = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None, None, None
+    dq, dk, dv = torch.ops.genfast.attention_bwd(dout.contiguous(), q, k, v, out, lse, mask, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+torch.library.register_autograd("genfast::attention_fwd", _backward, setup_context=_setup_context)

@@ -1,0 +1,403 @@
+"""Flash attention forward and backward (Triton): self, cross (Nq != Nk), causal, key padding mask.
+
+    out = softmax(q k^T * scale + mask) v       q [B, H, Nq, D], k/v [B, H, Nk, D], any strides
+
+Forward: one program per (query block, batch*head); keys stream through in blocks with the online
+softmax (exp2, the scale folded into log2(e) * scale), and the row's log-sum-exp is stored in fp32
+(natural log; +inf marks a row with no key, so exp(s - lse) = 0 in the backward). Backward (FA2):
+delta = rowsum(dout * out) in torch, then one kernel per key block for dk/dv (queries stream) and one
+per query block for dq (keys stream): no atomics, probabilities recomputed from the lse.
+
+Masks on every tile: rows >= Nq, keys >= Nk, head-dim columns >= D (the D block is the next power
+of two >= 16: D = 72 runs a 128-wide block with masked loads/stores: memory traffic is 72/64 of
+D = 64 but the tl.dot work of the padded block is 2x that of 64), causal (top-left aligned: query i
+sees keys 0..i) and key_padding_mask [B, Nk] (True = attend).
+
+Numerics: every load is converted to fp32 at once; tl.dot takes fp16/bf16 operands on the GPU
+(fp32 accumulation; P cast to the input dtype before P @ V as FlashAttention does) and fp32 operands
+with IEEE precision for fp32 inputs (no TF32). Under TRITON_INTERPRET=1 the dots are fed fp32
+(DOT_F32: the interpreter's bf16 math is wrong) and bf16 stores are rounded by hand (BF16_RTNE:
+its fp32 -> bf16 cast truncates).
+
+References: Dao et al., "FlashAttention" (arXiv:2205.14135) and "FlashAttention-2"
+(arXiv:2307.08691); Triton tutorial 06-fused-attention.
+"""
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _store(ptrs, x, mask, BF16_RTNE: tl.constexpr):
+    if BF16_RTNE:  # the GPU's fp32 -> bf16 cast rounds to nearest even; the interpreter's truncates
+        b = x.to(tl.uint32, bitcast=True)
+        b = b + 0x7FFF + ((b >> 16) & 1)
+        tl.store(ptrs, (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ld(x, DOT_F32: tl.constexpr):
+    # A tile that only feeds tl.dot: fp32 at once under the interpreter (its bf16 math is wrong),
+    # the input dtype on the GPU (half the registers; tl.dot accumulates in fp32).
+    if DOT_F32:
+        return x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _dot(a, b, DOT_F32: tl.constexpr, IN_TY: tl.constexpr, PREC: tl.constexpr):
+    # fp32 operands under the interpreter; on the GPU both in the inputs' dtype, fp32 accumulation.
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a.to(IN_TY), b.to(IN_TY), input_precision=PREC)
+
+
+@triton.jit
+def _valid(offs_m, offs_n, nq, nk, m_ptr, msk_n, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] bool: the (query, key) pairs that take part."""
+    ok = (offs_m[:, None] < nq) & (offs_n[None, :] < nk)
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None])
+    if HAS_MASK:
+        keep = tl.load(m_ptr + offs_n * msk_n, mask=offs_n < nk, other=0)
+        ok = ok & (keep != 0)[None, :]
+    return ok
+
+
+@triton.jit
+def attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr,  # [B, H, Nq, D], [B, H, Nk, D], [B, H, Nk, D], any strides
+    mask_ptr,  # [B, Nk] uint8 (1 = attend); unused unless HAS_MASK
+    out_ptr,  # [B, H, Nq, D] q's dtype, strides (sob, soh, som, 1) ([B, Nq, H, D] memory from genfast.ops)
+    lse_ptr,  # [B, H, Nq] fp32 contiguous
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,  # scalar ints: strides in elements
+    msk_b, msk_n,  # scalar ints: strides of the mask
+    sob, soh, som,  # scalar ints: strides of out
+    BH, H, nq, nk, D,  # scalar ints: batch*heads, heads, query and key lengths, head dim
+    qk_scale,  # scalar fp32: scale * log2(e)
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_D = next pow2 >= D
+    DOT_F32: tl.constexpr, PREC: tl.constexpr, BF16_RTNE: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64) + tl.program_id(2).to(tl.int64) * tl.num_programs(1)
+    if pid_bh >= BH:  # the (y, z) split of batch*heads may overshoot
+        return
+    b, h = pid_bh // H, pid_bh % H
+    IN_TY: tl.constexpr = q_ptr.dtype.element_ty
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)  # [BLOCK_M] int64
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = _ld(tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=(offs_m[:, None] < nq) & d_ok[None, :], other=0.0), DOT_F32)  # [BLOCK_M, BLOCK_D]
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    m_base = mask_ptr + b * msk_b
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = nk
+    if CAUSAL:
+        hi = tl.minimum(nk, start_m + BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = (offs_n[:, None] < nk) & d_ok[None, :]
+        k = _ld(tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0), DOT_F32)
+        s = _dot(q, tl.trans(k), DOT_F32, IN_TY, PREC) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        s = tl.where(_valid(offs_m, offs_n, nq, nk, m_base, msk_n, CAUSAL, HAS_MASK), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no NaN
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _ld(tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0), DOT_F32)
+        acc = acc * alpha[:, None] + _dot(p, v, DOT_F32, IN_TY, PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0  # every key masked: zeros out, lse = +inf
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    row = pid_bh * nq + offs_m
+    _store(out_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], out,
+           (offs_m[:, None] < nq) & d_ok[None, :], BF16_RTNE)
+    tl.store(lse_ptr + row, lse, mask=offs_m < nq)
+
+
+@triton.jit
+def attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr,  # [B, H, Nq|Nk|Nk|Nq, D]; do contiguous
+    mask_ptr,  # [B, Nk] uint8; unused unless HAS_MASK
+    lse_ptr, delta_ptr,  # [B, H, Nq] fp32 contiguous: log-sum-exp (natural log), rowsum(do * out)
+    dk_ptr, dv_ptr,  # [B, H, Nk, D] contiguous, q's dtype
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,  # scalar ints: strides
+    msk_b, msk_n,  # scalar ints
+    BH, H, nq, nk, D,  # scalar ints
+    qk_scale, scale,  # scalar fp32: scale * log2(e), scale
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr, BF16_RTNE: tl.constexpr,
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64) + tl.program_id(2).to(tl.int64) * tl.num_programs(1)
+    if pid_bh >= BH:  # the (y, z) split of batch*heads may overshoot
+        return
+    b, h = pid_bh // H, pid_bh % H
+    IN_TY: tl.constexpr = q_ptr.dtype.element_ty
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kv_ok = (offs_n[:, None] < nk) & d_ok[None, :]
+    k = _ld(tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0), DOT_F32)
+    v = _ld(tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0), DOT_F32)
+    q_base = q_ptr + b * sqb + h * sqh
+    row0 = pid_bh * nq
+    m_base = mask_ptr + b * msk_b
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo = 0
+    if CAUSAL:  # queries before this key block never see it
+        lo = (start_n // BLOCK_M) * BLOCK_M
+    for start_m in range(lo, nq, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
+        q_ok = (offs_m[:, None] < nq) & d_ok[None, :]
+        q = _ld(tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=q_ok, other=0.0), DOT_F32)
+        do = _ld(tl.load(do_ptr + (row0 + offs_m)[:, None] * D + offs_d[None, :], mask=q_ok, other=0.0), DOT_F32)
+        lse2 = tl.load(lse_ptr + row0 + offs_m, mask=offs_m < nq, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_ptr + row0 + offs_m, mask=offs_m < nq, other=0.0)
+        s = _dot(q, tl.trans(k), DOT_F32, IN_TY, PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
+        ok = _valid(offs_m, offs_n, nq, nk, m_base, msk_n, CAUSAL, HAS_MASK)
+        p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)  # lse = +inf (no key) -> 0
+        dv += _dot(tl.trans(p), do, DOT_F32, IN_TY, PREC)
+        dp = _dot(do, tl.trans(v), DOT_F32, IN_TY, PREC)
+        ds = p * (dp - delta[:, None])
+        dk += _dot(tl.trans(ds), q, DOT_F32, IN_TY, PREC)
+    out_off = (pid_bh * nk + offs_n)[:, None] * D + offs_d[None, :]
+    _store(dk_ptr + out_off, dk * scale, kv_ok, BF16_RTNE)
+    _store(dv_ptr + out_off, dv, kv_ok, BF16_RTNE)
+
+
+@triton.jit
+def attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr,  # as attn_bwd_dkdv_kernel
+    mask_ptr,  # [B, Nk] uint8; unused unless HAS_MASK
+    lse_ptr, delta_ptr,  # [B, H, Nq] fp32 contiguous
+    dq_ptr,  # [B, H, Nq, D] contiguous, q's dtype
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,  # scalar ints: strides
+    msk_b, msk_n,  # scalar ints
+    BH, H, nq, nk, D,  # scalar ints
+    qk_scale, scale,  # scalar fp32
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr, BF16_RTNE: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64) + tl.program_id(2).to(tl.int64) * tl.num_programs(1)
+    if pid_bh >= BH:  # the (y, z) split of batch*heads may overshoot
+        return
+    b, h = pid_bh // H, pid_bh % H
+    IN_TY: tl.constexpr = q_ptr.dtype.element_ty
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q_ok = (offs_m[:, None] < nq) & d_ok[None, :]
+    row = pid_bh * nq + offs_m
+    q = _ld(tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=q_ok, other=0.0), DOT_F32)
+    do = _ld(tl.load(do_ptr + row[:, None] * D + offs_d[None, :], mask=q_ok, other=0.0), DOT_F32)
+    lse2 = tl.load(lse_ptr + row, mask=offs_m < nq, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(delta_ptr + row, mask=offs_m < nq, other=0.0)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    m_base = mask_ptr + b * msk_b
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = nk
+    if CAUSAL:
+        hi = tl.minimum(nk, start_m + BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = (offs_n[:, None] < nk) & d_ok[None, :]
+        k = _ld(tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0), DOT_F32)
+        v = _ld(tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0), DOT_F32)
+        s = _dot(q, tl.trans(k), DOT_F32, IN_TY, PREC) * qk_scale
+        ok = _valid(offs_m, offs_n, nq, nk, m_base, msk_n, CAUSAL, HAS_MASK)
+        p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), DOT_F32, IN_TY, PREC)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds, k, DOT_F32, IN_TY, PREC)
+    _store(dq_ptr + row[:, None] * D + offs_d[None, :], dq * scale, q_ok, BF16_RTNE)
+
+
+# Under TRITON_INTERPRET=1 (read when triton.jit ran) the kernels are InterpretedFunctions.
+_INTERPRETED = isinstance(attn_fwd_kernel, InterpretedFunction)
+
+
+# ------------------------------------------------------------------------------------ launchers
+# CUDA limits grid dims y and z to 65535: batch*heads is spread over (y, z).
+MAX_GRID_YZ = 65535
+# Under the interpreter one config (it is slow: 32-blocks keep a 257-token test under a second).
+INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
+# GPU: a small autotune space per kernel, (BLOCK_M, BLOCK_N, num_warps, num_stages), pruned by
+# dtype and head-dim block so the surviving tiles fit the register file (fp32 runs IEEE FMA dots:
+# small tiles). Tuned once per (nq, nk, D) in a process (triton.autotune caches by key). The first
+# survivor is the default that genfast/devtools/gpu_compile.py checks for spills (AOT_CONFIGS).
+FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4), (32, 32, 4, 2)]
+BWD_CONFIGS = [(32, 64, 4, 2), (32, 64, 8, 2), (64, 32, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (32, 32, 4, 2)]
+
+
+def _fits(block_m, block_n, warps, block_d, fp32):
+    if fp32:  # IEEE fp32 dots run on FMA units with fp32 operand tiles: the smallest tiles only
+        return block_m * block_n <= 32 * 32
+    if block_d >= 128 and warps < 8 and block_m * block_n > 32 * 32:
+        return False  # 128-wide rows (D = 72..128) need 8 warps' registers (ptxas: spills at 4)
+    return block_d < 256 or block_m * block_n <= 64 * 64
+
+
+def _survivors(configs, block_d, fp32):
+    keep = [c for c in configs if _fits(c[0], c[1], c[2], block_d, fp32)]
+    return keep or configs[-1:]
+
+
+def _prune(configs, named_args, **kwargs):
+    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    q = named_args.get("q_ptr")
+    fp32 = getattr(q, "dtype", None) == torch.float32
+    keep = [c for c in configs if _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, bd, fp32)]
+    return keep or configs[-1:]
+
+
+def _tuned(kernel, configs):
+    return triton.autotune(
+        [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in configs],
+        key=["nq", "nk", "D"], prune_configs_by={"early_config_prune": _prune})(kernel)
+
+
+# What the launchers run: the plain kernels under the interpreter, else their autotuners (kept
+# in a dict: tools that scan this module for jit functions see the kernels themselves).
+if _INTERPRETED:
+    _RUN = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel}
+else:
+    _RUN = {"fwd": _tuned(attn_fwd_kernel, FWD_CONFIGS), "dkdv": _tuned(attn_bwd_dkdv_kernel, BWD_CONFIGS),
+            "dq": _tuned(attn_bwd_dq_kernel, BWD_CONFIGS)}
+
+
+def _block_d(d):
+    return max(16, triton.next_power_of_2(d))
+
+
+def _grid(nblocks, bh):
+    y = min(bh, MAX_GRID_YZ)
+    return (nblocks, y, triton.cdiv(bh, y))
+
+
+def _common(q, k, v, mask, causal, scale):
+    b, h, nq, d = q.shape
+    strides = (*q.stride(), *k.stride(), *v.stride())
+    m = mask.view(torch.uint8) if mask is not None else q  # dummy pointer when there is no mask
+    mstr = mask.stride() if mask is not None else (0, 0)
+    consts = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, BLOCK_D=_block_d(d), DOT_F32=_INTERPRETED,
+                  PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                  BF16_RTNE=_INTERPRETED and q.dtype == torch.bfloat16)
+    if _INTERPRETED:
+        consts.update(INTERPRET_CONFIG)
+    return m, strides, mstr, (q.shape[0] * h, h, nq, k.shape[2], d), consts
+
+
+def attention_forward(q, k, v, mask, causal, scale, out=None):
+    """(out [B, H, Nq, D] in q's dtype, lse [B, H, Nq] fp32). out: where to write (unit last
+    stride), default contiguous. Checked by genfast.ops."""
+    b, h, nq, d = q.shape
+    out = torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device) if out is None else out
+    lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
+    m, strides, mstr, sizes, consts = _common(q, k, v, mask, causal, scale)
+    grid = lambda meta: _grid(triton.cdiv(nq, meta["BLOCK_M"]), b * h)  # noqa: E731
+    _RUN["fwd"][grid](q, k, v, m, out, lse, *strides, *mstr, *out.stride()[:3], *sizes, float(scale) * LOG2E, **consts)
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, mask, causal, scale):
+    """(dq, dk, dv) contiguous in q's dtype, from the forward's out and lse."""
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    do = dout.contiguous()
+    delta = (do.float() * out.float()).sum(-1)  # [B, H, Nq] fp32, contiguous
+    lse = lse.contiguous()
+    dq = torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((b, h, nk, d), dtype=q.dtype, device=q.device)
+    dv = torch.empty((b, h, nk, d), dtype=q.dtype, device=q.device)
+    m, strides, mstr, sizes, consts = _common(q, k, v, mask, causal, scale)
+    scalars = (float(scale) * LOG2E, float(scale))
+    _RUN["dkdv"][lambda meta: _grid(triton.cdiv(nk, meta["BLOCK_N"]), b * h)](
+        q, k, v, do, m, lse, delta, dk, dv, *strides, *mstr, *sizes, *scalars, **consts)
+    _RUN["dq"][lambda meta: _grid(triton.cdiv(nq, meta["BLOCK_M"]), b * h)](
+        q, k, v, do, m, lse, delta, dq, *strides, *mstr, *sizes, *scalars, **consts)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile list for genfast/devtools/gpu_compile.py (format of kernels/flow_step.py):
+# the default (first surviving) config of each kernel at head dims 64, 72 (a 128 block) and 128 in
+# bf16, plus fp32 (IEEE dots) at 64, with causal and the key mask on (the heaviest variant).
+_STRIDES = ("sqb", "sqh", "sqm", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd", "msk_b", "msk_n")
+_SIZES = ("BH", "H", "nq", "nk", "D")
+
+
+def _aot(kind, dtype, d, causal=True, masked=True):
+    kernel, ptrs, scalars, cfg = {
+        "fwd": (attn_fwd_kernel, ("q_ptr", "k_ptr", "v_ptr", "mask_ptr", "out_ptr", "lse_ptr"), ("qk_scale",), FWD_CONFIGS),
+        "dkdv": (attn_bwd_dkdv_kernel, ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "mask_ptr", "lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr"),
+                 ("qk_scale", "scale"), BWD_CONFIGS),
+        "dq": (attn_bwd_dq_kernel, ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "mask_ptr", "lse_ptr", "delta_ptr", "dq_ptr"),
+               ("qk_scale", "scale"), BWD_CONFIGS),
+    }[kind]
+    sig = {p: ("*u8" if p == "mask_ptr" else "*fp32" if p in ("lse_ptr", "delta_ptr") else f"*{dtype}") for p in ptrs}
+    # The head-dim and mask strides are 1 in every real launch, where Triton specialises a 1 into a
+    # constant (contiguous, vectorised loads): the same here, or the figures describe per-element
+    # 64-bit address math no launch does.
+    unit = ("sqd", "skd", "svd", "msk_n")
+    sig.update({n: "i32" for n in _STRIDES + _SIZES + (("sob", "soh", "som") if kind == "fwd" else ()) if n not in unit})
+    sig.update({n: "fp32" for n in scalars})
+    block_m, block_n, num_warps, num_stages = _survivors(cfg, _block_d(d), dtype == "fp32")[0]
+    return {
+        "name": f"attention_{kind}[{dtype},D={d},{'causal,' if causal else ''}{'mask' if masked else 'nomask'}]",
+        "kernel": kernel,
+        "signature": sig,
+        "constexprs": {**{n: 1 for n in unit}, "CAUSAL": causal, "HAS_MASK": masked, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                       "BLOCK_D": _block_d(d), "DOT_F32": False, "PREC": "ieee" if dtype == "fp32" else "tf32",
+                       "BF16_RTNE": False},
+        "divisible_by_16": [p for p in ptrs if p != "mask_ptr"] + ["sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn"]
+        + (["sob", "som"] if kind == "fwd" else []),
+        "num_warps": num_warps,
+        "num_stages": num_stages,
+        **({"allow_spills": _ALLOW_SPILLS[(kind, dtype, d)]} if (kind, dtype, d) in _ALLOW_SPILLS else {}),
+    }
+
+
+# Spills measured by genfast/devtools/gpu_compile.py (Triton 3.9) and accepted, with why. sm_90 is
+# spill-free for every 16-bit entry; sm_80 (mma v2 needs more registers) spills a few bytes at
+# 255 registers. To revisit with an A100 lent (autotune picks among the other configs anyway).
+_SM80_FEW = "sm_80 only: 4-8 B spilled at 255 registers (sm_90: none); to tune on an A100"
+_ALLOW_SPILLS = {
+    ("dkdv", "fp32", 64): "fp32 (IEEE) dk/dv: fp32 operand tiles of four dots on FMA units; a correctness "
+                          "path, bf16/fp16 are the fast GPU paths",
+    ("fwd", "bf16", 72): _SM80_FEW, ("fwd", "bf16", 128): _SM80_FEW, ("fwd", "fp16", 72): _SM80_FEW,
+    ("dkdv", "bf16", 72): _SM80_FEW, ("dkdv", "bf16", 128): _SM80_FEW,
+    ("dkdv", "bf16", 64): "sm_80 only: 64 B stores / 96 B loads spilled (sm_90: none); to tune on an A100",
+}
+
+
+# fp16 compiles to the same registers as bf16 (checked): one fp16 entry keeps it covered, and
+# the list small enough for CI's 2-core compile budget.
+AOT_CONFIGS = (
+    [_aot(kind, "bf16", d) for kind in ("fwd", "dkdv", "dq") for d in (64, 72, 128)]
+    + [_aot("fwd", "fp16", 72)]
+    + [_aot(kind, "fp32", 64) for kind in ("fwd", "dkdv", "dq")]
+    + [_aot("fwd", "bf16", 72, causal=False, masked=False)]
+)
