@@ -35,18 +35,25 @@ def _span(t):
     return start, start + (last + 1) * t.element_size() - 1
 
 
-def overlaps(a, b):
-    if a.numel() == 0 or b.numel() == 0:
+def overlaps(a, *others):
+    """True if a shares memory with any of the (non-None) others."""
+    if a.numel() == 0:
         return False
     a0, a1 = _span(a)
-    b0, b1 = _span(b)
-    return a0 <= b1 and b0 <= a1
+    for b in others:
+        if b is not None and b.numel():
+            b0, b1 = _span(b)
+            if a0 <= b1 and b0 <= a1:
+                return True
+    return False
 
 
 def rows_strides(t):
     """(row stride, column stride) of t seen as [rows, cols] (rows = dim 0, cols = the rest merged)
     without a copy, or None when the non-batch dims cannot merge into one strided dim. Plain ints:
     cheaper than building a view on the launch-bound path."""
+    if t.dim() and t.shape[0] and t.is_contiguous():  # the common case: one C call, no loop
+        return t.numel() // t.shape[0] if t.dim() > 1 else 1, 1
     shape, stride = t.shape, t.stride()
     col_stride = expect = None
     for size, st in zip(reversed(shape[1:]), reversed(stride[1:])):

@@ -106,9 +106,9 @@ def _check_out(out, x, v_cond, v_uncond, dt_t, w_t):
         raise ValueError("out= is not differentiable: call flow_euler_step without out= when gradients are needed")
     if torch.compiler.is_compiling():
         return  # data pointers are not traceable; the eager path has checked the same call shapes
-    for name, v in (("v_cond", v_cond), ("v_uncond", v_uncond)):
-        if v is not None and overlaps(out, v):
-            raise ValueError(f"out overlaps {name}; out may be x itself (in place) but never a velocity")
+    if overlaps(out, v_cond, v_uncond):  # one span of out, then one per velocity
+        name = "v_cond" if overlaps(out, v_cond) else "v_uncond"
+        raise ValueError(f"out overlaps {name}; out may be x itself (in place) but never a velocity")
     if out is not x and overlaps(out, x) and (out.data_ptr() != x.data_ptr() or out.stride() != x.stride()):
         raise ValueError("out partially overlaps x; pass out=x for an in-place step, or a separate tensor")
 
