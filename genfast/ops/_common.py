@@ -2,6 +2,8 @@
 ValueError/TypeError naming the argument, dtype codes for the compiled modules, and 2-D views."""
 import torch
 
+from genfast import backends
+
 LIB = torch.library.Library("genfast", "DEF")
 
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -80,3 +82,42 @@ def rows_view(t):
 
 def cuda_stream(t):
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def dispatcher_needed(*tensors):
+    """True when a call must go through torch.ops.genfast.*: under torch.compile, a torch function
+    or dispatch mode, a functorch transform (vmap, grad), or with a tensor subclass (fake tensors).
+    Otherwise plain eager calls may skip the dispatcher and call the kernel (or an autograd.Function
+    with the op's forward and backward) directly, which saves ~5-40 us a call."""
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return True
+    if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    return any(t is not None and type(t) is not torch.Tensor for t in tensors)
+
+
+def needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def kernel_dtype_reasons(dtype):
+    return [] if dtype in KERNEL_DTYPES else [f"dtype {dtype} is not supported (fp32, fp16, bf16 only)"]
+
+
+_KERNEL_REASONS = {}
+
+
+def kernel_reasons(device_type, dtype):
+    """{backend: callable -> reasons} for the ops whose four kernels take fp32/fp16/bf16 whatever
+    the shape; the callables read the environment each time they run, so the table is cached."""
+    key = (device_type, dtype)
+    table = _KERNEL_REASONS.get(key)
+    if table is None:
+        table = _KERNEL_REASONS[key] = {
+            "cuda": lambda: backends.module_reasons("_cuda", device_type, "cuda") + kernel_dtype_reasons(dtype),
+            "cpu": lambda: backends.module_reasons("_C", device_type, "cpu") + kernel_dtype_reasons(dtype),
+            "cuda_emu": lambda: backends.module_reasons("_cuda_emu", device_type, "cpu") + kernel_dtype_reasons(dtype),
+            "triton": lambda: backends.triton_reasons(device_type) + kernel_dtype_reasons(dtype),
+            "reference": lambda: [],
+        }
+    return table

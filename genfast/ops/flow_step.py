@@ -13,7 +13,8 @@ import torch
 
 from genfast import _native, backends, reference
 from genfast.ops._common import (
-    DTYPE_CODE, KERNEL_DTYPES, LIB, check_float_tensor, check_like, cuda_stream, overlaps, rows_strides, rows_view)
+    DTYPE_CODE, LIB, check_float_tensor, check_like, cuda_stream, dispatcher_needed, kernel_reasons, needs_grad,
+    overlaps, rows_strides, rows_view)
 
 OP = "flow_euler_step"
 _SCHEMA_ARGS = "Tensor x, Tensor v_cond, Tensor? v_uncond, Tensor? dt, float dt_value, Tensor? w, float w_value"
@@ -62,16 +63,9 @@ def flow_euler_step(x, v_cond, v_uncond=None, *, dt, guidance=0.0, out=None):
 
 
 def _plain_eager_call(*tensors):
-    """True when going through the dispatcher would change nothing: plain tensors, no autograd, no
-    compile, no vmap/grad transform, no torch function or dispatch mode. Then the kernel is called
-    directly, saving ~5 us a call (the step is launch-bound at small batch); everything else takes
-    torch.ops.genfast.* so autograd, torch.compile, fake tensors and modes see the registered op."""
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
-        return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
-    grad = torch.is_grad_enabled()
-    return all(t is None or (type(t) is torch.Tensor and not (grad and t.requires_grad)) for t in tensors)
+    """Plain eager call with no gradient: the kernel is called directly (~5 us saved a call; the step
+    is launch-bound at small batch); everything else takes the registered op."""
+    return not dispatcher_needed(*tensors) and not needs_grad(*tensors)
 
 
 def _coefficient(name, value, x):
@@ -114,27 +108,7 @@ def _check_out(out, x, v_cond, v_uncond, dt_t, w_t):
 
 
 # ----------------------------------------------------------------------------------- backends
-def _native_reasons(dtype):
-    return [] if dtype in KERNEL_DTYPES else [f"dtype {dtype} is not supported (fp32, fp16, bf16 only)"]
-
-
-_REASONS_CACHE = {}
-
-
-def _reasons(device_type, dtype):
-    """{backend: callable -> reasons}; reasons depend only on the device type, dtype and env."""
-    key = (device_type, dtype)  # the callables read the environment each time they run
-    table = _REASONS_CACHE.get(key)
-    if table is None:
-        table = {
-            "cuda": lambda: backends.module_reasons("_cuda", device_type, "cuda") + _native_reasons(dtype),
-            "cpu": lambda: backends.module_reasons("_C", device_type, "cpu") + _native_reasons(dtype),
-            "cuda_emu": lambda: backends.module_reasons("_cuda_emu", device_type, "cpu") + _native_reasons(dtype),
-            "triton": lambda: backends.triton_reasons(device_type) + _native_reasons(dtype),
-            "reference": lambda: [],
-        }
-        _REASONS_CACHE[key] = table
-    return table
+_reasons = kernel_reasons  # fp32/fp16/bf16 on every kernel backend; fp64 goes to the reference
 
 
 _CHOICE = {}

@@ -12,7 +12,8 @@ import math
 import torch
 
 from genfast import _native, backends, reference
-from genfast.ops._common import DTYPE_CODE, KERNEL_DTYPES, LIB, check_float_tensor, check_like, cuda_stream, rows_strides
+from genfast.ops._common import (
+    DTYPE_CODE, LIB, check_float_tensor, check_like, cuda_stream, dispatcher_needed, kernel_reasons, rows_strides)
 
 OP = "reparam_kl"
 REDUCTIONS = reference.REDUCTIONS
@@ -89,16 +90,10 @@ def reparam_kl(mu, logvar, *, seed=None, generator=None, noise=None, reduction="
 
 
 def _plain_eager(*tensors):
-    """True when the dispatcher would add nothing but cost: plain tensors, no compile, no vmap/grad
-    transform, no torch function or dispatch mode. Then eager calls skip torch.ops.genfast.* (whose
-    register_autograd path costs ~40 us a call in Python) for an autograd.Function running the same
-    forward and backward; everything else takes the registered op, so torch.compile, fake tensors
-    and modes see it."""
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
-        return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
-    return all(t is None or type(t) is torch.Tensor for t in tensors)
+    """True when the dispatcher would add nothing but cost: then eager calls skip torch.ops.genfast.*
+    (whose register_autograd path costs ~40 us a call in Python) for an autograd.Function running the
+    same forward and backward; everything else takes the registered op."""
+    return not dispatcher_needed(*tensors)
 
 
 def _check(mu, logvar, noise, reduction, free_bits, logvar_clamp):
@@ -146,26 +141,7 @@ def _seed_tensor(seed, generator, device):
 
 
 # ----------------------------------------------------------------------------------- backends
-def _native_reasons(dtype):
-    return [] if dtype in KERNEL_DTYPES else [f"dtype {dtype} is not supported (fp32, fp16, bf16 only)"]
-
-
-_REASONS_CACHE = {}
-
-
-def _reasons(device_type, dtype):
-    key = (device_type, dtype)
-    table = _REASONS_CACHE.get(key)
-    if table is None:
-        table = {
-            "cuda": lambda: backends.module_reasons("_cuda", device_type, "cuda") + _native_reasons(dtype),
-            "cpu": lambda: backends.module_reasons("_C", device_type, "cpu") + _native_reasons(dtype),
-            "cuda_emu": lambda: backends.module_reasons("_cuda_emu", device_type, "cpu") + _native_reasons(dtype),
-            "triton": lambda: backends.triton_reasons(device_type) + _native_reasons(dtype),
-            "reference": lambda: [],
-        }
-        _REASONS_CACHE[key] = table
-    return table
+_reasons = kernel_reasons  # fp32/fp16/bf16 on every kernel backend; fp64 goes to the reference
 
 
 def backend_for(x):

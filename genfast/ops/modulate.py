@@ -13,7 +13,8 @@ added in order: deterministic, no float atomics.
 import torch
 
 from genfast import _native, backends, reference
-from genfast.ops._common import DTYPE_CODE, KERNEL_DTYPES, LIB, check_float_tensor, cuda_stream
+from genfast.ops._common import (
+    DTYPE_CODE, LIB, check_float_tensor, cuda_stream, dispatcher_needed, kernel_reasons, needs_grad)
 
 LIB.define("adaln_modulate(Tensor x, Tensor? shift, Tensor scale, float eps, bool rms) -> (Tensor, Tensor, Tensor)")
 LIB.define("adaln_modulate_backward(Tensor grad, Tensor x, Tensor? shift, Tensor scale, Tensor mean, Tensor rstd, "
@@ -78,13 +79,9 @@ def _route(*tensors):
     skipping it saves ~10 us of a forward and ~40 us of a forward + backward (measured at
     [1, 1, 16]): "direct" (no gradient needed) calls the kernel, "function" goes through an
     autograd.Function with the same forward and backward as the registered op."""
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+    if dispatcher_needed(*tensors):
         return "op"
-    if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None:
-        return "op"
-    if any(t is not None and type(t) is not torch.Tensor for t in tensors):
-        return "op"
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    grad = needs_grad(*tensors)
     return "function" if grad else "direct"
 
 
@@ -118,27 +115,7 @@ def _modulation(name, t, x):
 
 
 # ----------------------------------------------------------------------------------- backends
-def _kernel_reasons(dtype):
-    return [] if dtype in KERNEL_DTYPES else [f"dtype {dtype} is not supported (fp32, fp16, bf16 only)"]
-
-
-_REASONS_CACHE = {}
-
-
-def _reasons(device_type, dtype):
-    """{backend: callable -> reasons}; they depend only on the device type, dtype and env."""
-    key = (device_type, dtype)
-    table = _REASONS_CACHE.get(key)
-    if table is None:
-        table = {
-            "cuda": lambda: backends.module_reasons("_cuda", device_type, "cuda") + _kernel_reasons(dtype),
-            "cpu": lambda: backends.module_reasons("_C", device_type, "cpu") + _kernel_reasons(dtype),
-            "cuda_emu": lambda: backends.module_reasons("_cuda_emu", device_type, "cpu") + _kernel_reasons(dtype),
-            "triton": lambda: backends.triton_reasons(device_type) + _kernel_reasons(dtype),
-            "reference": lambda: [],
-        }
-        _REASONS_CACHE[key] = table
-    return table
+_reasons = kernel_reasons  # fp32/fp16/bf16 on every kernel backend; fp64 goes to the reference
 
 
 def backend_for(x, op="adaln_modulate"):
