@@ -96,8 +96,8 @@ def _fast_step(x, vc, vu, dt, w, out):
     if not (math.isfinite(dt) and math.isfinite(w)):
         return None
     name = backend_for(x)
-    mod = _FAST_MODULES[name]
-    if mod is None:
+    kernel = _FAST_KERNELS[name]
+    if kernel is None:
         return None
     n = x.nbytes
     xp, cp = x.data_ptr(), vc.data_ptr()
@@ -108,20 +108,22 @@ def _fast_step(x, vc, vu, dt, w, out):
         return None  # in place over a velocity: the general path names the error
     op = out.data_ptr()
     rows = shape[0]
-    mod.flow_step_contiguous(op, xp, cp, up, rows, x.numel() // rows, float(dt),
-                             float(w) if vu is not None else 0.0, DTYPE_CODE[dtype],
-                             cuda_stream(x) if name == "cuda" else 0)
+    kernel(op, xp, cp, up, rows, x.numel() // rows, float(dt), float(w) if vu is not None else 0.0,
+           DTYPE_CODE[dtype], cuda_stream(x) if name == "cuda" else 0)
     return out
 
 
-class _FastModules(dict):
+class _FastKernels(dict):
+    """backend name -> its compiled flow_step_contiguous, or None (Triton, the reference, or a
+    compiled module built before that binding existed: those take the general path)."""
+
     def __missing__(self, name):
         mod = _native.module(_MODULE_OF[name]) if name in _MODULE_OF else None
-        self[name] = mod
-        return mod
+        self[name] = kernel = getattr(mod, "flow_step_contiguous", None)
+        return kernel
 
 
-_FAST_MODULES = _FastModules()
+_FAST_KERNELS = _FastKernels()
 
 
 def _plain_eager_call(*tensors):
