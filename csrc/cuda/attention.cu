@@ -205,23 +205,14 @@ int launch(const AttentionParams& p, void* stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
-template <bool BF16>
-int dispatch_head_dim(const AttentionParams& p, void* stream) {
-  if (p.D <= 32) return launch<BF16, 32>(p, stream);
-  if (p.D <= 64) return launch<BF16, 64>(p, stream);
-  if (p.D <= 80) return launch<BF16, 80>(p, stream);
-  if (p.D <= 96) return launch<BF16, 96>(p, stream);
-  return launch<BF16, 128>(p, stream);
-}
-
 }  // namespace
 
 int attention_fwd_cuda(const AttentionParams& p, void* stream) {
   if (p.B < 0 || p.H < 0 || p.Nq < 0 || p.Nk < 0 || p.D < 1 || p.D > 128) return static_cast<int>(cudaErrorInvalidValue);
   if (p.B == 0 || p.H == 0 || p.Nq == 0) return 0;
-  if (p.dtype == kBFloat16) return dispatch_head_dim<true>(p, stream);
-  if (p.dtype == kFloat16) return dispatch_head_dim<false>(p, stream);
-  return static_cast<int>(cudaErrorInvalidValue);
+  return attn::by_dtype_and_head_dim(p.dtype, p.D, [&](auto bf16, auto dp) {
+    return launch<decltype(bf16)::value, decltype(dp)::value>(p, stream);
+  });
 }
 
 }  // namespace genfast

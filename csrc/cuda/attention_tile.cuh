@@ -7,6 +7,8 @@
 
 #include <stdint.h>
 
+#include <type_traits>
+
 namespace genfast {
 namespace attn {
 
@@ -107,6 +109,23 @@ __host__ __device__ __forceinline__ bool rows4(const void* base, int64_t sb, int
 }
 __host__ __device__ __forceinline__ bool rows16(const void* base, int64_t sb, int64_t sh, int64_t sn) {
   return (reinterpret_cast<uintptr_t>(base) & 15u) == 0 && sb % 8 == 0 && sh % 8 == 0 && sn % 8 == 0;
+}
+
+// Calls launch(std::integral_constant<bool, BF16>, std::integral_constant<int, DP>) for the
+// dtype and the padded head dim DP (32, 64, 80, 96, 128) that serve head dim D: the forward and
+// the backward instantiate the same set. Unsupported dtypes: cudaErrorInvalidValue.
+template <typename Launch>
+int by_dtype_and_head_dim(int32_t dtype, int64_t D, Launch&& launch) {
+  auto dims = [&](auto bf16) {
+    if (D <= 32) return launch(bf16, std::integral_constant<int, 32>{});
+    if (D <= 64) return launch(bf16, std::integral_constant<int, 64>{});
+    if (D <= 80) return launch(bf16, std::integral_constant<int, 80>{});
+    if (D <= 96) return launch(bf16, std::integral_constant<int, 96>{});
+    return launch(bf16, std::integral_constant<int, 128>{});
+  };
+  if (dtype == kBFloat16) return dims(std::true_type{});
+  if (dtype == kFloat16) return dims(std::false_type{});
+  return static_cast<int>(cudaErrorInvalidValue);
 }
 
 }  // namespace attn
