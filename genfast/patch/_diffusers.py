@@ -37,7 +37,7 @@ def _attention(handle, path, mod):
     if already_patched(proc) or already_patched(mod):
         handle.add(path, "attention", pname, False, "already patched by another genfast.patch handle")
         return
-    why = module_reasons(mod)
+    why = module_reasons(mod, "attention")
     if why:
         handle.add(path, "attention", pname, False, "; ".join(why))
         return

@@ -133,7 +133,7 @@ class GenfastAttnProcessor:
                  **kwargs):
         x = hidden_states
         ctx = x if encoder_hidden_states is None else encoder_hidden_states
-        if args or kwargs.get("scale") is not None or x.dim() != 3 or not _support.runnable(x):
+        if args or kwargs.get("scale") is not None or x.dim() != 3 or not _support.runnable(x, "attention"):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         b, n, _ = x.shape
         kpm, ok = key_padding_mask(attention_mask, b, ctx.shape[1])
@@ -170,7 +170,7 @@ class GenfastJointAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         x, c = hidden_states, encoder_hidden_states
-        if x.dim() != 3 or not _support.runnable(x):
+        if x.dim() != 3 or not _support.runnable(x, "attention"):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         b, n, _ = x.shape
         qkv = project(x, self.qkv, (attn.to_q, attn.to_k, attn.to_v))
@@ -235,7 +235,7 @@ def genfast_backend(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     b, nk = key.shape[0], key.shape[1]
     kpm, ok = key_padding_mask(attn_mask, b, nk)
     if (not ok or dropout_p or _parallel_config is not None or query.dim() != 4 or key.shape[2] != query.shape[2]
-            or (is_causal and kpm is not None) or not _support.runnable(query)):
+            or (is_causal and kpm is not None) or not _support.runnable(query, "attention")):
         return _native_fn()(query=query, key=key, value=value, attn_mask=attn_mask, dropout_p=dropout_p,
                             is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, _parallel_config=_parallel_config)
     out = genfast.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=bool(is_causal),

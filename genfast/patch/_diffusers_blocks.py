@@ -31,6 +31,22 @@ def _ok(x, *dtypes_from):
     return x.dim() == 3 and runnable(x) and all(t.dtype == x.dtype for t in dtypes_from)
 
 
+def feed_forward(ff, h):
+    """diffusers' FeedForward (Linear, GELU, Dropout, Linear). Without autograd the GELU runs in
+    place on the first Linear's output, which only this function holds: one [B, N, 4C] temporary
+    instead of two (on the CPU every fresh large tensor pays page faults)."""
+    net = ff.net
+    act = net[0]
+    grad = torch.is_grad_enabled() and (h.requires_grad or act.proj.weight.requires_grad)
+    simple = (type(act).__name__ == "GELU" and type(act.proj) is nn.Linear and len(net) in (3, 4)
+              and all(type(d) is nn.Dropout and not (d.training and d.p) for d in net[1::2]))
+    if torch.compiler.is_compiling() or grad or not simple or h.device.type == "mps":
+        return ff(h)
+    u = act.proj(h)
+    torch._C._nn.gelu_(u, approximate=act.approximate)
+    return net[2](u)
+
+
 # ------------------------------------------------------------------------------------- norms
 def norm_reasons(mod):
     name = type(mod).__name__
@@ -113,7 +129,7 @@ def basic_block_forward(self, hidden_states, attention_mask=None, encoder_hidden
         h = x if single else self.norm2(x)  # PixArt does not normalise before its cross attention
         x = self.attn2(h, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask) + x
     h = genfast.adaln_modulate(x, shift_mlp, scale_mlp, eps=eps_mlp)
-    return genfast.gated_residual(x, gate_mlp, self.ff(h))
+    return genfast.gated_residual(x, gate_mlp, feed_forward(self.ff, h))
 
 
 def joint_block_reasons(blk):
@@ -145,14 +161,15 @@ def _joint(self, x, c, temb, attn_kwargs, flux):
     outs = self.attn(hidden_states=h, encoder_hidden_states=ch, **attn_kwargs)
     attn_out, ctx_out = outs[0], outs[1]
     x = genfast.gated_residual(x, gate_msa, attn_out)
-    x = genfast.gated_residual(x, gate_mlp, self.ff(genfast.adaln_modulate(x, shift_mlp, scale_mlp, eps=self.norm2.eps)))
+    h = genfast.adaln_modulate(x, shift_mlp, scale_mlp, eps=self.norm2.eps)
+    x = genfast.gated_residual(x, gate_mlp, feed_forward(self.ff, h))
     if len(outs) == 3:  # Flux IP-adapter output
         x = x + outs[2]
     if pre_only:
         return None, x
     c = genfast.gated_residual(c, c_gate_msa, ctx_out)
-    c = genfast.gated_residual(
-        c, c_gate_mlp, self.ff_context(genfast.adaln_modulate(c, c_shift_mlp, c_scale_mlp, eps=self.norm2_context.eps)))
+    ch = genfast.adaln_modulate(c, c_shift_mlp, c_scale_mlp, eps=self.norm2_context.eps)
+    c = genfast.gated_residual(c, c_gate_mlp, feed_forward(self.ff_context, ch))
     if flux and c.dtype == torch.float16:
         c = c.clip(-65504, 65504)
     return c, x

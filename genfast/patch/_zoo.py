@@ -12,7 +12,7 @@ from genfast.patch._support import module_reasons, runnable
 
 
 def fallback_block_forward(self, x, c):
-    if x.dim() != 3 or not runnable(x) or c.dtype != x.dtype:
+    if x.dim() != 3 or not runnable(x) or not runnable(x, "attention") or c.dtype != x.dtype:
         return type(self).forward(self, x, c)
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
     h = genfast.adaln_modulate(x, shift_a, scale_a)
@@ -37,7 +37,7 @@ def patch_modules(handle, model, kinds):
             if already_patched(mod):
                 handle.add(path, "block", "DiTBlock", False, "already patched by another genfast.patch handle")
                 continue
-            why = module_reasons(mod)
+            why = module_reasons(mod) + module_reasons(mod, "attention")
             if why:
                 handle.add(path, "block", "DiTBlock", False, "; ".join(why))
                 continue

@@ -1,0 +1,71 @@
+"""genfast.patch on a diffusers transformer (issue 8, performance): a DiT-S-sized
+DiTTransformer2DModel forward (hidden 384 = 6 heads x 64, depth 12, 32x32x4 latents with patch 2
+= 256 tokens, batch 4, random weights, fp32 on the CPU; DiT-XL/2 sizes in bf16 on a GPU).
+
+  patched          genfast.patch(model): genfast processors (one q/k/v GEMM, genfast.attention),
+                   adaln_modulate and gated_residual in the block forwards
+  eager            the same weights, unpatched (diffusers' own code)
+  patched+compile  torch.compile(patched model, fullgraph=True)
+  compile          torch.compile(unpatched model, fullgraph=True)
+
+Targets (issue 8): CPU fp32: patched >= 1.15x eager, patched+compile >= 1.0x compile;
+GPU bf16: >= 1.3x eager and >= 1.1x compile.
+"""
+import copy
+
+import pytest
+import torch
+
+genfast = pytest.importorskip("genfast", reason="genfast is not importable: build and install it (pip install .)")
+diffusers = pytest.importorskip("diffusers", reason="needs the diffusers extra: pip install .[diffusers]")
+
+CUDA = torch.cuda.is_available()
+# (heads, head dim, depth, latent size, batch): DiT-S/2 at 32x32 latents on the CPU; DiT-XL/2 at 256 and 1024 tokens on a GPU
+SIZES = [("DiT-XL/2-256tok", (16, 72, 28, 32, 8)), ("DiT-XL/2-1024tok", (16, 72, 28, 64, 4))] if CUDA else \
+    [("DiT-S/2-256tok", (6, 64, 12, 32, 4))]
+
+
+def _models(heads, head_dim, depth, size, batch, device, dtype):
+    torch.manual_seed(0)
+    m = diffusers.DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
+                                        num_layers=depth, sample_size=size, patch_size=2)
+    for p in m.parameters():  # random weights everywhere (the adaLN-Zero init would zero the blocks out)
+        torch.nn.init.normal_(p, std=0.02)
+    m = m.to(device=device, dtype=dtype).eval()
+    patched = copy.deepcopy(m)
+    genfast.patch(patched)
+    x = torch.randn(batch, 4, size, size, device=device, dtype=dtype)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    return m, patched, (x, t, y)
+
+
+def _run(model, args):
+    @torch.no_grad()
+    def fn():
+        return model(*args, return_dict=False)[0]
+    return fn
+
+
+def _flops(heads, head_dim, depth, size, batch):
+    c, n = heads * head_dim, (size // 2) ** 2
+    return 2 * batch * depth * (12 * n * c * c + 2 * n * n * c)
+
+
+@pytest.mark.parametrize("name,cfg", SIZES, ids=[s[0] for s in SIZES])
+def test_dit_forward_eager(compare, name, cfg):
+    device, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
+    m, patched, args = _models(*cfg, device, dtype)
+    compare(f"diffusers {name} forward {str(dtype)[6:]}", {"patched": _run(patched, args), "eager": _run(m, args)},
+            flops=_flops(*cfg), targets={"eager": 1.3 if CUDA else 1.15})
+
+
+@pytest.mark.parametrize("name,cfg", SIZES, ids=[s[0] for s in SIZES])
+def test_dit_forward_compile(compare, name, cfg):
+    device, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
+    m, patched, args = _models(*cfg, device, dtype)
+    compare(f"diffusers {name} forward {str(dtype)[6:]} compiled",
+            {"patched+compile": _run(torch.compile(patched, fullgraph=True), args),
+             "compile": _run(torch.compile(m, fullgraph=True), args),
+             "patched": _run(patched, args)},
+            flops=_flops(*cfg), targets={"compile": 1.1 if CUDA else 1.0})
