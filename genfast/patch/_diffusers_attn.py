@@ -58,15 +58,20 @@ def can_fuse(*linears):
                for lin in linears)
 
 
-def _fuse_here(x):
-    return x.device.type == "cpu"  # measured to pay on the CPU; on GPUs it would double the weights' memory
-
-
 def project(x, fused, linears):
-    """[B, N, k * C]: the outputs of `linears` side by side (one GEMM where it pays)."""
-    if fused is not None and _fuse_here(x):
-        return fused(x)
-    return torch.cat([lin(x) for lin in linears], -1) if len(linears) > 1 else linears[0](x)
+    """The outputs [B, N, C] of `linears` on x: column slices of one GEMM over the concatenated
+    weights on the CPU in eager mode (measured to pay there), else the separate GEMMs (under
+    torch.compile a per-call concatenation would copy the weights every call; on GPUs a cached
+    one would double their memory). Either way no copy follows: the heads are strided views."""
+    if fused is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return fused(x).chunk(len(linears), -1)
+    return [lin(x) for lin in linears]
+
+
+def _split(t, heads, norm=None):
+    """[B, N, H * D] -> [B, N, H, D] (a view), with the per-head norm applied over D."""
+    t = t.unflatten(-1, (heads, -1))
+    return t if norm is None else norm(t)
 
 
 # ------------------------------------------------------------------------------------- masks
@@ -101,13 +106,6 @@ def key_padding_mask(mask, batch, nk):
 
 
 # -------------------------------------------------------------------------------- processors
-def _heads(t, n_parts, heads):
-    """[B, N, n_parts * H * D] -> n_parts views [B, H, N, D] (no copy)."""
-    b, n, c = t.shape
-    d = c // (n_parts * heads)
-    return t.view(b, n, n_parts, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
-
-
 class GenfastAttnProcessor:
     """Replaces AttnProcessor2_0 on one Attention layer (self or cross attention)."""
 
@@ -139,15 +137,14 @@ class GenfastAttnProcessor:
         kpm, ok = key_padding_mask(attention_mask, b, ctx.shape[1])
         if not ok:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        h = attn.heads
         if encoder_hidden_states is None:
-            q, k, v = _heads(project(x, self.qkv, (attn.to_q, attn.to_k, attn.to_v)), 3, attn.heads)
+            q, k, v = project(x, self.qkv, (attn.to_q, attn.to_k, attn.to_v))
         else:
-            q, = _heads(attn.to_q(x), 1, attn.heads)
-            k, v = _heads(project(ctx, self.kv, (attn.to_k, attn.to_v)), 2, attn.heads)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+            q, (k, v) = attn.to_q(x), project(ctx, self.kv, (attn.to_k, attn.to_v))
+        # diffusers normalises q / k per head over D: the same on [B, N, H, D] as on [B, H, N, D]
+        q, k, v = _split(q, h, attn.norm_q), _split(k, h, attn.norm_k), _split(v, h)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         out = genfast.attention(q, k, v, key_padding_mask=kpm)
         out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(b, n, -1)))
         if attn.rescale_output_factor != 1.0:
@@ -173,23 +170,14 @@ class GenfastJointAttnProcessor:
         if x.dim() != 3 or not _support.runnable(x, "attention"):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         b, n, _ = x.shape
-        qkv = project(x, self.qkv, (attn.to_q, attn.to_k, attn.to_v))
-        norms = any(getattr(attn, a, None) is not None for a in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"))
-        if c is None or not norms:
-            if c is not None:  # one copy: image then text tokens, as the original concatenates them
-                qkv = torch.cat([qkv, project(c, self.added, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))], 1)
-            q, k, v = _heads(qkv, 3, attn.heads)
-            if attn.norm_q is not None:
-                q = attn.norm_q(q)
-            if attn.norm_k is not None:
-                k = attn.norm_k(k)
-        else:
-            q, k, v = _heads(qkv, 3, attn.heads)
-            cq, ck, cv = _heads(project(c, self.added, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)), 3,
-                                attn.heads)
-            q, k = _norm(attn.norm_q, q), _norm(attn.norm_k, k)
-            cq, ck = _norm(attn.norm_added_q, cq), _norm(attn.norm_added_k, ck)
-            q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        h = attn.heads
+        q, k, v = project(x, self.qkv, (attn.to_q, attn.to_k, attn.to_v))
+        q, k, v = _split(q, h, attn.norm_q), _split(k, h, attn.norm_k), _split(v, h)
+        if c is not None:  # image then text tokens, concatenated along the tokens as the original does
+            cq, ck, cv = project(c, self.added, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            cq, ck, cv = _split(cq, h, attn.norm_added_q), _split(ck, h, attn.norm_added_k), _split(cv, h)
+            q, k, v = torch.cat([q, cq], 1), torch.cat([k, ck], 1), torch.cat([v, cv], 1)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         out = genfast.attention(q, k, v).transpose(1, 2).reshape(b, q.shape[2], -1)
         hs = attn.to_out[1](attn.to_out[0](out[:, :n]))
         if c is None:
@@ -198,10 +186,6 @@ class GenfastJointAttnProcessor:
         if not attn.context_pre_only:
             ctx = attn.to_add_out(ctx)
         return hs, ctx
-
-
-def _norm(mod, t):
-    return t if mod is None else mod(t)
 
 
 def processor_for(attn):
