@@ -264,9 +264,7 @@ def test_compile_inductor_equals_eager():
 def test_attention_backend_registry():
     from diffusers.models.attention_dispatch import attention_backend, dispatch_attention_fn
 
-    from genfast.patch._diffusers_attn import register_backend
-
-    register_backend()
+    genfast.patch.register_attention_backend()
     q, k, v = (torch.randn(2, 9, 2, 72) for _ in range(3))
     mask = torch.ones(2, 9, dtype=torch.bool)
     ref = dispatch_attention_fn(q, k, v)
@@ -309,6 +307,13 @@ def test_bad_arguments_name_the_argument():
         genfast.patch("DiT")
     with pytest.raises(TypeError, match="attention must be a bool"):
         genfast.patch(torch.nn.Linear(2, 2), attention=1)
+
+
+def test_missing_diffusers_names_the_extra():
+    code = ("import sys; sys.modules['diffusers'] = None; import genfast.patch\n"
+            "try:\n    genfast.patch.register_attention_backend()\nexcept ImportError as e:\n"
+            "    assert 'genfast[diffusers]' in str(e), e\nelse:\n    raise SystemExit('no error')")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_import_genfast_never_imports_diffusers():

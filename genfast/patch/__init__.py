@@ -23,7 +23,8 @@ import types
 
 from genfast.patch._handle import PatchHandle, PatchReport
 
-__all__ = ["patch", "PatchHandle", "PatchReport"]
+__all__ = ["patch", "register_attention_backend", "PatchHandle", "PatchReport"]
+MIN_DIFFUSERS = (0, 35)
 
 
 def patch(model, *, attention=True, norms=True, blocks=True):
@@ -48,6 +49,30 @@ def patch(model, *, attention=True, norms=True, blocks=True):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return _handle.apply(model, attention=attention, norms=norms, blocks=blocks)
+
+
+def register_attention_backend():
+    """Makes "genfast" an attention backend of diffusers' dispatcher (diffusers.models.
+    attention_dispatch), without touching diffusers' files: then `model.set_attention_backend(
+    "genfast")` or `with attention_backend("genfast"): ...` route the processors that use the
+    dispatcher (Flux, and most newer diffusers models) to genfast.attention. Calls genfast cannot
+    serve exactly go to diffusers' native backend. Idempotent; returns the backend's enum member."""
+    require_diffusers("genfast.patch.register_attention_backend()")
+    from genfast.patch._diffusers_attn import register_backend
+
+    return register_backend()
+
+
+def require_diffusers(feature):
+    """Raises ImportError naming the extra when diffusers is missing or too old."""
+    try:
+        import diffusers
+    except ImportError as e:
+        raise ImportError(f"{feature} needs diffusers: pip install 'genfast[diffusers]'") from e
+    version = tuple(int(p) for p in diffusers.__version__.split(".")[:2] if p.isdigit())
+    if version < MIN_DIFFUSERS:
+        raise ImportError(f"{feature} needs diffusers >= {'.'.join(map(str, MIN_DIFFUSERS))}, found "
+                          f"{diffusers.__version__}: pip install -U 'genfast[diffusers]'")
 
 
 class _CallableModule(types.ModuleType):
