@@ -104,6 +104,8 @@ def check_against_unpatched(name, **patch_kwargs):
     hi, g_hi = _out_and_grads(ref64, inputs, _weight(ref32, inputs), torch.float64)
     lo, g_lo = _out_and_grads(ref32, inputs, _weight(ref32, inputs))
     assert_within_reference_error(f"{name} output", out, lo, hi, floor=1e-5)
+    with torch.no_grad():  # inference takes other paths (cached fused q/k/v weights, GELU in place)
+        assert_within_reference_error(f"{name} no-grad output", _run(model, inputs), lo, hi, floor=1e-5)
     assert grads.keys() == g_hi.keys() and len(grads) > 10
     for k in grads:
         assert_within_reference_error(f"{name} grad {k}", grads[k], g_lo[k], g_hi[k], floor=1e-5)
@@ -173,6 +175,18 @@ def test_unpatch_restores_the_exact_originals_and_patch_twice_is_harmless():
     assert not any("forward" in m.__dict__ or hasattr(m, "_genfast_patch") for m in model.modules())
     with torch.no_grad():
         assert torch.equal(_run(model, inputs), ref)
+
+
+def test_fused_weights_follow_in_place_weight_updates():
+    model, inputs = build("dit")
+    ref = copy.deepcopy(model)
+    genfast.patch(model)
+    with torch.no_grad():
+        _run(model, inputs)  # caches the concatenated q/k/v weights
+        for m in (model, ref):  # an optimizer step / load_state_dict writes in place
+            m.transformer_blocks[0].attn1.to_k.weight.mul_(-1.5)
+        want = _run(ref, inputs)
+        assert_within_reference_error("after update", _run(model, inputs), want, want, floor=1e-5)
 
 
 def test_context_manager_and_report_as_data():
