@@ -241,13 +241,14 @@ def test_general_float_mask_runs_the_original_processor():
 def _sized_inputs(name, i):
     sizes = [(8, 8), (12, 12), (16, 16)] if name == "dit" else [(8, 6), (12, 8), (16, 10)]
     _, inputs = build(name, sizes[i], layers=1)
-    if name == "pixart":  # text lengths 7, 6, 5 (masked)
-        inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"][:, : TEXT - i]
-        inputs["encoder_attention_mask"] = inputs["encoder_attention_mask"][:, : TEXT - i]
+    for key in ("encoder_hidden_states", "encoder_attention_mask", "txt_ids"):  # text lengths 7, 6, 5
+        if key in inputs:
+            inputs[key] = inputs[key][..., : TEXT - i, :] if key == "encoder_hidden_states" else \
+                inputs[key][: TEXT - i] if key == "txt_ids" else inputs[key][:, : TEXT - i]
     return inputs
 
 
-@pytest.mark.parametrize("name", ["dit", "pixart"])
+@pytest.mark.parametrize("name", ["dit", "pixart", "sd3", "flux"])
 def test_compile_fullgraph_without_recompiles(name):
     """Three resolutions (and, for PixArt, text lengths): the first compiles, the second turns the
     sizes dynamic (torch.compile's default), the third reuses that graph; no graph break
