@@ -222,7 +222,7 @@ def test_unsupported_dtype_keeps_the_original_code():
         ref = _run(model, inputs, torch.float64)
         handle = genfast.patch(model)
         assert handle.report.swapped == []
-        assert all("float64" in e.reason for e in handle.report.skipped)
+        assert all("float64" in e.reason for e in handle.report.skipped if e.path)  # "": the model itself
         assert torch.equal(_run(model, inputs, torch.float64), ref)
 
 

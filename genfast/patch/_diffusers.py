@@ -9,6 +9,9 @@ _SILENT = {"FeedForward", "GELU", "GEGLU", "ApproximateGELU", "PatchEmbed", "Tim
            "LabelEmbedding", "CombinedTimestepLabelEmbeddings", "PixArtAlphaCombinedTimestepSizeEmbeddings",
            "PixArtAlphaTextProjection", "CombinedTimestepTextProjEmbeddings", "FluxPosEmbed",
            "CombinedTimestepGuidanceTextProjEmbeddings", "RMSNorm", "LayerNorm"}
+# Models whose final-layer LayerNorm + modulation is written inline in the model's forward.
+_INLINE_FINAL = {n: "the final layer's LayerNorm + modulation is inline in the model's forward (one layer): "
+                    "left to diffusers" for n in ("DiTTransformer2DModel", "PixArtTransformer2DModel")}
 _DISPATCH_PROCESSORS = ("FluxAttnProcessor",)  # processors known to call dispatch_attention_fn for their attention
 
 
@@ -27,8 +30,13 @@ def patch_modules(handle, model, kinds):
         elif name in blocks_mod.BLOCKS:
             if kinds["block"]:
                 _block(handle, path, mod)
-        elif name.endswith(("Block", "Attention", "Norm")) and kinds["block"]:
-            handle.add(path, "block", name, False, "not a part genfast.patch recognises")
+        elif name in _INLINE_FINAL:
+            if kinds["norm"]:
+                handle.add(path, "norm", name, False, _INLINE_FINAL[name])
+        elif name.endswith(("Block", "Attention", "Norm")):
+            kind = "block" if name.endswith("Block") else "attention" if name.endswith("Attention") else "norm"
+            if kinds[kind]:
+                handle.add(path, kind, name, False, "not a part genfast.patch recognises")
 
 
 def _attention(handle, path, mod):
