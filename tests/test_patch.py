@@ -144,6 +144,22 @@ def test_patched_model_under_triton_interpreter(name, use_backend):
     check_against_unpatched(name)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", ["dit", "pixart", "sd3", "flux"])
+def test_patched_model_low_precision_on_gpu(name, dtype):
+    model, inputs = build(name)
+    ref32 = copy.deepcopy(model).cuda()
+    low = copy.deepcopy(model).to("cuda", dtype)
+    model = model.to("cuda", dtype)
+    handle = genfast.patch(model)
+    assert handle.report.counts()["attention"]["swapped"] > 0, str(handle.report)
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    with torch.no_grad():
+        hi, lo, got = _run(ref32, inputs), _run(low, inputs, dtype), _run(model, inputs, dtype)
+    assert_within_reference_error(f"{name} {dtype}", got.float(), lo.float(), hi, floor=1e-3)
+
+
 def test_patched_model_with_emulated_cuda_kernels(use_backend):
     """cuda_emu: the CUDA attention kernels take fp16/bf16 only, so on an fp32 model the attention
     layers keep diffusers' processors (and say why) while the blocks run the emulated CUDA kernels."""
