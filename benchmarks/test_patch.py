@@ -69,3 +69,36 @@ def test_dit_forward_compile(compare, name, cfg):
              "compile": _run(torch.compile(m, fullgraph=True), args),
              "patched": _run(patched, args)},
             flops=_flops(*cfg), targets={"compile": 1.1 if CUDA else 1.0})
+
+
+@pytest.mark.skipif(not CUDA, reason="the Flux-sized case needs a GPU (bf16, 4096 + 512 tokens)")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
+def test_flux_forward_gpu(compare, compiled):
+    """Reduced Flux: hidden 3072 = 24 heads x 128, 2 double + 2 single blocks, 4096 image + 512 text
+    tokens, batch 1, bf16."""
+    torch.manual_seed(0)
+    m = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2,
+                                         attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                         pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))
+    m = m.to("cuda", torch.bfloat16).eval()
+    patched = copy.deepcopy(m)
+    genfast.patch(patched)
+    n, t = 4096, 512
+    ids = torch.stack(torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij"), -1).reshape(n, 2)
+    kw = dict(hidden_states=torch.randn(1, n, 64), encoder_hidden_states=torch.randn(1, t, 4096),
+              pooled_projections=torch.randn(1, 768), timestep=torch.tensor([0.5]),
+              img_ids=torch.cat([torch.zeros(n, 1), ids.float()], 1), txt_ids=torch.zeros(t, 3))
+    kw = {k: v.cuda() if k.endswith("_ids") else v.to("cuda", torch.bfloat16) for k, v in kw.items()}
+
+    def run(model):
+        @torch.no_grad()
+        def fn():
+            return model(**kw, return_dict=False)[0]
+        return fn
+    if compiled:
+        impls = {"patched+compile": run(torch.compile(patched, fullgraph=True)),
+                 "compile": run(torch.compile(m, fullgraph=True))}
+    else:
+        impls = {"patched": run(patched), "eager": run(m)}
+    compare(f"diffusers Flux-reduced forward bf16{' compiled' if compiled else ''}", impls,
+            targets={"compile": 1.1} if compiled else {"eager": 1.3})
