@@ -20,7 +20,8 @@ genfast = pytest.importorskip("genfast", reason="genfast is not importable: buil
 diffusers = pytest.importorskip("diffusers", reason="needs the diffusers extra: pip install .[diffusers]")
 
 CUDA = torch.cuda.is_available()
-# (heads, head dim, depth, latent size, batch): DiT-S/2 at 32x32 latents on the CPU; DiT-XL/2 at 256 and 1024 tokens on a GPU
+# (heads, head dim, depth, latent size, batch): DiT-S/2 at 32x32 latents on the CPU;
+# DiT-XL/2 at 256 and 1024 tokens on a GPU
 SIZES = [("DiT-XL/2-256tok", (16, 72, 28, 32, 8)), ("DiT-XL/2-1024tok", (16, 72, 28, 64, 4))] if CUDA else \
     [("DiT-S/2-256tok", (6, 64, 12, 32, 4))]
 

@@ -33,7 +33,8 @@ class FusedLinear:
         ws = [lin.weight for lin in self.linears]
         bs = [lin.bias for lin in self.linears]
         has_bias = all(b is not None for b in bs)
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in ws + bs if p is not None)):
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in ws + bs if p is not None)
+        if torch.compiler.is_compiling() or grad:
             return torch.cat(ws), torch.cat(bs) if has_bias else None
         try:
             key = tuple((p.data_ptr(), p._version) for p in ws + bs if p is not None)
@@ -48,9 +49,15 @@ class FusedLinear:
         return F.linear(x, w, b)
 
 
+MAX_FUSED_BYTES = 8 << 20  # the cached copy costs memory; past DiT-B sizes the separate GEMMs are efficient anyway
+
+
 def can_fuse(*linears):
-    """Same type (plain Linear: LoRA / quantised wrappers are left alone), bias, dtype, device."""
+    """Same type (plain Linear: LoRA / quantised wrappers are left alone), bias, dtype, device;
+    small enough for a cached copy."""
     if not all(type(lin) is _LINEAR for lin in linears):
+        return False
+    if sum(lin.weight.numel() * lin.weight.element_size() for lin in linears) > MAX_FUSED_BYTES:
         return False
     first = linears[0]
     return all((lin.bias is None) == (first.bias is None) and lin.in_features == first.in_features
@@ -160,8 +167,9 @@ class GenfastJointAttnProcessor:
         self.original = original
         self.qkv = FusedLinear(attn.to_q, attn.to_k, attn.to_v) if can_fuse(attn.to_q, attn.to_k, attn.to_v) else None
         self.added = None
-        if getattr(attn, "add_q_proj", None) is not None and can_fuse(attn.add_q_proj, attn.add_k_proj, attn.add_v_proj):
-            self.added = FusedLinear(attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        added = (getattr(attn, "add_q_proj", None), getattr(attn, "add_k_proj", None), getattr(attn, "add_v_proj", None))
+        if added[0] is not None and can_fuse(*added):
+            self.added = FusedLinear(*added)
 
     reasons = staticmethod(lambda attn: [])
 

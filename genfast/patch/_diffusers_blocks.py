@@ -21,7 +21,8 @@ def _norm_kind(mod):
     """("layer" | "rms", eps) for an affine-free LayerNorm / diffusers or torch RMSNorm, else None."""
     if plain_layer_norm(mod):
         return "layer", mod.eps
-    if type(mod).__name__ == "RMSNorm" and getattr(mod, "weight", None) is None and getattr(mod, "eps", None) is not None:
+    rms = type(mod).__name__ == "RMSNorm"
+    if rms and getattr(mod, "weight", None) is None and getattr(mod, "eps", None) is not None:
         return "rms", float(mod.eps)
     return None
 
@@ -51,7 +52,8 @@ def feed_forward(ff, h):
 def norm_reasons(mod):
     name = type(mod).__name__
     if name in ("AdaLayerNormZero", "AdaLayerNormZeroSingle"):
-        return [] if plain_layer_norm(mod.norm) else [f"its norm is {type(mod.norm).__name__}, not an affine-free LayerNorm"]
+        ok = plain_layer_norm(mod.norm)
+        return [] if ok else [f"its norm is {type(mod.norm).__name__}, not an affine-free LayerNorm"]
     if name == "AdaLayerNormContinuous":
         return [] if _norm_kind(mod.norm) else ["its norm has affine parameters (genfast.adaln_modulate has none)"]
     return [f"{name} is not a norm genfast replaces"]
