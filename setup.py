@@ -179,7 +179,8 @@ class NinjaBuildExt(build_ext):
 ext_modules = [Extension(n, sources=[]) for n in ("genfast._C", "genfast._cuda_emu", "genfast._cuda")]
 
 setup(
-    packages=["genfast", "genfast.ops", "genfast.nn", "genfast.zoo", "genfast.integrations", "genfast.devtools", "genfast.kernels"],
+    packages=["genfast", "genfast.ops", "genfast.nn", "genfast.zoo", "genfast.integrations", "genfast.devtools", "genfast.kernels",
+              "genfast.patch"],
     package_dir={"genfast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": NinjaBuildExt},

@@ -23,5 +23,17 @@ from genfast.ops import (  # noqa: E402
 from genfast.ops.attention import attention  # noqa: E402
 from genfast.sampling import sample_rectified_flow  # noqa: E402
 
-__all__ = ["info", "flow_euler_step", "sample_rectified_flow", "attention", "adaln_modulate", "gated_residual",
+
+
+def __getattr__(name):
+    # genfast.patch (a callable module: genfast.patch(model)) is loaded on first use, so that
+    # `import genfast` never imports diffusers.
+    if name == "patch":
+        import importlib
+
+        return importlib.import_module("genfast.patch")
+    raise AttributeError(f"module 'genfast' has no attribute {name!r}")
+
+
+__all__ = ["info", "patch", "flow_euler_step", "sample_rectified_flow", "attention", "adaln_modulate", "gated_residual",
            "vq_nearest", "vector_quantize", "code_counts", "reparam_kl", "__version__"]

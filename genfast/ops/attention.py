@@ -173,13 +173,14 @@ def _fwd_impl(q, k, v, mask, causal, scale):
 def _out_layout(q):
     """The forward's output [B, H, Nq, D]. Its memory is [B, Nq, H, D] (so that
     out.transpose(1, 2).reshape(B, Nq, H * D) before the output projection is free) on every
-    backend, except for CPU tensors of the dtypes torch's fused CPU kernel serves (it writes
-    [B, H, Nq, D]; re-laying it out would cost the copy it saves). A function of device type and
-    dtype only, so the fake and every backend agree."""
+    backend, except for CPU tensors of the dtypes torch's fused CPU kernel serves when q's heads
+    are outer to its tokens: that kernel writes q's own layout (torch 2.13), [B, H, Nq, D] there,
+    and re-laying it out would cost the copy it saves. A function of device type, dtype and q's
+    stride order, so the fake and every backend agree."""
     b, h, nq, d = q.shape
     from genfast.ops import attention_cpu
 
-    if q.device.type == "cpu" and attention_cpu.VARIANT.get(q.dtype) == "sdpa":
+    if q.device.type == "cpu" and attention_cpu.VARIANT.get(q.dtype) == "sdpa" and not q.stride(1) < q.stride(2):
         return torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
     return torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
 

@@ -1,0 +1,222 @@
+"""Per-instance forwards for diffusers' adaLN norms and transformer blocks on genfast.adaln_modulate
+and genfast.gated_residual. diffusers writes the modulation `norm(x) * (1 + scale) + shift` and the
+gated residual `x + gate * y` inline (three and two passes over the activations, each with a new
+temporary); these are one pass each. Each forward first checks the call is one it serves exactly
+(3-D tokens, a dtype genfast runs, matching modulation dtype, no extra kwargs) and otherwise calls
+the class's own forward, so an answer never changes.
+"""
+import torch
+from torch import nn
+
+import genfast
+from genfast.patch._support import runnable
+
+
+def plain_layer_norm(mod):
+    """An nn.LayerNorm over the last dim with no affine parameters (what adaLN norms use)."""
+    return type(mod) is nn.LayerNorm and mod.weight is None and mod.bias is None and len(mod.normalized_shape) == 1
+
+
+def _norm_kind(mod):
+    """("layer" | "rms", eps) for an affine-free LayerNorm / diffusers or torch RMSNorm, else None."""
+    if plain_layer_norm(mod):
+        return "layer", mod.eps
+    rms = type(mod).__name__ == "RMSNorm"
+    if rms and getattr(mod, "weight", None) is None and getattr(mod, "eps", None) is not None:
+        return "rms", float(mod.eps)
+    return None
+
+
+def _ok(x, *dtypes_from):
+    """The call may take the genfast path: [B, N, C] tokens genfast runs, modulation in x's dtype."""
+    return x.dim() == 3 and runnable(x) and all(t.dtype == x.dtype for t in dtypes_from)
+
+
+def feed_forward(ff, h):
+    """diffusers' FeedForward (Linear, GELU, Dropout, Linear). Without autograd the GELU runs in
+    place on the first Linear's output, which only this function holds: one [B, N, 4C] temporary
+    instead of two (on the CPU every fresh large tensor pays page faults)."""
+    net = ff.net
+    act = net[0]
+    grad = torch.is_grad_enabled() and (h.requires_grad or act.proj.weight.requires_grad)
+    simple = (type(act).__name__ == "GELU" and type(act.proj) is nn.Linear and len(net) in (3, 4)
+              and all(type(d) is nn.Dropout and not (d.training and d.p) for d in net[1::2]))
+    if torch.compiler.is_compiling() or grad or not simple or h.device.type == "mps":
+        return ff(h)
+    u = act.proj(h)
+    torch._C._nn.gelu_(u, approximate=act.approximate)
+    return net[2](u)
+
+
+# ------------------------------------------------------------------------------------- norms
+def norm_reasons(mod):
+    name = type(mod).__name__
+    if name in ("AdaLayerNormZero", "AdaLayerNormZeroSingle"):
+        ok = plain_layer_norm(mod.norm)
+        return [] if ok else [f"its norm is {type(mod.norm).__name__}, not an affine-free LayerNorm"]
+    if name == "AdaLayerNormContinuous":
+        return [] if _norm_kind(mod.norm) else ["its norm has affine parameters (genfast.adaln_modulate has none)"]
+    return [f"{name} is not a norm genfast replaces"]
+
+
+def ada_zero_forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
+    if not _ok(x, self.linear.weight):
+        return type(self).forward(self, x, timestep, class_labels, hidden_dtype, emb)
+    if self.emb is not None:
+        emb = self.emb(timestep, class_labels, hidden_dtype=hidden_dtype)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.linear(self.silu(emb)).chunk(6, dim=1)
+    x = genfast.adaln_modulate(x, shift_msa, scale_msa, eps=self.norm.eps)
+    return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+def ada_zero_single_forward(self, x, emb=None):
+    if not _ok(x, self.linear.weight):
+        return type(self).forward(self, x, emb)
+    shift_msa, scale_msa, gate_msa = self.linear(self.silu(emb)).chunk(3, dim=1)
+    return genfast.adaln_modulate(x, shift_msa, scale_msa, eps=self.norm.eps), gate_msa
+
+
+def ada_continuous_forward(self, x, conditioning_embedding):
+    if not _ok(x, self.linear.weight):
+        return type(self).forward(self, x, conditioning_embedding)
+    scale, shift = self.linear(self.silu(conditioning_embedding).to(x.dtype)).chunk(2, dim=1)
+    kind, eps = _norm_kind(self.norm)
+    return genfast.adaln_modulate(x, shift, scale, eps=eps, norm=kind)
+
+
+NORM_FORWARDS = {"AdaLayerNormZero": ada_zero_forward, "AdaLayerNormZeroSingle": ada_zero_single_forward,
+                 "AdaLayerNormContinuous": ada_continuous_forward}
+
+
+# ------------------------------------------------------------------------------------ blocks
+def basic_block_reasons(blk):
+    """BasicTransformerBlock (DiT: ada_norm_zero; PixArt: ada_norm_single)."""
+    out = []
+    if blk.norm_type not in ("ada_norm_zero", "ada_norm_single"):
+        out.append(f"norm_type {blk.norm_type!r} has no adaLN modulation to fuse")
+    if blk.pos_embed is not None or hasattr(blk, "fuser"):
+        out.append("positional embedding / GLIGEN fuser inside the block")
+    if blk.norm_type == "ada_norm_zero":
+        if norm_reasons(blk.norm1) or blk.norm1.emb is None or not plain_layer_norm(blk.norm3):
+            out.append("its norms have affine parameters")
+    elif blk.norm_type == "ada_norm_single":
+        if not (plain_layer_norm(blk.norm1) and plain_layer_norm(blk.norm2)):
+            out.append("its norms have affine parameters")
+    return out
+
+
+def basic_block_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                        encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None, class_labels=None,
+                        added_cond_kwargs=None):
+    x = hidden_states
+    single = self.norm_type == "ada_norm_single"
+    mod_dtype = timestep if single else self.norm1.linear.weight
+    if cross_attention_kwargs or self._chunk_size is not None or not _ok(x, mod_dtype):
+        return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                  timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
+    if single:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None] + timestep.reshape(x.shape[0], 6, -1)).chunk(6, dim=1)
+        eps1, eps_mlp = self.norm1.eps, self.norm2.eps
+    else:
+        n1 = self.norm1
+        emb = n1.emb(timestep, class_labels, hidden_dtype=x.dtype)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = n1.linear(n1.silu(emb)).chunk(6, dim=1)
+        eps1, eps_mlp = n1.norm.eps, self.norm3.eps
+    h = genfast.adaln_modulate(x, shift_msa, scale_msa, eps=eps1)
+    a = self.attn1(h, encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
+                   attention_mask=attention_mask)
+    x = genfast.gated_residual(x, gate_msa, a)
+    if self.attn2 is not None:
+        h = x if single else self.norm2(x)  # PixArt does not normalise before its cross attention
+        x = self.attn2(h, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask) + x
+    h = genfast.adaln_modulate(x, shift_mlp, scale_mlp, eps=eps_mlp)
+    return genfast.gated_residual(x, gate_mlp, feed_forward(self.ff, h))
+
+
+def joint_block_reasons(blk):
+    """SD3's JointTransformerBlock and Flux's FluxTransformerBlock (the same dataflow)."""
+    out = []
+    if getattr(blk, "use_dual_attention", False):
+        out.append("SD3.5 dual attention (its norm returns 7 values)")
+    if norm_reasons(blk.norm1) or blk.norm1.emb is not None:
+        out.append("norm1 is not an embedding-free adaLN-Zero over an affine-free LayerNorm")
+    if norm_reasons(blk.norm1_context):
+        out.append("norm1_context: " + "; ".join(norm_reasons(blk.norm1_context)))
+    if not plain_layer_norm(blk.norm2) or (blk.norm2_context is not None and not plain_layer_norm(blk.norm2_context)):
+        out.append("its norms have affine parameters")
+    return out
+
+
+def _joint(self, x, c, temb, attn_kwargs, flux):
+    n1 = self.norm1
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = n1.linear(n1.silu(temb)).chunk(6, dim=1)
+    h = genfast.adaln_modulate(x, shift_msa, scale_msa, eps=n1.norm.eps)
+    pre_only = getattr(self, "context_pre_only", False)
+    nc = self.norm1_context
+    if pre_only:  # AdaLayerNormContinuous: (scale, shift) order
+        ch = ada_continuous_forward(nc, c, temb)
+    else:
+        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = \
+            nc.linear(nc.silu(temb)).chunk(6, dim=1)
+        ch = genfast.adaln_modulate(c, c_shift_msa, c_scale_msa, eps=nc.norm.eps)
+    outs = self.attn(hidden_states=h, encoder_hidden_states=ch, **attn_kwargs)
+    attn_out, ctx_out = outs[0], outs[1]
+    x = genfast.gated_residual(x, gate_msa, attn_out)
+    h = genfast.adaln_modulate(x, shift_mlp, scale_mlp, eps=self.norm2.eps)
+    x = genfast.gated_residual(x, gate_mlp, feed_forward(self.ff, h))
+    if len(outs) == 3:  # Flux IP-adapter output
+        x = x + outs[2]
+    if pre_only:
+        return None, x
+    c = genfast.gated_residual(c, c_gate_msa, ctx_out)
+    ch = genfast.adaln_modulate(c, c_shift_mlp, c_scale_mlp, eps=self.norm2_context.eps)
+    c = genfast.gated_residual(c, c_gate_mlp, feed_forward(self.ff_context, ch))
+    if flux and c.dtype == torch.float16:
+        c = c.clip(-65504, 65504)
+    return c, x
+
+
+def sd3_block_forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
+    if (self._chunk_size is not None or encoder_hidden_states is None
+            or not _ok(hidden_states, encoder_hidden_states, temb, self.norm1.linear.weight)):
+        return type(self).forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
+    return _joint(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs or {}, flux=False)
+
+
+def flux_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                       joint_attention_kwargs=None):
+    if not _ok(hidden_states, encoder_hidden_states, temb, self.norm1.linear.weight):
+        return type(self).forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+                                  joint_attention_kwargs)
+    kwargs = dict(joint_attention_kwargs or {}, image_rotary_emb=image_rotary_emb)
+    return _joint(self, hidden_states, encoder_hidden_states, temb, kwargs, flux=True)
+
+
+def flux_single_reasons(blk):
+    return norm_reasons(blk.norm)
+
+
+def flux_single_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                        joint_attention_kwargs=None):
+    if not _ok(hidden_states, encoder_hidden_states, temb, self.norm.linear.weight):
+        return type(self).forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+                                  joint_attention_kwargs)
+    text_len = encoder_hidden_states.shape[1]
+    x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    shift, scale, gate = self.norm.linear(self.norm.silu(temb)).chunk(3, dim=1)
+    h = genfast.adaln_modulate(x, shift, scale, eps=self.norm.norm.eps)
+    mlp = self.act_mlp(self.proj_mlp(h))
+    a = self.attn(hidden_states=h, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
+    x = genfast.gated_residual(x, gate, self.proj_out(torch.cat([a, mlp], dim=2)))
+    if x.dtype == torch.float16:
+        x = x.clip(-65504, 65504)
+    return x[:, :text_len], x[:, text_len:]
+
+
+BLOCKS = {  # class name -> (reasons, forward)
+    "BasicTransformerBlock": (basic_block_reasons, basic_block_forward),
+    "JointTransformerBlock": (joint_block_reasons, sd3_block_forward),
+    "FluxTransformerBlock": (joint_block_reasons, flux_block_forward),
+    "FluxSingleTransformerBlock": (flux_single_reasons, flux_single_forward),
+}
