@@ -1,4 +1,7 @@
-"""Rectified-flow sampling on the fused Euler / CFG step (the lecture notes' sampler)."""
+"""Rectified-flow sampling on the fused Euler / CFG step (the lecture notes' sampler), optionally
+replayed from a CUDA graph (small models and batches are launch-bound on a GPU)."""
+from collections.abc import Mapping
+
 import torch
 from tqdm.auto import tqdm
 
@@ -6,29 +9,47 @@ from genfast import reference
 from genfast.ops.flow_step import flow_euler_step
 
 
-def sample_rectified_flow(model, shape, *, steps=50, guidance=None, labels=None, null_label=None,
-                          schedule="uniform", shift=1.0, generator=None, progress=False,
-                          device=None, dtype=torch.float32):
+def sample_rectified_flow(model, shape, *, steps=None, guidance=None, labels=None, null_label=None,
+                          schedule="uniform", shift=1.0, sigmas=None, generator=None, progress=False,
+                          device=None, dtype=torch.float32, cuda_graph=False):
     """Samples x ~ data by walking t from 1 (noise) to 0 with Euler steps x <- x - dt * v.
 
-    model(x, t) or model(x, t, labels) returns the velocity v = noise - data at time t ([B] float32).
-    With `guidance` (a float or a per-sample tensor [B]) the model runs once on a doubled batch
-    (labels, then `null_label`) and v = (1 + w) v_cond - w v_uncond, fused into the step.
-    schedule "uniform" or "shifted" (t -> shift t / (1 + (shift - 1) t)). The noise comes from
-    torch.randn(shape, generator=generator), so a plain loop with the same generator gives the same
-    samples (genfast.reference.sample_rectified_flow is that loop).
+    model(x, t) or model(x, t, labels) returns the velocity v = noise - data at time t ([B] float32,
+    x_t = (1 - t) data + t noise). With `guidance` (a float or a per-sample tensor [B]) the model runs
+    once on a doubled batch (labels, then `null_label`) and v = (1 + w) v_cond - w v_uncond, fused
+    into the step (diffusers' guidance_scale g is w = g - 1).
+
+    labels: class labels [B] (null_label: the unconditional class, an int or a tensor [B]), or a
+        dict of conditioning tensors with batch dim B (say a diffusers transformer's
+        encoder_hidden_states / pooled_projections, see genfast.patch.sampling.FlowTransformer);
+        null_label is then the dict of the unconditional ones, same keys and shapes.
+    steps, schedule, shift: steps+1 times from 1 to 0, "uniform" or "shifted"
+        (t -> shift t / (1 + (shift - 1) t)); steps defaults to 50.
+    sigmas: the times themselves instead (a decreasing 1-D tensor, t_0 .. t_steps), e.g. a diffusers
+        FlowMatchEulerDiscreteScheduler's `sigmas` after set_timesteps.
+    cuda_graph: capture one step (model + fused step) in a CUDA graph and replay it (CUDA only;
+        a CPU device raises ValueError). No autograd then; the model must be capturable (no host
+        syncs, no data-dependent shapes) and deterministic or using the default CUDA generator.
+    The noise comes from torch.randn(shape, generator=generator) outside any graph, so a plain loop
+    with the same generator gives the same samples (genfast.reference.sample_rectified_flow).
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    t = _times(steps, schedule, shift, sigmas, device)
+    steps = t.shape[0] - 1
+    b = shape[0]
     if guidance is not None and (labels is None or null_label is None):
         raise ValueError("guidance needs labels and null_label (the unconditional class) for the doubled batch")
-    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape[:1] != torch.Size(shape[:1])):
-        raise ValueError(f"labels must be a tensor with batch size {shape[0]}")
+    _check_labels("labels", labels, b)
+    if cuda_graph:
+        dev = torch.device(device) if device is not None else torch.get_default_device()
+        if dev.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device, got device {dev}; use cuda_graph=False on the CPU")
     x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    t = reference.timesteps(steps, schedule=schedule, shift=shift, device=x.device)
+    t = t.to(x.device)
     dts = t[:-1] - t[1:]
-    b = shape[0]
-    y2 = torch.cat([labels, torch.full_like(labels, null_label)]) if guidance is not None else None
+    cond = _doubled(labels, null_label, b) if guidance is not None else labels
+    if cuda_graph:
+        with torch.no_grad():
+            return CudaGraphStep(model, x, cond, guidance).run(t, dts, progress=progress)
     in_place = not torch.is_grad_enabled()
     for i in tqdm(range(steps), disable=not progress, desc="sampling", leave=False):
         out = x if in_place else None
@@ -36,7 +57,105 @@ def sample_rectified_flow(model, shape, *, steps=50, guidance=None, labels=None,
             v = model(x, t[i].expand(b)) if labels is None else model(x, t[i].expand(b), labels)
             x = flow_euler_step(x, v, dt=dts[i], out=out)
         else:
-            v = model(torch.cat([x, x]), t[i].expand(2 * b), y2)
+            v = model(torch.cat([x, x]), t[i].expand(2 * b), cond)
             v_cond, v_uncond = v.chunk(2)  # strided halves, read in place by the fused step
             x = flow_euler_step(x, v_cond, v_uncond, dt=dts[i], guidance=guidance, out=out)
     return x
+
+
+class CudaGraphStep:
+    """One sampling step (model + fused Euler / CFG step, in place on a static x) captured in a CUDA
+    graph; run() replays it once per step after writing that step's t and dt into static buffers.
+
+    Follows torch.cuda.graphs' recipe: warm-up on a side stream (lazy init, cuBLAS workspaces,
+    torch.compile autotuning happen outside the capture), then capture on the default pool. Nothing
+    in the step reads the host, so the replay loop never synchronises. x (the starting noise) is
+    copied into the static buffer after the capture, because the warm-up steps overwrite it.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, model, x, cond=None, guidance=None):
+        if x.device.type != "cuda":
+            raise ValueError(f"CudaGraphStep needs CUDA tensors, x is on {x.device}")
+        b = x.shape[0]
+        self.model, self.cond, self.b = model, cond, b
+        if isinstance(guidance, torch.Tensor):  # a host scalar would be a host-to-device copy inside the capture
+            guidance = guidance.to(x.device, torch.float32)
+        self.guidance, self.noise = guidance, x
+        self.x = x.clone()
+        self.t = torch.ones(2 * b if guidance is not None else b, device=x.device)  # the model's time input
+        self.dt = torch.zeros((), device=x.device)  # zero: the warm-up steps move nothing far
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP):
+                self._step()
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+
+    def _step(self):
+        x, b = self.x, self.b
+        if self.guidance is None:
+            v = self.model(x, self.t) if self.cond is None else self.model(x, self.t, self.cond)
+            flow_euler_step(x, v, dt=self.dt, out=x)
+        else:
+            v_cond, v_uncond = self.model(torch.cat([x, x]), self.t, self.cond).chunk(2)
+            flow_euler_step(x, v_cond, v_uncond, dt=self.dt, guidance=self.guidance, out=x)
+
+    def run(self, t, dts, *, progress=False):
+        """Replays the step for t[0] .. t[-2] (device tensors, no sync) from the starting noise; returns x."""
+        self.x.copy_(self.noise)
+        for i in tqdm(range(dts.shape[0]), disable=not progress, desc="sampling", leave=False):
+            self.t.copy_(t[i].expand(self.t.shape[0]))
+            self.dt.copy_(dts[i])
+            self.graph.replay()
+        return self.x
+
+
+def _times(steps, schedule, shift, sigmas, device):
+    """t_0 .. t_steps (float32): the given sigmas, else reference.timesteps(steps or 50)."""
+    if sigmas is None:
+        steps = 50 if steps is None else steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        return reference.timesteps(steps, schedule=schedule, shift=shift, device=device)
+    if not isinstance(sigmas, torch.Tensor) or not sigmas.is_floating_point() or sigmas.dim() != 1 \
+            or sigmas.shape[0] < 2:
+        raise ValueError("sigmas must be a 1-D floating tensor of at least 2 times (t_0 = noise .. t_steps), got "
+                         + (f"shape {tuple(sigmas.shape)} {sigmas.dtype}" if isinstance(sigmas, torch.Tensor)
+                            else type(sigmas).__name__))
+    if steps is not None and steps != sigmas.shape[0] - 1:
+        raise ValueError(f"steps={steps!r} does not match sigmas ({sigmas.shape[0]} times = {sigmas.shape[0] - 1} steps)")
+    return sigmas.to(torch.float32)
+
+
+def _check_labels(name, labels, b):
+    if labels is None:
+        return
+    items = labels.items() if isinstance(labels, Mapping) else [(None, labels)]
+    for key, value in items:
+        what = name if key is None else f"{name}[{key!r}]"
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != b:
+            raise ValueError(f"{what} must be a tensor with batch size {b} (first dim), got "
+                             + (f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__))
+
+
+def _doubled(labels, null, b):
+    """The doubled batch's conditioning: labels, then the unconditional ones (built once per call)."""
+    if isinstance(labels, Mapping):
+        if not isinstance(null, Mapping) or set(null) != set(labels):
+            raise ValueError(f"null_label must be a dict with the keys of labels ({sorted(labels)}), got "
+                             + (str(sorted(null)) if isinstance(null, Mapping) else type(null).__name__))
+        for k, v in labels.items():
+            if not isinstance(null[k], torch.Tensor) or null[k].shape != v.shape:
+                raise ValueError(f"null_label[{k!r}] must be a tensor of shape {tuple(v.shape)} like labels[{k!r}]")
+        return {k: torch.cat([v, null[k].to(v.device, v.dtype)]) for k, v in labels.items()}
+    if isinstance(null, torch.Tensor):
+        if null.shape != labels.shape:
+            raise ValueError(f"null_label must be an int or a tensor of shape {tuple(labels.shape)}, "
+                             f"got shape {tuple(null.shape)}")
+        return torch.cat([labels, null.to(labels.device, labels.dtype)])
+    return torch.cat([labels, torch.full_like(labels, null)])
