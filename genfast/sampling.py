@@ -1,5 +1,7 @@
 """Rectified-flow sampling on the fused Euler / CFG step (the lecture notes' sampler), optionally
 replayed from a CUDA graph (small models and batches are launch-bound on a GPU)."""
+import itertools
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -30,6 +32,8 @@ def sample_rectified_flow(model, shape, *, steps=None, guidance=None, labels=Non
     cuda_graph: capture one step (model + fused step) in a CUDA graph and replay it (CUDA only;
         a CPU device raises ValueError). No autograd then; the model must be capturable (no host
         syncs, no data-dependent shapes) and deterministic or using the default CUDA generator.
+        The capture is reused by later calls with the same model object, shapes and weights (see
+        _graphed_sample); after changing the model's code in place, call clear_cuda_graphs().
     The noise comes from torch.randn(shape, generator=generator) outside any graph, so a plain loop
     with the same generator gives the same samples (genfast.reference.sample_rectified_flow).
     """
@@ -49,7 +53,7 @@ def sample_rectified_flow(model, shape, *, steps=None, guidance=None, labels=Non
     cond = _doubled(labels, null_label, b) if guidance is not None else labels
     if cuda_graph:
         with torch.no_grad():
-            return CudaGraphStep(model, x, cond, guidance).run(t, dts, progress=progress)
+            return _graphed_sample(model, x, t, dts, cond, guidance, progress)
     in_place = not torch.is_grad_enabled()
     for i in tqdm(range(steps), disable=not progress, desc="sampling", leave=False):
         out = x if in_place else None
@@ -68,9 +72,9 @@ class CudaGraphStep:
     graph; run() replays it once per step after writing that step's t and dt into static buffers.
 
     Follows torch.cuda.graphs' recipe: warm-up on a side stream (lazy init, cuBLAS workspaces,
-    torch.compile autotuning happen outside the capture), then capture on the default pool. Nothing
-    in the step reads the host, so the replay loop never synchronises. x (the starting noise) is
-    copied into the static buffer after the capture, because the warm-up steps overwrite it.
+    torch.compile autotuning happen outside the capture), then the capture. The graph reads its own
+    static copies of x, the conditioning and a tensor guidance; run() copies the call's values into
+    them (device-to-device), so nothing in the loop reads the host and nothing synchronises.
     """
 
     WARMUP = 3
@@ -79,13 +83,13 @@ class CudaGraphStep:
         if x.device.type != "cuda":
             raise ValueError(f"CudaGraphStep needs CUDA tensors, x is on {x.device}")
         b = x.shape[0]
-        self.model, self.cond, self.b = model, cond, b
-        if isinstance(guidance, torch.Tensor):  # a host scalar would be a host-to-device copy inside the capture
-            guidance = guidance.to(x.device, torch.float32)
-        self.guidance, self.noise = guidance, x
+        self.model, self.b = model, b
+        self.cond = _map(cond, torch.clone)
+        # a host scalar would be a host-to-device copy inside the capture: a device copy instead
+        self.guidance = guidance.to(x.device, torch.float32).clone() if isinstance(guidance, torch.Tensor) else guidance
         self.x = x.clone()
         self.t = torch.ones(2 * b if guidance is not None else b, device=x.device)  # the model's time input
-        self.dt = torch.zeros((), device=x.device)  # zero: the warm-up steps move nothing far
+        self.dt = torch.zeros((), device=x.device)  # zero: the warm-up steps leave x as it is
         side = torch.cuda.Stream(x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(side):
@@ -105,14 +109,74 @@ class CudaGraphStep:
             v_cond, v_uncond = self.model(torch.cat([x, x]), self.t, self.cond).chunk(2)
             flow_euler_step(x, v_cond, v_uncond, dt=self.dt, guidance=self.guidance, out=x)
 
-    def run(self, t, dts, *, progress=False):
-        """Replays the step for t[0] .. t[-2] (device tensors, no sync) from the starting noise; returns x."""
-        self.x.copy_(self.noise)
+    def run(self, x, t, dts, *, cond=None, guidance=None, progress=False):
+        """Replays the step for t[0] .. t[-2] (device tensors) from x; returns a new tensor.
+        cond / a tensor guidance: this call's values (same structure and shapes as at capture)."""
+        self.x.copy_(x)
+        if cond is not None:
+            _map2(self.cond, cond, lambda static, new: new is static or static.copy_(new))
+        if isinstance(guidance, torch.Tensor) and guidance is not self.guidance:
+            self.guidance.copy_(guidance.to(torch.float32).expand_as(self.guidance))
         for i in tqdm(range(dts.shape[0]), disable=not progress, desc="sampling", leave=False):
             self.t.copy_(t[i].expand(self.t.shape[0]))
             self.dt.copy_(dts[i])
             self.graph.replay()
-        return self.x
+        return self.x.clone()  # self.x is overwritten by the next call
+
+
+# model -> (key, CudaGraphStep): the last captured step per model, reused while the key holds.
+_GRAPHS = weakref.WeakKeyDictionary()
+
+
+def clear_cuda_graphs():
+    """Drops the cached graphs (and their memory pools) of sample_rectified_flow(cuda_graph=True)."""
+    _GRAPHS.clear()
+
+
+def _graphed_sample(model, x, t, dts, cond, guidance, progress):
+    """Replays a cached capture when the model object, shapes, dtypes, conditioning structure, a float
+    guidance, and the model's module objects and parameter / buffer tensors are all unchanged;
+    captures anew otherwise (or every call for a model whose weights it cannot see)."""
+    key = _graph_key(model, x, cond, guidance)
+    try:
+        cached = _GRAPHS.get(model) if key is not None else None
+    except TypeError:  # not weak-referenceable
+        key, cached = None, None
+    if cached is not None and cached[0] == key:
+        step = cached[1]
+    else:
+        if key is not None:
+            _GRAPHS.pop(model, None)  # free the old graph's pool before capturing
+        step = CudaGraphStep(model, x, cond, guidance)
+        if key is not None:
+            _GRAPHS[model] = (key, step)
+    return step.run(x, t, dts, cond=cond, guidance=guidance, progress=progress)
+
+
+def _graph_key(model, x, cond, guidance):
+    module = model if isinstance(model, torch.nn.Module) else getattr(model, "transformer", None)
+    if not isinstance(module, torch.nn.Module):
+        return None
+    weights = tuple(p.data_ptr() for p in itertools.chain(module.parameters(), module.buffers()))
+    structure = _map(cond, lambda c: (tuple(c.shape), c.dtype, c.device))
+    if isinstance(structure, dict):
+        structure = tuple(sorted(structure.items()))
+    g = ("tensor", tuple(guidance.shape), guidance.device) if isinstance(guidance, torch.Tensor) else guidance
+    return (tuple(x.shape), x.dtype, x.device, structure, g, weights, tuple(map(id, module.modules())))
+
+
+def _map(cond, fn):
+    if cond is None:
+        return None
+    return {k: fn(v) for k, v in cond.items()} if isinstance(cond, Mapping) else fn(cond)
+
+
+def _map2(static, new, fn):
+    if isinstance(static, Mapping):
+        for k in static:
+            fn(static[k], new[k])
+    else:
+        fn(static, new)
 
 
 def _times(steps, schedule, shift, sigmas, device):

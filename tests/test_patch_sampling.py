@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import genfast
-from genfast.sampling import CudaGraphStep
+from genfast.sampling import CudaGraphStep, _graph_key
 from genfast.testing import assert_within_reference_error
 
 diffusers = pytest.importorskip("diffusers", reason="the diffusers extra is not installed (pip install .[diffusers])")
@@ -326,6 +326,23 @@ def test_compiled_sampling_step_equals_eager():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_cuda_graph_cache_key():
+    """What decides whether sample_rectified_flow(cuda_graph=True) reuses its capture (checked here
+    on the CPU; the GPU tests replay)."""
+    model, shape = _dit(3)
+    flow, x, y = FlowTransformer(model), torch.zeros(shape), torch.zeros(2, dtype=torch.long)
+    key = _graph_key(flow, x, y, 3.0)
+    assert key == _graph_key(flow, torch.ones(shape), torch.ones(2, dtype=torch.long), 3.0)
+    assert key != _graph_key(flow, x, y, 2.0)  # a float guidance is baked into the graph
+    assert key != _graph_key(flow, torch.zeros(1, 4, 8, 8), y[:1], 3.0)
+    assert _graph_key(flow, x, {"a": x}, None) != _graph_key(flow, x, {"b": x}, None)
+    next(model.parameters()).data = torch.zeros_like(next(model.parameters()))
+    assert key != _graph_key(flow, x, y, 3.0)
+    assert _graph_key(lambda x, t: x, x, None, None) is None  # weights not visible: captured every call
+    with pytest.raises(ValueError, match="CUDA"):
+        CudaGraphStep(flow, x)
+
+
 # ------------------------------------------------------------------------------ GPU only
 def _gpu_dit(dtype):
     model, shape = _dit(4)
@@ -360,10 +377,11 @@ def test_cuda_graph_replay_has_no_host_sync_and_no_recompile():
     y2 = torch.tensor([1, 5, NULL, NULL], device="cuda")
     t = _scheduler().sigmas.cuda()
     with torch.no_grad():
-        graphed = CudaGraphStep(flow, torch.randn(shape, device="cuda"), y2, SCALE - 1)
+        x = torch.randn(shape, device="cuda")
+        graphed = CudaGraphStep(flow, x, y2, SCALE - 1)
         torch.cuda.set_sync_debug_mode("error")
         try:
-            graphed.run(t, t[:-1] - t[1:])
+            graphed.run(x, t, t[:-1] - t[1:], cond=y2.flip(0))
         finally:
             torch.cuda.set_sync_debug_mode(0)
         torch.compiler.set_stance("fail_on_recompile")
@@ -372,6 +390,35 @@ def test_cuda_graph_replay_has_no_host_sync_and_no_recompile():
                                           labels=y2[:B], null_label=NULL, device="cuda", cuda_graph=True)
         finally:
             torch.compiler.set_stance("default")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_is_reused_and_recaptured_when_weights_change(monkeypatch):
+    model, shape = _gpu_dit(torch.float32)
+    flow, sigmas = FlowTransformer(model), _scheduler().sigmas
+    captures = []
+    monkeypatch.setattr(CudaGraphStep, "_step", lambda self, f=CudaGraphStep._step: (captures.append(1), f(self)))
+
+    def run(y, seed, cuda_graph):
+        with torch.no_grad():
+            return genfast.sample_rectified_flow(
+                flow, shape, sigmas=sigmas, guidance=torch.tensor([1.0, SCALE - 1], device="cuda"), labels=y,
+                null_label=NULL, generator=torch.Generator("cuda").manual_seed(seed), device="cuda",
+                cuda_graph=cuda_graph)
+
+    first = run(torch.tensor([1, 2], device="cuda"), 0, True)
+    n = len(captures)  # warm-up + capture
+    second = run(torch.tensor([3, 4], device="cuda"), 1, True)
+    assert len(captures) == n, "the second call with new labels and noise re-captured"
+    torch.testing.assert_close(second, run(torch.tensor([3, 4], device="cuda"), 1, False))
+    assert not torch.equal(first, second)  # the returned tensors are not the graph's buffer
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data * 1.01  # new tensors: the old graph would read freed memory
+    n = len(captures)
+    third = run(torch.tensor([3, 4], device="cuda"), 1, True)
+    assert len(captures) > n
+    torch.testing.assert_close(third, run(torch.tensor([3, 4], device="cuda"), 1, False))
 
 
 @pytest.mark.gpu
