@@ -146,6 +146,24 @@ def test_sampler_drives_pixart_with_padded_text_mask():
     _check_against_diffusers("PixArt", model, shape, cond, uncond, got, kwargs=extra)
 
 
+def _patch_fn():
+    p = getattr(genfast, "patch", None)
+    return p if callable(p) else None  # genfast.patch(model): issue 8 item 1 (branch patch)
+
+
+@pytest.mark.skipif(_patch_fn() is None, reason="genfast.patch(model) is not on this branch (issue 8 item 1)")
+@pytest.mark.parametrize("build", [_dit, _sd3], ids=["DiT", "SD3"])
+def test_sampler_with_patched_transformer_equals_unpatched_loop(build):
+    model, shape = build(5)
+    if build is _dit:
+        cond, uncond, order = torch.tensor([2, 9]), torch.full((B,), NULL), False
+    else:
+        (cond, uncond), order = _text(5), True
+    with _patch_fn()(model):
+        got = genfast_loop(model, shape, cond, uncond)
+    _check_against_diffusers("patched", model, shape, cond, uncond, got, uncond_first=order)
+
+
 class _PointMass:
     """A 'transformer' whose data is one point x0: the exact flow velocity is (x - x0) / sigma with
     sigma = timestep / 1000. Euler on straight paths is exact, so any schedule lands on x0: checks
