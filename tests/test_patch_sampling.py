@@ -13,7 +13,8 @@ from genfast.testing import assert_within_reference_error
 
 diffusers = pytest.importorskip("diffusers", reason="the diffusers extra is not installed (pip install .[diffusers])")
 from diffusers import (  # noqa: E402
-    DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel, SD3Transformer2DModel)
+    DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, PixArtTransformer2DModel,
+    SD3Transformer2DModel)
 
 from genfast.patch.sampling import FlowTransformer, guided_step, patch_scheduler  # noqa: E402
 
@@ -144,6 +145,48 @@ def test_sampler_drives_pixart_with_padded_text_mask():
     extra = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
     got = genfast_loop(model, shape, cond, uncond, kwargs=extra)
     _check_against_diffusers("PixArt", model, shape, cond, uncond, got, kwargs=extra)
+
+
+def test_sampler_drives_flux_with_true_cfg():
+    """Flux: packed latents [B, tokens, 16], timestep = sigma (the model scales by 1000 itself),
+    img_ids / txt_ids unbatched, dynamic shifting (mu); its pipeline's true CFG runs the transformer
+    twice (negative, then positive) where genfast runs it once on the doubled batch."""
+    torch.manual_seed(6)
+    model = _randomize(FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=12,
+                                              pooled_projection_dim=6, axes_dims_rope=(4, 6, 6)), 6)
+    shape, length = (B, 12, 16), 5  # 3 x 4 latent patches, 5 text tokens
+    ids = {"img_ids": torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(3.0), torch.arange(4.0), indexing="ij"),
+                                  -1).reshape(12, 3), "txt_ids": torch.zeros(length, 3)}
+    cond, uncond = _text(8, length=length)
+
+    def scheduler():
+        s = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+        s.set_timesteps(sigmas=torch.linspace(1.0, 1 / STEPS, STEPS).tolist(), mu=0.8)
+        return s
+
+    def flux_loop(dtype):
+        sched, latents, m = scheduler(), _noise(shape, dtype), model.to(dtype)
+        sigmas = sched.sigmas.double()
+        with torch.no_grad():
+            for i, t in enumerate(sched.timesteps):
+                timestep = t.expand(B).to(dtype) / 1000
+                pos, neg = (m(latents, timestep=timestep, return_dict=False, **ids, **_cast(c, dtype))[0]
+                            for c in (cond, uncond))
+                noise_pred = neg + SCALE * (pos - neg)
+                if dtype == torch.float64:
+                    latents = latents + (sigmas[i + 1] - sigmas[i]) * noise_pred
+                else:
+                    latents = sched.step(noise_pred, t, latents, return_dict=False)[0]
+        model.float()
+        return latents
+
+    with torch.no_grad():
+        got = genfast.sample_rectified_flow(
+            FlowTransformer(model, timestep_scale=1.0, **ids), shape, sigmas=scheduler().sigmas, guidance=SCALE - 1,
+            labels=cond, null_label=uncond, generator=torch.Generator().manual_seed(7))
+    low, high = flux_loop(torch.float32), flux_loop(torch.float64)
+    assert_within_reference_error("Flux", got, low, high)
 
 
 def _patch_fn():
