@@ -72,9 +72,9 @@ class CudaGraphStep:
     graph; run() replays it once per step after writing that step's t and dt into static buffers.
 
     Follows torch.cuda.graphs' recipe: warm-up on a side stream (lazy init, cuBLAS workspaces,
-    torch.compile autotuning happen outside the capture), then the capture. The graph reads its own
-    static copies of x, the conditioning and a tensor guidance; run() copies the call's values into
-    them (device-to-device), so nothing in the loop reads the host and nothing synchronises.
+    torch.compile autotuning happen outside the capture), then the capture on that same stream.
+    The graph reads its own static copies of x, the conditioning and a tensor guidance; run()
+    copies the call's values into them (device to device), so the loop never synchronises.
     """
 
     WARMUP = 3
@@ -97,7 +97,7 @@ class CudaGraphStep:
                 self._step()
         torch.cuda.current_stream(x.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=side):  # the warmed-up stream: its BLAS handles exist
             self._step()
 
     def _step(self):
@@ -192,7 +192,7 @@ def _times(steps, schedule, shift, sigmas, device):
                          + (f"shape {tuple(sigmas.shape)} {sigmas.dtype}" if isinstance(sigmas, torch.Tensor)
                             else type(sigmas).__name__))
     if steps is not None and steps != sigmas.shape[0] - 1:
-        raise ValueError(f"steps={steps!r} does not match sigmas ({sigmas.shape[0]} times = {sigmas.shape[0] - 1} steps)")
+        raise ValueError(f"steps={steps!r} does not match sigmas ({sigmas.shape[0] - 1} steps)")
     return sigmas.to(torch.float32)
 
 
@@ -203,8 +203,8 @@ def _check_labels(name, labels, b):
     for key, value in items:
         what = name if key is None else f"{name}[{key!r}]"
         if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != b:
-            raise ValueError(f"{what} must be a tensor with batch size {b} (first dim), got "
-                             + (f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__))
+            got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{what} must be a tensor with batch size {b} (first dim), got {got}")
 
 
 def _doubled(labels, null, b):

@@ -271,7 +271,8 @@ def test_patched_step_matches_one_step_exactly_enough_in_every_dtype():
             v = torch.randn(3, 4, 5, 6).to(dtype)
             want = plain.step(v, t, x, return_dict=False)[0]
             got = fused.step(v, t, x, return_dict=False)[0]
-            high = x.double() + (plain.sigmas[plain.step_index].double() - plain.sigmas[plain.step_index - 1].double()) * v.double()
+            i = plain.step_index
+            high = x.double() + (plain.sigmas[i].double() - plain.sigmas[i - 1].double()) * v.double()
             assert got.dtype == want.dtype == dtype and isinstance(got, torch.Tensor)
             assert_within_reference_error(f"step {dtype}", got, want, high)
             x = want

@@ -32,7 +32,8 @@ def _scheduler_class():
 def _check_scheduler(scheduler):
     cls = _scheduler_class()
     if not isinstance(scheduler, cls):
-        raise TypeError(f"scheduler must be a diffusers FlowMatchEulerDiscreteScheduler, got {type(scheduler).__name__}")
+        raise TypeError(f"scheduler must be a diffusers FlowMatchEulerDiscreteScheduler, "
+                        f"got {type(scheduler).__name__}")
     if type(scheduler).step is not cls.step:  # a subclass with its own step: not ours to replace
         raise TypeError(f"scheduler's class {type(scheduler).__name__} overrides step(); only "
                         "FlowMatchEulerDiscreteScheduler's own step can be fused")
