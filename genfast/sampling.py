@@ -44,9 +44,7 @@ def sample_rectified_flow(model, shape, *, steps=None, guidance=None, labels=Non
         raise ValueError("guidance needs labels and null_label (the unconditional class) for the doubled batch")
     _check_labels("labels", labels, b)
     if cuda_graph:
-        dev = torch.device(device) if device is not None else torch.get_default_device()
-        if dev.type != "cuda":
-            raise ValueError(f"cuda_graph=True needs a CUDA device, got device {dev}; use cuda_graph=False on the CPU")
+        _require_cuda(torch.device(device) if device is not None else torch.get_default_device())
     x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
     t = t.to(x.device)
     dts = t[:-1] - t[1:]
@@ -80,8 +78,7 @@ class CudaGraphStep:
     WARMUP = 3
 
     def __init__(self, model, x, cond=None, guidance=None):
-        if x.device.type != "cuda":
-            raise ValueError(f"CudaGraphStep needs CUDA tensors, x is on {x.device}")
+        _require_cuda(x.device)
         b = x.shape[0]
         self.model, self.b = model, b
         self.cond = _map(cond, torch.clone)
@@ -90,15 +87,19 @@ class CudaGraphStep:
         self.x = x.clone()
         self.t = torch.ones(2 * b if guidance is not None else b, device=x.device)  # the model's time input
         self.dt = torch.zeros((), device=x.device)  # zero: the warm-up steps leave x as it is
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
+        self.graph = self._capture(x.device)
+
+    def _capture(self, device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(self.WARMUP):
                 self._step()
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=side):  # the warmed-up stream: its BLAS handles exist
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):  # the warmed-up stream: its BLAS handles exist
             self._step()
+        return graph
 
     def _step(self):
         x, b = self.x, self.b
@@ -122,6 +123,11 @@ class CudaGraphStep:
             self.dt.copy_(dts[i])
             self.graph.replay()
         return self.x.clone()  # self.x is overwritten by the next call
+
+
+def _require_cuda(device):
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device, got device {device}; use cuda_graph=False on the CPU")
 
 
 # model -> (key, CudaGraphStep): the last captured step per model, reused while the key holds.

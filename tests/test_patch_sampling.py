@@ -4,10 +4,13 @@ and sample_rectified_flow(cuda_graph=True). Tiny random-config diffusers models,
 
 The loops are compared with the tolerance rule: ref_low is the loop as diffusers pipelines write it
 (fp32), ref_high the same loop in fp64 (model, latents and Euler update in fp64, same sigmas)."""
+import types
+
 import pytest
 import torch
 
 import genfast
+import genfast.sampling
 from genfast.sampling import CudaGraphStep, _graph_key
 from genfast.testing import assert_within_reference_error
 
@@ -403,6 +406,39 @@ def test_cuda_graph_cache_key():
     assert _graph_key(lambda x, t: x, x, None, None) is None  # weights not visible: captured every call
     with pytest.raises(ValueError, match="CUDA"):
         CudaGraphStep(flow, x)
+
+
+class _PythonReplay(CudaGraphStep):
+    """CudaGraphStep whose 'graph' replays the Python step: checks the static buffers, the copies
+    before each replay and the reuse logic on the CPU (the capture itself needs a GPU)."""
+    captures = 0
+
+    def _capture(self, device):
+        _PythonReplay.captures += 1
+        return types.SimpleNamespace(replay=self._step)
+
+
+def test_cuda_graph_buffers_and_reuse_with_python_replay(monkeypatch):
+    monkeypatch.setattr(genfast.sampling, "_require_cuda", lambda device: None)
+    monkeypatch.setattr(genfast.sampling, "CudaGraphStep", _PythonReplay)
+    genfast.sampling.clear_cuda_graphs()
+    model, shape = _sd3(9)
+    flow, sigmas = FlowTransformer(model), _scheduler().sigmas
+    runs = [(_text(10), torch.tensor([1.0, 3.0]), 1), (_text(11), torch.tensor([2.0, 0.5]), 2)]
+    for cuda_graph in (True, False):  # graphed first: a stale buffer would show in the second graphed run
+        out = []
+        for (cond, uncond), w, seed in runs:
+            with torch.no_grad():
+                out.append(genfast.sample_rectified_flow(
+                    flow, shape, sigmas=sigmas, guidance=w, labels=cond, null_label=uncond,
+                    generator=torch.Generator().manual_seed(seed), cuda_graph=cuda_graph))
+        if cuda_graph:
+            graphed = out
+    assert _PythonReplay.captures == 1  # the second call reused the first capture
+    for g, e in zip(graphed, out):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    assert not torch.equal(graphed[0], graphed[1])
+    genfast.sampling.clear_cuda_graphs()
 
 
 # ------------------------------------------------------------------------------ GPU only
