@@ -15,6 +15,7 @@ it with --bench-quick on a shared machine. GPU: DiT-XL/2 size in bf16, batch 1 a
 genfast with cuda_graph=True vs eager and compile(mode="reduce-overhead").
 """
 import copy
+import os
 
 import pytest
 import torch
@@ -28,6 +29,9 @@ from genfast.patch.sampling import FlowTransformer, guided_step, patch_scheduler
 CUDA = torch.cuda.is_available()
 SCALE = 4.0  # diffusers' guidance_scale; genfast's guidance is SCALE - 1
 NULL = 1000  # DiT's unconditional class
+# The CPU loops take ~8 s (quiet) to minutes (loaded) per 10 steps; every step costs the same, so on
+# a loaded shared machine GENFAST_BENCH_CPU_STEPS=2 gives the same ratios sooner (and says so).
+CPU_STEPS = int(os.environ.get("GENFAST_BENCH_CPU_STEPS", "10"))
 
 
 def _patch_fn():
@@ -111,14 +115,14 @@ def _flops(model, batch, steps):
 def test_dit_s_cfg_sampling_eager(compare):
     model = _dit("S", "cpu", torch.float32)
     patched, why = _patched_copy(model)
-    batch, steps = 4, 10
+    batch, steps = 4, CPU_STEPS
     subject = genfast_loop(patched if patched is not None else model, batch, steps, torch.float32, "cpu")
     torch.testing.assert_close(subject(), diffusers_loop(model, batch, steps, torch.float32, "cpu")(),
                                rtol=1e-3, atol=1e-3)  # the timed loops give the same latents
     impls = {"genfast": subject}
     impls["genfast_unpatched"] = why or genfast_loop(model, batch, steps, torch.float32, "cpu")
     impls["eager"] = diffusers_loop(model, batch, steps, torch.float32, "cpu")
-    compare("diffusers DiT-S CFG sampling, batch 4 x 10 steps, fp32" + (" (genfast unpatched model)" if why else ""),
+    compare(f"diffusers DiT-S CFG sampling, batch 4 x {steps} steps, fp32" + (" (genfast unpatched model)" if why else ""),
             impls, flops=_flops(model, batch, steps), targets={"eager": 1.15},
             note="genfast = fused CFG step + genfast.patch(model) when available; eager = diffusers-style loop")
 
@@ -127,10 +131,10 @@ def test_dit_s_cfg_sampling_eager(compare):
 def test_dit_s_cfg_sampling_compiled(compare):
     model = _dit("S", "cpu", torch.float32)
     patched, why = _patched_copy(model)
-    batch, steps = 4, 10
+    batch, steps = 4, CPU_STEPS
     subject_model = torch.compile(patched if patched is not None else model, fullgraph=True, dynamic=False)
     baseline_model = torch.compile(model, fullgraph=True, dynamic=False)
-    compare("diffusers DiT-S CFG sampling under torch.compile, batch 4 x 10 steps, fp32"
+    compare(f"diffusers DiT-S CFG sampling under torch.compile, batch 4 x {steps} steps, fp32"
             + (" (genfast unpatched model)" if why else ""), {
                 "genfast": genfast_loop(subject_model, batch, steps, torch.float32, "cpu"),
                 "compile": diffusers_loop(baseline_model, batch, steps, torch.float32, "cpu"),
