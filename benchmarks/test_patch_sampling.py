@@ -123,7 +123,8 @@ def test_dit_s_cfg_sampling_eager(compare):
     impls["genfast_unpatched"] = why or genfast_loop(model, batch, steps, torch.float32, "cpu")
     impls["eager"] = diffusers_loop(model, batch, steps, torch.float32, "cpu")
     compare(f"diffusers DiT-S CFG sampling, batch 4 x {steps} steps, fp32"
-            + (" (genfast unpatched model)" if why else ""), impls, flops=_flops(model, batch, steps), targets={"eager": 1.15},
+            + (" (genfast unpatched model)" if why else ""), impls, flops=_flops(model, batch, steps),
+            targets={"eager": 1.15},
             note="genfast = fused CFG step + genfast.patch(model) when available; eager = diffusers-style loop")
 
 
