@@ -12,7 +12,7 @@ import torch
 import genfast
 import genfast.sampling
 from genfast.sampling import CudaGraphStep, _graph_key
-from genfast.testing import assert_within_reference_error
+from genfast.testing import assert_within_reference_error, backends_to_test
 
 diffusers = pytest.importorskip("diffusers", reason="the diffusers extra is not installed (pip install .[diffusers])")
 from diffusers import (  # noqa: E402
@@ -346,6 +346,25 @@ def test_guided_step_per_sample_scale():
         uncond.double() + g.double()[:, None, None] * (cond.double() - uncond.double()))
     assert_within_reference_error("guided_step per-sample", got, want, high)
     assert fused.step_index == 1
+
+
+@pytest.mark.parametrize("backend", [b for d, b in backends_to_test() if d == "cpu"])
+def test_guided_step_on_every_backend(use_backend, backend):
+    """The learned-variance slice of a doubled-batch output (out[:, :C], then its halves: strided
+    views) through each kernel backend, as DiT and PixArt pipelines produce it."""
+    use_backend(backend)
+    plain, fused = _scheduler(), _scheduler()
+    x = torch.randn(3, 4, 5, 7)
+    out = torch.randn(6, 8, 5, 7)[:, :4]
+    for t in plain.timesteps[:2]:
+        cond, uncond = out.chunk(2)
+        want = plain.step(uncond + SCALE * (cond - uncond), t, x).prev_sample
+        got = guided_step(fused, out, t, x, guidance_scale=SCALE, uncond_first=False)[0]
+        i = plain.step_index
+        high = x.double() + (plain.sigmas[i] - plain.sigmas[i - 1]).double() * (
+            uncond.double() + SCALE * (cond.double() - uncond.double()))
+        assert_within_reference_error(f"guided_step {backend}", got, want, high)
+        x = want
 
 
 def test_bad_arguments():
