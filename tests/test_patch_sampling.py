@@ -483,7 +483,9 @@ def test_cuda_graph_replay_equals_eager(dtype):
         return x, torch.randn(3, generator=g, device="cuda")  # the generator's state after sampling
 
     (eager, after_eager), (graphed, after_graphed) = run(False), run(True)
-    torch.testing.assert_close(graphed, eager)  # same kernels in the same order (cuBLAS may pick others)
+    # the same kernels in the same order; cuBLAS may pick another algorithm on the capture stream
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(graphed.float(), eager.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(after_graphed, after_eager, rtol=0, atol=0)  # the RNG moved as in eager
 
 
