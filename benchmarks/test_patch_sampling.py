@@ -143,14 +143,18 @@ def test_dit_s_cfg_sampling_compiled(compare):
             note="both transformers under torch.compile(fullgraph=True); genfast adds the fused CFG step")
 
 
-@pytest.mark.parametrize("batch", [4] + ([8] if CUDA else []))
-def test_cfg_scheduler_step(compare, batch):
+# DiT-S/XL latents (32x32x4) and SD3-1024px-like latents (128x128x16)
+STEP_SHAPES = [(4, 4, 32, 32), (1, 16, 128, 128)] + ([(8, 4, 32, 32), (8, 16, 128, 128)] if CUDA else [])
+
+
+@pytest.mark.parametrize("shape", STEP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cfg_scheduler_step(compare, shape):
     """One CFG combination + scheduler step on the doubled batch's output: guided_step (fused, one
     pass) and the patched step vs the pipelines' two lines, eager and compiled."""
     dev = compare.device
     dtype = torch.bfloat16 if CUDA else torch.float32
-    x = torch.randn(batch, 4, 32, 32, device=dev, dtype=dtype)
-    out = torch.randn(2 * batch, 4, 32, 32, device=dev, dtype=dtype)
+    x = torch.randn(*shape, device=dev, dtype=dtype)
+    out = torch.randn(2 * shape[0], *shape[1:], device=dev, dtype=dtype)
     plain, fused, patched = _scheduler(50, dev), _scheduler(50, dev), _scheduler(50, dev)
     patch_scheduler(patched)
     t = plain.timesteps[0]
@@ -171,7 +175,7 @@ def test_cfg_scheduler_step(compare, batch):
 
     compiled = compare.compile(cfg_update)
     dt = (plain.sigmas[1] - plain.sigmas[0]).to(dev)
-    compare(f"CFG + FlowMatchEuler step, {batch}x4x32x32 {str(dtype)[6:]}", {
+    compare(f"CFG + FlowMatchEuler step, {'x'.join(map(str, shape))} {str(dtype)[6:]}", {
         "guided_step": lambda: guided_step(again(fused), out, t, x, guidance_scale=SCALE)[0],
         "patched_step": pipeline(patched),
         "eager": pipeline(plain),
