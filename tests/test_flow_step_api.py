@@ -28,6 +28,9 @@ def _xv(*shape, dtype=torch.float32):
     (lambda x, vc, vu: genfast.flow_euler_step(x, vc, vu, dt=0.1, out=vc), ValueError, ["out", "v_cond"]),
     (lambda x, vc, vu: genfast.flow_euler_step(x, vc, vu, dt=0.1, out=vu), ValueError, ["out", "v_uncond"]),
     (lambda x, vc, vu: genfast.flow_euler_step(x, vc, vu, dt=0.1, out=x.double()), TypeError, ["out", "dtype"]),
+    (lambda x, vc, vu: genfast.flow_euler_step(vc, vc, vu, dt=0.1, out=vc), ValueError, ["out", "v_cond"]),
+    (lambda x, vc, vu: genfast.flow_euler_step(vu, vc, vu, dt=0.1, out=vu), ValueError, ["out", "v_uncond"]),
+    (lambda x, vc, vu: genfast.flow_euler_step(x, vc, vu, dt=True), TypeError, ["dt"]),
     (lambda x, vc, vu: genfast.flow_euler_step(x[0, 0, 0], vc[0, 0, 0], vu[0, 0, 0], dt=0.1), ValueError, ["x", "batch"]),
 ])
 def test_bad_input_names_the_argument(call, exc, words):
@@ -43,6 +46,26 @@ def test_out_aliasing_a_half_of_the_doubled_batch_is_refused():
     vc, vu = v[:4], v[4:8]
     with pytest.raises(ValueError, match="v_uncond"):
         genfast.flow_euler_step(vc.clone(), vc, vu, dt=0.1, out=v[5:9])
+
+
+def test_the_samplers_call_takes_the_short_path_and_others_do_not():
+    """The launch-bound sampler call (contiguous, float dt/w, out None or x) skips the general
+    checks; this pins which calls do, so the general path keeps every other case."""
+    from genfast.ops.flow_step import _fast_step
+
+    if genfast.ops.flow_step.backend_for(torch.empty(1)) not in ("cpu", "cuda_emu"):
+        pytest.skip("no compiled CPU module")
+    x, vc, vu = _xv(4, 3, 8)
+    want = reference.flow_euler_step(x, vc, vu, dt=0.1, guidance=2)
+    assert _fast_step(x, vc, vu, 0.1, 2, None) is not None
+    got = x.clone()
+    assert _fast_step(got, vc, vu, 0.1, 2.0, got) is got
+    torch.testing.assert_close(got, want)
+    for args in [(x[:, :, ::2], vc[:, :, ::2], vu[:, :, ::2], 0.1, 2.0, None),  # strided
+                 (x, vc, vu, torch.tensor(0.1), 2.0, None), (x, vc, vu, 0.1, 2.0, vc),  # tensor dt, out a velocity
+                 (x.double(), vc.double(), vu.double(), 0.1, 2.0, None), (x, vc, vu, 0.1, float("nan"), None),
+                 (x, vc.requires_grad_(), vu, 0.1, 2.0, None), (x[:0], vc[:0], vu[:0], 0.1, 2.0, None)]:
+        assert _fast_step(*args) is None
 
 
 def test_out_is_not_differentiable():
