@@ -53,6 +53,8 @@ def sample_rectified_flow(model, shape, *, steps=None, guidance=None, labels=Non
         with torch.no_grad():
             return _graphed_sample(model, x, t, dts, cond, guidance, progress)
     in_place = not torch.is_grad_enabled()
+    # on the CPU the step sizes as floats (the same fp32 values; no sync there): the op's short path
+    dts = dts.tolist() if x.device.type == "cpu" and not dts.requires_grad else dts
     for i in tqdm(range(steps), disable=not progress, desc="sampling", leave=False):
         out = x if in_place else None
         if guidance is None:
