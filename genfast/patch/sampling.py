@@ -170,7 +170,8 @@ def _dt(self, i, device):
 def _start_index(self, timestep):
     """The first step's index, as diffusers' _init_step_index finds it but without reading the device:
     begin_index if set; a timestep that is an element of scheduler.timesteps (the pipelines' `for t in
-    timesteps`) by its position in that tensor; a host value by a host lookup; else the original
+    timesteps`) by its position in that tensor (diffusers' lookup by value differs only for a value
+    the schedule repeats: it takes the second); a host value by a host lookup; else the original
     lookup (which synchronises, as unpatched diffusers does)."""
     if self.begin_index is not None:
         return self.begin_index
