@@ -22,8 +22,10 @@ import sys
 import types
 
 from genfast.patch._handle import PatchHandle, PatchReport
+from genfast.patch.sampling import FlowTransformer, SchedulerPatch, guided_step, patch_scheduler
 
-__all__ = ["patch", "register_attention_backend", "PatchHandle", "PatchReport"]
+__all__ = ["patch", "register_attention_backend", "PatchHandle", "PatchReport",
+           "FlowTransformer", "SchedulerPatch", "guided_step", "patch_scheduler"]
 MIN_DIFFUSERS = (0, 35)
 
 
