@@ -79,17 +79,19 @@ GENFAST_CPU_CLONES void softmax_row(const AttnRowsParams& a, const T* s, T* p, i
 template <typename T>
 GENFAST_CPU_CLONES void softmax_bwd_row(const AttnRowsParams& a, const T* s, const T* dp, T* p, T* ds, int64_t g,
                                         int64_t i, float* buf) {
-  load_row<T>(a, s, g, i, buf);
-  const float lse = a.lse[g * a.lse_gs + i];
   float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-  for (int64_t j = 0; j < a.nk; ++j) {
-    buf[j] = exp_nonpos(buf[j] - lse);  // -inf (masked) or lse = +inf (no key) -> 0
-    dot += buf[j] * to_float(dp[j]);
+  if (a.from_p) {
+    for (int64_t j = 0; j < a.nk; ++j) buf[j] = to_float(s[j]);
+  } else {
+    load_row<T>(a, s, g, i, buf);
+    const float lse = a.lse[g * a.lse_gs + i];
+    for (int64_t j = 0; j < a.nk; ++j) buf[j] = exp_nonpos(buf[j] - lse);  // -inf (masked) or lse = +inf -> 0
   }
+#pragma omp simd reduction(+ : dot)
+  for (int64_t j = 0; j < a.nk; ++j) dot += buf[j] * to_float(dp[j]);
   for (int64_t j = 0; j < a.nk; ++j) {
     const float d = buf[j] * (to_float(dp[j]) - dot) * a.scale;
-    p[j] = from_float<T>(buf[j]);
+    if (!a.from_p) p[j] = from_float<T>(buf[j]);
     ds[j] = from_float<T>(d);
   }
 }
@@ -184,19 +186,20 @@ GENFAST_AVX512 void softmax_bwd_row(const AttnRowsParams& a, const T* s, const T
                                     int64_t i, float* buf) {
   const int64_t limit = a.causal ? std::min<int64_t>(a.nk, a.q0 + i + 1) : a.nk;
   const uint8_t* m = a.mask ? a.mask + (g / a.heads) * a.mask_bs : nullptr;
-  const __m512 scale = _mm512_set1_ps(a.scale), lse = _mm512_set1_ps(a.lse[g * a.lse_gs + i]);
+  const __m512 scale = _mm512_set1_ps(a.scale), lse = _mm512_set1_ps(a.from_p ? 0.0f : a.lse[g * a.lse_gs + i]);
   __m512 vdot = _mm512_setzero_ps();
   for (int64_t j = 0; j < a.nk; j += 16) {  // p = exp(scale s - lse), 0 where masked (or lse = +inf)
-    const __mmask16 k = keep(a, m, limit, j);
-    const __m512 e = _mm512_maskz_mov_ps(k, exp16(_mm512_fmsub_ps(load(s + j, k), scale, lse)));
+    const __mmask16 t = tail(a.nk - j);
+    const __m512 e = a.from_p ? load(s + j, t) : _mm512_maskz_mov_ps(keep(a, m, limit, j),
+                                                                     exp16(_mm512_fmsub_ps(load(s + j, t), scale, lse)));
     _mm512_storeu_ps(buf + j, e);
-    vdot = _mm512_fmadd_ps(e, load(dp + j, tail(a.nk - j)), vdot);
+    vdot = _mm512_fmadd_ps(e, load(dp + j, t), vdot);
   }
   const __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(vdot));
   for (int64_t j = 0; j < a.nk; j += 16) {
     const __mmask16 t = tail(a.nk - j);
     const __m512 e = _mm512_loadu_ps(buf + j);
-    store(p + j, t, e);
+    if (!a.from_p) store(p + j, t, e);
     store(ds + j, t, _mm512_mul_ps(_mm512_mul_ps(e, _mm512_sub_ps(load(dp + j, t), dot)), scale));
   }
 }
