@@ -250,6 +250,7 @@ def _setup_context(ctx, inputs, output):
     ctx.causal, ctx.scale = causal, scale
     ctx.save_for_backward(q, k, v, out, lse, p, mask)
     ctx.mark_non_differentiable(lse, p)
+    ctx.set_materialize_grads(False)  # else autograd fills a zero "gradient" of p (B H Nq Nk) per backward
 
 
 def _backward(ctx, dout, _dlse, _dp):
