@@ -15,6 +15,7 @@
 #include "vq.h"
 #include "kl_bind.h"
 #include "attention.h"
+#include "gelu.h"
 
 #if defined(GENFAST_MODULE_CUDA) || defined(GENFAST_MODULE_CUDA_EMU)
 #define GENFAST_CUDA_SIDE 1
@@ -202,6 +203,16 @@ void bind_all(py::module_& m) {
         py::arg("s"), py::arg("dp"), py::arg("p"), py::arg("ds"), py::arg("groups"), py::arg("rows"), py::arg("nk"),
         py::arg("heads"), py::arg("q0"), py::arg("scale"), py::arg("causal"), py::arg("mask"), py::arg("mask_bs"),
         py::arg("lse"), py::arg("lse_gs"), py::arg("dtype"), py::arg("from_p") = false);
+  m.def("gelu_tanh", [](uintptr_t x, uintptr_t y, int64_t n, int32_t dtype) {
+          py::gil_scoped_release nogil;
+          gelu_tanh_cpu(reinterpret_cast<const void*>(x), reinterpret_cast<void*>(y), n, dtype);
+        }, "GELU(tanh) over n contiguous elements (csrc/gelu.h).", py::arg("x"), py::arg("y"), py::arg("n"), py::arg("dtype"));
+  m.def("gelu_tanh_backward", [](uintptr_t g, uintptr_t x, uintptr_t dx, int64_t n, int32_t dtype) {
+          py::gil_scoped_release nogil;
+          gelu_tanh_backward_cpu(reinterpret_cast<const void*>(g), reinterpret_cast<const void*>(x),
+                                 reinterpret_cast<void*>(dx), n, dtype);
+        }, "dx = g * GELU(tanh)'(x) over n contiguous elements (csrc/gelu.h).", py::arg("g"), py::arg("x"),
+        py::arg("dx"), py::arg("n"), py::arg("dtype"));
 #endif
   m.def("flow_step", &flow_step,
         "Fused rectified-flow Euler / CFG step over [rows, cols] strided views (see csrc/flow_step.h).",

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import genfast
+from genfast.ops.gelu import gelu_tanh
 
 
 def _adaln_modulate(x, shift, scale, eps=1e-6):
@@ -61,7 +62,8 @@ class _Mlp(nn.Module):
         self.fc2 = nn.Linear(mlp_hidden, hidden_size)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        # genfast's GELU(tanh): torch's CPU kernel for it is ~20x its erf GELU (genfast/ops/gelu.py)
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 class DiTBlock(nn.Module):
