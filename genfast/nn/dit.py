@@ -11,13 +11,21 @@ state dict loads unchanged:
 
 The path through a block: adaln_modulate (LayerNorm statistics + modulation in one pass), the qkv
 Linear, genfast.attention reading q/k/v as strided views of the qkv output (no transpose copy) and
-writing [B, N, H, D] memory where it can (bf16 on CPU, every GPU dtype) so the reshape before proj
-is free, proj, gated_residual (x + gate * y in one pass); the same for the MLP.
+writing [B, N, H, D] memory on every backend so the reshape before proj is free, proj,
+gated_residual (x + gate * y in one pass); the same for the MLP, whose GELU(tanh) is genfast's
+(genfast.ops.gelu.gelu_tanh).
 
-Measured on the 2-core CPU (benchmarks/test_attention.py, DiT-S): the attention is the part that
-pays (bf16: the blocked GEMM path beats SDPA's bf16 CPU kernel ~2-2.7x). Folding the modulation
-into the qkv / fc1 weights or the gate into proj means a per-sample copy of the weight (B x C x C),
-larger than the activation pass it saves at DiT sizes, so it was not done.
+Measured on the 2-core CPU (torch 2.13, benchmarks/test_attention.py, DiT-S; the machine was shared
+and loaded, so only paired ratios of one run count):
+  - GELU(tanh): torch's CPU kernel for approximate="tanh" takes ~24 ms forward and ~24 ms backward
+    over the 2048 x 1536 fc1 output on one core (erf GELU: 1.4 ms) -- more than the attention.
+    genfast's single AVX-512 pass is the largest single gain of the block in fp32 and bf16.
+  - attention: bf16 uses the CPU path's "heads" way with p kept for the backward (~2-3x SDPA's bf16
+    CPU kernel, which eager DiT calls); fp32 uses torch's flash kernel, as eager SDPA does.
+  - Folding the modulation into the qkv / fc1 weights or the gate into proj means a per-sample copy
+    of the weight (B x C x C), larger than the activation pass it saves at DiT sizes: not done.
+  - Not tried for lack of time: token-tiled MLP (4C intermediate kept in cache), bias + GELU
+    backward fused into one pass with fewer saved tensors.
 """
 import torch
 from torch import nn
