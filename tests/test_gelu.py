@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from genfast.ops.gelu import gelu_tanh
+from genfast.ops.gelu import gelu_tanh, gelu_tanh_inference
 from genfast.testing import assert_within_reference_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -61,3 +61,22 @@ def test_bad_input_names_the_argument():
         gelu_tanh(torch.zeros(3, dtype=torch.int32))
     with pytest.raises(TypeError, match="x"):
         gelu_tanh([1.0, 2.0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_inference_variant_in_place_only_without_autograd(dtype):
+    x = (torch.randn(4, 37) * 3).to(dtype)
+    want = gelu_tanh(x)
+    with torch.no_grad():
+        xc = x.clone()
+        y = gelu_tanh_inference(xc)
+        assert y.data_ptr() == xc.data_ptr()  # in place
+        t = x.t()  # not contiguous: a new tensor, x untouched
+        assert not torch.equal(gelu_tanh_inference(t), t) and torch.equal(t, x.t())
+    torch.testing.assert_close(y, want, atol=0, rtol=0)
+    xg = x.clone().requires_grad_(True)
+    yg = gelu_tanh_inference(xg)  # autograd on: never in place
+    assert yg.data_ptr() != xg.data_ptr()
+    torch.testing.assert_close(yg, want, atol=0, rtol=0)
+    (yg.float().sum()).backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad.float()).all()

@@ -17,9 +17,10 @@ gated_residual (x + gate * y in one pass); the same for the MLP, whose GELU(tanh
 
 Measured on the 2-core CPU (torch 2.13, benchmarks/test_attention.py, DiT-S; the machine was shared
 and loaded, so only paired ratios of one run count):
-  - GELU(tanh): torch's CPU kernel for approximate="tanh" takes ~24 ms forward and ~24 ms backward
-    over the 2048 x 1536 fc1 output on one core (erf GELU: 1.4 ms) -- more than the attention.
-    genfast's single AVX-512 pass is the largest single gain of the block in fp32 and bf16.
+  - GELU(tanh): torch's CPU kernel for approximate="tanh" is slow (bf16: 4.1 ms forward, 4.1 ms
+    backward over the 2048 x 1536 fc1 output on one core, vs 1.4 / 2.4 ms for genfast's single
+    AVX-512 pass, genfast.ops.gelu); without autograd it runs in place over the fc1 output (no
+    second 4C-wide buffer to page-fault in: fp32 9.2 -> 7.9 ms even out of place).
   - attention: bf16 uses the CPU path's "heads" way with p kept for the backward (~2-3x SDPA's bf16
     CPU kernel, which eager DiT calls); fp32 uses torch's flash kernel, as eager SDPA does.
   - Folding the modulation into the qkv / fc1 weights or the gate into proj means a per-sample copy
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 import genfast
-from genfast.ops.gelu import gelu_tanh
+from genfast.ops.gelu import gelu_tanh_inference
 
 
 def _adaln_modulate(x, shift, scale, eps=1e-6):
@@ -70,8 +71,9 @@ class _Mlp(nn.Module):
         self.fc2 = nn.Linear(mlp_hidden, hidden_size)
 
     def forward(self, x):
-        # genfast's GELU(tanh): torch's CPU kernel for it is ~20x its erf GELU (genfast/ops/gelu.py)
-        return self.fc2(gelu_tanh(self.fc1(x)))
+        # genfast's GELU(tanh): torch's CPU kernel for it is slow (genfast/ops/gelu.py)
+        # in place over the fc1 output when no gradient is recorded (inference)
+        return self.fc2(gelu_tanh_inference(self.fc1(x)))
 
 
 class DiTBlock(nn.Module):

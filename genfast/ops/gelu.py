@@ -1,10 +1,12 @@
 """GELU with the tanh approximation (the DiT / timm MLP activation), differentiable, registered as
 genfast::gelu_tanh (+ genfast::gelu_tanh_backward) with fakes, so modules using it compile.
 
-Why: torch 2.13's CPU kernel for F.gelu(approximate="tanh") is ~20x slower than its erf GELU
-(24 ms vs 1.4 ms over 2048 x 1536 fp32 on one core of the 2-core machine, forward and backward
-alike): in a DiT-S block it costs more than the attention. The CPU kernel (csrc/cpu/gelu.cpp) is
-one vectorised pass, fp32 math, same error as torch's (checked against fp64 in tests/test_gelu.py).
+Why: torch 2.13's CPU kernel for F.gelu(approximate="tanh") is slow next to its erf GELU. Over the
+2048 x 1536 fc1 output of a DiT-S block, one thread of the 2-core machine: bf16 4.1 ms (torch) vs
+1.4 ms (this kernel) forward, 4.1 vs 2.4 ms backward; fp32 9.2 vs 7.9 ms, where both are dominated by
+page-faulting the fresh output in (gelu_tanh_inference() below runs in place and skips that). Under
+load the torch kernel measured up to 24 ms. The CPU kernel (csrc/cpu/gelu.cpp) is one vectorised
+pass, fp32 math, same error as torch's (checked against fp64 in tests/test_gelu.py).
 
 Backends: "cpu" (genfast._C, fp32/fp16/bf16) on CPU tensors; torch's own F.gelu everywhere else
 (CUDA, fp64, GENFAST_BACKEND=reference, a missing _C), which gives the same answer.
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from genfast import _native, backends
-from genfast.ops._common import DTYPE_CODE, LIB, check_float_tensor
+from genfast.ops._common import DTYPE_CODE, LIB, check_float_tensor, dispatcher_needed, needs_grad
 
 LIB.define("gelu_tanh(Tensor x) -> Tensor")
 LIB.define("gelu_tanh_backward(Tensor grad, Tensor x) -> Tensor")
@@ -25,6 +27,17 @@ def gelu_tanh(x):
     contiguous tensor of x's dtype."""
     check_float_tensor("x", x)
     return torch.ops.genfast.gelu_tanh(x)
+
+
+def gelu_tanh_inference(x):
+    """gelu_tanh(x) that may overwrite x: in plain eager mode without autograd, on a contiguous CPU
+    tensor, the kernel runs in place (no second activation-sized buffer, which large allocations
+    pay for in page faults on every call); otherwise exactly gelu_tanh(x). For callers that own x
+    (an fc1 output)."""
+    if not (needs_grad(x) or dispatcher_needed(x)) and x.is_contiguous() and _uses_kernel(x):
+        _native.module("_C").gelu_tanh(x.data_ptr(), x.data_ptr(), x.numel(), DTYPE_CODE[x.dtype])
+        return x
+    return gelu_tanh(x)
 
 
 def _uses_kernel(x):
