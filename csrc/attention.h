@@ -24,13 +24,15 @@ struct AttnRowsParams {
   float* lse;  // [G, rows] at lse + g * lse_gs + r (natural log; +inf for a row with no key)
   int64_t lse_gs;
   int32_t dtype;  // of s / p / dp / ds
+  int32_t from_p;  // backward only: s already holds the probabilities (kept by the forward)
 };
 
 // Forward: p = softmax(scale * s + mask) row by row, and lse. p may alias s.
 void attn_softmax_rows_cpu(const AttnRowsParams& a, const void* s, void* p);
 
 // Backward: p = exp(scale * s + mask - lse) (lse read), ds = p * (dp - rowsum(p * dp)) * scale.
-// p may alias s and ds may alias dp.
+// p may alias s and ds may alias dp. With from_p, s is p itself (masked entries already 0) and p
+// is not written (may be null).
 void attn_softmax_bwd_rows_cpu(const AttnRowsParams& a, const void* s, const void* dp, void* p, void* ds);
 
 }  // namespace genfast

@@ -15,6 +15,7 @@
 #include "vq.h"
 #include "kl_bind.h"
 #include "attention.h"
+#include "gelu.h"
 
 #if defined(GENFAST_MODULE_CUDA) || defined(GENFAST_MODULE_CUDA_EMU)
 #define GENFAST_CUDA_SIDE 1
@@ -166,10 +167,11 @@ void vq_counts(uintptr_t indices, int64_t n, int64_t idx_stride, int64_t k, uint
 // The CPU attention path's fused softmax rows (csrc/attention.h); genfast._C only.
 AttnRowsParams attn_rows_params(int64_t groups, int64_t rows, int64_t nk, int64_t heads, int64_t q0, double scale,
                                 bool causal, uintptr_t mask, int64_t mask_bs, uintptr_t lse, int64_t lse_gs,
-                                int32_t dtype) {
+                                int32_t dtype, bool from_p = false) {
   if (dtype < kFloat32 || dtype > kBFloat16) throw py::value_error("genfast: unknown dtype code");
   return AttnRowsParams{groups, rows, nk, heads, q0, static_cast<float>(scale), causal ? 1 : 0,
-                        reinterpret_cast<const uint8_t*>(mask), mask_bs, reinterpret_cast<float*>(lse), lse_gs, dtype};
+                        reinterpret_cast<const uint8_t*>(mask), mask_bs, reinterpret_cast<float*>(lse), lse_gs, dtype,
+                        from_p ? 1 : 0};
 }
 
 void attn_softmax_rows(uintptr_t s, uintptr_t p, int64_t groups, int64_t rows, int64_t nk, int64_t heads, int64_t q0,
@@ -182,8 +184,9 @@ void attn_softmax_rows(uintptr_t s, uintptr_t p, int64_t groups, int64_t rows, i
 
 void attn_softmax_bwd_rows(uintptr_t s, uintptr_t dp, uintptr_t p, uintptr_t ds, int64_t groups, int64_t rows,
                            int64_t nk, int64_t heads, int64_t q0, double scale, bool causal, uintptr_t mask,
-                           int64_t mask_bs, uintptr_t lse, int64_t lse_gs, int32_t dtype) {
-  const AttnRowsParams a = attn_rows_params(groups, rows, nk, heads, q0, scale, causal, mask, mask_bs, lse, lse_gs, dtype);
+                           int64_t mask_bs, uintptr_t lse, int64_t lse_gs, int32_t dtype, bool from_p) {
+  const AttnRowsParams a =
+      attn_rows_params(groups, rows, nk, heads, q0, scale, causal, mask, mask_bs, lse, lse_gs, dtype, from_p);
   py::gil_scoped_release nogil;
   attn_softmax_bwd_rows_cpu(a, reinterpret_cast<const void*>(s), reinterpret_cast<const void*>(dp),
                             reinterpret_cast<void*>(p), reinterpret_cast<void*>(ds));
@@ -207,7 +210,17 @@ void bind_all(py::module_& m) {
   m.def("attn_softmax_bwd_rows", &attn_softmax_bwd_rows, "Fused softmax backward over score rows (csrc/attention.h).",
         py::arg("s"), py::arg("dp"), py::arg("p"), py::arg("ds"), py::arg("groups"), py::arg("rows"), py::arg("nk"),
         py::arg("heads"), py::arg("q0"), py::arg("scale"), py::arg("causal"), py::arg("mask"), py::arg("mask_bs"),
-        py::arg("lse"), py::arg("lse_gs"), py::arg("dtype"));
+        py::arg("lse"), py::arg("lse_gs"), py::arg("dtype"), py::arg("from_p") = false);
+  m.def("gelu_tanh", [](uintptr_t x, uintptr_t y, int64_t n, int32_t dtype) {
+          py::gil_scoped_release nogil;
+          gelu_tanh_cpu(reinterpret_cast<const void*>(x), reinterpret_cast<void*>(y), n, dtype);
+        }, "GELU(tanh) over n contiguous elements (csrc/gelu.h).", py::arg("x"), py::arg("y"), py::arg("n"), py::arg("dtype"));
+  m.def("gelu_tanh_backward", [](uintptr_t g, uintptr_t x, uintptr_t dx, int64_t n, int32_t dtype) {
+          py::gil_scoped_release nogil;
+          gelu_tanh_backward_cpu(reinterpret_cast<const void*>(g), reinterpret_cast<const void*>(x),
+                                 reinterpret_cast<void*>(dx), n, dtype);
+        }, "dx = g * GELU(tanh)'(x) over n contiguous elements (csrc/gelu.h).", py::arg("g"), py::arg("x"),
+        py::arg("dx"), py::arg("n"), py::arg("dtype"));
 #endif
   m.def("flow_step", &flow_step,
         "Fused rectified-flow Euler / CFG step over [rows, cols] strided views (see csrc/flow_step.h).",

@@ -107,21 +107,33 @@ def test_gradcheck_float64():
 @pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
 def test_opcheck(backend, use_backend):
     use_backend(backend)
-    for case in attention_samples("cpu", torch.float32)[:: (5 if backend == "triton" else 2)]:
-        q, k, v = case.args()
-        kw = case.kwargs
-        scale = kw.get("scale", q.shape[-1] ** -0.5)
-        args = (q, k, v, kw.get("key_padding_mask"), kw.get("causal", False), scale)
-        torch.library.opcheck(torch.ops.genfast.attention_fwd.default, args)
-        out, lse = torch.ops.genfast.attention_fwd(*args)
-        torch.library.opcheck(torch.ops.genfast.attention_bwd.default,
-                              (torch.randn_like(out), q, k, v, out, lse, *args[3:]),
-                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    # bf16 on the CPU path: the forward that keeps p for the backward (keep_p=True)
+    for dtype in (torch.float32, torch.bfloat16) if backend == "cpu" else (torch.float32,):
+        for case in attention_samples("cpu", dtype)[:: (5 if backend == "triton" else 2)]:
+            q, k, v = case.args()
+            kw = case.kwargs
+            scale = kw.get("scale", q.shape[-1] ** -0.5)
+            keeps = [False, True] if genfast.ops.attention._can_keep_p(q, k) else [False]
+            assert keeps == [False] or dtype == torch.bfloat16
+            for keep_p in keeps:
+                args = (q, k, v, kw.get("key_padding_mask"), kw.get("causal", False), scale, keep_p)
+                torch.library.opcheck(torch.ops.genfast.attention_fwd.default, args)
+                out, lse, p = torch.ops.genfast.attention_fwd(*args)
+                assert p.shape == ((*q.shape[:3], k.shape[2]) if keep_p else (0,))
+                torch.library.opcheck(torch.ops.genfast.attention_bwd.default,
+                                      (torch.randn_like(out), q, k, v, out, lse, p, *args[3:6]),
+                                      test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_keep_p_only_where_the_cpu_path_can():
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="keep_p"):
+        torch.ops.genfast.attention_fwd(q, q, q, None, False, 0.25, True)  # fp32: torch's flash kernel
 
 
 @pytest.mark.parametrize("backend,dtype", [("cpu", torch.float32), ("cpu", torch.bfloat16), ("triton", torch.float32)])
 def test_compile_fullgraph_matches_eager(backend, dtype, use_backend):
-    """Also checks the fake's output layout: fp32 on CPU is [B, H, N, D] memory, bf16 [B, N, H, D]."""
+    """Also checks the fake's output layout against the kernels' (q's layout on the fused fp32 CPU kernel)."""
     use_backend(backend)
     torch._dynamo.reset()
     lin = torch.nn.Linear(64, 3 * 64).to(dtype)
@@ -192,3 +204,33 @@ def _qkv(*shapes, dtype=torch.float32):
 def test_bad_input_names_the_argument(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("budget", ["one_head", "one_head_keep_p", "too_small"])
+def test_cpu_ways_match_reference(budget, dtype, use_backend, monkeypatch):
+    """The CPU path's other ways, forced by its budgets: chunks of one head (backward; two in the
+    forward) with p recomputed or kept, and heads that do not fit at all (fp32: torch's flash
+    kernel; bf16: blocks of 16 query rows, dk/dv summed over the blocks)."""
+    from genfast.ops import attention_cpu
+
+    use_backend("cpu")
+    monkeypatch.setattr(attention_cpu, "FITS", {**attention_cpu.FITS, torch.float32: "heads"})
+    for case in attention_samples("cpu", dtype):
+        nq, nk = case.q.shape[2], case.k.shape[2]
+        budget_bytes = 2 * nq * nk * case.q.element_size() if budget.startswith("one_head") else 1
+        monkeypatch.setattr(attention_cpu, "SCORE_BYTES", budget_bytes)
+        monkeypatch.setattr(attention_cpu, "KEEP_P_BYTES", 1 << 30 if budget == "one_head_keep_p" else 0)
+        if case.q.numel() and nk:
+            want = "heads" if budget.startswith("one_head") else ("sdpa" if dtype == torch.float32 else "rows")
+            assert attention_cpu.variant(case.q, nk, buffers=2) == want
+            assert genfast.ops.attention._can_keep_p(case.q, case.k) == (budget == "one_head_keep_p")
+        g = torch.randn(case.q.shape, generator=torch.Generator().manual_seed(1))
+        kw = case.kwargs
+        got = _grads(lambda *a: genfast.attention(*a, **kw), case.leaves(), g)
+        low = _grads(lambda *a: reference.attention(*a, upcast=False, **kw), case.leaves(), g)
+        high = _grads(lambda *a: reference.attention(*a, **kw), case.leaves(torch.float64), g)
+        out = genfast.attention(*case.args(), **kw)
+        assert_within_reference_error(case.name, out, _ref(case, upcast=False), _ref(case, torch.float64), floor=1e-5)
+        for name, a, lo, hi in zip("qkv", got, low, high):
+            assert_within_reference_error(f"{case.name}: d{name}", a, lo, hi, floor=1e-5)

@@ -11,18 +11,28 @@ state dict loads unchanged:
 
 The path through a block: adaln_modulate (LayerNorm statistics + modulation in one pass), the qkv
 Linear, genfast.attention reading q/k/v as strided views of the qkv output (no transpose copy) and
-writing [B, N, H, D] memory where it can (bf16 on CPU, every GPU dtype) so the reshape before proj
-is free, proj, gated_residual (x + gate * y in one pass); the same for the MLP.
+writing [B, N, H, D] memory on every backend so the reshape before proj is free, proj,
+gated_residual (x + gate * y in one pass); the same for the MLP, whose GELU(tanh) is genfast's
+(genfast.ops.gelu.gelu_tanh).
 
-Measured on the 2-core CPU (benchmarks/test_attention.py, DiT-S): the attention is the part that
-pays (bf16: the blocked GEMM path beats SDPA's bf16 CPU kernel ~2-2.7x). Folding the modulation
-into the qkv / fc1 weights or the gate into proj means a per-sample copy of the weight (B x C x C),
-larger than the activation pass it saves at DiT sizes, so it was not done.
+Measured on the 2-core CPU (torch 2.13, benchmarks/test_attention.py, DiT-S; the machine was shared
+and loaded, so only paired ratios of one run count):
+  - GELU(tanh): torch's CPU kernel for approximate="tanh" is slow (bf16: 4.1 ms forward, 4.1 ms
+    backward over the 2048 x 1536 fc1 output on one core, vs 1.4 / 2.4 ms for genfast's single
+    AVX-512 pass, genfast.ops.gelu); without autograd it runs in place over the fc1 output (no
+    second 4C-wide buffer to page-fault in: fp32 9.2 -> 7.9 ms even out of place).
+  - attention: bf16 uses the CPU path's "heads" way with p kept for the backward (~2-3x SDPA's bf16
+    CPU kernel, which eager DiT calls); fp32 uses torch's flash kernel, as eager SDPA does.
+  - Folding the modulation into the qkv / fc1 weights or the gate into proj means a per-sample copy
+    of the weight (B x C x C), larger than the activation pass it saves at DiT sizes: not done.
+  - Not tried for lack of time: token-tiled MLP (4C intermediate kept in cache), bias + GELU
+    backward fused into one pass with fewer saved tensors.
 """
 import torch
 from torch import nn
 
 import genfast
+from genfast.ops.gelu import gelu_tanh_inference
 
 
 def _adaln_modulate(x, shift, scale, eps=1e-6):
@@ -61,7 +71,9 @@ class _Mlp(nn.Module):
         self.fc2 = nn.Linear(mlp_hidden, hidden_size)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        # genfast's GELU(tanh): torch's CPU kernel for it is slow (genfast/ops/gelu.py)
+        # in place over the fc1 output when no gradient is recorded (inference)
+        return self.fc2(gelu_tanh_inference(self.fc1(x)))
 
 
 class DiTBlock(nn.Module):

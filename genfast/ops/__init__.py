@@ -1,6 +1,6 @@
 """genfast's ops: one module per hot path (checks, backend choice, autograd, torch.library)."""
 from genfast.ops import attention as _attention_op  # the module; the function is genfast.attention
-from genfast.ops import flow_step, kl, modulate, vq
+from genfast.ops import flow_step, gelu, kl, modulate, vq
 from genfast.ops.flow_step import flow_euler_step
 from genfast.ops.kl import reparam_kl
 from genfast.ops.modulate import adaln_modulate, gated_residual

@@ -21,9 +21,12 @@ from genfast.ops._common import LIB, check_float_tensor
 
 OP = "attention"
 MAX_HEAD_DIM = 256
-LIB.define("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, float scale)"
-           " -> (Tensor, Tensor)")
-LIB.define("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+# keep_p: also return the probabilities [B, H, Nq, Nk] for the backward (CPU path only, within its
+# memory budget, see attention_cpu.KEEP_P_BYTES); otherwise the third output is empty and the
+# backward recomputes them from lse.
+LIB.define("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, float scale,"
+           " bool keep_p=False) -> (Tensor, Tensor, Tensor)")
+LIB.define("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor p,"
            " Tensor? key_padding_mask, bool causal, float scale) -> (Tensor, Tensor, Tensor)")
 
 
@@ -43,7 +46,18 @@ def attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None):
     """
     _check(q, k, v, causal, scale, key_padding_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return torch.ops.genfast.attention_fwd(q, k, v, key_padding_mask, bool(causal), scale)[0]
+    keep_p = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and _can_keep_p(q, k)
+    return torch.ops.genfast.attention_fwd(q, k, v, key_padding_mask, bool(causal), scale, keep_p)[0]
+
+
+def _can_keep_p(q, k):
+    """Whether the forward may keep p for the backward: a function of device, dtype and shapes (and
+    GENFAST_BACKEND), so eager, the fake and compiled code agree."""
+    if q.device.type != "cpu" or q.numel() == 0 or k.shape[2] == 0 or backend_for(q) != "cpu":
+        return False
+    from genfast.ops import attention_cpu
+
+    return attention_cpu.keeps_p(q, k.shape[2])
 
 
 def _check(q, k, v, causal, scale, mask):
@@ -147,7 +161,18 @@ def _reference_bwd(dout, q, k, v, mask, causal, scale):
             torch.matmul(p.transpose(-1, -2), do).to(v.dtype))
 
 
-def _fwd_impl(q, k, v, mask, causal, scale):
+def _fwd_impl(q, k, v, mask, causal, scale, keep_p=False):
+    if keep_p and not _can_keep_p(q, k):
+        raise ValueError("keep_p=True needs the CPU path and probabilities within attention_cpu.KEEP_P_BYTES")
+    out, lse, *p = _fwd_run(q, k, v, mask, causal, scale, keep_p)
+    return out, lse, p[0] if p else _no_p(q)
+
+
+def _no_p(q):
+    return q.new_empty((0,))
+
+
+def _fwd_run(q, k, v, mask, causal, scale, keep_p):
     b, h, nq, d = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if q.numel() == 0 or k.shape[2] == 0:  # nothing to compute, or no key at all: zeros
@@ -165,7 +190,8 @@ def _fwd_impl(q, k, v, mask, causal, scale):
         from genfast.ops import attention_cpu
 
         return attention_cpu.forward(q, k, v, mask, causal, scale,
-                                     _fully_masked_rows(nq, k.shape[2], causal, mask, q.device), _out_layout(q))
+                                     _fully_masked_rows(nq, k.shape[2], causal, mask, q.device), _out_layout(q),
+                                     keep_p=keep_p)
     out, lse = _reference_fwd(q, k, v, mask, causal, scale)
     return _out_layout(q).copy_(out), lse
 
@@ -175,17 +201,17 @@ def _out_layout(q):
     out.transpose(1, 2).reshape(B, Nq, H * D) before the output projection is free) on every
     backend, except for CPU tensors of the dtypes torch's fused CPU kernel serves when q's heads
     are outer to its tokens: that kernel writes q's own layout (torch 2.13), [B, H, Nq, D] there,
-    and re-laying it out would cost the copy it saves. A function of device type, dtype and q's
+    and re-laying it out would cost a transposing copy. A function of device type, dtype and q's
     stride order, so the fake and every backend agree."""
     b, h, nq, d = q.shape
     from genfast.ops import attention_cpu
 
-    if q.device.type == "cpu" and attention_cpu.VARIANT.get(q.dtype) == "sdpa" and not q.stride(1) < q.stride(2):
+    if q.device.type == "cpu" and attention_cpu.always_sdpa(q.dtype) and not q.stride(1) < q.stride(2):
         return torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
     return torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
-def _bwd_impl(dout, q, k, v, out, lse, mask, causal, scale):
+def _bwd_impl(dout, q, k, v, out, lse, p, mask, causal, scale):
     if q.numel() == 0 or k.shape[2] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     name = backend_for(q)
@@ -200,7 +226,7 @@ def _bwd_impl(dout, q, k, v, out, lse, mask, causal, scale):
     if name == "cpu":
         from genfast.ops import attention_cpu
 
-        return attention_cpu.backward(dout, q, k, v, out, lse, mask, causal, scale)
+        return attention_cpu.backward(dout, q, k, v, out, lse, mask, causal, scale, p=p if p.numel() else None)
     return _reference_bwd(dout, q, k, v, mask, causal, scale)
 
 
@@ -211,32 +237,34 @@ for _key in ("CPU", "CUDA"):
 
 
 @torch.library.register_fake("genfast::attention_fwd")
-def _fake_fwd(q, k, v, mask, causal, scale):
+def _fake_fwd(q, k, v, mask, causal, scale, keep_p=False):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return _out_layout(q), q.new_empty(q.shape[:3], dtype=lse_dtype)
+    p = q.new_empty((*q.shape[:3], k.shape[2])) if keep_p else _no_p(q)
+    return _out_layout(q), q.new_empty(q.shape[:3], dtype=lse_dtype), p
 
 
 @torch.library.register_fake("genfast::attention_bwd")
-def _fake_bwd(dout, q, k, v, out, lse, mask, causal, scale):
+def _fake_bwd(dout, q, k, v, out, lse, p, mask, causal, scale):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, causal, scale = inputs
-    out, lse = output
+    q, k, v, mask, causal, scale, *_ = inputs
+    out, lse, p = output
     ctx.causal, ctx.scale = causal, scale
-    ctx.save_for_backward(q, k, v, out, lse, mask)
-    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, p, mask)
+    ctx.mark_non_differentiable(lse, p)
+    ctx.set_materialize_grads(False)  # else autograd fills a zero "gradient" of p (B H Nq Nk) per backward
 
 
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, mask = ctx.saved_tensors
+def _backward(ctx, dout, _dlse, _dp):
+    q, k, v, out, lse, p, mask = ctx.saved_tensors
     if dout is None:
-        return None, None, None, None, None, None
-    dq, dk, dv = torch.ops.genfast.attention_bwd(dout.contiguous(), q, k, v, out, lse, mask, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None, None
+        return None, None, None, None, None, None, None
+    dq, dk, dv = torch.ops.genfast.attention_bwd(dout.contiguous(), q, k, v, out, lse, p, mask, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None, None
 
 
 torch.library.register_autograd("genfast::attention_fwd", _backward, setup_context=_setup_context)

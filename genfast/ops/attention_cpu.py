@@ -1,32 +1,70 @@
-"""The 'cpu' backend of genfast.attention: torch's own GEMMs around genfast's fused softmax rows.
+"""The 'cpu' backend of genfast.attention: torch's GEMMs around genfast's fused softmax rows, or
+torch's fused flash kernel where that is faster. Picked per case by measured cost (2-core AVX-512
+machine, benchmarks/test_attention.py):
 
-Two ways, picked per dtype (measured on the 2-core AVX-512 machine, benchmarks/test_attention.py):
-
+  "heads"   chunks of whole (batch, head) score matrices: for a group of heads, s = q k^T by
+            torch's batched GEMM in the input dtype (oneDNN; bf16 runs on the AVX-512 BF16 units,
+            ~4x the fp32 rate), ONE fused C++ pass per score row (csrc/cpu/attention.cpp: scale,
+            causal and key masks, softmax in fp32, log-sum-exp) writing p over s in place, then
+            out = p v. The backward recomputes s and dp = dout v^T per group, one fused pass turns
+            them into p and ds = p (dp - rowsum(p dp)) scale, and dv = p^T dout, dq = ds k,
+            dk = ds^T q are single GEMMs per group written straight into the gradients (no
+            accumulation over query blocks). The plain matmul-softmax-matmul path pays for its
+            passes between the GEMMs (scale, softmax, softmax backward: round trips over B H N^2
+            that do not fit any cache) and for page-faulting its N^2 temporaries in; here one
+            score buffer per call is reused by every group and small enough to stay in L2/L3.
+            Used where one head's scores fit the budget below.
+  "rows"    blocks of query rows of all heads (when one head's scores do not fit the budget):
+            the same GEMMs and rows, dk/dv summed over the blocks in fp32.
   "sdpa"    torch's fused CPU flash kernel (aten::_scaled_dot_product_flash_attention_for_cpu and
-            its backward), which already returns the fp32 log-sum-exp.
-  "blocked" blocks of query rows: s = q k^T by torch's batched GEMM in the input dtype (oneDNN's
-            bf16 GEMMs run on the AVX-512 BF16 units, ~4x the fp32 rate), then ONE fused C++ pass
-            per score row (csrc/cpu/attention.cpp: scale, causal and key masks, softmax in fp32,
-            log-sum-exp) writing p over s in place, then p v by the GEMM. The plain path spends
-            its time in the passes between the GEMMs (scale, softmax: two round trips over
-            Nq x Nk); this keeps one, and the scores of one block of queries at a time. As in
-            plain PyTorch bf16 code, q k^T leaves the GEMM rounded to bf16 and p is rounded to
-            bf16 before p v (as FlashAttention does on GPUs); the tests hold it to 2x the error
-            of plain bf16 PyTorch. The backward is the same with one fused pass for
-            p = exp(s - lse) and ds = p (dp - rowsum(p dp)) scale.
+            its backward), which returns the fp32 log-sum-exp too. Long sequences in fp32/fp16.
 
-Any strides are accepted; the fused aten kernel needs a unit last-dim stride (it reads garbage
-otherwise, torch 2.13), so such views are copied first.
+Memory budget: besides its inputs and outputs, a call holds at most SCORE_BYTES of score buffers
+(forward: one [heads, Nq, Nk] buffer in q's dtype; backward: two), whatever B, H and N are. One
+exception, asked for by genfast.ops.attention when a gradient is needed ("keep_p"): in the "heads"
+way the forward may keep the probabilities p [B, H, Nq, Nk] (q's dtype) for the backward when they
+take at most KEEP_P_BYTES. That is what plain PyTorch keeps for its backward anyway (and more); it
+saves the backward the q k^T GEMM and the exp pass (measured ~1/7 of a bf16 forward + backward).
+Above the budget the backward recomputes p from the log-sum-exp and memory stays O(N) per call.
+
+Numerics: q k^T leaves the GEMM rounded to q's dtype and p is rounded to it before p v, as in
+plain PyTorch code of that dtype (and FlashAttention on GPUs); softmax and lse are fp32. The tests
+hold bf16 to 2x the error of plain bf16 PyTorch.
+
+Any strides are accepted (q/k/v as views of one fused qkv projection are read in place); the fused
+aten kernel needs a unit last-dim stride (it reads garbage otherwise, torch 2.13), so such views
+are copied first.
 """
 import torch
 
 from genfast import _native
 from genfast.ops._common import DTYPE_CODE
 
-# Which way per dtype (see the module docstring).
-VARIANT = {torch.float32: "sdpa", torch.float16: "sdpa", torch.bfloat16: "blocked"}
-# Bytes of scores a block of queries may hold (all heads): big GEMMs, bounded memory.
-BLOCK_BYTES = 32 << 20
+# Score buffers a call may hold (see the module docstring). Measured: 4-16 MiB chunks run the
+# GEMMs as fast as one big call while the scores stay in the 32 MiB L3.
+SCORE_BYTES = 8 << 20
+# Way for a case whose heads fit SCORE_BYTES, and for one whose heads do not.
+FITS = {torch.float32: "sdpa", torch.float16: "sdpa", torch.bfloat16: "heads"}
+LONG = {torch.float32: "sdpa", torch.float16: "sdpa", torch.bfloat16: "rows"}
+# p kept for the backward up to this many bytes (see the module docstring); 0: never.
+KEEP_P_BYTES = 64 << 20
+
+
+def variant(q, nk, buffers=1):
+    """'heads', 'rows' or 'sdpa' for q [B, H, Nq, D] against nk keys (buffers: 1 fwd, 2 bwd)."""
+    fits = buffers * q.shape[2] * nk * q.element_size() <= SCORE_BYTES
+    return (FITS if fits else LONG).get(q.dtype, "sdpa")
+
+
+def always_sdpa(dtype):
+    """True when every shape of this dtype takes torch's fused kernel (whose output follows q's layout)."""
+    return FITS.get(dtype, "sdpa") == "sdpa" and LONG.get(dtype, "sdpa") == "sdpa"
+
+
+def keeps_p(q, nk):
+    """Whether the forward keeps p for the backward (shape, dtype and the budgets only)."""
+    b, h, nq, _ = q.shape
+    return variant(q, nk) == "heads" and b * h * nq * nk * q.element_size() <= KEEP_P_BYTES
 
 
 def _unit_last(t):
@@ -38,27 +76,52 @@ def _additive_mask(mask, dtype):
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))[:, None, None, :]
 
 
-def _block_rows(q, nk):
-    b, h = q.shape[:2]
-    return max(16, min(q.shape[2], BLOCK_BYTES // max(1, b * h * nk * q.element_size())))
+def _mask_bytes(mask):
+    return mask.contiguous().view(torch.uint8) if mask is not None else None
 
 
-def _rows_args(q, k, mask, causal, scale, lse, q0):
-    b, h, nq, _ = q.shape
-    m = mask.contiguous().view(torch.uint8) if mask is not None else None
-    return dict(heads=h, q0=q0, scale=float(scale), causal=bool(causal), mask=m.data_ptr() if m is not None else 0,
-                mask_bs=m.stride(0) if m is not None else 0, lse=lse[:, :, q0:].data_ptr(), lse_gs=nq,
-                dtype=DTYPE_CODE[q.dtype])
+def _rows(mod, fn, bufs, groups, rows, nk, *, heads, q0, g0, m, scale, causal, lse, lse_gs, dtype):
+    """One fused row pass over [groups, rows, nk] score buffers. g0: the global (b * H + h) index
+    of the first group; every chunk either starts a sample or stays inside one, so the key mask of
+    local group g is that of sample g0 // H + g // heads."""
+    mask = m.data_ptr() + (g0 // heads) * m.stride(0) if m is not None else 0
+    fn(*[b.data_ptr() for b in bufs], groups, rows, nk, heads=heads, q0=q0, scale=scale, causal=causal,
+       mask=mask, mask_bs=m.stride(0) if m is not None else 0, lse=lse, lse_gs=lse_gs, dtype=dtype)
 
 
-def forward(q, k, v, mask, causal, scale, fully_masked, out):
-    """Writes out [B, H, Nq, D] (genfast.ops' layout for this dtype); returns (out, lse [B, H, Nq]
-    fp32 contiguous, +inf on fully masked rows)."""
-    if VARIANT.get(q.dtype) == "sdpa":
+def _head_chunks(b, h, per_head, tensors):
+    """Yields (g0, g1, views): groups of whole heads, [g1 - g0, N, D] views of each [B, H, N, D]
+    tensor, at most per_head heads (>= 1). Several samples per chunk only where every tensor can be
+    viewed as [B*H, N, D] without a copy; otherwise chunks stay inside one sample (strided views of
+    one qkv projection are read in place by the batched GEMM)."""
+    if per_head >= h:
+        try:
+            flat = [t.view(b * h, *t.shape[2:]) for t in tensors]
+        except RuntimeError:  # not viewable: one sample at a time
+            flat = None
+        if flat is not None:
+            step = (per_head // h) * h
+            for g0 in range(0, b * h, step):
+                g1 = min(b * h, g0 + step)
+                yield g0, g1, [t[g0:g1] for t in flat]
+            return
+    step = min(per_head, h)
+    for bi in range(b):
+        for h0 in range(0, h, step):
+            h1 = min(h, h0 + step)
+            yield bi * h + h0, bi * h + h1, [t[bi, h0:h1] for t in tensors]
+
+
+def forward(q, k, v, mask, causal, scale, fully_masked, out, keep_p=False):
+    """Writes out (genfast.ops' [B, H, Nq, D] output, whatever its memory layout); returns (out, lse
+    [B, H, Nq] fp32 contiguous, +inf on fully masked rows), and p [B, H, Nq, Nk] with keep_p
+    (only where keeps_p() says so)."""
+    way = variant(q, k.shape[2])
+    if way == "sdpa":
         am = _additive_mask(mask, q.dtype) if mask is not None else None
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             _unit_last(q), _unit_last(k), _unit_last(v), 0.0, causal, attn_mask=am, scale=scale)
-        out = o if o.stride() == out.stride() else out.copy_(o)
+        out.copy_(o)
         lse = lse.contiguous()
         if fully_masked is not None:
             out.masked_fill_(fully_masked[..., None], 0.0)
@@ -67,38 +130,111 @@ def forward(q, k, v, mask, causal, scale, fully_masked, out):
     mod = _native.module("_C")
     b, h, nq, _ = q.shape
     nk = k.shape[2]
-    lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
+    lse = torch.empty((b * h, nq), dtype=torch.float32, device=q.device)
+    m = _mask_bytes(mask)
+    common = dict(scale=float(scale), causal=bool(causal), dtype=DTYPE_CODE[q.dtype])
+    if way == "rows":
+        _forward_rows(mod, q, k, v, m, out, lse, common)
+        return out, lse.view(b, h, nq)
+    per_head = max(1, SCORE_BYTES // (nq * nk * q.element_size()))
+    # chunks of heads even when p is kept whole: each chunk's s -> p -> p v runs while it is in cache
+    buf = torch.empty((b * h if keep_p else min(per_head, b * h), nq, nk), dtype=q.dtype, device=q.device)
+    for g0, g1, (qc, kc, vc, oc) in _head_chunks(b, h, per_head, (q, k, v, out)):
+        s = buf[g0:g1] if keep_p else buf[:g1 - g0]
+        torch.bmm(qc, kc.transpose(1, 2), out=s)
+        _rows(mod, mod.attn_softmax_rows, (s, s), g1 - g0, nq, nk, heads=h, q0=0, g0=g0, m=m,
+              lse=lse[g0].data_ptr(), lse_gs=nq, **common)
+        torch.bmm(s, vc, out=oc)
+    if keep_p:
+        return out, lse.view(b, h, nq), buf.view(b, h, nq, nk)
+    return out, lse.view(b, h, nq)
+
+
+def _forward_rows(mod, q, k, v, m, out, lse, common):
+    b, h, nq, _ = q.shape
+    nk = k.shape[2]
     kt = k.transpose(-1, -2)
-    bq = _block_rows(q, nk)
+    bq = max(16, min(nq, SCORE_BYTES // max(1, b * h * nk * q.element_size())))
     for q0 in range(0, nq, bq):
         s = torch.matmul(q[:, :, q0:q0 + bq], kt)  # [B, H, bq, Nk] contiguous, q's dtype
-        rows = s.shape[2]
-        mod.attn_softmax_rows(s.data_ptr(), s.data_ptr(), b * h, rows, nk, **_rows_args(q, k, mask, causal, scale, lse, q0))
-        out[:, :, q0:q0 + rows] = torch.matmul(s, v)
-    return out, lse
+        _rows(mod, mod.attn_softmax_rows, (s, s), b * h, s.shape[2], nk, heads=h, q0=q0, g0=0, m=m,
+              lse=lse[:, q0:].data_ptr(), lse_gs=nq, **common)
+        out[:, :, q0:q0 + s.shape[2]] = torch.matmul(s, v)
 
 
-def backward(dout, q, k, v, out, lse, mask, causal, scale):
-    """(dq, dk, dv), contiguous, in q's dtype. lse as forward() returned it."""
-    if VARIANT.get(q.dtype) == "sdpa":
+def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None):
+    """(dq, dk, dv), contiguous, in q's dtype. lse as forward() returned it (either way: the
+    flash kernel's log-sum-exp and the rows' are the same quantity); p as kept by forward()."""
+    if p is not None:
+        return _backward_from_p(dout, q, k, v, p, mask, causal, scale)
+    way = variant(q, k.shape[2], buffers=2)
+    if way == "sdpa":
         am = _additive_mask(mask, q.dtype) if mask is not None else None
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out), lse, 0.0, causal,
             attn_mask=am, scale=scale)
         return dq.contiguous(), dk.contiguous(), dv.contiguous()
     mod = _native.module("_C")
+    b, h, nq, _ = q.shape
+    nk = k.shape[2]
+    m = _mask_bytes(mask)
+    lse = lse.contiguous()
+    common = dict(scale=float(scale), causal=bool(causal), dtype=DTYPE_CODE[q.dtype])
+    if way == "rows":
+        return _backward_rows(mod, dout, q, k, v, lse, m, common)
+    dq, dk, dv = (torch.empty(t.shape, dtype=q.dtype, device=q.device) for t in (q, k, v))
+    per_head = max(1, SCORE_BYTES // (2 * nq * nk * q.element_size()))
+    n = min(per_head, b * h)
+    bufs = torch.empty((2, n, nq, nk), dtype=q.dtype, device=q.device)
+    for g0, g1, (qc, kc, vc, doc, dqc, dkc, dvc) in _head_chunks(b, h, per_head, (q, k, v, dout, dq, dk, dv)):
+        s, dp = bufs[0, :g1 - g0], bufs[1, :g1 - g0]
+        torch.bmm(qc, kc.transpose(1, 2), out=s)
+        torch.bmm(doc, vc.transpose(1, 2), out=dp)
+        _rows(mod, mod.attn_softmax_bwd_rows, (s, dp, s, dp), g1 - g0, nq, nk, heads=h, q0=0, g0=g0, m=m,
+              lse=lse.view(b * h, nq)[g0].data_ptr(), lse_gs=nq, **common)
+        p, ds = s, dp
+        torch.bmm(p.transpose(1, 2), doc, out=dvc)
+        torch.bmm(ds, kc, out=dqc)
+        torch.bmm(ds.transpose(1, 2), qc, out=dkc)
+    return dq, dk, dv
+
+
+def _backward_from_p(dout, q, k, v, p, mask, causal, scale):
+    """The "heads" backward with p kept: dp = dout v^T, ds from p and dp in one pass (written over
+    dp), then the three gradient GEMMs; one score buffer (SCORE_BYTES) besides p."""
+    mod = _native.module("_C")
+    b, h, nq, _ = q.shape
+    nk = k.shape[2]
+    pf = p.view(b * h, nq, nk)
+    dq, dk, dv = (torch.empty(t.shape, dtype=q.dtype, device=q.device) for t in (q, k, v))
+    per_head = max(1, SCORE_BYTES // (nq * nk * q.element_size()))
+    buf = torch.empty((min(per_head, b * h), nq, nk), dtype=q.dtype, device=q.device)
+    for g0, g1, (qc, kc, vc, doc, dqc, dkc, dvc) in _head_chunks(b, h, per_head, (q, k, v, dout, dq, dk, dv)):
+        pc, dp = pf[g0:g1], buf[:g1 - g0]
+        torch.bmm(doc, vc.transpose(1, 2), out=dp)
+        # from_p: no mask, causal or lse needed (p is 0 where they apply); p is only read
+        mod.attn_softmax_bwd_rows(pc.data_ptr(), dp.data_ptr(), 0, dp.data_ptr(), g1 - g0, nq, nk, heads=h, q0=0,
+                                  scale=float(scale), causal=False, mask=0, mask_bs=0, lse=0, lse_gs=nq,
+                                  dtype=DTYPE_CODE[q.dtype], from_p=True)
+        torch.bmm(pc.transpose(1, 2), doc, out=dvc)
+        torch.bmm(dp, kc, out=dqc)
+        torch.bmm(dp.transpose(1, 2), qc, out=dkc)
+    return dq, dk, dv
+
+
+def _backward_rows(mod, dout, q, k, v, lse, m, common):
     dt = q.dtype
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     dq = torch.empty(q.shape, dtype=dt, device=q.device)
     dk = dv = None  # sums over query blocks, fp32 when there is more than one block
     kt, vt = k.transpose(-1, -2), v.transpose(-1, -2)
-    bq = _block_rows(q, nk)
+    bq = max(16, min(nq, SCORE_BYTES // max(1, 2 * b * h * nk * q.element_size())))
     for q0 in range(0, nq, bq):
         qb, dob = q[:, :, q0:q0 + bq], dout[:, :, q0:q0 + bq]
         s, dp = torch.matmul(qb, kt), torch.matmul(dob, vt)  # [B, H, bq, Nk] contiguous
-        mod.attn_softmax_bwd_rows(s.data_ptr(), dp.data_ptr(), s.data_ptr(), dp.data_ptr(), b * h, s.shape[2], nk,
-                                  **_rows_args(q, k, mask, causal, scale, lse, q0))
+        _rows(mod, mod.attn_softmax_bwd_rows, (s, dp, s, dp), b * h, s.shape[2], nk, heads=h, q0=q0, g0=0, m=m,
+              lse=lse[:, :, q0:].data_ptr(), lse_gs=nq, **common)
         p, ds = s, dp
         torch.matmul(ds, k, out=dq[:, :, q0:q0 + bq])
         dv_b, dk_b = torch.matmul(p.transpose(-1, -2), dob), torch.matmul(ds.transpose(-1, -2), qb)

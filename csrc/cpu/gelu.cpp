@@ -1,0 +1,178 @@
+// GELU(tanh) forward and backward on the CPU (see gelu.h). OpenMP over fixed chunks; AVX-512 with
+// hardware fp16/bf16 conversions where the CPU has it, else loops the compiler vectorises (clones).
+// tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2|u|) <= 1, so exp never overflows.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "cpu/dtype.h"
+#include "cpu/vec512.h"
+#include "flow_step.h"  // DType
+#include "gelu.h"
+
+namespace genfast {
+namespace {
+
+constexpr float kAlpha = 0.7978845608028654f;  // sqrt(2 / pi)
+constexpr float kBeta = 0.044715f;
+constexpr int64_t kChunk = 16384;  // elements per work item
+
+inline float tanh_of(float u) {
+  const float e = std::exp(-2.0f * std::fabs(u));
+  const float t = (1.0f - e) / (1.0f + e);
+  return u < 0 ? -t : t;
+}
+
+template <typename T>
+GENFAST_CPU_CLONES void fwd_chunk(const T* x, T* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = to_float(x[i]);
+    y[i] = from_float<T>(0.5f * v * (1.0f + tanh_of(kAlpha * (v + kBeta * v * v * v))));
+  }
+}
+
+template <typename T>
+GENFAST_CPU_CLONES void bwd_chunk(const T* g, const T* x, T* dx, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = to_float(x[i]);
+    const float t = tanh_of(kAlpha * (v + kBeta * v * v * v));
+    const float d = 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * kAlpha * (1.0f + 3.0f * kBeta * v * v);
+    dx[i] = from_float<T>(to_float(g[i]) * d);
+  }
+}
+
+#ifdef GENFAST_HAVE_AVX512
+namespace avx {
+using namespace vec512;
+
+GENFAST_AVX512 inline __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+GENFAST_AVX512 inline __m512 load(const BFloat16* p, __mmask16 m) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+GENFAST_AVX512 inline __m512 load(const Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+GENFAST_AVX512 inline void store(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+GENFAST_AVX512 inline void store(BFloat16* p, __mmask16 m, __m512 v) {
+  _mm256_mask_storeu_epi16(p, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+GENFAST_AVX512 inline void store(Half* p, __mmask16 m, __m512 v) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// exp(x) for x <= 0: 2^n e^r, |r| <= ln2 / 2, degree-6 polynomial (relative error ~2e-7); x < -87 -> 0.
+GENFAST_AVX512 inline __m512 exp_nonpos(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.0f);
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LE_OQ);
+  x = _mm512_max_ps(x, lo);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
+}
+
+GENFAST_AVX512 inline __m512 tanh16(__m512 u) {
+  const __m512 sign = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(u), _mm512_set1_epi32(int(0x80000000u))));
+  const __m512 a = _mm512_castsi512_ps(_mm512_andnot_si512(_mm512_set1_epi32(int(0x80000000u)), _mm512_castps_si512(u)));
+  const __m512 e = exp_nonpos(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f)));
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), _mm512_castps_si512(sign)));
+}
+
+GENFAST_AVX512 inline __m512 inner(__m512 v) {  // sqrt(2/pi) (v + beta v^3)
+  const __m512 v2 = _mm512_mul_ps(v, v);
+  return _mm512_mul_ps(_mm512_mul_ps(v, _mm512_fmadd_ps(v2, _mm512_set1_ps(kBeta), _mm512_set1_ps(1.0f))),
+                       _mm512_set1_ps(kAlpha));
+}
+
+template <typename T>
+GENFAST_AVX512 void fwd_chunk(const T* x, T* y, int64_t n) {
+  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __m512 v = load(x + i, m);
+    store(y + i, m, _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, tanh16(inner(v)))));
+  }
+}
+
+template <typename T>
+GENFAST_AVX512 void bwd_chunk(const T* g, const T* x, T* dx, int64_t n) {
+  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+  const __m512 alpha = _mm512_set1_ps(kAlpha), beta3 = _mm512_set1_ps(3.0f * kBeta);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __m512 v = load(x + i, m);
+    const __m512 t = tanh16(inner(v));
+    const __m512 du = _mm512_mul_ps(alpha, _mm512_fmadd_ps(beta3, _mm512_mul_ps(v, v), one));  // du/dv
+    const __m512 sech2 = _mm512_fnmadd_ps(t, t, one);
+    const __m512 d = _mm512_mul_ps(half, _mm512_fmadd_ps(_mm512_mul_ps(v, sech2), du, _mm512_add_ps(one, t)));
+    store(dx + i, m, _mm512_mul_ps(load(g + i, m), d));
+  }
+}
+}  // namespace avx
+#endif
+
+template <typename F>
+void for_chunks(int64_t n, F&& f) {
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) if (chunks > 1)
+  for (int64_t c = 0; c < chunks; ++c) f(c * kChunk, std::min(n, (c + 1) * kChunk) - c * kChunk);
+}
+
+template <typename T>
+void fwd(const void* xv, void* yv, int64_t n) {
+  const T* x = static_cast<const T*>(xv);
+  T* y = static_cast<T*>(yv);
+#ifdef GENFAST_HAVE_AVX512
+  if (vec512::cpu_has_avx512_bf16()) {
+    for_chunks(n, [&](int64_t i, int64_t len) { avx::fwd_chunk<T>(x + i, y + i, len); });
+    return;
+  }
+#endif
+  for_chunks(n, [&](int64_t i, int64_t len) { fwd_chunk<T>(x + i, y + i, len); });
+}
+
+template <typename T>
+void bwd(const void* gv, const void* xv, void* dxv, int64_t n) {
+  const T* g = static_cast<const T*>(gv);
+  const T* x = static_cast<const T*>(xv);
+  T* dx = static_cast<T*>(dxv);
+#ifdef GENFAST_HAVE_AVX512
+  if (vec512::cpu_has_avx512_bf16()) {
+    for_chunks(n, [&](int64_t i, int64_t len) { avx::bwd_chunk<T>(g + i, x + i, dx + i, len); });
+    return;
+  }
+#endif
+  for_chunks(n, [&](int64_t i, int64_t len) { bwd_chunk<T>(g + i, x + i, dx + i, len); });
+}
+
+}  // namespace
+
+void gelu_tanh_cpu(const void* x, void* y, int64_t n, int32_t dtype) {
+  if (n <= 0) return;
+  switch (dtype) {
+    case kFloat32: fwd<float>(x, y, n); break;
+    case kFloat16: fwd<Half>(x, y, n); break;
+    case kBFloat16: fwd<BFloat16>(x, y, n); break;
+  }
+}
+
+void gelu_tanh_backward_cpu(const void* g, const void* x, void* dx, int64_t n, int32_t dtype) {
+  if (n <= 0) return;
+  switch (dtype) {
+    case kFloat32: bwd<float>(g, x, dx, n); break;
+    case kFloat16: bwd<Half>(g, x, dx, n); break;
+    case kBFloat16: bwd<BFloat16>(g, x, dx, n); break;
+  }
+}
+
+}  // namespace genfast

@@ -1,0 +1,82 @@
+"""genfast.ops.gelu.gelu_tanh against F.gelu(approximate="tanh") (DESIGN.md §5 tolerance)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from genfast.ops.gelu import gelu_tanh, gelu_tanh_inference
+from genfast.testing import assert_within_reference_error
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _cases(dtype):
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(3, 1037, generator=g) * 4  # odd length: the 16-lane tails
+    wide = torch.cat([torch.linspace(-30, 30, 301), torch.tensor([0.0, -0.0, 1e-8, -1e-8])])
+    return {
+        "odd": big.to(dtype),
+        "wide_range": wide.to(dtype),
+        "non_contiguous": (torch.randn(40, 33, generator=g) * 3).to(dtype).t(),
+        "one": torch.tensor([0.5]).to(dtype),
+        "empty": torch.empty(0, 7, dtype=dtype),
+    }
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_backward_match_torch(dtype, backend, use_backend):
+    use_backend(backend)
+    for name, x in _cases(dtype).items():
+        x = x.detach().requires_grad_(True)
+        g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        y = gelu_tanh(x)
+        assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous()
+        (dx,) = torch.autograd.grad(y, x, g)
+        xl = x.detach().requires_grad_(True)
+        yl = F.gelu(xl, approximate="tanh")
+        (dxl,) = torch.autograd.grad(yl, xl, g)
+        xh = x.detach().double().requires_grad_(True)
+        yh = F.gelu(xh, approximate="tanh")
+        (dxh,) = torch.autograd.grad(yh, xh, g.double())
+        assert_within_reference_error(name, y, yl, yh, floor=1e-6)
+        assert_within_reference_error(f"{name}: dx", dx, dxl, dxh, floor=1e-6)
+
+
+def test_opcheck_and_compile():
+    x = torch.randn(5, 19)
+    torch.library.opcheck(torch.ops.genfast.gelu_tanh.default, (x,))
+    torch.library.opcheck(torch.ops.genfast.gelu_tanh_backward.default, (torch.randn(5, 19), x))
+    x.requires_grad_(True)
+    fn = lambda t: (gelu_tanh(t * 2.0) ** 2).sum()  # noqa: E731
+    eager = torch.autograd.grad(fn(x), x)[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, fn(x))
+    torch.testing.assert_close(torch.autograd.grad(out, x)[0], eager)
+
+
+def test_bad_input_names_the_argument():
+    with pytest.raises(TypeError, match="x"):
+        gelu_tanh(torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(TypeError, match="x"):
+        gelu_tanh([1.0, 2.0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_inference_variant_in_place_only_without_autograd(dtype):
+    x = (torch.randn(4, 37) * 3).to(dtype)
+    want = gelu_tanh(x)
+    with torch.no_grad():
+        xc = x.clone()
+        y = gelu_tanh_inference(xc)
+        assert y.data_ptr() == xc.data_ptr()  # in place
+        t = x.t()  # not contiguous: a new tensor, x untouched
+        assert not torch.equal(gelu_tanh_inference(t), t) and torch.equal(t, x.t())
+    torch.testing.assert_close(y, want, atol=0, rtol=0)
+    xg = x.clone().requires_grad_(True)
+    yg = gelu_tanh_inference(xg)  # autograd on: never in place
+    assert yg.data_ptr() != xg.data_ptr()
+    torch.testing.assert_close(yg, want, atol=0, rtol=0)
+    (yg.float().sum()).backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad.float()).all()
