@@ -68,14 +68,14 @@ def _euler_cfg_conditioned(model, shape, *, steps, guidance, labels, null_label,
     of [x, x]), the fused step in place, under inference_mode. None when the model declines."""
     if labels is None or null_label is None:
         raise ValueError("guidance needs labels and null_label")
-    x = torch.randn(shape, generator=generator, device=device)
-    t = reference.timesteps(steps, schedule=schedule, shift=shift, device=x.device)
-    dts = t[:-1] - t[1:]
-    b = shape[0]
+    t = reference.timesteps(steps, schedule=schedule, shift=shift, device=labels.device)
     with torch.inference_mode():
         cond = model.sampling_conditioning(t[:-1], torch.cat([labels, torch.full_like(labels, null_label)]))
-        if cond is None:
-            return None
+    if cond is None:
+        return None  # before drawing the noise: the caller's loop draws the same
+    x = torch.randn(shape, generator=generator, device=device)
+    t, dts, b = t.to(x.device), (t[:-1] - t[1:]).to(x.device), shape[0]
+    with torch.inference_mode():
         for i in tqdm(range(steps), disable=not progress, desc="sampling", leave=False):
             v = model(x, None, None, cond=cond[i])
             genfast.flow_euler_step(x, v[:b], v[b:], dt=dts[i], guidance=guidance, out=x)
