@@ -109,6 +109,10 @@ def test_cfg_sampler_per_sample_guidance_and_errors():
                       generator=torch.Generator().manual_seed(2), eager=True)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert not a.is_inference() and not a.requires_grad  # usable outside the sampler
+    c = rf.sample(m, (3, 1, 8, 8), steps=3, labels=labels, generator=torch.Generator().manual_seed(2))  # no CFG
+    with _ops.use_genfast(False), torch.no_grad():
+        d = rf.sample(m, (3, 1, 8, 8), steps=3, labels=labels, generator=torch.Generator().manual_seed(2), eager=True)
+    torch.testing.assert_close(c, d, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="null_label"):
         rf.sample(m, (3, 1, 8, 8), steps=3, guidance=1.0, labels=labels)
 
