@@ -44,7 +44,8 @@ class PlainBlock(nn.Module):
         self.attn = nn.Module()
         self.attn.qkv, self.attn.proj = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
         self.mlp = nn.Module()
-        self.mlp.fc1, self.mlp.fc2 = nn.Linear(hidden, int(hidden * mlp_ratio)), nn.Linear(int(hidden * mlp_ratio), hidden)
+        mlp = int(hidden * mlp_ratio)
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(hidden, mlp), nn.Linear(mlp, hidden)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
     def forward(self, x, c):
@@ -52,7 +53,8 @@ class PlainBlock(nn.Module):
         b, n, ch = x.shape
         h = self.norm1(x) * (1 + scale_a.unsqueeze(1)) + shift_a.unsqueeze(1)
         q, k, v = self.attn.qkv(h).reshape(b, n, 3, self.heads, ch // self.heads).permute(2, 0, 3, 1, 4)
-        x = x + gate_a.unsqueeze(1) * self.attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, ch))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, ch)
+        x = x + gate_a.unsqueeze(1) * self.attn.proj(a)
         h = self.norm2(x) * (1 + scale_m.unsqueeze(1)) + shift_m.unsqueeze(1)
         return x + gate_m.unsqueeze(1) * self.mlp.fc2(F.gelu(self.mlp.fc1(h), approximate="tanh"))
 
@@ -71,7 +73,8 @@ class PlainDiT(nn.Module):
         self.y_embedder = nn.Module()
         self.y_embedder.embedding_table = nn.Embedding(cfg["num_classes"] + 1, hidden)
         self.register_buffer("pos_embed", sincos_pos_embed(hidden, cfg["input_size"] // p)[None], persistent=False)
-        self.blocks = nn.ModuleList([PlainBlock(hidden, cfg["num_heads"], cfg["mlp_ratio"]) for _ in range(cfg["depth"])])
+        self.blocks = nn.ModuleList([PlainBlock(hidden, cfg["num_heads"], cfg["mlp_ratio"])
+                                     for _ in range(cfg["depth"])])
         self.final_layer = nn.Module()
         self.final_layer.linear = nn.Linear(hidden, p * p * ch)
         self.final_layer.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))

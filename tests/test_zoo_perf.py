@@ -82,8 +82,8 @@ def test_sampling_conditioning_gives_the_forward_of_the_doubled_batch():
             ref = m(torch.cat([x, x]), t[s].expand(6), y2)
             torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
         # same batch size: no doubling
-        torch.testing.assert_close(m(torch.cat([x, x]), None, None, cond=cond[1]), m(torch.cat([x, x]), t[1].expand(6), y2),
-                                   atol=1e-6, rtol=1e-5)
+        xx = torch.cat([x, x])
+        torch.testing.assert_close(m(xx, None, None, cond=cond[1]), m(xx, t[1].expand(6), y2), atol=1e-6, rtol=1e-5)
 
 
 def test_variants_decline_the_precomputed_conditioning():
