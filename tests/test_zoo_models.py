@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+import genfast
+import genfast.nn
 from genfast import data
 from genfast.zoo import _ops, gan, vae, vqvae
 
@@ -83,14 +85,32 @@ def test_vqvae_quantizer_and_reference_backend(ema, monkeypatch):
     assert 0 < u["used_fraction"] <= 1 and 1 <= u["perplexity"] <= 16
 
 
-def test_ema_codebook_moves_to_cluster_means():
-    torch.manual_seed(0)
-    q = vqvae.Quantizer(2, 2, ema=True, decay=0.0, eps=0.0)
-    q.codebook.data = torch.tensor([[0.0, 0.0], [10.0, 10.0]])
+def test_vqvae_quantizer_is_genfast_vector_quantizer_with_ema():
+    m = vqvae.VQVAE(dim=2, codebook_size=2, width=8, ema=True)
+    q = m.quantizer
+    assert isinstance(q, genfast.nn.VectorQuantizer) and q.ema
+    q.decay = 0.0
+    q.eps = 0.0
+    q.codebook.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
     z = torch.tensor([[1.0, 1.0], [3.0, 1.0], [9.0, 9.0]])
     q.train()
-    q(z)
-    torch.testing.assert_close(q.codebook.data, torch.tensor([[2.0, 1.0], [9.0, 9.0]]))
+    q(z)  # the codebook moves to the cluster means, and the batch's usage is reported
+    torch.testing.assert_close(q.codebook, torch.tensor([[2.0, 1.0], [9.0, 9.0]]))
+    assert q.usage()["used_fraction"] == 1.0 and abs(q.usage()["perplexity"] - 3 / 2 ** (2 / 3)) < 1e-6
+    assert vqvae.codebook_usage(torch.tensor([[0, 0], [0, 0]]), 2) == {"used_fraction": 0.5, "perplexity": 1.0}
+
+
+def test_ar_prior_uses_causal_genfast_attention(monkeypatch):
+    calls = []
+    real = genfast.attention
+
+    def spy(q, k, v, **kw):
+        calls.append(kw.get("causal"))
+        return real(q, k, v, **kw)
+    monkeypatch.setattr(genfast, "attention", spy)
+    prior = vqvae.ARPrior(12, 9, dim=32, depth=2, heads=2).eval()
+    prior(torch.randint(0, 12, (2, 9)), torch.tensor([1, -1]))
+    assert calls == [True, True]  # one causal call per block through genfast.attention
 
 
 def test_ar_prior_kv_cache_topk_and_bits(monkeypatch):

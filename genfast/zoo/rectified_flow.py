@@ -15,6 +15,7 @@ Sampling walks t from 1 (noise) to 0; with guidance w the velocity is (1 + w) v(
          deterministic (eta = 0) it is Euler; the noise vanishes as t -> 0.
 """
 import torch
+from tqdm.auto import tqdm
 
 import genfast
 from genfast import reference
@@ -59,11 +60,43 @@ def _velocity(model, x, t, labels, null_label, guidance):
     return v.chunk(2)
 
 
+def _euler_conditioned(model, shape, *, steps, guidance, labels, null_label, schedule, shift, generator,
+                       progress, device):
+    """The Euler (/ CFG) loop of genfast.sample_rectified_flow (same noise, times and steps, so the
+    same samples) for a model with sampling_conditioning (the zoo DiT): the conditioning of every
+    step computed before the loop, with CFG the image batch embedded once for both halves (no
+    torch.cat of [x, x]), the fused step in place, under inference_mode. None when the model declines."""
+    if guidance is not None and (labels is None or null_label is None):
+        raise ValueError("guidance needs labels and null_label")
+    y = labels if guidance is None else torch.cat([labels, torch.full_like(labels, null_label)])
+    t = reference.timesteps(steps, schedule=schedule, shift=shift, device=labels.device)
+    with torch.inference_mode():
+        cond = model.sampling_conditioning(t[:-1], y)
+    if cond is None:
+        return None  # before drawing the noise: the caller's loop draws the same
+    x = torch.randn(shape, generator=generator, device=device)
+    t, dts, b = t.to(x.device), (t[:-1] - t[1:]).to(x.device), shape[0]
+    with torch.inference_mode():
+        for i in tqdm(range(steps), disable=not progress, desc="sampling", leave=False):
+            v = model(x, None, None, cond=cond[i])
+            if guidance is None:
+                genfast.flow_euler_step(x, v, dt=dts[i], out=x)
+            else:
+                genfast.flow_euler_step(x, v[:b], v[b:], dt=dts[i], guidance=guidance, out=x)
+    return x
+
+
 def sample(model, shape, *, method="euler", steps=50, guidance=None, labels=None, null_label=None, generator=None,
            eta=1.0, schedule="uniform", shift=1.0, progress=False, device=None, eager=False):
     """Samples with `method` in euler | heun | sde; the noise is torch.randn(shape, generator=generator).
     eager=True runs the plain-PyTorch loop (genfast.reference) instead of the fused step (baselines)."""
     if method == "euler":
+        if not eager and labels is not None and _ops.enabled() and hasattr(model, "sampling_conditioning"):
+            x = _euler_conditioned(model, shape, steps=steps, guidance=guidance, labels=labels,
+                                   null_label=null_label, schedule=schedule, shift=shift, generator=generator,
+                                   progress=progress, device=device)
+            if x is not None:
+                return x
         if eager:
             return reference.sample_rectified_flow(model, shape, steps=steps, guidance=guidance, labels=labels,
                                                    null_label=null_label, schedule=schedule, shift=shift,

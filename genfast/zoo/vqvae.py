@@ -1,10 +1,11 @@
 """VQ-VAE (van den Oord et al. 2017) and a GPT-style autoregressive prior over its token grid: the
 notes' "images as sequences of discrete tokens".
 
-  VQVAE    conv encoder -> 4x4 grid of D-dim vectors -> nearest codebook entry (genfast's
-           vector_quantize: straight-through z_q, indices, codebook + beta * commitment loss; or
-           ema=True: the codebook follows EMA cluster means, only the commitment term trains the
-           encoder) -> conv decoder. Reports codebook usage (fraction of codes used, perplexity).
+  VQVAE    conv encoder -> 4x4 grid of D-dim vectors -> genfast.nn.VectorQuantizer (the fused
+           nearest-code search; straight-through z_q, indices, codebook + beta * commitment loss;
+           or ema=True: the codebook follows EMA cluster means, only the commitment term trains
+           the encoder) -> conv decoder. Reports codebook usage (fraction of codes used,
+           perplexity) from the quantizer's fused per-code counts.
   ARPrior  causal transformer over the 16 tokens (genfast attention, causal=True), optionally
            class-conditional through its start token; sampling with temperature / top-k and a
            KV cache (each new token attends to the cached keys: one token's work per step).
@@ -19,44 +20,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from genfast import data
+from genfast.nn import VectorQuantizer
+from genfast.ops.vq import code_counts
 from genfast.zoo import _ops, classifier, plots, train
 
 
-class Quantizer(nn.Module):
-    def __init__(self, dim, codebook_size, *, beta=0.25, ema=False, decay=0.99, eps=1e-5):
-        super().__init__()
-        self.beta, self.ema, self.decay, self.eps = beta, ema, decay, eps
-        self.codebook = nn.Parameter(torch.randn(codebook_size, dim) * 0.5, requires_grad=not ema)
-        if ema:
-            self.register_buffer("cluster_size", torch.ones(codebook_size))
-            self.register_buffer("embed_sum", self.codebook.detach().clone())
-
-    def forward(self, z):
-        """z [..., D] -> (z_q straight-through, indices [...], loss)."""
-        zq, idx, loss = _ops.vector_quantize(z, self.codebook, beta=self.beta)
-        if self.ema:
-            loss = self.beta * F.mse_loss(z, zq.detach())  # commitment only; the codebook moves by EMA
-            if self.training:
-                self._ema_update(z.detach().reshape(-1, z.shape[-1]), idx.reshape(-1))
-        return zq, idx, loss
-
-    @torch.no_grad()
-    def _ema_update(self, flat, idx):
-        onehot = F.one_hot(idx, self.codebook.shape[0]).to(flat.dtype)
-        self.cluster_size.mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
-        self.embed_sum.mul_(self.decay).add_(onehot.t() @ flat, alpha=1 - self.decay)
-        n = self.cluster_size.sum()
-        size = (self.cluster_size + self.eps) / (n + self.codebook.shape[0] * self.eps) * n  # Laplace smoothing
-        self.codebook.data.copy_(self.embed_sum / size[:, None])
-
-
 class VQVAE(nn.Module):
-    def __init__(self, *, size=16, dim=16, codebook_size=64, width=64, beta=0.25, ema=False):
+    def __init__(self, *, size=16, dim=16, codebook_size=64, width=64, beta=0.25, ema=False, dead_code_threshold=0.0):
         super().__init__()
-        self.config = dict(size=size, dim=dim, codebook_size=codebook_size, width=width, beta=beta, ema=ema)
+        self.config = dict(size=size, dim=dim, codebook_size=codebook_size, width=width, beta=beta, ema=ema,
+                           dead_code_threshold=dead_code_threshold)
         self.encoder = nn.Sequential(nn.Conv2d(1, width, 4, 2, 1), nn.SiLU(), nn.Conv2d(width, width, 4, 2, 1),
                                      nn.SiLU(), nn.Conv2d(width, dim, 1))
-        self.quantizer = Quantizer(dim, codebook_size, beta=beta, ema=ema)
+        self.quantizer = VectorQuantizer(dim, codebook_size, beta=beta, ema=ema,
+                                         dead_code_threshold=dead_code_threshold)
         self.decoder = nn.Sequential(nn.Conv2d(dim, width, 3, 1, 1), nn.SiLU(), nn.ConvTranspose2d(width, width, 4, 2, 1),
                                      nn.SiLU(), nn.ConvTranspose2d(width, width, 4, 2, 1), nn.SiLU(),
                                      nn.Conv2d(width, 1, 3, 1, 1))
@@ -68,7 +45,7 @@ class VQVAE(nn.Module):
         return zq.permute(0, 3, 1, 2), idx, loss
 
     def decode_indices(self, idx):
-        return self.decoder(self.quantizer.codebook[idx].permute(0, 3, 1, 2))
+        return self.decoder(self.quantizer.decode(idx).permute(0, 3, 1, 2))
 
     def forward(self, x):
         zq, idx, vq_loss = self.encode(x)
@@ -77,9 +54,11 @@ class VQVAE(nn.Module):
 
 
 def codebook_usage(indices, k):
-    counts = torch.bincount(indices.flatten(), minlength=k).float()
-    p = counts / counts.sum()
-    return {"used_fraction": (counts > 0).float().mean().item(),
+    """Fraction of the k codes used and the perplexity of their distribution over `indices`
+    (genfast's fused per-code counts, VectorQuantizer.usage's statistics)."""
+    counts = code_counts(indices, k)
+    p = counts.double() / counts.sum().clamp_min(1)
+    return {"used_fraction": (counts > 0).double().mean().item(),
             "perplexity": math.exp(-(p[p > 0] * p[p > 0].log()).sum().item())}
 
 
@@ -239,6 +218,7 @@ def run(out="out/vqvae", *, seed=0, resume=False, progress=True, sample_steps=No
                "heldout_recon_mse": r["recon"].item(), "heldout_bits_per_token": bpt,
                "heldout_bits_per_token_unconditional": bpt_uncond, "uniform_bits_per_token": math.log2(cfg["codebook_size"]),
                "codebook_usage_train": codebook_usage(vq.encode(train_x)[1], cfg["codebook_size"]),
+               "codebook_usage_last_batch": vq.quantizer.usage(),
                "sample_accuracy": s["accuracy"], "frechet": s["frechet"], "classifier_test_accuracy": clf_acc,
                "temperature": cfg["temperature"], "top_k": cfg["top_k"], "ops": _ops.which()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
