@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import genfast
+from genfast.ops import gelu as _gelu
 
 NAMES = ("attention", "adaln_modulate", "gated_residual", "reparam_kl", "vector_quantize", "flow_euler_step")
 
@@ -142,50 +143,14 @@ vector_quantize = _dispatch("vector_quantize", _vector_quantize)
 flow_euler_step = _dispatch("flow_euler_step", _flow_euler_step)
 
 
-# GELU(tanh) = 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): the same
-# function; on the CPU torch's tanh is ~10x slower than its sigmoid (measured 660 vs 68 us for
-# 640x512 fp32, one thread), so F.gelu(approximate="tanh") costs ~5x this in-place chain.
-_K2U = 2.0 * math.sqrt(2.0 / math.pi)
-_K3 = 0.044715
-
-
-def _sigmoid_2u(x):
-    s = x * x
-    return s.mul_(_K3 * _K2U).add_(_K2U).mul_(x).sigmoid_()
-
-
-class _GeluTanh(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return _sigmoid_2u(x).mul_(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        # d/dx x s(2u) = s + q (1 - s), q = x s 2u', 2u' = K2U (1 + 3 K3 x^2); two buffers, the
-        # rest in place (a fresh 4 MiB tensor costs ~1000 page faults with glibc's defaults)
-        s = _sigmoid_2u(x)
-        q = x * x
-        q.mul_(3 * _K3 * _K2U).add_(_K2U).mul_(x).mul_(s)
-        return q.addcmul_(q, s, value=-1).add_(s).mul_(g)
-
-
 def gelu_tanh(x):
-    """GELU with the tanh approximation; through the seam (genfast on, fp32/fp64) the sigmoid form
-    above, else F.gelu(approximate="tanh"). Same function either way (tests/test_zoo_perf.py)."""
-    if not _state["genfast"] or x.dtype not in (torch.float32, torch.float64):
-        return F.gelu(x, approximate="tanh")  # low precision: F.gelu computes in fp32 inside
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _GeluTanh.apply(x)
-    return _sigmoid_2u(x).mul_(x)
+    """GELU with the tanh approximation: through the seam genfast's op (one vectorised C++ pass on
+    the CPU; torch's CPU kernel for it is slow, genfast/ops/gelu.py), else F.gelu(approximate="tanh")."""
+    if not _state["genfast"]:
+        return F.gelu(x, approximate="tanh")
+    return _gelu.gelu_tanh(x) if x.requires_grad and torch.is_grad_enabled() else _gelu.gelu_tanh_inference(x)
 
 
-class GELUTanh(torch.nn.Module):
-    """nn.GELU(approximate="tanh") through gelu_tanh above (the zoo DiT swaps it into its blocks)."""
-
-    def forward(self, x):
-        return gelu_tanh(x)
 
 
 def timestep_features(t, dim, max_period=10000.0):

@@ -189,10 +189,6 @@ class DiT(nn.Module):
         block = block_class()
         self.blocks = nn.ModuleList([block(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
-        for blk in self.blocks:  # genfast.nn.DiTBlock's nn.GELU(tanh) -> the seam's faster form of it
-            act = getattr(getattr(blk, "mlp", None), "act", None)
-            if isinstance(act, nn.GELU) and act.approximate == "tanh":
-                blk.mlp.act = _ops.GELUTanh()
         self.initialize_weights()
 
     @classmethod
