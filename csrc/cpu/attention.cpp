@@ -103,42 +103,6 @@ GENFAST_CPU_CLONES void softmax_bwd_row(const AttnRowsParams& a, const T* s, con
 namespace avx {
 using namespace vec512;
 
-GENFAST_AVX512 inline __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-GENFAST_AVX512 inline __m512 load(const BFloat16* p, __mmask16 m) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-GENFAST_AVX512 inline __m512 load(const Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
-GENFAST_AVX512 inline void store(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
-GENFAST_AVX512 inline void store(BFloat16* p, __mmask16 m, __m512 v) {
-  _mm256_mask_storeu_epi16(p, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-}
-GENFAST_AVX512 inline void store(Half* p, __mmask16 m, __m512 v) {
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-GENFAST_AVX512 inline __mmask16 tail(int64_t left) {
-  return left >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
-}
-
-// exp_nonpos() above, 16 lanes: same reduction and polynomial, 2^n by scalef.
-GENFAST_AVX512 inline __m512 exp16(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.0f);
-  const __mmask16 zero = _mm512_cmp_ps_mask(x, lo, _CMP_LE_OQ);  // also -inf and NaN-free lse = +inf cases
-  x = _mm512_max_ps(x, lo);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~zero), _mm512_scalef_ps(p, n));
-}
-
 // Lanes j0..j0+15 of row i that take part: inside the row, causal limit, key padding mask.
 GENFAST_AVX512 inline __mmask16 keep(const AttnRowsParams& a, const uint8_t* m, int64_t limit, int64_t j0) {
   __mmask16 k = tail(limit - j0 > 0 ? limit - j0 : 0);
@@ -171,7 +135,7 @@ GENFAST_AVX512 void softmax_row(const AttnRowsParams& a, const T* s, T* p, int64
   const __m512 vm = _mm512_set1_ps(mx);
   __m512 vsum = _mm512_setzero_ps();
   for (int64_t j = 0; j < a.nk; j += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(buf + j), vm));
+    const __m512 e = vec512::exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(buf + j), vm));
     _mm512_storeu_ps(buf + j, e);
     vsum = _mm512_add_ps(vsum, e);
   }
@@ -191,7 +155,7 @@ GENFAST_AVX512 void softmax_bwd_row(const AttnRowsParams& a, const T* s, const T
   for (int64_t j = 0; j < a.nk; j += 16) {  // p = exp(scale s - lse), 0 where masked (or lse = +inf)
     const __mmask16 t = tail(a.nk - j);
     const __m512 e = a.from_p ? load(s + j, t) : _mm512_maskz_mov_ps(keep(a, m, limit, j),
-                                                                     exp16(_mm512_fmsub_ps(load(s + j, t), scale, lse)));
+                                                                     vec512::exp_nonpos(_mm512_fmsub_ps(load(s + j, t), scale, lse)));
     _mm512_storeu_ps(buf + j, e);
     vdot = _mm512_fmadd_ps(e, load(dp + j, t), vdot);
   }
