@@ -264,11 +264,27 @@ def _sized_inputs(name, i):
     return inputs
 
 
-@pytest.mark.parametrize("name", ["dit", "pixart", "sd3", "flux"])
-def test_compile_fullgraph_without_recompiles(name):
+@pytest.fixture
+def genfast_under_compile(monkeypatch):
+    """On the CPU the patched parts hand compiled code back to the original (Inductor fuses the
+    same work; genfast._support.DEFER_TO_INDUCTOR_ON_CPU): off here, so genfast's path is compiled,
+    as it is on GPUs."""
+    from genfast.patch import _support
+
+    monkeypatch.setattr(_support, "DEFER_TO_INDUCTOR_ON_CPU", False)
+
+
+@pytest.mark.parametrize("name", ["dit", "pixart", "sd3", "flux", "dit-deferred"])
+def test_compile_fullgraph_without_recompiles(name, monkeypatch):
     """Three resolutions (and, for PixArt, text lengths): the first compiles, the second turns the
     sizes dynamic (torch.compile's default), the third reuses that graph; no graph break
-    (fullgraph). Dynamo only (backend="eager"), to keep the suite fast: Inductor is checked below."""
+    (fullgraph). Dynamo only (backend="eager"), to keep the suite fast: Inductor is checked below.
+    "-deferred": the CPU default, where compiled code takes the original forwards (no graph break there either)."""
+    from genfast.patch import _support
+
+    deferred = name.endswith("-deferred")
+    name = name.removesuffix("-deferred")
+    monkeypatch.setattr(_support, "DEFER_TO_INDUCTOR_ON_CPU", deferred)
     torch._dynamo.reset()
     model, _ = build(name, layers=1)
     genfast.patch(model)
@@ -283,7 +299,7 @@ def test_compile_fullgraph_without_recompiles(name):
     assert counts[2] == counts[1], f"recompiled at the third size: graphs after each size {counts}"
 
 
-def test_compile_inductor_equals_eager():
+def test_compile_inductor_equals_eager(genfast_under_compile):
     torch._dynamo.reset()
     model, inputs = build("pixart", layers=1)
     genfast.patch(model)

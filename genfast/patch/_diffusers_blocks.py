@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import genfast
+from genfast.ops.gelu import gelu_tanh_inference
 from genfast.patch._support import runnable
 
 
@@ -33,17 +34,20 @@ def _ok(x, *dtypes_from):
 
 
 def feed_forward(ff, h):
-    """diffusers' FeedForward (Linear, GELU, Dropout, Linear). Without autograd the GELU runs in
-    place on the first Linear's output, which only this function holds: one [B, N, 4C] temporary
-    instead of two (on the CPU every fresh large tensor pays page faults)."""
+    """diffusers' FeedForward (Linear, GELU, Dropout, Linear). GELU(tanh) is genfast's gelu_tanh op.
+    Without autograd the GELU runs in place on the first Linear's output, which only this function
+    holds: one [B, N, 4C] temporary instead of two (on the CPU every fresh large tensor pays page faults)."""
     net = ff.net
     act = net[0]
     grad = torch.is_grad_enabled() and (h.requires_grad or act.proj.weight.requires_grad)
     simple = (type(act).__name__ == "GELU" and type(act.proj) is nn.Linear and len(net) in (3, 4)
               and all(type(d) is nn.Dropout and not (d.training and d.p) for d in net[1::2]))
-    if torch.compiler.is_compiling() or grad or not simple or h.device.type == "mps":
+    tanh = simple and act.approximate == "tanh"
+    if torch.compiler.is_compiling() or (grad and not tanh) or not simple or h.device.type == "mps":
         return ff(h)
     u = act.proj(h)
+    if tanh:  # genfast's op (torch's CPU kernel for the tanh form is slow): in place without autograd
+        return net[2](gelu_tanh_inference(u))
     torch._C._nn.gelu_(u, approximate=act.approximate)
     return net[2](u)
 
@@ -61,7 +65,7 @@ def norm_reasons(mod):
 
 def ada_zero_forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
     if not _ok(x, self.linear.weight):
-        return type(self).forward(self, x, timestep, class_labels, hidden_dtype, emb)
+        return self._genfast_original_forward(x, timestep, class_labels, hidden_dtype, emb)
     if self.emb is not None:
         emb = self.emb(timestep, class_labels, hidden_dtype=hidden_dtype)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.linear(self.silu(emb)).chunk(6, dim=1)
@@ -71,14 +75,14 @@ def ada_zero_forward(self, x, timestep=None, class_labels=None, hidden_dtype=Non
 
 def ada_zero_single_forward(self, x, emb=None):
     if not _ok(x, self.linear.weight):
-        return type(self).forward(self, x, emb)
+        return self._genfast_original_forward(x, emb)
     shift_msa, scale_msa, gate_msa = self.linear(self.silu(emb)).chunk(3, dim=1)
     return genfast.adaln_modulate(x, shift_msa, scale_msa, eps=self.norm.eps), gate_msa
 
 
 def ada_continuous_forward(self, x, conditioning_embedding):
     if not _ok(x, self.linear.weight):
-        return type(self).forward(self, x, conditioning_embedding)
+        return self._genfast_original_forward(x, conditioning_embedding)
     scale, shift = self.linear(self.silu(conditioning_embedding).to(x.dtype)).chunk(2, dim=1)
     kind, eps = _norm_kind(self.norm)
     return genfast.adaln_modulate(x, shift, scale, eps=eps, norm=kind)
@@ -112,7 +116,7 @@ def basic_block_forward(self, hidden_states, attention_mask=None, encoder_hidden
     single = self.norm_type == "ada_norm_single"
     mod_dtype = timestep if single else self.norm1.linear.weight
     if cross_attention_kwargs or self._chunk_size is not None or not _ok(x, mod_dtype):
-        return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+        return self._genfast_original_forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
                                   timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
     if single:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
@@ -180,14 +184,14 @@ def _joint(self, x, c, temb, attn_kwargs, flux):
 def sd3_block_forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
     if (self._chunk_size is not None or encoder_hidden_states is None
             or not _ok(hidden_states, encoder_hidden_states, temb, self.norm1.linear.weight)):
-        return type(self).forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
+        return self._genfast_original_forward(hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
     return _joint(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs or {}, flux=False)
 
 
 def flux_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                        joint_attention_kwargs=None):
     if not _ok(hidden_states, encoder_hidden_states, temb, self.norm1.linear.weight):
-        return type(self).forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+        return self._genfast_original_forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb,
                                   joint_attention_kwargs)
     kwargs = dict(joint_attention_kwargs or {}, image_rotary_emb=image_rotary_emb)
     return _joint(self, hidden_states, encoder_hidden_states, temb, kwargs, flux=True)
@@ -200,7 +204,7 @@ def flux_single_reasons(blk):
 def flux_single_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                         joint_attention_kwargs=None):
     if not _ok(hidden_states, encoder_hidden_states, temb, self.norm.linear.weight):
-        return type(self).forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+        return self._genfast_original_forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb,
                                   joint_attention_kwargs)
     text_len = encoder_hidden_states.shape[1]
     x = torch.cat([encoder_hidden_states, hidden_states], dim=1)

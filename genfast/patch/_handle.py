@@ -3,6 +3,7 @@ import types
 from dataclasses import dataclass, field
 
 MARK = "_genfast_patch"  # set on every module / processor the patch swapped; the value is the handle
+ORIGINAL_FORWARD = "_genfast_original_forward"  # on a module whose forward was swapped: its own before
 
 
 @dataclass
@@ -74,6 +75,9 @@ class PatchHandle:
         old = module.__dict__.get("forward")
         bound = types.MethodType(fn, module)
         module.forward = bound
+        # the forward an unpatched instance runs, for the swapped one's fallback: a bound method
+        # torch.compile traces (it refuses type(module).forward(module, ...) on diffusers' blocks)
+        module.__dict__[ORIGINAL_FORWARD] = old if had else types.MethodType(type(module).forward, module)
         setattr(module, MARK, self)
 
         def undo():
@@ -84,6 +88,7 @@ class PatchHandle:
                     del module.__dict__["forward"]
             if getattr(module, MARK, None) is self:
                 delattr(module, MARK)
+                module.__dict__.pop(ORIGINAL_FORWARD, None)
         self._undo.append(undo)
 
     def set_attr(self, obj, name, value, mark=None):

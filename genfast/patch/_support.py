@@ -38,6 +38,10 @@ def reasons(device_type, dtype, part):
     return out
 
 
+# Under torch.compile on the CPU the swapped parts take the original code: Inductor fuses the same
+# elementwise work into its own loops, and genfast's ops (opaque to it) measured 0.96x of that on
+# the DiT-S benchmark (benchmarks/test_patch.py). Tests set it False to compile genfast's path.
+DEFER_TO_INDUCTOR_ON_CPU = True
 _runnable = {}  # (device type, dtype, part) -> bool, filled in eager mode and read under torch.compile
 
 
@@ -46,7 +50,7 @@ def runnable(t, part="modulate"):
     and under torch.compile a constant (a dict lookup of what eager calls or the patch found)."""
     key = (t.device.type, t.dtype, part)
     if torch.compiler.is_compiling():
-        return _runnable.get(key, False)
+        return _runnable.get(key, False) and (key[0] != "cpu" or not DEFER_TO_INDUCTOR_ON_CPU)
     ok = not reasons(*key)
     _runnable[key] = ok
     return ok
