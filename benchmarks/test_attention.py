@@ -10,10 +10,10 @@ the reference DiT/timm code) and its torch.compile.
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 genfast = pytest.importorskip("genfast", reason="genfast is not importable: build and install it (pip install .)")
 import genfast.nn  # noqa: E402
+from genfast import reference  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -84,30 +84,7 @@ def test_attention_forward_backward(compare, shape, dtype):
         note=f"genfast backend for {dtype}: {_backend(q)}")
 
 
-class EagerDiTBlock(nn.Module):
-    """The reference DiT block in plain PyTorch (facebookresearch/DiT models.py with timm's
-    Attention, which calls F.scaled_dot_product_attention)."""
-
-    def __init__(self, hidden, heads, mlp_ratio=4.0):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.attn = nn.Module()
-        self.attn.qkv, self.attn.proj = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
-        self.mlp = nn.Module()
-        self.mlp.fc1, self.mlp.fc2 = nn.Linear(hidden, int(hidden * mlp_ratio)), nn.Linear(int(hidden * mlp_ratio), hidden)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
-
-    def forward(self, x, c):
-        sm, cm, gm, sp, cp, gp = self.adaLN_modulation(c).chunk(6, dim=1)
-        b, n, ch = x.shape
-        h = self.norm1(x) * (1 + cm.unsqueeze(1)) + sm.unsqueeze(1)
-        q, k, v = self.attn.qkv(h).reshape(b, n, 3, self.heads, ch // self.heads).permute(2, 0, 3, 1, 4)
-        a = self.attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, ch))
-        x = x + gm.unsqueeze(1) * a
-        h = self.norm2(x) * (1 + cp.unsqueeze(1)) + sp.unsqueeze(1)
-        return x + gp.unsqueeze(1) * self.mlp.fc2(F.gelu(self.mlp.fc1(h), approximate="tanh"))
+EagerDiTBlock = reference.DiTBlock  # the plain-PyTorch DiT block
 
 
 def _dit_pair(dtype, device):

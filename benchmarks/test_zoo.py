@@ -21,7 +21,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 genfast = pytest.importorskip("genfast", reason="genfast is not importable: build and install it (pip install .)")
@@ -35,28 +34,7 @@ CUDA = torch.cuda.is_available()
 NULL = 10
 
 
-class PlainBlock(nn.Module):
-    def __init__(self, hidden, heads, mlp_ratio):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.attn = nn.Module()
-        self.attn.qkv, self.attn.proj = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
-        self.mlp = nn.Module()
-        mlp = int(hidden * mlp_ratio)
-        self.mlp.fc1, self.mlp.fc2 = nn.Linear(hidden, mlp), nn.Linear(mlp, hidden)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
-
-    def forward(self, x, c):
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
-        b, n, ch = x.shape
-        h = self.norm1(x) * (1 + scale_a.unsqueeze(1)) + shift_a.unsqueeze(1)
-        q, k, v = self.attn.qkv(h).reshape(b, n, 3, self.heads, ch // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, ch)
-        x = x + gate_a.unsqueeze(1) * self.attn.proj(a)
-        h = self.norm2(x) * (1 + scale_m.unsqueeze(1)) + shift_m.unsqueeze(1)
-        return x + gate_m.unsqueeze(1) * self.mlp.fc2(F.gelu(self.mlp.fc1(h), approximate="tanh"))
+PlainBlock = reference.DiTBlock  # the plain-PyTorch DiT block (timm attention through SDPA)
 
 
 class PlainDiT(nn.Module):

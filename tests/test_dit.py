@@ -5,38 +5,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import genfast.nn
+from genfast import reference
 from genfast.testing import assert_within_reference_error
 
 
-class EagerDiTBlock(nn.Module):
-    """The reference DiT block (facebookresearch/DiT models.py, timm Attention and Mlp), plain PyTorch."""
-
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
-        super().__init__()
-        self.num_heads = num_heads
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = nn.Module()
-        self.attn.qkv = nn.Linear(hidden_size, 3 * hidden_size)
-        self.attn.proj = nn.Linear(hidden_size, hidden_size)
-        hidden = int(hidden_size * mlp_ratio)
-        self.mlp = nn.Module()
-        self.mlp.fc1, self.mlp.fc2 = nn.Linear(hidden_size, hidden), nn.Linear(hidden, hidden_size)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
-
-    def attention(self, x):
-        b, n, c = x.shape
-        q, k, v = self.attn.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        return self.attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
-
-    def forward(self, x, c):
-        def modulate(t, shift, scale):
-            return t * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-        sm, cm, gm, sp, cp, gp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gm.unsqueeze(1) * self.attention(modulate(self.norm1(x), sm, cm))
-        h = self.mlp.fc2(F.gelu(self.mlp.fc1(modulate(self.norm2(x), sp, cp)), approximate="tanh"))
-        return x + gp.unsqueeze(1) * h
+EagerDiTBlock = reference.DiTBlock
 
 
 def _pair(hidden=64, heads=4, dtype=torch.float32, seed=0):
