@@ -1,6 +1,7 @@
 """Test setup: without a GPU the Triton kernels run under the interpreter, which must be chosen
 before triton is imported; backends are forced per test through GENFAST_BACKEND."""
 import os
+import sys
 
 import torch
 
@@ -27,3 +28,8 @@ def use_backend(monkeypatch):
     def force(name):
         monkeypatch.setenv("GENFAST_BACKEND", name)
     return force
+
+
+# Shared test helpers that are not test modules (diffusers_tiny.py): importable by name. The
+# checkout's root stays off sys.path, so the tests still exercise the installed package.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
