@@ -8,10 +8,15 @@ softmax (exp2, the scale folded into log2(e) * scale), and the row's log-sum-exp
 delta = rowsum(dout * out) in torch, then one kernel per key block for dk/dv (queries stream) and one
 per query block for dq (keys stream): no atomics, probabilities recomputed from the lse.
 
-Masks on every tile: rows >= Nq, keys >= Nk, head-dim columns >= D (the D block is the next power
-of two >= 16: D = 72 runs a 128-wide block with masked loads/stores: memory traffic is 72/64 of
-D = 64 but the tl.dot work of the padded block is 2x that of 64), causal (top-left aligned: query i
-sees keys 0..i) and key_padding_mask [B, Nk] (True = attend).
+Head dims that are not powers of two (head_dim_blocks): the head dim runs as a power-of-two main
+chunk (BLOCK_D) plus a small remainder chunk (BLOCK_D2 >= 16, tl.dot's minimum; columns >= D
+masked): q k^T is the sum of two tl.dot into one accumulator, p v / dq / dk / dv keep one
+accumulator per chunk. D = 72 = 64 + 16 does the dot work of 80 columns, 1.25x that of D = 64
+(one 128 block, before, was 2x); its memory traffic is 72/64 of D = 64. Powers of two run one chunk.
+
+Masks on every tile: rows >= Nq, keys >= Nk, head-dim columns >= D (D is a constexpr, so the
+column mask keeps D's divisibility and the loads their vector width), causal (top-left aligned:
+query i sees keys 0..i) and key_padding_mask [B, Nk] (True = attend).
 
 Numerics: every load is converted to fp32 at once; tl.dot takes fp16/bf16 operands on the GPU
 (fp32 accumulation; P cast to the input dtype before P @ V as FlashAttention does) and fp32 operands
@@ -58,6 +63,14 @@ def _dot(a, b, DOT_F32: tl.constexpr, IN_TY: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _dot_acc(acc, a, b, DOT_F32: tl.constexpr, IN_TY: tl.constexpr, PREC: tl.constexpr):
+    # acc + a @ b in one tl.dot (the MMA accumulates in place): chains a split head dim's chunks.
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a.to(IN_TY), b.to(IN_TY), acc, input_precision=PREC)
+
+
+@triton.jit
 def _valid(offs_m, offs_n, nq, nk, m_ptr, msk_n, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
     """[BLOCK_M, BLOCK_N] bool: the (query, key) pairs that take part."""
     ok = (offs_m[:, None] < nq) & (offs_n[None, :] < nk)
@@ -70,6 +83,19 @@ def _valid(offs_m, offs_n, nq, nk, m_ptr, msk_n, CAUSAL: tl.constexpr, HAS_MASK:
 
 
 @triton.jit
+def _tile(base, rows, row_stride, row_ok, cols, col_stride, D: tl.constexpr, DOT_F32: tl.constexpr):
+    """[len(rows), len(cols)] tile of a dot operand; zeros for rows not row_ok and columns >= D
+    (D constexpr: the column mask has D's divisibility, so the loads stay vectorised)."""
+    ok = row_ok[:, None] & (cols[None, :] < D)
+    return _ld(tl.load(base + rows[:, None] * row_stride + cols[None, :] * col_stride, mask=ok, other=0.0), DOT_F32)
+
+
+@triton.jit
+def _put(base, rows, row_stride, row_ok, cols, x, D: tl.constexpr, BF16_RTNE: tl.constexpr):
+    _store(base + rows[:, None] * row_stride + cols[None, :], x, row_ok[:, None] & (cols[None, :] < D), BF16_RTNE)
+
+
+@triton.jit
 def attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr,  # [B, H, Nq, D], [B, H, Nk, D], [B, H, Nk, D], any strides
     mask_ptr,  # [B, Nk] uint8 (1 = attend); unused unless HAS_MASK
@@ -78,10 +104,12 @@ def attn_fwd_kernel(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,  # scalar ints: strides in elements
     msk_b, msk_n,  # scalar ints: strides of the mask
     sob, soh, som,  # scalar ints: strides of out
-    BH, H, nq, nk, D,  # scalar ints: batch*heads, heads, query and key lengths, head dim
+    BH, H, nq, nk,  # scalar ints: batch*heads, heads, query and key lengths
+    D: tl.constexpr,  # head dim
     qk_scale,  # scalar fp32: scale * log2(e)
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_D = next pow2 >= D
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,  # head-dim chunks (head_dim_blocks); BLOCK_D2 = 0: one chunk
     DOT_F32: tl.constexpr, PREC: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
@@ -90,44 +118,57 @@ def attn_fwd_kernel(
         return
     b, h = pid_bh // H, pid_bh % H
     IN_TY: tl.constexpr = q_ptr.dtype.element_ty
+    SPLIT: tl.constexpr = BLOCK_D2 > 0
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)  # [BLOCK_M] int64
+    m_ok = offs_m < nq
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    q = _ld(tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < nq) & d_ok[None, :], other=0.0), DOT_F32)  # [BLOCK_M, BLOCK_D]
+    q_base = q_ptr + b * sqb + h * sqh
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
     m_base = mask_ptr + b * msk_b
+    q = _tile(q_base, offs_m, sqm, m_ok, offs_d, sqd, D, DOT_F32)  # [BLOCK_M, BLOCK_D]
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if SPLIT:  # the head dim's remainder columns: their own operand tiles and accumulator
+        offs_e = BLOCK_D + tl.arange(0, BLOCK_D2)
+        q2 = _tile(q_base, offs_m, sqm, m_ok, offs_e, sqd, D, DOT_F32)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = nk
     if CAUSAL:
         hi = tl.minimum(nk, start_m + BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = (offs_n[:, None] < nk) & d_ok[None, :]
-        k = _ld(tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0), DOT_F32)
-        s = _dot(q, tl.trans(k), DOT_F32, IN_TY, PREC) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        n_ok = offs_n < nk
+        k = _tile(k_base, offs_n, skn, n_ok, offs_d, skd, D, DOT_F32)
+        s = _dot(q, tl.trans(k), DOT_F32, IN_TY, PREC)
+        if SPLIT:  # q k^T = q[:, main] k[:, main]^T + q[:, rest] k[:, rest]^T
+            k2 = _tile(k_base, offs_n, skn, n_ok, offs_e, skd, D, DOT_F32)
+            s = _dot_acc(s, q2, tl.trans(k2), DOT_F32, IN_TY, PREC)
+        s = s * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         s = tl.where(_valid(offs_m, offs_n, nq, nk, m_base, msk_n, CAUSAL, HAS_MASK), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no NaN
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _ld(tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0), DOT_F32)
-        acc = acc * alpha[:, None] + _dot(p, v, DOT_F32, IN_TY, PREC)
+        v = _tile(v_base, offs_n, svn, n_ok, offs_d, svd, D, DOT_F32)
+        acc = _dot_acc(acc * alpha[:, None], p, v, DOT_F32, IN_TY, PREC)
+        if SPLIT:
+            v2 = _tile(v_base, offs_n, svn, n_ok, offs_e, svd, D, DOT_F32)
+            acc2 = _dot_acc(acc2 * alpha[:, None], p, v2, DOT_F32, IN_TY, PREC)
         m_i = m_new
 
     empty = l_i == 0.0  # every key masked: zeros out, lse = +inf
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    row = pid_bh * nq + offs_m
-    _store(out_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], out,
-           (offs_m[:, None] < nq) & d_ok[None, :], BF16_RTNE)
-    tl.store(lse_ptr + row, lse, mask=offs_m < nq)
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o_base = out_ptr + b * sob + h * soh
+    _put(o_base, offs_m, som, m_ok, offs_d, acc / l_safe[:, None], D, BF16_RTNE)
+    if SPLIT:
+        _put(o_base, offs_m, som, m_ok, offs_e, acc2 / l_safe[:, None], D, BF16_RTNE)
+    tl.store(lse_ptr + pid_bh * nq + offs_m, lse, mask=m_ok)
 
 
 @triton.jit
@@ -138,10 +179,11 @@ def attn_bwd_dkdv_kernel(
     dk_ptr, dv_ptr,  # [B, H, Nk, D] contiguous, q's dtype
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,  # scalar ints: strides
     msk_b, msk_n,  # scalar ints
-    BH, H, nq, nk, D,  # scalar ints
+    BH, H, nq, nk,  # scalar ints
+    D: tl.constexpr,
     qk_scale, scale,  # scalar fp32: scale * log2(e), scale
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
@@ -150,38 +192,58 @@ def attn_bwd_dkdv_kernel(
         return
     b, h = pid_bh // H, pid_bh % H
     IN_TY: tl.constexpr = q_ptr.dtype.element_ty
+    SPLIT: tl.constexpr = BLOCK_D2 > 0
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < nk
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    kv_ok = (offs_n[:, None] < nk) & d_ok[None, :]
-    k = _ld(tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0), DOT_F32)
-    v = _ld(tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0), DOT_F32)
-    q_base = q_ptr + b * sqb + h * sqh
-    row0 = pid_bh * nq
-    m_base = mask_ptr + b * msk_b
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    k = _tile(k_base, offs_n, skn, n_ok, offs_d, skd, D, DOT_F32)
+    v = _tile(v_base, offs_n, svn, n_ok, offs_d, svd, D, DOT_F32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if SPLIT:
+        offs_e = BLOCK_D + tl.arange(0, BLOCK_D2)
+        k2 = _tile(k_base, offs_n, skn, n_ok, offs_e, skd, D, DOT_F32)
+        v2 = _tile(v_base, offs_n, svn, n_ok, offs_e, svd, D, DOT_F32)
+        dk2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
+        dv2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
+    q_base = q_ptr + b * sqb + h * sqh
+    row0 = pid_bh * nq
+    do_base = do_ptr + row0 * D
+    m_base = mask_ptr + b * msk_b
     lo = 0
     if CAUSAL:  # queries before this key block never see it
         lo = (start_n // BLOCK_M) * BLOCK_M
     for start_m in range(lo, nq, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
-        q_ok = (offs_m[:, None] < nq) & d_ok[None, :]
-        q = _ld(tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=q_ok, other=0.0), DOT_F32)
-        do = _ld(tl.load(do_ptr + (row0 + offs_m)[:, None] * D + offs_d[None, :], mask=q_ok, other=0.0), DOT_F32)
-        lse2 = tl.load(lse_ptr + row0 + offs_m, mask=offs_m < nq, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(delta_ptr + row0 + offs_m, mask=offs_m < nq, other=0.0)
-        s = _dot(q, tl.trans(k), DOT_F32, IN_TY, PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
-        ok = _valid(offs_m, offs_n, nq, nk, m_base, msk_n, CAUSAL, HAS_MASK)
-        p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)  # lse = +inf (no key) -> 0
-        dv += _dot(tl.trans(p), do, DOT_F32, IN_TY, PREC)
+        m_ok = offs_m < nq
+        q = _tile(q_base, offs_m, sqm, m_ok, offs_d, sqd, D, DOT_F32)
+        do = _tile(do_base, offs_m, D, m_ok, offs_d, 1, D, DOT_F32)
+        lse2 = tl.load(lse_ptr + row0 + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_ptr + row0 + offs_m, mask=m_ok, other=0.0)
+        s = _dot(q, tl.trans(k), DOT_F32, IN_TY, PREC)  # [BLOCK_M, BLOCK_N]
         dp = _dot(do, tl.trans(v), DOT_F32, IN_TY, PREC)
+        if SPLIT:
+            q2 = _tile(q_base, offs_m, sqm, m_ok, offs_e, sqd, D, DOT_F32)
+            do2 = _tile(do_base, offs_m, D, m_ok, offs_e, 1, D, DOT_F32)
+            s = _dot_acc(s, q2, tl.trans(k2), DOT_F32, IN_TY, PREC)
+            dp = _dot_acc(dp, do2, tl.trans(v2), DOT_F32, IN_TY, PREC)
+        ok = _valid(offs_m, offs_n, nq, nk, m_base, msk_n, CAUSAL, HAS_MASK)
+        p = tl.where(ok, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)  # lse = +inf (no key) -> 0
         ds = p * (dp - delta[:, None])
-        dk += _dot(tl.trans(ds), q, DOT_F32, IN_TY, PREC)
-    out_off = (pid_bh * nk + offs_n)[:, None] * D + offs_d[None, :]
-    _store(dk_ptr + out_off, dk * scale, kv_ok, BF16_RTNE)
-    _store(dv_ptr + out_off, dv, kv_ok, BF16_RTNE)
+        dv = _dot_acc(dv, tl.trans(p), do, DOT_F32, IN_TY, PREC)
+        dk = _dot_acc(dk, tl.trans(ds), q, DOT_F32, IN_TY, PREC)
+        if SPLIT:
+            dv2 = _dot_acc(dv2, tl.trans(p), do2, DOT_F32, IN_TY, PREC)
+            dk2 = _dot_acc(dk2, tl.trans(ds), q2, DOT_F32, IN_TY, PREC)
+    out_base = pid_bh * nk * D
+    _put(dk_ptr + out_base, offs_n, D, n_ok, offs_d, dk * scale, D, BF16_RTNE)
+    _put(dv_ptr + out_base, offs_n, D, n_ok, offs_d, dv, D, BF16_RTNE)
+    if SPLIT:
+        _put(dk_ptr + out_base, offs_n, D, n_ok, offs_e, dk2 * scale, D, BF16_RTNE)
+        _put(dv_ptr + out_base, offs_n, D, n_ok, offs_e, dv2, D, BF16_RTNE)
 
 
 @triton.jit
@@ -192,10 +254,11 @@ def attn_bwd_dq_kernel(
     dq_ptr,  # [B, H, Nq, D] contiguous, q's dtype
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,  # scalar ints: strides
     msk_b, msk_n,  # scalar ints
-    BH, H, nq, nk, D,  # scalar ints
+    BH, H, nq, nk,  # scalar ints
+    D: tl.constexpr,
     qk_scale, scale,  # scalar fp32
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
@@ -204,35 +267,51 @@ def attn_bwd_dq_kernel(
         return
     b, h = pid_bh // H, pid_bh % H
     IN_TY: tl.constexpr = q_ptr.dtype.element_ty
+    SPLIT: tl.constexpr = BLOCK_D2 > 0
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < nq
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    q_ok = (offs_m[:, None] < nq) & d_ok[None, :]
     row = pid_bh * nq + offs_m
-    q = _ld(tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=q_ok, other=0.0), DOT_F32)
-    do = _ld(tl.load(do_ptr + row[:, None] * D + offs_d[None, :], mask=q_ok, other=0.0), DOT_F32)
-    lse2 = tl.load(lse_ptr + row, mask=offs_m < nq, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(delta_ptr + row, mask=offs_m < nq, other=0.0)
+    q_base = q_ptr + b * sqb + h * sqh
+    do_base = do_ptr + pid_bh * nq * D
+    q = _tile(q_base, offs_m, sqm, m_ok, offs_d, sqd, D, DOT_F32)
+    do = _tile(do_base, offs_m, D, m_ok, offs_d, 1, D, DOT_F32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if SPLIT:
+        offs_e = BLOCK_D + tl.arange(0, BLOCK_D2)
+        q2 = _tile(q_base, offs_m, sqm, m_ok, offs_e, sqd, D, DOT_F32)
+        do2 = _tile(do_base, offs_m, D, m_ok, offs_e, 1, D, DOT_F32)
+        dq2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
+    lse2 = tl.load(lse_ptr + row, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(delta_ptr + row, mask=m_ok, other=0.0)
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
     m_base = mask_ptr + b * msk_b
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = nk
     if CAUSAL:
         hi = tl.minimum(nk, start_m + BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = (offs_n[:, None] < nk) & d_ok[None, :]
-        k = _ld(tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0), DOT_F32)
-        v = _ld(tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0), DOT_F32)
-        s = _dot(q, tl.trans(k), DOT_F32, IN_TY, PREC) * qk_scale
-        ok = _valid(offs_m, offs_n, nq, nk, m_base, msk_n, CAUSAL, HAS_MASK)
-        p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
+        n_ok = offs_n < nk
+        k = _tile(k_base, offs_n, skn, n_ok, offs_d, skd, D, DOT_F32)
+        v = _tile(v_base, offs_n, svn, n_ok, offs_d, svd, D, DOT_F32)
+        s = _dot(q, tl.trans(k), DOT_F32, IN_TY, PREC)
         dp = _dot(do, tl.trans(v), DOT_F32, IN_TY, PREC)
+        if SPLIT:
+            k2 = _tile(k_base, offs_n, skn, n_ok, offs_e, skd, D, DOT_F32)
+            v2 = _tile(v_base, offs_n, svn, n_ok, offs_e, svd, D, DOT_F32)
+            s = _dot_acc(s, q2, tl.trans(k2), DOT_F32, IN_TY, PREC)
+            dp = _dot_acc(dp, do2, tl.trans(v2), DOT_F32, IN_TY, PREC)
+        ok = _valid(offs_m, offs_n, nq, nk, m_base, msk_n, CAUSAL, HAS_MASK)
+        p = tl.where(ok, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds, k, DOT_F32, IN_TY, PREC)
-    _store(dq_ptr + row[:, None] * D + offs_d[None, :], dq * scale, q_ok, BF16_RTNE)
+        dq = _dot_acc(dq, ds, k, DOT_F32, IN_TY, PREC)
+        if SPLIT:
+            dq2 = _dot_acc(dq2, ds, k2, DOT_F32, IN_TY, PREC)
+    _put(dq_ptr + pid_bh * nq * D, offs_m, D, m_ok, offs_d, dq * scale, D, BF16_RTNE)
+    if SPLIT:
+        _put(dq_ptr + pid_bh * nq * D, offs_m, D, m_ok, offs_e, dq2 * scale, D, BF16_RTNE)
 
 
 # Under TRITON_INTERPRET=1 (read when triton.jit ran) the kernels are InterpretedFunctions.
@@ -252,24 +331,28 @@ FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2
 BWD_CONFIGS = [(32, 64, 4, 2), (32, 64, 8, 2), (64, 32, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (32, 32, 4, 2)]
 
 
-def _fits(block_m, block_n, warps, block_d, fp32):
+def _fits(block_m, block_n, warps, width, fp32):
+    """width: the head-dim columns the tiles hold (BLOCK_D + BLOCK_D2)."""
     if fp32:  # IEEE fp32 dots run on FMA units with fp32 operand tiles: the smallest tiles only
         return block_m * block_n <= 32 * 32
-    if block_d >= 128 and warps < 8 and block_m * block_n > 32 * 32:
-        return False  # 128-wide rows (D = 72..128) need 8 warps' registers (ptxas: spills at 4)
-    return block_d < 256 or block_m * block_n <= 64 * 64
+    if width > 64 and warps < 8 and block_m * block_n > 32 * 32:
+        return False  # rows wider than 64 (80, 96, 128) need 8 warps' registers (ptxas: spills at 4)
+    return width < 256 or block_m * block_n <= 64 * 64
 
 
-def _survivors(configs, block_d, fp32):
-    keep = [c for c in configs if _fits(c[0], c[1], c[2], block_d, fp32)]
+def _survivors(configs, width, fp32):
+    keep = [c for c in configs if _fits(c[0], c[1], c[2], width, fp32)]
     return keep or configs[-1:]
 
 
 def _prune(configs, named_args, **kwargs):
-    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    def get(name, default):
+        return kwargs.get(name, named_args.get(name, default))
+
+    width = get("BLOCK_D", 64) + get("BLOCK_D2", 0)
     q = named_args.get("q_ptr")
     fp32 = getattr(q, "dtype", None) == torch.float32
-    keep = [c for c in configs if _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, bd, fp32)]
+    keep = [c for c in configs if _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, width, fp32)]
     return keep or configs[-1:]
 
 
@@ -288,8 +371,18 @@ else:
             "dq": _tuned(attn_bwd_dq_kernel, BWD_CONFIGS)}
 
 
-def _block_d(d):
-    return max(16, triton.next_power_of_2(d))
+def head_dim_blocks(d):
+    """(BLOCK_D, BLOCK_D2): how head dim d is tiled. tl.arange needs powers of two and tl.dot
+    every dim >= 16, so a d that is not a power of two is split into its largest power of two
+    below d (BLOCK_D) and the remainder rounded up to a power of two >= 16 (BLOCK_D2, its columns
+    >= d masked), when that pair is narrower than the next power of two; else one chunk
+    (BLOCK_D2 = 0) of the next power of two. 72 -> 64 + 16 (80 columns of dot work, 1.25x that
+    of d = 64, where one 128 block was 2x; the CUDA kernel pads 72 to 80 too), 80 -> 64 + 16,
+    96 -> 64 + 32, 40/48 -> 32 + 16, 144 -> 128 + 16; 100 -> 128 (64 + 64 would be no narrower)."""
+    full = max(16, triton.next_power_of_2(d))
+    main = full // 2
+    rest = max(16, triton.next_power_of_2(max(1, d - main)))
+    return (main, rest) if d != full and rest < main else (full, 0)
 
 
 def _grid(nblocks, bh):
@@ -302,7 +395,8 @@ def _common(q, k, v, mask, causal, scale):
     strides = (*q.stride(), *k.stride(), *v.stride())
     m = mask.view(torch.uint8) if mask is not None else q  # dummy pointer when there is no mask
     mstr = mask.stride() if mask is not None else (0, 0)
-    consts = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, BLOCK_D=_block_d(d), DOT_F32=_INTERPRETED,
+    block_d, block_d2 = head_dim_blocks(d)
+    consts = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, BLOCK_D=block_d, BLOCK_D2=block_d2, DOT_F32=_INTERPRETED,
                   PREC="ieee" if q.dtype == torch.float32 else "tf32",
                   BF16_RTNE=_INTERPRETED and q.dtype == torch.bfloat16)
     if _INTERPRETED:
@@ -343,10 +437,10 @@ def attention_backward(dout, q, k, v, out, lse, mask, causal, scale):
 
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time compile list for genfast/devtools/gpu_compile.py (format of kernels/flow_step.py):
-# the default (first surviving) config of each kernel at head dims 64, 72 (a 128 block) and 128 in
+# the default (first surviving) config of each kernel at head dims 64, 72 (split 64 + 16) and 128 in
 # bf16, plus fp32 (IEEE dots) at 64, with causal and the key mask on (the heaviest variant).
 _STRIDES = ("sqb", "sqh", "sqm", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd", "msk_b", "msk_n")
-_SIZES = ("BH", "H", "nq", "nk", "D")
+_SIZES = ("BH", "H", "nq", "nk")
 
 
 def _aot(kind, dtype, d, causal=True, masked=True):
@@ -364,13 +458,14 @@ def _aot(kind, dtype, d, causal=True, masked=True):
     unit = ("sqd", "skd", "svd", "msk_n")
     sig.update({n: "i32" for n in _STRIDES + _SIZES + (("sob", "soh", "som") if kind == "fwd" else ()) if n not in unit})
     sig.update({n: "fp32" for n in scalars})
-    block_m, block_n, num_warps, num_stages = _survivors(cfg, _block_d(d), dtype == "fp32")[0]
+    block_d, block_d2 = head_dim_blocks(d)
+    block_m, block_n, num_warps, num_stages = _survivors(cfg, block_d + block_d2, dtype == "fp32")[0]
     return {
         "name": f"attention_{kind}[{dtype},D={d},{'causal,' if causal else ''}{'mask' if masked else 'nomask'}]",
         "kernel": kernel,
         "signature": sig,
         "constexprs": {**{n: 1 for n in unit}, "CAUSAL": causal, "HAS_MASK": masked, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                       "BLOCK_D": _block_d(d), "DOT_F32": False, "PREC": "ieee" if dtype == "fp32" else "tf32",
+                       "D": d, "BLOCK_D": block_d, "BLOCK_D2": block_d2, "DOT_F32": False, "PREC": "ieee" if dtype == "fp32" else "tf32",
                        "BF16_RTNE": False},
         "divisible_by_16": [p for p in ptrs if p != "mask_ptr"] + ["sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn"]
         + (["sob", "som"] if kind == "fwd" else []),

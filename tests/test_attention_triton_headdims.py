@@ -1,0 +1,106 @@
+"""Triton attention at head dims that are not powers of two: the head dim split into a power-of-two
+chunk and a masked remainder chunk (kernels/attention.py, head_dim_blocks), forward and every
+gradient against the plain-PyTorch reference (DESIGN.md §5 tolerance). Without a GPU the kernels
+run under TRITON_INTERPRET=1 (tests/conftest.py): shapes stay small."""
+import pytest
+import torch
+
+import genfast
+from genfast import reference
+from genfast.kernels import attention as triton_attention
+from genfast.testing import FLOAT_DTYPES, AttentionCase, assert_within_reference_error
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("d,blocks", [
+    (72, (64, 16)), (80, (64, 16)), (96, (64, 32)), (40, (32, 16)), (48, (32, 16)), (144, (128, 16)),
+    (192, (128, 64)), (64, (64, 0)), (128, (128, 0)), (100, (128, 0)), (24, (32, 0)), (8, (16, 0)), (1, (16, 0)),
+])
+def test_head_dim_blocks_examples(d, blocks):
+    assert triton_attention.head_dim_blocks(d) == blocks
+
+
+def test_head_dim_blocks_rule():
+    """Every head dim 1..256: power-of-two chunks >= 16 (tl.arange, tl.dot) that cover d; a split only
+    where it is narrower than the next power of two, its main chunk all real columns."""
+    for d in range(1, 257):
+        main, rest = triton_attention.head_dim_blocks(d)
+        full = max(16, 1 << (d - 1).bit_length())
+        assert main >= 16 and main & (main - 1) == 0, d
+        if rest:
+            assert 16 <= rest < main and rest & (rest - 1) == 0 and main < d <= main + rest < full, d
+            assert rest == max(16, 1 << (d - main - 1).bit_length()), d  # the narrowest remainder
+        else:
+            assert main == full, d
+
+
+def _cases(d, dtype):
+    """Small cases exercising the remainder chunk: odd lengths, causal, cross lengths with a key mask
+    (one sample fully masked), q/k/v as views of one fused qkv projection (the remainder's masked
+    columns sit next to another head's data there), a non-unit head-dim stride."""
+    g = torch.Generator().manual_seed(d)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE, dtype)
+
+    mask = torch.rand(2, 45, generator=g) > 0.3
+    mask[1] = False
+    b, n, h = 2, 19, 2
+    qkv = rnd(b, n, 3 * h * d).view(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+    return [
+        AttentionCase(f"n33_d{d}", rnd(1, 2, 33, d), rnd(1, 2, 33, d), rnd(1, 2, 33, d)),
+        AttentionCase(f"causal_n37_d{d}", rnd(1, 2, 37, d), rnd(1, 2, 37, d), rnd(1, 2, 37, d), {"causal": True}),
+        AttentionCase(f"cross_mask_17x45_d{d}", rnd(2, 1, 17, d), rnd(2, 1, 45, d), rnd(2, 1, 45, d),
+                      {"key_padding_mask": mask.to(DEVICE)}),
+        AttentionCase(f"qkv_views_causal_n19_d{d}", qkv[0], qkv[1], qkv[2], {"causal": True}),
+        AttentionCase(f"transposed_d{d}", rnd(1, 1, d, 21).transpose(-1, -2), rnd(1, 1, d, 21).transpose(-1, -2),
+                      rnd(1, 1, 21, d)),
+    ]
+
+
+def _grads(fn, leaves, g):
+    out = fn(*leaves)
+    return out, torch.autograd.grad(out, leaves, g.to(out.dtype))
+
+
+# Every dtype at 72 (DiT-XL/2, PixArt); one or two at the other splits (the interpreter is slow).
+SPLIT_CASES = [(72, dt) for dt in FLOAT_DTYPES] + [(80, torch.bfloat16), (96, torch.float32), (96, torch.bfloat16),
+                                                   (48, torch.float16), (40, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("d,dtype", SPLIT_CASES, ids=[f"d{d}-{dt}" for d, dt in SPLIT_CASES])
+def test_split_head_dim_matches_reference(d, dtype, use_backend):
+    assert triton_attention.head_dim_blocks(d)[1] > 0  # the two-chunk path is the one under test
+    use_backend("triton")
+    for case in _cases(d, dtype):
+        kw = case.kwargs
+        g = torch.randn(case.q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        out, got = _grads(lambda *a: genfast.attention(*a, **kw), case.leaves(), g)
+        out_lo, low = _grads(lambda *a: reference.attention(*a, upcast=False, **kw), case.leaves(), g)
+        out_hi, high = _grads(lambda *a: reference.attention(*a, **kw), case.leaves(torch.float64), g)
+        assert out.dtype == dtype and out.shape == case.q.shape, case.name
+        assert_within_reference_error(case.name, out, out_lo, out_hi, floor=1e-5)
+        for name, a, lo, hi in zip("qkv", got, low, high):
+            assert torch.isfinite(a).all(), f"{case.name}: d{name} not finite"
+            assert_within_reference_error(f"{case.name}: d{name}", a, lo, hi, floor=1e-5)
+
+
+def test_split_head_dim_compile_fullgraph_matches_eager(use_backend):
+    """A D = 72 block (the DiT-XL/2 head dim) through torch.compile: compiled numbers equal eager ones."""
+    use_backend("triton")
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(144, 3 * 144).to(DEVICE)
+
+    def block(x):
+        b, n, _ = x.shape
+        q, k, v = lin(x).view(b, n, 3, 2, 72).permute(2, 0, 3, 1, 4)
+        return genfast.attention(q, k, v, causal=True).transpose(1, 2).reshape(b, n, 144).square().sum()
+
+    x = torch.randn(1, 21, 144, device=DEVICE, requires_grad=True)
+    eager = block(x)
+    (gx_eager,) = torch.autograd.grad(eager, x)
+    compiled = torch.compile(block, fullgraph=True)(x)
+    (gx_comp,) = torch.autograd.grad(compiled, x)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(gx_comp, gx_eager)
