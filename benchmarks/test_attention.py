@@ -122,3 +122,25 @@ def test_dit_block(compare, dtype, mode):
         }, flops=flops_fwd * (1 if mode == "fwd" else 3),
             targets={"eager": 1.1 if dtype == "fp32" else 1.3, "compile": 1.1 if dtype == "fp32" else 1.0},
             note="genfast DiTBlock vs the plain-PyTorch DiT block with the same weights")
+
+
+@pytest.mark.skipif(not CUDA, reason="GPU only: what head dim 72 (split 64 + 16 in the Triton kernels) costs vs 64")
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_attention_head_dim_72_cost(compare, mode):
+    """genfast at D = 72 against genfast at D = 64 and D = 128 on the same tokens (bf16, DiT-XL/2 at
+    512^2: 1024 tokens). The split does the dot work of 80 columns: target >= 0.8x the D = 64 speed
+    (1 / 1.25), and faster than 128, which is what one padded 128 block used to cost."""
+    b, h, n = 32, 16, 1024
+    qkv = {d: _qkv((b, h, n, d), torch.bfloat16, compare.device, grad=mode != "fwd") for d in (72, 64, 128)}
+    grads = {d: torch.randn(b, h, n, d, device=compare.device, dtype=torch.bfloat16) for d in qkv}
+
+    def run(d):
+        if mode == "fwd":
+            return lambda: genfast.attention(*qkv[d])
+        return lambda: _fwd_bwd(genfast.attention, *qkv[d], grads[d])
+
+    compare(f"attention {mode} bf16 {b}x{h}x{n} head dim 72 vs 64, 128", {
+        "genfast": run(72), "d64": run(64), "d128": run(128), "sdpa_d72": lambda: (
+            sdpa(*qkv[72]) if mode == "fwd" else _fwd_bwd(sdpa, *qkv[72], grads[72]))},
+        flops=(4 if mode == "fwd" else 14) * b * h * n * n * 72, targets={"d64": 0.8, "d128": 1.0, "sdpa_d72": 1.0},
+        note=f"genfast backend: {_backend(qkv[72][0])}; speedups are D = 72's vs each")

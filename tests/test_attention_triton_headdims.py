@@ -35,6 +35,25 @@ def test_head_dim_blocks_rule():
             assert main == full, d
 
 
+def test_autotune_prune_counts_both_chunks():
+    """The GPU autotuner's pruning sees the remainder chunk: 72 (64 + 16, 80 columns) keeps only the
+    tiles that fit rows wider than 64 (8 warps; ptxas spills at 4), as 128 does; 64 keeps the 4-warp ones."""
+    import triton
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+               for m, n, w, st in triton_attention.BWD_CONFIGS]
+    args = {"q_ptr": torch.empty(0, dtype=torch.bfloat16)}
+
+    def kept(d):
+        bd, bd2 = triton_attention.head_dim_blocks(d)
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
+                for c in triton_attention._prune(configs, args, BLOCK_D=bd, BLOCK_D2=bd2)}
+
+    assert (32, 64, 4) in kept(64)
+    assert kept(72) == kept(128) and (32, 64, 4) not in kept(72)
+    assert all(w == 8 or m * n <= 32 * 32 for m, n, w in kept(72))
+
+
 def _cases(d, dtype):
     """Small cases exercising the remainder chunk: odd lengths, causal, cross lengths with a key mask
     (one sample fully masked), q/k/v as views of one fused qkv projection (the remainder's masked
