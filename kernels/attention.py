@@ -378,11 +378,13 @@ def head_dim_blocks(d):
     >= d masked), when that pair is narrower than the next power of two; else one chunk
     (BLOCK_D2 = 0) of the next power of two. 72 -> 64 + 16 (80 columns of dot work, 1.25x that
     of d = 64, where one 128 block was 2x; the CUDA kernel pads 72 to 80 too), 80 -> 64 + 16,
-    96 -> 64 + 32, 40/48 -> 32 + 16, 144 -> 128 + 16; 100 -> 128 (64 + 64 would be no narrower)."""
+    96 -> 64 + 32, 40/48 -> 32 + 16; 100 -> 128 (64 + 64 would be no narrower). Above 128 one
+    256 block as before: 160 = 128 + 32 compiled with other spills (sm_90 fwd/dq) and no GPU was
+    at hand to measure which pays."""
     full = max(16, triton.next_power_of_2(d))
     main = full // 2
     rest = max(16, triton.next_power_of_2(max(1, d - main)))
-    return (main, rest) if d != full and rest < main else (full, 0)
+    return (main, rest) if d != full and rest < main and full <= 128 else (full, 0)
 
 
 def _grid(nblocks, bh):

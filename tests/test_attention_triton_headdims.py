@@ -14,25 +14,27 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("d,blocks", [
-    (72, (64, 16)), (80, (64, 16)), (96, (64, 32)), (40, (32, 16)), (48, (32, 16)), (144, (128, 16)),
-    (192, (128, 64)), (64, (64, 0)), (128, (128, 0)), (100, (128, 0)), (24, (32, 0)), (8, (16, 0)), (1, (16, 0)),
+    (72, (64, 16)), (80, (64, 16)), (96, (64, 32)), (40, (32, 16)), (48, (32, 16)), (144, (256, 0)),
+    (192, (256, 0)), (64, (64, 0)), (128, (128, 0)), (100, (128, 0)), (24, (32, 0)), (8, (16, 0)), (1, (16, 0)),
 ])
 def test_head_dim_blocks_examples(d, blocks):
     assert triton_attention.head_dim_blocks(d) == blocks
 
 
 def test_head_dim_blocks_rule():
-    """Every head dim 1..256: power-of-two chunks >= 16 (tl.arange, tl.dot) that cover d; a split only
-    where it is narrower than the next power of two, its main chunk all real columns."""
+    """Every head dim 1..256: power-of-two chunks >= 16 (tl.arange, tl.dot) that cover d; a split (up to
+    128) only where it is narrower than the next power of two, its main chunk all real columns."""
     for d in range(1, 257):
         main, rest = triton_attention.head_dim_blocks(d)
         full = max(16, 1 << (d - 1).bit_length())
         assert main >= 16 and main & (main - 1) == 0, d
         if rest:
-            assert 16 <= rest < main and rest & (rest - 1) == 0 and main < d <= main + rest < full, d
+            assert 16 <= rest < main and rest & (rest - 1) == 0 and main < d <= main + rest < full <= 128, d
             assert rest == max(16, 1 << (d - main - 1).bit_length()), d  # the narrowest remainder
         else:
             assert main == full, d
+            narrower = max(16, 1 << (d - full // 2 - 1).bit_length()) < full // 2 if d > 16 else False
+            assert d == full or full > 128 or not narrower, d  # no split left out where it pays
 
 
 def test_autotune_prune_counts_both_chunks():
