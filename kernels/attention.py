@@ -36,25 +36,6 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _store(ptrs, x, mask, BF16_RTNE: tl.constexpr):
-    if BF16_RTNE:  # the GPU's fp32 -> bf16 cast rounds to nearest even; the interpreter's truncates
-        b = x.to(tl.uint32, bitcast=True)
-        b = b + 0x7FFF + ((b >> 16) & 1)
-        tl.store(ptrs, (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-    else:
-        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _ld(x, DOT_F32: tl.constexpr):
-    # A tile that only feeds tl.dot: fp32 at once under the interpreter (its bf16 math is wrong),
-    # the input dtype on the GPU (half the registers; tl.dot accumulates in fp32).
-    if DOT_F32:
-        return x.to(tl.float32)
-    return x
-
-
-@triton.jit
 def _dot(a, b, DOT_F32: tl.constexpr, IN_TY: tl.constexpr, PREC: tl.constexpr):
     # fp32 operands under the interpreter; on the GPU both in the inputs' dtype, fp32 accumulation.
     if DOT_F32:
@@ -82,17 +63,31 @@ def _valid(offs_m, offs_n, nq, nk, m_ptr, msk_n, CAUSAL: tl.constexpr, HAS_MASK:
     return ok
 
 
+# _tile and _put are the only helpers around loads and stores, each one call: under the
+# interpreter every call of a jit helper re-patches triton.language (~0.5 ms).
 @triton.jit
 def _tile(base, rows, row_stride, row_ok, cols, col_stride, D: tl.constexpr, DOT_F32: tl.constexpr):
     """[len(rows), len(cols)] tile of a dot operand; zeros for rows not row_ok and columns >= D
-    (D constexpr: the column mask has D's divisibility, so the loads stay vectorised)."""
+    (D constexpr: the column mask has D's divisibility, so the loads stay vectorised). fp32 at once
+    under the interpreter (its bf16 math is wrong); the input dtype on the GPU (half the
+    registers; tl.dot accumulates in fp32)."""
     ok = row_ok[:, None] & (cols[None, :] < D)
-    return _ld(tl.load(base + rows[:, None] * row_stride + cols[None, :] * col_stride, mask=ok, other=0.0), DOT_F32)
+    x = tl.load(base + rows[:, None] * row_stride + cols[None, :] * col_stride, mask=ok, other=0.0)
+    if DOT_F32:
+        x = x.to(tl.float32)
+    return x
 
 
 @triton.jit
 def _put(base, rows, row_stride, row_ok, cols, x, D: tl.constexpr, BF16_RTNE: tl.constexpr):
-    _store(base + rows[:, None] * row_stride + cols[None, :], x, row_ok[:, None] & (cols[None, :] < D), BF16_RTNE)
+    ptrs = base + rows[:, None] * row_stride + cols[None, :]
+    mask = row_ok[:, None] & (cols[None, :] < D)
+    if BF16_RTNE:  # the GPU's fp32 -> bf16 cast rounds to nearest even; the interpreter's truncates
+        b = x.to(tl.uint32, bitcast=True)
+        b = b + 0x7FFF + ((b >> 16) & 1)
+        tl.store(ptrs, (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
