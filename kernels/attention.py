@@ -436,6 +436,9 @@ def attention_backward(dout, q, k, v, out, lse, mask, causal, scale):
 # Ahead-of-time compile list for genfast/devtools/gpu_compile.py (format of kernels/flow_step.py):
 # the default (first surviving) config of each kernel at head dims 64, 72 (split 64 + 16) and 128 in
 # bf16, plus fp32 (IEEE dots) at 64, with causal and the key mask on (the heaviest variant).
+# sm_90, Triton 3.9, registers / shared KiB, D = 64 | 72 (64 + 16) | 128: fwd 151/64 | 177/80 |
+# 192/128; dk/dv 178/28 | 165/34 (8 warps) | 168/52; dq 136/28 | 216/30 (8 warps) | 144/52. The
+# 16-wide chunk's dots cost registers out of proportion: at 4 warps dq spilled (188 B), hence 8.
 _STRIDES = ("sqb", "sqh", "sqm", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd", "msk_b", "msk_n")
 _SIZES = ("BH", "H", "nq", "nk")
 
