@@ -393,8 +393,8 @@ def _common(q, k, v, mask, causal, scale):
     m = mask.view(torch.uint8) if mask is not None else q  # dummy pointer when there is no mask
     mstr = mask.stride() if mask is not None else (0, 0)
     block_d, block_d2 = head_dim_blocks(d)
-    consts = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, BLOCK_D=block_d, BLOCK_D2=block_d2, DOT_F32=_INTERPRETED,
-                  PREC="ieee" if q.dtype == torch.float32 else "tf32",
+    consts = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, BLOCK_D=block_d, BLOCK_D2=block_d2,
+                  DOT_F32=_INTERPRETED, PREC="ieee" if q.dtype == torch.float32 else "tf32",
                   BF16_RTNE=_INTERPRETED and q.dtype == torch.bfloat16)
     if _INTERPRETED:
         consts.update(INTERPRET_CONFIG)
@@ -465,8 +465,8 @@ def _aot(kind, dtype, d, causal=True, masked=True):
         "kernel": kernel,
         "signature": sig,
         "constexprs": {**{n: 1 for n in unit}, "CAUSAL": causal, "HAS_MASK": masked, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                       "D": d, "BLOCK_D": block_d, "BLOCK_D2": block_d2, "DOT_F32": False, "PREC": "ieee" if dtype == "fp32" else "tf32",
-                       "BF16_RTNE": False},
+                       "D": d, "BLOCK_D": block_d, "BLOCK_D2": block_d2, "DOT_F32": False,
+                       "PREC": "ieee" if dtype == "fp32" else "tf32", "BF16_RTNE": False},
         "divisible_by_16": [p for p in ptrs if p != "mask_ptr"] + ["sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn"]
         + (["sob", "som"] if kind == "fwd" else []),
         "num_warps": num_warps,
@@ -481,7 +481,8 @@ def _aot(kind, dtype, d, causal=True, masked=True):
 _ALLOW_SPILLS = {
     ("dkdv", "fp32", 64): "fp32 (IEEE) dk/dv: fp32 operand tiles of four dots on FMA units; a correctness "
                           "path, bf16/fp16 are the fast GPU paths",
-    ("fwd", "bf16", 128): "sm_80 under Triton 3.6 only: 32 B at 255 registers (3.9 and sm_90: none); to tune on an A100",
+    ("fwd", "bf16", 128): "sm_80 under Triton 3.6 only: 32 B at 255 registers (3.9 and sm_90: none); "
+                          "to tune on an A100",
     ("dkdv", "bf16", 72): "sm_80 only: 32 B (Triton 3.9) / 44 B (3.6) spilled at 255 registers, as the 128-padded "
                           "D = 72 did (8 / 28 B); sm_90: none. To tune on an A100",
 }
