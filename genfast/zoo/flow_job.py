@@ -149,7 +149,7 @@ def run(out="out/demo", *, seed=0, resume=False, progress=True, **overrides):
     k = min(per, 12)
     rows = [(f"class {c}", xs[c, :k]) for c in range(10)]
     for w in cfg["guidances"]:  # one row per guidance weight: classes 0..9, one sample each
-        rows.append((f"w={w:g}", scores[w]["samples"].view(10, per, 1, cfg["size"], cfg["size"])[:, 0][:k]))
+        rows.append((f"w={w:g}", scores[w]["samples"].view(10, per, 1, cfg["size"], cfg["size"])[:, 0]))
     name = "MLP" if cfg.get("arch") == "mlp" else "DiT"
     plots.save_grid(out / "samples.png", rows, title=f"{name} rectified flow, {cfg['sample_steps']} {cfg['sampler']} steps; "
                     f"class rows at w={head:g}")
