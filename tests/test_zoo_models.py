@@ -141,6 +141,35 @@ def test_vqvae_and_prior_training_lower_the_losses():
     assert sum(h2["loss"][-10:]) < 0.8 * sum(h2["loss"][:10])
 
 
+def _patch_tokens(x, codebook):
+    """4x4 pixel patches of 16x16 digits -> their nearest codebook patch: a 16-token grid per image."""
+    return genfast.vq_nearest(x.unfold(2, 4, 4).unfold(3, 4, 4).reshape(len(x), 16, 16), codebook)
+
+
+def test_unigram_bits():
+    ent, heldout = vqvae.unigram_bits(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 2]), 3)
+    assert ent == pytest.approx(1.0) and heldout == pytest.approx(-(math.log2(3 / 7) + math.log2(1 / 7)) / 2)
+
+
+def test_ar_prior_beats_the_unigram_on_heldout_tokens():
+    """The prior's recipe (dropout, weight decay, early stopping on a validation split) on 150 training
+    grids, where an unregularised prior overfits. Measured (seed 0, 200 steps, ~5 s): held-out 3.13
+    bits / token vs 4.65 for the unigram of the training code frequencies; without the
+    regularisation and early stop 4.10 (train 0.6)."""
+    x, y = data.digits(16, split="train")
+    xt, yt = data.digits(16, split="test")
+    patches = x.unfold(2, 4, 4).unfold(3, 4, 4).reshape(-1, 16)
+    codebook = patches[torch.randperm(len(patches), generator=torch.Generator().manual_seed(0))[:32]]
+    tokens, heldout = _patch_tokens(x[:150], codebook), _patch_tokens(xt, codebook)
+    cfg = {**vqvae.DEFAULTS, "codebook_size": 32, "batch": 64, "prior_steps": 200, "prior_dim": 64, "prior_depth": 2,
+           "prior_lr": 3e-3, "prior_eval_every": 25}
+    prior, hist = vqvae.train_prior(tokens, y[:150], cfg, generator=torch.Generator().manual_seed(0), progress=False)
+    _, unigram = vqvae.unigram_bits(tokens, heldout, 32)
+    bits = prior.bits_per_token(heldout, yt)
+    assert bits < unigram - 1.0, (bits, unigram)
+    assert 0 < hist["best_step"] <= 200 and hist["best_val_bits"] == min(hist["val_bits"])
+
+
 # ------------------------------------------------------------------------------------------- GAN
 def test_gan_losses():
     d_real, d_fake = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0])
