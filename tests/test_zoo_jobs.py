@@ -8,6 +8,7 @@ here (an untrained classifier stands in, to save its ~10 s of training): the cal
 tests are in test_zoo_flow.py and test_zoo_models.py. About 1 s a model on 2 CPU cores."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -79,3 +80,23 @@ def test_demo_job_writes_the_issue_metrics(model, toy, tmp_path):
         assert all(_finite(v["accuracy"], v["frechet"]) for v in m["guidance"].values())
         for w in ("0", "1", "3"):
             assert rows[f"w={w}"][0] == 10, rows  # one sample of each class
+
+
+# Full-length runs at the defaults (minutes each on 2 CPU cores): the README's figures, with room.
+FULL_LENGTH = {
+    "vae": lambda m: m["heldout_elbo_nats_per_image"] > -110,  # measured -100.2
+    "gan": lambda m: m["sample_accuracy"] >= 0.9 and m["frechet"] < 80,  # 0.99, 41
+    "vqvae": lambda m: m["heldout_bits_per_token"] < m["unigram_heldout_bits_per_token"] - 1.0,
+    "flow": lambda m: m["guidance"]["1.0"]["accuracy"] >= 0.9 and m["guidance"]["0.0"]["frechet"] < 60,  # 0.995, 35
+    "distill": lambda m: (m["scores"]["student 1 steps"]["accuracy"] >= 0.9  # 0.985, Frechet 75 vs 80
+                          and m["scores"]["student 1 steps"]["frechet"] < 1.3 * m["scores"]["teacher 50 steps"]["frechet"]),
+    "ldm": lambda m: m["guidance"]["1.0"]["accuracy"] >= 0.9 and m["guidance"]["0.0"]["frechet"] < 60,  # 1.00, 29
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("GENFAST_RUN_SLOW") != "1", reason="full run: set GENFAST_RUN_SLOW=1")
+@pytest.mark.parametrize("model", sorted(FULL_LENGTH))
+def test_full_length_demo_quality(model, tmp_path):
+    m = jobs.run(model, tmp_path, progress=False)
+    assert FULL_LENGTH[model](m), json.dumps({k: v for k, v in m.items() if k != "ops"}, indent=1)
