@@ -66,6 +66,8 @@ def test_demo_job_writes_the_issue_metrics(model, toy, tmp_path):
         assert _finite(m["heldout_bits_per_token"], m["unigram_entropy_bits"], m["unigram_heldout_bits_per_token"])
         assert 0 <= m["unigram_entropy_bits"] <= math.log2(m["config"]["codebook_size"]) + 1e-9
         assert 0 < m["codebook_usage_train"]["used_fraction"] <= 1 and m["codebook_usage_train"]["perplexity"] >= 1
+        assert set(m["by_guidance"]) == {"0.0", "0.5", "1.0"} and m["by_guidance"]["0.5"]["frechet"] == m["frechet"]
+        assert all(rows[f"w={w}"][0] == 10 for w in ("0", "0.5", "1"))
     elif model == "gan":
         assert _finite(m["sample_accuracy"], m["frechet"])
         strip = dict(toy["interpolation.png"])

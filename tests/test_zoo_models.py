@@ -126,6 +126,21 @@ def test_ar_prior_kv_cache_topk_and_bits(monkeypatch):
     g1 = prior.sample(3, y, generator=torch.Generator().manual_seed(1), top_k=1)
     g2 = prior.sample(3, y, generator=torch.Generator().manual_seed(2), top_k=1)
     assert torch.equal(g1, g2)
+    # classifier-free guidance: the cached doubled batch gives the uncached one; greedy first tokens are
+    # the argmax of (1 + w) * conditional - w * unconditional logits
+    a = prior.sample(3, y, generator=torch.Generator().manual_seed(1), top_k=4, guidance=1.5)
+    b = prior.sample(3, y, generator=torch.Generator().manual_seed(1), top_k=4, guidance=1.5, use_cache=False)
+    assert torch.equal(a, b)
+    greedy = prior.sample(3, y, top_k=1, guidance=2.0)
+    first = 3 * prior(toks, y)[:, 0] - 2 * prior(toks)[:, 0]
+    assert torch.equal(greedy[:, 0], first.argmax(-1))
+    # sampling and bits_per_token run without dropout and leave a training prior training
+    drop = vqvae.ARPrior(12, 9, dim=32, depth=2, heads=2, dropout=0.5).train()
+    drop.load_state_dict(prior.state_dict())
+    assert torch.equal(drop.sample(3, y, generator=torch.Generator().manual_seed(1), top_k=4, guidance=1.5), a)
+    assert drop.bits_per_token(a, y) == prior.bits_per_token(a, y) and drop.training
+    with pytest.raises(ValueError, match="guidance needs class labels"):
+        prior.sample(3, None, guidance=1.0)
     # an untrained prior is close to uniform: ~log2(12) bits per token
     assert abs(prior.bits_per_token(a, y) - math.log2(12)) < 1.0
     # causal: changing a later token leaves the logits of earlier positions alone

@@ -7,8 +7,9 @@ notes' "images as sequences of discrete tokens".
            the encoder) -> conv decoder. Reports codebook usage (fraction of codes used,
            perplexity) from the quantizer's fused per-code counts.
   ARPrior  causal transformer over the 16 tokens (genfast attention, causal=True), optionally
-           class-conditional through its start token; sampling with temperature / top-k and a
-           KV cache (each new token attends to the cached keys: one token's work per step).
+           class-conditional through its start token; sampling with temperature / top-k,
+           classifier-free guidance on the logits, and a KV cache (each new token attends to the
+           cached keys: one token's work per step).
            Trained with residual dropout, weight decay and early stopping on a validation split of
            the training grids: 1437 grids of 16 tokens are few, and without them the prior overfit
            (held-out 5.07 bits / token, worse than the 4.9-bit unigram of the code frequencies).
@@ -139,17 +140,24 @@ class ARPrior(nn.Module):
         return F.cross_entropy(logits.reshape(-1, self.vocab), tokens.reshape(-1)).item() / math.log(2)
 
     @torch.no_grad()
-    def sample(self, b, y=None, *, temperature=1.0, top_k=None, generator=None, use_cache=True):
+    def sample(self, b, y=None, *, temperature=1.0, top_k=None, guidance=0.0, generator=None, use_cache=True):
+        """b token grids [b, length]. guidance w > 0 (needs y): classifier-free guidance on the logits,
+        (1 + w) * conditional - w * unconditional (the prior also trains on the unconditional start
+        token), through a doubled batch."""
+        if guidance and y is None:
+            raise ValueError("guidance needs class labels y")
         was = self.training
         self.eval()  # no dropout while sampling
         try:
-            return self._sample(b, y, temperature, top_k, generator, use_cache)
+            return self._sample(b, y, temperature, top_k, guidance, generator, use_cache)
         finally:
             self.train(was)
 
-    def _sample(self, b, y, temperature, top_k, generator, use_cache):
+    def _sample(self, b, y, temperature, top_k, guidance, generator, use_cache):
         device = self.pos.device
         seq = self.start(y, b, device)[:, None]
+        if guidance:  # rows b.. are the unconditional twins of rows ..b
+            seq = torch.cat([seq, self.start(None, b, device)[:, None]])
         caches = [{} for _ in self.blocks] if use_cache else None
         out = []
         for i in range(self.length):
@@ -161,18 +169,24 @@ class ARPrior(nn.Module):
                 h = self.tok(seq) + self.pos[:i + 1]
                 for blk in self.blocks:
                     h = blk(h)
-            logits = self.head(self.ln(h[:, -1])) / max(temperature, 1e-6)
+            logits = self.head(self.ln(h[:, -1]))
+            if guidance:
+                cond, uncond = logits.chunk(2)
+                logits = cond + guidance * (cond - uncond)
+            logits = logits / max(temperature, 1e-6)
             if top_k is not None:
                 kth = logits.topk(top_k, dim=-1).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
             out.append(nxt)
-            seq = torch.cat([seq, nxt], 1)
+            seq = torch.cat([seq, torch.cat([nxt, nxt]) if guidance else nxt], 1)
         return torch.cat(out, 1)
 
 
 DEFAULTS = dict(train_steps=1200, prior_steps=1000, batch=128, lr=2e-3, size=16, dim=16, codebook_size=64,
-                ema=True, temperature=1.0, top_k=None,
+                # sampling: top-k 8 and classifier-free guidance, scored at each of `guidances` (measured on
+                # the default run, 200 samples: plain sampling classified 0.64, Frechet 52)
+                ema=True, temperature=1.0, top_k=8, guidances=(0.0, 0.5, 1.0), guidance=0.5,
                 # the prior (see train_prior). Held-out bits / token on this VQ-VAE's tokens, 1000 steps
                 # (unigram 4.90): dim 128, depth 4, no dropout 5.03 (its best, 2.93, at step 200);
                 # + dropout 0.1: 3.33 (best 2.83); + dropout 0.2, weight decay 0.1: 2.84 (best 2.76);
@@ -287,19 +301,25 @@ def run(out="out/vqvae", *, seed=0, resume=False, progress=True, sample_steps=No
         r = vq(test)
         test_tokens = r["indices"].flatten(1)
         labels = torch.arange(10).repeat_interleave(20)
-        g = torch.Generator().manual_seed(seed + 1)
-        toks = prior.sample(len(labels), labels, temperature=cfg["temperature"], top_k=cfg["top_k"], generator=g)
-        xs = vq.decode_indices(toks.view(-1, *r["indices"].shape[1:])).clamp(-1, 1)
+        samples = {}
+        for w in dict.fromkeys((*cfg["guidances"], cfg["guidance"])):
+            toks = prior.sample(len(labels), labels, temperature=cfg["temperature"], top_k=cfg["top_k"], guidance=w,
+                                generator=torch.Generator().manual_seed(seed + 1))
+            samples[w] = vq.decode_indices(toks.view(-1, *r["indices"].shape[1:])).clamp(-1, 1)
+        xs = samples[cfg["guidance"]]
         prior.eval()
         bpt = prior.bits_per_token(test_tokens, test_y)
         bpt_uncond = prior.bits_per_token(test_tokens)
         train_tokens = vq.encode(train_x)[1]
     unigram_entropy, unigram_heldout = unigram_bits(train_tokens, test_tokens, cfg["codebook_size"])
     clf, clf_acc = classifier.load_or_train(out, size=cfg["size"])
-    s = classifier.score(clf, xs, labels, test)
+    scores = {w: classifier.score(clf, x, labels, test) for w, x in samples.items()}
+    s = scores[cfg["guidance"]]
     rows = [("data", test[:12]), ("reconstruction", vq.decode_indices(r["indices"][:12]).clamp(-1, 1).detach())]
     rows += [(f"class {c}", xs.view(10, 20, 1, cfg["size"], cfg["size"])[c, :12]) for c in range(10)]
-    plots.save_grid(out / "samples.png", rows, title="VQ-VAE reconstructions; AR-prior samples, one row per class")
+    rows += [(f"w={w:g}", x.view(10, 20, 1, cfg["size"], cfg["size"])[:, 0]) for w, x in samples.items()]
+    plots.save_grid(out / "samples.png", rows, title=f"VQ-VAE reconstructions; AR-prior samples (top-k {cfg['top_k']}), "
+                    f"one row per class at guidance w={cfg['guidance']:g}, then one row per guidance weight")
     plots.save_loss_curve(out / "loss.png", {"vq-vae loss": h1["loss"], "prior cross-entropy (nats)": h2["loss"]})
     metrics = {"model": "vqvae", "config": vq.config, "prior": prior.config, "train_seconds": round(secs, 1),
                "heldout_recon_mse": r["recon"].item(), "heldout_bits_per_token": bpt,
@@ -313,6 +333,7 @@ def run(out="out/vqvae", *, seed=0, resume=False, progress=True, sample_steps=No
                "codebook_usage_train": codebook_usage(train_tokens, cfg["codebook_size"]),
                "codebook_usage_last_batch": vq.quantizer.usage(),
                "sample_accuracy": s["accuracy"], "frechet": s["frechet"], "classifier_test_accuracy": clf_acc,
+               "guidance": cfg["guidance"], "by_guidance": {str(w): v for w, v in scores.items()},
                "temperature": cfg["temperature"], "top_k": cfg["top_k"], "ops": _ops.which()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
