@@ -185,6 +185,36 @@ def test_ar_prior_beats_the_unigram_on_heldout_tokens():
     assert 0 < hist["best_step"] <= 200 and hist["best_val_bits"] == min(hist["val_bits"])
 
 
+def test_ar_prior_resumes_bit_for_bit_with_its_early_stopping_state(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    tokens, y = torch.randint(0, 12, (40, 9), generator=g), torch.randint(0, 10, (40,), generator=g)
+    cfg = {**vqvae.DEFAULTS, "codebook_size": 12, "batch": 8, "prior_steps": 12, "prior_dim": 32, "prior_depth": 1,
+           "prior_lr": 1e-2, "prior_eval_every": 2, "checkpoint_every": 3, "prior_val_fraction": 0.25}
+    torch.manual_seed(0)  # the prior's initial weights
+    full, hist_full = vqvae.train_prior(tokens, y, cfg, generator=torch.Generator().manual_seed(1), progress=False)
+    real_fit = vqvae.train.fit
+
+    def crashing_fit(step_fn, **kw):  # the process dies in step 7, after the checkpoint of step 6
+        def step(i):
+            if i == 7:
+                raise KeyboardInterrupt
+            return step_fn(i)
+        return real_fit(step, **kw)
+    monkeypatch.setattr(vqvae.train, "fit", crashing_fit)
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        vqvae.train_prior(tokens, y, cfg, generator=torch.Generator().manual_seed(1), ckpt=tmp_path / "prior.pt",
+                          progress=False)
+    monkeypatch.undo()
+    torch.manual_seed(123)  # whatever the global RNG: the checkpoint restores it (dropout draws from it)
+    resumed, hist = vqvae.train_prior(tokens, y, cfg, generator=torch.Generator().manual_seed(1),
+                                      ckpt=tmp_path / "prior.pt", resume=True, progress=False)
+    assert hist["loss"] == hist_full["loss"] and hist["val_bits"] == hist_full["val_bits"]
+    assert (hist["best_step"], hist["best_val_bits"]) == (hist_full["best_step"], hist_full["best_val_bits"])
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 # ------------------------------------------------------------------------------------------- GAN
 def test_gan_losses():
     d_real, d_fake = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0])

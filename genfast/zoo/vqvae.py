@@ -251,10 +251,11 @@ def train_prior(tokens, y, cfg, *, generator, ckpt=None, config=None, resume=Fal
             best.offer(out["val_bits"], i + 1, prior)
         return out
 
-    hist = train.fit(step, steps=cfg["prior_steps"], state={"prior": prior, "opt": opt, "sched": sched, "rng": g,
-                                                            "best": best},
+    # dropout draws from torch's global generator: checkpointed too, so that a resumed run is the same run
+    state = {"prior": prior, "opt": opt, "sched": sched, "rng": g, "dropout_rng": torch.default_generator, "best": best}
+    hist = train.fit(step, steps=cfg["prior_steps"], state=state,
                      kind="ar-prior", config=config, ckpt=ckpt, resume=resume, progress=progress,
-                     desc="training ar prior", items_per_step=b)
+                     desc="training ar prior", items_per_step=b, every=cfg.get("checkpoint_every", 200))
     if best.weights is not None:
         prior.load_state_dict(best.weights)
     hist["best_step"], hist["best_val_bits"] = best.step, best.bits
