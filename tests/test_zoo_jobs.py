@@ -91,8 +91,9 @@ FULL_LENGTH = {
     "vqvae": lambda m: (m["heldout_bits_per_token"] < m["unigram_heldout_bits_per_token"] - 1.0  # 2.81 vs 4.90
                         and m["sample_accuracy"] >= 0.75),  # 0.89
     "flow": lambda m: m["guidance"]["1.0"]["accuracy"] >= 0.9 and m["guidance"]["0.0"]["frechet"] < 60,  # 0.995, 35
-    "distill": lambda m: (m["scores"]["student 1 steps"]["accuracy"] >= 0.9  # 0.985, Frechet 75 vs 80
-                          and m["scores"]["student 1 steps"]["frechet"] < 1.3 * m["scores"]["teacher 50 steps"]["frechet"]),
+    "distill": lambda m: (m["scores"]["student 1 steps"]["accuracy"] >= 0.9  # 0.985, Frechet 75 vs the teacher's 80
+                          and m["scores"]["student 1 steps"]["frechet"]
+                          < 1.3 * m["scores"]["teacher 50 steps"]["frechet"]),
     "ldm": lambda m: m["guidance"]["1.0"]["accuracy"] >= 0.9 and m["guidance"]["0.0"]["frechet"] < 60,  # 1.00, 29
 }
 

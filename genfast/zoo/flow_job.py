@@ -97,8 +97,8 @@ def train_model(cfg, *, out=None, seed=0, resume=False, progress=True, dataset=N
     config = checkpoint_config(cfg)
     t0 = time.perf_counter()
     step = make_step(net, opt, sched, x, y, g, cfg["batch"], rank, world, cfg.get("schedule", "logit_normal"))
-    history = train.fit(step, steps=cfg["train_steps"],
-                        state={"model": model, "opt": opt, "sched": sched, "rng": g}, kind=f"{cfg.get('arch', 'dit')}-rectified-flow",
+    history = train.fit(step, steps=cfg["train_steps"], state={"model": model, "opt": opt, "sched": sched, "rng": g},
+                        kind=f"{cfg.get('arch', 'dit')}-rectified-flow",
                         config=config, ckpt=None if out is None else Path(out) / ckpt_name, resume=resume,
                         progress=progress, desc=f"training {cfg.get('arch', 'dit')}", items_per_step=cfg["batch"],
                         every=cfg["checkpoint_every"])

@@ -319,8 +319,9 @@ def run(out="out/vqvae", *, seed=0, resume=False, progress=True, sample_steps=No
     rows = [("data", test[:12]), ("reconstruction", vq.decode_indices(r["indices"][:12]).clamp(-1, 1).detach())]
     rows += [(f"class {c}", xs.view(10, 20, 1, cfg["size"], cfg["size"])[c, :12]) for c in range(10)]
     rows += [(f"w={w:g}", x.view(10, 20, 1, cfg["size"], cfg["size"])[:, 0]) for w, x in samples.items()]
-    plots.save_grid(out / "samples.png", rows, title=f"VQ-VAE reconstructions; AR-prior samples (top-k {cfg['top_k']}), "
-                    f"one row per class at guidance w={cfg['guidance']:g}, then one row per guidance weight")
+    plots.save_grid(out / "samples.png", rows,
+                    title=f"VQ-VAE reconstructions; AR-prior samples (top-k {cfg['top_k']}), one row per class at "
+                          f"guidance w={cfg['guidance']:g}, then one row per guidance weight")
     plots.save_loss_curve(out / "loss.png", {"vq-vae loss": h1["loss"], "prior cross-entropy (nats)": h2["loss"]})
     metrics = {"model": "vqvae", "config": vq.config, "prior": prior.config, "train_seconds": round(secs, 1),
                "heldout_recon_mse": r["recon"].item(), "heldout_bits_per_token": bpt,
