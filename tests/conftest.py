@@ -30,6 +30,6 @@ def use_backend(monkeypatch):
     return force
 
 
-# Shared test helpers that are not test modules (diffusers_tiny.py): importable by name. The
+# Shared test helpers that are not test modules (diffusers_tiny.py, zoo_tiny.py): importable by name. The
 # checkout's root stays off sys.path, so the tests still exercise the installed package.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -126,6 +126,21 @@ def test_ar_prior_kv_cache_topk_and_bits(monkeypatch):
     g1 = prior.sample(3, y, generator=torch.Generator().manual_seed(1), top_k=1)
     g2 = prior.sample(3, y, generator=torch.Generator().manual_seed(2), top_k=1)
     assert torch.equal(g1, g2)
+    # classifier-free guidance: the cached doubled batch gives the uncached one; greedy first tokens are
+    # the argmax of (1 + w) * conditional - w * unconditional logits
+    a = prior.sample(3, y, generator=torch.Generator().manual_seed(1), top_k=4, guidance=1.5)
+    b = prior.sample(3, y, generator=torch.Generator().manual_seed(1), top_k=4, guidance=1.5, use_cache=False)
+    assert torch.equal(a, b)
+    greedy = prior.sample(3, y, top_k=1, guidance=2.0)
+    first = 3 * prior(toks, y)[:, 0] - 2 * prior(toks)[:, 0]
+    assert torch.equal(greedy[:, 0], first.argmax(-1))
+    # sampling and bits_per_token run without dropout and leave a training prior training
+    drop = vqvae.ARPrior(12, 9, dim=32, depth=2, heads=2, dropout=0.5).train()
+    drop.load_state_dict(prior.state_dict())
+    assert torch.equal(drop.sample(3, y, generator=torch.Generator().manual_seed(1), top_k=4, guidance=1.5), a)
+    assert drop.bits_per_token(a, y) == prior.bits_per_token(a, y) and drop.training
+    with pytest.raises(ValueError, match="guidance needs class labels"):
+        prior.sample(3, None, guidance=1.0)
     # an untrained prior is close to uniform: ~log2(12) bits per token
     assert abs(prior.bits_per_token(a, y) - math.log2(12)) < 1.0
     # causal: changing a later token leaves the logits of earlier positions alone
@@ -139,6 +154,65 @@ def test_vqvae_and_prior_training_lower_the_losses():
     _, _, h1, h2, _ = vqvae.train_models(cfg, progress=False)
     assert sum(h1["loss"][-10:]) < 0.7 * sum(h1["loss"][:10])
     assert sum(h2["loss"][-10:]) < 0.8 * sum(h2["loss"][:10])
+
+
+def _patch_tokens(x, codebook):
+    """4x4 pixel patches of 16x16 digits -> their nearest codebook patch: a 16-token grid per image."""
+    return genfast.vq_nearest(x.unfold(2, 4, 4).unfold(3, 4, 4).reshape(len(x), 16, 16), codebook)
+
+
+def test_unigram_bits():
+    ent, heldout = vqvae.unigram_bits(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 2]), 3)
+    assert ent == pytest.approx(1.0) and heldout == pytest.approx(-(math.log2(3 / 7) + math.log2(1 / 7)) / 2)
+
+
+def test_ar_prior_beats_the_unigram_on_heldout_tokens():
+    """The prior's recipe (dropout, weight decay, early stopping on a validation split) on 150 training
+    grids, where an unregularised prior overfits. Measured (seed 0, 200 steps, ~5 s): held-out 3.11
+    bits / token vs 4.65 for the unigram of the training code frequencies; without dropout, weight
+    decay and early stop 4.01 (train 0.6), which fails the assertion."""
+    x, y = data.digits(16, split="train")
+    xt, yt = data.digits(16, split="test")
+    patches = x.unfold(2, 4, 4).unfold(3, 4, 4).reshape(-1, 16)
+    codebook = patches[torch.randperm(len(patches), generator=torch.Generator().manual_seed(0))[:32]]
+    tokens, heldout = _patch_tokens(x[:150], codebook), _patch_tokens(xt, codebook)
+    cfg = {**vqvae.DEFAULTS, "codebook_size": 32, "batch": 64, "prior_steps": 200, "prior_dim": 64, "prior_depth": 2,
+           "prior_lr": 3e-3, "prior_eval_every": 25}
+    prior, hist = vqvae.train_prior(tokens, y[:150], cfg, generator=torch.Generator().manual_seed(0), progress=False)
+    _, unigram = vqvae.unigram_bits(tokens, heldout, 32)
+    bits = prior.bits_per_token(heldout, yt)
+    assert bits < unigram - 1.0, (bits, unigram)
+    assert 0 < hist["best_step"] <= 200 and hist["best_val_bits"] == min(hist["val_bits"])
+
+
+def test_ar_prior_resumes_bit_for_bit_with_its_early_stopping_state(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    tokens, y = torch.randint(0, 12, (40, 9), generator=g), torch.randint(0, 10, (40,), generator=g)
+    cfg = {**vqvae.DEFAULTS, "codebook_size": 12, "batch": 8, "prior_steps": 12, "prior_dim": 32, "prior_depth": 1,
+           "prior_lr": 1e-2, "prior_eval_every": 2, "checkpoint_every": 3, "prior_val_fraction": 0.25}
+    torch.manual_seed(0)  # the prior's initial weights
+    full, hist_full = vqvae.train_prior(tokens, y, cfg, generator=torch.Generator().manual_seed(1), progress=False)
+    real_fit = vqvae.train.fit
+
+    def crashing_fit(step_fn, **kw):  # the process dies in step 7, after the checkpoint of step 6
+        def step(i):
+            if i == 7:
+                raise KeyboardInterrupt
+            return step_fn(i)
+        return real_fit(step, **kw)
+    monkeypatch.setattr(vqvae.train, "fit", crashing_fit)
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        vqvae.train_prior(tokens, y, cfg, generator=torch.Generator().manual_seed(1), ckpt=tmp_path / "prior.pt",
+                          progress=False)
+    monkeypatch.undo()
+    torch.manual_seed(123)  # whatever the global RNG: the checkpoint restores it (dropout draws from it)
+    resumed, hist = vqvae.train_prior(tokens, y, cfg, generator=torch.Generator().manual_seed(1),
+                                      ckpt=tmp_path / "prior.pt", resume=True, progress=False)
+    assert hist["loss"] == hist_full["loss"] and hist["val_bits"] == hist_full["val_bits"]
+    assert (hist["best_step"], hist["best_val_bits"]) == (hist_full["best_step"], hist_full["best_val_bits"])
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------------------------------- GAN

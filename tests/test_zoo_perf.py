@@ -8,16 +8,7 @@ import torch.nn.functional as F
 from genfast.testing import assert_within_reference_error
 from genfast.zoo import _ops, dit, dit_variants
 from genfast.zoo import rectified_flow as rf
-
-
-def tiny_dit(**kw):
-    torch.manual_seed(0)
-    cfg = dict(input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=10)
-    cfg.update(kw)
-    m = dit.DiT(**cfg)
-    for p in m.parameters():  # leave adaLN-Zero's zeros: outputs would be trivially equal
-        p.data.add_(0.02 * torch.randn_like(p))
-    return m
+from zoo_tiny import tiny_dit
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "empty"])

@@ -50,7 +50,7 @@ def build(cfg):
     return DiT(input_size=cfg["size"], in_channels=cfg.get("channels", 1), num_classes=10, **cfg["dit"])
 
 
-def make_step(model, opt, sched, x, y, g, batch, rank=0, world=1):
+def make_step(model, opt, sched, x, y, g, batch, rank=0, world=1, schedule="logit_normal"):
     """One optimisation step on a global batch of `batch` images. Every rank draws the whole batch's
     indices, times, noise and label dropout from the same generator and keeps its shard, so N ranks
     under DDP (gradients averaged) take the step one process takes on the same global batch."""
@@ -61,7 +61,7 @@ def make_step(model, opt, sched, x, y, g, batch, rank=0, world=1):
     def step(i):
         model.train()
         idx = torch.randint(0, len(y), (batch,), generator=g)
-        t = rf.sample_timesteps(batch, schedule="logit_normal", generator=g)
+        t = rf.sample_timesteps(batch, schedule=schedule, generator=g)
         z = torch.randn((batch, *x.shape[1:]), generator=g)
         drop = torch.rand(batch, generator=g) < 0.1  # label dropout for classifier-free guidance
         labels = torch.where(drop, NULL, y[idx])
@@ -96,8 +96,9 @@ def train_model(cfg, *, out=None, seed=0, resume=False, progress=True, dataset=N
         opt, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1 - s / max(1, cfg["train_steps"])))
     config = checkpoint_config(cfg)
     t0 = time.perf_counter()
-    history = train.fit(make_step(net, opt, sched, x, y, g, cfg["batch"], rank, world), steps=cfg["train_steps"],
-                        state={"model": model, "opt": opt, "sched": sched, "rng": g}, kind=f"{cfg.get('arch', 'dit')}-rectified-flow",
+    step = make_step(net, opt, sched, x, y, g, cfg["batch"], rank, world, cfg.get("schedule", "logit_normal"))
+    history = train.fit(step, steps=cfg["train_steps"], state={"model": model, "opt": opt, "sched": sched, "rng": g},
+                        kind=f"{cfg.get('arch', 'dit')}-rectified-flow",
                         config=config, ckpt=None if out is None else Path(out) / ckpt_name, resume=resume,
                         progress=progress, desc=f"training {cfg.get('arch', 'dit')}", items_per_step=cfg["batch"],
                         every=cfg["checkpoint_every"])
@@ -126,9 +127,14 @@ def evaluate(model, cfg, clf, *, seed, progress=False):
     return out
 
 
+# The MLP's steps are ~10x cheaper than the DiT's, and at the DiT's 800 it still samples visibly
+# noisy digits (measured: Frechet 84 at w=0, 35 at 4000 steps)
+MLP_DEFAULTS = dict(train_steps=4000)
+
+
 def run_mlp(out="out/flow", **kw):
     """`--model flow`: the rectified flow with the MLP velocity model."""
-    return run(out, arch="mlp", **kw)
+    return run(out, arch="mlp", **{**MLP_DEFAULTS, **{k: v for k, v in kw.items() if v is not None}})
 
 
 def run(out="out/demo", *, seed=0, resume=False, progress=True, **overrides):
@@ -149,7 +155,7 @@ def run(out="out/demo", *, seed=0, resume=False, progress=True, **overrides):
     k = min(per, 12)
     rows = [(f"class {c}", xs[c, :k]) for c in range(10)]
     for w in cfg["guidances"]:  # one row per guidance weight: classes 0..9, one sample each
-        rows.append((f"w={w:g}", scores[w]["samples"].view(10, per, 1, cfg["size"], cfg["size"])[:, 0][:k]))
+        rows.append((f"w={w:g}", scores[w]["samples"].view(10, per, 1, cfg["size"], cfg["size"])[:, 0]))
     name = "MLP" if cfg.get("arch") == "mlp" else "DiT"
     plots.save_grid(out / "samples.png", rows, title=f"{name} rectified flow, {cfg['sample_steps']} {cfg['sampler']} steps; "
                     f"class rows at w={head:g}")
