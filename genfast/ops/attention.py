@@ -199,35 +199,57 @@ def _fwd_run(q, k, v, mask, causal, scale, keep_p):
 def _out_layout(q):
     """The forward's output [B, H, Nq, D]. Its memory is [B, Nq, H, D] (so that
     out.transpose(1, 2).reshape(B, Nq, H * D) before the output projection is free) on every
-    backend, except for CPU tensors of the dtypes torch's fused CPU kernel serves when q's heads
+    backend, except for CPU tensors of the dtypes torch's fused CPU kernel may serve when q's heads
     are outer to its tokens: that kernel writes q's own layout (torch 2.13), [B, H, Nq, D] there,
     and re-laying it out would cost a transposing copy. A function of device type, dtype and q's
     stride order, so the fake and every backend agree."""
     b, h, nq, d = q.shape
     from genfast.ops import attention_cpu
 
-    if q.device.type == "cpu" and attention_cpu.always_sdpa(q.dtype) and not q.stride(1) < q.stride(2):
+    if q.device.type == "cpu" and attention_cpu.may_use_fused(q.dtype) and not q.stride(1) < q.stride(2):
         return torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
     return torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
+def _grad_layout(t):
+    """The backward's gradient of t [B, H, N, D]. CPU tensors of the dtypes torch's fused CPU kernel
+    may serve: [B, N, H, D] memory, the layout that kernel's backward returns whatever its inputs'
+    (torch 2.13), so that it is returned as it is (as SDPA's own autograd does) instead of copied;
+    elsewhere contiguous. A function of device type and dtype only, so the fake agrees."""
+    b, h, n, d = t.shape
+    from genfast.ops import attention_cpu
+
+    if t.device.type == "cpu" and attention_cpu.may_use_fused(t.dtype):
+        return torch.empty((b, n, h, d), dtype=t.dtype, device=t.device).transpose(1, 2)
+    return torch.empty((b, h, n, d), dtype=t.dtype, device=t.device)
+
+
+def _into(layout, t):
+    """t, or a copy of it in layout's strides when they differ (the op's promise, see the fake)."""
+    return t if t.stride() == layout.stride() else layout.copy_(t)
+
+
 def _bwd_impl(dout, q, k, v, out, lse, p, mask, causal, scale):
+    grads = _grad_layout(q), _grad_layout(k), _grad_layout(v)
     if q.numel() == 0 or k.shape[2] == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return tuple(g.zero_() for g in grads)
     name = backend_for(q)
     if name == "triton":
         from genfast.kernels.attention import attention_backward
 
-        return attention_backward(dout, q, k, v, out, lse, mask, causal, scale)
-    if name in ("cuda", "cuda_emu"):
+        got = attention_backward(dout, q, k, v, out, lse, mask, causal, scale)
+    elif name in ("cuda", "cuda_emu"):
         from genfast.ops import attention_cuda
 
-        return attention_cuda.backward(name, dout, q, k, v, out, lse, mask, causal, scale)
-    if name == "cpu":
+        got = attention_cuda.backward(name, dout, q, k, v, out, lse, mask, causal, scale)
+    elif name == "cpu":
         from genfast.ops import attention_cpu
 
-        return attention_cpu.backward(dout, q, k, v, out, lse, mask, causal, scale, p=p if p.numel() else None)
-    return _reference_bwd(dout, q, k, v, mask, causal, scale)
+        got = attention_cpu.backward(dout, q, k, v, out, lse, mask, causal, scale, p=p if p.numel() else None,
+                                     grads=grads)
+    else:
+        got = _reference_bwd(dout, q, k, v, mask, causal, scale)
+    return tuple(_into(g, t) for g, t in zip(grads, got))
 
 
 # ------------------------------------------------------------------------ torch.library glue
@@ -245,9 +267,7 @@ def _fake_fwd(q, k, v, mask, causal, scale, keep_p=False):
 
 @torch.library.register_fake("genfast::attention_bwd")
 def _fake_bwd(dout, q, k, v, out, lse, p, mask, causal, scale):
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format))
+    return _grad_layout(q), _grad_layout(k), _grad_layout(v)
 
 
 def _setup_context(ctx, inputs, output):
@@ -263,7 +283,9 @@ def _backward(ctx, dout, _dlse, _dp):
     q, k, v, out, lse, p, mask = ctx.saved_tensors
     if dout is None:
         return None, None, None, None, None, None, None
-    dq, dk, dv = torch.ops.genfast.attention_bwd(dout.contiguous(), q, k, v, out, lse, p, mask, ctx.causal, ctx.scale)
+    # the CPU path reads any strides (dout arrives in [B, N, H, D] memory from a DiT's output projection)
+    dout = dout if dout.device.type == "cpu" and backend_for(q) == "cpu" else dout.contiguous()
+    dq, dk, dv = torch.ops.genfast.attention_bwd(dout, q, k, v, out, lse, p, mask, ctx.causal, ctx.scale)
     return dq, dk, dv, None, None, None, None
 
 

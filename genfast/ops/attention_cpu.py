@@ -56,9 +56,11 @@ def variant(q, nk, buffers=1):
     return (FITS if fits else LONG).get(q.dtype, "sdpa")
 
 
-def always_sdpa(dtype):
-    """True when every shape of this dtype takes torch's fused kernel (whose output follows q's layout)."""
-    return FITS.get(dtype, "sdpa") == "sdpa" and LONG.get(dtype, "sdpa") == "sdpa"
+def may_use_fused(dtype):
+    """True when some shape of this dtype takes torch's fused kernel. genfast.ops.attention then lays
+    out the output and the gradients as that kernel writes them (q's order; [B, N, H, D]), and the
+    other ways write into those layouts: the layouts stay a function of the dtype, not the shape."""
+    return FITS.get(dtype, "sdpa") == "sdpa" or LONG.get(dtype, "sdpa") == "sdpa"
 
 
 def keeps_p(q, nk):
@@ -165,18 +167,22 @@ def _forward_rows(mod, q, k, v, m, out, lse, common):
         out[:, :, q0:q0 + s.shape[2]] = torch.matmul(s, v)
 
 
-def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None):
-    """(dq, dk, dv), contiguous, in q's dtype. lse as forward() returned it (either way: the
-    flash kernel's log-sum-exp and the rows' are the same quantity); p as kept by forward()."""
+def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None, grads=None):
+    """(dq, dk, dv) in q's dtype: written into grads (empty tensors of the op's gradient layouts)
+    where a way writes its gradients itself, otherwise as the way produced them (torch's fused
+    kernel: [B, N, H, D] memory). lse as forward() returned it (either way: the flash kernel's
+    log-sum-exp and the rows' are the same quantity); p as kept by forward()."""
+    if grads is None:
+        grads = tuple(torch.empty(t.shape, dtype=q.dtype, device=q.device) for t in (q, k, v))
     if p is not None:
-        return _backward_from_p(dout, q, k, v, p, mask, causal, scale)
+        return _backward_from_p(dout, q, k, v, p, mask, causal, scale, grads)
     way = variant(q, k.shape[2], buffers=2)
     if way == "sdpa":
         am = _additive_mask(mask, q.dtype) if mask is not None else None
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out), lse, 0.0, causal,
             attn_mask=am, scale=scale)
-        return dq.contiguous(), dk.contiguous(), dv.contiguous()
+        return dq, dk, dv
     mod = _native.module("_C")
     b, h, nq, _ = q.shape
     nk = k.shape[2]
@@ -185,7 +191,7 @@ def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None):
     common = dict(scale=float(scale), causal=bool(causal), dtype=DTYPE_CODE[q.dtype])
     if way == "rows":
         return _backward_rows(mod, dout, q, k, v, lse, m, common)
-    dq, dk, dv = (torch.empty(t.shape, dtype=q.dtype, device=q.device) for t in (q, k, v))
+    dq, dk, dv = grads
     per_head = max(1, SCORE_BYTES // (2 * nq * nk * q.element_size()))
     n = min(per_head, b * h)
     bufs = torch.empty((2, n, nq, nk), dtype=q.dtype, device=q.device)
@@ -202,14 +208,14 @@ def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None):
     return dq, dk, dv
 
 
-def _backward_from_p(dout, q, k, v, p, mask, causal, scale):
+def _backward_from_p(dout, q, k, v, p, mask, causal, scale, grads):
     """The "heads" backward with p kept: dp = dout v^T, ds from p and dp in one pass (written over
     dp), then the three gradient GEMMs; one score buffer (SCORE_BYTES) besides p."""
     mod = _native.module("_C")
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     pf = p.view(b * h, nq, nk)
-    dq, dk, dv = (torch.empty(t.shape, dtype=q.dtype, device=q.device) for t in (q, k, v))
+    dq, dk, dv = grads
     per_head = max(1, SCORE_BYTES // (nq * nk * q.element_size()))
     buf = torch.empty((min(per_head, b * h), nq, nk), dtype=q.dtype, device=q.device)
     for g0, g1, (qc, kc, vc, doc, dqc, dkc, dvc) in _head_chunks(b, h, per_head, (q, k, v, dout, dq, dk, dv)):

@@ -1,0 +1,99 @@
+"""The CPU attention path's layouts and ways (genfast/ops/attention_cpu.py): the gradients' memory
+layout matches the op's fake in eager and compiled code, and every way, forced, equals the
+reference (DESIGN.md §5 tolerance)."""
+import pytest
+import torch
+
+import genfast
+from genfast import reference
+from genfast.ops import attention as attention_op
+from genfast.ops import attention_cpu
+from genfast.testing import assert_within_reference_error
+
+WAYS = ["sdpa", "heads"]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture
+def cpu_way(use_backend, monkeypatch):
+    """cpu_way(dtype, way): the CPU backend, with every shape of dtype taking that way."""
+    def force(dtype, way):
+        use_backend("cpu")
+        monkeypatch.setattr(attention_cpu, "FITS", {**attention_cpu.FITS, dtype: way})
+    return force
+
+
+def _inputs(layout, dtype, b=2, h=3, nq=21, nk=21, d=40):
+    g = torch.Generator().manual_seed(0)
+    if layout == "contiguous":
+        q = torch.randn(b, h, nq, d, generator=g)
+        k, v = (torch.randn(b, h, nk, d, generator=g) for _ in range(2))
+    elif layout == "qkv":  # views of one fused projection, as a DiT block makes them
+        q, k, v = torch.randn(b, nq, 3, h, d, generator=g).permute(2, 0, 3, 1, 4)
+    else:  # "cross": k and v with another length and the tokens-outer layout
+        q = torch.randn(b, h, nq, d, generator=g)
+        k, v = (torch.randn(b, nk + 13, h, d, generator=g).transpose(1, 2) for _ in range(2))
+    return [t.to(dtype).detach().requires_grad_(True) for t in (q, k, v)]
+
+
+def _check_grads(name, got, leaves, g, **kw):
+    low = torch.autograd.grad(reference.attention(*leaves, upcast=False, **kw), leaves, g)
+    high_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    high = torch.autograd.grad(reference.attention(*high_leaves, **kw), high_leaves, g.double())
+    for n, a, lo, hi in zip("qkv", got, low, high):
+        assert_within_reference_error(f"{name}: d{n}", a, lo, hi, floor=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "qkv", "cross"])
+@pytest.mark.parametrize("way", WAYS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grads_have_the_fakes_layout(dtype, way, layout, cpu_way):
+    """Each way returns the gradients in the layout the fake promises (fp32: torch's fused kernel's
+    [B, N, H, D] memory, returned without a copy), and they equal the reference."""
+    cpu_way(dtype, way)
+    q, k, v = _inputs(layout, dtype)
+    out = genfast.attention(q, k, v)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    for t, gt in zip((q, k, v), grads):
+        assert gt.stride() == attention_op._grad_layout(t).stride()
+    if dtype == torch.float32:  # the layout the fused kernel writes
+        assert grads[0].transpose(1, 2).is_contiguous()
+    _check_grads(f"{way} {layout}", grads, (q, k, v), g)
+
+
+@pytest.mark.parametrize("way", WAYS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_compiled_grads_match_eager(dtype, way, cpu_way):
+    """Inductor checks every custom-op output's strides against the fake (assert_size_stride): a
+    fake that promised other strides than the kernels return fails here. Caches are off, so that a
+    graph compiled against an older fake is not reused."""
+    cpu_way(dtype, way)
+    torch._dynamo.reset()
+    q, k, v = _inputs("qkv", dtype)
+    mask = torch.ones(2, 21, dtype=torch.bool)
+    mask[1, 15:] = False
+
+    def fn(q, k, v):
+        o = genfast.attention(q, k, v, key_padding_mask=mask)
+        return o.transpose(1, 2).reshape(2, 21, -1).float().square().sum()  # dout in [B, N, H, D] memory
+
+    want = torch.autograd.grad(fn(q, k, v), (q, k, v))
+    with torch._inductor.config.patch(force_disable_caches=True):
+        got = torch.autograd.grad(torch.compile(fn, fullgraph=True)(q, k, v), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_accumulated_grads_of_a_fused_projection():
+    """.backward() through q/k/v views of one qkv tensor (AccumulateGrad, unbind) gives the same
+    gradient as autograd.grad of the plain reference."""
+    x = torch.randn(2, 21, 3 * 3 * 40, requires_grad=True)
+
+    def run(attn):
+        q, k, v = x.view(2, 21, 3, 3, 40).permute(2, 0, 3, 1, 4)
+        return attn(q, k, v).transpose(1, 2).reshape(2, 21, -1).sin().sum()
+
+    run(genfast.attention).backward()
+    (want,) = torch.autograd.grad(run(reference.attention), x)
+    torch.testing.assert_close(x.grad, want, rtol=1e-4, atol=1e-5)
