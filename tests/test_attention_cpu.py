@@ -97,3 +97,77 @@ def test_accumulated_grads_of_a_fused_projection():
     run(genfast.attention).backward()
     (want,) = torch.autograd.grad(run(reference.attention), x)
     torch.testing.assert_close(x.grad, want, rtol=1e-4, atol=1e-5)
+
+
+def _bf16_heads_case(seed=0, n=40):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 3, n, 32, generator=g).to(torch.bfloat16) for _ in range(3)]
+
+
+def _check_forward(name, q, k, v, got):
+    assert_within_reference_error(name, got, reference.attention(q, k, v, upcast=False),
+                                  reference.attention(q.double(), k.double(), v.double()), floor=1e-5)
+
+
+def test_workspace_is_kept_bounded_and_freed(use_backend):
+    use_backend("cpu")
+    q, k, v = _bf16_heads_case()
+    assert attention_cpu.variant(q, k.shape[2]) == "heads"
+    attention_cpu.free_workspace()
+    _check_forward("first", q, k, v, genfast.attention(q, k, v))
+    kept = attention_cpu._workspace[(q.device, q.dtype)]
+    assert 0 < kept.numel() * kept.element_size() <= attention_cpu.SCORE_BYTES
+    _check_forward("reused", q, k, v, genfast.attention(q, k, v))
+    assert attention_cpu._workspace[(q.device, q.dtype)] is kept  # the same buffer, no new pages
+    attention_cpu.free_workspace()
+    assert not attention_cpu._workspace
+
+
+def test_workspace_is_never_shared_while_in_use(use_backend):
+    """A call nested inside another's use of the buffer (re-entrancy) gets a buffer of its own."""
+    use_backend("cpu")
+    q, k, v = _bf16_heads_case()
+    genfast.attention(q, k, v)  # leaves a kept buffer
+    with attention_cpu._scores((q.shape[2] * k.shape[2],), q.dtype, q.device) as held:
+        held.fill_(7)
+        _check_forward("nested", q, k, v, genfast.attention(q, k, v))
+        assert (held == 7).all()
+
+
+def test_workspace_under_threads_and_inference_mode(use_backend):
+    """Concurrent calls (the GIL is released inside the GEMMs) and a buffer first made under
+    inference_mode then reused with autograd on: the same results as one call at a time."""
+    import threading
+
+    use_backend("cpu")
+    attention_cpu.free_workspace()
+    cases = [_bf16_heads_case(seed, n) for seed, n in ((1, 40), (2, 64), (3, 33), (4, 64))]
+    with torch.inference_mode():
+        want = [genfast.attention(*c).clone() for c in cases]
+    results = [[None] * 6 for _ in cases]
+
+    def work(i):
+        for j in range(6):
+            results[i][j] = genfast.attention(*cases[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, rs in enumerate(results):
+        for r in rs:
+            torch.testing.assert_close(r, want[i], rtol=0, atol=0)
+    q, k, v = (t.requires_grad_(True) for t in _bf16_heads_case())
+    out = genfast.attention(q, k, v)
+    out.float().sum().backward()
+    _check_forward("after inference_mode", q.detach(), k.detach(), v.detach(), out.detach())
+
+
+def test_no_workspace_kept_when_disabled(use_backend, monkeypatch):
+    use_backend("cpu")
+    monkeypatch.setattr(attention_cpu, "KEEP_WORKSPACE", False)
+    attention_cpu.free_workspace()
+    q, k, v = _bf16_heads_case()
+    _check_forward("fresh", q, k, v, genfast.attention(q, k, v))
+    assert not attention_cpu._workspace

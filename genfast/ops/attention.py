@@ -17,6 +17,7 @@ import math
 import torch
 
 from genfast import backends, reference
+from genfast.ops import attention_cpu
 from genfast.ops._common import LIB, check_float_tensor
 
 OP = "attention"
@@ -55,8 +56,6 @@ def _can_keep_p(q, k):
     GENFAST_BACKEND), so eager, the fake and compiled code agree."""
     if q.device.type != "cpu" or q.numel() == 0 or k.shape[2] == 0 or backend_for(q) != "cpu":
         return False
-    from genfast.ops import attention_cpu
-
     return attention_cpu.keeps_p(q, k.shape[2])
 
 
@@ -119,8 +118,17 @@ def _reasons(device_type, dtype, head_dim=64):
     }
 
 
+_CHOSEN = {}  # (device type, dtype, head dim, GENFAST_BACKEND) -> backend: a call asks up to 3 times
+
+
 def backend_for(q):
-    return backends.choose(OP, q.device.type, _reasons(q.device.type, q.dtype, q.shape[-1]))
+    if torch.compiler.is_compiling():  # traced once; keeps symbolic sizes out of the dict
+        return backends.choose(OP, q.device.type, _reasons(q.device.type, q.dtype, q.shape[-1]))
+    key = (q.device.type, q.dtype, q.shape[-1], backends.forced())
+    name = _CHOSEN.get(key)
+    if name is None:  # a backend that cannot run raises here every time (not cached)
+        name = _CHOSEN[key] = backends.choose(OP, q.device.type, _reasons(q.device.type, q.dtype, q.shape[-1]))
+    return name
 
 
 def _fully_masked_rows(nq, nk, causal, mask, device):
@@ -187,8 +195,6 @@ def _fwd_run(q, k, v, mask, causal, scale, keep_p):
 
         return attention_cuda.forward(name, q, k, v, mask, causal, scale, out=_out_layout(q))
     if name == "cpu":
-        from genfast.ops import attention_cpu
-
         return attention_cpu.forward(q, k, v, mask, causal, scale,
                                      _fully_masked_rows(nq, k.shape[2], causal, mask, q.device), _out_layout(q),
                                      keep_p=keep_p)
@@ -204,35 +210,35 @@ def _out_layout(q):
     and re-laying it out would cost a transposing copy. A function of device type, dtype and q's
     stride order, so the fake and every backend agree."""
     b, h, nq, d = q.shape
-    from genfast.ops import attention_cpu
-
     if q.device.type == "cpu" and attention_cpu.may_use_fused(q.dtype) and not q.stride(1) < q.stride(2):
         return torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
     return torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
-def _grad_layout(t):
-    """The backward's gradient of t [B, H, N, D]. CPU tensors of the dtypes torch's fused CPU kernel
-    may serve: [B, N, H, D] memory, the layout that kernel's backward returns whatever its inputs'
-    (torch 2.13), so that it is returned as it is (as SDPA's own autograd does) instead of copied;
-    elsewhere contiguous. A function of device type and dtype only, so the fake agrees."""
+def _grad_strides(t):
+    """The strides of the backward's gradient of t [B, H, N, D]. CPU tensors of the dtypes torch's
+    fused CPU kernel may serve: [B, N, H, D] memory, the layout that kernel's backward returns
+    whatever its inputs' (torch 2.13), so that it is returned as it is (as SDPA's own autograd
+    does) instead of copied; elsewhere contiguous. A function of device type and dtype only, so
+    the fake agrees."""
     b, h, n, d = t.shape
-    from genfast.ops import attention_cpu
-
     if t.device.type == "cpu" and attention_cpu.may_use_fused(t.dtype):
-        return torch.empty((b, n, h, d), dtype=t.dtype, device=t.device).transpose(1, 2)
-    return torch.empty((b, h, n, d), dtype=t.dtype, device=t.device)
+        return (n * h * d, d, h * d, 1)
+    return (h * n * d, n * d, d, 1)
 
 
-def _into(layout, t):
-    """t, or a copy of it in layout's strides when they differ (the op's promise, see the fake)."""
-    return t if t.stride() == layout.stride() else layout.copy_(t)
+def _grad_layout(t):
+    return torch.empty_strided(t.shape, _grad_strides(t), dtype=t.dtype, device=t.device)
+
+
+def _in_grad_layout(t, g):
+    """g, or a copy of it in t's gradient layout where its strides differ (the fake's promise)."""
+    return g if g.stride() == _grad_strides(t) else _grad_layout(t).copy_(g)
 
 
 def _bwd_impl(dout, q, k, v, out, lse, p, mask, causal, scale):
-    grads = _grad_layout(q), _grad_layout(k), _grad_layout(v)
     if q.numel() == 0 or k.shape[2] == 0:
-        return tuple(g.zero_() for g in grads)
+        return _grad_layout(q).zero_(), _grad_layout(k).zero_(), _grad_layout(v).zero_()
     name = backend_for(q)
     if name == "triton":
         from genfast.kernels.attention import attention_backward
@@ -243,13 +249,10 @@ def _bwd_impl(dout, q, k, v, out, lse, p, mask, causal, scale):
 
         got = attention_cuda.backward(name, dout, q, k, v, out, lse, mask, causal, scale)
     elif name == "cpu":
-        from genfast.ops import attention_cpu
-
-        got = attention_cpu.backward(dout, q, k, v, out, lse, mask, causal, scale, p=p if p.numel() else None,
-                                     grads=grads)
+        got = attention_cpu.backward(dout, q, k, v, out, lse, mask, causal, scale, p=p if p.numel() else None)
     else:
         got = _reference_bwd(dout, q, k, v, mask, causal, scale)
-    return tuple(_into(g, t) for g, t in zip(grads, got))
+    return tuple(_in_grad_layout(t, g) for t, g in zip((q, k, v), got))
 
 
 # ------------------------------------------------------------------------ torch.library glue

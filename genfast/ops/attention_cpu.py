@@ -35,6 +35,10 @@ Any strides are accepted (q/k/v as views of one fused qkv projection are read in
 aten kernel needs a unit last-dim stride (it reads garbage otherwise, torch 2.13), so such views
 are copied first.
 """
+import math
+import threading
+from contextlib import contextmanager
+
 import torch
 
 from genfast import _native
@@ -67,6 +71,40 @@ def keeps_p(q, nk):
     """Whether the forward keeps p for the backward (shape, dtype and the budgets only)."""
     b, h, nq, _ = q.shape
     return variant(q, nk) == "heads" and b * h * nq * nk * q.element_size() <= KEEP_P_BYTES
+
+
+# Score buffers kept between calls (see "Workspace" above); False: a fresh one every call.
+KEEP_WORKSPACE = True
+_workspace = {}  # (device, dtype) -> a free 1-D buffer of at most SCORE_BYTES
+_workspace_lock = threading.Lock()
+
+
+def free_workspace():
+    """Drops the score buffers kept between calls (at most SCORE_BYTES per dtype)."""
+    with _workspace_lock:
+        _workspace.clear()
+
+
+@contextmanager
+def _scores(shape, dtype, device):
+    """An uninitialised [shape] buffer for the with-block: the kept one of (device, dtype) when it is
+    free and large enough (fresh pages cost page faults: a bmm into a fresh 16 MiB runs at half
+    the rate of one into warm memory), else a new one. A buffer in use is out of the cache, so a
+    nested, re-entrant or concurrent call never gets it; afterwards the larger one is kept."""
+    n, key = math.prod(shape), (device, dtype)
+    with _workspace_lock:
+        buf = _workspace.pop(key, None)
+    if buf is None or buf.numel() < n:
+        with torch.inference_mode(False):  # reusable outside inference mode too
+            buf = torch.empty(n, dtype=dtype, device=device)
+    try:
+        yield buf[:n].view(shape)
+    finally:
+        if KEEP_WORKSPACE and buf.numel() * buf.element_size() <= SCORE_BYTES:
+            with _workspace_lock:
+                kept = _workspace.get(key)
+                if kept is None or kept.numel() < buf.numel():
+                    _workspace[key] = buf
 
 
 def _unit_last(t):
@@ -142,17 +180,28 @@ def forward(q, k, v, mask, causal, scale, fully_masked, out, keep_p=False):
         _forward_rows(mod, q, k, v, m, out, lse, common)
         return out, lse.view(b, h, nq)
     per_head = max(1, SCORE_BYTES // (nq * nk * q.element_size()))
+    if keep_p:  # p is an output (saved for the backward): a buffer of its own
+        buf = torch.empty((b * h, nq, nk), dtype=q.dtype, device=q.device)
+        _forward_heads(mod, q, k, v, out, m, lse, per_head, common, lambda g0, g1: buf[g0:g1])
+        return out, lse.view(b, h, nq), buf.view(b, h, nq, nk)
+    with _scores((min(per_head, b * h), nq, nk), q.dtype, q.device) as buf:
+        _forward_heads(mod, q, k, v, out, m, lse, per_head, common, lambda g0, g1: buf[:g1 - g0])
+    return out, lse.view(b, h, nq)
+
+
+def _forward_heads(mod, q, k, v, out, m, lse, per_head, common, scores):
     # chunks of heads even when p is kept whole: each chunk's s -> p -> p v runs while it is in cache
-    buf = torch.empty((b * h if keep_p else min(per_head, b * h), nq, nk), dtype=q.dtype, device=q.device)
+    b, h, nq, _ = q.shape
+    nk = k.shape[2]
     for g0, g1, (qc, kc, vc, oc) in _head_chunks(b, h, per_head, (q, k, v, out)):
-        s = buf[g0:g1] if keep_p else buf[:g1 - g0]
+        s = scores(g0, g1)
         torch.bmm(qc, kc.transpose(1, 2), out=s)
         _rows(mod, mod.attn_softmax_rows, (s, s), g1 - g0, nq, nk, heads=h, q0=0, g0=g0, m=m,
               lse=lse[g0].data_ptr(), lse_gs=nq, **common)
-        torch.bmm(s, vc, out=oc)
-    if keep_p:
-        return out, lse.view(b, h, nq), buf.view(b, h, nq, nk)
-    return out, lse.view(b, h, nq)
+        if oc.is_contiguous() or oc.dtype == torch.bfloat16:
+            torch.bmm(s, vc, out=oc)
+        else:  # fp32/fp16 bmm into a strided view is a naive loop (see backward())
+            oc.copy_(torch.bmm(s, vc))
 
 
 def _forward_rows(mod, q, k, v, m, out, lse, common):
@@ -167,15 +216,13 @@ def _forward_rows(mod, q, k, v, m, out, lse, common):
         out[:, :, q0:q0 + s.shape[2]] = torch.matmul(s, v)
 
 
-def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None, grads=None):
-    """(dq, dk, dv) in q's dtype: written into grads (empty tensors of the op's gradient layouts)
-    where a way writes its gradients itself, otherwise as the way produced them (torch's fused
-    kernel: [B, N, H, D] memory). lse as forward() returned it (either way: the flash kernel's
+def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None):
+    """(dq, dk, dv) in q's dtype, in the layout the way writes them: torch's fused kernel [B, N, H,
+    D] memory, the others contiguous (a batched GEMM into a strided view runs a naive loop in fp32,
+    ~30x slower, torch 2.13). lse as forward() returned it (either way: the flash kernel's
     log-sum-exp and the rows' are the same quantity); p as kept by forward()."""
-    if grads is None:
-        grads = tuple(torch.empty(t.shape, dtype=q.dtype, device=q.device) for t in (q, k, v))
     if p is not None:
-        return _backward_from_p(dout, q, k, v, p, mask, causal, scale, grads)
+        return _backward_from_p(dout, q, k, v, p, mask, causal, scale)
     way = variant(q, k.shape[2], buffers=2)
     if way == "sdpa":
         am = _additive_mask(mask, q.dtype) if mask is not None else None
@@ -191,43 +238,42 @@ def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None, grads=None):
     common = dict(scale=float(scale), causal=bool(causal), dtype=DTYPE_CODE[q.dtype])
     if way == "rows":
         return _backward_rows(mod, dout, q, k, v, lse, m, common)
-    dq, dk, dv = grads
+    dq, dk, dv = (torch.empty(t.shape, dtype=q.dtype, device=q.device) for t in (q, k, v))
     per_head = max(1, SCORE_BYTES // (2 * nq * nk * q.element_size()))
-    n = min(per_head, b * h)
-    bufs = torch.empty((2, n, nq, nk), dtype=q.dtype, device=q.device)
-    for g0, g1, (qc, kc, vc, doc, dqc, dkc, dvc) in _head_chunks(b, h, per_head, (q, k, v, dout, dq, dk, dv)):
-        s, dp = bufs[0, :g1 - g0], bufs[1, :g1 - g0]
-        torch.bmm(qc, kc.transpose(1, 2), out=s)
-        torch.bmm(doc, vc.transpose(1, 2), out=dp)
-        _rows(mod, mod.attn_softmax_bwd_rows, (s, dp, s, dp), g1 - g0, nq, nk, heads=h, q0=0, g0=g0, m=m,
-              lse=lse.view(b * h, nq)[g0].data_ptr(), lse_gs=nq, **common)
-        p, ds = s, dp
-        torch.bmm(p.transpose(1, 2), doc, out=dvc)
-        torch.bmm(ds, kc, out=dqc)
-        torch.bmm(ds.transpose(1, 2), qc, out=dkc)
+    with _scores((2, min(per_head, b * h), nq, nk), q.dtype, q.device) as bufs:
+        for g0, g1, (qc, kc, vc, doc, dqc, dkc, dvc) in _head_chunks(b, h, per_head, (q, k, v, dout, dq, dk, dv)):
+            s, dp = bufs[0, :g1 - g0], bufs[1, :g1 - g0]
+            torch.bmm(qc, kc.transpose(1, 2), out=s)
+            torch.bmm(doc, vc.transpose(1, 2), out=dp)
+            _rows(mod, mod.attn_softmax_bwd_rows, (s, dp, s, dp), g1 - g0, nq, nk, heads=h, q0=0, g0=g0, m=m,
+                  lse=lse.view(b * h, nq)[g0].data_ptr(), lse_gs=nq, **common)
+            p, ds = s, dp
+            torch.bmm(p.transpose(1, 2), doc, out=dvc)
+            torch.bmm(ds, kc, out=dqc)
+            torch.bmm(ds.transpose(1, 2), qc, out=dkc)
     return dq, dk, dv
 
 
-def _backward_from_p(dout, q, k, v, p, mask, causal, scale, grads):
+def _backward_from_p(dout, q, k, v, p, mask, causal, scale):
     """The "heads" backward with p kept: dp = dout v^T, ds from p and dp in one pass (written over
     dp), then the three gradient GEMMs; one score buffer (SCORE_BYTES) besides p."""
     mod = _native.module("_C")
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     pf = p.view(b * h, nq, nk)
-    dq, dk, dv = grads
+    dq, dk, dv = (torch.empty(t.shape, dtype=q.dtype, device=q.device) for t in (q, k, v))
     per_head = max(1, SCORE_BYTES // (nq * nk * q.element_size()))
-    buf = torch.empty((min(per_head, b * h), nq, nk), dtype=q.dtype, device=q.device)
-    for g0, g1, (qc, kc, vc, doc, dqc, dkc, dvc) in _head_chunks(b, h, per_head, (q, k, v, dout, dq, dk, dv)):
-        pc, dp = pf[g0:g1], buf[:g1 - g0]
-        torch.bmm(doc, vc.transpose(1, 2), out=dp)
-        # from_p: no mask, causal or lse needed (p is 0 where they apply); p is only read
-        mod.attn_softmax_bwd_rows(pc.data_ptr(), dp.data_ptr(), 0, dp.data_ptr(), g1 - g0, nq, nk, heads=h, q0=0,
-                                  scale=float(scale), causal=False, mask=0, mask_bs=0, lse=0, lse_gs=nq,
-                                  dtype=DTYPE_CODE[q.dtype], from_p=True)
-        torch.bmm(pc.transpose(1, 2), doc, out=dvc)
-        torch.bmm(dp, kc, out=dqc)
-        torch.bmm(dp.transpose(1, 2), qc, out=dkc)
+    with _scores((min(per_head, b * h), nq, nk), q.dtype, q.device) as buf:
+        for g0, g1, (qc, kc, vc, doc, dqc, dkc, dvc) in _head_chunks(b, h, per_head, (q, k, v, dout, dq, dk, dv)):
+            pc, dp = pf[g0:g1], buf[:g1 - g0]
+            torch.bmm(doc, vc.transpose(1, 2), out=dp)
+            # from_p: no mask, causal or lse needed (p is 0 where they apply); p is only read
+            mod.attn_softmax_bwd_rows(pc.data_ptr(), dp.data_ptr(), 0, dp.data_ptr(), g1 - g0, nq, nk, heads=h, q0=0,
+                                      scale=float(scale), causal=False, mask=0, mask_bs=0, lse=0, lse_gs=nq,
+                                      dtype=DTYPE_CODE[q.dtype], from_p=True)
+            torch.bmm(pc.transpose(1, 2), doc, out=dvc)
+            torch.bmm(dp, kc, out=dqc)
+            torch.bmm(dp.transpose(1, 2), qc, out=dkc)
     return dq, dk, dv
 
 
