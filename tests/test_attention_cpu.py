@@ -20,6 +20,7 @@ def cpu_way(use_backend, monkeypatch):
     def force(dtype, way):
         use_backend("cpu")
         monkeypatch.setattr(attention_cpu, "FITS", {**attention_cpu.FITS, dtype: way})
+        monkeypatch.setattr(attention_cpu, "FUSED_FROM_KEYS", {})
     return force
 
 
@@ -171,3 +172,25 @@ def test_no_workspace_kept_when_disabled(use_backend, monkeypatch):
     q, k, v = _bf16_heads_case()
     _check_forward("fresh", q, k, v, genfast.attention(q, k, v))
     assert not attention_cpu._workspace
+
+
+def test_kept_p_is_reused_only_when_free(use_backend):
+    """The p buffer kept for the backward is reused by the next forward only once nothing holds it:
+    two graphs alive at once get two buffers, and both backwards are right."""
+    use_backend("cpu")
+    attention_cpu.free_workspace()
+    first = [t.requires_grad_(True) for t in _bf16_heads_case(1)]
+    second = [t.requires_grad_(True) for t in _bf16_heads_case(2)]
+    assert genfast.ops.attention._can_keep_p(first[0], first[1])
+    key = (first[0].device, first[0].dtype)
+    g = torch.randn(first[0].shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    out1 = genfast.attention(*first)
+    buf1 = attention_cpu._kept_p[key]
+    out2 = genfast.attention(*second)  # first graph still holds buf1: a new buffer
+    assert attention_cpu._kept_p[key] is not buf1
+    _check_grads("second", torch.autograd.grad(out2, second, g), second, g)
+    _check_grads("first", torch.autograd.grad(out1, first, g), first, g)
+    buf2 = attention_cpu._kept_p[key]
+    out3 = genfast.attention(*first)  # every graph freed: the kept buffer again
+    assert attention_cpu._kept_p[key] is buf2
+    _check_grads("again", torch.autograd.grad(out3, first, g), first, g)

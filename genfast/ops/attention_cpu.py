@@ -50,12 +50,18 @@ SCORE_BYTES = 8 << 20
 # Way for a case whose heads fit SCORE_BYTES, and for one whose heads do not.
 FITS = {torch.float32: "sdpa", torch.float16: "sdpa", torch.bfloat16: "heads"}
 LONG = {torch.float32: "sdpa", torch.float16: "sdpa", torch.bfloat16: "rows"}
+# From this many keys on, torch's fused kernel whatever FITS says: it runs an fp32 1024-token
+# forward at ~92 % of the sgemm peak, which two GEMMs and a softmax pass between them cannot beat
+# (matters only where FITS picks "heads" for that dtype; see the table above).
+FUSED_FROM_KEYS = {torch.float32: 512}
 # p kept for the backward up to this many bytes (see the module docstring); 0: never.
 KEEP_P_BYTES = 64 << 20
 
 
 def variant(q, nk, buffers=1):
     """'heads', 'rows' or 'sdpa' for q [B, H, Nq, D] against nk keys (buffers: 1 fwd, 2 bwd)."""
+    if nk >= FUSED_FROM_KEYS.get(q.dtype, nk + 1):
+        return "sdpa"
     fits = buffers * q.shape[2] * nk * q.element_size() <= SCORE_BYTES
     return (FITS if fits else LONG).get(q.dtype, "sdpa")
 
@@ -64,7 +70,7 @@ def may_use_fused(dtype):
     """True when some shape of this dtype takes torch's fused kernel. genfast.ops.attention then lays
     out the output and the gradients as that kernel writes them (q's order; [B, N, H, D]), and the
     other ways write into those layouts: the layouts stay a function of the dtype, not the shape."""
-    return FITS.get(dtype, "sdpa") == "sdpa" or LONG.get(dtype, "sdpa") == "sdpa"
+    return FITS.get(dtype, "sdpa") == "sdpa" or LONG.get(dtype, "sdpa") == "sdpa" or dtype in FUSED_FROM_KEYS
 
 
 def keeps_p(q, nk):
@@ -79,10 +85,39 @@ _workspace = {}  # (device, dtype) -> a free 1-D buffer of at most SCORE_BYTES
 _workspace_lock = threading.Lock()
 
 
+_kept_p = {}  # (device, dtype) -> the last p buffer handed out, reused once nothing else holds it
+
+
 def free_workspace():
-    """Drops the score buffers kept between calls (at most SCORE_BYTES per dtype)."""
+    """Drops the buffers kept between calls (per dtype: scores, at most SCORE_BYTES; p, at most
+    KEEP_P_BYTES)."""
     with _workspace_lock:
         _workspace.clear()
+        _kept_p.clear()
+
+
+def _storage_refs(t):
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+_FREE_REFS = _storage_refs(torch.empty(1))  # a tensor nothing else holds (counts the probe itself)
+
+
+def _p_buffer(shape, dtype, device):
+    """The buffer for p kept for the backward: p is an output that autograd saves, so the last one
+    is reused only when no tensor but the cache's own holds its memory any more (its backward ran
+    or its graph was freed), else a new one takes its place. Saves the page faults of a fresh
+    buffer every training step (p is the largest tensor the call makes)."""
+    n, key = math.prod(shape), (device, dtype)
+    with _workspace_lock:
+        buf = _kept_p.get(key)
+        if buf is not None and buf.numel() >= n and _storage_refs(buf) == _FREE_REFS:
+            return buf[:n].view(shape)  # a view: holding it makes the buffer busy for the next call
+        with torch.inference_mode(False):
+            buf = torch.empty(n, dtype=dtype, device=device)
+        if KEEP_WORKSPACE:
+            _kept_p[key] = buf
+        return buf.view(shape)
 
 
 @contextmanager
@@ -181,7 +216,7 @@ def forward(q, k, v, mask, causal, scale, fully_masked, out, keep_p=False):
         return out, lse.view(b, h, nq)
     per_head = max(1, SCORE_BYTES // (nq * nk * q.element_size()))
     if keep_p:  # p is an output (saved for the backward): a buffer of its own
-        buf = torch.empty((b * h, nq, nk), dtype=q.dtype, device=q.device)
+        buf = _p_buffer((b * h, nq, nk), q.dtype, q.device)
         _forward_heads(mod, q, k, v, out, m, lse, per_head, common, lambda g0, g1: buf[g0:g1])
         return out, lse.view(b, h, nq), buf.view(b, h, nq, nk)
     with _scores((min(per_head, b * h), nq, nk), q.dtype, q.device) as buf:
