@@ -19,13 +19,43 @@ machine, benchmarks/test_attention.py):
   "sdpa"    torch's fused CPU flash kernel (aten::_scaled_dot_product_flash_attention_for_cpu and
             its backward), which returns the fp32 log-sum-exp too. Long sequences in fp32/fp16.
 
-Memory budget: besides its inputs and outputs, a call holds at most SCORE_BYTES of score buffers
+Which way (FITS / LONG / FUSED_FROM_KEYS below): fp32 and fp16 take "sdpa" everywhere, bf16
+"heads" (rows where one head's scores do not fit). Measured per way, ms (fwd+bwd / fwd):
+
+  shape [B, H, N, D]      torch SDPA      "sdpa"          "heads" (p kept)   "heads" (no p)
+  2-thread quiet (before the workspace and the layout change below):
+  fp32 2x16x256x72        14.4 / 3.63     13.8 / 3.74     13.3 / 3.59        -
+  fp32 1x8x1024x64        41.5 / 11.35    42.1 / 11.7     49.7 / 11.9        -
+  fp32 2x16x1024x72       191 / 51.7      190.7 / 52.0    193.7 / 51.8       -
+  1 thread, machine loaded by others (after them):
+  fp32 2x16x256x72        37.7 / 11.4     38.5 / 11.7     42.5 / 13.2        47.2 / 12.8
+  bf16 2x16x256x72        41.2 / 11.8     41.1 / 12.2     12.7 / -           14.0 / -     (plain 25.8 / 12.7)
+
+fp32: torch's flash kernel runs the 1024-token forward at ~92 % of the sgemm peak, so two GEMMs
+with a softmax pass between cannot win there; at 256 tokens "heads" won by 1-4 % on two quiet
+threads but lost by 10-14 % on one thread and by far more on a loaded machine (4+ parallel regions
+a call, each waiting for both cores, against the fused kernel's one), so fp32 stays on the fused
+kernel: it ties SDPA, which runs the same kernel, by paying nothing around it (no copies: the
+output and gradients keep the kernel's layouts, see genfast.ops.attention._out_layout and
+_grad_strides). bf16: oneDNN's bf16 GEMMs run on the AVX-512 BF16 units, ~4x the fp32 rate, and
+"heads" beats both SDPA and the plain path.
+
+Memory: besides its inputs and outputs, a call uses at most SCORE_BYTES of score buffers
 (forward: one [heads, Nq, Nk] buffer in q's dtype; backward: two), whatever B, H and N are. One
 exception, asked for by genfast.ops.attention when a gradient is needed ("keep_p"): in the "heads"
 way the forward may keep the probabilities p [B, H, Nq, Nk] (q's dtype) for the backward when they
 take at most KEEP_P_BYTES. That is what plain PyTorch keeps for its backward anyway (and more); it
 saves the backward the q k^T GEMM and the exp pass (measured ~1/7 of a bf16 forward + backward).
 Above the budget the backward recomputes p from the log-sum-exp and memory stays O(N) per call.
+
+Workspace: fresh pages cost page faults (a bmm into a fresh 16 MiB runs at half the rate of one
+into warm memory), so the score buffer and the last p buffer are kept between calls: per (device,
+dtype) at most SCORE_BYTES of scores and KEEP_P_BYTES of p stay allocated after a call.
+free_workspace() drops them; KEEP_WORKSPACE = False keeps nothing. A buffer in use is never handed
+to another call (nested, re-entrant or concurrent): scores leave the cache while in use, and p,
+which autograd saves, is reused only when no tensor but the cache's own holds its memory. In a
+model with several attention layers only one layer's p is reused a step (the others are alive
+until their backward).
 
 Numerics: q k^T leaves the GEMM rounded to q's dtype and p is rounded to it before p v, as in
 plain PyTorch code of that dtype (and FlashAttention on GPUs); softmax and lse are fp32. The tests
