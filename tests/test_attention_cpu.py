@@ -194,3 +194,24 @@ def test_kept_p_is_reused_only_when_free(use_backend):
     out3 = genfast.attention(*first)  # every graph freed: the kept buffer again
     assert attention_cpu._kept_p[key] is buf2
     _check_grads("again", torch.autograd.grad(out3, first, g), first, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_fused_way_in_eager_is_torchs_sdpa(dtype, use_backend):
+    """Eager calls the fused way serves without a key mask run torch's SDPA itself (the same kernel
+    under its C++ autograd): same numbers and layouts as the op, which masked calls still take."""
+    use_backend("cpu")
+    q, k, v = _inputs("qkv", dtype)
+    out = genfast.attention(q, k, v, causal=True)
+    assert "ScaledDotProduct" in type(out.grad_fn).__name__
+    via_op = torch.ops.genfast.attention_fwd(q, k, v, None, True, q.shape[-1] ** -0.5, False)[0]
+    assert out.stride() == via_op.stride()
+    torch.testing.assert_close(out, via_op, rtol=0, atol=0)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    for t, gt in zip((q, k, v), grads):
+        assert gt.stride() == attention_op._grad_layout(t).stride()
+    if dtype == torch.float32:
+        _check_grads("direct", grads, (q, k, v), g, causal=True)
+    masked = genfast.attention(q, k, v, key_padding_mask=torch.ones(2, 21, dtype=torch.bool))
+    assert "genfast" in type(masked.grad_fn).__name__.lower()
