@@ -222,12 +222,13 @@ def _fwd_run(q, k, v, mask, causal, scale, keep_p):
 def _out_layout(q):
     """The forward's output [B, H, Nq, D]. Its memory is [B, Nq, H, D] (so that
     out.transpose(1, 2).reshape(B, Nq, H * D) before the output projection is free) on every
-    backend, except for CPU tensors of the dtypes torch's fused CPU kernel may serve when q's heads
-    are outer to its tokens: that kernel writes q's own layout (torch 2.13), [B, H, Nq, D] there,
-    and re-laying it out would cost a transposing copy. A function of device type, dtype and q's
-    stride order, so the fake and every backend agree."""
+    backend, except for CPU tensors whose heads are outer to their tokens (q [B, H, Nq, D]
+    contiguous): there it is [B, H, Nq, D], the layout torch's fused CPU kernel writes (it follows
+    q's, torch 2.13; re-laying it out would cost a transposing copy) and the one in which the
+    "heads" way runs each GEMM over all samples at once. A function of device type and q's stride
+    order, so the fake and every backend agree (all of them write any output strides)."""
     b, h, nq, d = q.shape
-    if q.device.type == "cpu" and attention_cpu.may_use_fused(q.dtype) and not q.stride(1) < q.stride(2):
+    if q.device.type == "cpu" and not q.stride(1) < q.stride(2):
         return torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
     return torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
 

@@ -37,7 +37,8 @@ threads but lost by 10-14 % on one thread and by far more on a loaded machine (4
 a call, each waiting for both cores, against the fused kernel's one), so fp32 stays on the fused
 kernel: it ties SDPA, which runs the same kernel, by paying nothing around it (no copies: the
 output and gradients keep the kernel's layouts, see genfast.ops.attention._out_layout and
-_grad_strides). bf16: oneDNN's bf16 GEMMs run on the AVX-512 BF16 units, ~4x the fp32 rate, and
+_grad_strides; eager calls without a key mask even call torch's SDPA itself, see
+genfast.ops.attention._fused_directly). bf16: oneDNN's bf16 GEMMs run on the AVX-512 BF16 units, ~4x the fp32 rate, and
 "heads" beats both SDPA and the plain path.
 
 Memory: besides its inputs and outputs, a call uses at most SCORE_BYTES of score buffers
@@ -98,8 +99,8 @@ def variant(q, nk, buffers=1):
 
 def may_use_fused(dtype):
     """True when some shape of this dtype takes torch's fused kernel. genfast.ops.attention then lays
-    out the output and the gradients as that kernel writes them (q's order; [B, N, H, D]), and the
-    other ways write into those layouts: the layouts stay a function of the dtype, not the shape."""
+    out the gradients as that kernel's backward writes them ([B, N, H, D] memory) and the other
+    ways' gradients are copied into it: the layout stays a function of the dtype, not the shape."""
     return FITS.get(dtype, "sdpa") == "sdpa" or LONG.get(dtype, "sdpa") == "sdpa" or dtype in FUSED_FROM_KEYS
 
 
