@@ -20,26 +20,28 @@ machine, benchmarks/test_attention.py):
             its backward), which returns the fp32 log-sum-exp too. Long sequences in fp32/fp16.
 
 Which way (FITS / LONG / FUSED_FROM_KEYS below): fp32 and fp16 take "sdpa" everywhere, bf16
-"heads" (rows where one head's scores do not fit). Measured per way, ms (fwd+bwd / fwd):
+"heads" (rows where one head's scores do not fit). Measured per way with
+`GENFAST_BENCH_WAYS=1 pytest benchmarks/test_attention.py -k test_attention_forward` (2 threads,
+ms, fwd+bwd / fwd, medians of interleaved rounds of one run; the machine was shared, mostly quiet
+for these cases, same-path rows differ by up to ~5 %):
 
-  shape [B, H, N, D]      torch SDPA      "sdpa"          "heads" (p kept)   "heads" (no p)
-  2-thread quiet (before the workspace and the layout change below):
-  fp32 2x16x256x72        14.4 / 3.63     13.8 / 3.74     13.3 / 3.59        -
-  fp32 1x8x1024x64        41.5 / 11.35    42.1 / 11.7     49.7 / 11.9        -
-  fp32 2x16x1024x72       191 / 51.7      190.7 / 52.0    193.7 / 51.8       -
-  1 thread, machine loaded by others (after them):
-  fp32 2x16x256x72        37.7 / 11.4     38.5 / 11.7     42.5 / 13.2        47.2 / 12.8
-  bf16 2x16x256x72        41.2 / 11.8     41.1 / 12.2     12.7 / -           14.0 / -     (plain 25.8 / 12.7)
+  shape [B, H, N, D]     torch SDPA      plain            "sdpa" way      "heads" way
+  fp32 2x16x256x72       11.6 / 3.46     20.2 / 11.0      12.7 / 3.60     13.7 / 4.21
+  fp32 2x16x1024x72      186 / 52.7      394 / 175        185 / 52.8      198 / 52.7
+  fp32 1x8x1024x64       39.5 / 11.3     77.4 / 42.3      39.5 / 11.5     40.9 / 12.4
+  bf16 2x16x256x72       11.8 / 3.52     8.10 / 1.45      11.9 / 3.55     3.72 / 1.14
+  bf16 2x16x1024x72      292 / 112       352 / 159        294 / 111       206 / 64     (others 50 %)
+  bf16 1x8x1024x64       69.4 / 25.7     62.9 / 45.8      67.3 / 24.4     55.1 / 15.0  (others 50 %)
 
-fp32: torch's flash kernel runs the 1024-token forward at ~92 % of the sgemm peak, so two GEMMs
-with a softmax pass between cannot win there; at 256 tokens "heads" won by 1-4 % on two quiet
-threads but lost by 10-14 % on one thread and by far more on a loaded machine (4+ parallel regions
-a call, each waiting for both cores, against the fused kernel's one), so fp32 stays on the fused
-kernel: it ties SDPA, which runs the same kernel, by paying nothing around it (no copies: the
-output and gradients keep the kernel's layouts, see genfast.ops.attention._out_layout and
-_grad_strides; eager calls without a key mask even call torch's SDPA itself, see
-genfast.ops.attention._fused_directly). bf16: oneDNN's bf16 GEMMs run on the AVX-512 BF16 units, ~4x the fp32 rate, and
-"heads" beats both SDPA and the plain path.
+fp32: torch's flash kernel runs these cases at ~89-92 % of the sgemm peak (~204 GFLOP/s on the
+2 cores), so two GEMMs with a softmax pass between cannot win: "heads" ties at best (the 1024
+forward) and loses elsewhere, also on one thread (by 10-14 %) and by far more on a loaded machine
+(4+ parallel regions a call, each waiting for both cores, against the fused kernel's one). So fp32
+stays on the fused kernel and ties SDPA, which runs the same kernel, by paying nothing around
+it: no copies (the output and gradients keep the kernel's layouts, see genfast.ops.attention's
+_out_layout and _grad_strides), and eager calls without a key mask call torch's SDPA itself
+(genfast.ops.attention._fused_directly). bf16: oneDNN's bf16 GEMMs run on the AVX-512 BF16
+units, ~4x the fp32 rate, and "heads" beats both SDPA and the plain path.
 
 Memory: besides its inputs and outputs, a call uses at most SCORE_BYTES of score buffers
 (forward: one [heads, Nq, Nk] buffer in q's dtype; backward: two), whatever B, H and N are. One
