@@ -5,8 +5,11 @@ Attention: forward, and forward + backward (grads of q, k, v), on the issue's CP
 [2, 16, 256, 72], [2, 16, 1024, 72], [1, 8, 1024, 64] (GPU: the DiT-XL/2, Flux-like shapes).
 Target: >= 1.0x the faster of SDPA and the plain path. DiT-S block (hidden 384, 6 heads, batch 8,
 256 tokens; GPU: DiT-XL/2) vs the same block in plain PyTorch (F.scaled_dot_product_attention, as
-the reference DiT/timm code) and its torch.compile.
+the reference DiT/timm code) and its torch.compile. GENFAST_BENCH_WAYS=1 adds genfast forced
+through each way of its CPU path (see _way_impls).
 """
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,6 +45,27 @@ def _backend(q):
         return "?"
 
 
+def _way_impls(fn, device):
+    """With GENFAST_BENCH_WAYS=1 on the CPU: genfast forced through each way of its CPU path
+    (genfast/ops/attention_cpu.py), as extra rows: the ratio genfast/way shows whether the chosen
+    way is the fastest for the case."""
+    if device.type != "cpu" or os.environ.get("GENFAST_BENCH_WAYS") != "1":
+        return {}
+    from genfast.ops import attention_cpu
+
+    def forced(way):
+        def run():
+            saved = attention_cpu.FITS, attention_cpu.FUSED_FROM_KEYS
+            attention_cpu.FITS = {d: way for d in saved[0]}
+            attention_cpu.FUSED_FROM_KEYS = {}
+            try:
+                return fn()
+            finally:
+                attention_cpu.FITS, attention_cpu.FUSED_FROM_KEYS = saved
+        return run
+    return {f"way:{w}": forced(w) for w in ("heads", "sdpa")}
+
+
 def _qkv(shape, dtype, device, grad=False):
     g = torch.Generator().manual_seed(0)
     return [torch.randn(shape, generator=g).to(device, dtype).requires_grad_(grad) for _ in range(3)]
@@ -64,6 +88,7 @@ def test_attention_forward(compare, shape, dtype):
         "sdpa": lambda: sdpa(q, k, v),
         "plain": lambda: plain(q, k, v),
         "compile": lambda: cplain(q, k, v),
+        **_way_impls(lambda: genfast.attention(q, k, v), compare.device),
     }, flops=4 * b * h * n * n * d, targets={"sdpa": 1.0, "plain": 1.0},
         note=f"genfast backend for {dtype}: {_backend(q)}")
 
@@ -80,6 +105,7 @@ def test_attention_forward_backward(compare, shape, dtype):
         "sdpa": lambda: _fwd_bwd(sdpa, q, k, v, g),
         "plain": lambda: _fwd_bwd(plain, q, k, v, g),
         "compile": lambda: _fwd_bwd(cplain, q, k, v, g),
+        **_way_impls(lambda: _fwd_bwd(genfast.attention, q, k, v, g), compare.device),
     }, flops=14 * b * h * n * n * d, targets={"sdpa": 1.0, "plain": 1.0},
         note=f"genfast backend for {dtype}: {_backend(q)}")
 

@@ -10,6 +10,13 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Inductor's on-disk caches are keyed without the custom ops' fake implementations: a graph
+# compiled against an older fake (e.g. other gradient strides) would be reused and fail its
+# stride asserts. CI starts cold anyway; locally every test compiles afresh.
+import torch._inductor.config  # noqa: E402
+
+torch._inductor.config.force_disable_caches = True
+
 HAS_GPU = torch.cuda.is_available()
 
 

@@ -176,7 +176,7 @@ void for_rows(const AttnRowsParams& a, F&& row) {
 #pragma omp parallel
   {
     std::vector<float> buf((a.nk + 15) & ~int64_t{15});  // whole 16-lane chunks
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait  // one barrier (the join) a call, not two
     for (int64_t r = 0; r < n; ++r) row(r / a.rows, r % a.rows, r * a.nk, buf.data());
   }
 }

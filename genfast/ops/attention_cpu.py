@@ -19,13 +19,46 @@ machine, benchmarks/test_attention.py):
   "sdpa"    torch's fused CPU flash kernel (aten::_scaled_dot_product_flash_attention_for_cpu and
             its backward), which returns the fp32 log-sum-exp too. Long sequences in fp32/fp16.
 
-Memory budget: besides its inputs and outputs, a call holds at most SCORE_BYTES of score buffers
+Which way (FITS / LONG / FUSED_FROM_KEYS below): fp32 and fp16 take "sdpa" everywhere, bf16
+"heads" (rows where one head's scores do not fit). Measured per way with
+`GENFAST_BENCH_WAYS=1 pytest benchmarks/test_attention.py -k test_attention_forward` (2 threads,
+ms, fwd+bwd / fwd, medians of interleaved rounds of one run; the machine was shared, mostly quiet
+for these cases, same-path rows differ by up to ~5 %):
+
+  shape [B, H, N, D]     torch SDPA      plain            "sdpa" way      "heads" way
+  fp32 2x16x256x72       11.6 / 3.46     20.2 / 11.0      12.7 / 3.60     13.7 / 4.21
+  fp32 2x16x1024x72      186 / 52.7      394 / 175        185 / 52.8      198 / 52.7
+  fp32 1x8x1024x64       39.5 / 11.3     77.4 / 42.3      39.5 / 11.5     40.9 / 12.4
+  bf16 2x16x256x72       11.8 / 3.52     8.10 / 1.45      11.9 / 3.55     3.72 / 1.14
+  bf16 2x16x1024x72      292 / 112       352 / 159        294 / 111       206 / 64     (others 50 %)
+  bf16 1x8x1024x64       69.4 / 25.7     62.9 / 45.8      67.3 / 24.4     55.1 / 15.0  (others 50 %)
+
+fp32: torch's flash kernel runs these cases at ~89-92 % of the sgemm peak (~204 GFLOP/s on the
+2 cores), so two GEMMs with a softmax pass between cannot win: "heads" ties at best (the 1024
+forward) and loses elsewhere, also on one thread (by 10-14 %) and by far more on a loaded machine
+(4+ parallel regions a call, each waiting for both cores, against the fused kernel's one). So fp32
+stays on the fused kernel and ties SDPA, which runs the same kernel, by paying nothing around
+it: no copies (the output and gradients keep the kernel's layouts, see genfast.ops.attention's
+_out_layout and _grad_strides), and eager calls without a key mask call torch's SDPA itself
+(genfast.ops.attention._fused_directly). bf16: oneDNN's bf16 GEMMs run on the AVX-512 BF16
+units, ~4x the fp32 rate, and "heads" beats both SDPA and the plain path.
+
+Memory: besides its inputs and outputs, a call uses at most SCORE_BYTES of score buffers
 (forward: one [heads, Nq, Nk] buffer in q's dtype; backward: two), whatever B, H and N are. One
 exception, asked for by genfast.ops.attention when a gradient is needed ("keep_p"): in the "heads"
 way the forward may keep the probabilities p [B, H, Nq, Nk] (q's dtype) for the backward when they
 take at most KEEP_P_BYTES. That is what plain PyTorch keeps for its backward anyway (and more); it
 saves the backward the q k^T GEMM and the exp pass (measured ~1/7 of a bf16 forward + backward).
 Above the budget the backward recomputes p from the log-sum-exp and memory stays O(N) per call.
+
+Workspace: fresh pages cost page faults (a bmm into a fresh 16 MiB runs at half the rate of one
+into warm memory), so the score buffer and the last p buffer are kept between calls: per (device,
+dtype) at most SCORE_BYTES of scores and KEEP_P_BYTES of p stay allocated after a call.
+free_workspace() drops them; KEEP_WORKSPACE = False keeps nothing. A buffer in use is never handed
+to another call (nested, re-entrant or concurrent): scores leave the cache while in use, and p,
+which autograd saves, is reused only when no tensor but the cache's own holds its memory. In a
+model with several attention layers only one layer's p is reused a step (the others are alive
+until their backward).
 
 Numerics: q k^T leaves the GEMM rounded to q's dtype and p is rounded to it before p v, as in
 plain PyTorch code of that dtype (and FlashAttention on GPUs); softmax and lse are fp32. The tests
@@ -35,6 +68,10 @@ Any strides are accepted (q/k/v as views of one fused qkv projection are read in
 aten kernel needs a unit last-dim stride (it reads garbage otherwise, torch 2.13), so such views
 are copied first.
 """
+import math
+import threading
+from contextlib import contextmanager
+
 import torch
 
 from genfast import _native
@@ -46,25 +83,96 @@ SCORE_BYTES = 8 << 20
 # Way for a case whose heads fit SCORE_BYTES, and for one whose heads do not.
 FITS = {torch.float32: "sdpa", torch.float16: "sdpa", torch.bfloat16: "heads"}
 LONG = {torch.float32: "sdpa", torch.float16: "sdpa", torch.bfloat16: "rows"}
+# From this many keys on, torch's fused kernel whatever FITS says: it runs an fp32 1024-token
+# forward at ~92 % of the sgemm peak, which two GEMMs and a softmax pass between them cannot beat
+# (matters only where FITS picks "heads" for that dtype; see the table above).
+FUSED_FROM_KEYS = {torch.float32: 512}
 # p kept for the backward up to this many bytes (see the module docstring); 0: never.
 KEEP_P_BYTES = 64 << 20
 
 
 def variant(q, nk, buffers=1):
     """'heads', 'rows' or 'sdpa' for q [B, H, Nq, D] against nk keys (buffers: 1 fwd, 2 bwd)."""
+    if nk >= FUSED_FROM_KEYS.get(q.dtype, nk + 1):
+        return "sdpa"
     fits = buffers * q.shape[2] * nk * q.element_size() <= SCORE_BYTES
     return (FITS if fits else LONG).get(q.dtype, "sdpa")
 
 
-def always_sdpa(dtype):
-    """True when every shape of this dtype takes torch's fused kernel (whose output follows q's layout)."""
-    return FITS.get(dtype, "sdpa") == "sdpa" and LONG.get(dtype, "sdpa") == "sdpa"
+def may_use_fused(dtype):
+    """True when some shape of this dtype takes torch's fused kernel. genfast.ops.attention then lays
+    out the gradients as that kernel's backward writes them ([B, N, H, D] memory) and the other
+    ways' gradients are copied into it: the layout stays a function of the dtype, not the shape."""
+    return FITS.get(dtype, "sdpa") == "sdpa" or LONG.get(dtype, "sdpa") == "sdpa" or dtype in FUSED_FROM_KEYS
 
 
 def keeps_p(q, nk):
     """Whether the forward keeps p for the backward (shape, dtype and the budgets only)."""
     b, h, nq, _ = q.shape
     return variant(q, nk) == "heads" and b * h * nq * nk * q.element_size() <= KEEP_P_BYTES
+
+
+# Score buffers kept between calls (see "Workspace" above); False: a fresh one every call.
+KEEP_WORKSPACE = True
+_workspace = {}  # (device, dtype) -> a free 1-D buffer of at most SCORE_BYTES
+_workspace_lock = threading.Lock()
+
+
+_kept_p = {}  # (device, dtype) -> the last p buffer handed out, reused once nothing else holds it
+
+
+def free_workspace():
+    """Drops the buffers kept between calls (per dtype: scores, at most SCORE_BYTES; p, at most
+    KEEP_P_BYTES)."""
+    with _workspace_lock:
+        _workspace.clear()
+        _kept_p.clear()
+
+
+def _storage_refs(t):
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+_FREE_REFS = _storage_refs(torch.empty(1))  # a tensor nothing else holds (counts the probe itself)
+
+
+def _p_buffer(shape, dtype, device):
+    """The buffer for p kept for the backward: p is an output that autograd saves, so the last one
+    is reused only when no tensor but the cache's own holds its memory any more (its backward ran
+    or its graph was freed), else a new one takes its place. Saves the page faults of a fresh
+    buffer every training step (p is the largest tensor the call makes)."""
+    n, key = math.prod(shape), (device, dtype)
+    with _workspace_lock:
+        buf = _kept_p.get(key)
+        if buf is not None and buf.numel() >= n and _storage_refs(buf) == _FREE_REFS:
+            return buf[:n].view(shape)  # a view: holding it makes the buffer busy for the next call
+        with torch.inference_mode(False):
+            buf = torch.empty(n, dtype=dtype, device=device)
+        if KEEP_WORKSPACE:
+            _kept_p[key] = buf
+        return buf.view(shape)
+
+
+@contextmanager
+def _scores(shape, dtype, device):
+    """An uninitialised [shape] buffer for the with-block: the kept one of (device, dtype) when it is
+    free and large enough (fresh pages cost page faults: a bmm into a fresh 16 MiB runs at half
+    the rate of one into warm memory), else a new one. A buffer in use is out of the cache, so a
+    nested, re-entrant or concurrent call never gets it; afterwards the larger one is kept."""
+    n, key = math.prod(shape), (device, dtype)
+    with _workspace_lock:
+        buf = _workspace.pop(key, None)
+    if buf is None or buf.numel() < n:
+        with torch.inference_mode(False):  # reusable outside inference mode too
+            buf = torch.empty(n, dtype=dtype, device=device)
+    try:
+        yield buf[:n].view(shape)
+    finally:
+        if KEEP_WORKSPACE and buf.numel() * buf.element_size() <= SCORE_BYTES:
+            with _workspace_lock:
+                kept = _workspace.get(key)
+                if kept is None or kept.numel() < buf.numel():
+                    _workspace[key] = buf
 
 
 def _unit_last(t):
@@ -140,17 +248,28 @@ def forward(q, k, v, mask, causal, scale, fully_masked, out, keep_p=False):
         _forward_rows(mod, q, k, v, m, out, lse, common)
         return out, lse.view(b, h, nq)
     per_head = max(1, SCORE_BYTES // (nq * nk * q.element_size()))
+    if keep_p:  # p is an output (saved for the backward): a buffer of its own
+        buf = _p_buffer((b * h, nq, nk), q.dtype, q.device)
+        _forward_heads(mod, q, k, v, out, m, lse, per_head, common, lambda g0, g1: buf[g0:g1])
+        return out, lse.view(b, h, nq), buf.view(b, h, nq, nk)
+    with _scores((min(per_head, b * h), nq, nk), q.dtype, q.device) as buf:
+        _forward_heads(mod, q, k, v, out, m, lse, per_head, common, lambda g0, g1: buf[:g1 - g0])
+    return out, lse.view(b, h, nq)
+
+
+def _forward_heads(mod, q, k, v, out, m, lse, per_head, common, scores):
     # chunks of heads even when p is kept whole: each chunk's s -> p -> p v runs while it is in cache
-    buf = torch.empty((b * h if keep_p else min(per_head, b * h), nq, nk), dtype=q.dtype, device=q.device)
+    b, h, nq, _ = q.shape
+    nk = k.shape[2]
     for g0, g1, (qc, kc, vc, oc) in _head_chunks(b, h, per_head, (q, k, v, out)):
-        s = buf[g0:g1] if keep_p else buf[:g1 - g0]
+        s = scores(g0, g1)
         torch.bmm(qc, kc.transpose(1, 2), out=s)
         _rows(mod, mod.attn_softmax_rows, (s, s), g1 - g0, nq, nk, heads=h, q0=0, g0=g0, m=m,
               lse=lse[g0].data_ptr(), lse_gs=nq, **common)
-        torch.bmm(s, vc, out=oc)
-    if keep_p:
-        return out, lse.view(b, h, nq), buf.view(b, h, nq, nk)
-    return out, lse.view(b, h, nq)
+        if oc.is_contiguous() or oc.dtype == torch.bfloat16:
+            torch.bmm(s, vc, out=oc)
+        else:  # fp32/fp16 bmm into a strided view is a naive loop (see backward())
+            oc.copy_(torch.bmm(s, vc))
 
 
 def _forward_rows(mod, q, k, v, m, out, lse, common):
@@ -166,8 +285,10 @@ def _forward_rows(mod, q, k, v, m, out, lse, common):
 
 
 def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None):
-    """(dq, dk, dv), contiguous, in q's dtype. lse as forward() returned it (either way: the
-    flash kernel's log-sum-exp and the rows' are the same quantity); p as kept by forward()."""
+    """(dq, dk, dv) in q's dtype, in the layout the way writes them: torch's fused kernel [B, N, H,
+    D] memory, the others contiguous (a batched GEMM into a strided view runs a naive loop in fp32,
+    ~30x slower, torch 2.13). lse as forward() returned it (either way: the flash kernel's
+    log-sum-exp and the rows' are the same quantity); p as kept by forward()."""
     if p is not None:
         return _backward_from_p(dout, q, k, v, p, mask, causal, scale)
     way = variant(q, k.shape[2], buffers=2)
@@ -176,7 +297,7 @@ def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None):
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out), lse, 0.0, causal,
             attn_mask=am, scale=scale)
-        return dq.contiguous(), dk.contiguous(), dv.contiguous()
+        return dq, dk, dv
     mod = _native.module("_C")
     b, h, nq, _ = q.shape
     nk = k.shape[2]
@@ -187,18 +308,17 @@ def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None):
         return _backward_rows(mod, dout, q, k, v, lse, m, common)
     dq, dk, dv = (torch.empty(t.shape, dtype=q.dtype, device=q.device) for t in (q, k, v))
     per_head = max(1, SCORE_BYTES // (2 * nq * nk * q.element_size()))
-    n = min(per_head, b * h)
-    bufs = torch.empty((2, n, nq, nk), dtype=q.dtype, device=q.device)
-    for g0, g1, (qc, kc, vc, doc, dqc, dkc, dvc) in _head_chunks(b, h, per_head, (q, k, v, dout, dq, dk, dv)):
-        s, dp = bufs[0, :g1 - g0], bufs[1, :g1 - g0]
-        torch.bmm(qc, kc.transpose(1, 2), out=s)
-        torch.bmm(doc, vc.transpose(1, 2), out=dp)
-        _rows(mod, mod.attn_softmax_bwd_rows, (s, dp, s, dp), g1 - g0, nq, nk, heads=h, q0=0, g0=g0, m=m,
-              lse=lse.view(b * h, nq)[g0].data_ptr(), lse_gs=nq, **common)
-        p, ds = s, dp
-        torch.bmm(p.transpose(1, 2), doc, out=dvc)
-        torch.bmm(ds, kc, out=dqc)
-        torch.bmm(ds.transpose(1, 2), qc, out=dkc)
+    with _scores((2, min(per_head, b * h), nq, nk), q.dtype, q.device) as bufs:
+        for g0, g1, (qc, kc, vc, doc, dqc, dkc, dvc) in _head_chunks(b, h, per_head, (q, k, v, dout, dq, dk, dv)):
+            s, dp = bufs[0, :g1 - g0], bufs[1, :g1 - g0]
+            torch.bmm(qc, kc.transpose(1, 2), out=s)
+            torch.bmm(doc, vc.transpose(1, 2), out=dp)
+            _rows(mod, mod.attn_softmax_bwd_rows, (s, dp, s, dp), g1 - g0, nq, nk, heads=h, q0=0, g0=g0, m=m,
+                  lse=lse.view(b * h, nq)[g0].data_ptr(), lse_gs=nq, **common)
+            p, ds = s, dp
+            torch.bmm(p.transpose(1, 2), doc, out=dvc)
+            torch.bmm(ds, kc, out=dqc)
+            torch.bmm(ds.transpose(1, 2), qc, out=dkc)
     return dq, dk, dv
 
 
@@ -211,17 +331,17 @@ def _backward_from_p(dout, q, k, v, p, mask, causal, scale):
     pf = p.view(b * h, nq, nk)
     dq, dk, dv = (torch.empty(t.shape, dtype=q.dtype, device=q.device) for t in (q, k, v))
     per_head = max(1, SCORE_BYTES // (nq * nk * q.element_size()))
-    buf = torch.empty((min(per_head, b * h), nq, nk), dtype=q.dtype, device=q.device)
-    for g0, g1, (qc, kc, vc, doc, dqc, dkc, dvc) in _head_chunks(b, h, per_head, (q, k, v, dout, dq, dk, dv)):
-        pc, dp = pf[g0:g1], buf[:g1 - g0]
-        torch.bmm(doc, vc.transpose(1, 2), out=dp)
-        # from_p: no mask, causal or lse needed (p is 0 where they apply); p is only read
-        mod.attn_softmax_bwd_rows(pc.data_ptr(), dp.data_ptr(), 0, dp.data_ptr(), g1 - g0, nq, nk, heads=h, q0=0,
-                                  scale=float(scale), causal=False, mask=0, mask_bs=0, lse=0, lse_gs=nq,
-                                  dtype=DTYPE_CODE[q.dtype], from_p=True)
-        torch.bmm(pc.transpose(1, 2), doc, out=dvc)
-        torch.bmm(dp, kc, out=dqc)
-        torch.bmm(dp.transpose(1, 2), qc, out=dkc)
+    with _scores((min(per_head, b * h), nq, nk), q.dtype, q.device) as buf:
+        for g0, g1, (qc, kc, vc, doc, dqc, dkc, dvc) in _head_chunks(b, h, per_head, (q, k, v, dout, dq, dk, dv)):
+            pc, dp = pf[g0:g1], buf[:g1 - g0]
+            torch.bmm(doc, vc.transpose(1, 2), out=dp)
+            # from_p: no mask, causal or lse needed (p is 0 where they apply); p is only read
+            mod.attn_softmax_bwd_rows(pc.data_ptr(), dp.data_ptr(), 0, dp.data_ptr(), g1 - g0, nq, nk, heads=h, q0=0,
+                                      scale=float(scale), causal=False, mask=0, mask_bs=0, lse=0, lse_gs=nq,
+                                      dtype=DTYPE_CODE[q.dtype], from_p=True)
+            torch.bmm(pc.transpose(1, 2), doc, out=dvc)
+            torch.bmm(dp, kc, out=dqc)
+            torch.bmm(dp.transpose(1, 2), qc, out=dkc)
     return dq, dk, dv
 
 

@@ -1,0 +1,217 @@
+"""The CPU attention path's layouts and ways (genfast/ops/attention_cpu.py): the gradients' memory
+layout matches the op's fake in eager and compiled code, and every way, forced, equals the
+reference (DESIGN.md §5 tolerance)."""
+import pytest
+import torch
+
+import genfast
+from genfast import reference
+from genfast.ops import attention as attention_op
+from genfast.ops import attention_cpu
+from genfast.testing import assert_within_reference_error
+
+WAYS = ["sdpa", "heads"]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture
+def cpu_way(use_backend, monkeypatch):
+    """cpu_way(dtype, way): the CPU backend, with every shape of dtype taking that way."""
+    def force(dtype, way):
+        use_backend("cpu")
+        monkeypatch.setattr(attention_cpu, "FITS", {**attention_cpu.FITS, dtype: way})
+        monkeypatch.setattr(attention_cpu, "FUSED_FROM_KEYS", {})
+    return force
+
+
+def _inputs(layout, dtype, b=2, h=3, nq=21, nk=21, d=40):
+    g = torch.Generator().manual_seed(0)
+    if layout == "contiguous":
+        q = torch.randn(b, h, nq, d, generator=g)
+        k, v = (torch.randn(b, h, nk, d, generator=g) for _ in range(2))
+    elif layout == "qkv":  # views of one fused projection, as a DiT block makes them
+        q, k, v = torch.randn(b, nq, 3, h, d, generator=g).permute(2, 0, 3, 1, 4)
+    else:  # "cross": k and v with another length and the tokens-outer layout
+        q = torch.randn(b, h, nq, d, generator=g)
+        k, v = (torch.randn(b, nk + 13, h, d, generator=g).transpose(1, 2) for _ in range(2))
+    return [t.to(dtype).detach().requires_grad_(True) for t in (q, k, v)]
+
+
+def _check_grads(name, got, leaves, g, **kw):
+    low = torch.autograd.grad(reference.attention(*leaves, upcast=False, **kw), leaves, g)
+    high_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    high = torch.autograd.grad(reference.attention(*high_leaves, **kw), high_leaves, g.double())
+    for n, a, lo, hi in zip("qkv", got, low, high):
+        assert_within_reference_error(f"{name}: d{n}", a, lo, hi, floor=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "qkv", "cross"])
+@pytest.mark.parametrize("way", WAYS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grads_have_the_fakes_layout(dtype, way, layout, cpu_way):
+    """Each way returns the gradients in the layout the fake promises (fp32: torch's fused kernel's
+    [B, N, H, D] memory, returned without a copy), and they equal the reference."""
+    cpu_way(dtype, way)
+    q, k, v = _inputs(layout, dtype)
+    out = genfast.attention(q, k, v)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    for t, gt in zip((q, k, v), grads):
+        assert gt.stride() == attention_op._grad_layout(t).stride()
+    if dtype == torch.float32:  # the layout the fused kernel writes
+        assert grads[0].transpose(1, 2).is_contiguous()
+    _check_grads(f"{way} {layout}", grads, (q, k, v), g)
+
+
+@pytest.mark.parametrize("way", WAYS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_compiled_grads_match_eager(dtype, way, cpu_way):
+    """Inductor checks every custom-op output's strides against the fake (assert_size_stride): a
+    fake that promised other strides than the kernels return fails here. Caches are off, so that a
+    graph compiled against an older fake is not reused."""
+    cpu_way(dtype, way)
+    torch._dynamo.reset()
+    q, k, v = _inputs("qkv", dtype)
+    mask = torch.ones(2, 21, dtype=torch.bool)
+    mask[1, 15:] = False
+
+    def fn(q, k, v):
+        o = genfast.attention(q, k, v, key_padding_mask=mask)
+        return o.transpose(1, 2).reshape(2, 21, -1).float().square().sum()  # dout in [B, N, H, D] memory
+
+    want = torch.autograd.grad(fn(q, k, v), (q, k, v))
+    with torch._inductor.config.patch(force_disable_caches=True):
+        got = torch.autograd.grad(torch.compile(fn, fullgraph=True)(q, k, v), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_accumulated_grads_of_a_fused_projection():
+    """.backward() through q/k/v views of one qkv tensor (AccumulateGrad, unbind) gives the same
+    gradient as autograd.grad of the plain reference."""
+    x = torch.randn(2, 21, 3 * 3 * 40, requires_grad=True)
+
+    def run(attn):
+        q, k, v = x.view(2, 21, 3, 3, 40).permute(2, 0, 3, 1, 4)
+        return attn(q, k, v).transpose(1, 2).reshape(2, 21, -1).sin().sum()
+
+    run(genfast.attention).backward()
+    (want,) = torch.autograd.grad(run(reference.attention), x)
+    torch.testing.assert_close(x.grad, want, rtol=1e-4, atol=1e-5)
+
+
+def _bf16_heads_case(seed=0, n=40):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 3, n, 32, generator=g).to(torch.bfloat16) for _ in range(3)]
+
+
+def _check_forward(name, q, k, v, got):
+    assert_within_reference_error(name, got, reference.attention(q, k, v, upcast=False),
+                                  reference.attention(q.double(), k.double(), v.double()), floor=1e-5)
+
+
+def test_workspace_is_kept_bounded_and_freed(use_backend):
+    use_backend("cpu")
+    q, k, v = _bf16_heads_case()
+    assert attention_cpu.variant(q, k.shape[2]) == "heads"
+    attention_cpu.free_workspace()
+    _check_forward("first", q, k, v, genfast.attention(q, k, v))
+    kept = attention_cpu._workspace[(q.device, q.dtype)]
+    assert 0 < kept.numel() * kept.element_size() <= attention_cpu.SCORE_BYTES
+    _check_forward("reused", q, k, v, genfast.attention(q, k, v))
+    assert attention_cpu._workspace[(q.device, q.dtype)] is kept  # the same buffer, no new pages
+    attention_cpu.free_workspace()
+    assert not attention_cpu._workspace
+
+
+def test_workspace_is_never_shared_while_in_use(use_backend):
+    """A call nested inside another's use of the buffer (re-entrancy) gets a buffer of its own."""
+    use_backend("cpu")
+    q, k, v = _bf16_heads_case()
+    genfast.attention(q, k, v)  # leaves a kept buffer
+    with attention_cpu._scores((q.shape[2] * k.shape[2],), q.dtype, q.device) as held:
+        held.fill_(7)
+        _check_forward("nested", q, k, v, genfast.attention(q, k, v))
+        assert (held == 7).all()
+
+
+def test_workspace_under_threads_and_inference_mode(use_backend):
+    """Concurrent calls (the GIL is released inside the GEMMs) and a buffer first made under
+    inference_mode then reused with autograd on: the same results as one call at a time."""
+    import threading
+
+    use_backend("cpu")
+    attention_cpu.free_workspace()
+    cases = [_bf16_heads_case(seed, n) for seed, n in ((1, 40), (2, 64), (3, 33), (4, 64))]
+    with torch.inference_mode():
+        want = [genfast.attention(*c).clone() for c in cases]
+    results = [[None] * 6 for _ in cases]
+
+    def work(i):
+        for j in range(6):
+            results[i][j] = genfast.attention(*cases[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, rs in enumerate(results):
+        for r in rs:
+            torch.testing.assert_close(r, want[i], rtol=0, atol=0)
+    q, k, v = (t.requires_grad_(True) for t in _bf16_heads_case())
+    out = genfast.attention(q, k, v)
+    out.float().sum().backward()
+    _check_forward("after inference_mode", q.detach(), k.detach(), v.detach(), out.detach())
+
+
+def test_no_workspace_kept_when_disabled(use_backend, monkeypatch):
+    use_backend("cpu")
+    monkeypatch.setattr(attention_cpu, "KEEP_WORKSPACE", False)
+    attention_cpu.free_workspace()
+    q, k, v = _bf16_heads_case()
+    _check_forward("fresh", q, k, v, genfast.attention(q, k, v))
+    assert not attention_cpu._workspace
+
+
+def test_kept_p_is_reused_only_when_free(use_backend):
+    """The p buffer kept for the backward is reused by the next forward only once nothing holds it:
+    two graphs alive at once get two buffers, and both backwards are right."""
+    use_backend("cpu")
+    attention_cpu.free_workspace()
+    first = [t.requires_grad_(True) for t in _bf16_heads_case(1)]
+    second = [t.requires_grad_(True) for t in _bf16_heads_case(2)]
+    assert genfast.ops.attention._can_keep_p(first[0], first[1])
+    key = (first[0].device, first[0].dtype)
+    g = torch.randn(first[0].shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    out1 = genfast.attention(*first)
+    buf1 = attention_cpu._kept_p[key]
+    out2 = genfast.attention(*second)  # first graph still holds buf1: a new buffer
+    assert attention_cpu._kept_p[key] is not buf1
+    _check_grads("second", torch.autograd.grad(out2, second, g), second, g)
+    _check_grads("first", torch.autograd.grad(out1, first, g), first, g)
+    buf2 = attention_cpu._kept_p[key]
+    out3 = genfast.attention(*first)  # every graph freed: the kept buffer again
+    assert attention_cpu._kept_p[key] is buf2
+    _check_grads("again", torch.autograd.grad(out3, first, g), first, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_fused_way_in_eager_is_torchs_sdpa(dtype, use_backend):
+    """Eager calls the fused way serves without a key mask run torch's SDPA itself (the same kernel
+    under its C++ autograd): same numbers and layouts as the op, which masked calls still take."""
+    use_backend("cpu")
+    q, k, v = _inputs("qkv", dtype)
+    out = genfast.attention(q, k, v, causal=True)
+    assert "ScaledDotProduct" in type(out.grad_fn).__name__
+    via_op = torch.ops.genfast.attention_fwd(q, k, v, None, True, q.shape[-1] ** -0.5, False)[0]
+    assert out.stride() == via_op.stride()
+    torch.testing.assert_close(out, via_op, rtol=0, atol=0)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    for t, gt in zip((q, k, v), grads):
+        assert gt.stride() == attention_op._grad_layout(t).stride()
+    if dtype == torch.float32:
+        _check_grads("direct", grads, (q, k, v), g, causal=True)
+    masked = genfast.attention(q, k, v, key_padding_mask=torch.ones(2, 21, dtype=torch.bool))
+    assert "genfast" in type(masked.grad_fn).__name__.lower()
