@@ -28,11 +28,11 @@ and loaded, so only paired ratios of one run count):
   - Not tried for lack of time: token-tiled MLP (4C intermediate kept in cache), bias + GELU
     backward fused into one pass with fewer saved tensors.
 """
-import torch
 from torch import nn
 
 import genfast
 from genfast.ops.gelu import gelu_tanh_inference
+from genfast.ops.linear import linear
 
 
 def _adaln_modulate(x, shift, scale, eps=1e-6):
@@ -58,9 +58,9 @@ class DiTAttention(nn.Module):
     def forward(self, x, *, key_padding_mask=None, causal=False):
         b, n, c = x.shape
         # [B, N, 3, H, D] -> three [B, H, N, D] views of the one qkv output: read in place.
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = linear(x, self.qkv.weight, self.qkv.bias).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out = genfast.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        return linear(out.transpose(1, 2).reshape(b, n, c), self.proj.weight, self.proj.bias)
 
 
 class _Mlp(nn.Module):
@@ -73,7 +73,7 @@ class _Mlp(nn.Module):
     def forward(self, x):
         # genfast's GELU(tanh): torch's CPU kernel for it is slow (genfast/ops/gelu.py)
         # in place over the fc1 output when no gradient is recorded (inference)
-        return self.fc2(gelu_tanh_inference(self.fc1(x)))
+        return linear(gelu_tanh_inference(linear(x, self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias)
 
 
 class DiTBlock(nn.Module):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import genfast
 from genfast.ops import gelu as _gelu
+from genfast.ops import linear as _linear
 
 NAMES = ("attention", "adaln_modulate", "gated_residual", "reparam_kl", "vector_quantize", "flow_euler_step")
 
@@ -149,6 +150,14 @@ def gelu_tanh(x):
     if not _state["genfast"]:
         return F.gelu(x, approximate="tanh")
     return _gelu.gelu_tanh(x) if x.requires_grad and torch.is_grad_enabled() else _gelu.gelu_tanh_inference(x)
+
+
+def linear(x, layer):
+    """layer(x) for an nn.Linear: through the seam genfast.ops.linear (oneDNN's fp32 GEMM on the
+    CPU, where torch's BLAS is ~2x slower on AMD CPUs), else the layer itself."""
+    if not _state["genfast"]:
+        return layer(x)
+    return _linear.linear(x, layer.weight, layer.bias)
 
 
 

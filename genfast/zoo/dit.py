@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import genfast.nn as gnn
+from genfast.ops.linear import linear
 from genfast.zoo import _ops
 
 CONFIGS = {
@@ -39,9 +40,9 @@ class Attention(nn.Module):
 
     def forward(self, x):
         b, n, c = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = _ops.linear(x, self.qkv).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         o = _ops.attention(qkv[0], qkv[1], qkv[2])  # [B, H, N, D] views, no copy
-        return self.proj(o.transpose(1, 2).reshape(b, n, c))
+        return _ops.linear(o.transpose(1, 2).reshape(b, n, c), self.proj)
 
 
 class Mlp(nn.Module):
@@ -51,7 +52,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(_ops.gelu_tanh(self.fc1(x)))
+        return _ops.linear(_ops.gelu_tanh(_ops.linear(x, self.fc1)), self.fc2)
 
 
 class DiTBlock(nn.Module):
@@ -141,7 +142,7 @@ class PatchEmbed(nn.Module):
             return self.proj(x).flatten(2).transpose(1, 2)
         # [B, C, H/p, p, W/p, p] -> [B, (H/p)(W/p), C p p], the conv weight's (c, py, px) order
         patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
-        return F.linear(patches, self.proj.weight.view(self.proj.out_channels, -1), self.proj.bias)
+        return linear(patches, self.proj.weight.view(self.proj.out_channels, -1), self.proj.bias)
 
 
 class FinalLayer(nn.Module):
@@ -152,7 +153,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(_ops.adaln_modulate(x, shift, scale))
+        return _ops.linear(_ops.adaln_modulate(x, shift, scale), self.linear)
 
 
 def sincos_pos_embed(hidden, grid):
@@ -238,7 +239,7 @@ class DiT(nn.Module):
         for blk, mod in zip(self.blocks, mods):
             tok = modulated_block(blk, tok, mod)
         shift, scale = mods[-1].chunk(2, dim=1)
-        out = self.final_layer.linear(_ops.adaln_modulate(tok, shift, scale))
+        out = _ops.linear(_ops.adaln_modulate(tok, shift, scale), self.final_layer.linear)
         return self.unpatchify(out, h, w)
 
     @torch.no_grad()

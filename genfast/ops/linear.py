@@ -1,0 +1,97 @@
+"""linear(x, weight, bias) = x weight^T + bias, as F.linear, for genfast's modules (genfast.nn,
+the zoo). On the CPU in fp32 it runs oneDNN's GEMM (torch.ops.mkldnn._linear_pointwise, shipped in
+torch's CPU builds) forward and backward instead of the BLAS behind F.linear.
+
+Why: torch's CPU builds call MKL for fp32 matmul, and MKL takes its AVX2 code path on AMD CPUs. On
+the 2-core AMD EPYC (AVX-512) of this project, 2 threads, torch 2.13 (/tmp-style by-hand timings,
+median of 20-300 calls, quiet machine):
+
+    GEMM [M, K] x [K, N]          F.linear / mm (MKL)    oneDNN
+    forward 2048x384 -> 1152        208 GFLOP/s          480 GFLOP/s
+    forward 640x128 -> 512          ~200                 ~420
+    dX = dY W (2048x1152 -> 384)    213                  438
+    dW = dY^T X (strided views)     190-212              257-357
+
+Same fp32 arithmetic (oneDNN's fp32 math mode is strict IEEE by default; sums in another order,
+so results differ from F.linear by fp32 rounding only: tests/test_linear.py holds it to the
+tolerance rule). Everything else takes F.linear: other dtypes and devices, autocast (its casts
+belong to F.linear), torch.compile / tensor subclasses / functorch transforms (Inductor plans its
+own GEMMs), empty inputs, GENFAST_BACKEND=reference, or USE_ONEDNN = False.
+"""
+import torch
+import torch.nn.functional as F
+
+from genfast import backends
+from genfast.ops._common import dispatcher_needed
+
+# Set False to run F.linear everywhere (for A/B timings).
+USE_ONEDNN = True
+
+_available = None
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # a module's weights are Parameters
+
+
+def onednn_available():
+    global _available
+    if _available is None:
+        _available = bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return _available
+
+
+def _takes_onednn(x, weight, bias):
+    if not USE_ONEDNN or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if bias is not None and (bias.dtype != torch.float32 or bias.dim() != 1):
+        return False
+    if x.dim() < 2 or weight.dim() != 2 or x.numel() == 0 or weight.numel() == 0:
+        return False
+    if torch.is_autocast_enabled("cpu") or dispatcher_needed(x):
+        return False
+    if any(t is not None and type(t) not in _PLAIN for t in (weight, bias)):  # subclasses: F.linear
+        return False
+    return backends.forced() in (None, "cpu") and onednn_available()
+
+
+def _gemm(a, b_t):
+    """a [M, K] @ b_t^T for b_t [N, K] (either may be a strided view) on oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, weight)
+        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        # 2-D out: a view made here would forbid in-place updates of the result (autograd's rule
+        # for views created inside a custom Function); linear() reshapes it outside
+        return torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x2, weight = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _gemm(dy2, weight.t()).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            dw = _gemm(dy2.t(), x2.t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2.sum(0)
+        return dx, dw, db
+
+
+def linear(x, weight, bias=None):
+    """F.linear(x, weight, bias), on oneDNN where that is faster (see the module docstring)."""
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError(f"linear: x and weight must be tensors, got {type(x).__name__} and {type(weight).__name__}")
+    if x.shape[-1:] != weight.shape[-1:] or weight.dim() != 2:
+        raise ValueError(f"linear: x [..., {x.shape[-1] if x.dim() else '?'}] does not match weight "
+                         f"{tuple(weight.shape)} (expected [out_features, {x.shape[-1] if x.dim() else 'in'}])")
+    if not _takes_onednn(x, weight, bias):
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return _OneDNNLinear.apply(x, weight, bias).view(*x.shape[:-1], weight.shape[0])
+    x2 = x.reshape(-1, x.shape[-1])
+    return torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "").view(*x.shape[:-1], weight.shape[0])

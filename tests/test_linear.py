@@ -1,0 +1,118 @@
+"""genfast.ops.linear.linear: oneDNN's fp32 GEMM on the CPU, F.linear elsewhere. Forward and all
+gradients against F.linear in fp64 (the high reference) and fp32 (the low one) with the tolerance
+rule; odd shapes, strided inputs, no bias, empty; the cases that must take F.linear."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from genfast.ops import linear as lin
+from genfast.testing import assert_within_reference_error
+
+pytestmark = pytest.mark.skipif(not lin.onednn_available(), reason="torch built without oneDNN")
+
+
+def _inputs(shape, n_out, bias=True, strided=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape[:-1], shape[-1] * (2 if strided else 1), generator=g)
+    x = x[..., ::2] if strided else x
+    w = torch.randn(n_out, shape[-1], generator=g) / shape[-1] ** 0.5
+    b = torch.randn(n_out, generator=g) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("shape,n_out", [((7, 13), 5), ((2, 17, 33), 65), ((3, 4, 5, 64), 192), ((1, 1), 1)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("strided", [False, True])
+def test_forward_backward_match_f_linear(shape, n_out, bias, strided):
+    x, w, b = _inputs(shape, n_out, bias, strided)
+    params = [t.clone().requires_grad_(True) for t in (x, w) + ((b,) if bias else ())]
+    high = [t.double().detach().requires_grad_(True) for t in params]
+    g = torch.randn(*shape[:-1], n_out, generator=torch.Generator().manual_seed(1))
+
+    def run(fn, ts, gr):
+        y = fn(ts[0], ts[1], ts[2] if bias else None)
+        return (y, *torch.autograd.grad(y, ts, gr))
+
+    assert lin._takes_onednn(*(params + [None])[:3])
+    got = run(lin.linear, params, g)
+    low = run(F.linear, params, g)
+    ref = run(F.linear, high, g.double())
+    for name, a, lo, hi in zip(["out", "dx", "dw", "db"], got, low, ref):
+        assert a.dtype == torch.float32 and a.shape == lo.shape
+        assert_within_reference_error(f"linear {name}", a, lo, hi)
+
+
+def test_module_parameters_take_onednn():
+    layer = torch.nn.Linear(8, 3)
+    assert lin._takes_onednn(torch.randn(2, 8), layer.weight, layer.bias)
+
+
+def test_no_grad_and_inference_mode_paths():
+    x, w, b = _inputs((9, 24), 40)
+    want = F.linear(x, w, b)
+    with torch.no_grad():
+        torch.testing.assert_close(lin.linear(x, w, b), want, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(lin.linear(x, w, b), want, rtol=1e-5, atol=1e-5)
+
+
+def test_output_can_be_updated_in_place():
+    """The zoo adds the position embedding in place to the patch embedding's output."""
+    x, w, b = _inputs((2, 5, 8), 4)
+    w.requires_grad_(True)
+    y = lin.linear(x, w, b)
+    y.add_(1.0).mul_(2.0).sum().backward()
+    torch.testing.assert_close(w.grad, 2 * torch.ones(10, 4).t() @ x.reshape(10, 8), rtol=1e-5, atol=1e-5)
+
+
+def test_only_needed_gradients_and_empty_input():
+    x, w, b = _inputs((6, 8), 3)
+    w.requires_grad_(True)
+    y = lin.linear(x, w, b)  # x and b need no gradient
+    (dw,) = torch.autograd.grad(y.sum(), [w])
+    torch.testing.assert_close(dw, torch.ones(6, 3).t() @ x, rtol=1e-5, atol=1e-5)
+    e = torch.empty(0, 8, requires_grad=True)
+    out = lin.linear(e, w, b)
+    assert out.shape == (0, 3)
+    out.sum().backward()
+    assert e.grad.shape == (0, 8)
+
+
+def test_cases_that_take_f_linear(monkeypatch):
+    x, w, b = _inputs((4, 8), 3)
+    assert not lin._takes_onednn(x.double(), w.double(), b.double())
+    assert not lin._takes_onednn(x.bfloat16(), w.bfloat16(), b.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not lin._takes_onednn(x, w, b)
+        assert lin.linear(x, w, b).dtype == torch.bfloat16  # autocast's casts kept
+    monkeypatch.setenv("GENFAST_BACKEND", "reference")
+    assert not lin._takes_onednn(x, w, b)
+    monkeypatch.delenv("GENFAST_BACKEND")
+    monkeypatch.setattr(lin, "USE_ONEDNN", False)
+    assert not lin._takes_onednn(x, w, b)
+
+
+def test_onednn_backward_is_really_taken(monkeypatch):
+    """The fast path is not silently skipped: a spy on the backward's oneDNN GEMMs sees the calls."""
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(lin, "_gemm", lambda a, b_t: (calls.append(1), real(a, b_t, None, "none", [], ""))[1])
+    x, w, b = _inputs((5, 16), 8)
+    w.requires_grad_(True)
+    x.requires_grad_(True)
+    lin.linear(x, w, b).sum().backward()
+    assert len(calls) == 2  # dx and dw on oneDNN
+
+
+def test_compiled_equals_eager():
+    x, w, b = _inputs((3, 10, 16), 24)
+    f = torch.compile(lambda x, w, b: lin.linear(x, w, b), fullgraph=True)
+    torch.testing.assert_close(f(x, w, b), lin.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input():
+    x, w, b = _inputs((4, 8), 3)
+    with pytest.raises(ValueError, match="weight"):
+        lin.linear(x, w.t(), b)
+    with pytest.raises(TypeError, match="tensors"):
+        lin.linear([1.0], w, b)
