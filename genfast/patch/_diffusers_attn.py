@@ -12,9 +12,9 @@ The answers are those of the original processor (within the tests' tolerance rul
 cannot serve exactly (a 4-D input, a bool or general float mask, dropout) runs the original.
 """
 import torch
-import torch.nn.functional as F
 
 import genfast
+from genfast.ops.linear import linear
 from genfast.patch import _support
 
 _LINEAR = torch.nn.Linear
@@ -46,7 +46,7 @@ class FusedLinear:
 
     def __call__(self, x):
         w, b = self.weights()
-        return F.linear(x, w, b)
+        return linear(x, w, b)  # oneDNN's fp32 GEMM on the CPU (genfast.ops.linear)
 
 
 MAX_FUSED_BYTES = 8 << 20  # the cached copy costs memory; past DiT-B sizes the separate GEMMs are efficient anyway
@@ -63,6 +63,12 @@ def can_fuse(*linears):
     return all((lin.bias is None) == (first.bias is None) and lin.in_features == first.in_features
                and lin.weight.dtype == first.weight.dtype and lin.weight.device == first.weight.device
                for lin in linears)
+
+
+def out_proj(layer, x):
+    """layer(x) for an output projection: genfast.ops.linear for a plain Linear (oneDNN's fp32 GEMM
+    on the CPU), the layer itself for anything else (LoRA, quantised wrappers)."""
+    return linear(x, layer.weight, layer.bias) if type(layer) is _LINEAR else layer(x)
 
 
 def project(x, fused, linears):
@@ -153,7 +159,7 @@ class GenfastAttnProcessor:
         q, k, v = _split(q, h, attn.norm_q), _split(k, h, attn.norm_k), _split(v, h)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         out = genfast.attention(q, k, v, key_padding_mask=kpm)
-        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(b, n, -1)))
+        out = attn.to_out[1](out_proj(attn.to_out[0], out.transpose(1, 2).reshape(b, n, -1)))
         if attn.rescale_output_factor != 1.0:
             out = out / attn.rescale_output_factor
         return out
@@ -187,12 +193,12 @@ class GenfastJointAttnProcessor:
             q, k, v = torch.cat([q, cq], 1), torch.cat([k, ck], 1), torch.cat([v, cv], 1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         out = genfast.attention(q, k, v).transpose(1, 2).reshape(b, q.shape[2], -1)
-        hs = attn.to_out[1](attn.to_out[0](out[:, :n]))
+        hs = attn.to_out[1](out_proj(attn.to_out[0], out[:, :n]))
         if c is None:
             return hs
         ctx = out[:, n:]
         if not attn.context_pre_only:
-            ctx = attn.to_add_out(ctx)
+            ctx = out_proj(attn.to_add_out, ctx)
         return hs, ctx
 
 

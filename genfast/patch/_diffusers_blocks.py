@@ -10,6 +10,7 @@ from torch import nn
 
 import genfast
 from genfast.ops.gelu import gelu_tanh_inference
+from genfast.ops.linear import linear
 from genfast.patch._support import runnable
 
 
@@ -45,11 +46,12 @@ def feed_forward(ff, h):
     tanh = simple and act.approximate == "tanh"
     if torch.compiler.is_compiling() or (grad and not tanh) or not simple or h.device.type == "mps":
         return ff(h)
-    u = act.proj(h)
+    u = linear(h, act.proj.weight, act.proj.bias)  # oneDNN's fp32 GEMM on the CPU (genfast.ops.linear)
     if tanh:  # genfast's op (torch's CPU kernel for the tanh form is slow): in place without autograd
-        return net[2](gelu_tanh_inference(u))
-    torch._C._nn.gelu_(u, approximate=act.approximate)
-    return net[2](u)
+        u = gelu_tanh_inference(u)
+    else:
+        torch._C._nn.gelu_(u, approximate=act.approximate)
+    return linear(u, net[2].weight, net[2].bias) if type(net[2]) is nn.Linear else net[2](u)
 
 
 # ------------------------------------------------------------------------------------- norms
