@@ -104,10 +104,36 @@ def test_onednn_backward_is_really_taken(monkeypatch):
     assert len(calls) == 2  # dx and dw on oneDNN
 
 
-def test_compiled_equals_eager():
+def test_compiled_equals_eager_and_keeps_the_op():
+    """Under torch.compile a CPU fp32 linear is genfast::linear (Inductor calls it as a kernel):
+    forward and gradients equal eager's."""
     x, w, b = _inputs((3, 10, 16), 24)
-    f = torch.compile(lambda x, w, b: lin.linear(x, w, b), fullgraph=True)
-    torch.testing.assert_close(f(x, w, b), lin.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    ts = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    g = torch.randn(3, 10, 24)
+
+    def f(x, w, b):
+        return lin.linear(x, w, b).relu()
+
+    want = torch.autograd.grad(f(*ts), ts, g)
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(str(gm.graph))
+        return torch._inductor.compile(gm, inputs)
+
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True, backend=backend)(*ts), ts, g)
+    assert any("genfast.linear" in s for s in graphs)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    cf = torch.compile(f, fullgraph=True)
+    torch.testing.assert_close(cf(x, w, b), f(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck():
+    x, w, b = _inputs((4, 6, 8), 5)
+    for args in [(x, w, b), (x, w, None), (x.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True))]:
+        torch.library.opcheck(torch.ops.genfast.linear.default, args)
 
 
 def test_bad_input():

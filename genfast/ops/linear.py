@@ -12,17 +12,20 @@ median of 20-300 calls, quiet machine):
     dX = dY W (2048x1152 -> 384)    213                  438
     dW = dY^T X (strided views)     190-212              257-357
 
+Under torch.compile (CPU, fp32) it is the custom op genfast::linear (+ genfast::linear_backward),
+which Inductor calls as an opaque kernel: with the same oneDNN GEMMs inside, compiled code keeps
+them (Inductor's own CPU GEMMs go through the same MKL as F.linear unless its freezing is on).
+
 Same fp32 arithmetic (oneDNN's fp32 math mode is strict IEEE by default; sums in another order,
 so results differ from F.linear by fp32 rounding only: tests/test_linear.py holds it to the
 tolerance rule). Everything else takes F.linear: other dtypes and devices, autocast (its casts
-belong to F.linear), torch.compile / tensor subclasses / functorch transforms (Inductor plans its
-own GEMMs), empty inputs, GENFAST_BACKEND=reference, or USE_ONEDNN = False.
+belong to F.linear), tensor subclasses / functorch transforms, empty inputs, GENFAST_BACKEND=reference, or USE_ONEDNN = False.
 """
 import torch
 import torch.nn.functional as F
 
 from genfast import backends
-from genfast.ops._common import dispatcher_needed
+from genfast.ops._common import LIB, dispatcher_needed
 
 # Set False to run F.linear everywhere (for A/B timings).
 USE_ONEDNN = True
@@ -89,9 +92,80 @@ def linear(x, weight, bias=None):
     if x.shape[-1:] != weight.shape[-1:] or weight.dim() != 2:
         raise ValueError(f"linear: x [..., {x.shape[-1] if x.dim() else '?'}] does not match weight "
                          f"{tuple(weight.shape)} (expected [out_features, {x.shape[-1] if x.dim() else 'in'}])")
+    if torch.compiler.is_compiling():
+        return torch.ops.genfast.linear(x, weight, bias) if _compiled_takes_op(x, weight, bias) else F.linear(x, weight, bias)
     if not _takes_onednn(x, weight, bias):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return _OneDNNLinear.apply(x, weight, bias).view(*x.shape[:-1], weight.shape[0])
     x2 = x.reshape(-1, x.shape[-1])
     return torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "").view(*x.shape[:-1], weight.shape[0])
+
+
+# ------------------------------------------------------------------ torch.library op (compile)
+LIB.define("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+LIB.define("linear_backward(Tensor grad, Tensor x, Tensor weight, bool[3] mask) -> (Tensor, Tensor, Tensor)")
+
+
+def _compiled_takes_op(x, weight, bias):
+    """Under torch.compile: whether linear() becomes genfast::linear (device, dtype and flags only:
+    no data-dependent check, so no guard on shapes)."""
+    if not USE_ONEDNN or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if bias is not None and (bias.dtype != torch.float32 or bias.dim() != 1):
+        return False
+    if x.dim() < 2 or weight.dim() != 2 or torch.is_autocast_enabled("cpu"):
+        return False
+    return backends.forced() in (None, "cpu") and onednn_available()
+
+
+def _op_fwd(x, weight, bias):
+    if x.numel() == 0 or weight.numel() == 0 or not onednn_available():
+        return F.linear(x, weight, bias).contiguous()
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _op_bwd(grad, x, weight, mask):
+    dy2 = grad.reshape(-1, grad.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    fast = dy2.numel() > 0 and x2.numel() > 0 and onednn_available()
+    none = grad.new_empty((0,))
+    dx = (_gemm(dy2, weight.t()) if fast else dy2 @ weight).view(x.shape) if mask[0] else none
+    dw = (_gemm(dy2.t(), x2.t()) if fast else dy2.t() @ x2) if mask[1] else none
+    db = dy2.sum(0) if mask[2] else none
+    return dx, dw, db
+
+
+for _key in ("CPU", "CUDA"):
+    LIB.impl("linear", _op_fwd, _key)
+    LIB.impl("linear_backward", _op_bwd, _key)
+
+
+@torch.library.register_fake("genfast::linear")
+def _fake_fwd(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("genfast::linear_backward")
+def _fake_bwd(grad, x, weight, mask):
+    none = grad.new_empty((0,))
+    return (x.new_empty(x.shape) if mask[0] else none, weight.new_empty(weight.shape) if mask[1] else none,
+            grad.new_empty((weight.shape[0],)) if mask[2] else none)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [bool(need[0]), bool(need[1]), bool(ctx.has_bias and need[2])]
+    dx, dw, db = torch.ops.genfast.linear_backward(grad, x, weight, mask)
+    return dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None
+
+
+torch.library.register_autograd("genfast::linear", _backward, setup_context=_setup_context)

@@ -66,8 +66,8 @@ def can_fuse(*linears):
 
 
 def out_proj(layer, x):
-    """layer(x) for an output projection: genfast.ops.linear for a plain Linear (oneDNN's fp32 GEMM
-    on the CPU), the layer itself for anything else (LoRA, quantised wrappers)."""
+    """layer(x): genfast.ops.linear for a plain Linear (oneDNN's fp32 GEMM on the CPU, also under
+    torch.compile as genfast::linear), the layer itself for anything else (LoRA, quantised wrappers)."""
     return linear(x, layer.weight, layer.bias) if type(layer) is _LINEAR else layer(x)
 
 
@@ -78,7 +78,7 @@ def project(x, fused, linears):
     one would double their memory). Either way no copy follows: the heads are strided views."""
     if fused is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
         return fused(x).chunk(len(linears), -1)
-    return [lin(x) for lin in linears]
+    return [out_proj(lin, x) for lin in linears]
 
 
 def _split(t, heads, norm=None):

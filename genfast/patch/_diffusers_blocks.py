@@ -44,7 +44,7 @@ def feed_forward(ff, h):
     simple = (type(act).__name__ == "GELU" and type(act.proj) is nn.Linear and len(net) in (3, 4)
               and all(type(d) is nn.Dropout and not (d.training and d.p) for d in net[1::2]))
     tanh = simple and act.approximate == "tanh"
-    if torch.compiler.is_compiling() or (grad and not tanh) or not simple or h.device.type == "mps":
+    if (grad and not tanh) or not simple or h.device.type == "mps":
         return ff(h)
     u = linear(h, act.proj.weight, act.proj.bias)  # oneDNN's fp32 GEMM on the CPU (genfast.ops.linear)
     if tanh:  # genfast's op (torch's CPU kernel for the tanh form is slow): in place without autograd

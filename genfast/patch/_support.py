@@ -38,10 +38,13 @@ def reasons(device_type, dtype, part):
     return out
 
 
-# Under torch.compile on the CPU the swapped parts take the original code: Inductor fuses the same
-# elementwise work into its own loops, and genfast's ops (opaque to it) measured 0.96x of that on
-# the DiT-S benchmark (benchmarks/test_patch.py). Tests set it False to compile genfast's path.
-DEFER_TO_INDUCTOR_ON_CPU = True
+# True: under torch.compile on the CPU the swapped parts take the original code (Inductor's own
+# fusions). Measured on the DiT-S benchmark (benchmarks/test_patch.py, 2-core AMD EPYC): with
+# Inductor's MKL GEMMs genfast's opaque elementwise ops gave 0.96x of that; since the Linears run
+# genfast::linear (oneDNN's fp32 GEMM, ~2.2x MKL's on this CPU) genfast's path compiles to 1.29x
+# of the unpatched compiled model, so False (genfast's path under compile) is the default. Tests
+# compile both.
+DEFER_TO_INDUCTOR_ON_CPU = False
 _runnable = {}  # (device type, dtype, part) -> bool, filled in eager mode and read under torch.compile
 
 
