@@ -24,9 +24,9 @@ and loaded, so only paired ratios of one run count):
   - attention: bf16 uses the CPU path's "heads" way with p kept for the backward (~2-3x SDPA's bf16
     CPU kernel, which eager DiT calls); fp32 uses torch's flash kernel, as eager SDPA does.
   - The Linears (qkv, proj, fc1, fc2) run genfast.ops.linear: oneDNN's fp32 GEMM forward and
-    backward on the CPU. torch's MKL sgemm takes its AVX2 path on this AMD EPYC (~210 GFLOP/s on
-    2 threads, oneDNN ~470): DiT-S block fp32 forward 1.02x -> 2.0x eager, forward + backward
-    0.99x -> 1.56x (benchmarks/test_attention.py -k dit_block, quick run, quiet machine).
+    backward on the CPU. torch's MKL sgemm reaches ~210 GFLOP/s on 2 threads of this AMD EPYC,
+    oneDNN ~470: DiT-S block fp32 forward 1.02x -> 1.7-2.0x eager, forward + backward
+    0.99x -> 1.56-1.58x (benchmarks/test_attention.py -k dit_block, quiet machine).
   - Folding the modulation into the qkv / fc1 weights or the gate into proj means a per-sample copy
     of the weight (B x C x C), larger than the activation pass it saves at DiT sizes: not done.
   - Not tried for lack of time: token-tiled MLP (4C intermediate kept in cache), bias + GELU

@@ -34,7 +34,7 @@ for these cases, same-path rows differ by up to ~5 %):
   bf16 1x8x1024x64       69.4 / 25.7     62.9 / 45.8      67.3 / 24.4     55.1 / 15.0  (others 50 %)
 
 fp32: torch's flash kernel runs these cases at ~89-92 % of MKL's sgemm rate (~204 GFLOP/s on the
-2 cores; but MKL runs its AVX2 path on this AMD CPU, oneDNN's fp32 GEMM reaches ~470, see
+2 cores; but oneDNN's fp32 GEMM reaches ~470 on this AMD CPU, see
 genfast.ops.linear: the "heads" way on per-head oneDNN GEMMs is the next thing to try — a by-hand
 forward at 2x16x1024x72 spent 26 ms in them vs SDPA's 56 ms, at 1x8x1024x64 12.7 vs 11.8 ms), so
 two torch.bmm GEMMs with a softmax pass between cannot win: "heads" ties at best (the 1024

@@ -2,9 +2,10 @@
 the zoo). On the CPU in fp32 it runs oneDNN's GEMM (torch.ops.mkldnn._linear_pointwise, shipped in
 torch's CPU builds) forward and backward instead of the BLAS behind F.linear.
 
-Why: torch's CPU builds call MKL for fp32 matmul, and MKL takes its AVX2 code path on AMD CPUs. On
-the 2-core AMD EPYC (AVX-512) of this project, 2 threads, torch 2.13 (/tmp-style by-hand timings,
-median of 20-300 calls, quiet machine):
+Why: torch's CPU builds call MKL for fp32 matmul, which on the 2-core AMD EPYC (AVX-512) of this
+project runs at under half oneDNN's rate (consistent with MKL's AVX2 code path on AMD CPUs; on
+Intel CPUs expect the two to be close). 2 threads, torch 2.13, by-hand timings, median of 20-300
+calls, quiet machine:
 
     GEMM [M, K] x [K, N]          F.linear / mm (MKL)    oneDNN
     forward 2048x384 -> 1152        208 GFLOP/s          480 GFLOP/s
