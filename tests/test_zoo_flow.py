@@ -173,6 +173,8 @@ def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
         flow_job.train_model(cfg, out=tmp_path, progress=False)
     monkeypatch.undo()
     assert checkpoint.load(tmp_path / "checkpoint.pt", kind="dit-rectified-flow")["step"] == 6
+    with pytest.raises(checkpoint.CheckpointError, match="differs in: schedule"):  # another timestep schedule
+        flow_job.train_model({**cfg, "schedule": "uniform"}, out=tmp_path, resume=True, progress=False)
     resumed, hist, _ = flow_job.train_model(cfg, out=tmp_path, resume=True, progress=False)
     assert hist["loss"] == hist_full["loss"]
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):

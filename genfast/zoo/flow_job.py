@@ -78,8 +78,10 @@ def make_step(model, opt, sched, x, y, g, batch, rank=0, world=1, schedule="logi
 
 
 def checkpoint_config(cfg):
-    """What a checkpoint must agree on to be resumed (the schedule depends on train_steps)."""
-    return {k: cfg.get(k) for k in ("size", "dit", "batch", "lr", "train_steps", "arch")}
+    """What a checkpoint must agree on to be resumed (the lr schedule depends on train_steps; the
+    timestep schedule changes what the remaining steps train)."""
+    return {**{k: cfg.get(k) for k in ("size", "dit", "batch", "lr", "train_steps", "arch")},
+            "schedule": cfg.get("schedule", "logit_normal")}
 
 
 def train_model(cfg, *, out=None, seed=0, resume=False, progress=True, dataset=None, ckpt_name="checkpoint.pt"):
