@@ -142,3 +142,19 @@ def test_bad_input():
         lin.linear(x, w.t(), b)
     with pytest.raises(TypeError, match="tensors"):
         lin.linear([1.0], w, b)
+
+
+def test_linear_layer_keeps_wrappers_own_forward():
+    """linear_layer: a plain nn.Linear through linear(); any other module (a LoRA-style subclass
+    here) runs its own forward, never just its base weight."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    plain = torch.nn.Linear(8, 4)
+    torch.testing.assert_close(lin.linear_layer(plain, x), F.linear(x, plain.weight, plain.bias), rtol=1e-5, atol=1e-5)
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    wrapped = Scaled(8, 4)
+    torch.testing.assert_close(lin.linear_layer(wrapped, x), 2 * F.linear(x, wrapped.weight, wrapped.bias))

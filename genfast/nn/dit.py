@@ -36,7 +36,7 @@ from torch import nn
 
 import genfast
 from genfast.ops.gelu import gelu_tanh_inference
-from genfast.ops.linear import linear
+from genfast.ops.linear import linear_layer
 
 
 def _adaln_modulate(x, shift, scale, eps=1e-6):
@@ -62,9 +62,9 @@ class DiTAttention(nn.Module):
     def forward(self, x, *, key_padding_mask=None, causal=False):
         b, n, c = x.shape
         # [B, N, 3, H, D] -> three [B, H, N, D] views of the one qkv output: read in place.
-        q, k, v = linear(x, self.qkv.weight, self.qkv.bias).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = linear_layer(self.qkv, x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out = genfast.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
-        return linear(out.transpose(1, 2).reshape(b, n, c), self.proj.weight, self.proj.bias)
+        return linear_layer(self.proj, out.transpose(1, 2).reshape(b, n, c))
 
 
 class _Mlp(nn.Module):
@@ -77,7 +77,7 @@ class _Mlp(nn.Module):
     def forward(self, x):
         # genfast's GELU(tanh): torch's CPU kernel for it is slow (genfast/ops/gelu.py)
         # in place over the fc1 output when no gradient is recorded (inference)
-        return linear(gelu_tanh_inference(linear(x, self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias)
+        return linear_layer(self.fc2, gelu_tanh_inference(linear_layer(self.fc1, x)))
 
 
 class DiTBlock(nn.Module):

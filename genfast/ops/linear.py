@@ -42,18 +42,23 @@ def onednn_available():
     return _available
 
 
-def _takes_onednn(x, weight, bias):
+def _onednn_case(x, weight, bias):
+    """Whether this linear runs on oneDNN, from device, dtypes, ranks and flags only (no data-dependent
+    check: under torch.compile it adds no guard on shapes)."""
     if not USE_ONEDNN or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
     if bias is not None and (bias.dtype != torch.float32 or bias.dim() != 1):
         return False
-    if x.dim() < 2 or weight.dim() != 2 or x.numel() == 0 or weight.numel() == 0:
-        return False
-    if torch.is_autocast_enabled("cpu") or dispatcher_needed(x):
-        return False
-    if any(t is not None and type(t) not in _PLAIN for t in (weight, bias)):  # subclasses: F.linear
+    if x.dim() < 2 or weight.dim() != 2 or torch.is_autocast_enabled("cpu"):
         return False
     return backends.forced() in (None, "cpu") and onednn_available()
+
+
+def _takes_onednn(x, weight, bias):
+    """Eager calls: _onednn_case, plain tensors (subclasses and transforms take F.linear), not empty."""
+    if dispatcher_needed(x) or any(t is not None and type(t) not in _PLAIN for t in (weight, bias)):
+        return False
+    return x.numel() > 0 and weight.numel() > 0 and _onednn_case(x, weight, bias)
 
 
 def _gemm(a, b_t):
@@ -61,29 +66,40 @@ def _gemm(a, b_t):
     return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
 
 
+def _forward_2d(x, weight, bias):
+    """[M, N] = x [..., K] flattened to M rows, times weight^T, plus bias, on oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+
+
+def _grads(dy, x, weight, mask):
+    """(dx, dw, db) for the True entries of mask (None elsewhere): oneDNN GEMMs, torch's for empty
+    operands."""
+    dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+    fast = dy2.numel() > 0 and x2.numel() > 0 and onednn_available()
+    dx = (_gemm(dy2, weight.t()) if fast else dy2 @ weight).view(x.shape) if mask[0] else None
+    dw = (_gemm(dy2.t(), x2.t()) if fast else dy2.t() @ x2) if mask[1] else None
+    db = dy2.sum(0) if mask[2] else None
+    return dx, dw, db
+
+
 class _OneDNNLinear(torch.autograd.Function):
+    """The eager path with autograd (skips the op's dispatch): the same forward and gradients as
+    genfast::linear and genfast::linear_backward below."""
+
     @staticmethod
     def forward(ctx, x, weight, bias):
-        x2 = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(x2, weight)
-        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
         # 2-D out: a view made here would forbid in-place updates of the result (autograd's rule
         # for views created inside a custom Function); linear() reshapes it outside
-        return torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+        return _forward_2d(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x2, weight = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = _gemm(dy2, weight.t()).view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            dw = _gemm(dy2.t(), x2.t())
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy2.sum(0)
-        return dx, dw, db
+        x, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        return _grads(dy, x, weight, (need[0], need[1], ctx.has_bias and need[2]))
 
 
 def linear(x, weight, bias=None):
@@ -94,13 +110,20 @@ def linear(x, weight, bias=None):
         raise ValueError(f"linear: x [..., {x.shape[-1] if x.dim() else '?'}] does not match weight "
                          f"{tuple(weight.shape)} (expected [out_features, {x.shape[-1] if x.dim() else 'in'}])")
     if torch.compiler.is_compiling():
-        return torch.ops.genfast.linear(x, weight, bias) if _compiled_takes_op(x, weight, bias) else F.linear(x, weight, bias)
+        return torch.ops.genfast.linear(x, weight, bias) if _onednn_case(x, weight, bias) else F.linear(x, weight, bias)
     if not _takes_onednn(x, weight, bias):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return _OneDNNLinear.apply(x, weight, bias).view(*x.shape[:-1], weight.shape[0])
-    x2 = x.reshape(-1, x.shape[-1])
-    return torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "").view(*x.shape[:-1], weight.shape[0])
+        y = _OneDNNLinear.apply(x, weight, bias)
+    else:
+        y = _forward_2d(x, weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear_layer(layer, x):
+    """layer(x) for a module: linear() over its weight and bias for a plain nn.Linear, the module's
+    own forward for anything else (LoRA, quantised or other wrappers keep their code)."""
+    return linear(x, layer.weight, layer.bias) if type(layer) is torch.nn.Linear else layer(x)
 
 
 # ------------------------------------------------------------------ torch.library op (compile)
@@ -108,34 +131,15 @@ LIB.define("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 LIB.define("linear_backward(Tensor grad, Tensor x, Tensor weight, bool[3] mask) -> (Tensor, Tensor, Tensor)")
 
 
-def _compiled_takes_op(x, weight, bias):
-    """Under torch.compile: whether linear() becomes genfast::linear (device, dtype and flags only:
-    no data-dependent check, so no guard on shapes)."""
-    if not USE_ONEDNN or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return False
-    if bias is not None and (bias.dtype != torch.float32 or bias.dim() != 1):
-        return False
-    if x.dim() < 2 or weight.dim() != 2 or torch.is_autocast_enabled("cpu"):
-        return False
-    return backends.forced() in (None, "cpu") and onednn_available()
-
-
 def _op_fwd(x, weight, bias):
     if x.numel() == 0 or weight.numel() == 0 or not onednn_available():
         return F.linear(x, weight, bias).contiguous()
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return _forward_2d(x, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
 def _op_bwd(grad, x, weight, mask):
-    dy2 = grad.reshape(-1, grad.shape[-1])
-    x2 = x.reshape(-1, x.shape[-1])
-    fast = dy2.numel() > 0 and x2.numel() > 0 and onednn_available()
-    none = grad.new_empty((0,))
-    dx = (_gemm(dy2, weight.t()) if fast else dy2 @ weight).view(x.shape) if mask[0] else none
-    dw = (_gemm(dy2.t(), x2.t()) if fast else dy2.t() @ x2) if mask[1] else none
-    db = dy2.sum(0) if mask[2] else none
-    return dx, dw, db
+    none = grad.new_empty((0,))  # an op returns tensors: empty where no gradient is asked for
+    return tuple(none if g is None else g for g in _grads(grad, x, weight, mask))
 
 
 for _key in ("CPU", "CUDA"):

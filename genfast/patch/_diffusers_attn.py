@@ -14,7 +14,7 @@ cannot serve exactly (a 4-D input, a bool or general float mask, dropout) runs t
 import torch
 
 import genfast
-from genfast.ops.linear import linear
+from genfast.ops.linear import linear, linear_layer
 from genfast.patch import _support
 
 _LINEAR = torch.nn.Linear
@@ -65,12 +65,6 @@ def can_fuse(*linears):
                for lin in linears)
 
 
-def out_proj(layer, x):
-    """layer(x): genfast.ops.linear for a plain Linear (oneDNN's fp32 GEMM on the CPU, also under
-    torch.compile as genfast::linear), the layer itself for anything else (LoRA, quantised wrappers)."""
-    return linear(x, layer.weight, layer.bias) if type(layer) is _LINEAR else layer(x)
-
-
 def project(x, fused, linears):
     """The outputs [B, N, C] of `linears` on x: column slices of one GEMM over the concatenated
     weights on the CPU in eager mode (measured to pay there), else the separate GEMMs (under
@@ -78,7 +72,7 @@ def project(x, fused, linears):
     one would double their memory). Either way no copy follows: the heads are strided views."""
     if fused is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
         return fused(x).chunk(len(linears), -1)
-    return [out_proj(lin, x) for lin in linears]
+    return [linear_layer(lin, x) for lin in linears]
 
 
 def _split(t, heads, norm=None):
@@ -159,7 +153,7 @@ class GenfastAttnProcessor:
         q, k, v = _split(q, h, attn.norm_q), _split(k, h, attn.norm_k), _split(v, h)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         out = genfast.attention(q, k, v, key_padding_mask=kpm)
-        out = attn.to_out[1](out_proj(attn.to_out[0], out.transpose(1, 2).reshape(b, n, -1)))
+        out = attn.to_out[1](linear_layer(attn.to_out[0], out.transpose(1, 2).reshape(b, n, -1)))
         if attn.rescale_output_factor != 1.0:
             out = out / attn.rescale_output_factor
         return out
@@ -193,12 +187,12 @@ class GenfastJointAttnProcessor:
             q, k, v = torch.cat([q, cq], 1), torch.cat([k, ck], 1), torch.cat([v, cv], 1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         out = genfast.attention(q, k, v).transpose(1, 2).reshape(b, q.shape[2], -1)
-        hs = attn.to_out[1](out_proj(attn.to_out[0], out[:, :n]))
+        hs = attn.to_out[1](linear_layer(attn.to_out[0], out[:, :n]))
         if c is None:
             return hs
         ctx = out[:, n:]
         if not attn.context_pre_only:
-            ctx = out_proj(attn.to_add_out, ctx)
+            ctx = linear_layer(attn.to_add_out, ctx)
         return hs, ctx
 
 

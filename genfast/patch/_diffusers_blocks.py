@@ -10,7 +10,7 @@ from torch import nn
 
 import genfast
 from genfast.ops.gelu import gelu_tanh_inference
-from genfast.ops.linear import linear
+from genfast.ops.linear import linear_layer
 from genfast.patch._support import runnable
 
 
@@ -46,12 +46,12 @@ def feed_forward(ff, h):
     tanh = simple and act.approximate == "tanh"
     if (grad and not tanh) or not simple or h.device.type == "mps":
         return ff(h)
-    u = linear(h, act.proj.weight, act.proj.bias)  # oneDNN's fp32 GEMM on the CPU (genfast.ops.linear)
+    u = linear_layer(act.proj, h)  # oneDNN's fp32 GEMM on the CPU (genfast.ops.linear)
     if tanh:  # genfast's op (torch's CPU kernel for the tanh form is slow): in place without autograd
         u = gelu_tanh_inference(u)
     else:
         torch._C._nn.gelu_(u, approximate=act.approximate)
-    return linear(u, net[2].weight, net[2].bias) if type(net[2]) is nn.Linear else net[2](u)
+    return linear_layer(net[2], u)
 
 
 # ------------------------------------------------------------------------------------- norms

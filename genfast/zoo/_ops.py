@@ -157,7 +157,7 @@ def linear(x, layer):
     CPU, where torch's BLAS is ~2x slower on AMD CPUs), else the layer itself."""
     if not _state["genfast"]:
         return layer(x)
-    return _linear.linear(x, layer.weight, layer.bias)
+    return _linear.linear_layer(layer, x)
 
 
 

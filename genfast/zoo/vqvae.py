@@ -15,6 +15,7 @@ notes' "images as sequences of discrete tokens".
            and the earlier dim-128, depth-4 prior without dropout overfit them (held-out 5.07
            bits / token, worse than the 4.9-bit unigram of the code frequencies; now 2.8).
 """
+import contextlib
 import json
 import math
 import time
@@ -134,11 +135,19 @@ class ARPrior(nn.Module):
     @torch.no_grad()
     def bits_per_token(self, tokens, y=None):
         """Mean cross-entropy of `tokens` in bits (eval mode: no dropout)."""
+        with self._eval_mode():
+            logits = self(tokens, y)
+        return F.cross_entropy(logits.reshape(-1, self.vocab), tokens.reshape(-1)).item() / math.log(2)
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        """Eval mode (no dropout) for the block; the training flag as it was afterwards."""
         was = self.training
         self.eval()
-        logits = self(tokens, y)
-        self.train(was)
-        return F.cross_entropy(logits.reshape(-1, self.vocab), tokens.reshape(-1)).item() / math.log(2)
+        try:
+            yield
+        finally:
+            self.train(was)
 
     @torch.no_grad()
     def sample(self, b, y=None, *, temperature=1.0, top_k=None, guidance=0.0, generator=None, use_cache=True):
@@ -147,12 +156,8 @@ class ARPrior(nn.Module):
         token), through a doubled batch."""
         if guidance and y is None:
             raise ValueError("guidance needs class labels y")
-        was = self.training
-        self.eval()  # no dropout while sampling
-        try:
+        with self._eval_mode():  # no dropout while sampling
             return self._sample(b, y, temperature, top_k, guidance, generator, use_cache)
-        finally:
-            self.train(was)
 
     def _sample(self, b, y, temperature, top_k, guidance, generator, use_cache):
         device = self.pos.device
