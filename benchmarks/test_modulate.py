@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 genfast = pytest.importorskip("genfast", reason="genfast is not importable: build and install it (pip install .)")
+from genfast.testing import with_backend  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 EPS = 1e-6
@@ -53,6 +54,11 @@ def _inputs(shape, dtype, device, grad=False):
     return mk(b, n, c), mk(b, c) * 0.1 if not grad else mk(b, c), mk(b, c)
 
 
+def _per_backend(fn):
+    """GPU: genfast forced through each of its GPU backends, as extra rows (which one should lead)."""
+    return {f"genfast:{b}": with_backend(b, fn) for b in ("cuda", "triton")} if CUDA else {}
+
+
 def _name(shape):
     return "x".join(map(str, shape))
 
@@ -69,6 +75,7 @@ def test_modulate_forward(compare, shape, dtype):
              "compile": lambda: compiled(x, shift, scale)}
     if CUDA:
         impls["liger_ln"] = _liger(x, shift, scale)
+        impls.update(_per_backend(impls["genfast"]))
     compare(f"adaln_modulate fwd {dtype} {_name(shape)}", impls, bytes=2 * x.numel() * x.element_size(),
             targets=TARGETS, note=f"genfast backend: {_backend(x)}; liger_ln = LayerNorm only (no modulation)")
 
@@ -88,6 +95,7 @@ def test_modulate_forward_backward(compare, shape, dtype):
         "genfast": fwd_bwd(lambda a, b, c: genfast.adaln_modulate(a, b, c, eps=EPS)),
         "eager": fwd_bwd(modulate_eager),
         "compile": fwd_bwd(compiled),
+        **_per_backend(fwd_bwd(lambda a, b, c: genfast.adaln_modulate(a, b, c, eps=EPS))),
     }, bytes=5 * x.numel() * x.element_size(), targets=TARGETS, note=f"genfast backend: {_backend(x)}")
 
 
@@ -107,5 +115,6 @@ def test_gated_residual_forward_backward(compare, shape, dtype):
         "genfast": fwd_bwd(genfast.gated_residual),
         "eager": fwd_bwd(gated_eager),
         "compile": fwd_bwd(compiled),
+        **_per_backend(fwd_bwd(genfast.gated_residual)),
     }, bytes=6 * x.numel() * x.element_size(), note=f"genfast backend: {_backend(x, 'gated_residual')}; "
                                                       "bytes: fwd x, y, out; bwd grad, y, dy (dx is grad itself)")

@@ -5,11 +5,28 @@ pytorch/extension-cpp). The tolerance rule is FlashAttention's (DESIGN.md §5): 
 against a high-precision reference must be at most twice the error of the plain-PyTorch reference
 run in the same low precision, plus a small floor.
 """
+import os
 from dataclasses import dataclass, field
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def with_backend(name, fn):
+    """fn run with GENFAST_BACKEND=name: a benchmark row timing one backend through the dispatcher
+    (a backend that cannot run the case raises, and the row is reported as skipped)."""
+    def run():
+        old = os.environ.get("GENFAST_BACKEND")
+        os.environ["GENFAST_BACKEND"] = name
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["GENFAST_BACKEND"]
+            else:
+                os.environ["GENFAST_BACKEND"] = old
+    return run
 
 
 def backends_to_test():
