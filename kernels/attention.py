@@ -9,10 +9,14 @@ delta = rowsum(dout * out) in torch, then one kernel per key block for dk/dv (qu
 per query block for dq (keys stream): no atomics, probabilities recomputed from the lse.
 
 Head dims that are not powers of two (head_dim_blocks): the head dim runs as a power-of-two main
-chunk (BLOCK_D) plus a small remainder chunk (BLOCK_D2 >= 16, tl.dot's minimum; columns >= D
-masked): q k^T is the sum of two tl.dot into one accumulator, p v / dq / dk / dv keep one
-accumulator per chunk. D = 72 = 64 + 16 does the dot work of 80 columns, 1.25x that of D = 64
-(one 128 block, before, was 2x); its memory traffic is 72/64 of D = 64. Powers of two run one chunk.
+chunk (BLOCK_D) plus a remainder chunk (BLOCK_D2 >= 32; columns >= D masked): q k^T is the sum of
+two tl.dot into one accumulator, p v / dq / dk / dv keep one accumulator per chunk. D = 72 = 64 + 32
+does the dot work of 96 columns, 1.5x that of D = 64 (one 128 block is 2x); its memory traffic is
+72/64 of D = 64. Powers of two run one chunk. On Hopper with Triton 3.6 (H100, H200, 2026-11-25;
+benchmarks/gpu/NOTES.md) fp16/bf16 at D = 72 are wrong under some configs (64 + 16 and 64 + 32
+alike; illegal memory accesses under the autotuner), D = 80, 96 (64 + 32), 64 and 128 right under
+every config: genfast.ops.attention sends 16-bit head dims that are not multiples of 16 to the CUDA
+kernel on GPUs. The remainder chunk is kept >= 32 wide, the width measured right at 80 and 96.
 
 Masks on every tile: rows >= Nq, keys >= Nk, head-dim columns >= D (D is a constexpr, so the
 column mask keeps D's divisibility and the loads their vector width), causal (top-left aligned:
@@ -366,19 +370,22 @@ else:
             "dq": _tuned(attn_bwd_dq_kernel, BWD_CONFIGS)}
 
 
+# The remainder chunk's least width: 32 is what was measured right on Hopper (module docstring).
+MIN_REST = 32
+
+
 def head_dim_blocks(d):
     """(BLOCK_D, BLOCK_D2): how head dim d is tiled. tl.arange needs powers of two and tl.dot
     every dim >= 16, so a d that is not a power of two is split into its largest power of two
-    below d (BLOCK_D) and the remainder rounded up to a power of two >= 16 (BLOCK_D2, its columns
-    >= d masked), when that pair is narrower than the next power of two; else one chunk
-    (BLOCK_D2 = 0) of the next power of two. 72 -> 64 + 16 (80 columns of dot work, 1.25x that
-    of d = 64, where one 128 block was 2x; the CUDA kernel pads 72 to 80 too), 80 -> 64 + 16,
-    96 -> 64 + 32, 40/48 -> 32 + 16; 100 -> 128 (64 + 64 would be no narrower). Above 128 one
-    256 block as before: 160 = 128 + 32 compiled with other spills (sm_90 fwd/dq) and no GPU was
-    at hand to measure which pays."""
+    below d (BLOCK_D) and the remainder rounded up to a power of two >= MIN_REST (BLOCK_D2, its
+    columns >= d masked), when that pair is narrower than the next power of two; else one chunk
+    (BLOCK_D2 = 0) of the next power of two. 72, 80, 96 -> 64 + 32 (96 columns of dot work, 1.5x
+    that of d = 64, where one 128 block is 2x); 40/48 -> 64 and 100 -> 128 (a 32 + 32 or 64 + 64
+    pair would be no narrower). Above 128 one 256 block: 160 = 128 + 32 compiled with other spills
+    (sm_90 fwd/dq) and is not measured."""
     full = max(16, triton.next_power_of_2(d))
     main = full // 2
-    rest = max(16, triton.next_power_of_2(max(1, d - main)))
+    rest = max(MIN_REST, triton.next_power_of_2(max(1, d - main)))
     return (main, rest) if d != full and rest < main and full <= 128 else (full, 0)
 
 
@@ -401,7 +408,18 @@ def _common(q, k, v, mask, causal, scale):
     return m, strides, mstr, (q.shape[0] * h, h, nq, k.shape[2], d), consts
 
 
-def attention_forward(q, k, v, mask, causal, scale, out=None):
+def _launch(kind, grid, config, *args, **consts):
+    """The autotuned kernel, or with config = (BLOCK_M, BLOCK_N, num_warps, num_stages) that one
+    config alone (tests run every config: the autotuner would hide one that is wrong)."""
+    if config is None:
+        return _RUN[kind][grid](*args, **consts)
+    kernel = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel}[kind]
+    meta = {"BLOCK_M": config[0], "BLOCK_N": config[1]}
+    extra = {} if _INTERPRETED else {"num_warps": config[2], "num_stages": config[3]}
+    return kernel[grid(meta)](*args, **{**consts, **meta}, **extra)
+
+
+def attention_forward(q, k, v, mask, causal, scale, out=None, config=None):
     """(out [B, H, Nq, D] in q's dtype, lse [B, H, Nq] fp32). out: where to write (unit last
     stride), default contiguous. Checked by genfast.ops."""
     b, h, nq, d = q.shape
@@ -409,11 +427,12 @@ def attention_forward(q, k, v, mask, causal, scale, out=None):
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
     m, strides, mstr, sizes, consts = _common(q, k, v, mask, causal, scale)
     grid = lambda meta: _grid(triton.cdiv(nq, meta["BLOCK_M"]), b * h)  # noqa: E731
-    _RUN["fwd"][grid](q, k, v, m, out, lse, *strides, *mstr, *out.stride()[:3], *sizes, float(scale) * LOG2E, **consts)
+    _launch("fwd", grid, config, q, k, v, m, out, lse, *strides, *mstr, *out.stride()[:3], *sizes,
+            float(scale) * LOG2E, **consts)
     return out, lse
 
 
-def attention_backward(dout, q, k, v, out, lse, mask, causal, scale):
+def attention_backward(dout, q, k, v, out, lse, mask, causal, scale, config=None):
     """(dq, dk, dv) contiguous in q's dtype, from the forward's out and lse."""
     b, h, nq, d = q.shape
     nk = k.shape[2]
@@ -425,20 +444,17 @@ def attention_backward(dout, q, k, v, out, lse, mask, causal, scale):
     dv = torch.empty((b, h, nk, d), dtype=q.dtype, device=q.device)
     m, strides, mstr, sizes, consts = _common(q, k, v, mask, causal, scale)
     scalars = (float(scale) * LOG2E, float(scale))
-    _RUN["dkdv"][lambda meta: _grid(triton.cdiv(nk, meta["BLOCK_N"]), b * h)](
-        q, k, v, do, m, lse, delta, dk, dv, *strides, *mstr, *sizes, *scalars, **consts)
-    _RUN["dq"][lambda meta: _grid(triton.cdiv(nq, meta["BLOCK_M"]), b * h)](
-        q, k, v, do, m, lse, delta, dq, *strides, *mstr, *sizes, *scalars, **consts)
+    _launch("dkdv", lambda meta: _grid(triton.cdiv(nk, meta["BLOCK_N"]), b * h), config,
+            q, k, v, do, m, lse, delta, dk, dv, *strides, *mstr, *sizes, *scalars, **consts)
+    _launch("dq", lambda meta: _grid(triton.cdiv(nq, meta["BLOCK_M"]), b * h), config,
+            q, k, v, do, m, lse, delta, dq, *strides, *mstr, *sizes, *scalars, **consts)
     return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time compile list for genfast/devtools/gpu_compile.py (format of kernels/flow_step.py):
-# the default (first surviving) config of each kernel at head dims 64, 72 (split 64 + 16) and 128 in
+# the default (first surviving) config of each kernel at head dims 64, 80 (split 64 + 32) and 128 in
 # bf16, plus fp32 (IEEE dots) at 64, with causal and the key mask on (the heaviest variant).
-# sm_90, Triton 3.9, registers / shared KiB, D = 64 | 72 (64 + 16) | 128: fwd 151/64 | 177/80 |
-# 192/128; dk/dv 178/28 | 165/34 (8 warps) | 168/52; dq 136/28 | 216/30 (8 warps) | 144/52. The
-# 16-wide chunk's dots cost registers out of proportion: at 4 warps dq spilled (188 B), hence 8.
 _STRIDES = ("sqb", "sqh", "sqm", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd", "msk_b", "msk_n")
 _SIZES = ("BH", "H", "nq", "nk")
 
@@ -483,16 +499,20 @@ _ALLOW_SPILLS = {
                           "path, bf16/fp16 are the fast GPU paths",
     ("fwd", "bf16", 128): "sm_80 under Triton 3.6 only: 32 B at 255 registers (3.9 and sm_90: none); "
                           "to tune on an A100",
-    ("dkdv", "bf16", 72): "sm_80 only: 32 B (Triton 3.9) / 44 B (3.6) spilled at 255 registers, as the 128-padded "
-                          "D = 72 did (8 / 28 B); sm_90: none. To tune on an A100",
+    **{("fwd", dt, 80): "sm_80 under Triton 3.6 only: 4 B at 255 registers (3.9 and sm_90: none); to tune on "
+                        "an A100" for dt in ("bf16", "fp16")},
+    ("dkdv", "bf16", 80): "sm_80 only: ~140-160 B spilled at 255 registers (Triton 3.9 / 3.6) by the 64 + 32 "
+                          "split; sm_90: none. To tune on an A100",
 }
 
 
 # fp16 compiles to the same registers as bf16 (checked): one fp16 entry keeps it covered, and
 # the list small enough for CI's 2-core compile budget.
+# Head dim 80 stands for the 64 + 32 split in 16 bits (72 runs the CUDA kernel there; fp32 72 on the GPU
+# compiles like fp32 64 plus a chunk).
 AOT_CONFIGS = (
-    [_aot(kind, "bf16", d) for kind in ("fwd", "dkdv", "dq") for d in (64, 72, 128)]
-    + [_aot("fwd", "fp16", 72), _aot("fwd", "bf16", 96)]  # 96: the 64 + 32 split
+    [_aot(kind, "bf16", d) for kind in ("fwd", "dkdv", "dq") for d in (64, 80, 128)]
+    + [_aot("fwd", "fp16", 80), _aot("fwd", "bf16", 96)]
     + [_aot(kind, "fp32", 64) for kind in ("fwd", "dkdv", "dq")]
-    + [_aot("fwd", "bf16", 72, causal=False, masked=False)]
+    + [_aot("fwd", "bf16", 80, causal=False, masked=False)]
 )

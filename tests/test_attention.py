@@ -8,6 +8,7 @@ from genfast.testing import FLOAT_DTYPES, assert_within_reference_error, attenti
 
 # The CUDA attention (fp16/bf16 only) and its emulation have their own suite
 # (tests/test_attention_cuda.py, slow under emulation); one case runs through the op below.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton: the GPU, else the interpreter
 BACKENDS = [(d, b) for d, b in backends_to_test() if b not in ("cuda", "cuda_emu")]
 IDS = [f"{d}-{b}" for d, b in BACKENDS]
 
@@ -107,9 +108,10 @@ def test_gradcheck_float64():
 @pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
 def test_opcheck(backend, use_backend):
     use_backend(backend)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
     # bf16 on the CPU path: the forward that keeps p for the backward (keep_p=True)
     for dtype in (torch.float32, torch.bfloat16) if backend == "cpu" else (torch.float32,):
-        for case in attention_samples("cpu", dtype)[:: (5 if backend == "triton" else 2)]:
+        for case in attention_samples(device, dtype)[:: (5 if backend == "triton" else 2)]:
             q, k, v = case.args()
             kw = case.kwargs
             scale = kw.get("scale", q.shape[-1] ** -0.5)
@@ -136,15 +138,16 @@ def test_compile_fullgraph_matches_eager(backend, dtype, use_backend):
     """Also checks the fake's output layout against the kernels' (q's layout on the fused fp32 CPU kernel)."""
     use_backend(backend)
     torch._dynamo.reset()
-    lin = torch.nn.Linear(64, 3 * 64).to(dtype)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    lin = torch.nn.Linear(64, 3 * 64).to(device, dtype)
 
     def block(x, mask):
         b, n, _ = x.shape
         q, k, v = lin(x).view(b, n, 3, 2, 32).permute(2, 0, 3, 1, 4)
         return genfast.attention(q, k, v, key_padding_mask=mask).transpose(1, 2).reshape(b, n, 64).float().square().sum()
 
-    x = torch.randn(2, 19, 64).to(dtype).requires_grad_(True)
-    mask = torch.rand(2, 19) > 0.2
+    x = torch.randn(2, 19, 64).to(device, dtype).requires_grad_(True)
+    mask = (torch.rand(2, 19) > 0.2).to(device)
     eager = block(x, mask)
     (gx_eager,) = torch.autograd.grad(eager, x)
     compiled = torch.compile(block, fullgraph=True)(x, mask)

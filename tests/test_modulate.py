@@ -74,7 +74,7 @@ def test_gated_residual_matches_reference(device, backend, dtype, use_backend):
 def test_partial_gradients(device, backend, use_backend):
     """Only some inputs require grad: the others get none, the rest stay right."""
     use_backend(backend)
-    x, sh, sc = torch.randn(2, 40, 24), torch.randn(2, 24), torch.randn(2, 24)
+    x, sh, sc = (torch.randn(*s, device=device) for s in ((2, 40, 24), (2, 24), (2, 24)))
     for wants in [(True, False, False), (False, True, False), (False, False, True), (False, True, True)]:
         a = [t.clone().requires_grad_(w) for t, w in zip((x, sh, sc), wants)]
         b = [t.clone().requires_grad_(w) for t, w in zip((x, sh, sc), wants)]
@@ -107,8 +107,8 @@ def test_large_magnitude_fp16_statistics(device, backend, use_backend):
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS, ids=IDS)
 def test_per_sample_gradients_are_deterministic(device, backend, use_backend):
     use_backend(backend)
-    x, sh, sc = torch.randn(3, 100, 40), torch.randn(3, 40), torch.randn(3, 40)
-    g = torch.randn(3, 100, 40)
+    x, sh, sc = (torch.randn(*s, device=device) for s in ((3, 100, 40), (3, 40), (3, 40)))
+    g = torch.randn(3, 100, 40, device=device)
     runs = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_() for t in (x, sh, sc)]

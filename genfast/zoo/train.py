@@ -22,13 +22,17 @@ def distributed():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and local_rank >= torch.cuda.device_count():
+        raise ValueError(f"genfast.zoo: local rank {local_rank} but this machine shows {torch.cuda.device_count()} "
+                         "GPU(s): start at most one rank per GPU (torchrun --nproc_per_node), or hide the GPUs "
+                         "(CUDA_VISIBLE_DEVICES=) to train on CPU ranks (gloo)")
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank()
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        return rank, world, torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(local_rank)
+        return rank, world, torch.device("cuda", local_rank)
     return rank, world, torch.device("cpu")
 
 
