@@ -137,16 +137,21 @@ def test_split_head_dim_compile_fullgraph_matches_eager(use_backend):
 # that is wrong would hide at the shapes the other tests use (D = 72 in bf16 was wrong under four of six
 # forward configs on Hopper with Triton 3.6; dispatch sends it to the CUDA kernel, see
 # genfast.ops.attention._triton_gpu_reasons; the head dims here were right under every config).
-GPU_CONFIG_CASES = [(d, torch.bfloat16, False) for d in (32, 64, 80, 96, 128)] + [(80, torch.float16, True)]
+GPU_CONFIG_CASES = [(d, torch.bfloat16, False, 0) for d in (32, 64, 80, 96, 128)] + [(80, torch.float16, True, 0)]
+# Every failing D = 72 / 40 case had row strides that are not multiples of 16 elements (the kernels then
+# compile without 16-byte loads or cp.async); D = 64 with such strides tells whether that, not the head
+# dim, is the trigger (benchmarks/gpu/NOTES.md). Not run on a GPU yet.
+GPU_CONFIG_CASES += [(64, torch.bfloat16, False, 8)]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d,dtype,masked", GPU_CONFIG_CASES, ids=[f"d{d}-{dt}-{'causal_mask' if m else 'plain'}"
-                                                                  for d, dt, m in GPU_CONFIG_CASES])
-def test_every_gpu_config_matches_reference(d, dtype, masked):
+@pytest.mark.parametrize("d,dtype,masked,pad", GPU_CONFIG_CASES, ids=[
+    f"d{d}-{dt}-{'causal_mask' if m else 'plain'}{f'-rowpad{p}' if p else ''}" for d, dt, m, p in GPU_CONFIG_CASES])
+def test_every_gpu_config_matches_reference(d, dtype, masked, pad):
     g = torch.Generator(device="cuda").manual_seed(d)
     b, h, n = 2, 3, 200  # q/k/v as views of one fused projection; 200: a remainder in every block size
-    q, k, v = torch.randn(b, n, 3, h, d, device="cuda", generator=g).to(dtype).permute(2, 0, 3, 1, 4)
+    qkv = torch.randn(b, n, 3, h, d + pad, device="cuda", generator=g).to(dtype)[..., :d]  # pad: odd row strides
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
     do = torch.randn(b, h, n, d, device="cuda", generator=g).to(dtype)
     mask = torch.rand(b, n, device="cuda", generator=g) > 0.3 if masked else None
     kw = {"causal": masked, "key_padding_mask": mask}

@@ -125,7 +125,8 @@ def _triton_gpu_reasons(device_type, dtype, head_dim):
     """Measured on an H100 and an H200 (Triton 3.6, 2026-11-25, benchmarks/gpu/NOTES.md): in fp16/bf16
     the Triton kernels are wrong at head dims that end in a partly masked 16-column group (72, 40:
     wrong outputs under some autotune configs, illegal memory accesses under others), right under
-    every config at 32, 64, 80, 96, 128. Until that is found, such head dims go to the CUDA kernel."""
+    every config at 32, 64, 80, 96, 128. Until that is found, such head dims go to the CUDA kernel.
+    (All failing cases also had row strides not divisible by 16 elements: that may be the trigger.)"""
     if device_type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_dim % 16:
         return [f"head dim {head_dim} is not a multiple of 16: the Triton kernels are wrong there in fp16/bf16 "
                 "on Hopper (measured); the CUDA kernel serves it"]
