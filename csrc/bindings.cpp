@@ -15,6 +15,7 @@
 #include "vq.h"
 #include "kl_bind.h"
 #include "attention.h"
+#include "attention_fp32.h"
 #include "gelu.h"
 
 #if defined(GENFAST_MODULE_CUDA) || defined(GENFAST_MODULE_CUDA_EMU)
@@ -191,6 +192,15 @@ void attn_softmax_bwd_rows(uintptr_t s, uintptr_t dp, uintptr_t p, uintptr_t ds,
   attn_softmax_bwd_rows_cpu(a, reinterpret_cast<const void*>(s), reinterpret_cast<const void*>(dp),
                             reinterpret_cast<void*>(p), reinterpret_cast<void*>(ds));
 }
+
+// The fp32 "onednn" way's backward over one head's transposed scores (csrc/attention_fp32.h).
+void attn_softmax_bwd_cols(uintptr_t st, uintptr_t dpt, int64_t nk, int64_t nq, int64_t q0, double scale, bool causal,
+                           uintptr_t mask, uintptr_t lse, uintptr_t delta) {
+  const AttnColsParams a{nk, nq, q0, static_cast<float>(scale), causal ? 1 : 0, reinterpret_cast<const uint8_t*>(mask),
+                         reinterpret_cast<const float*>(lse), reinterpret_cast<const float*>(delta)};
+  py::gil_scoped_release nogil;
+  attn_softmax_bwd_cols_cpu(a, reinterpret_cast<float*>(st), reinterpret_cast<float*>(dpt));
+}
 #endif
 
 void bind_all(py::module_& m) {
@@ -211,6 +221,10 @@ void bind_all(py::module_& m) {
         py::arg("s"), py::arg("dp"), py::arg("p"), py::arg("ds"), py::arg("groups"), py::arg("rows"), py::arg("nk"),
         py::arg("heads"), py::arg("q0"), py::arg("scale"), py::arg("causal"), py::arg("mask"), py::arg("mask_bs"),
         py::arg("lse"), py::arg("lse_gs"), py::arg("dtype"), py::arg("from_p") = false);
+  m.def("attn_softmax_bwd_cols", &attn_softmax_bwd_cols,
+        "fp32 softmax backward over transposed scores, in place (csrc/attention_fp32.h).", py::arg("st"),
+        py::arg("dpt"), py::arg("nk"), py::arg("nq"), py::arg("q0"), py::arg("scale"), py::arg("causal"),
+        py::arg("mask"), py::arg("lse"), py::arg("delta"));
   m.def("gelu_tanh", [](uintptr_t x, uintptr_t y, int64_t n, int32_t dtype) {
           py::gil_scoped_release nogil;
           gelu_tanh_cpu(reinterpret_cast<const void*>(x), reinterpret_cast<void*>(y), n, dtype);

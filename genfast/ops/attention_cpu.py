@@ -78,28 +78,33 @@ from contextlib import contextmanager
 import torch
 
 from genfast import _native
+from genfast.ops import attention_cpu_fp32
 from genfast.ops._common import DTYPE_CODE
 
 # Score buffers a call may hold (see the module docstring). Measured: 4-16 MiB chunks run the
 # GEMMs as fast as one big call while the scores stay in the 32 MiB L3.
 SCORE_BYTES = 8 << 20
 # Way for a case whose heads fit SCORE_BYTES, and for one whose heads do not.
-FITS = {torch.float32: "sdpa", torch.float16: "sdpa", torch.bfloat16: "heads"}
+FITS = {torch.float32: "onednn", torch.float16: "sdpa", torch.bfloat16: "heads"}
 LONG = {torch.float32: "sdpa", torch.float16: "sdpa", torch.bfloat16: "rows"}
 # From this many keys on, torch's fused kernel whatever FITS says: it runs an fp32 1024-token
 # forward at ~92 % of the sgemm peak, which two GEMMs and a softmax pass between them cannot beat
 # (matters only where FITS picks "heads" for that dtype; see the table above).
-FUSED_FROM_KEYS = {torch.float32: 512}
+FUSED_FROM_KEYS = {}
+# Below this many keys, torch's fused kernel whatever FITS says (fp32: the per-head oneDNN calls of
+# the "onednn" way cost more than they save on short sequences, see attention_cpu_fp32.py).
+FUSED_BELOW_KEYS = {torch.float32: 128}
 # p kept for the backward up to this many bytes (see the module docstring); 0: never.
 KEEP_P_BYTES = 64 << 20
 
 
 def variant(q, nk, buffers=1):
     """'heads', 'rows' or 'sdpa' for q [B, H, Nq, D] against nk keys (buffers: 1 fwd, 2 bwd)."""
-    if nk >= FUSED_FROM_KEYS.get(q.dtype, nk + 1):
+    if nk >= FUSED_FROM_KEYS.get(q.dtype, nk + 1) or nk < FUSED_BELOW_KEYS.get(q.dtype, 0):
         return "sdpa"
     fits = buffers * q.shape[2] * nk * q.element_size() <= SCORE_BYTES
-    return (FITS if fits else LONG).get(q.dtype, "sdpa")
+    way = (FITS if fits else LONG).get(q.dtype, "sdpa")
+    return "sdpa" if way == "onednn" and not attention_cpu_fp32.available() else way
 
 
 def may_use_fused(dtype):
@@ -241,6 +246,8 @@ def forward(q, k, v, mask, causal, scale, fully_masked, out, keep_p=False):
             out.masked_fill_(fully_masked[..., None], 0.0)
             lse = lse.masked_fill(fully_masked, float("inf"))
         return out, lse
+    if way == "onednn":
+        return attention_cpu_fp32.forward(q, k, v, _mask_bytes(mask), causal, scale, out)
     mod = _native.module("_C")
     b, h, nq, _ = q.shape
     nk = k.shape[2]
@@ -301,6 +308,10 @@ def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None):
             _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out), lse, 0.0, causal,
             attn_mask=am, scale=scale)
         return dq, dk, dv
+    if way == "onednn":  # gradients straight into the fused kernel's layout (may_use_fused(fp32))
+        grads = [torch.empty((t.shape[0], t.shape[2], t.shape[1], t.shape[3]), dtype=t.dtype,
+                             device=t.device).transpose(1, 2) for t in (q, k, v)]
+        return attention_cpu_fp32.backward(dout, q, k, v, out, lse, _mask_bytes(mask), causal, scale, grads)
     mod = _native.module("_C")
     b, h, nq, _ = q.shape
     nk = k.shape[2]

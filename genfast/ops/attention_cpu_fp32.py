@@ -1,0 +1,88 @@
+"""The "onednn" way of the CPU attention backend, fp32 only: per (batch, head), the GEMMs on oneDNN
+(torch.ops.mkldnn._linear_pointwise, as genfast.ops.linear) around genfast._C's fused softmax rows.
+attention_cpu.variant() picks it (FITS / FUSED_BELOW_KEYS there) and dispatches to it.
+
+Why: torch's fp32 SDPA on the CPU is a flash kernel over MKL-class micro-GEMMs that runs at
+~90 % of MKL's sgemm rate (~210 GFLOP/s on this project's 2-core AMD EPYC, where MKL takes its
+AVX2 path), while oneDNN's fp32 GEMM reaches ~400-470 there on the score-sized GEMMs
+(Nq x Nk x D). Two GEMMs and one fused row pass in between beat the fused kernel, the more the
+longer the sequence (see attention_cpu.py for the measured table).
+
+Forward, per head: s = q k^T (oneDNN), one fused pass (scale, causal/key masks, softmax, lse,
+written over s), out = p v (oneDNN). Backward, per head, on TRANSPOSED blocks [Nk, Nq]:
+s^T = k q^T and dp^T = v dout^T, then one elementwise pass (csrc/cpu/attention_fp32.cpp) makes
+p^T = exp(scale s^T - lse) and ds^T = p^T (dp^T - delta) scale with delta = rowsum(dout * out)
+computed up front (as FlashAttention's backward does: no reduction along a block row is left).
+Why transposed: dv = p^T dout and dk = ds^T q then read row-major blocks (oneDNN's fp32 GEMM runs
+~3x slower with a transposed first operand: 0.94 vs 0.29 ms at 1024 x 1024 x 64), and
+dq^T = k^T ds^T reads ds^T as a transposed weight, which costs ~1.6x, not 3x.
+
+Exact fp32 throughout (oneDNN's default fp32 math mode is strict IEEE: no TF32/BF16 shortcuts);
+the sums run in another order than torch's, so results differ from SDPA by fp32 rounding only.
+Memory: one head's [Nq, Nk] (forward) or two [Nk, Nq] (backward) fp32 blocks at a time, within
+attention_cpu.SCORE_BYTES (variant() sends larger heads to torch's fused kernel).
+"""
+import torch
+
+from genfast import _native
+from genfast.ops._common import DTYPE_CODE
+
+_FP32 = DTYPE_CODE[torch.float32]
+_available = None
+
+
+def available():
+    """oneDNN's fp32 linear is in this torch build (every x86 CPU build ships it)."""
+    global _available
+    if _available is None:
+        _available = bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return _available
+
+
+def _mm_t(a, b):
+    """a [M, K] @ b[N, K]^T on oneDNN (either may be a strided view): a new [M, N] fp32 tensor."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+
+def _mask_ptr(mask, bi):
+    return mask[bi].data_ptr() if mask is not None else 0
+
+
+def forward(q, k, v, mask, causal, scale, out):
+    """Writes out [B, H, Nq, D] (any strides); returns (out, lse [B, H, Nq] fp32, +inf on rows with
+    no key). mask: None or the key padding mask as contiguous uint8 [B, Nk]."""
+    mod = _native.module("_C")
+    b, h, nq, _ = q.shape
+    nk = k.shape[2]
+    lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
+    for bi in range(b):
+        for hi in range(h):
+            s = _mm_t(q[bi, hi], k[bi, hi])  # [Nq, Nk]
+            mod.attn_softmax_rows(s.data_ptr(), s.data_ptr(), 1, nq, nk, heads=1, q0=0, scale=scale, causal=causal,
+                                  mask=_mask_ptr(mask, bi), mask_bs=0, lse=lse[bi, hi].data_ptr(), lse_gs=nq,
+                                  dtype=_FP32)
+            out[bi, hi].copy_(_mm_t(s, v[bi, hi].t()))
+    return out, lse
+
+
+def backward(dout, q, k, v, out, lse, mask, causal, scale, grads):
+    """Writes grads = (dq, dk, dv) (preallocated, any strides) and returns them. lse as forward()
+    (or torch's fused kernel) returned it; mask as in forward()."""
+    mod = _native.module("_C")
+    dq, dk, dv = grads
+    b, h, nq, _ = q.shape
+    nk = k.shape[2]
+    # delta = rowsum(dout * out) = rowsum(p * dp) per query row; 0 on rows with no key (out = 0 there)
+    delta = torch.linalg.vecdot(dout, out).contiguous()
+    lse = lse.contiguous()
+    for bi in range(b):
+        for hi in range(h):
+            qh, kh, vh, doh = q[bi, hi], k[bi, hi], v[bi, hi], dout[bi, hi]
+            st = _mm_t(kh, qh)  # [Nk, Nq]: s^T, becomes p^T
+            dpt = _mm_t(vh, doh)  # [Nk, Nq]: dp^T, becomes ds^T
+            mod.attn_softmax_bwd_cols(st.data_ptr(), dpt.data_ptr(), nk, nq, 0, scale, causal, _mask_ptr(mask, bi),
+                                      lse[bi, hi].data_ptr(), delta[bi, hi].data_ptr())
+            dv[bi, hi].copy_(_mm_t(st, doh.t()))  # p^T dout
+            dk[bi, hi].copy_(_mm_t(dpt, qh.t()))  # ds^T q
+            dq[bi, hi].copy_(_mm_t(kh.t(), dpt.t()).t())  # (k^T ds^T)^T = ds k
+    return dq, dk, dv
