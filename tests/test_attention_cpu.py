@@ -10,8 +10,11 @@ from genfast.ops import attention as attention_op
 from genfast.ops import attention_cpu
 from genfast.testing import assert_within_reference_error
 
-WAYS = ["sdpa", "heads"]
+WAYS = ["sdpa", "heads", "onednn"]
 DTYPES = [torch.float32, torch.bfloat16]
+# (dtype, way) pairs that exist: "onednn" is fp32 only
+WAY_CASES = [(d, w) for d in DTYPES for w in WAYS if w != "onednn" or d == torch.float32]
+WAY_IDS = [f"{d}-{w}" for d, w in WAY_CASES]
 
 
 @pytest.fixture
@@ -21,6 +24,8 @@ def cpu_way(use_backend, monkeypatch):
         use_backend("cpu")
         monkeypatch.setattr(attention_cpu, "FITS", {**attention_cpu.FITS, dtype: way})
         monkeypatch.setattr(attention_cpu, "FUSED_FROM_KEYS", {})
+        monkeypatch.setattr(attention_cpu, "FUSED_BELOW_KEYS", {})
+        monkeypatch.setattr(attention_cpu, "CAUSAL_FUSED_FROM_KEYS", {})
     return force
 
 
@@ -46,8 +51,7 @@ def _check_grads(name, got, leaves, g, **kw):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "qkv", "cross"])
-@pytest.mark.parametrize("way", WAYS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,way", WAY_CASES, ids=WAY_IDS)
 def test_grads_have_the_fakes_layout(dtype, way, layout, cpu_way):
     """Each way returns the gradients in the layout the fake promises (fp32: torch's fused kernel's
     [B, N, H, D] memory, returned without a copy), and they equal the reference."""
@@ -63,8 +67,7 @@ def test_grads_have_the_fakes_layout(dtype, way, layout, cpu_way):
     _check_grads(f"{way} {layout}", grads, (q, k, v), g)
 
 
-@pytest.mark.parametrize("way", WAYS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,way", WAY_CASES, ids=WAY_IDS)
 def test_compiled_grads_match_eager(dtype, way, cpu_way):
     """Inductor checks every custom-op output's strides against the fake (assert_size_stride): a
     fake that promised other strides than the kernels return fails here. Caches are off, so that a
@@ -215,3 +218,66 @@ def test_fused_way_in_eager_is_torchs_sdpa(dtype, use_backend):
         _check_grads("direct", grads, (q, k, v), g, causal=True)
     masked = genfast.attention(q, k, v, key_padding_mask=torch.ones(2, 21, dtype=torch.bool))
     assert "genfast" in type(masked.grad_fn).__name__.lower()
+
+
+@pytest.mark.parametrize("budget", ["fits", "forward_only"])
+def test_onednn_way_matches_reference(budget, cpu_way, monkeypatch):
+    """The fp32 "onednn" way (per-head oneDNN GEMMs, backward on transposed score blocks) on every
+    sample: odd and cross lengths, causal, key masks with fully masked rows (zeros, finite grads),
+    qkv views, a non-unit last stride, empty cases; forward and all gradients against fp64.
+    forward_only: the budget fits one block but not the backward's two, so the backward takes the
+    fused kernel on the lse this way wrote."""
+    from genfast.testing import attention_samples
+
+    cpu_way(torch.float32, "onednn")
+    for case in attention_samples("cpu", torch.float32, long=True):
+        nq, nk = case.q.shape[2], case.k.shape[2]
+        if budget == "forward_only":
+            monkeypatch.setattr(attention_cpu, "SCORE_BYTES", nq * nk * 4)
+        if case.q.numel() and nk:
+            assert attention_cpu.variant(case.q, nk, causal=case.kwargs.get("causal", False)) == "onednn"
+            assert attention_cpu.variant(case.q, nk, buffers=2) == ("onednn" if budget == "fits" else "sdpa")
+        leaves = case.leaves()
+        out = genfast.attention(*leaves, **case.kwargs)
+        assert_within_reference_error(case.name, out, reference.attention(*case.args(), upcast=False, **case.kwargs),
+                                      reference.attention(*(t.double() for t in case.args()), **case.kwargs), floor=1e-5)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        grads = torch.autograd.grad(out, leaves, g)
+        for t in grads:
+            assert torch.isfinite(t).all(), case.name
+        _check_grads(case.name, grads, leaves, g, **case.kwargs)
+
+
+def test_onednn_way_rows_with_no_key_are_zero():
+    """Rows the masks leave without a key: zero output, zero (finite) gradients, also where the
+    causal limit and the padding mask meet (the transposed backward's per-lane mask)."""
+    from genfast.ops import attention_cpu_fp32
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 37, 16, generator=g) for _ in range(3))
+    mask = torch.ones(2, 37, dtype=torch.bool)
+    mask[0] = False
+    mask[1, :20] = False  # causal rows 0..19 of sample 1 see no key
+    m = mask.view(torch.uint8)
+    out, lse = attention_cpu_fp32.forward(q, k, v, m, True, 0.25, torch.empty_like(q))
+    assert (out[0] == 0).all() and (out[1, :, :20] == 0).all() and (out[1, :, 20:] != 0).any()
+    assert torch.isinf(lse[0]).all() and torch.isinf(lse[1, :, :20]).all()
+    grads = attention_cpu_fp32.backward(torch.randn(q.shape, generator=g), q, k, v, out, lse, m, True, 0.25,
+                                        [torch.empty_like(t) for t in (q, k, v)])
+    for t in grads:
+        assert torch.isfinite(t).all()
+        assert (t[0] == 0).all()
+    assert (grads[0][1, :, :20] == 0).all() and (grads[1][1, :, :20] == 0).all()
+
+
+def test_fp32_routing_by_shape():
+    """Default choice for fp32 (measured, see attention_cpu.py): short key sequences and long causal
+    ones take torch's fused kernel, the issue's shapes the "onednn" way, heads over the budget the
+    fused kernel."""
+    def way(nq, nk, causal=False, buffers=1):
+        return attention_cpu.variant(torch.empty(2, 16, nq, 72, device="meta"), nk, buffers, causal)
+
+    assert way(256, 256) == "sdpa" and way(1024, 77) == "sdpa"
+    assert way(1024, 1024) == way(1024, 1024, buffers=2) == way(512, 512, causal=True) == "onednn"
+    assert way(1024, 1024, causal=True) == "sdpa"
+    assert way(4096, 4096) == "sdpa"  # one head's scores over SCORE_BYTES

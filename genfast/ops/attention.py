@@ -47,13 +47,13 @@ def attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None):
     """
     _check(q, k, v, causal, scale, key_padding_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if key_padding_mask is None and _fused_directly(q, k, v):
+    if key_padding_mask is None and _fused_directly(q, k, v, causal):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     keep_p = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and _can_keep_p(q, k)
     return torch.ops.genfast.attention_fwd(q, k, v, key_padding_mask, bool(causal), scale, keep_p)[0]
 
 
-def _fused_directly(q, k, v):
+def _fused_directly(q, k, v, causal=False):
     """Eager CPU calls (without a key mask) whose way, forward and backward, is torch's fused kernel
     with nothing around it: torch's own SDPA runs that same kernel under its C++ autograd, which
     saves this op's dispatch and Python autograd wrapper (~20 us a forward, ~70 us forward and
@@ -65,7 +65,8 @@ def _fused_directly(q, k, v):
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or backend_for(q) != "cpu":
         return False
     nk = k.shape[2]
-    return attention_cpu.variant(q, nk) == "sdpa" and attention_cpu.variant(q, nk, buffers=2) == "sdpa"
+    return (attention_cpu.variant(q, nk, causal=causal) == "sdpa"
+            and attention_cpu.variant(q, nk, buffers=2, causal=causal) == "sdpa")
 
 
 def _can_keep_p(q, k):

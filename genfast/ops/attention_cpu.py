@@ -93,18 +93,25 @@ LONG = {torch.float32: "sdpa", torch.float16: "sdpa", torch.bfloat16: "rows"}
 FUSED_FROM_KEYS = {}
 # Below this many keys, torch's fused kernel whatever FITS says (fp32: the per-head oneDNN calls of
 # the "onednn" way cost more than they save on short sequences, see attention_cpu_fp32.py).
-FUSED_BELOW_KEYS = {torch.float32: 128}
+FUSED_BELOW_KEYS = {torch.float32: 384}
+# Causal cases from this many keys on take torch's fused kernel: it skips the masked half of the
+# scores, the "onednn" way's whole-head GEMMs do not (measured: fp32 1024 keys fwd+bwd 0.9-1.07x).
+CAUSAL_FUSED_FROM_KEYS = {torch.float32: 1024}
 # p kept for the backward up to this many bytes (see the module docstring); 0: never.
 KEEP_P_BYTES = 64 << 20
 
 
-def variant(q, nk, buffers=1):
-    """'heads', 'rows' or 'sdpa' for q [B, H, Nq, D] against nk keys (buffers: 1 fwd, 2 bwd)."""
+def variant(q, nk, buffers=1, causal=False):
+    """'heads', 'rows', 'onednn' or 'sdpa' for q [B, H, Nq, D] against nk keys (buffers: 1 fwd, 2 bwd)."""
     if nk >= FUSED_FROM_KEYS.get(q.dtype, nk + 1) or nk < FUSED_BELOW_KEYS.get(q.dtype, 0):
+        return "sdpa"
+    if causal and nk >= CAUSAL_FUSED_FROM_KEYS.get(q.dtype, nk + 1):
         return "sdpa"
     fits = buffers * q.shape[2] * nk * q.element_size() <= SCORE_BYTES
     way = (FITS if fits else LONG).get(q.dtype, "sdpa")
-    return "sdpa" if way == "onednn" and not attention_cpu_fp32.available() else way
+    if way == "onednn" and (q.dtype != torch.float32 or not attention_cpu_fp32.available()):
+        return "sdpa"  # fp32 only; a torch build without oneDNN keeps the fused kernel
+    return way
 
 
 def may_use_fused(dtype):
@@ -232,7 +239,7 @@ def forward(q, k, v, mask, causal, scale, fully_masked, out, keep_p=False):
     """Writes out (genfast.ops' [B, H, Nq, D] output, whatever its memory layout); returns (out, lse
     [B, H, Nq] fp32 contiguous, +inf on fully masked rows), and p [B, H, Nq, Nk] with keep_p
     (only where keeps_p() says so)."""
-    way = variant(q, k.shape[2])
+    way = variant(q, k.shape[2], causal=causal)
     if way == "sdpa":
         am = _additive_mask(mask, q.dtype) if mask is not None else None
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -301,7 +308,7 @@ def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None):
     log-sum-exp and the rows' are the same quantity); p as kept by forward()."""
     if p is not None:
         return _backward_from_p(dout, q, k, v, p, mask, causal, scale)
-    way = variant(q, k.shape[2], buffers=2)
+    way = variant(q, k.shape[2], buffers=2, causal=causal)
     if way == "sdpa":
         am = _additive_mask(mask, q.dtype) if mask is not None else None
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
