@@ -83,15 +83,15 @@ def _way_impls(fn, device):
 
     def forced(way):
         def run():
-            saved = attention_cpu.FITS, attention_cpu.FUSED_FROM_KEYS
-            attention_cpu.FITS = {d: way for d in saved[0]}
-            attention_cpu.FUSED_FROM_KEYS = {}
+            saved = attention_cpu.FITS, attention_cpu.FUSED_FROM_KEYS, attention_cpu.FUSED_BELOW_KEYS
+            attention_cpu.FITS = {d: way for d in saved[0]}  # fp32-only ways fall back to "sdpa" elsewhere
+            attention_cpu.FUSED_FROM_KEYS = attention_cpu.FUSED_BELOW_KEYS = {}
             try:
                 return fn()
             finally:
-                attention_cpu.FITS, attention_cpu.FUSED_FROM_KEYS = saved
+                attention_cpu.FITS, attention_cpu.FUSED_FROM_KEYS, attention_cpu.FUSED_BELOW_KEYS = saved
         return run
-    return {f"way:{w}": forced(w) for w in ("heads", "sdpa")}
+    return {f"way:{w}": forced(w) for w in ("heads", "sdpa", "onednn", "small")}
 
 
 def _qkv(shape, dtype, device, grad=False):

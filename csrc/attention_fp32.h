@@ -18,3 +18,34 @@ struct AttnColsParams {
 // dpt = v dout^T becomes ds^T = p^T (dpt - delta) scale. Elementwise: no reduction along a row.
 void attn_softmax_bwd_cols_cpu(const AttnColsParams& a, float* st, float* dpt);
 }  // namespace genfast
+
+namespace genfast {
+// The fp32 "small" way: one C++ call for all heads, OpenMP over (batch, head), each head's GEMMs
+// single-threaded through an AVX-512 register-blocked micro-kernel while its blocks sit in L2.
+// Pays where oneDNN's per-call cost and 2-thread split of small GEMMs dominate (short sequences).
+struct AttnHeadIn {   // a [B, H, N, D] fp32 tensor, any strides (elements)
+  const float* p;
+  int64_t bs, hs, ns, ds;
+};
+struct AttnHeadOut {  // a [B, H, N, D] fp32 tensor with a unit last stride
+  float* p;
+  int64_t bs, hs, ns;
+};
+struct AttnSmallParams {
+  int64_t b, h, nq, nk, d;
+  int64_t bq;  // query rows per block: a thread's scratch is 2 * bq * nk floats (+ B panels)
+  float scale;
+  int32_t causal;
+  const uint8_t* mask;  // [B, nk] (stride mask_bs), 1 = attend; nullptr: none
+  int64_t mask_bs;
+  AttnHeadIn q, k, v, dout;  // dout: backward only
+  float* lse;                // [B * H, nq]: written by the forward, read by the backward
+  const float* delta;        // backward: [B * H, nq] rowsum(dout * out)
+  AttnHeadOut out, dq, dk, dv;
+};
+// Forward: out and lse (+inf on rows with no key; their out rows are 0).
+void attn_small_forward_cpu(const AttnSmallParams& a);
+// Backward: dq, dk, dv from lse and delta.
+void attn_small_backward_cpu(const AttnSmallParams& a);
+bool attn_small_supported();  // the CPU has AVX-512 (else the caller takes another way)
+}  // namespace genfast

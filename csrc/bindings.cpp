@@ -5,6 +5,7 @@
 // Every function takes plain ints (data pointers, sizes, strides) and floats: no torch here, so
 // the modules work with any torch version (DESIGN.md §2). The GIL is released around kernels.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <string>
 
@@ -201,6 +202,29 @@ void attn_softmax_bwd_cols(uintptr_t st, uintptr_t dpt, int64_t nk, int64_t nq, 
   py::gil_scoped_release nogil;
   attn_softmax_bwd_cols_cpu(a, reinterpret_cast<float*>(st), reinterpret_cast<float*>(dpt));
 }
+
+// The fp32 "small" way (csrc/attention_fp32.h). Tensors as (ptr, sB, sH, sN, sD) tuples of ints,
+// outputs as (ptr, sB, sH, sN) with a unit last stride; sizes (B, H, Nq, Nk, D, query rows per block).
+AttnHeadIn attn_head_in(const std::vector<int64_t>& t) {
+  if (t.size() != 5) throw py::value_error("genfast: attention tensor spec must be (ptr, sB, sH, sN, sD)");
+  return AttnHeadIn{reinterpret_cast<const float*>(static_cast<uintptr_t>(t[0])), t[1], t[2], t[3], t[4]};
+}
+AttnHeadOut attn_head_out(const std::vector<int64_t>& t) {
+  if (t.size() != 4) throw py::value_error("genfast: attention output spec must be (ptr, sB, sH, sN)");
+  return AttnHeadOut{reinterpret_cast<float*>(static_cast<uintptr_t>(t[0])), t[1], t[2], t[3]};
+}
+AttnSmallParams attn_small_params(const std::vector<int64_t>& sizes, double scale, bool causal, uintptr_t mask,
+                                  int64_t mask_bs, const std::vector<int64_t>& q, const std::vector<int64_t>& k,
+                                  const std::vector<int64_t>& v, uintptr_t lse) {
+  if (sizes.size() != 6) throw py::value_error("genfast: sizes must be (B, H, Nq, Nk, D, query rows per block)");
+  if (sizes[5] < 1) throw py::value_error("genfast: query rows per block must be >= 1");
+  AttnSmallParams a{};
+  a.b = sizes[0], a.h = sizes[1], a.nq = sizes[2], a.nk = sizes[3], a.d = sizes[4], a.bq = sizes[5];
+  a.scale = static_cast<float>(scale), a.causal = causal ? 1 : 0;
+  a.mask = reinterpret_cast<const uint8_t*>(mask), a.mask_bs = mask_bs;
+  a.q = attn_head_in(q), a.k = attn_head_in(k), a.v = attn_head_in(v), a.lse = reinterpret_cast<float*>(lse);
+  return a;
+}
 #endif
 
 void bind_all(py::module_& m) {
@@ -225,6 +249,26 @@ void bind_all(py::module_& m) {
         "fp32 softmax backward over transposed scores, in place (csrc/attention_fp32.h).", py::arg("st"),
         py::arg("dpt"), py::arg("nk"), py::arg("nq"), py::arg("q0"), py::arg("scale"), py::arg("causal"),
         py::arg("mask"), py::arg("lse"), py::arg("delta"));
+  m.def("attn_small_supported", &attn_small_supported);
+  m.def("attn_small_forward", [](const std::vector<int64_t>& sizes, double scale, bool causal, uintptr_t mask,
+                                 int64_t mask_bs, const std::vector<int64_t>& q, const std::vector<int64_t>& k,
+                                 const std::vector<int64_t>& v, const std::vector<int64_t>& out, uintptr_t lse) {
+    AttnSmallParams a = attn_small_params(sizes, scale, causal, mask, mask_bs, q, k, v, lse);
+    a.out = attn_head_out(out);
+    py::gil_scoped_release nogil;
+    attn_small_forward_cpu(a);
+  }, "fp32 attention forward, all heads in one call (csrc/attention_fp32.h).");
+  m.def("attn_small_backward", [](const std::vector<int64_t>& sizes, double scale, bool causal, uintptr_t mask,
+                                  int64_t mask_bs, const std::vector<int64_t>& q, const std::vector<int64_t>& k,
+                                  const std::vector<int64_t>& v, const std::vector<int64_t>& dout, uintptr_t lse,
+                                  uintptr_t delta, const std::vector<int64_t>& dq, const std::vector<int64_t>& dk,
+                                  const std::vector<int64_t>& dv) {
+    AttnSmallParams a = attn_small_params(sizes, scale, causal, mask, mask_bs, q, k, v, lse);
+    a.dout = attn_head_in(dout), a.delta = reinterpret_cast<const float*>(delta);
+    a.dq = attn_head_out(dq), a.dk = attn_head_out(dk), a.dv = attn_head_out(dv);
+    py::gil_scoped_release nogil;
+    attn_small_backward_cpu(a);
+  }, "fp32 attention backward, all heads in one call (csrc/attention_fp32.h).");
   m.def("gelu_tanh", [](uintptr_t x, uintptr_t y, int64_t n, int32_t dtype) {
           py::gil_scoped_release nogil;
           gelu_tanh_cpu(reinterpret_cast<const void*>(x), reinterpret_cast<void*>(y), n, dtype);

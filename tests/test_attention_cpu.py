@@ -10,10 +10,10 @@ from genfast.ops import attention as attention_op
 from genfast.ops import attention_cpu
 from genfast.testing import assert_within_reference_error
 
-WAYS = ["sdpa", "heads", "onednn"]
+WAYS = ["sdpa", "heads", "onednn", "small"]
 DTYPES = [torch.float32, torch.bfloat16]
-# (dtype, way) pairs that exist: "onednn" is fp32 only
-WAY_CASES = [(d, w) for d in DTYPES for w in WAYS if w != "onednn" or d == torch.float32]
+# (dtype, way) pairs that exist: "onednn" and "small" are fp32 only
+WAY_CASES = [(d, w) for d in DTYPES for w in WAYS if w not in ("onednn", "small") or d == torch.float32]
 WAY_IDS = [f"{d}-{w}" for d, w in WAY_CASES]
 
 
@@ -220,23 +220,34 @@ def test_fused_way_in_eager_is_torchs_sdpa(dtype, use_backend):
     assert "genfast" in type(masked.grad_fn).__name__.lower()
 
 
-@pytest.mark.parametrize("budget", ["fits", "forward_only"])
-def test_onednn_way_matches_reference(budget, cpu_way, monkeypatch):
-    """The fp32 "onednn" way (per-head oneDNN GEMMs, backward on transposed score blocks) on every
-    sample: odd and cross lengths, causal, key masks with fully masked rows (zeros, finite grads),
-    qkv views, a non-unit last stride, empty cases; forward and all gradients against fp64.
+@pytest.mark.parametrize("way,budget", [("onednn", "fits"), ("onednn", "forward_only"), ("small", "whole_heads"),
+                                        ("small", "blocks")])
+def test_fp32_ways_match_reference(way, budget, cpu_way, monkeypatch):
+    """The fp32 ways of genfast's own ("onednn": per-head oneDNN GEMMs, backward on transposed score
+    blocks; "small": one C++ call, a thread per head, AVX-512 micro-kernel) on every sample: odd and
+    cross lengths, causal, key masks with fully masked rows (zeros, finite grads), qkv views, a
+    non-unit last stride, empty cases; forward and all gradients against fp64.
     forward_only: the budget fits one block but not the backward's two, so the backward takes the
-    fused kernel on the lse this way wrote."""
+    fused kernel on the lse this way wrote. blocks: 5 query rows per block (dk/dv summed over the
+    blocks, causal blocks skip the keys after their last row)."""
+    from genfast.ops import attention_cpu_fp32
     from genfast.testing import attention_samples
 
-    cpu_way(torch.float32, "onednn")
+    if way == "small" and not attention_cpu_fp32.small_available():
+        pytest.skip("the small way needs AVX-512")
+    cpu_way(torch.float32, way)
+    monkeypatch.setattr(attention_cpu, "LONG", {**attention_cpu.LONG, torch.float32: "sdpa"})
     for case in attention_samples("cpu", torch.float32, long=True):
         nq, nk = case.q.shape[2], case.k.shape[2]
         if budget == "forward_only":
             monkeypatch.setattr(attention_cpu, "SCORE_BYTES", nq * nk * 4)
+        if budget == "blocks":
+            monkeypatch.setattr(attention_cpu, "SMALL_BLOCK_BYTES", 5 * 8 * nk)
+            if nk:
+                assert attention_cpu_fp32.block_rows(nq, nk, attention_cpu._small_block_bytes()) == min(5, nq)
         if case.q.numel() and nk:
-            assert attention_cpu.variant(case.q, nk, causal=case.kwargs.get("causal", False)) == "onednn"
-            assert attention_cpu.variant(case.q, nk, buffers=2) == ("onednn" if budget == "fits" else "sdpa")
+            assert attention_cpu.variant(case.q, nk, causal=case.kwargs.get("causal", False)) == way
+            assert attention_cpu.variant(case.q, nk, buffers=2) == ("sdpa" if budget == "forward_only" else way)
         leaves = case.leaves()
         out = genfast.attention(*leaves, **case.kwargs)
         assert_within_reference_error(case.name, out, reference.attention(*case.args(), upcast=False, **case.kwargs),
@@ -271,13 +282,14 @@ def test_onednn_way_rows_with_no_key_are_zero():
 
 
 def test_fp32_routing_by_shape():
-    """Default choice for fp32 (measured, see attention_cpu.py): short key sequences and long causal
-    ones take torch's fused kernel, the issue's shapes the "onednn" way, heads over the budget the
-    fused kernel."""
+    """Default choice for fp32 (measured, see attention_cpu.py): very short key sequences take torch's
+    fused kernel (call overhead), everything else the "small" way where the CPU has AVX-512."""
+    from genfast.ops import attention_cpu_fp32
+
     def way(nq, nk, causal=False, buffers=1):
         return attention_cpu.variant(torch.empty(2, 16, nq, 72, device="meta"), nk, buffers, causal)
 
-    assert way(256, 256) == "sdpa" and way(1024, 77) == "sdpa"
-    assert way(1024, 1024) == way(1024, 1024, buffers=2) == way(512, 512, causal=True) == "onednn"
-    assert way(1024, 1024, causal=True) == "sdpa"
-    assert way(4096, 4096) == "sdpa"  # one head's scores over SCORE_BYTES
+    assert way(256, 32) == way(17, 17) == "sdpa"
+    want = "small" if attention_cpu_fp32.small_available() else "onednn"
+    assert way(256, 256) == way(1024, 1024, buffers=2) == way(1024, 77) == way(1024, 1024, causal=True) == want
+    assert way(4096, 4096) == ("small" if want == "small" else "sdpa")  # "onednn" is held to SCORE_BYTES

@@ -85,18 +85,22 @@ from genfast.ops._common import DTYPE_CODE
 # GEMMs as fast as one big call while the scores stay in the 32 MiB L3.
 SCORE_BYTES = 8 << 20
 # Way for a case whose heads fit SCORE_BYTES, and for one whose heads do not.
-FITS = {torch.float32: "onednn", torch.float16: "sdpa", torch.bfloat16: "heads"}
-LONG = {torch.float32: "sdpa", torch.float16: "sdpa", torch.bfloat16: "rows"}
+FITS = {torch.float32: "small", torch.float16: "sdpa", torch.bfloat16: "heads"}
+LONG = {torch.float32: "small", torch.float16: "sdpa", torch.bfloat16: "rows"}
 # From this many keys on, torch's fused kernel whatever FITS says: it runs an fp32 1024-token
 # forward at ~92 % of the sgemm peak, which two GEMMs and a softmax pass between them cannot beat
 # (matters only where FITS picks "heads" for that dtype; see the table above).
 FUSED_FROM_KEYS = {}
 # Below this many keys, torch's fused kernel whatever FITS says (fp32: the per-head oneDNN calls of
 # the "onednn" way cost more than they save on short sequences, see attention_cpu_fp32.py).
-FUSED_BELOW_KEYS = {torch.float32: 384}
+FUSED_BELOW_KEYS = {torch.float32: 64}
+# Score blocks per thread of the fp32 "small" way (attention_cpu_fp32.py): query rows are taken in
+# blocks whose two [rows, Nk] fp32 blocks fit this (about a core's L2), and at most SCORE_BYTES over
+# all threads. Each thread keeps its blocks between calls.
+SMALL_BLOCK_BYTES = 1 << 20
 # Causal cases from this many keys on take torch's fused kernel: it skips the masked half of the
 # scores, the "onednn" way's whole-head GEMMs do not (measured: fp32 1024 keys fwd+bwd 0.9-1.07x).
-CAUSAL_FUSED_FROM_KEYS = {torch.float32: 1024}
+CAUSAL_FUSED_FROM_KEYS = {}
 # p kept for the backward up to this many bytes (see the module docstring); 0: never.
 KEEP_P_BYTES = 64 << 20
 
@@ -109,16 +113,24 @@ def variant(q, nk, buffers=1, causal=False):
         return "sdpa"
     fits = buffers * q.shape[2] * nk * q.element_size() <= SCORE_BYTES
     way = (FITS if fits else LONG).get(q.dtype, "sdpa")
-    if way == "onednn" and (q.dtype != torch.float32 or not attention_cpu_fp32.available()):
-        return "sdpa"  # fp32 only; a torch build without oneDNN keeps the fused kernel
+    if way == "small" and not (q.dtype == torch.float32 and attention_cpu_fp32.small_available()):
+        way = "onednn" if fits else "sdpa"  # no AVX-512: oneDNN's GEMMs, within the budget
+    if way == "onednn" and not (q.dtype == torch.float32 and attention_cpu_fp32.available()):
+        way = "sdpa"  # fp32 only; a torch build without oneDNN keeps the fused kernel
     return way
+
+
+def _small_block_bytes():
+    return min(SMALL_BLOCK_BYTES, SCORE_BYTES // max(1, torch.get_num_threads()))
 
 
 def may_use_fused(dtype):
     """True when some shape of this dtype takes torch's fused kernel. genfast.ops.attention then lays
     out the gradients as that kernel's backward writes them ([B, N, H, D] memory) and the other
     ways' gradients are copied into it: the layout stays a function of the dtype, not the shape."""
-    return FITS.get(dtype, "sdpa") == "sdpa" or LONG.get(dtype, "sdpa") == "sdpa" or dtype in FUSED_FROM_KEYS
+    # fp32 always: its short key sequences take the fused kernel, and its own ways write any layout
+    return (dtype == torch.float32 or FITS.get(dtype, "sdpa") == "sdpa" or LONG.get(dtype, "sdpa") == "sdpa"
+            or dtype in FUSED_FROM_KEYS)
 
 
 def keeps_p(q, nk):
@@ -255,6 +267,8 @@ def forward(q, k, v, mask, causal, scale, fully_masked, out, keep_p=False):
         return out, lse
     if way == "onednn":
         return attention_cpu_fp32.forward(q, k, v, _mask_bytes(mask), causal, scale, out)
+    if way == "small":
+        return attention_cpu_fp32.small_forward(q, k, v, _mask_bytes(mask), causal, scale, out, _small_block_bytes())
     mod = _native.module("_C")
     b, h, nq, _ = q.shape
     nk = k.shape[2]
@@ -315,10 +329,13 @@ def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None):
             _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out), lse, 0.0, causal,
             attn_mask=am, scale=scale)
         return dq, dk, dv
-    if way == "onednn":  # gradients straight into the fused kernel's layout (may_use_fused(fp32))
+    if way in ("onednn", "small"):  # gradients straight into the fused kernel's layout (may_use_fused(fp32))
         grads = [torch.empty((t.shape[0], t.shape[2], t.shape[1], t.shape[3]), dtype=t.dtype,
                              device=t.device).transpose(1, 2) for t in (q, k, v)]
-        return attention_cpu_fp32.backward(dout, q, k, v, out, lse, _mask_bytes(mask), causal, scale, grads)
+        if way == "onednn":
+            return attention_cpu_fp32.backward(dout, q, k, v, out, lse, _mask_bytes(mask), causal, scale, grads)
+        return attention_cpu_fp32.small_backward(dout, q, k, v, out, lse, _mask_bytes(mask), causal, scale, grads,
+                                                 _small_block_bytes())
     mod = _native.module("_C")
     b, h, nq, _ = q.shape
     nk = k.shape[2]

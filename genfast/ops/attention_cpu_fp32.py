@@ -86,3 +86,67 @@ def backward(dout, q, k, v, out, lse, mask, causal, scale, grads):
             dk[bi, hi].copy_(_mm_t(dpt, qh.t()))  # ds^T q
             dq[bi, hi].copy_(_mm_t(kh.t(), dpt.t()).t())  # (k^T ds^T)^T = ds k
     return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------- the "small" way
+# All heads in ONE C++ call (csrc/cpu/attention_fp32_small.cpp): OpenMP over (batch, head), each
+# head's GEMMs single-threaded on an AVX-512 register-blocked micro-kernel while its blocks stay in
+# the core's L2. Short sequences, where per-head oneDNN calls (~11 us each, 2 a head forward, 5
+# backward) and two threads splitting each small GEMM cost more than the GEMMs save.
+
+
+def _probe_small():
+    try:
+        return bool(_native.module("_C").attn_small_supported())
+    except Exception:  # noqa: BLE001 -- genfast._C missing or older: the other ways serve
+        return False
+
+
+_SMALL = _probe_small()  # at import: variant() asks under torch.compile too, which cannot trace pybind
+
+
+def small_available():
+    """genfast._C has the "small" kernels and this CPU runs them (AVX-512)."""
+    return _SMALL
+
+
+def _spec_in(t):
+    return [t.data_ptr(), *t.stride()]
+
+
+def _spec_out(t):
+    assert t.stride(-1) == 1, "outputs need a unit last stride"
+    return [t.data_ptr(), *t.stride()[:3]]
+
+
+def block_rows(nq, nk, block_bytes):
+    """Query rows per block of the "small" way: its thread's two [rows, Nk] fp32 blocks within
+    block_bytes (at least one row)."""
+    return max(1, min(nq, block_bytes // (8 * max(1, nk))))
+
+
+def small_forward(q, k, v, mask, causal, scale, out, block_bytes):
+    """As forward(), all heads in one call. out needs a unit last stride; each thread holds at most
+    block_bytes of score blocks (and keeps them for the next call)."""
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
+    _native.module("_C").attn_small_forward(
+        [b, h, nq, nk, d, block_rows(nq, nk, block_bytes)], scale, causal, mask.data_ptr() if mask is not None else 0,
+        mask.stride(0) if mask is not None else 0, _spec_in(q), _spec_in(k), _spec_in(v), _spec_out(out),
+        lse.data_ptr())
+    return out, lse
+
+
+def small_backward(dout, q, k, v, out, lse, mask, causal, scale, grads, block_bytes):
+    """As backward(), all heads in one call (dk, dv summed over the query blocks in place, fp32).
+    grads need unit last strides."""
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    delta = torch.linalg.vecdot(dout, out).contiguous()
+    lse = lse.contiguous()
+    _native.module("_C").attn_small_backward(
+        [b, h, nq, nk, d, block_rows(nq, nk, block_bytes)], scale, causal, mask.data_ptr() if mask is not None else 0,
+        mask.stride(0) if mask is not None else 0, _spec_in(q), _spec_in(k), _spec_in(v), _spec_in(dout),
+        lse.data_ptr(), delta.data_ptr(), *[_spec_out(t) for t in grads])
+    return tuple(grads)

@@ -1,0 +1,248 @@
+// The fp32 "small" CPU attention way (csrc/attention_fp32.h, genfast/ops/attention_cpu_fp32.py):
+// all heads in one call, OpenMP over (batch, head); per head, the GEMMs run single-threaded on an
+// AVX-512 micro-kernel (MR rows x 16 or 32 columns of C in registers, A broadcast straight from
+// memory with any strides, B packed into 32-column panels), the softmax rows between them.
+// Each head's blocks ([Nq, Nk] scores, q/k/v) stay in the core's L2 on the short sequences it
+// is meant for; no per-GEMM library call, no 2-thread split of a small GEMM.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "attention_fp32.h"
+#include "cpu/dtype.h"
+#include "cpu/vec512.h"
+
+namespace genfast {
+
+#ifdef GENFAST_HAVE_AVX512
+namespace {
+using namespace vec512;
+constexpr int64_t MR = 12, NR = 32;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+struct View {  // element (r, c) at p[r * rs + c * cs]
+  const float* p;
+  int64_t rs, cs;
+};
+
+// B [K, N] into panels of NR columns, [panel][k][NR], zero-padded.
+void pack_b(View b, int64_t k_len, int64_t n, float* dst) {
+  for (int64_t n0 = 0; n0 < n; n0 += NR, dst += k_len * NR) {
+    const int64_t nr = std::min(NR, n - n0);
+    for (int64_t k = 0; k < k_len; ++k) {
+      const float* src = b.p + k * b.rs + n0 * b.cs;
+      float* d = dst + k * NR;
+      int64_t c = 0;
+      if (b.cs == 1)
+        for (; c < nr; ++c) d[c] = src[c];
+      else
+        for (; c < nr; ++c) d[c] = src[c * b.cs];
+      for (; c < NR; ++c) d[c] = 0.0f;
+    }
+  }
+}
+
+// C[0:ROWS, 0:nr] = A[0:ROWS, 0:K] B-panel[0:K, 0:nr] (NV vectors of 16 columns, nr <= 16 * NV).
+template <int ROWS, int NV>
+GENFAST_AVX512 void micro(int64_t k_len, View a, const float* pb, float* c, int64_t ldc, int64_t nr, bool acc_c) {
+  __m512 acc[ROWS][NV];
+#pragma GCC unroll 12
+  for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < k_len; ++k) {
+    __m512 b[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(pb + k * NR + 16 * v);
+    const float* ak = a.p + k * a.cs;
+#pragma GCC unroll 12
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512 x = _mm512_set1_ps(ak[r * a.rs]);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(x, b[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 t = tail(nr - 16 * v);
+      store(c + r * ldc + 16 * v, t, acc_c ? _mm512_add_ps(acc[r][v], load(c + r * ldc + 16 * v, t)) : acc[r][v]);
+    }
+}
+
+template <int NV>
+GENFAST_AVX512 void micro_rows(int64_t rows, int64_t k_len, View a, const float* pb, float* c, int64_t ldc, int64_t nr,
+                               bool acc_c) {
+  switch (rows) {  // the row tail of C gets its own register block
+#define GENFAST_ROWS_CASE(R) \
+  case R: micro<R, NV>(k_len, a, pb, c, ldc, nr, acc_c); break;
+    GENFAST_ROWS_CASE(1) GENFAST_ROWS_CASE(2) GENFAST_ROWS_CASE(3) GENFAST_ROWS_CASE(4) GENFAST_ROWS_CASE(5)
+    GENFAST_ROWS_CASE(6) GENFAST_ROWS_CASE(7) GENFAST_ROWS_CASE(8) GENFAST_ROWS_CASE(9) GENFAST_ROWS_CASE(10)
+    GENFAST_ROWS_CASE(11) GENFAST_ROWS_CASE(12)
+#undef GENFAST_ROWS_CASE
+  }
+}
+
+// C [M, N] (row stride ldc, unit columns) = (C +) A [M, K] B [K, N]; pack: >= ceil(N / NR) * NR * K floats.
+GENFAST_AVX512 void gemm(int64_t m, int64_t n, int64_t k_len, View a, View b, float* c, int64_t ldc, float* pack,
+                         bool acc_c = false) {
+  pack_b(b, k_len, n, pack);
+  for (int64_t n0 = 0; n0 < n; n0 += NR) {
+    const float* pb = pack + (n0 / NR) * k_len * NR;
+    const int64_t nr = std::min(NR, n - n0);
+    for (int64_t m0 = 0; m0 < m; m0 += MR) {
+      const View am{a.p + m0 * a.rs, a.rs, a.cs};
+      const int64_t rows = std::min(MR, m - m0);
+      if (nr > 16)
+        micro_rows<2>(rows, k_len, am, pb, c + m0 * ldc + n0, ldc, nr, acc_c);
+      else
+        micro_rows<1>(rows, k_len, am, pb, c + m0 * ldc + n0, ldc, nr, acc_c);
+    }
+  }
+}
+
+// Key j is in play for query row i: inside the causal limit and not padding.
+GENFAST_AVX512 inline __mmask16 keys_on(const AttnSmallParams& a, const uint8_t* m, int64_t i, int64_t j0, int64_t nk) {
+  const int64_t limit = a.causal ? std::min<int64_t>(nk, i + 1) : nk;
+  __mmask16 k = tail(limit - j0 > 0 ? limit - j0 : 0);
+  if (m) {
+    const __m128i bytes = _mm_maskz_loadu_epi8(k, m + j0);
+    k &= _mm_test_epi8_mask(bytes, bytes);
+  }
+  return k;
+}
+
+// Row i of s [nk]: p = softmax(scale s) over the keys in play, written over s; returns lse.
+GENFAST_AVX512 float softmax_row(const AttnSmallParams& a, const uint8_t* m, int64_t i, int64_t nk, float* s) {
+  const __m512 scale = _mm512_set1_ps(a.scale), ninf = _mm512_set1_ps(-kInf);
+  __m512 vmax = ninf;
+  for (int64_t j = 0; j < nk; j += 16) {
+    const __mmask16 t = tail(nk - j);
+    const __m512 x = _mm512_mask_mul_ps(ninf, keys_on(a, m, i, j, nk), _mm512_maskz_loadu_ps(t, s + j), scale);
+    _mm512_mask_storeu_ps(s + j, t, x);
+    vmax = _mm512_max_ps(vmax, x);
+  }
+  const float mx = _mm512_reduce_max_ps(vmax);
+  if (mx == -kInf) {  // no key: zeros, lse = +inf
+    for (int64_t j = 0; j < nk; j += 16) _mm512_mask_storeu_ps(s + j, tail(nk - j), _mm512_setzero_ps());
+    return kInf;
+  }
+  const __m512 vm = _mm512_set1_ps(mx);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < nk; j += 16) {
+    const __mmask16 t = tail(nk - j);
+    const __m512 e = _mm512_maskz_mov_ps(t, exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, s + j), vm)));
+    _mm512_mask_storeu_ps(s + j, t, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  const float sum = _mm512_reduce_add_ps(vsum);
+  const __m512 inv = _mm512_set1_ps(1.0f / sum);
+  for (int64_t j = 0; j < nk; j += 16) {
+    const __mmask16 t = tail(nk - j);
+    _mm512_mask_storeu_ps(s + j, t, _mm512_mul_ps(_mm512_maskz_loadu_ps(t, s + j), inv));
+  }
+  return mx + std::log(sum);
+}
+
+// Row i: p = exp(scale s - lse) (0 off the keys in play) over s, ds = p (dp - delta) scale over dp.
+GENFAST_AVX512 void softmax_bwd_row(const AttnSmallParams& a, const uint8_t* m, int64_t i, int64_t nk, float lse,
+                                    float delta, float* s, float* dp) {
+  const __m512 scale = _mm512_set1_ps(a.scale), vl = _mm512_set1_ps(lse), vd = _mm512_set1_ps(delta);
+  for (int64_t j = 0; j < nk; j += 16) {
+    const __mmask16 t = tail(nk - j), on = keys_on(a, m, i, j, nk);
+    const __m512 p = _mm512_maskz_mov_ps(on, exp_nonpos(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(t, s + j), scale, vl)));
+    const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(t, dp + j), vd)), scale);
+    _mm512_mask_storeu_ps(s + j, t, p);
+    _mm512_mask_storeu_ps(dp + j, t, ds);
+  }
+}
+
+View head(const AttnHeadIn& t, int64_t bi, int64_t hi) { return View{t.p + bi * t.bs + hi * t.hs, t.ns, t.ds}; }
+View head_t(const AttnHeadIn& t, int64_t bi, int64_t hi) { return View{t.p + bi * t.bs + hi * t.hs, t.ds, t.ns}; }
+float* head(const AttnHeadOut& t, int64_t bi, int64_t hi) { return t.p + bi * t.bs + hi * t.hs; }
+
+int64_t pack_floats(const AttnSmallParams& a) {
+  const int64_t n = std::max(a.nk, a.d), k = std::max(std::max(a.bq, a.nk), a.d);
+  return ((n + NR - 1) / NR) * NR * k;
+}
+
+// Keys a block of query rows [i0, i1) needs: all, or under the causal mask only 0 .. i1 - 1.
+inline int64_t block_keys(const AttnSmallParams& a, int64_t i1) { return a.causal ? std::min(a.nk, i1) : a.nk; }
+
+// Each thread's score blocks and B panels, kept between calls (OpenMP threads persist): no fresh
+// pages a call. Bounded by the caller's size rule (attention_cpu.py SMALL_KEYS).
+template <typename F>
+void for_heads(const AttnSmallParams& a, int64_t score_blocks, F&& body) {
+#pragma omp parallel
+  {
+    static thread_local std::vector<float> scores, pack;
+    const size_t ns = static_cast<size_t>(score_blocks * a.bq * a.nk), np = static_cast<size_t>(pack_floats(a));
+    if (scores.size() < ns) scores.resize(ns);
+    if (pack.size() < np) pack.resize(np);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t g = 0; g < a.b * a.h; ++g) body(g / a.h, g % a.h, scores.data(), pack.data());
+  }
+}
+
+GENFAST_AVX512 void forward_head(const AttnSmallParams& a, int64_t bi, int64_t hi, float* s, float* pack) {
+  const uint8_t* m = a.mask ? a.mask + bi * a.mask_bs : nullptr;
+  const View q = head(a.q, bi, hi), kt = head_t(a.k, bi, hi), v = head(a.v, bi, hi);
+  float* out = head(a.out, bi, hi);
+  float* lse = a.lse + (bi * a.h + hi) * a.nq;
+  for (int64_t i0 = 0; i0 < a.nq; i0 += a.bq) {
+    const int64_t rows = std::min(a.bq, a.nq - i0), nk = block_keys(a, i0 + rows);
+    float* o = out + i0 * a.out.ns;
+    gemm(rows, nk, a.d, View{q.p + i0 * q.rs, q.rs, q.cs}, kt, s, nk, pack);  // s = q k^T
+    for (int64_t i = 0; i < rows; ++i) lse[i0 + i] = softmax_row(a, m, i0 + i, nk, s + i * nk);
+    gemm(rows, a.d, nk, View{s, nk, 1}, v, o, a.out.ns, pack);  // p v
+  }
+}
+
+GENFAST_AVX512 void backward_head(const AttnSmallParams& a, int64_t bi, int64_t hi, float* s, float* pack) {
+  const uint8_t* m = a.mask ? a.mask + bi * a.mask_bs : nullptr;
+  const View q = head(a.q, bi, hi), k = head(a.k, bi, hi), kt = head_t(a.k, bi, hi), vt = head_t(a.v, bi, hi),
+             dout = head(a.dout, bi, hi);
+  float *dq = head(a.dq, bi, hi), *dk = head(a.dk, bi, hi), *dv = head(a.dv, bi, hi);
+  for (int64_t j = 0; j < a.nk; ++j) {  // dk, dv: sums over the query blocks
+    std::fill(dk + j * a.dk.ns, dk + j * a.dk.ns + a.d, 0.0f);
+    std::fill(dv + j * a.dv.ns, dv + j * a.dv.ns + a.d, 0.0f);
+  }
+  const int64_t row0 = (bi * a.h + hi) * a.nq;
+  for (int64_t i0 = 0; i0 < a.nq; i0 += a.bq) {
+    const int64_t rows = std::min(a.bq, a.nq - i0), nk = block_keys(a, i0 + rows);
+    float* dp = s + rows * nk;
+    const View qb{q.p + i0 * q.rs, q.rs, q.cs}, dob{dout.p + i0 * dout.rs, dout.rs, dout.cs};
+    gemm(rows, nk, a.d, qb, kt, s, nk, pack);    // s = q k^T
+    gemm(rows, nk, a.d, dob, vt, dp, nk, pack);  // dp = dout v^T
+    for (int64_t i = 0; i < rows; ++i)
+      softmax_bwd_row(a, m, i0 + i, nk, a.lse[row0 + i0 + i], a.delta[row0 + i0 + i], s + i * nk, dp + i * nk);
+    // with causal, keys past this block's last row are 0 in p and ds: left out (nk)
+    gemm(nk, a.d, rows, View{s, 1, nk}, View{dob.p, dob.rs, dob.cs}, dv, a.dv.ns, pack, true);  // dv += p^T dout
+    gemm(nk, a.d, rows, View{dp, 1, nk}, qb, dk, a.dk.ns, pack, true);                         // dk += ds^T q
+    gemm(rows, a.d, nk, View{dp, nk, 1}, k, dq + i0 * a.dq.ns, a.dq.ns, pack);                 // dq = ds k
+  }
+}
+}  // namespace
+
+bool attn_small_supported() { return vec512::cpu_has_avx512_bf16(); }
+
+void attn_small_forward_cpu(const AttnSmallParams& a) {
+  if (a.b * a.h == 0 || a.nq == 0 || a.nk == 0) return;
+  for_heads(a, 1, [&](int64_t bi, int64_t hi, float* s, float* pack) { forward_head(a, bi, hi, s, pack); });
+}
+
+void attn_small_backward_cpu(const AttnSmallParams& a) {
+  if (a.b * a.h == 0 || a.nq == 0 || a.nk == 0) return;
+  for_heads(a, 2, [&](int64_t bi, int64_t hi, float* s, float* pack) { backward_head(a, bi, hi, s, pack); });
+}
+#else
+bool attn_small_supported() { return false; }
+void attn_small_forward_cpu(const AttnSmallParams&) {}
+void attn_small_backward_cpu(const AttnSmallParams&) {}
+#endif
+
+}  // namespace genfast
