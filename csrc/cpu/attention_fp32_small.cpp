@@ -165,9 +165,10 @@ View head(const AttnHeadIn& t, int64_t bi, int64_t hi) { return View{t.p + bi * 
 View head_t(const AttnHeadIn& t, int64_t bi, int64_t hi) { return View{t.p + bi * t.bs + hi * t.hs, t.ds, t.ns}; }
 float* head(const AttnHeadOut& t, int64_t bi, int64_t hi) { return t.p + bi * t.bs + hi * t.hs; }
 
+// B panels of the largest GEMM operand B: k^T / v^T [D, Nk], or v / k / dout / q [<= max(Nk, bq), D].
 int64_t pack_floats(const AttnSmallParams& a) {
-  const int64_t n = std::max(a.nk, a.d), k = std::max(std::max(a.bq, a.nk), a.d);
-  return ((n + NR - 1) / NR) * NR * k;
+  const auto padded = [](int64_t n) { return ((n + NR - 1) / NR) * NR; };
+  return std::max(padded(a.nk) * a.d, padded(a.d) * std::max(a.nk, a.bq));
 }
 
 // Keys a block of query rows [i0, i1) needs: all, or under the causal mask only 0 .. i1 - 1.
