@@ -87,12 +87,14 @@ GENFAST_AVX512 void micro_rows(int64_t rows, int64_t k_len, View a, const float*
   }
 }
 
-// C [M, N] (row stride ldc, unit columns) = (C +) A [M, K] B [K, N]; pack: >= ceil(N / NR) * NR * K floats.
-GENFAST_AVX512 void gemm(int64_t m, int64_t n, int64_t k_len, View a, View b, float* c, int64_t ldc, float* pack,
-                         bool acc_c = false) {
-  pack_b(b, k_len, n, pack);
+inline int64_t padded(int64_t n) { return ((n + NR - 1) / NR) * NR; }
+
+// C [M, N] (row stride ldc, unit columns) = (C +) A [M, K] B [K, N], B packed by pack_b with
+// packed_k >= K rows (a prefix of the keys under the causal mask uses the first K).
+GENFAST_AVX512 void gemm_packed(int64_t m, int64_t n, int64_t k_len, View a, const float* pack, int64_t packed_k,
+                                float* c, int64_t ldc, bool acc_c = false) {
   for (int64_t n0 = 0; n0 < n; n0 += NR) {
-    const float* pb = pack + (n0 / NR) * k_len * NR;
+    const float* pb = pack + (n0 / NR) * packed_k * NR;
     const int64_t nr = std::min(NR, n - n0);
     for (int64_t m0 = 0; m0 < m; m0 += MR) {
       const View am{a.p + m0 * a.rs, a.rs, a.cs};
@@ -165,11 +167,9 @@ View head(const AttnHeadIn& t, int64_t bi, int64_t hi) { return View{t.p + bi * 
 View head_t(const AttnHeadIn& t, int64_t bi, int64_t hi) { return View{t.p + bi * t.bs + hi * t.hs, t.ds, t.ns}; }
 float* head(const AttnHeadOut& t, int64_t bi, int64_t hi) { return t.p + bi * t.bs + hi * t.hs; }
 
-// B panels of the largest GEMM operand B: k^T / v^T [D, Nk], or v / k / dout / q [<= max(Nk, bq), D].
-int64_t pack_floats(const AttnSmallParams& a) {
-  const auto padded = [](int64_t n) { return ((n + NR - 1) / NR) * NR; };
-  return std::max(padded(a.nk) * a.d, padded(a.d) * std::max(a.nk, a.bq));
-}
+// B panels: k^T and v^T [D, Nk] and k or v [Nk, D] packed once per head, plus one per-block
+// operand (dout or q rows [bq, D]).
+int64_t pack_floats(const AttnSmallParams& a) { return 2 * padded(a.nk) * a.d + 2 * padded(a.d) * std::max(a.nk, a.bq); }
 
 // Keys a block of query rows [i0, i1) needs: all, or under the causal mask only 0 .. i1 - 1.
 inline int64_t block_keys(const AttnSmallParams& a, int64_t i1) { return a.causal ? std::min(a.nk, i1) : a.nk; }
@@ -191,40 +191,50 @@ void for_heads(const AttnSmallParams& a, int64_t score_blocks, F&& body) {
 
 GENFAST_AVX512 void forward_head(const AttnSmallParams& a, int64_t bi, int64_t hi, float* s, float* pack) {
   const uint8_t* m = a.mask ? a.mask + bi * a.mask_bs : nullptr;
-  const View q = head(a.q, bi, hi), kt = head_t(a.k, bi, hi), v = head(a.v, bi, hi);
+  const View q = head(a.q, bi, hi);
   float* out = head(a.out, bi, hi);
   float* lse = a.lse + (bi * a.h + hi) * a.nq;
+  // k^T and v packed once for all query blocks (causal blocks read a prefix of the keys: the
+  // first nk rows of v's panels, the first nk columns of k^T's)
+  float *kt = pack, *v = pack + padded(a.nk) * a.d;
+  pack_b(head_t(a.k, bi, hi), a.d, a.nk, kt);
+  pack_b(head(a.v, bi, hi), a.nk, a.d, v);
   for (int64_t i0 = 0; i0 < a.nq; i0 += a.bq) {
     const int64_t rows = std::min(a.bq, a.nq - i0), nk = block_keys(a, i0 + rows);
-    float* o = out + i0 * a.out.ns;
-    gemm(rows, nk, a.d, View{q.p + i0 * q.rs, q.rs, q.cs}, kt, s, nk, pack);  // s = q k^T
+    gemm_packed(rows, nk, a.d, View{q.p + i0 * q.rs, q.rs, q.cs}, kt, a.d, s, nk);  // s = q k^T
     for (int64_t i = 0; i < rows; ++i) lse[i0 + i] = softmax_row(a, m, i0 + i, nk, s + i * nk);
-    gemm(rows, a.d, nk, View{s, nk, 1}, v, o, a.out.ns, pack);  // p v
+    gemm_packed(rows, a.d, nk, View{s, nk, 1}, v, a.nk, out + i0 * a.out.ns, a.out.ns);  // p v
   }
 }
 
 GENFAST_AVX512 void backward_head(const AttnSmallParams& a, int64_t bi, int64_t hi, float* s, float* pack) {
   const uint8_t* m = a.mask ? a.mask + bi * a.mask_bs : nullptr;
-  const View q = head(a.q, bi, hi), k = head(a.k, bi, hi), kt = head_t(a.k, bi, hi), vt = head_t(a.v, bi, hi),
-             dout = head(a.dout, bi, hi);
+  const View q = head(a.q, bi, hi), dout = head(a.dout, bi, hi);
   float *dq = head(a.dq, bi, hi), *dk = head(a.dk, bi, hi), *dv = head(a.dv, bi, hi);
   for (int64_t j = 0; j < a.nk; ++j) {  // dk, dv: sums over the query blocks
     std::fill(dk + j * a.dk.ns, dk + j * a.dk.ns + a.d, 0.0f);
     std::fill(dv + j * a.dv.ns, dv + j * a.dv.ns + a.d, 0.0f);
   }
+  float *kt = pack, *vt = kt + padded(a.nk) * a.d, *k = vt + padded(a.nk) * a.d;
+  float* blk = k + padded(a.d) * std::max(a.nk, a.bq);
+  pack_b(head_t(a.k, bi, hi), a.d, a.nk, kt);
+  pack_b(head_t(a.v, bi, hi), a.d, a.nk, vt);
+  pack_b(head(a.k, bi, hi), a.nk, a.d, k);
   const int64_t row0 = (bi * a.h + hi) * a.nq;
   for (int64_t i0 = 0; i0 < a.nq; i0 += a.bq) {
     const int64_t rows = std::min(a.bq, a.nq - i0), nk = block_keys(a, i0 + rows);
     float* dp = s + rows * nk;
     const View qb{q.p + i0 * q.rs, q.rs, q.cs}, dob{dout.p + i0 * dout.rs, dout.rs, dout.cs};
-    gemm(rows, nk, a.d, qb, kt, s, nk, pack);    // s = q k^T
-    gemm(rows, nk, a.d, dob, vt, dp, nk, pack);  // dp = dout v^T
+    gemm_packed(rows, nk, a.d, qb, kt, a.d, s, nk);    // s = q k^T
+    gemm_packed(rows, nk, a.d, dob, vt, a.d, dp, nk);  // dp = dout v^T
     for (int64_t i = 0; i < rows; ++i)
       softmax_bwd_row(a, m, i0 + i, nk, a.lse[row0 + i0 + i], a.delta[row0 + i0 + i], s + i * nk, dp + i * nk);
     // with causal, keys past this block's last row are 0 in p and ds: left out (nk)
-    gemm(nk, a.d, rows, View{s, 1, nk}, View{dob.p, dob.rs, dob.cs}, dv, a.dv.ns, pack, true);  // dv += p^T dout
-    gemm(nk, a.d, rows, View{dp, 1, nk}, qb, dk, a.dk.ns, pack, true);                         // dk += ds^T q
-    gemm(rows, a.d, nk, View{dp, nk, 1}, k, dq + i0 * a.dq.ns, a.dq.ns, pack);                 // dq = ds k
+    pack_b(dob, rows, a.d, blk);
+    gemm_packed(nk, a.d, rows, View{s, 1, nk}, blk, rows, dv, a.dv.ns, true);  // dv += p^T dout
+    pack_b(qb, rows, a.d, blk);
+    gemm_packed(nk, a.d, rows, View{dp, 1, nk}, blk, rows, dk, a.dk.ns, true);  // dk += ds^T q
+    gemm_packed(rows, a.d, nk, View{dp, nk, 1}, k, a.nk, dq + i0 * a.dq.ns, a.dq.ns);  // dq = ds k
   }
 }
 }  // namespace
