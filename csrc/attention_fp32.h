@@ -20,9 +20,9 @@ void attn_softmax_bwd_cols_cpu(const AttnColsParams& a, float* st, float* dpt);
 }  // namespace genfast
 
 namespace genfast {
-// The fp32 "small" way: one C++ call for all heads, OpenMP over (batch, head), each head's GEMMs
-// single-threaded through an AVX-512 register-blocked micro-kernel while its blocks sit in L2.
-// Pays where oneDNN's per-call cost and 2-thread split of small GEMMs dominate (short sequences).
+// The fp32 "small" way (the default fp32 CPU way on AVX-512): one C++ call for all heads, OpenMP
+// over (batch, head), each head's GEMMs single-threaded through an AVX-512 register-blocked
+// micro-kernel, query rows in blocks of bq so a thread's score blocks stay near its L2.
 struct AttnHeadIn {   // a [B, H, N, D] fp32 tensor, any strides (elements)
   const float* p;
   int64_t bs, hs, ns, ds;

@@ -251,7 +251,8 @@ def test_fp32_ways_match_reference(way, budget, cpu_way, monkeypatch):
         leaves = case.leaves()
         out = genfast.attention(*leaves, **case.kwargs)
         assert_within_reference_error(case.name, out, reference.attention(*case.args(), upcast=False, **case.kwargs),
-                                      reference.attention(*(t.double() for t in case.args()), **case.kwargs), floor=1e-5)
+                                      reference.attention(*(t.double() for t in case.args()), **case.kwargs),
+                                      floor=1e-5)
         g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
         grads = torch.autograd.grad(out, leaves, g)
         for t in grads:

@@ -17,10 +17,26 @@ machine, benchmarks/test_attention.py):
   "rows"    blocks of query rows of all heads (when one head's scores do not fit the budget):
             the same GEMMs and rows, dk/dv summed over the blocks in fp32.
   "sdpa"    torch's fused CPU flash kernel (aten::_scaled_dot_product_flash_attention_for_cpu and
-            its backward), which returns the fp32 log-sum-exp too. Long sequences in fp32/fp16.
+            its backward), which returns the fp32 log-sum-exp too. fp16; fp32 under 64 keys.
+  "small"   fp32 only (attention_cpu_fp32.py): ONE C++ call, a thread per (batch, head), each
+            head's GEMMs on genfast's own AVX-512 micro-kernel, query blocks bounded per thread.
+  "onednn"  fp32 only (attention_cpu_fp32.py): per-head oneDNN GEMMs around the softmax rows; where
+            the CPU lacks AVX-512 (the "small" kernels need it), within SCORE_BYTES.
 
-Which way (FITS / LONG / FUSED_FROM_KEYS below): fp32 and fp16 take "sdpa" everywhere, bf16
-"heads" (rows where one head's scores do not fit). Measured per way with
+Which way (FITS / LONG / FUSED_FROM_KEYS / FUSED_BELOW_KEYS below): fp16 takes "sdpa" everywhere,
+fp32 "small" from 64 keys on ("sdpa" below: call overhead), bf16 "heads" (rows where one head's
+scores do not fit). fp32 per way, same command, 2026-11-25 (ms, fwd+bwd / fwd, one run, shared
+machine):
+
+  shape [B, H, N, D]     torch SDPA      plain           "sdpa"         "onednn"       "small"
+  fp32 2x16x256x72       12.6 / 3.67     12.9 / 5.82     12.7 / 3.82    13.5 / 4.01    7.78 / 2.21
+  fp32 2x16x1024x72      183 / 52.2      367 / 167       182 / 52.3     106 / 30.4     110 / 32.0
+  fp32 1x8x1024x64       40.7 / 11.5     78.6 / 41.5     40.6 / 11.7    23.0 / 6.88    22.6 / 6.93
+
+("small" at 2x16x1024x72 after packing k/v once per head: ~100 / 28 by hand.) Why it wins: torch's
+fp32 flash kernel runs at ~90 % of MKL's sgemm rate, ~204 GFLOP/s on these 2 cores (MKL takes its
+AVX2 path on this AMD CPU); the "small" way runs ~300 GFLOP/s with no library call per head.
+Earlier measurements of the other ways (the fp32 rows are from before "onednn"/"small"), with
 `GENFAST_BENCH_WAYS=1 pytest benchmarks/test_attention.py -k test_attention_forward` (2 threads,
 ms, fwd+bwd / fwd, medians of interleaved rounds of one run; the machine was shared, mostly quiet
 for these cases, same-path rows differ by up to ~5 %):
@@ -33,21 +49,20 @@ for these cases, same-path rows differ by up to ~5 %):
   bf16 2x16x1024x72      292 / 112       352 / 159        294 / 111       206 / 64     (others 50 %)
   bf16 1x8x1024x64       69.4 / 25.7     62.9 / 45.8      67.3 / 24.4     55.1 / 15.0  (others 50 %)
 
-fp32: torch's flash kernel runs these cases at ~89-92 % of MKL's sgemm rate (~204 GFLOP/s on the
-2 cores; but oneDNN's fp32 GEMM reaches ~470 on this AMD CPU, see
-genfast.ops.linear: the "heads" way on per-head oneDNN GEMMs is the next thing to try — a by-hand
-forward at 2x16x1024x72 spent 26 ms in them vs SDPA's 56 ms, at 1x8x1024x64 12.7 vs 11.8 ms), so
-two torch.bmm GEMMs with a softmax pass between cannot win: "heads" ties at best (the 1024
-forward) and loses elsewhere, also on one thread (by 10-14 %) and by far more on a loaded machine
-(4+ parallel regions a call, each waiting for both cores, against the fused kernel's one). So fp32
-stays on the fused kernel and ties SDPA, which runs the same kernel, by paying nothing around
-it: no copies (the output and gradients keep the kernel's layouts, see genfast.ops.attention's
-_out_layout and _grad_strides), and eager calls without a key mask call torch's SDPA itself
-(genfast.ops.attention._fused_directly). bf16: oneDNN's bf16 GEMMs run on the AVX-512 BF16
-units, ~4x the fp32 rate, and "heads" beats both SDPA and the plain path.
+fp32 "heads" (torch.bmm = MKL) cannot win: it ties at best and loses on one thread and on a
+loaded machine (4+ parallel regions a call against the fused kernel's one). The "small" way has
+one parallel region a call too, and wins on one thread as well (1 thread: 2x16x256x72 fwd+bwd
+14.2 vs SDPA 25.4 ms, 1x8x1024x64 43.0 vs 81.9). Where fp32 does take the fused kernel (short
+keys), the output and gradients keep that kernel's layouts (genfast.ops.attention's _out_layout
+and _grad_strides; fp32 gradients are always in that layout, whichever way ran) and eager calls
+without a key mask call torch's SDPA itself (genfast.ops.attention._fused_directly). bf16:
+oneDNN's bf16 GEMMs run on the AVX-512 BF16 units, ~4x the fp32 rate, and "heads" beats both
+SDPA and the plain path.
 
 Memory: besides its inputs and outputs, a call uses at most SCORE_BYTES of score buffers
-(forward: one [heads, Nq, Nk] buffer in q's dtype; backward: two), whatever B, H and N are. One
+(forward: one [heads, Nq, Nk] buffer in q's dtype; backward: two), whatever B, H and N are ("small":
+per thread two [rows, Nk] fp32 blocks within min(SMALL_BLOCK_BYTES, SCORE_BYTES / threads), kept
+by each thread between calls, plus its packed k/v panels, O(Nk D)). One
 exception, asked for by genfast.ops.attention when a gradient is needed ("keep_p"): in the "heads"
 way the forward may keep the probabilities p [B, H, Nq, Nk] (q's dtype) for the backward when they
 take at most KEEP_P_BYTES. That is what plain PyTorch keeps for its backward anyway (and more); it

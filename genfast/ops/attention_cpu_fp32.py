@@ -1,6 +1,11 @@
-"""The "onednn" way of the CPU attention backend, fp32 only: per (batch, head), the GEMMs on oneDNN
-(torch.ops.mkldnn._linear_pointwise, as genfast.ops.linear) around genfast._C's fused softmax rows.
-attention_cpu.variant() picks it (FITS / FUSED_BELOW_KEYS there) and dispatches to it.
+"""genfast's own fp32 ways of the CPU attention backend (attention_cpu.variant() picks them, FITS /
+LONG / FUSED_BELOW_KEYS there, and dispatches here):
+
+  "small"   (the default on AVX-512 CPUs, see the end of this file) all heads in one C++ call, a
+            thread per (batch, head), genfast's AVX-512 micro-kernel for every GEMM.
+  "onednn"  (CPUs without AVX-512) per (batch, head), the GEMMs on oneDNN
+            (torch.ops.mkldnn._linear_pointwise, as genfast.ops.linear) around genfast._C's
+            fused softmax rows. Described below.
 
 Why: torch's fp32 SDPA on the CPU is a flash kernel over MKL-class micro-GEMMs that runs at
 ~90 % of MKL's sgemm rate (~210 GFLOP/s on this project's 2-core AMD EPYC, where MKL takes its
@@ -90,9 +95,12 @@ def backward(dout, q, k, v, out, lse, mask, causal, scale, grads):
 
 # ---------------------------------------------------------------------------- the "small" way
 # All heads in ONE C++ call (csrc/cpu/attention_fp32_small.cpp): OpenMP over (batch, head), each
-# head's GEMMs single-threaded on an AVX-512 register-blocked micro-kernel while its blocks stay in
-# the core's L2. Short sequences, where per-head oneDNN calls (~11 us each, 2 a head forward, 5
-# backward) and two threads splitting each small GEMM cost more than the GEMMs save.
+# head's GEMMs single-threaded on an AVX-512 register-blocked micro-kernel, query rows in blocks
+# that keep a thread's scores near its core's L2. Beats "onednn" clearly on short sequences, where
+# per-head oneDNN calls (~11 us each, 2 a head forward, 5 backward) and two threads splitting each
+# small GEMM cost more than oneDNN's faster GEMMs save, and ties it on long ones (measured,
+# attention_cpu.py); needs no score budget beyond its blocks, and skips the keys after a causal
+# block's last row. Same numerics as "onednn": fp32 FMAs, softmax in fp32, lse / delta in fp32.
 
 
 def _probe_small():
