@@ -180,8 +180,9 @@ inline int64_t block_keys(const AttnSmallParams& a, int64_t i1) { return a.causa
 
 // Each thread's score blocks and B panels, kept between calls (OpenMP threads persist): no fresh
 // pages a call. Bounded by the caller's size rule (attention_cpu.py SMALL_KEYS).
+// body(bi, hi, part, s, pack) for every head and each of its `parts` ranges of query blocks.
 template <typename F>
-void for_heads(const AttnSmallParams& a, int64_t score_blocks, F&& body) {
+void for_heads(const AttnSmallParams& a, int64_t score_blocks, int64_t parts, F&& body) {
 #pragma omp parallel
   {
     static thread_local std::vector<float> scores, pack;
@@ -189,11 +190,16 @@ void for_heads(const AttnSmallParams& a, int64_t score_blocks, F&& body) {
     if (scores.size() < ns) scores.resize(ns);
     if (pack.size() < np) pack.resize(np);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t g = 0; g < a.b * a.h; ++g) body(g / a.h, g % a.h, scores.data(), pack.data());
+    for (int64_t w = 0; w < a.b * a.h * parts; ++w) {
+      const int64_t g = w / parts;
+      body(g / a.h, g % a.h, w % parts, scores.data(), pack.data());
+    }
   }
 }
 
-GENFAST_AVX512 void forward_head(const AttnSmallParams& a, int64_t bi, int64_t hi, float* s, float* pack) {
+// Query blocks first .. last - 1 of one head (k^T and v packed once for them).
+GENFAST_AVX512 void forward_head(const AttnSmallParams& a, int64_t bi, int64_t hi, int64_t first, int64_t last,
+                                 float* s, float* pack) {
   const uint8_t* m = a.mask ? a.mask + bi * a.mask_bs : nullptr;
   const View q = head(a.q, bi, hi);
   float* out = head(a.out, bi, hi);
@@ -203,7 +209,7 @@ GENFAST_AVX512 void forward_head(const AttnSmallParams& a, int64_t bi, int64_t h
   float *kt = pack, *v = pack + padded(a.nk) * a.d;
   pack_b(head_t(a.k, bi, hi), a.d, a.nk, kt);
   pack_b(head(a.v, bi, hi), a.nk, a.d, v);
-  for (int64_t i0 = 0; i0 < a.nq; i0 += a.bq) {
+  for (int64_t i0 = first * a.bq; i0 < std::min(a.nq, last * a.bq); i0 += a.bq) {
     const int64_t rows = std::min(a.bq, a.nq - i0), nk = block_keys(a, i0 + rows);
     gemm_packed(rows, nk, a.d, View{q.p + i0 * q.rs, q.rs, q.cs}, kt, a.d, s, nk);  // s = q k^T
     for (int64_t i = 0; i < rows; ++i) lse[i0 + i] = softmax_row(a, m, i0 + i, nk, s + i * nk);
@@ -247,12 +253,20 @@ bool attn_small_supported() { return vec512::cpu_has_avx512_bf16(); }
 
 void attn_small_forward_cpu(const AttnSmallParams& a) {
   if (a.b * a.h == 0 || a.nq == 0 || a.nk == 0) return;
-  for_heads(a, 1, [&](int64_t bi, int64_t hi, float* s, float* pack) { forward_head(a, bi, hi, s, pack); });
+  // Fewer heads than ~2 per thread: also split each head's query blocks (independent in the
+  // forward; each part packs k and v again), so that no thread idles on a single-head call.
+  const int64_t blocks = (a.nq + a.bq - 1) / a.bq, heads = a.b * a.h;
+  const int64_t parts = std::min(blocks, std::max<int64_t>(1, (2 * omp_get_max_threads() + heads - 1) / heads));
+  const int64_t per = (blocks + parts - 1) / parts;
+  for_heads(a, 1, parts, [&](int64_t bi, int64_t hi, int64_t part, float* s, float* pack) {
+    forward_head(a, bi, hi, part * per, std::min(blocks, (part + 1) * per), s, pack);
+  });
 }
 
 void attn_small_backward_cpu(const AttnSmallParams& a) {
   if (a.b * a.h == 0 || a.nq == 0 || a.nk == 0) return;
-  for_heads(a, 2, [&](int64_t bi, int64_t hi, float* s, float* pack) { backward_head(a, bi, hi, s, pack); });
+  // dk and dv sum over all query blocks of a head: one thread per head
+  for_heads(a, 2, 1, [&](int64_t bi, int64_t hi, int64_t, float* s, float* pack) { backward_head(a, bi, hi, s, pack); });
 }
 #else
 bool attn_small_supported() { return false; }
