@@ -294,3 +294,40 @@ def test_fp32_routing_by_shape():
     want = "small" if attention_cpu_fp32.small_available() else "onednn"
     assert way(256, 256) == way(1024, 1024, buffers=2) == way(1024, 77) == way(1024, 1024, causal=True) == want
     assert way(4096, 4096) == ("small" if want == "small" else "sdpa")  # "onednn" is held to SCORE_BYTES
+
+
+def test_small_way_under_threads(use_backend):
+    """Concurrent fp32 calls (the GIL is released in the C++ call; each OpenMP thread keeps its own
+    scratch): bitwise the same results as one call at a time, forward and gradients."""
+    import threading
+
+    from genfast.ops import attention_cpu_fp32
+
+    if not attention_cpu_fp32.small_available():
+        pytest.skip("the small way needs AVX-512")
+    use_backend("cpu")
+    g = torch.Generator().manual_seed(7)
+    cases = [[torch.randn(1, h, n, 40, generator=g).requires_grad_(True) for _ in range(3)]
+             for h, n in ((1, 70), (3, 129), (2, 257), (1, 100))]
+    assert all(attention_cpu.variant(c[0], c[1].shape[2], buffers=2) == "small" for c in cases)
+
+    def run(c):
+        out = genfast.attention(*c, causal=True)
+        return [out.detach(), *torch.autograd.grad(out.square().sum(), c)]
+
+    want = [run(c) for c in cases]
+    got = [[None] * 4 for _ in cases]
+
+    def work(i):
+        for j in range(4):
+            got[i][j] = run(cases[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, runs in enumerate(got):
+        for r in runs:
+            for a, b in zip(r, want[i]):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
