@@ -282,18 +282,23 @@ def test_onednn_way_rows_with_no_key_are_zero():
     assert (grads[0][1, :, :20] == 0).all() and (grads[1][1, :, :20] == 0).all()
 
 
-def test_fp32_routing_by_shape():
+def test_fp32_routing_by_shape(monkeypatch):
     """Default choice for fp32 (measured, see attention_cpu.py): very short key sequences take torch's
-    fused kernel (call overhead), everything else the "small" way where the CPU has AVX-512."""
+    fused kernel (call overhead), everything else the "small" way where the CPU has AVX-512; without
+    it, "onednn" from 384 keys on, within the score budget."""
     from genfast.ops import attention_cpu_fp32
 
     def way(nq, nk, causal=False, buffers=1):
         return attention_cpu.variant(torch.empty(2, 16, nq, 72, device="meta"), nk, buffers, causal)
 
     assert way(256, 32) == way(17, 17) == "sdpa"
-    want = "small" if attention_cpu_fp32.small_available() else "onednn"
-    assert way(256, 256) == way(1024, 1024, buffers=2) == way(1024, 77) == way(1024, 1024, causal=True) == want
-    assert way(4096, 4096) == ("small" if want == "small" else "sdpa")  # "onednn" is held to SCORE_BYTES
+    assert way(1024, 1024, buffers=2) == way(1024, 1024, causal=True) == (
+        "small" if attention_cpu_fp32.small_available() else "onednn")
+    monkeypatch.setattr(attention_cpu_fp32, "_SMALL", True)
+    assert way(256, 256) == way(1024, 77) == way(4096, 4096) == "small"
+    monkeypatch.setattr(attention_cpu_fp32, "_SMALL", False)  # a CPU without AVX-512
+    assert way(256, 256) == "sdpa" and way(1024, 1024, buffers=2) == "onednn"
+    assert way(4096, 4096) == "sdpa"  # "onednn" is held to SCORE_BYTES
 
 
 def test_small_way_under_threads(use_backend):

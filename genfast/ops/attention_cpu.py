@@ -113,9 +113,13 @@ FUSED_BELOW_KEYS = {torch.float32: 64}
 # blocks whose two [rows, Nk] fp32 blocks fit this (about a core's L2), and at most SCORE_BYTES over
 # all threads. Each thread keeps its blocks between calls.
 SMALL_BLOCK_BYTES = 1 << 20
-# Causal cases from this many keys on take torch's fused kernel: it skips the masked half of the
-# scores, the "onednn" way's whole-head GEMMs do not (measured: fp32 1024 keys fwd+bwd 0.9-1.07x).
+# Causal cases from this many keys on take torch's fused kernel, which skips the masked half of
+# the scores. Empty: the "small" way skips the keys after each query block's last row too and
+# wins causal cases by 1.5-2.4x (the "onednn" way does not skip: 0.9-1.07x at 1024 keys).
 CAUSAL_FUSED_FROM_KEYS = {}
+# Without AVX-512, "small" falls back to "onednn" from this many keys on ("sdpa" below): its
+# per-head library calls cost more than they save on shorter sequences (measured 0.8-1.0x at 256).
+ONEDNN_FROM_KEYS = 384
 # p kept for the backward up to this many bytes (see the module docstring); 0: never.
 KEEP_P_BYTES = 64 << 20
 
@@ -129,7 +133,7 @@ def variant(q, nk, buffers=1, causal=False):
     fits = buffers * q.shape[2] * nk * q.element_size() <= SCORE_BYTES
     way = (FITS if fits else LONG).get(q.dtype, "sdpa")
     if way == "small" and not (q.dtype == torch.float32 and attention_cpu_fp32.small_available()):
-        way = "onednn" if fits else "sdpa"  # no AVX-512: oneDNN's GEMMs, within the budget
+        way = "onednn" if fits and nk >= ONEDNN_FROM_KEYS else "sdpa"  # no AVX-512: oneDNN's GEMMs, within the budget
     if way == "onednn" and not (q.dtype == torch.float32 and attention_cpu_fp32.available()):
         way = "sdpa"  # fp32 only; a torch build without oneDNN keeps the fused kernel
     return way
