@@ -133,7 +133,8 @@ def variant(q, nk, buffers=1, causal=False):
     fits = buffers * q.shape[2] * nk * q.element_size() <= SCORE_BYTES
     way = (FITS if fits else LONG).get(q.dtype, "sdpa")
     if way == "small" and not (q.dtype == torch.float32 and attention_cpu_fp32.small_available()):
-        way = "onednn" if fits and nk >= ONEDNN_FROM_KEYS else "sdpa"  # no AVX-512: oneDNN's GEMMs, within the budget
+        # no AVX-512: oneDNN's GEMMs, within the budget
+        way = "onednn" if fits and nk >= ONEDNN_FROM_KEYS else "sdpa"
     if way == "onednn" and not (q.dtype == torch.float32 and attention_cpu_fp32.available()):
         way = "sdpa"  # fp32 only; a torch build without oneDNN keeps the fused kernel
     return way
