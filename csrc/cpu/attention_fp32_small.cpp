@@ -178,9 +178,9 @@ int64_t pack_floats(const AttnSmallParams& a) {
 // Keys a block of query rows [i0, i1) needs: all, or under the causal mask only 0 .. i1 - 1.
 inline int64_t block_keys(const AttnSmallParams& a, int64_t i1) { return a.causal ? std::min(a.nk, i1) : a.nk; }
 
-// Each thread's score blocks and B panels, kept between calls (OpenMP threads persist): no fresh
-// pages a call. Bounded by the caller's size rule (attention_cpu.py SMALL_KEYS).
-// body(bi, hi, part, s, pack) for every head and each of its `parts` ranges of query blocks.
+// body(bi, hi, part, s, pack) for every head and each of its `parts` ranges of query blocks. Each
+// thread's score blocks and B panels are kept between calls (OpenMP threads persist): no fresh
+// pages a call; bounded by bq (attention_cpu.py SMALL_BLOCK_BYTES) and O(Nk D) panels.
 template <typename F>
 void for_heads(const AttnSmallParams& a, int64_t score_blocks, int64_t parts, F&& body) {
 #pragma omp parallel
