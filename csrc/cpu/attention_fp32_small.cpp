@@ -266,7 +266,9 @@ void attn_small_forward_cpu(const AttnSmallParams& a) {
 void attn_small_backward_cpu(const AttnSmallParams& a) {
   if (a.b * a.h == 0 || a.nq == 0 || a.nk == 0) return;
   // dk and dv sum over all query blocks of a head: one thread per head
-  for_heads(a, 2, 1, [&](int64_t bi, int64_t hi, int64_t, float* s, float* pack) { backward_head(a, bi, hi, s, pack); });
+  for_heads(a, 2, 1, [&](int64_t bi, int64_t hi, int64_t, float* s, float* pack) {
+    backward_head(a, bi, hi, s, pack);
+  });
 }
 #else
 bool attn_small_supported() { return false; }
