@@ -14,6 +14,8 @@
 // atomics: rows are cut into chunks of `chunk_rows` (chosen by the caller, independent of thread
 // count), each chunk writes its fp32 partial sums to `partial` [B, nchunks, 2, C], and a second
 // step adds the chunks in order and writes the [B, C] results in the tensors' dtype.
+// The CPU kernels also take partial = nullptr: then the thread that owns a sample adds its chunks
+// in the same order (same bits) inside the one parallel region (csrc/cpu/modulate.cpp).
 #pragma once
 #include <cstdint>
 
@@ -39,7 +41,7 @@ struct ModulateBwdParams {
   void* dx;             // [B, N, C] strides (dx_sb, dx_sn, 1); nullptr: not needed
   void* dshift;         // per token: [B, N, C] contiguous; per sample: [B, C] contiguous; nullptr: not needed
   void* dscale;         // same layout as dshift
-  float* partial;       // per sample only: [B, nchunks, 2, C] fp32 workspace
+  float* partial;       // per sample only: [B, nchunks, 2, C] fp32 workspace (CPU: may be nullptr)
   const void* grad;     // [B, N, C] strides (g_sb, g_sn, 1)
   const void* x;
   const void* scale;
@@ -68,7 +70,7 @@ struct GatedResidualParams {
 struct GatedResidualBwdParams {
   void* dy;             // [B, N, C] contiguous; nullptr: not needed
   void* dgate;          // [B, N, C] or [B, C] contiguous; nullptr: not needed
-  float* partial;       // per sample only: [B, nchunks, C] fp32 workspace
+  float* partial;       // per sample only: [B, nchunks, C] fp32 workspace (CPU: may be nullptr)
   const void* grad;
   const void* gate;
   const void* y;

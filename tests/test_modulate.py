@@ -118,6 +118,36 @@ def test_per_sample_gradients_are_deterministic(device, backend, use_backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("b", [1, 3])
+def test_cpu_per_sample_sums_in_thread_match_partials(b, dtype, monkeypatch, use_backend):
+    """The CPU kernel sums per-sample gradients either in the thread that owns the sample or
+    through the partial-sum buffer (genfast.ops.modulate._sums_in_thread): same bits, and within
+    the reference error (N = 100: three full row chunks and a remainder)."""
+    use_backend("cpu")
+    import genfast.ops.modulate as mod
+
+    gen = torch.Generator().manual_seed(3)
+    x, y, g = (torch.randn(b, 100, 40, generator=gen).to(dtype) for _ in range(3))
+    sh, sc, gate = (torch.randn(b, 40, generator=gen).to(dtype) for _ in range(3))
+    runs = []
+    for in_thread in (True, False):
+        monkeypatch.setattr(mod, "_sums_in_thread", lambda name, n, v=in_thread: v)
+        leaves = [t.clone().requires_grad_() for t in (x, sh, sc, gate, y)]
+        out = genfast.gated_residual(leaves[0], leaves[3], genfast.adaln_modulate(*leaves[:3]) * leaves[4])
+        out.backward(g)
+        runs.append([t.grad for t in leaves])
+    for name, a, c in zip(("x", "shift", "scale", "gate", "y"), *runs):
+        assert torch.equal(a, c), f"grad of {name} differs between the two summation paths"
+    hi = [t.double().requires_grad_() for t in (x, sh, sc, gate, y)]
+    lo = [t.clone().requires_grad_() for t in (x, sh, sc, gate, y)]
+    for leaves in (hi, lo):
+        f = leaves[0] + leaves[3][:, None] * (reference.adaln_modulate(*leaves[:3]) * leaves[4])
+        f.backward(g.to(f.dtype))
+    for name, got, low, high in zip(("x", "shift", "scale", "gate", "y"), runs[0], lo, hi):
+        assert_within_reference_error(f"grad of {name}", got, low.grad, high.grad, floor=1e-5)
+
+
 def _shared_modulation_model(modulate, gated):
     """A DiT-style block skeleton: one adaLN projection feeds the modulation of two norms and two gates."""
     def f(x, c, w):

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "cpu/dtype.h"
 #include "cpu/vec16.h"
@@ -244,6 +245,40 @@ void modulate_bwd(const ModulateBwdParams& p) {
   const int64_t nchunks = (p.N + p.chunk_rows - 1) / p.chunk_rows;
   const int64_t items = p.B * nchunks;
   const bool sums = p.dscale || p.dshift;
+  if (sums && !p.partial) {
+    // No workspace given (the CPU path, enough samples per thread): one thread per sample adds its
+    // chunks' sums in the same order as reduce_partials (same bits), in the same parallel region
+    // as dx: no second region (each one waits on every core) and no [B, nchunks, 2, C] buffer.
+#pragma omp parallel if (p.B * p.N * C >= kParallelMin)
+    {
+      alignas(64) float gbuf[sizeof(T) == 2 ? kRowBuf : 1], xbuf[sizeof(T) == 2 ? kRowBuf : 1];
+      std::vector<float> work(4 * C);  // chunk sums (scale, shift), then the sample's totals
+      float *acc_scale = work.data(), *acc_shift = acc_scale + C, *tot_scale = acc_shift + C,
+            *tot_shift = tot_scale + C;
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < p.B; ++b) {
+        std::fill(tot_scale, tot_scale + 2 * C, 0.f);
+        for (int64_t k = 0; k < nchunks; ++k) {
+          std::fill(acc_scale, acc_scale + 2 * C, 0.f);
+          for (int64_t n = k * p.chunk_rows; n < std::min(p.N, (k + 1) * p.chunk_rows); ++n) {
+            T* dx;
+            const T *g, *x, *sc;
+            row_ptrs(b, n, dx, g, x, sc);
+            const int64_t r = b * p.N + n;
+            modulate_bwd_row<T>(dx, g, x, sc, p.mean[r], p.rstd[r], C, p.rms, p.dscale ? acc_scale : nullptr,
+                                p.dshift ? acc_shift : nullptr, nullptr, nullptr, cache ? gbuf : nullptr,
+                                cache ? xbuf : nullptr);
+          }
+          for (int64_t c = 0; c < 2 * C; ++c) tot_scale[c] += acc_scale[c];
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          if (p.dscale) vec::store1(static_cast<T*>(p.dscale) + b * C + c, tot_scale[c]);
+          if (p.dshift) vec::store1(static_cast<T*>(p.dshift) + b * C + c, tot_shift[c]);
+        }
+      }
+    }
+    return;
+  }
 #pragma omp parallel if (p.B * p.N * C >= kParallelMin)
   {
     alignas(64) float gbuf[sizeof(T) == 2 ? kRowBuf : 1], xbuf[sizeof(T) == 2 ? kRowBuf : 1];
@@ -328,6 +363,24 @@ void gated_bwd(const GatedResidualBwdParams& p) {
     return;
   }
   const int64_t nchunks = (p.N + p.chunk_rows - 1) / p.chunk_rows;
+  if (!p.partial) {  // one thread per sample, one parallel region (as modulate_bwd above)
+#pragma omp parallel if (p.B * p.N * C >= kParallelMin)
+    {
+      std::vector<float> work(2 * C);
+      float *acc = work.data(), *tot = acc + C;
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < p.B; ++b) {
+        std::fill(tot, tot + C, 0.f);
+        for (int64_t k = 0; k < nchunks; ++k) {
+          std::fill(acc, acc + C, 0.f);
+          for (int64_t n = k * p.chunk_rows; n < std::min(p.N, (k + 1) * p.chunk_rows); ++n) row(b, n, acc, nullptr);
+          for (int64_t c = 0; c < C; ++c) tot[c] += acc[c];
+        }
+        for (int64_t c = 0; c < C; ++c) vec::store1(static_cast<T*>(p.dgate) + b * C + c, tot[c]);
+      }
+    }
+    return;
+  }
 #pragma omp parallel for schedule(static) if (p.B * p.N * C >= kParallelMin)
   for (int64_t i = 0; i < p.B * nchunks; ++i) {
     const int64_t b = i / nchunks, k = i % nchunks;

@@ -122,6 +122,14 @@ def backend_for(x, op="adaln_modulate"):
     return backends.choose(op, x.device.type, _reasons(x.device.type, x.dtype))
 
 
+def _sums_in_thread(name, b):
+    """CPU kernel: with samples enough to share evenly among the threads, a per-sample gradient is
+    summed by the thread that owns the sample (no partial-sum buffer, no second parallel region;
+    same chunk order, same bits). Called with partial=None it does so."""
+    threads = torch.get_num_threads()
+    return name == "cpu" and (b % threads == 0 or b >= 4 * threads)
+
+
 def _unit_c(t):
     """t with channel stride 1 (a copy only when it is not)."""
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
@@ -191,7 +199,7 @@ def _modulate_bwd_impl(grad, x, shift, scale, mean, rstd, eps, rms, needs):
     dshift = torch.empty(red_shape, device=x.device, dtype=x.dtype) if kernel_dshift else None
     nchunks = -(-n // CHUNK_ROWS)
     partial = (torch.empty(b, nchunks, 2, c, device=x.device, dtype=torch.float32)
-               if per_sample and (need_scale or kernel_dshift) else None)
+               if per_sample and (need_scale or kernel_dshift) and not _sums_in_thread(name, b) else None)
     if need_x or need_scale or kernel_dshift:
         strides = (*(dx.stride()[:2] if dx is not None else (0, 0)), *grad.stride()[:2], *x.stride()[:2],
                    *_rs(scale, n))
@@ -326,7 +334,7 @@ def _gated_bwd_impl(grad, gate, y, needs):
     dy = torch.empty(b, n, c, device=y.device, dtype=y.dtype) if need_y else None
     dgate = torch.empty((b, 1, c) if per_sample else (b, n, c), device=y.device, dtype=y.dtype) if need_gate else None
     partial = (torch.empty(b, -(-n // CHUNK_ROWS), c, device=y.device, dtype=torch.float32)
-               if per_sample and need_gate else None)
+               if per_sample and need_gate and not _sums_in_thread(name, b) else None)
     if need_y or need_gate:
         strides = (*grad.stride()[:2], *_rs(gate, n), *y.stride()[:2])
         _launch(name, "gated_residual_bwd", (dy, dgate, partial, grad, gate, y), B=b, N=n, C=c, strides=strides,
