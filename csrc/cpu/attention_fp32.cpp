@@ -10,28 +10,11 @@
 
 #include "attention_fp32.h"
 #include "cpu/dtype.h"
+#include "cpu/exp_nonpos.h"
 #include "cpu/vec512.h"
 
 namespace genfast {
 namespace {
-
-// exp(x) for x <= 0 up to rounding (s - lse): see csrc/cpu/attention.cpp; x <= -87 (and -inf) -> 0.
-inline float exp_nonpos(float x) {
-  const float c = x < -87.0f ? -87.0f : x;
-  const float n = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (c - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
-  float p = 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return c <= -87.0f ? 0.0f : p * two_n;
-}
 
 // First query column key j takes part in (causal: query q0 + i sees key j when i >= j - q0).
 inline int64_t first_col(const AttnColsParams& a, int64_t j) {

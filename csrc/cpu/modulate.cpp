@@ -244,6 +244,18 @@ void modulate_bwd(const ModulateBwdParams& p) {
   }
   const int64_t nchunks = (p.N + p.chunk_rows - 1) / p.chunk_rows;
   const int64_t items = p.B * nchunks;
+  // The rows of chunk k of sample b: their dx, and their dscale / dshift sums added into acc_*.
+  auto chunk = [&](int64_t b, int64_t k, float* acc_scale, float* acc_shift, float* gbuf, float* xbuf) {
+    for (int64_t n = k * p.chunk_rows; n < std::min(p.N, (k + 1) * p.chunk_rows); ++n) {
+      T* dx;
+      const T *g, *x, *sc;
+      row_ptrs(b, n, dx, g, x, sc);
+      const int64_t r = b * p.N + n;
+      modulate_bwd_row<T>(dx, g, x, sc, p.mean[r], p.rstd[r], C, p.rms, p.dscale ? acc_scale : nullptr,
+                          p.dshift ? acc_shift : nullptr, nullptr, nullptr, cache ? gbuf : nullptr,
+                          cache ? xbuf : nullptr);
+    }
+  };
   const bool sums = p.dscale || p.dshift;
   if (sums && !p.partial) {
     // No workspace given (the CPU path, enough samples per thread): one thread per sample adds its
@@ -260,15 +272,7 @@ void modulate_bwd(const ModulateBwdParams& p) {
         std::fill(tot_scale, tot_scale + 2 * C, 0.f);
         for (int64_t k = 0; k < nchunks; ++k) {
           std::fill(acc_scale, acc_scale + 2 * C, 0.f);
-          for (int64_t n = k * p.chunk_rows; n < std::min(p.N, (k + 1) * p.chunk_rows); ++n) {
-            T* dx;
-            const T *g, *x, *sc;
-            row_ptrs(b, n, dx, g, x, sc);
-            const int64_t r = b * p.N + n;
-            modulate_bwd_row<T>(dx, g, x, sc, p.mean[r], p.rstd[r], C, p.rms, p.dscale ? acc_scale : nullptr,
-                                p.dshift ? acc_shift : nullptr, nullptr, nullptr, cache ? gbuf : nullptr,
-                                cache ? xbuf : nullptr);
-          }
+          chunk(b, k, acc_scale, acc_shift, gbuf, xbuf);
           for (int64_t c = 0; c < 2 * C; ++c) tot_scale[c] += acc_scale[c];
         }
         for (int64_t c = 0; c < C; ++c) {
@@ -288,15 +292,7 @@ void modulate_bwd(const ModulateBwdParams& p) {
       float* acc_scale = sums ? p.partial + (i * 2) * C : nullptr;
       float* acc_shift = sums ? acc_scale + C : nullptr;
       if (sums) std::fill(acc_scale, acc_scale + 2 * C, 0.f);
-      for (int64_t n = k * p.chunk_rows; n < std::min(p.N, (k + 1) * p.chunk_rows); ++n) {
-        T* dx;
-        const T *g, *x, *sc;
-        row_ptrs(b, n, dx, g, x, sc);
-        const int64_t r = b * p.N + n;
-        modulate_bwd_row<T>(dx, g, x, sc, p.mean[r], p.rstd[r], C, p.rms, p.dscale ? acc_scale : nullptr,
-                            p.dshift ? acc_shift : nullptr, nullptr, nullptr, cache ? gbuf : nullptr,
-                            cache ? xbuf : nullptr);
-      }
+      chunk(b, k, acc_scale, acc_shift, gbuf, xbuf);
     }
   }
   if (p.dscale || p.dshift)
