@@ -25,6 +25,15 @@ from genfast.sampling import sample_rectified_flow  # noqa: E402
 
 
 
+def free_workspace():
+    """Drops the buffers genfast keeps between calls to spare fresh pages every step (the CPU
+    attention's score and probability buffers, the GELU kernel's output buffers)."""
+    from genfast.ops import attention_cpu, gelu
+
+    attention_cpu.free_workspace()
+    gelu.free_workspace()
+
+
 def __getattr__(name):
     # genfast.patch (a callable module: genfast.patch(model)) is loaded on first use, so that
     # `import genfast` never imports diffusers.
@@ -36,4 +45,4 @@ def __getattr__(name):
 
 
 __all__ = ["info", "patch", "flow_euler_step", "sample_rectified_flow", "attention", "adaln_modulate", "gated_residual",
-           "vq_nearest", "vector_quantize", "code_counts", "reparam_kl", "__version__"]
+           "vq_nearest", "vector_quantize", "code_counts", "reparam_kl", "free_workspace", "__version__"]

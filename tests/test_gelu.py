@@ -3,6 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import genfast
+
 from genfast.ops.gelu import gelu_tanh, gelu_tanh_inference
 from genfast.testing import assert_within_reference_error
 
@@ -80,3 +82,28 @@ def test_inference_variant_in_place_only_without_autograd(dtype):
     torch.testing.assert_close(yg, want, atol=0, rtol=0)
     (yg.float().sum()).backward()
     assert xg.grad is not None and torch.isfinite(xg.grad.float()).all()
+
+
+def test_output_buffers_reused_only_when_free():
+    """The CPU kernel's outputs come from a kept buffer once nothing else holds it (no page faults
+    every step), never while a caller still holds the last one; values unaffected."""
+    from genfast.ops import gelu
+
+    gelu.free_workspace()
+    x = torch.randn(64, 96, requires_grad=True)
+    g = torch.randn(64, 96)
+    y1 = gelu_tanh(x)
+    y2 = gelu_tanh(x)  # y1 still held: a new buffer
+    assert y1.data_ptr() != y2.data_ptr()
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    ptr = y2.data_ptr()
+    del y1, y2
+    y3 = gelu_tanh(x)  # the kept buffer is free again: reused
+    assert y3.data_ptr() == ptr
+    (d1,) = torch.autograd.grad(y3, x, g)
+    (d2,) = torch.autograd.grad(gelu_tanh(x), x, g)
+    assert d1.data_ptr() != d2.data_ptr()  # d1 held
+    torch.testing.assert_close(d1, d2, rtol=0, atol=0)
+    torch.testing.assert_close(d1, torch.autograd.grad(F.gelu(x, approximate="tanh"), x, g)[0], rtol=1e-5, atol=1e-6)
+    genfast.free_workspace()
+    assert not gelu._kept

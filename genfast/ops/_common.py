@@ -1,5 +1,8 @@
 """What every op module shares: the torch.library namespace, argument checks that raise
 ValueError/TypeError naming the argument, dtype codes for the compiled modules, and 2-D views."""
+import math
+import threading
+
 import torch
 
 from genfast import backends
@@ -121,3 +124,31 @@ def kernel_reasons(device_type, dtype):
             "reference": lambda: [],
         }
     return table
+
+
+# ------------------------------------------------------------- output buffers reused between calls
+_reuse_lock = threading.Lock()
+
+
+def _storage_refs(t):
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+_FREE_REFS = _storage_refs(torch.empty(1))  # a tensor nothing else holds (counts the probe itself)
+
+
+def reused_buffer(cache, key, shape, dtype, device, keep=True):
+    """An uninitialised [shape] tensor for a large op output: the one cached under key when nothing but
+    the cache holds its memory any more (its consumer ran and dropped it), else a new one, cached when
+    keep. Saves a fresh buffer's page faults on every training step; the caller's cache dict is its
+    own (one buffer per key), freed by clearing it."""
+    n = math.prod(shape)
+    with _reuse_lock:
+        buf = cache.get(key)
+        if buf is not None and buf.numel() >= n and _storage_refs(buf) == _FREE_REFS:
+            return buf[:n].view(shape)  # a view: holding it makes the buffer busy for the next call
+        with torch.inference_mode(False):
+            buf = torch.empty(n, dtype=dtype, device=device)
+        if keep:
+            cache[key] = buf
+        return buf.view(shape)

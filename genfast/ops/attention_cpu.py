@@ -94,7 +94,7 @@ import torch
 
 from genfast import _native
 from genfast.ops import attention_cpu_fp32
-from genfast.ops._common import DTYPE_CODE
+from genfast.ops._common import DTYPE_CODE, reused_buffer
 
 # Score buffers a call may hold (see the module docstring). Measured: 4-16 MiB chunks run the
 # GEMMs as fast as one big call while the scores stay in the 32 MiB L3.
@@ -176,28 +176,12 @@ def free_workspace():
         _kept_p.clear()
 
 
-def _storage_refs(t):
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
-
-
-_FREE_REFS = _storage_refs(torch.empty(1))  # a tensor nothing else holds (counts the probe itself)
-
-
 def _p_buffer(shape, dtype, device):
     """The buffer for p kept for the backward: p is an output that autograd saves, so the last one
     is reused only when no tensor but the cache's own holds its memory any more (its backward ran
     or its graph was freed), else a new one takes its place. Saves the page faults of a fresh
     buffer every training step (p is the largest tensor the call makes)."""
-    n, key = math.prod(shape), (device, dtype)
-    with _workspace_lock:
-        buf = _kept_p.get(key)
-        if buf is not None and buf.numel() >= n and _storage_refs(buf) == _FREE_REFS:
-            return buf[:n].view(shape)  # a view: holding it makes the buffer busy for the next call
-        with torch.inference_mode(False):
-            buf = torch.empty(n, dtype=dtype, device=device)
-        if KEEP_WORKSPACE:
-            _kept_p[key] = buf
-        return buf.view(shape)
+    return reused_buffer(_kept_p, (device, dtype), shape, dtype, device, keep=KEEP_WORKSPACE)
 
 
 @contextmanager
