@@ -138,28 +138,33 @@ def test_workspace_is_never_shared_while_in_use(use_backend):
         assert (held == 7).all()
 
 
-def test_workspace_under_threads_and_inference_mode(use_backend):
-    """Concurrent calls (the GIL is released inside the GEMMs) and a buffer first made under
-    inference_mode then reused with autograd on: the same results as one call at a time."""
+def _concurrently(fn, cases, repeats):
+    """[[fn(case) x repeats] per case], each case's calls in its own thread, all threads at once."""
     import threading
 
-    use_backend("cpu")
-    attention_cpu.free_workspace()
-    cases = [_bf16_heads_case(seed, n) for seed, n in ((1, 40), (2, 64), (3, 33), (4, 64))]
-    with torch.inference_mode():
-        want = [genfast.attention(*c).clone() for c in cases]
-    results = [[None] * 6 for _ in cases]
+    results = [[None] * repeats for _ in cases]
 
     def work(i):
-        for j in range(6):
-            results[i][j] = genfast.attention(*cases[i])
+        for j in range(repeats):
+            results[i][j] = fn(cases[i])
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    for i, rs in enumerate(results):
+    return results
+
+
+def test_workspace_under_threads_and_inference_mode(use_backend):
+    """Concurrent calls (the GIL is released inside the GEMMs) and a buffer first made under
+    inference_mode then reused with autograd on: the same results as one call at a time."""
+    use_backend("cpu")
+    attention_cpu.free_workspace()
+    cases = [_bf16_heads_case(seed, n) for seed, n in ((1, 40), (2, 64), (3, 33), (4, 64))]
+    with torch.inference_mode():
+        want = [genfast.attention(*c).clone() for c in cases]
+    for i, rs in enumerate(_concurrently(lambda c: genfast.attention(*c), cases, 6)):
         for r in rs:
             torch.testing.assert_close(r, want[i], rtol=0, atol=0)
     q, k, v = (t.requires_grad_(True) for t in _bf16_heads_case())
@@ -304,8 +309,6 @@ def test_fp32_routing_by_shape(monkeypatch):
 def test_small_way_under_threads(use_backend):
     """Concurrent fp32 calls (the GIL is released in the C++ call; each OpenMP thread keeps its own
     scratch): bitwise the same results as one call at a time, forward and gradients."""
-    import threading
-
     from genfast.ops import attention_cpu_fp32
 
     if not attention_cpu_fp32.small_available():
@@ -321,18 +324,7 @@ def test_small_way_under_threads(use_backend):
         return [out.detach(), *torch.autograd.grad(out.square().sum(), c)]
 
     want = [run(c) for c in cases]
-    got = [[None] * 4 for _ in cases]
-
-    def work(i):
-        for j in range(4):
-            got[i][j] = run(cases[i])
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for i, runs in enumerate(got):
+    for i, runs in enumerate(_concurrently(run, cases, 4)):
         for r in runs:
             for a, b in zip(r, want[i]):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)

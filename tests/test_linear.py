@@ -96,7 +96,7 @@ def test_onednn_backward_is_really_taken(monkeypatch):
     """The fast path is not silently skipped: a spy on the backward's oneDNN GEMMs sees the calls."""
     calls = []
     real = torch.ops.mkldnn._linear_pointwise
-    monkeypatch.setattr(lin, "_gemm", lambda a, b_t: (calls.append(1), real(a, b_t, None, "none", [], ""))[1])
+    monkeypatch.setattr(lin, "gemm_nt", lambda a, b_t: (calls.append(1), real(a, b_t, None, "none", [], ""))[1])
     x, w, b = _inputs((5, 16), 8)
     w.requires_grad_(True)
     x.requires_grad_(True)

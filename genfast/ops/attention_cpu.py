@@ -95,6 +95,7 @@ import torch
 from genfast import _native
 from genfast.ops import attention_cpu_fp32
 from genfast.ops._common import DTYPE_CODE, reused_buffer
+from genfast.ops.linear import onednn_available
 
 # Score buffers a call may hold (see the module docstring). Measured: 4-16 MiB chunks run the
 # GEMMs as fast as one big call while the scores stay in the 32 MiB L3.
@@ -135,7 +136,7 @@ def variant(q, nk, buffers=1, causal=False):
     if way == "small" and not (q.dtype == torch.float32 and attention_cpu_fp32.small_available()):
         # no AVX-512: oneDNN's GEMMs, within the budget
         way = "onednn" if fits and nk >= ONEDNN_FROM_KEYS else "sdpa"
-    if way == "onednn" and not (q.dtype == torch.float32 and attention_cpu_fp32.available()):
+    if way == "onednn" and not (q.dtype == torch.float32 and onednn_available()):
         way = "sdpa"  # fp32 only; a torch build without oneDNN keeps the fused kernel
     return way
 

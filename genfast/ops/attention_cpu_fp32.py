@@ -31,22 +31,9 @@ import torch
 
 from genfast import _native
 from genfast.ops._common import DTYPE_CODE
+from genfast.ops.linear import gemm_nt  # the "onednn" way's GEMMs are genfast.ops.linear's
 
 _FP32 = DTYPE_CODE[torch.float32]
-_available = None
-
-
-def available():
-    """oneDNN's fp32 linear is in this torch build (every x86 CPU build ships it)."""
-    global _available
-    if _available is None:
-        _available = bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    return _available
-
-
-def _mm_t(a, b):
-    """a [M, K] @ b[N, K]^T on oneDNN (either may be a strided view): a new [M, N] fp32 tensor."""
-    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
 
 def _mask_ptr(mask, bi):
@@ -62,11 +49,11 @@ def forward(q, k, v, mask, causal, scale, out):
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
     for bi in range(b):
         for hi in range(h):
-            s = _mm_t(q[bi, hi], k[bi, hi])  # [Nq, Nk]
+            s = gemm_nt(q[bi, hi], k[bi, hi])  # [Nq, Nk]
             mod.attn_softmax_rows(s.data_ptr(), s.data_ptr(), 1, nq, nk, heads=1, q0=0, scale=scale, causal=causal,
                                   mask=_mask_ptr(mask, bi), mask_bs=0, lse=lse[bi, hi].data_ptr(), lse_gs=nq,
                                   dtype=_FP32)
-            out[bi, hi].copy_(_mm_t(s, v[bi, hi].t()))
+            out[bi, hi].copy_(gemm_nt(s, v[bi, hi].t()))
     return out, lse
 
 
@@ -83,13 +70,13 @@ def backward(dout, q, k, v, out, lse, mask, causal, scale, grads):
     for bi in range(b):
         for hi in range(h):
             qh, kh, vh, doh = q[bi, hi], k[bi, hi], v[bi, hi], dout[bi, hi]
-            st = _mm_t(kh, qh)  # [Nk, Nq]: s^T, becomes p^T
-            dpt = _mm_t(vh, doh)  # [Nk, Nq]: dp^T, becomes ds^T
+            st = gemm_nt(kh, qh)  # [Nk, Nq]: s^T, becomes p^T
+            dpt = gemm_nt(vh, doh)  # [Nk, Nq]: dp^T, becomes ds^T
             mod.attn_softmax_bwd_cols(st.data_ptr(), dpt.data_ptr(), nk, nq, 0, scale, causal, _mask_ptr(mask, bi),
                                       lse[bi, hi].data_ptr(), delta[bi, hi].data_ptr())
-            dv[bi, hi].copy_(_mm_t(st, doh.t()))  # p^T dout
-            dk[bi, hi].copy_(_mm_t(dpt, qh.t()))  # ds^T q
-            dq[bi, hi].copy_(_mm_t(kh.t(), dpt.t()).t())  # (k^T ds^T)^T = ds k
+            dv[bi, hi].copy_(gemm_nt(st, doh.t()))  # p^T dout
+            dk[bi, hi].copy_(gemm_nt(dpt, qh.t()))  # ds^T q
+            dq[bi, hi].copy_(gemm_nt(kh.t(), dpt.t()).t())  # (k^T ds^T)^T = ds k
     return dq, dk, dv
 
 
@@ -133,28 +120,30 @@ def block_rows(nq, nk, block_bytes):
     return max(1, min(nq, block_bytes // (8 * max(1, nk))))
 
 
+def _small_args(q, k, v, mask, causal, scale, block_bytes):
+    """The arguments both "small" kernels start with: sizes and rows per block, scale, causal, the
+    mask's pointer and batch stride (0, 0 without one), q, k, v."""
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    return ([b, h, nq, nk, d, block_rows(nq, nk, block_bytes)], scale, causal,
+            mask.data_ptr() if mask is not None else 0, mask.stride(0) if mask is not None else 0,
+            _spec_in(q), _spec_in(k), _spec_in(v))
+
+
 def small_forward(q, k, v, mask, causal, scale, out, block_bytes):
     """As forward(), all heads in one call. out needs a unit last stride; each thread holds at most
     block_bytes of score blocks (and keeps them for the next call)."""
-    b, h, nq, d = q.shape
-    nk = k.shape[2]
-    lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
-    _native.module("_C").attn_small_forward(
-        [b, h, nq, nk, d, block_rows(nq, nk, block_bytes)], scale, causal, mask.data_ptr() if mask is not None else 0,
-        mask.stride(0) if mask is not None else 0, _spec_in(q), _spec_in(k), _spec_in(v), _spec_out(out),
-        lse.data_ptr())
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    _native.module("_C").attn_small_forward(*_small_args(q, k, v, mask, causal, scale, block_bytes), _spec_out(out),
+                                            lse.data_ptr())
     return out, lse
 
 
 def small_backward(dout, q, k, v, out, lse, mask, causal, scale, grads, block_bytes):
     """As backward(), all heads in one call (dk, dv summed over the query blocks in place, fp32).
     grads need unit last strides."""
-    b, h, nq, d = q.shape
-    nk = k.shape[2]
     delta = torch.linalg.vecdot(dout, out).contiguous()
     lse = lse.contiguous()
-    _native.module("_C").attn_small_backward(
-        [b, h, nq, nk, d, block_rows(nq, nk, block_bytes)], scale, causal, mask.data_ptr() if mask is not None else 0,
-        mask.stride(0) if mask is not None else 0, _spec_in(q), _spec_in(k), _spec_in(v), _spec_in(dout),
-        lse.data_ptr(), delta.data_ptr(), *[_spec_out(t) for t in grads])
+    _native.module("_C").attn_small_backward(*_small_args(q, k, v, mask, causal, scale, block_bytes), _spec_in(dout),
+                                             lse.data_ptr(), delta.data_ptr(), *[_spec_out(t) for t in grads])
     return tuple(grads)

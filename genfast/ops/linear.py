@@ -61,7 +61,7 @@ def _takes_onednn(x, weight, bias):
     return x.numel() > 0 and weight.numel() > 0 and _onednn_case(x, weight, bias)
 
 
-def _gemm(a, b_t):
+def gemm_nt(a, b_t):
     """a [M, K] @ b_t^T for b_t [N, K] (either may be a strided view) on oneDNN."""
     return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
 
@@ -76,8 +76,8 @@ def _grads(dy, x, weight, mask):
     operands."""
     dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
     fast = dy2.numel() > 0 and x2.numel() > 0 and onednn_available()
-    dx = (_gemm(dy2, weight.t()) if fast else dy2 @ weight).view(x.shape) if mask[0] else None
-    dw = (_gemm(dy2.t(), x2.t()) if fast else dy2.t() @ x2) if mask[1] else None
+    dx = (gemm_nt(dy2, weight.t()) if fast else dy2 @ weight).view(x.shape) if mask[0] else None
+    dw = (gemm_nt(dy2.t(), x2.t()) if fast else dy2.t() @ x2) if mask[1] else None
     db = dy2.sum(0) if mask[2] else None
     return dx, dw, db
 
