@@ -19,10 +19,17 @@ DT = torch.bfloat16
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1, to check this script itself
 
 
-def _inputs(d, b=2, h=3, n=200, seed=0):
+def _inputs(d, b=2, h=3, n=200, seed=0, pad=0):
+    """q, k, v as views of one fused projection; pad > 0 widens each head's row (odd strides)."""
     g = torch.Generator(device=DEV).manual_seed(seed)
-    qkv = torch.randn(b, n, 3, h, d, device=DEV, dtype=DT, generator=g).permute(2, 0, 3, 1, 4)
+    qkv = torch.randn(b, n, 3, h, d + pad, device=DEV, dtype=DT, generator=g)[..., :d].permute(2, 0, 3, 1, 4)
     return qkv[0], qkv[1], qkv[2]
+
+
+def _dim(spec):
+    """'72' -> (72, 0); '64p8' -> (64, 8): head dim and row padding."""
+    d, _, pad = str(spec).partition("p")
+    return int(d), int(pad or 0)
 
 
 def _reference(q, k, v, do):
@@ -34,8 +41,9 @@ def _reference(q, k, v, do):
     return out.detach(), lse.detach(), qf.grad, kf.grad, vf.grad
 
 
-def one(kernel, d, bm, bn, warps, stages):
-    q, k, v = _inputs(d)
+def one(kernel, spec, bm, bn, warps, stages):
+    d, pad = _dim(spec)
+    q, k, v = _inputs(d, pad=pad)
     do = torch.randn(q.shape, device=DEV, dtype=DT)
     out_ref, lse_ref, dq_ref, dk_ref, dv_ref = _reference(q, k, v, do)
     cfg, scale = (bm, bn, warps, stages), d ** -0.5
@@ -73,6 +81,64 @@ def matrix(dims):
             results[" ".join(map(str, case))] = status
             print(f"{' '.join(map(str, case)):28s} {status:12s} {why}", flush=True)
     return results
+
+
+# Candidate tiles beyond the autotune space (bigger tiles and deeper pipelines for D = 128).
+FWD_SWEEP = ka.FWD_CONFIGS + [(128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 4, 4), (64, 128, 4, 3), (128, 32, 4, 4),
+                              (64, 64, 4, 4), (128, 128, 4, 3), (64, 128, 8, 3)]
+BWD_SWEEP = ka.BWD_CONFIGS + [(64, 64, 4, 3), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 3),
+                              (128, 128, 8, 2), (128, 64, 8, 3), (64, 128, 8, 3)]
+SWEEP_SHAPE = {64: (8, 16, 1024), 72: (32, 16, 1024), 80: (32, 16, 1024), 128: (2, 24, 4096)}
+
+
+def _sweep_case(spec, kind, cfg, timed):
+    """Run (and, timed, time) one config at the sweep shape: (ms, relative error vs SDPA)."""
+    import triton.testing as tt
+    d, pad = _dim(spec)
+    b, h, n = SWEEP_SHAPE[d] if DEV == "cuda" else (1, 2, 40)  # cpu: a smoke test of this script
+    q, k, v = _inputs(d, b=b, h=h, n=n, pad=pad)
+    do = torch.randn(q.shape, device=DEV, dtype=DT)
+    scale = d ** -0.5
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*leaves)
+    out, lse = ka.attention_forward(q, k, v, None, False, scale, config=(64, 64, 4, 3))
+    if kind == "fwd":
+        fn = lambda: ka.attention_forward(q, k, v, None, False, scale, config=cfg)  # noqa: E731
+        got, want = fn()[:1], [ref]
+    else:
+        fn = lambda: ka.attention_backward(do, q, k, v, out, lse, None, False, scale, config=cfg)  # noqa: E731
+        got, want = fn(), torch.autograd.grad(ref, leaves, do)
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+    err = max(((x.float() - y.float()).abs().max() / y.float().abs().max()).item() for x, y in zip(got, want))
+    ms = tt.do_bench(fn, warmup=10, rep=50, return_mode="median") if timed else 0.0
+    return ms, err, (4 if kind == "fwd" else 10) * b * h * n * n * d
+
+
+def sweep(specs):
+    """Every candidate config (FWD_SWEEP / BWD_SWEEP) at each spec's shape, compiled in parallel
+    processes first (Triton's disk cache), then timed one by one here. Prints ms, TFLOP/s, error."""
+    cases = [(spec, kind, c) for spec in specs for kind, cfgs in (("fwd", FWD_SWEEP), ("bwd", BWD_SWEEP)) for c in cfgs]
+
+    def warm(case):
+        spec, kind, c = case
+        try:
+            p = subprocess.run([sys.executable, "-P", __file__, "warm", spec, kind, *map(str, c)], capture_output=True,
+                               text=True, timeout=150)
+            return p.returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+
+    with cf.ThreadPoolExecutor(int(os.environ.get("DIAG_JOBS", "12"))) as pool:
+        ok = dict(zip(map(str, cases), pool.map(warm, cases)))
+    print(f"{'spec':6s} {'kind':4s} {'config':18s} {'ms':>8s} {'TFLOP/s':>8s} {'rel err':>8s}", flush=True)
+    for case in cases:
+        spec, kind, c = case
+        if not ok[str(case)]:
+            print(f"{spec:6s} {kind:4s} {str(c):18s} failed in its own process (crash, timeout or no resources)", flush=True)
+            continue
+        ms, err, flop = _sweep_case(spec, kind, c, timed=True)
+        print(f"{spec:6s} {kind:4s} {str(c):18s} {ms:8.3f} {flop / ms / 1e9:8.1f} {err:8.2g}", flush=True)
 
 
 def bench(ok_json=None):
@@ -127,9 +193,13 @@ def bench(ok_json=None):
 if __name__ == "__main__":
     what = sys.argv[1]
     if what == "one":
-        one(sys.argv[2], *map(int, sys.argv[3:8]))
-    elif what == "matrix":
-        res = matrix([int(x) for x in sys.argv[2:]] or [72, 96])
+        one(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:8]))
+    elif what == "warm":
+        _sweep_case(sys.argv[2], sys.argv[3], tuple(map(int, sys.argv[4:8])), timed=False)
+    elif what == "sweep":
+        sweep(sys.argv[2:] or ["64", "128"])
+    elif what == "matrix":  # dims as D or DpPAD (rows padded by PAD elements: strides not multiples of 16)
+        res = matrix(sys.argv[2:] or ["72", "96"])
         with open(os.path.join(os.environ.get("OUT", "."), "triton_matrix.json"), "w") as f:
             json.dump(res, f, indent=0)
     else:
