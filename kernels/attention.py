@@ -12,11 +12,9 @@ Head dims that are not powers of two (head_dim_blocks): the head dim runs as a p
 chunk (BLOCK_D) plus a remainder chunk (BLOCK_D2 >= 32; columns >= D masked): q k^T is the sum of
 two tl.dot into one accumulator, p v / dq / dk / dv keep one accumulator per chunk. D = 72 = 64 + 32
 does the dot work of 96 columns, 1.5x that of D = 64 (one 128 block is 2x); its memory traffic is
-72/64 of D = 64. Powers of two run one chunk. On Hopper with Triton 3.6 (H100, H200, 2026-11-25;
-benchmarks/gpu/NOTES.md) fp16/bf16 at D = 72 are wrong under some configs (64 + 16 and 64 + 32
-alike; illegal memory accesses under the autotuner), D = 80, 96 (64 + 32), 64 and 128 right under
-every config: genfast.ops.attention sends 16-bit head dims that are not multiples of 16 to the CUDA
-kernel on GPUs. The remainder chunk is kept >= 32 wide, the width measured right at 80 and 96.
+72/64 of D = 64. Powers of two run one chunk. On Hopper with Triton 3.6 a split head dim read
+through rows that are not 16-element aligned is wrong (measured, benchmarks/gpu/NOTES.md): the
+launchers copy such q/k/v into aligned rows first (_needs_aligned_rows).
 
 Masks on every tile: rows >= Nq, keys >= Nk, head-dim columns >= D (D is a constexpr, so the
 column mask keeps D's divisibility and the loads their vector width), causal (top-left aligned:
@@ -326,8 +324,10 @@ INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
 # dtype and head-dim block so the surviving tiles fit the register file (fp32 runs IEEE FMA dots:
 # small tiles). Tuned once per (nq, nk, D) in a process (triton.autotune caches by key). The first
 # survivor is the default that genfast/devtools/gpu_compile.py checks for spills (AOT_CONFIGS).
-FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4), (32, 32, 4, 2)]
-BWD_CONFIGS = [(32, 64, 4, 2), (32, 64, 8, 2), (64, 32, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (32, 32, 4, 2)]
+# From the H200 sweep (benchmarks/gpu/NOTES.md, 2026-11-26): the fastest tiles at D = 64 and 128;
+# backward tiles with BLOCK_M = 32 and BLOCK_N >= 64 gave wrong gradients at 4096 tokens (dropped).
+FWD_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 32, 4, 4), (32, 32, 4, 2)]
+BWD_CONFIGS = [(64, 32, 4, 2), (64, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3), (32, 32, 4, 2)]
 
 
 def _fits(block_m, block_n, warps, width, fp32):
@@ -419,10 +419,38 @@ def _launch(kind, grid, config, *args, **consts):
     return kernel[grid(meta)](*args, **{**consts, **meta}, **extra)
 
 
+def _misaligned_split(t):
+    """fp16/bf16 t [B, H, N, D] whose head dim is split (BLOCK_D2 > 0) and whose rows do not all start
+    16-element aligned (a batch, head or row stride not a multiple of 16, or a misaligned base)."""
+    return (t.dtype in (torch.float16, torch.bfloat16) and head_dim_blocks(t.shape[-1])[1] > 0
+            and (any(s % 16 for s in t.stride()[:3]) or t.data_ptr() % 16 != 0))
+
+
+def _needs_aligned_rows(t):
+    """Measured wrong on Hopper with Triton 3.6 (H200, 2026-11-26, benchmarks/gpu/NOTES.md): split head
+    dims read through misaligned rows (D = 72 rows 72 apart, D = 80 rows 88 apart: wrong or crashing
+    under most configs), while the same head dims with aligned rows, and D = 64 with misaligned rows,
+    were right under every config."""
+    return t.is_cuda and _misaligned_split(t)
+
+
+def _aligned_rows(t):
+    """t [B, H, N, D] as a view of a copy whose rows start 16-element aligned ([B, N, H, D16] memory,
+    D16 = D rounded up to 16): the layout measured right (see _needs_aligned_rows)."""
+    b, h, n, d = t.shape
+    buf = t.new_empty((b, n, h, -(-d // 16) * 16))[..., :d].transpose(1, 2)
+    return buf.copy_(t)
+
+
+def _rows_aligned(*ts):
+    return [_aligned_rows(t) if _needs_aligned_rows(t) else t for t in ts]
+
+
 def attention_forward(q, k, v, mask, causal, scale, out=None, config=None):
     """(out [B, H, Nq, D] in q's dtype, lse [B, H, Nq] fp32). out: where to write (unit last
     stride), default contiguous. Checked by genfast.ops."""
     b, h, nq, d = q.shape
+    q, k, v = _rows_aligned(q, k, v)
     out = torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device) if out is None else out
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
     m, strides, mstr, sizes, consts = _common(q, k, v, mask, causal, scale)
@@ -436,7 +464,8 @@ def attention_backward(dout, q, k, v, out, lse, mask, causal, scale, config=None
     """(dq, dk, dv) contiguous in q's dtype, from the forward's out and lse."""
     b, h, nq, d = q.shape
     nk = k.shape[2]
-    do = dout.contiguous()
+    q, k, v = _rows_aligned(q, k, v)
+    do = dout.contiguous()  # misaligned (D = 72) do, dq, dk, dv measured right: no copy
     delta = (do.float() * out.float()).sum(-1)  # [B, H, Nq] fp32, contiguous
     lse = lse.contiguous()
     dq = torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
@@ -492,8 +521,8 @@ def _aot(kind, dtype, d, causal=True, masked=True):
 
 
 # Spills measured by genfast/devtools/gpu_compile.py (Triton 3.6 and 3.9) and accepted, with why.
-# sm_90 is spill-free for every 16-bit entry; sm_80 (mma v2 needs more registers) spills a few
-# bytes at 255 registers. To revisit with an A100 lent (autotune picks among the other configs anyway).
+# sm_90 is spill-free for every 16-bit entry but the 64 + 32 dk/dv; sm_80 (mma v2 needs more
+# registers) spills a few bytes at 255 registers. To revisit with an A100 lent (autotune picks among the other configs anyway).
 _ALLOW_SPILLS = {
     ("dkdv", "fp32", 64): "fp32 (IEEE) dk/dv: fp32 operand tiles of four dots on FMA units; a correctness "
                           "path, bf16/fp16 are the fast GPU paths",
@@ -501,15 +530,16 @@ _ALLOW_SPILLS = {
                           "to tune on an A100",
     **{("fwd", dt, 80): "sm_80 under Triton 3.6 only: 4 B at 255 registers (3.9 and sm_90: none); to tune on "
                         "an A100" for dt in ("bf16", "fp16")},
-    ("dkdv", "bf16", 80): "sm_80 only: ~140-160 B spilled at 255 registers (Triton 3.9 / 3.6) by the 64 + 32 "
-                          "split; sm_90: none. To tune on an A100",
+    ("dkdv", "bf16", 80): "64 + 32 split at the default (64, 32, 8, 2) tile with causal + mask, Triton 3.9: "
+                          "sm_80 8 B, sm_90 224 B at 255 registers (3.6: 64 B, 92 B); the autotuner picks among faster tiles",
+    ("dkdv", "bf16", 128): "sm_80 under Triton 3.9 only: 24 B at the default (64, 32, 8, 2) tile; to tune on an A100",
 }
 
 
 # fp16 compiles to the same registers as bf16 (checked): one fp16 entry keeps it covered, and
 # the list small enough for CI's 2-core compile budget.
-# Head dim 80 stands for the 64 + 32 split in 16 bits (72 runs the CUDA kernel there; fp32 72 on the GPU
-# compiles like fp32 64 plus a chunk).
+# Head dim 80 stands for the 64 + 32 split in 16 bits (72 compiles the same tiles with another column
+# mask; the aligned-row copies give it 16-divisible strides, as here).
 AOT_CONFIGS = (
     [_aot(kind, "bf16", d) for kind in ("fwd", "dkdv", "dq") for d in (64, 80, 128)]
     + [_aot("fwd", "fp16", 80), _aot("fwd", "bf16", 96)]

@@ -3,8 +3,9 @@
 # stride class) and a tile sweep, the Triton modulate launch sweep, the GPU cases of the test suite
 # and chosen benchmarks. The build runs in the background while the Triton-only probes (which import
 # kernels/ directly) use the GPU. At most 8 files come back in $OUT.
-#   BUDGET_S=450 MATRIX="64p8 72 72p8 80 80p8" SWEEP="64 128" BENCH="test_attention.py -k dit_block" \
-#     bash benchmarks/gpu/probe.sh
+#   BUDGET_S=450 MATRIX="64p8 72 72p8 80 80p8" SWEEP="64 128" TESTS_MAX_S=130 \
+#     EXTRA="python3 -P benchmarks/gpu/triton_attention_diag.py bench" \
+#     BENCH="benchmarks/test_attention.py -k dit_block" bash benchmarks/gpu/probe.sh
 . "$(dirname "$0")/common.sh"
 stage build 200 $PY -m pip install --no-build-isolation --no-deps --no-index -v . > "$OUT/build.log" 2>&1 &
 BUILD=$!
@@ -13,6 +14,7 @@ D=benchmarks/gpu
 [ -n "${SWEEP:-}" ] && stage "triton sweep $SWEEP" 110 $PY $D/triton_attention_diag.py sweep $SWEEP > "$OUT/sweep.log" 2>&1
 [ -n "${MODSWEEP:-1}" ] && stage "modulate sweep" 40 $PY $D/modulate_sweep.py >> "$OUT/sweep.log" 2>&1
 wait $BUILD
+[ -n "${EXTRA:-}" ] && stage "extra" 120 bash -c "$EXTRA" >> "$OUT/sweep.log" 2>&1
 (cd /tmp && $PY -c "import genfast, genfast._cuda; print('genfast', genfast.__version__, 'with genfast._cuda')") >> "$OUT/summary.txt" 2>&1 \
   || { tail -30 "$OUT/build.log"; cat "$OUT/summary.txt"; exit 1; }
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 12")
@@ -21,7 +23,7 @@ GPU_K='((cuda or triton) and not emu) or gpu'
 [ -f "$OUT/tests.log" ] && tail -25 "$OUT/tests.log" >> "$OUT/summary.txt"
 if [ -n "${BENCH:-}" ]; then
   rm -f benchmarks/results/nvidia-*
-  stage "bench $BENCH" 300 $PY -m pytest benchmarks/$BENCH ${BENCH_ARGS:---bench-quick} -s -q -p no:randomly > "$OUT/bench.log" 2>&1
+  stage "bench $BENCH" 300 bash -c "$PY -m pytest $BENCH ${BENCH_ARGS:---bench-quick} -s -q -p no:randomly" > "$OUT/bench.log" 2>&1
   mkdir -p /tmp/results && cp benchmarks/results/nvidia-* /tmp/results/ 2>/dev/null; tar -C /tmp -cf "$OUT/bench-results.tar" results
 fi
 echo "done at +$(now)s" >> "$OUT/summary.txt"

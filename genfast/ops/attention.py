@@ -122,18 +122,6 @@ def _dtype_reasons(dtype):
     return [] if dtype in _KERNEL_DTYPES else [f"dtype {dtype} is not supported (fp32, fp16, bf16 only)"]
 
 
-def _triton_gpu_reasons(device_type, dtype, head_dim):
-    """Measured on an H100 and an H200 (Triton 3.6, 2026-11-25, benchmarks/gpu/NOTES.md): in fp16/bf16
-    the Triton kernels are wrong at head dims that end in a partly masked 16-column group (72, 40:
-    wrong outputs under some autotune configs, illegal memory accesses under others), right under
-    every config at 32, 64, 80, 96, 128. Until that is found, such head dims go to the CUDA kernel.
-    (All failing cases also had row strides not divisible by 16 elements: that may be the trigger.)"""
-    if device_type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_dim % 16:
-        return [f"head dim {head_dim} is not a multiple of 16: the Triton kernels are wrong there in fp16/bf16 "
-                "on Hopper (measured); the CUDA kernel serves it"]
-    return []
-
-
 def _reasons(device_type, dtype, head_dim=64):
     """{backend: callable -> reasons}. Head dims 1..256 are checked in attention() for every backend."""
     from genfast.ops import attention_cuda  # the CUDA flash kernels (mma.sync) and their emulated twin
@@ -141,8 +129,9 @@ def _reasons(device_type, dtype, head_dim=64):
     return {
         "cuda": lambda: attention_cuda.reasons("cuda", device_type, dtype, head_dim),
         "cuda_emu": lambda: attention_cuda.reasons("cuda_emu", device_type, dtype, head_dim),
-        "triton": lambda: backends.triton_reasons(device_type) + _dtype_reasons(dtype)
-        + _triton_gpu_reasons(device_type, dtype, head_dim),
+        # Split head dims (72, 80, 96) in fp16/bf16 read misaligned rows wrongly on Hopper (Triton 3.6):
+        # the kernels' launchers copy such q/k/v into aligned rows (kernels/attention.py).
+        "triton": lambda: backends.triton_reasons(device_type) + _dtype_reasons(dtype),
         # torch's GEMMs / fused CPU kernel around genfast._C's softmax rows (see attention_cpu.py).
         "cpu": lambda: backends.module_reasons("_C", device_type, "cpu") + _dtype_reasons(dtype),
         "reference": lambda: [],
