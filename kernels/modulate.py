@@ -233,6 +233,15 @@ def _warps(block):
     return 4 if block <= 1024 else 8 if block <= 2048 else 16
 
 
+# The forward's warps per row where measured (H200, bf16, [32, 1024 | 256, 1152], benchmarks/gpu/
+# NOTES.md): 2 warps 65 % of copy bandwidth, 8 warps 43 %. Other widths keep _warps.
+FWD_WARPS = {2048: 2}
+
+
+def _fwd_warps(block):
+    return FWD_WARPS.get(block, _warps(block))
+
+
 def _rtne(t):
     return _INTERPRETED and t.dtype == torch.bfloat16
 
@@ -250,7 +259,7 @@ def modulate_fwd(out, x, shift, scale, mean, rstd, *, B, N, C, strides, eps, rms
     block = triton.next_power_of_2(C)
     modulate_fwd_kernel[(B * N,)](
         out, x, _dummy(shift, scale), scale, mean, rstd, N, C, *strides, float(eps),
-        HAS_SHIFT=shift is not None, RMS=bool(rms), BLOCK_C=block, BF16_RTNE=_rtne(out), num_warps=_warps(block))
+        HAS_SHIFT=shift is not None, RMS=bool(rms), BLOCK_C=block, BF16_RTNE=_rtne(out), num_warps=_fwd_warps(block))
 
 
 def _reduce(out, partial, B, nchunks, stride_k, C):
@@ -312,7 +321,7 @@ def _aot_fwd(dtype, block, has_shift, rms):
             "kernel": modulate_fwd_kernel, "signature": _sig(ptrs, ints, ("eps",)),
             "constexprs": {"HAS_SHIFT": has_shift, "RMS": rms, "BLOCK_C": block, "BF16_RTNE": False},
             "divisible_by_16": list(ptrs) + ["out_sb", "out_sn", "x_sb", "x_sn", "shift_sb", "scale_sb"],
-            "num_warps": _warps(block), "num_stages": 1}
+            "num_warps": _fwd_warps(block), "num_stages": 1}
 
 
 def _aot_bwd(dtype, block, per_sample):
