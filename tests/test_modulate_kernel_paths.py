@@ -37,7 +37,18 @@ def _cases(device, dtype, *, wide=True):
         return (name, rnd(b, n, c + 1)[..., 1:], rnd(*m, s=0.5)[..., 1:], rnd(*m, s=0.5)[..., 1:],
                 rnd(b, n, c + 1)[..., 1:], kw)
 
+    def shifted(*shape, s=1.0):
+        # contiguous strides, base pointer one element past 16-byte alignment
+        n = 1
+        for d in shape:
+            n *= d
+        return rnd(n + 1, s=s)[1:].view(shape)
+
     cases = [
+        ("misaligned_base_c64", shifted(2, 37, 64), shifted(2, 64, s=0.5), shifted(2, 64, s=0.5), shifted(2, 37, 64),
+         {}),
+        ("misaligned_base_c1152_per_token", shifted(1, 5, 1152), shifted(1, 5, 1152, s=0.5),
+         shifted(1, 5, 1152, s=0.5), shifted(1, 5, 1152), {}),
         plain("vec_c1152_per_sample", 2, 70, 1152),  # 3 chunks; the last (6 rows) fills only warp 0
         plain("vec_c1152_per_token_rms", 2, 9, 1152, per_token=True, norm="rms"),
         plain("vec_c64_no_shift", 3, 40, 64, shift=False),
