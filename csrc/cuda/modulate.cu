@@ -229,6 +229,8 @@ int modulate_fwd(const ModulateParams& p, void* stream) {
     launch_fwd_warp<DT, 16>(p, vec, stream);
   } else if (p.C <= 32 * 32) {
     launch_fwd_warp<DT, 32>(p, vec, stream);
+  } else if (p.C <= 32 * 40) {  // DiT-XL's 1152: 5 packs of 8 halves a lane, no idle registers
+    launch_fwd_warp<DT, 40>(p, vec, stream);
   } else if (p.C <= 32 * 64) {
     launch_fwd_warp<DT, 64>(p, vec, stream);
   } else {
@@ -258,6 +260,8 @@ int modulate_bwd(const ModulateBwdParams& p, void* stream) {
                               {p.dx_sb, p.dx_sn, p.g_sb, p.g_sn, p.x_sb, p.x_sn, p.scale_sb, p.scale_sn});
   if (p.C <= 32 * 16) {
     launch_bwd_warp<DT, 16>(p, nchunks, vec, stream);
+  } else if (p.C <= 32 * 40) {
+    launch_bwd_warp<DT, 40>(p, nchunks, vec, stream);
   } else if (p.C <= 32 * 48) {
     launch_bwd_warp<DT, 48>(p, nchunks, vec, stream);
   } else {
