@@ -14,9 +14,12 @@
 //
 // Checked without a GPU (DESIGN.md §8):
 //   nvcc -std=c++17 -arch=sm_80|sm_90 --resource-usage -Icsrc -c csrc/cuda/modulate.cu -o /tmp/m.o
-//     (nvcc 13.0: no spills, no stack frame; forward 30-52 registers, backward 107-126, the
-//     others 26-56. IEEE divides and 1/sqrtf are subroutine calls that spilled on sm_80, hence
-//     __frcp_rn / __fsqrt_rn and multiplies by 1/C.)
+//     (nvcc 13.0, both archs: no spills, no stack frame. Warp forward 40-128 registers (C = 1152
+//     bf16: 68-71), per-token warp backward 63-138, per-sample chunk backward 96-249 (the
+//     16-byte 40/48-item instances ~220-249: loads and shared accumulators of a whole row in
+//     flight; 4 warps a block, so 2 blocks per SM), the block kernels and the rest 26-56. IEEE
+//     divides and 1/sqrtf are subroutine calls that spilled on sm_80, hence __frcp_rn /
+//     __fsqrt_rn and multiplies by 1/C.)
 //   g++ -x c++ -std=c++17 -DGENFAST_EMULATE -fno-strict-aliasing -pthread -Icsrc -c csrc/cuda/modulate.cu
 #include "cuda/common.cuh"
 
