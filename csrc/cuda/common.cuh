@@ -67,10 +67,22 @@ __device__ __forceinline__ void store_elem(void* base, int64_t i, float v, int d
   else store_elem<kBFloat16>(base, i, v);
 }
 
+// A GPU faults on a misaligned 16-byte access ("misaligned address"); the CPU running the
+// emulation would not notice, so there the launch fails instead.
+__device__ __forceinline__ void check_pack_alignment(const void* p, const char* what) {
+#ifdef GENFAST_EMULATE
+  if (reinterpret_cast<uintptr_t>(p) & 15u)
+    genfast_emu::fail(*genfast_emu::self()->block, std::string("misaligned 16-byte access in dev::") + what);
+#else
+  (void)p, (void)what;
+#endif
+}
+
 // ---- 16-byte vectors: p must be 16-byte aligned. Element i of a packed 32-bit word sits in its
 // low half (the layout of __half2 / __nv_bfloat162).
 template <int DT>
 __device__ __forceinline__ void load_pack(const void* p, float (&v)[kPack<DT>]) {
+  check_pack_alignment(p, "load_pack");
   const uint4 u = *static_cast<const uint4*>(p);
   const unsigned w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
@@ -88,6 +100,7 @@ __device__ __forceinline__ void load_pack(const void* p, float (&v)[kPack<DT>]) 
 }
 template <int DT>
 __device__ __forceinline__ void store_pack(void* p, const float (&v)[kPack<DT>]) {
+  check_pack_alignment(p, "store_pack");
   unsigned w[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {

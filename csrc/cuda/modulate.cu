@@ -1,43 +1,46 @@
 // adaLN modulate and gated residual on the GPU, forward and fused backward (math and layout:
 // csrc/modulate.h).
 //
-//  - modulate forward: one block (128 threads) per row; a row of C <= kThreads * kItems (1536)
-//    elements is held in registers between the two block reductions (mean, then
-//    mean((x - mean)^2)) and the modulated store, so x is read from memory once; wider rows
-//    re-read x (from L1/L2) in each pass.
-//  - modulate backward: per token, one block per row; per sample, one block per (row chunk,
-//    sample) that walks its rows, keeps each thread's column sums of g * xhat and g in registers
-//    and writes them as one fp32 partial row (rows wider than 1536: accumulated in that partial
-//    row in global memory, which only this block touches); a second kernel adds the chunks in order. Fixed
-//    chunking, no atomics: the same bits on every run.
+//  - modulate forward and backward, C <= 2048 (forward) / 1536 (backward): one warp per row, the
+//    row in registers, statistics by warp shuffles, 16-byte loads/stores where C and the
+//    pointers allow (csrc/cuda/modulate_warp.cuh, which also describes the per-sample sums).
+//  - wider rows: one block (128 threads) per row, block reductions, x re-read from L1/L2 in each
+//    pass; per sample, one block per (row chunk, sample) that walks its rows and accumulates in
+//    its own fp32 partial row in global memory (only this block touches it).
+//  - per-sample gradients: partial rows [B, nchunks, 2, C], then a second kernel adds the chunks
+//    in order. Fixed chunking, no atomics: the same bits on every run.
 //  - gated residual: a grid-stride elementwise kernel; its backward sums g * y per (row chunk,
 //    sample, column) the same deterministic way.
-// Loads are element-wise and coalesced (consecutive threads, consecutive channels); 16-byte
-// packs (dev::load_pack) are a GPU-measured refinement still to do.
 //
 // Checked without a GPU (DESIGN.md §8):
 //   nvcc -std=c++17 -arch=sm_80|sm_90 --resource-usage -Icsrc -c csrc/cuda/modulate.cu -o /tmp/m.o
-//     (nvcc 13.0: no spills, no stack frame; forward 30-52 registers, backward 107-126, the
-//     others 26-56. IEEE divides and 1/sqrtf are subroutine calls that spilled on sm_80, hence
-//     __frcp_rn / __fsqrt_rn and multiplies by 1/C.)
+//     (nvcc 13.0, both archs: no spills, no stack frame. Warp forward 40-128 registers (C = 1152
+//     bf16: 68-71), per-token warp backward 63-138, per-sample chunk backward 96-249 (the
+//     16-byte 40/48-item instances ~220-249: loads and shared accumulators of a whole row in
+//     flight; 4 warps a block, so 2 blocks per SM), the block kernels and the rest 26-56. IEEE
+//     divides and 1/sqrtf are subroutine calls that spilled on sm_80, hence __frcp_rn /
+//     __fsqrt_rn and multiplies by 1/C.)
 //   g++ -x c++ -std=c++17 -DGENFAST_EMULATE -fno-strict-aliasing -pthread -Icsrc -c csrc/cuda/modulate.cu
 #include "cuda/common.cuh"
+
+#include <initializer_list>
 
 #include "modulate.h"
 
 namespace genfast {
 namespace {
 
-constexpr int kThreads = 128;  // per row: 4 warps; C = 1152 is 9 elements a thread
-constexpr int kItems = 12;     // register-cached elements per thread (C <= 1536)
+constexpr int kThreads = 128;  // wide rows: one block of 4 warps per row
 constexpr int kColBlock = 128;  // columns per block in the column-sum kernels
 
 template <int DT>
 using E = dev::elem_t<DT>;
 
 // -------------------------------------------------------------------------------------- forward
-template <int DT, int ITEMS>
-__global__ void __launch_bounds__(kThreads) modulate_fwd_kernel(const ModulateParams p) {
+// Rows wider than the warp kernels hold (C > 2048): one block per row, x re-read (from L1/L2) in
+// each of the three passes.
+template <int DT>
+__global__ void __launch_bounds__(kThreads) modulate_fwd_wide_kernel(const ModulateParams p) {
   __shared__ float scratch[32];
   const int64_t r = blockIdx.x;
   const int64_t b = r / p.N, n = r % p.N;
@@ -47,52 +50,21 @@ __global__ void __launch_bounds__(kThreads) modulate_fwd_kernel(const ModulatePa
   const E<DT>* scale = static_cast<const E<DT>*>(p.scale) + b * p.scale_sb + n * p.scale_sn;
   const E<DT>* shift = p.shift ? static_cast<const E<DT>*>(p.shift) + b * p.shift_sb + n * p.shift_sn : nullptr;
   E<DT>* out = static_cast<E<DT>*>(p.out) + b * p.out_sb + n * p.out_sn;
-
-  float v[ITEMS > 0 ? ITEMS : 1];
   float s = 0.f;
-  if constexpr (ITEMS > 0) {
-#pragma unroll
-    for (int k = 0; k < ITEMS; ++k) {
-      const int64_t c = tid + static_cast<int64_t>(k) * kThreads;
-      v[k] = c < C ? dev::load_elem<DT>(x, c) : 0.f;
-      s += v[k];
-    }
-  } else {
-    for (int64_t c = tid; c < C; c += kThreads) s += dev::load_elem<DT>(x, c);
-  }
+  for (int64_t c = tid; c < C; c += kThreads) s += dev::load_elem<DT>(x, c);
   const float inv_c = __frcp_rn(static_cast<float>(C));  // multiply, not divide: no div subroutine
   const float mean = p.rms ? 0.f : dev::block_sum(s, scratch) * inv_c;
   float q = 0.f;  // mean((x - mean)^2), never E[x^2] - mean^2
-  if constexpr (ITEMS > 0) {
-#pragma unroll
-    for (int k = 0; k < ITEMS; ++k) {
-      const int64_t c = tid + static_cast<int64_t>(k) * kThreads;
-      const float d = v[k] - mean;
-      q += c < C ? d * d : 0.f;
-    }
-  } else {
-    for (int64_t c = tid; c < C; c += kThreads) {
-      const float d = dev::load_elem<DT>(x, c) - mean;
-      q += d * d;
-    }
+  for (int64_t c = tid; c < C; c += kThreads) {
+    const float d = dev::load_elem<DT>(x, c) - mean;
+    q += d * d;
   }
   // Correctly rounded sqrt and reciprocal as inline instructions (the IEEE 1/sqrtf path is a
   // subroutine call that cost a stack frame and a spill on sm_80); same values as the C++ kernel.
   const float rstd = __frcp_rn(__fsqrt_rn(dev::block_sum(q, scratch) * inv_c + p.eps));
-  if constexpr (ITEMS > 0) {
-#pragma unroll
-    for (int k = 0; k < ITEMS; ++k) {
-      const int64_t c = tid + static_cast<int64_t>(k) * kThreads;
-      if (c < C) {
-        const float o = (v[k] - mean) * rstd * (1.f + dev::load_elem<DT>(scale, c));
-        dev::store_elem<DT>(out, c, shift ? o + dev::load_elem<DT>(shift, c) : o);
-      }
-    }
-  } else {
-    for (int64_t c = tid; c < C; c += kThreads) {
-      const float o = (dev::load_elem<DT>(x, c) - mean) * rstd * (1.f + dev::load_elem<DT>(scale, c));
-      dev::store_elem<DT>(out, c, shift ? o + dev::load_elem<DT>(shift, c) : o);
-    }
+  for (int64_t c = tid; c < C; c += kThreads) {
+    const float o = (dev::load_elem<DT>(x, c) - mean) * rstd * (1.f + dev::load_elem<DT>(scale, c));
+    dev::store_elem<DT>(out, c, shift ? o + dev::load_elem<DT>(shift, c) : o);
   }
   if (tid == 0) {
     p.mean[r] = mean;
@@ -101,59 +73,7 @@ __global__ void __launch_bounds__(kThreads) modulate_fwd_kernel(const ModulatePa
 }
 
 // ------------------------------------------------------------------------------------- backward
-// One row of the backward, for the columns c = tid + k * kThreads: returns nothing, writes dx
-// (when wanted) and per-token dscale, and adds g * xhat and g to acc_scale / acc_shift.
-//   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),  dxhat = g * (1 + scale)
-template <int DT, int ITEMS>
-__device__ __forceinline__ void modulate_bwd_row(const ModulateBwdParams& p, int64_t b, int64_t n, float* scratch,
-                                                 float (&acc_scale)[ITEMS], float (&acc_shift)[ITEMS]) {
-  const int tid = threadIdx.x;
-  const int64_t C = p.C, r = b * p.N + n;
-  const E<DT>* g = static_cast<const E<DT>*>(p.grad) + b * p.g_sb + n * p.g_sn;
-  const E<DT>* x = static_cast<const E<DT>*>(p.x) + b * p.x_sb + n * p.x_sn;
-  const E<DT>* scale = static_cast<const E<DT>*>(p.scale) + b * p.scale_sb + n * p.scale_sn;
-  const float mean = p.mean[r], rstd = p.rstd[r];
-  float gv[ITEMS], xh[ITEMS], dxh[ITEMS];
-  float a = 0.f, bs = 0.f;
-#pragma unroll
-  for (int k = 0; k < ITEMS; ++k) {
-    const int64_t c = tid + static_cast<int64_t>(k) * kThreads;
-    const bool ok = c < C;
-    gv[k] = ok ? dev::load_elem<DT>(g, c) : 0.f;
-    xh[k] = ok ? (dev::load_elem<DT>(x, c) - mean) * rstd : 0.f;
-    dxh[k] = ok ? gv[k] * (1.f + dev::load_elem<DT>(scale, c)) : 0.f;
-    a += dxh[k];
-    bs += dxh[k] * xh[k];
-    acc_scale[k] += gv[k] * xh[k];
-    acc_shift[k] += gv[k];
-  }
-  if (!p.per_sample && p.dscale) {
-#pragma unroll
-    for (int k = 0; k < ITEMS; ++k) {
-      const int64_t c = tid + static_cast<int64_t>(k) * kThreads;
-      if (c < C) dev::store_elem<DT>(p.dscale, r * C + c, gv[k] * xh[k]);
-    }
-  }
-  if (!p.per_sample && p.dshift) {
-#pragma unroll
-    for (int k = 0; k < ITEMS; ++k) {
-      const int64_t c = tid + static_cast<int64_t>(k) * kThreads;
-      if (c < C) dev::store_elem<DT>(p.dshift, r * C + c, gv[k]);
-    }
-  }
-  if (!p.dx) return;  // uniform across the block: no thread skips the reductions below alone
-  const float inv_c = __frcp_rn(static_cast<float>(C));
-  const float ma = p.rms ? 0.f : dev::block_sum(a, scratch) * inv_c;
-  const float mb = dev::block_sum(bs, scratch) * inv_c;
-  E<DT>* dx = static_cast<E<DT>*>(p.dx) + b * p.dx_sb + n * p.dx_sn;
-#pragma unroll
-  for (int k = 0; k < ITEMS; ++k) {
-    const int64_t c = tid + static_cast<int64_t>(k) * kThreads;
-    if (c < C) dev::store_elem<DT>(dx, c, rstd * (dxh[k] - ma - xh[k] * mb));
-  }
-}
-
-// The same for rows wider than kThreads * kItems: x, g and scale are re-read (from L1/L2) in a
+// Rows wider than the warp kernels hold (C > 1536): x, g and scale are re-read (from L1/L2) in a
 // second pass, and per-sample sums go straight to this block's own partial row (part_scale /
 // part_shift, zeroed by the caller; no other block touches it, so no atomics).
 template <int DT>
@@ -206,32 +126,6 @@ __global__ void __launch_bounds__(kThreads) modulate_bwd_wide_kernel(const Modul
     modulate_bwd_row_wide<DT>(p, b, n, scratch, part && p.dscale ? part : nullptr, part && p.dshift ? part + p.C : nullptr);
 }
 
-// Per token: grid.x = rows. Per sample: grid = (nchunks, B), partial[b, chunk, {scale, shift}, C].
-// ITEMS * kThreads >= C here (wider rows: modulate_bwd_wide_kernel).
-template <int DT, int ITEMS>
-__global__ void __launch_bounds__(kThreads) modulate_bwd_kernel(const ModulateBwdParams p) {
-  __shared__ float scratch[32];
-  float acc_scale[ITEMS] = {}, acc_shift[ITEMS] = {};
-  if (!p.per_sample) {
-    const int64_t r = blockIdx.x;
-    modulate_bwd_row<DT, ITEMS>(p, r / p.N, r % p.N, scratch, acc_scale, acc_shift);
-    return;
-  }
-  const int64_t k = blockIdx.x, b = blockIdx.y, nchunks = gridDim.x;
-  const int64_t n0 = k * p.chunk_rows, n1 = n0 + p.chunk_rows < p.N ? n0 + p.chunk_rows : p.N;
-  for (int64_t n = n0; n < n1; ++n) modulate_bwd_row<DT, ITEMS>(p, b, n, scratch, acc_scale, acc_shift);
-  if (!p.dscale && !p.dshift) return;
-  float* part = p.partial + (b * nchunks + k) * 2 * p.C;
-#pragma unroll
-  for (int i = 0; i < ITEMS; ++i) {
-    const int64_t c = threadIdx.x + static_cast<int64_t>(i) * kThreads;
-    if (c < p.C) {
-      part[c] = acc_scale[i];
-      part[p.C + c] = acc_shift[i];
-    }
-  }
-}
-
 // out[b, c] = sum over chunks k, in order, of partial[(b * nchunks + k) * stride_k + c].
 // grid = (ceil(C / kColBlock), B).
 template <int DT>
@@ -280,17 +174,71 @@ __global__ void __launch_bounds__(kColBlock) gated_bwd_kernel(const GatedResidua
   if (p.per_sample && p.dgate) p.partial[(b * gridDim.y + k) * p.C + c] = acc;
 }
 
+#include "cuda/modulate_warp.cuh"
+
 // -------------------------------------------------------------------------------------- launches
 int last_error() { return static_cast<int>(cudaGetLastError()); }
 
+// 16-byte packs are safe: C a multiple of the pack and every (non-null) base pointer and row
+// stride 16-byte aligned, so every row start is too.
+template <int DT>
+bool vec_ok(int64_t C, std::initializer_list<const void*> ptrs, std::initializer_list<int64_t> strides) {
+  constexpr int V = dev::kPack<DT>;
+  if (C % V) return false;
+  for (const void* q : ptrs)
+    if (reinterpret_cast<uintptr_t>(q) % 16) return false;
+  for (int64_t st : strides)
+    if (st % V) return false;
+  return true;
+}
+
+template <int DT, int ITEMS>
+void launch_fwd_warp(const ModulateParams& p, bool vec, void* stream) {
+  const dim3 grid(static_cast<unsigned>((p.B * p.N + kRowWarps - 1) / kRowWarps));
+  if (vec) {
+    auto k = &modulate_fwd_warp_kernel<DT, true, ITEMS>;
+    GENFAST_LAUNCH(k, grid, kRowWarps * 32, 0, stream, p);
+  } else {
+    auto k = &modulate_fwd_warp_kernel<DT, false, ITEMS>;
+    GENFAST_LAUNCH(k, grid, kRowWarps * 32, 0, stream, p);
+  }
+}
+
+template <int DT, bool VEC, int ITEMS>
+void launch_bwd_warp_v(const ModulateBwdParams& p, int64_t nchunks, void* stream) {
+  if (!p.per_sample) {
+    auto k = &modulate_bwd_token_warp_kernel<DT, VEC, ITEMS>;
+    GENFAST_LAUNCH(k, dim3(static_cast<unsigned>((p.B * p.N + kRowWarps - 1) / kRowWarps)), kRowWarps * 32, 0,
+                   stream, p);
+    return;
+  }
+  const size_t smem = sizeof(float) * kChunkWarps * 2 * static_cast<size_t>(chunk_slots<DT, VEC>(p.C));
+  auto k = &modulate_bwd_chunk_warp_kernel<DT, VEC, ITEMS>;
+  GENFAST_LAUNCH(k, dim3(static_cast<unsigned>(nchunks), static_cast<unsigned>(p.B)), kChunkWarps * 32, smem,
+                 stream, p);
+}
+
+template <int DT, int ITEMS>
+void launch_bwd_warp(const ModulateBwdParams& p, int64_t nchunks, bool vec, void* stream) {
+  if (vec) launch_bwd_warp_v<DT, true, ITEMS>(p, nchunks, stream);
+  else launch_bwd_warp_v<DT, false, ITEMS>(p, nchunks, stream);
+}
+
 template <int DT>
 int modulate_fwd(const ModulateParams& p, void* stream) {
-  const dim3 grid(static_cast<unsigned>(p.B * p.N));
-  if (p.C <= kThreads * kItems) {
-    auto k = &modulate_fwd_kernel<DT, kItems>;
-    GENFAST_LAUNCH(k, grid, kThreads, 0, stream, p);
+  const bool vec = vec_ok<DT>(p.C, {p.out, p.x, p.shift, p.scale},
+                              {p.out_sb, p.out_sn, p.x_sb, p.x_sn, p.shift_sb, p.shift_sn, p.scale_sb, p.scale_sn});
+  if (p.C <= 32 * 16) {
+    launch_fwd_warp<DT, 16>(p, vec, stream);
+  } else if (p.C <= 32 * 32) {
+    launch_fwd_warp<DT, 32>(p, vec, stream);
+  } else if (p.C <= 32 * 40) {  // DiT-XL's 1152: 5 packs of 8 halves a lane, no idle registers
+    launch_fwd_warp<DT, 40>(p, vec, stream);
+  } else if (p.C <= 32 * 64) {
+    launch_fwd_warp<DT, 64>(p, vec, stream);
   } else {
-    auto k = &modulate_fwd_kernel<DT, 0>;
+    const dim3 grid(static_cast<unsigned>(p.B * p.N));
+    auto k = &modulate_fwd_wide_kernel<DT>;
     GENFAST_LAUNCH(k, grid, kThreads, 0, stream, p);
   }
   return last_error();
@@ -311,9 +259,14 @@ int modulate_bwd(const ModulateBwdParams& p, void* stream) {
   if (p.per_sample && (nchunks > 65535 || p.B > 65535)) return static_cast<int>(cudaErrorInvalidValue);
   const dim3 grid = p.per_sample ? dim3(static_cast<unsigned>(nchunks), static_cast<unsigned>(p.B))
                                  : dim3(static_cast<unsigned>(p.B * p.N));
-  if (p.C <= kThreads * kItems) {
-    auto k = &modulate_bwd_kernel<DT, kItems>;
-    GENFAST_LAUNCH(k, grid, kThreads, 0, stream, p);
+  const bool vec = vec_ok<DT>(p.C, {p.dx, p.dshift, p.dscale, p.grad, p.x, p.scale},
+                              {p.dx_sb, p.dx_sn, p.g_sb, p.g_sn, p.x_sb, p.x_sn, p.scale_sb, p.scale_sn});
+  if (p.C <= 32 * 16) {
+    launch_bwd_warp<DT, 16>(p, nchunks, vec, stream);
+  } else if (p.C <= 32 * 40) {
+    launch_bwd_warp<DT, 40>(p, nchunks, vec, stream);
+  } else if (p.C <= 32 * 48) {
+    launch_bwd_warp<DT, 48>(p, nchunks, vec, stream);
   } else {
     auto k = &modulate_bwd_wide_kernel<DT>;
     GENFAST_LAUNCH(k, grid, kThreads, 0, stream, p);

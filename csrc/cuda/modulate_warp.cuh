@@ -1,0 +1,206 @@
+// adaLN modulate, warp-per-row kernels (included by csrc/cuda/modulate.cu inside its anonymous
+// namespace; math and layout: csrc/modulate.h).
+//
+// One warp owns one row: statistics by warp shuffles only (no block barrier per row), the row in
+// registers, several rows (warps) per block. Lane `lane` owns the columns
+//     c = (lane + 32 k) * V + j,   k < ITEMS / V,  j < V
+// V = dev::kPack<DT> (16-byte loads/stores: 8 bf16/fp16 or 4 fp32) when VEC, else V = 1 (element
+// loads, still coalesced). VEC needs C % V == 0 and every base pointer and row stride 16-byte
+// aligned (checked on the host, vec_ok in modulate.cu): then a pack is either wholly inside the
+// row or wholly past its end. C <= 32 * ITEMS.
+//
+// Per-sample backward: a block of kChunkWarps warps takes one (row chunk, sample); warp w walks
+// its own contiguous share of the chunk's rows and adds g * xhat and g into its own accumulator
+// in shared memory; after one barrier the warps' accumulators are added in warp order 0, 1, ...
+// into the chunk's fp32 partial row. Fixed chunking, fixed order, no atomics: the same bits on
+// every run. Accumulators are laid out by slot (k * V + j) * 32 + lane, so a warp's accesses hit
+// 32 different banks for every V.
+#pragma once
+
+constexpr int kRowWarps = 8;    // rows (warps) per block: forward and per-token backward
+constexpr int kChunkWarps = 4;  // warps sharing one per-sample row chunk (<= 48 KiB of accumulators)
+
+template <int DT, bool VEC>
+constexpr int kLaneVec = VEC ? dev::kPack<DT> : 1;
+
+// v[0..V) = elements c0 .. c0 + V - 1 of row (c0 < C: the whole pack is inside the row when VEC).
+template <int DT, bool VEC>
+__device__ __forceinline__ void load_v(const E<DT>* row, int64_t c0, float (&v)[kLaneVec<DT, VEC>]) {
+  if constexpr (VEC) dev::load_pack<DT>(row + c0, v);
+  else v[0] = dev::load_elem<DT>(row, c0);
+}
+template <int DT, bool VEC>
+__device__ __forceinline__ void store_v(E<DT>* row, int64_t c0, const float (&v)[kLaneVec<DT, VEC>]) {
+  if constexpr (VEC) dev::store_pack<DT>(row + c0, v);
+  else dev::store_elem<DT>(row, c0, v[0]);
+}
+
+template <int DT, bool VEC, int ITEMS>
+__global__ void __launch_bounds__(kRowWarps * 32) modulate_fwd_warp_kernel(const ModulateParams p) {
+  constexpr int V = kLaneVec<DT, VEC>;
+  const int lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
+  if (r >= p.B * p.N) return;  // the whole warp leaves together: no shuffle waits on it
+  const int64_t b = r / p.N, n = r % p.N, C = p.C;
+  const E<DT>* x = static_cast<const E<DT>*>(p.x) + b * p.x_sb + n * p.x_sn;
+  const E<DT>* scale = static_cast<const E<DT>*>(p.scale) + b * p.scale_sb + n * p.scale_sn;
+  const E<DT>* shift = p.shift ? static_cast<const E<DT>*>(p.shift) + b * p.shift_sb + n * p.shift_sn : nullptr;
+  E<DT>* out = static_cast<E<DT>*>(p.out) + b * p.out_sb + n * p.out_sn;
+
+  float v[ITEMS];
+  float s = 0.f;
+#pragma unroll
+  for (int k = 0; k < ITEMS / V; ++k) {
+    const int64_t c0 = static_cast<int64_t>(lane + 32 * k) * V;
+    float t[V];
+    if (c0 < C) load_v<DT, VEC>(x, c0, t);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      v[k * V + j] = c0 < C ? t[j] : 0.f;
+      s += v[k * V + j];
+    }
+  }
+  const float inv_c = __frcp_rn(static_cast<float>(C));  // as the block kernel: multiply by 1/C
+  const float mean = p.rms ? 0.f : dev::warp_sum(s) * inv_c;
+  float q = 0.f;  // mean((x - mean)^2), never E[x^2] - mean^2
+#pragma unroll
+  for (int k = 0; k < ITEMS / V; ++k) {
+    const bool ok = static_cast<int64_t>(lane + 32 * k) * V < C;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float d = v[k * V + j] - mean;
+      q += ok ? d * d : 0.f;
+    }
+  }
+  const float rstd = __frcp_rn(__fsqrt_rn(dev::warp_sum(q) * inv_c + p.eps));
+#pragma unroll
+  for (int k = 0; k < ITEMS / V; ++k) {
+    const int64_t c0 = static_cast<int64_t>(lane + 32 * k) * V;
+    if (c0 >= C) continue;
+    float sc[V], sh[V], o[V];
+    load_v<DT, VEC>(scale, c0, sc);
+    if (shift) load_v<DT, VEC>(shift, c0, sh);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      o[j] = (v[k * V + j] - mean) * rstd * (1.f + sc[j]);
+      if (shift) o[j] = o[j] + sh[j];
+    }
+    store_v<DT, VEC>(out, c0, o);
+  }
+  if (lane == 0) {
+    p.mean[r] = mean;
+    p.rstd[r] = rstd;
+  }
+}
+
+// One row of the backward by one warp: writes dx (when wanted) and per-token dscale / dshift;
+// per sample (acc != nullptr) adds g * xhat to acc[slot] and g to acc[nslot + slot].
+//   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),  dxhat = g * (1 + scale)
+template <int DT, bool VEC, int ITEMS>
+__device__ __forceinline__ void modulate_bwd_warp_row(const ModulateBwdParams& p, int64_t b, int64_t n, int lane,
+                                                      float* acc, int64_t nslot) {
+  constexpr int V = kLaneVec<DT, VEC>;
+  const int64_t C = p.C, r = b * p.N + n;
+  const E<DT>* g = static_cast<const E<DT>*>(p.grad) + b * p.g_sb + n * p.g_sn;
+  const E<DT>* x = static_cast<const E<DT>*>(p.x) + b * p.x_sb + n * p.x_sn;
+  const E<DT>* scale = static_cast<const E<DT>*>(p.scale) + b * p.scale_sb + n * p.scale_sn;
+  const float mean = p.mean[r], rstd = p.rstd[r];
+  const bool token_sums = !p.per_sample && (p.dscale || p.dshift);
+  float xh[ITEMS], dxh[ITEMS];
+  float a = 0.f, bs = 0.f;
+#pragma unroll
+  for (int k = 0; k < ITEMS / V; ++k) {
+    const int64_t c0 = static_cast<int64_t>(lane + 32 * k) * V;
+    if (c0 >= C) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) xh[k * V + j] = dxh[k * V + j] = 0.f;
+      continue;
+    }
+    float gv[V], xv[V], sc[V], gx[V];
+    load_v<DT, VEC>(g, c0, gv);
+    load_v<DT, VEC>(x, c0, xv);
+    load_v<DT, VEC>(scale, c0, sc);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int i = k * V + j;
+      xh[i] = (xv[j] - mean) * rstd;
+      dxh[i] = gv[j] * (1.f + sc[j]);
+      a += dxh[i];
+      bs += dxh[i] * xh[i];
+      gx[j] = gv[j] * xh[i];
+      if (acc) {
+        const int64_t slot = static_cast<int64_t>(i) * 32 + lane;
+        acc[slot] += gx[j];
+        acc[nslot + slot] += gv[j];
+      }
+    }
+    if (token_sums && p.dscale) store_v<DT, VEC>(static_cast<E<DT>*>(p.dscale) + r * C, c0, gx);
+    if (token_sums && p.dshift) store_v<DT, VEC>(static_cast<E<DT>*>(p.dshift) + r * C, c0, gv);
+  }
+  if (!p.dx) return;  // uniform across the warp: no lane skips the shuffles below alone
+  const float inv_c = __frcp_rn(static_cast<float>(C));
+  const float ma = p.rms ? 0.f : dev::warp_sum(a) * inv_c;
+  const float mb = dev::warp_sum(bs) * inv_c;
+  E<DT>* dx = static_cast<E<DT>*>(p.dx) + b * p.dx_sb + n * p.dx_sn;
+#pragma unroll
+  for (int k = 0; k < ITEMS / V; ++k) {
+    const int64_t c0 = static_cast<int64_t>(lane + 32 * k) * V;
+    if (c0 >= C) continue;
+    float o[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) o[j] = rstd * (dxh[k * V + j] - ma - xh[k * V + j] * mb);
+    store_v<DT, VEC>(dx, c0, o);
+  }
+}
+
+// Per token: one warp per row, kRowWarps rows per block. (The explicit 1 block/SM in the launch
+// bounds: without it ptxas 13.0 capped the bf16 16-item instance at 64 registers and spilled 8 bytes
+// on sm_90; with it, 69 registers and no spill.)
+template <int DT, bool VEC, int ITEMS>
+__global__ void __launch_bounds__(kRowWarps * 32, 1) modulate_bwd_token_warp_kernel(const ModulateBwdParams p) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
+  if (r >= p.B * p.N) return;
+  modulate_bwd_warp_row<DT, VEC, ITEMS>(p, r / p.N, r % p.N, threadIdx.x & 31, nullptr, 0);
+}
+
+// Slots per accumulator: the lane-owned columns rounded up to whole (k) steps of 32 * V.
+template <int DT, bool VEC>
+__host__ __device__ __forceinline__ int64_t chunk_slots(int64_t C) {
+  constexpr int64_t step = 32 * kLaneVec<DT, VEC>;
+  return (C + step - 1) / step * step;
+}
+
+// Per sample: grid = (nchunks, B); dynamic shared memory kChunkWarps * 2 * nslot floats.
+template <int DT, bool VEC, int ITEMS>
+__global__ void __launch_bounds__(kChunkWarps * 32) modulate_bwd_chunk_warp_kernel(const ModulateBwdParams p) {
+  constexpr int V = kLaneVec<DT, VEC>;
+  GENFAST_DYN_SHARED(float, acc_all);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t nslot = chunk_slots<DT, VEC>(p.C);
+  const bool sums = p.partial && (p.dscale || p.dshift);
+  float* acc = sums ? acc_all + warp * 2 * nslot : nullptr;
+  if (acc) {  // each lane zeroes (and later adds to) only its own slots: no barrier needed
+    for (int64_t s = lane; s < 2 * nslot; s += 32) acc[s] = 0.f;
+  }
+  const int64_t k = blockIdx.x, b = blockIdx.y, nchunks = gridDim.x;
+  const int64_t n0 = k * p.chunk_rows, n1 = n0 + p.chunk_rows < p.N ? n0 + p.chunk_rows : p.N;
+  const int64_t per_warp = (p.chunk_rows + kChunkWarps - 1) / kChunkWarps;
+  const int64_t w0 = n0 + warp * per_warp, w1 = w0 + per_warp < n1 ? w0 + per_warp : n1;
+  for (int64_t n = w0; n < w1; ++n) modulate_bwd_warp_row<DT, VEC, ITEMS>(p, b, n, lane, acc, nslot);
+  if (!sums) return;
+  __syncthreads();
+  float* part = p.partial + (b * nchunks + k) * 2 * p.C;
+  for (int64_t s = threadIdx.x; s < nslot; s += kChunkWarps * 32) {
+    // slot s = (kk * V + j) * 32 + l  <->  column (l + 32 kk) * V + j
+    const int64_t l = s % 32, i = s / 32, kk = i / V, j = i % V;
+    const int64_t c = (l + 32 * kk) * V + j;
+    if (c >= p.C) continue;
+    float ssc = acc_all[s], ssh = acc_all[nslot + s];
+    for (int w = 1; w < kChunkWarps; ++w) {  // fixed order: warp 0, 1, 2, ...
+      ssc += acc_all[w * 2 * nslot + s];
+      ssh += acc_all[w * 2 * nslot + nslot + s];
+    }
+    part[c] = ssc;
+    part[p.C + c] = ssh;
+  }
+}

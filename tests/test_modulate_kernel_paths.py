@@ -1,0 +1,121 @@
+"""adaln_modulate / gated_residual through every code path of the CUDA kernels (csrc/cuda/modulate.cu,
+modulate_warp.cuh), on every backend, against the plain-PyTorch reference with the tolerance rule.
+
+The CUDA kernels choose by C and alignment: warp-per-row kernels for C <= 2048 (forward) /
+C <= 1536 (backward) with 16-byte packs when C is a multiple of the pack (8 halves, 4 floats) and
+every pointer and row stride is 16-byte aligned, element loads otherwise; block-per-row kernels for
+wider rows. The inputs here are passed as the views themselves (misaligned x[..., 1:] of a wider
+tensor, padded row strides, misaligned modulation and grad), never copied to fresh leaves, so the
+kernels see exactly these pointers. Per-sample N spans several 32-row chunks, a partial last chunk
+and a chunk whose rows fill only some of the block's warps.
+"""
+import pytest
+import torch
+
+import genfast
+from genfast import reference
+from genfast.testing import FLOAT_DTYPES, assert_within_reference_error, backends_to_test
+
+ALL_BACKENDS = backends_to_test()
+IDS = [f"{d}-{b}" for d, b in ALL_BACKENDS]
+
+
+def _cases(device, dtype, *, wide=True):
+    """(name, x, shift, scale, grad, kwargs); tensors may be views; shift/scale may be None / [B, N, C]."""
+    g = torch.Generator().manual_seed(5)
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g) * s).to(device=device, dtype=dtype)
+
+    def plain(name, b, n, c, *, per_token=False, shift=True, **kw):
+        m = (b, n, c) if per_token else (b, c)
+        return (name, rnd(b, n, c), rnd(*m, s=0.5) if shift else None, rnd(*m, s=0.5), rnd(b, n, c), kw)
+
+    def offset(name, b, n, c, *, per_token=False, **kw):
+        # every tensor a [..., 1:] view of one a column wider: 2 or 4 bytes off 16-byte alignment
+        m = (b, n, c + 1) if per_token else (b, c + 1)
+        return (name, rnd(b, n, c + 1)[..., 1:], rnd(*m, s=0.5)[..., 1:], rnd(*m, s=0.5)[..., 1:],
+                rnd(b, n, c + 1)[..., 1:], kw)
+
+    def shifted(*shape, s=1.0):
+        # contiguous strides, base pointer one element past 16-byte alignment
+        n = 1
+        for d in shape:
+            n *= d
+        return rnd(n + 1, s=s)[1:].view(shape)
+
+    cases = [
+        ("misaligned_base_c64", shifted(2, 37, 64), shifted(2, 64, s=0.5), shifted(2, 64, s=0.5), shifted(2, 37, 64),
+         {}),
+        ("misaligned_base_c1152_per_token", shifted(1, 5, 1152), shifted(1, 5, 1152, s=0.5),
+         shifted(1, 5, 1152, s=0.5), shifted(1, 5, 1152), {}),
+        plain("vec_c1152_per_sample", 2, 70, 1152),  # 3 chunks; the last (6 rows) fills only warp 0
+        plain("vec_c1152_per_token_rms", 2, 9, 1152, per_token=True, norm="rms"),
+        plain("vec_c64_no_shift", 3, 40, 64, shift=False),
+        plain("vec_c512_per_sample_rms", 2, 33, 512, norm="rms"),
+        plain("c44_fp32_pack_only", 2, 35, 44),  # a 4-float pack fits, an 8-half one does not
+        plain("c1000_per_sample", 1, 37, 1000),  # C % 8 == 0, not a multiple of 32 * 8
+        offset("misaligned_c64_per_sample", 2, 41, 64),
+        offset("misaligned_c1152_per_token", 1, 6, 1152, per_token=True),
+        ("padded_row_stride", rnd(2, 36, 72)[..., :64], rnd(2, 64), rnd(2, 64), rnd(2, 36, 68)[..., :64], {}),
+        ("aligned_x_misaligned_modulation", rnd(2, 34, 48), rnd(2, 49)[:, 1:], rnd(2, 49)[:, 1:],
+         rnd(2, 34, 48), {}),
+        plain("c1536_bwd_warp_bound", 1, 35, 1536),
+        plain("c1600_fwd_warp_bwd_wide", 1, 35, 1600, norm="rms"),
+        plain("c2048_fwd_warp_bound", 1, 5, 2048, per_token=True),
+    ]
+    if wide:
+        cases.append(plain("c2100_wide", 1, 34, 2100))
+        cases.append(offset("c2104_wide_misaligned_per_token", 1, 3, 2104, per_token=True, norm="rms"))
+    return cases
+
+
+def _run(fn, x, shift, scale, grad, kw, *, up=False):
+    """Output and (dx, dshift, dscale) of fn at these exact tensors (views stay views)."""
+    conv = (lambda t: t.detach().double().requires_grad_()) if up else (lambda t: t.detach().requires_grad_())
+    # Leaves that are the very tensors given (a view's .detach() keeps its storage offset and strides).
+    leaves = [conv(t) if t is not None else None for t in (x, shift, scale)]
+    out = fn(*leaves, **kw)
+    wrt = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(out, wrt, grad.double() if up else grad)
+    it = iter(grads)
+    return out, [next(it) if t is not None else None for t in leaves]
+
+
+def _check(name, ours, ref, x, shift, scale, grad, kw):
+    got, got_g = _run(ours, x, shift, scale, grad, kw)
+    low, low_g = _run(ref, x, shift, scale, grad, kw)
+    high, high_g = _run(ref, x, shift, scale, grad, kw, up=True)
+    assert_within_reference_error(name, got, low, high)
+    for what, a, b, c in zip(("x", "shift", "scale"), got_g, low_g, high_g):
+        if c is not None:
+            assert_within_reference_error(f"{name}: grad of {what}", a, b, c, floor=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS, ids=IDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_modulate_kernel_paths(device, backend, dtype, use_backend):
+    use_backend(backend)
+    for name, x, shift, scale, grad, kw in _cases(device, dtype, wide=backend != "triton" or device != "cpu"):
+        _check(name, genfast.adaln_modulate, reference.adaln_modulate, x, shift, scale, grad, kw)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS, ids=IDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_gated_residual_kernel_paths(device, backend, dtype, use_backend):
+    """The same shapes and views through gated_residual (x, gate = scale, y = grad's twin)."""
+    use_backend(backend)
+    for name, x, _, scale, grad, _ in _cases(device, dtype, wide=backend != "triton" or device != "cpu"):
+        y = grad.flip(1)  # a second [B, N, C] tensor with the same strides and offset
+        _check(name, lambda a, b, c: genfast.gated_residual(a, c, y), lambda a, b, c: reference.gated_residual(a, c, y),
+               x, None, scale, grad, {})
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS, ids=IDS)
+def test_per_sample_sums_bit_deterministic(device, backend, use_backend):
+    """Per-sample dshift / dscale / dgate: the same bits on every run (fixed chunks, fixed warp order)."""
+    use_backend(backend)
+    for name, x, shift, scale, grad, kw in _cases(device, torch.bfloat16, wide=False)[:2]:
+        runs = [_run(genfast.adaln_modulate, x, shift, scale, grad, kw)[1] for _ in range(2)]
+        for a, b in zip(*runs):
+            assert torch.equal(a, b), name
