@@ -14,13 +14,13 @@ D=benchmarks/gpu
 [ -n "${SWEEP:-}" ] && stage "triton sweep $SWEEP" 110 $PY $D/triton_attention_diag.py sweep $SWEEP > "$OUT/sweep.log" 2>&1
 [ -n "${MODSWEEP:-1}" ] && stage "modulate sweep" 40 $PY $D/modulate_sweep.py >> "$OUT/sweep.log" 2>&1
 wait $BUILD
-[ -n "${EXTRA:-}" ] && stage "extra" 120 bash -c "$EXTRA" >> "$OUT/sweep.log" 2>&1
 (cd /tmp && $PY -c "import genfast, genfast._cuda; print('genfast', genfast.__version__, 'with genfast._cuda')") >> "$OUT/summary.txt" 2>&1 \
   || { tail -30 "$OUT/build.log"; cat "$OUT/summary.txt"; exit 1; }
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 12")
 GPU_K='((cuda or triton) and not emu) or gpu'
 [ -n "${TESTS_MAX_S:-}" ] && stage "tests gpu" "$TESTS_MAX_S" $PY -m pytest tests $XDIST -q -rfE -p no:randomly -k "$GPU_K" > "$OUT/tests.log" 2>&1
 [ -f "$OUT/tests.log" ] && tail -25 "$OUT/tests.log" >> "$OUT/summary.txt"
+[ -n "${EXTRA:-}" ] && stage "extra" ${EXTRA_MAX_S:-120} bash -c "$EXTRA" >> "$OUT/sweep.log" 2>&1
 if [ -n "${BENCH:-}" ]; then
   rm -f benchmarks/results/nvidia-*
   stage "bench $BENCH" 300 bash -c "$PY -m pytest $BENCH ${BENCH_ARGS:---bench-quick} -s -q -p no:randomly" > "$OUT/bench.log" 2>&1
