@@ -282,7 +282,9 @@ def pytest_sessionfinish(session):
     if not st or not st["cases"]:
         return
     st["copy_bulk"].append(_bulk_copy(st))
-    dev, commit = _device_info(st["device"]), _git("rev-parse", "--short", "HEAD") or "nocommit"
+    # GENFAST_COMMIT: the commit the code is at where git cannot say (a lent GPU's copy of the tree
+    # carries an older HEAD)
+    dev, commit = _device_info(st["device"]), os.environ.get("GENFAST_COMMIT") or _git("rev-parse", "--short", "HEAD") or "nocommit"
     spec = importlib.util.find_spec("genfast")  # which genfast ran: installed or a checkout
     out = {
         "device": dev, "commit": commit, "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),

@@ -325,9 +325,10 @@ INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
 # small tiles). Tuned once per (nq, nk, D) in a process (triton.autotune caches by key). The first
 # survivor is the default that genfast/devtools/gpu_compile.py checks for spills (AOT_CONFIGS).
 # From the H200 sweep (benchmarks/gpu/NOTES.md, 2026-11-26): the fastest tiles at D = 64 and 128;
-# backward tiles with BLOCK_M = 32 and BLOCK_N >= 64 gave wrong gradients at 4096 tokens (dropped).
+# backward tiles with BLOCK_M = 32 and BLOCK_N >= 64 gave wrong gradients at 4096 tokens (dropped);
+# (128, 64, 8, 3) backward needs more shared memory than Hopper has at D = 128 (dropped).
 FWD_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 32, 4, 4), (32, 32, 4, 2)]
-BWD_CONFIGS = [(64, 32, 4, 2), (64, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3), (32, 32, 4, 2)]
+BWD_CONFIGS = [(64, 32, 4, 2), (64, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (32, 32, 4, 2)]
 
 
 def _fits(block_m, block_n, warps, width, fp32):

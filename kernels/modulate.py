@@ -233,9 +233,10 @@ def _warps(block):
     return 4 if block <= 1024 else 8 if block <= 2048 else 16
 
 
-# The forward's warps per row where measured (H200, bf16, [32, 1024 | 256, 1152], benchmarks/gpu/
-# NOTES.md): 2 warps 65 % of copy bandwidth, 8 warps 43 %. Other widths keep _warps.
-FWD_WARPS = {2048: 2}
+# The forward's warps per row where measured (H200, bf16, [32, 1024, C], benchmarks/gpu/NOTES.md):
+# C = 384 1 warp 66 % of copy bandwidth (4: 42 %); C = 1152 2 warps 64-65 % (8: 42-50 %); C = 3072
+# 4 warps 72 % (16: 52 %). Other widths keep _warps.
+FWD_WARPS = {512: 1, 2048: 2, 4096: 4}
 
 
 def _fwd_warps(block):

@@ -1,4 +1,6 @@
 # Shared by benchmarks/gpu/run.sh and probe.sh (sourced): $OUT, the time budget, stage(), wheels.
+# The device's copy of the tree carries an older git HEAD: pass GENFAST_COMMIT=<local short hash> in
+# the command so the results JSON is named by the code that ran.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 START=$(date +%s); BUDGET_S=${BUDGET_S:-480}

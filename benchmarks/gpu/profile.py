@@ -2,6 +2,10 @@
   python3 -P benchmarks/gpu/profile.py modulate   adaln_modulate fwd+bwd, bf16 [32, 256, 1152]
   python3 -P benchmarks/gpu/profile.py dit        genfast DiTBlock vs the eager block, bf16 DiT-XL/2,
                                                   256 tokens, forward and forward+backward
+  python3 -P benchmarks/gpu/profile.py host       cProfile of the Python side of adaln_modulate,
+                                                  gated_residual and attention fwd+bwd (tiny tensors:
+                                                  host time only; H200 session 2 measured ~0.35 ms of
+                                                  host time per modulate fwd+bwd that this should name)
 Prints, per case, the wall time per call (synchronised), the summed device time, and the top ops
 by host time and by device time. Needs the installed genfast (run from the repository root)."""
 import sys
@@ -68,5 +72,31 @@ def dit():
         _report(f"{name} DiT-XL/2 block fwd+bwd", lambda: torch.autograd.grad(m(x, c), [x, *m.parameters()], g))
 
 
+def host():
+    import cProfile
+    import pstats
+    dt = torch.bfloat16
+    x = torch.randn(2, 8, 64, device="cuda", dtype=dt, requires_grad=True)
+    shift, scale, gate = (torch.randn(2, 64, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 8, 72, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
+    cases = {
+        "adaln_modulate": (lambda: genfast.adaln_modulate(x, shift, scale), (x, shift, scale)),
+        "gated_residual": (lambda: genfast.gated_residual(x, gate, x), (x, gate)),
+        "attention": (lambda: genfast.attention(q, k, v), (q, k, v)),
+    }
+    for name, (fn, leaves) in cases.items():
+        def step():
+            out = fn()
+            torch.autograd.grad(out, leaves, torch.ones_like(out))
+        print(f"\n=== {name} fwd+bwd, tiny tensors: wall {_wall(step, 200) * 1e3:.1f} us/call", flush=True)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(200):
+            step()
+        torch.cuda.synchronize()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
 if __name__ == "__main__":
-    {"modulate": modulate, "dit": dit}[sys.argv[1] if len(sys.argv) > 1 else "modulate"]()
+    {"modulate": modulate, "dit": dit, "host": host}[sys.argv[1] if len(sys.argv) > 1 else "modulate"]()
