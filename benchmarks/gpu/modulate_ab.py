@@ -12,7 +12,6 @@ gradients are checked against eager first (loose bf16 tolerance: a wrong kernel 
 On the CPU the same script runs tiny shapes through the C++ and emulated-CUDA kernels and its
 timings mean nothing.
 """
-import os
 import sys
 import time
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import genfast
+from genfast.testing import assert_within_reference_error, with_backend
 
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
@@ -44,21 +44,6 @@ def bench(fn):
     return sorted(t)[1] * 1e3
 
 
-def with_backend(name, fn):
-    def run():
-        old = os.environ.get("GENFAST_BACKEND")
-        if name is not None:
-            os.environ["GENFAST_BACKEND"] = name
-        try:
-            return fn()
-        finally:
-            if old is None:
-                os.environ.pop("GENFAST_BACKEND", None)
-            else:
-                os.environ["GENFAST_BACKEND"] = old
-    return run
-
-
 def modulate_eager(x, shift, scale):
     return F.layer_norm(x, (x.shape[-1],), eps=EPS) * (1 + scale[:, None]) + shift[:, None]
 
@@ -78,9 +63,12 @@ def fwd_bwd(fn, *inputs, g):
     return run
 
 
-def check(name, got, want):
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=6e-2, msg=lambda m: f"{name}: {m}")
+def check(name, got, low, high):
+    """The tolerance rule (DESIGN.md §5): genfast's error against eager fp32 at most twice eager bf16's.
+    (A fixed tolerance failed the per-sample dshift / dscale sums over 1024 rows, where eager's own
+    bf16 error is large: the H200 run of 2026-11-26.)"""
+    for i, (a, lo, hi) in enumerate(zip(got, low, high)):
+        assert_within_reference_error(f"{name} output {i}", a, lo, hi, floor=1e-3)
 
 
 def main():
@@ -92,28 +80,34 @@ def main():
         y = torch.randn(shape, device=DEV, dtype=DT).requires_grad_()
         shift, scale, gate = (torch.randn(b, c, device=DEV, dtype=DT).mul_(0.5).requires_grad_() for _ in range(3))
         g = torch.randn(shape, device=DEV, dtype=DT)
+        x32, y32, shift32, scale32, gate32 = (t.detach().float().requires_grad_() for t in (x, y, shift, scale, gate))
+        g32 = g.float()
         nbytes = x.numel() * x.element_size()
         src, dst = torch.empty_like(x).detach(), torch.empty_like(x).detach()
         copy_ms = bench(lambda: dst.copy_(src))
         copy_bw = 2 * nbytes / copy_ms  # bytes per ms
         tag = "x".join(map(str, shape))
         rows.append((f"copy {tag}", "", copy_ms, 100.0))
-        cases = [
-            ("modulate fwd", 2, lambda fn: (lambda: fn(x.detach(), shift.detach(), scale.detach())),
+        cases = [  # (what, tensors moved, make(fn, fp32?) -> callable, eager, genfast)
+            ("modulate fwd", 2, lambda fn, hi=False: (lambda: fn(*(t.detach() for t in ((x32, shift32, scale32) if hi else
+                                                                                         (x, shift, scale))))),
              modulate_eager, modulate_genfast),
-            ("modulate fwd+bwd", 5, lambda fn: fwd_bwd(fn, x, shift, scale, g=g), modulate_eager, modulate_genfast),
-            ("gated fwd+bwd", 6, lambda fn: fwd_bwd(fn, x, gate, y, g=g), gated_eager, genfast.gated_residual),
+            ("modulate fwd+bwd", 5, lambda fn, hi=False: fwd_bwd(fn, *((x32, shift32, scale32) if hi else (x, shift, scale)),
+                                                                 g=g32 if hi else g), modulate_eager, modulate_genfast),
+            ("gated fwd+bwd", 6, lambda fn, hi=False: fwd_bwd(fn, *((x32, gate32, y32) if hi else (x, gate, y)),
+                                                              g=g32 if hi else g), gated_eager, genfast.gated_residual),
         ]
         for what, tensors, make, eager, ours in cases:
-            want = make(eager)()
+            want, want_hi = make(eager)(), make(eager, True)()
             want = want if isinstance(want, tuple) else (want,)
+            want_hi = want_hi if isinstance(want_hi, tuple) else (want_hi,)
             impls = {"eager": make(eager)}
             for be in BACKENDS:
                 impls[f"genfast:{be}"] = with_backend(be, make(ours))
             for name, fn in impls.items():
                 try:
                     got = fn()
-                    check(f"{what} {tag} {name}", got if isinstance(got, tuple) else (got,), want)
+                    check(f"{what} {tag} {name}", got if isinstance(got, tuple) else (got,), want, want_hi)
                     ms = bench(fn)
                 except Exception as e:  # reported, never dropped
                     rows.append((f"{what} {tag}", name, float("nan"), float("nan")))
