@@ -185,17 +185,25 @@ def test_gated_residual_layouts(device, backend, dtype, use_backend):
                          ids=[i for i, p in zip(IDS, ALL_BACKENDS) if p[1] in ("cuda", "cuda_emu")])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_gated_residual_pack_and_element_paths_same_bits(device, backend, dtype, use_backend):
-    """The 16-byte path and the element path compute x + gate * y the same way: equal bits."""
+    """The 16-byte paths and the element paths compute x + gate * y, grad * gate, grad * y and the
+    per-sample chunk sums of grad * y the same way, in the same order: equal bits."""
     use_backend(backend)
     g = torch.Generator().manual_seed(7)
-    for shape, gshape in (((3, 67, 1152), (3, 1152)), ((2, 19, 96), (2, 19, 96))):
-        x, gate, y = (torch.randn(*s, generator=g).to(device=device, dtype=dtype) for s in (shape, gshape, shape))
+    for shape, gshape in (((3, 67, 1152), (3, 1152)), ((2, 19, 96), (2, 19, 96)), ((2, 70, 64), (2, 64))):
+        x, gate, y, grad = (torch.randn(*s, generator=g).to(device=device, dtype=dtype)
+                            for s in (shape, gshape, shape, shape))
 
         def misaligned(t):  # the same values, base one element past 16-byte alignment
             buf = torch.empty(t.numel() + 1, device=device, dtype=dtype)
             buf[1:] = t.reshape(-1)
             return buf[1:].view(t.shape)
 
-        packs = genfast.gated_residual(x, gate, y)
-        elems = genfast.gated_residual(misaligned(x), misaligned(gate), misaligned(y))
-        assert torch.equal(packs, elems), (shape, gshape)
+        def run(*ts):
+            leaves = [t.detach().requires_grad_() for t in ts[:3]]
+            out = genfast.gated_residual(*leaves)
+            return (out, *torch.autograd.grad(out, leaves, ts[3]))
+
+        packs = run(x, gate, y, grad)
+        elems = run(*(misaligned(t) for t in (x, gate, y, grad)))
+        for what, a, b in zip(("out", "dx", "dgate", "dy"), packs, elems):
+            assert torch.equal(a, b), (shape, gshape, what)

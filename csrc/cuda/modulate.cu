@@ -229,6 +229,69 @@ __global__ void __launch_bounds__(kColBlock) gated_bwd_kernel(const GatedResidua
   if (p.per_sample && p.dgate) p.partial[(b * gridDim.y + k) * p.C + c] = acc;
 }
 
+// 16-byte backward (vec_ok over grad, gate, y, dy, dgate): the same walk with a pack of V columns
+// a thread, kGatedBwdRows rows' loads issued before the first store. Per-sample sums keep the
+// element kernel's order (rows n0, n1, ... one after the other per column): the same bits.
+constexpr int kGatedBwdThreads = 64;  // pack columns a block (C = 1152 bf16: 144 packs, 3 blocks)
+constexpr int kGatedBwdRows = 4;
+constexpr int kGatedTokenRows = 8;  // per token: rows a block (any split is exact there)
+
+template <int DT>
+__global__ void __launch_bounds__(kGatedBwdThreads) gated_bwd_pack_kernel(const GatedResidualBwdParams p,
+                                                                          int64_t rows_per_block) {
+  constexpr int V = dev::kPack<DT>;
+  constexpr int R = kGatedBwdRows;
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * kGatedBwdThreads + threadIdx.x) * V;
+  const int64_t k = blockIdx.y, b = blockIdx.z;
+  if (c >= p.C) return;
+  const int64_t n0 = k * rows_per_block, n1 = n0 + rows_per_block < p.N ? n0 + rows_per_block : p.N;
+  const E<DT>* grad = static_cast<const E<DT>*>(p.grad) + b * p.g_sb + c;
+  const E<DT>* gate = static_cast<const E<DT>*>(p.gate) + b * p.gate_sb + c;
+  const E<DT>* y = static_cast<const E<DT>*>(p.y) + b * p.y_sb + c;
+  const bool want_y = p.dgate != nullptr;
+  float acc[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) acc[j] = 0.f;
+  for (int64_t n = n0; n < n1; n += R) {
+    uint4 gr[R], tr[R], yr[R];
+#pragma unroll
+    for (int u = 0; u < R; ++u) {
+      if (n + u >= n1) continue;
+      gr[u] = dev::load_pack_raw(grad + (n + u) * p.g_sn);
+      if (p.dy) tr[u] = dev::load_pack_raw(gate + (n + u) * p.gate_sn);
+      if (want_y) yr[u] = dev::load_pack_raw(y + (n + u) * p.y_sn);
+    }
+#pragma unroll
+    for (int u = 0; u < R; ++u) {
+      if (n + u >= n1) continue;
+      const int64_t r = b * p.N + n + u;
+      float gv[V], t[V], o[V];
+      dev::unpack_pack<DT>(gr[u], gv);
+      if (p.dy) {
+        dev::unpack_pack<DT>(tr[u], t);
+#pragma unroll
+        for (int j = 0; j < V; ++j) o[j] = gv[j] * t[j];
+        dev::store_pack<DT>(static_cast<E<DT>*>(p.dy) + r * p.C + c, o);
+      }
+      if (!want_y) continue;
+      dev::unpack_pack<DT>(yr[u], t);
+      if (p.per_sample) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[j] += gv[j] * t[j];
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) o[j] = gv[j] * t[j];
+        dev::store_pack<DT>(static_cast<E<DT>*>(p.dgate) + r * p.C + c, o);
+      }
+    }
+  }
+  if (p.per_sample && want_y) {
+    float* part = p.partial + (b * gridDim.y + k) * p.C + c;
+#pragma unroll
+    for (int j = 0; j < V; ++j) part[j] = acc[j];
+  }
+}
+
 #include "cuda/modulate_warp.cuh"
 
 // -------------------------------------------------------------------------------------- launches
@@ -383,15 +446,26 @@ int gated_fwd(const GatedResidualParams& p, void* stream) {
 
 template <int DT>
 int gated_bwd(const GatedResidualBwdParams& p, void* stream) {
+  const bool vec = vec_ok<DT>(p.C, {p.dy, p.dgate, p.grad, p.gate, p.y},
+                              {p.g_sb, p.g_sn, p.gate_sb, p.gate_sn, p.y_sb, p.y_sn});
   // Per token the rows are cut the same way (any split is exact there); per sample the chunk
   // size is the caller's, so the partial sums do not depend on the device.
-  const int64_t rows_per_block = p.per_sample ? p.chunk_rows : 32;
+  int64_t rows_per_block = p.per_sample ? p.chunk_rows : 32;
+  if (vec && !p.per_sample && (p.N + kGatedTokenRows - 1) / kGatedTokenRows <= 65535) rows_per_block = kGatedTokenRows;
   const int64_t nchunks = (p.N + rows_per_block - 1) / rows_per_block;
   if (nchunks > 65535 || p.B > 65535) return static_cast<int>(cudaErrorInvalidValue);
-  const dim3 grid(static_cast<unsigned>((p.C + kColBlock - 1) / kColBlock), static_cast<unsigned>(nchunks),
-                  static_cast<unsigned>(p.B));
-  auto k = &gated_bwd_kernel<DT>;
-  GENFAST_LAUNCH(k, grid, kColBlock, 0, stream, p, rows_per_block);
+  if (vec) {
+    const int64_t cols = p.C / dev::kPack<DT>;
+    const dim3 grid(static_cast<unsigned>((cols + kGatedBwdThreads - 1) / kGatedBwdThreads),
+                    static_cast<unsigned>(nchunks), static_cast<unsigned>(p.B));
+    auto k = &gated_bwd_pack_kernel<DT>;
+    GENFAST_LAUNCH(k, grid, kGatedBwdThreads, 0, stream, p, rows_per_block);
+  } else {
+    const dim3 grid(static_cast<unsigned>((p.C + kColBlock - 1) / kColBlock), static_cast<unsigned>(nchunks),
+                    static_cast<unsigned>(p.B));
+    auto k = &gated_bwd_kernel<DT>;
+    GENFAST_LAUNCH(k, grid, kColBlock, 0, stream, p, rows_per_block);
+  }
   int err = last_error();
   if (err || !p.per_sample || !p.dgate) return err;
   return reduce_partials<DT>(p.dgate, p.partial, p.B, nchunks, p.C, p.C, stream);
