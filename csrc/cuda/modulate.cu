@@ -10,8 +10,9 @@
 //  - per-sample gradients: partial rows [B, nchunks, 2, C], then a second kernel adds the chunks
 //    in order. Fixed chunking, no atomics: the same bits on every run.
 //  - gated residual forward: 16-byte packs, kGatedUnroll a thread per step, where C and the
-//    pointers allow (vec_ok); else a grid-stride element kernel. Its backward sums g * y per
-//    (row chunk, sample, column) the same deterministic way as modulate.
+//    pointers allow (vec_ok); else a grid-stride element kernel. Its backward (a column, or a
+//    16-byte pack of columns, a thread, walking a row chunk) sums g * y per (row chunk, sample,
+//    column) the same deterministic way as modulate; both paths give the same bits.
 //
 // Checked without a GPU (DESIGN.md §8):
 //   nvcc -std=c++17 -arch=sm_80|sm_90 --resource-usage -Icsrc -c csrc/cuda/modulate.cu -o /tmp/m.o
@@ -21,6 +22,8 @@
 //     flight; 4 warps a block, so 2 blocks per SM), the block kernels and the rest 26-56. IEEE
 //     divides and 1/sqrtf are subroutine calls that spilled on sm_80, hence __frcp_rn /
 //     __fsqrt_rn and multiplies by 1/C.)
+//     Gated residual, 16-byte paths: forward 74-80 registers (32-bit indices; 84-88 with 64-bit),
+//     3 blocks of 256 a SM; backward 80-96 (64-thread blocks); element kernels 28-40.
 //   g++ -x c++ -std=c++17 -DGENFAST_EMULATE -fno-strict-aliasing -pthread -Icsrc -c csrc/cuda/modulate.cu
 #include "cuda/common.cuh"
 
