@@ -119,3 +119,91 @@ def test_per_sample_sums_bit_deterministic(device, backend, use_backend):
         runs = [_run(genfast.adaln_modulate, x, shift, scale, grad, kw)[1] for _ in range(2)]
         for a, b in zip(*runs):
             assert torch.equal(a, b), name
+
+
+def _gated_cases(device, dtype):
+    """(name, x, gate, y): gated_residual's own layouts, each tensor's alignment and strides chosen
+    independently. The CUDA forward takes 16-byte packs only when C is a multiple of the pack and
+    every pointer and row stride is 16-byte aligned, else element loads; under the emulation the
+    grid holds 16 blocks of 256 threads, 4 packs a thread a step, so 16384 packs a grid step."""
+    g = torch.Generator().manual_seed(11)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    def shifted(*shape):  # contiguous strides, base one element past 16-byte alignment
+        n = 1
+        for d in shape:
+            n *= d
+        return rnd(n + 1)[1:].view(shape)
+
+    return [
+        ("vec_per_sample_grid_steps_and_tail", rnd(3, 67, 1152), rnd(3, 1152), rnd(3, 67, 1152)),
+        ("vec_per_token", rnd(2, 19, 96), rnd(2, 19, 96), rnd(2, 19, 96)),
+        ("vec_one_pack_a_row", rnd(3, 5, 8), rnd(3, 8), rnd(3, 5, 8)),
+        ("vec_one_token", rnd(4, 1, 64), rnd(4, 1, 64), rnd(4, 1, 64)),
+        ("vec_padded_rows_all", rnd(2, 21, 80)[..., :64], rnd(2, 21, 72)[..., :64], rnd(2, 21, 88)[..., :64]),
+        ("vec_padded_batch_stride", rnd(2, 23, 64)[:, :21], rnd(3, 64)[:2], rnd(2, 22, 64)[:, 1:]),
+        ("c12_fp32_only", rnd(2, 33, 12), rnd(2, 12), rnd(2, 33, 12)),
+        ("c20_elements", rnd(2, 17, 20), rnd(2, 17, 20), rnd(2, 17, 20)),
+        ("misaligned_y_only", rnd(2, 30, 64), rnd(2, 64), shifted(2, 30, 64)),
+        ("misaligned_gate_only_per_token", rnd(2, 30, 64), shifted(2, 30, 64), rnd(2, 30, 64)),
+        ("misaligned_x_only_per_sample", shifted(2, 30, 64), rnd(2, 64), rnd(2, 30, 64)),
+        ("odd_row_stride_y", rnd(2, 25, 64), rnd(2, 64), rnd(2, 25, 65)[..., :64]),
+        ("odd_row_stride_gate", rnd(2, 25, 64), rnd(2, 25, 65)[..., :64], rnd(2, 25, 64)),
+        ("misaligned_all_c1152", rnd(2, 9, 1153)[..., 1:], rnd(2, 1153)[:, 1:], rnd(2, 9, 1153)[..., 1:]),
+        ("empty_n", rnd(2, 0, 64), rnd(2, 64), rnd(2, 0, 64)),
+        ("empty_b", rnd(0, 5, 64), rnd(0, 64), rnd(0, 5, 64)),
+    ]
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS, ids=IDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_gated_residual_layouts(device, backend, dtype, use_backend):
+    """gated_residual forward and backward over the pack path and each reason to fall back."""
+    use_backend(backend)
+    for name, x, gate, y in _gated_cases(device, dtype):
+        grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(x)
+
+        def run(fn, up=False):
+            # leaves that are the very views given (detach keeps storage offset and strides)
+            conv = (lambda t: t.detach().double().requires_grad_()) if up else (lambda t: t.detach().requires_grad_())
+            leaves = [conv(t) for t in (x, gate, y)]
+            out = fn(*leaves)
+            return out, torch.autograd.grad(out, leaves, grad.double() if up else grad)
+
+        got, got_g = run(genfast.gated_residual)
+        low, low_g = run(reference.gated_residual)
+        high, high_g = run(reference.gated_residual, up=True)
+        assert got.shape == x.shape and got.dtype == x.dtype, name
+        assert_within_reference_error(name, got, low, high)
+        for what, a, b, c in zip(("x", "gate", "y"), got_g, low_g, high_g):
+            assert_within_reference_error(f"{name}: grad of {what}", a, b, c, floor=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in ALL_BACKENDS if p[1] in ("cuda", "cuda_emu")],
+                         ids=[i for i, p in zip(IDS, ALL_BACKENDS) if p[1] in ("cuda", "cuda_emu")])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_gated_residual_pack_and_element_paths_same_bits(device, backend, dtype, use_backend):
+    """The 16-byte paths and the element paths compute x + gate * y, grad * gate, grad * y and the
+    per-sample chunk sums of grad * y the same way, in the same order: equal bits."""
+    use_backend(backend)
+    g = torch.Generator().manual_seed(7)
+    for shape, gshape in (((3, 67, 1152), (3, 1152)), ((2, 19, 96), (2, 19, 96)), ((2, 70, 64), (2, 64))):
+        x, gate, y, grad = (torch.randn(*s, generator=g).to(device=device, dtype=dtype)
+                            for s in (shape, gshape, shape, shape))
+
+        def misaligned(t):  # the same values, base one element past 16-byte alignment
+            buf = torch.empty(t.numel() + 1, device=device, dtype=dtype)
+            buf[1:] = t.reshape(-1)
+            return buf[1:].view(t.shape)
+
+        def run(*ts):
+            leaves = [t.detach().requires_grad_() for t in ts[:3]]
+            out = genfast.gated_residual(*leaves)
+            return (out, *torch.autograd.grad(out, leaves, ts[3]))
+
+        packs = run(x, gate, y, grad)
+        elems = run(*(misaligned(t) for t in (x, gate, y, grad)))
+        for what, a, b in zip(("out", "dx", "dgate", "dy"), packs, elems):
+            assert torch.equal(a, b), (shape, gshape, what)

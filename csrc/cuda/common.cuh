@@ -79,11 +79,14 @@ __device__ __forceinline__ void check_pack_alignment(const void* p, const char* 
 }
 
 // ---- 16-byte vectors: p must be 16-byte aligned. Element i of a packed 32-bit word sits in its
-// low half (the layout of __half2 / __nv_bfloat162).
-template <int DT>
-__device__ __forceinline__ void load_pack(const void* p, float (&v)[kPack<DT>]) {
+// low half (the layout of __half2 / __nv_bfloat162). load_pack = unpack_pack(load_pack_raw(p));
+// the split lets a kernel keep several raw packs in flight in 4 registers each and widen late.
+__device__ __forceinline__ uint4 load_pack_raw(const void* p) {
   check_pack_alignment(p, "load_pack");
-  const uint4 u = *static_cast<const uint4*>(p);
+  return *static_cast<const uint4*>(p);
+}
+template <int DT>
+__device__ __forceinline__ void unpack_pack(const uint4& u, float (&v)[kPack<DT>]) {
   const unsigned w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -97,6 +100,10 @@ __device__ __forceinline__ void load_pack(const void* p, float (&v)[kPack<DT>]) 
       v[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
     }
   }
+}
+template <int DT>
+__device__ __forceinline__ void load_pack(const void* p, float (&v)[kPack<DT>]) {
+  unpack_pack<DT>(load_pack_raw(p), v);
 }
 template <int DT>
 __device__ __forceinline__ void store_pack(void* p, const float (&v)[kPack<DT>]) {
