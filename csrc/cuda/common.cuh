@@ -16,6 +16,8 @@
 
 #include <stdint.h>
 
+#include <atomic>
+
 #include "flow_step.h"  // genfast::DType (the dtype codes shared with the bindings)
 
 #ifdef GENFAST_EMULATE
@@ -162,6 +164,29 @@ __device__ __forceinline__ T block_allreduce(T v, T* scratch, Op op, T identity)
 __device__ __forceinline__ float block_sum(float v, float* scratch) { return block_allreduce(v, scratch, SumOp(), 0.0f); }
 __device__ __forceinline__ float block_max(float v, float* scratch) {
   return block_allreduce(v, scratch, MaxOp(), __uint_as_float(0xff800000u));  // -inf
+}
+
+// ---- host side ------------------------------------------------------------------------------
+// Blocks of `kernel` (launched with `threads` threads) the whole device holds at once, cached per
+// device in `cache` (one std::atomic<int>[64] per kernel instantiation). A failed query falls back
+// to H100-like figures and clears the error it left, so it is not mistaken for a launch error.
+template <class Kernel>
+inline int64_t resident_blocks(Kernel kernel, int threads, std::atomic<int>* cache) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
+    (void)cudaGetLastError();
+    dev = 0;
+  }
+  int cap = cache[dev].load(std::memory_order_relaxed);
+  if (!cap) {
+    int sms = 0, occ = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) sms = 132;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, threads, 0) != cudaSuccess || occ <= 0) occ = 4;
+    (void)cudaGetLastError();
+    cap = sms * occ;
+    cache[dev].store(cap, std::memory_order_relaxed);
+  }
+  return cap;
 }
 
 // ---- tensor cores (not written yet) -----------------------------------------------------------

@@ -83,26 +83,10 @@ __global__ void __launch_bounds__(kThreads) flow_step_kernel(const FlowStepParam
   }
 }
 
-// Blocks of `kernel` the whole device holds at once, times kWaves; cached per device in `cache`
-// (one per kernel instantiation). A failed query falls back to H100-like figures and clears
-// the error it left, so it is not mistaken for a launch error.
+// Blocks of `kernel` the whole device holds at once, times kWaves (dev::resident_blocks).
 template <class Kernel>
 int64_t grid_cap(Kernel kernel, std::atomic<int>* cache) {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
-    (void)cudaGetLastError();
-    dev = 0;
-  }
-  int cap = cache[dev].load(std::memory_order_relaxed);
-  if (!cap) {
-    int sms = 0, occ = 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) sms = 132;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kThreads, 0) != cudaSuccess || occ <= 0) occ = 4;
-    (void)cudaGetLastError();
-    cap = sms * occ * kWaves;
-    cache[dev].store(cap, std::memory_order_relaxed);
-  }
-  return cap;
+  return dev::resident_blocks(kernel, kThreads, cache) * kWaves;
 }
 
 bool is_aligned(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }

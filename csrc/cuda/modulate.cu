@@ -399,33 +399,13 @@ int modulate_bwd(const ModulateBwdParams& p, void* stream) {
   return err;
 }
 
-// Blocks of `kernel` (kGatedThreads threads) the whole device holds at once; cached per device.
-template <class Kernel>
-int64_t resident_blocks(Kernel kernel, std::atomic<int>* cache) {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
-    (void)cudaGetLastError();
-    dev = 0;
-  }
-  int cap = cache[dev].load(std::memory_order_relaxed);
-  if (!cap) {
-    int sms = 0, occ = 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) sms = 132;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kGatedThreads, 0) != cudaSuccess || occ <= 0)
-      occ = 4;
-    (void)cudaGetLastError();
-    cap = sms * occ;
-    cache[dev].store(cap, std::memory_order_relaxed);
-  }
-  return cap;
-}
 
 template <int DT, class I>
 void launch_gated_pack(const GatedResidualParams& p, int64_t packs, int64_t row_packs, void* stream) {
   static std::atomic<int> cache[64];
   auto k = &gated_fwd_pack_kernel<DT, I>;
   const int64_t want = (packs + kGatedThreads * kGatedUnroll - 1) / (kGatedThreads * kGatedUnroll);
-  const int64_t cap = resident_blocks(k, cache);
+  const int64_t cap = dev::resident_blocks(k, kGatedThreads, cache);
   GENFAST_LAUNCH(k, dim3(static_cast<unsigned>(want < cap ? want : cap)), kGatedThreads, 0, stream, p,
                  static_cast<I>(packs), static_cast<I>(row_packs));
 }
