@@ -523,7 +523,8 @@ def _aot(kind, dtype, d, causal=True, masked=True):
 
 # Spills measured by genfast/devtools/gpu_compile.py (Triton 3.6 and 3.9) and accepted, with why.
 # sm_90 is spill-free for every 16-bit entry but the 64 + 32 dk/dv; sm_80 (mma v2 needs more
-# registers) spills a few bytes at 255 registers. To revisit with an A100 lent (autotune picks among the other configs anyway).
+# registers) spills a few bytes at 255 registers. To revisit with an A100 lent (autotune picks
+# among the other configs anyway).
 _ALLOW_SPILLS = {
     ("dkdv", "fp32", 64): "fp32 (IEEE) dk/dv: fp32 operand tiles of four dots on FMA units; a correctness "
                           "path, bf16/fp16 are the fast GPU paths",
