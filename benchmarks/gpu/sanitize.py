@@ -33,13 +33,22 @@ def main():
         attention_cuda.backward("cuda", torch.randn_like(out), q, k, v, out, lse, mask, causal, d ** -0.5)
         torch.cuda.synchronize()
         print(f"attention d={d} {dtype} nq={nq} nk={nk} causal={causal} mask={masked}: ok", flush=True)
+    # modulate + gated residual: the warp-per-row and 16-byte pack kernels (C = 200 fp32, 1152 bf16: DiT-XL),
+    # per-sample and per-token modulation, and a view one column off (the element fallbacks)
+    cases = [(torch.float32, 200, False, False), (torch.bfloat16, 1152, False, False), (torch.bfloat16, 1152, True, False),
+             (torch.bfloat16, 1152, False, True), (torch.float16, 2100, False, False)]
     for backend in ("cuda", "triton") if not quick else ("cuda",):
-        x = torch.randn(3, 37, 200, device="cuda", requires_grad=True)
-        shift, scale, gate = (torch.randn(3, 200, device="cuda", requires_grad=True) for _ in range(3))
-        y = with_backend(backend, lambda: genfast.gated_residual(x, gate, genfast.adaln_modulate(x, shift, scale)))()
-        with_backend(backend, lambda: y.sum().backward())()
-        torch.cuda.synchronize()
-        print(f"modulate + gated residual via {backend}: ok", flush=True)
+        for dtype, c, per_token, offset in cases[:2] if quick else cases:
+            base = torch.randn(3, 37, c + offset, device="cuda", dtype=dtype, generator=g)
+            x = base[..., offset:].detach().requires_grad_()
+            mod = (3, 37, c) if per_token else (3, c)
+            shift, scale, gate = (torch.randn(mod, device="cuda", dtype=dtype, generator=g).requires_grad_()
+                                  for _ in range(3))
+            y = with_backend(backend, lambda: genfast.gated_residual(x, gate, genfast.adaln_modulate(x, shift, scale)))()
+            with_backend(backend, lambda: y.float().sum().backward())()
+            torch.cuda.synchronize()
+            print(f"modulate + gated residual via {backend}, {dtype}, C={c}, per_token={per_token}, "
+                  f"offset={offset}: ok", flush=True)
 
 
 if __name__ == "__main__":
