@@ -82,3 +82,47 @@ def test_attention_module_reads_qkv_views_and_masks(use_backend):
     q, k, v = attn.qkv(x).reshape(b, n, 3, 4, 16).permute(2, 0, 3, 1, 4)
     want = attn.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :]).transpose(1, 2).reshape(b, n, c))
     torch.testing.assert_close(attn(x, key_padding_mask=mask), want, rtol=1e-5, atol=1e-5)
+
+
+def test_qkv_head_width_rule():
+    """Rows padded only where the GPU Triton kernels would copy them: CUDA, fp16/bf16, a split head
+    dim that is not a multiple of 16 (genfast.ops.qkv)."""
+    from genfast.ops.qkv import qkv_head_width
+
+    cuda = torch.device("cuda")  # only the device type is read: no GPU needed
+    assert qkv_head_width(72, torch.bfloat16, cuda) == 80 and qkv_head_width(72, torch.float16, cuda) == 80
+    assert qkv_head_width(88, torch.bfloat16, cuda) == 96
+    for d, dtype, dev in [(72, torch.float32, cuda), (72, torch.bfloat16, "cpu"), (64, torch.bfloat16, cuda),
+                          (80, torch.bfloat16, cuda), (96, torch.bfloat16, cuda), (40, torch.bfloat16, cuda),
+                          (128, torch.bfloat16, cuda)]:
+        assert qkv_head_width(d, dtype, dev) == d, (d, dtype, dev)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_qkv_projection_gives_the_same_block(dtype, monkeypatch, use_backend):
+    """The padded projection (taken on GPUs at head dim 72) forced on the CPU: q/k/v views with
+    16-element-aligned rows, and the block's output and every gradient as with the plain views."""
+    import genfast.ops.qkv as qkv
+
+    use_backend("cpu")
+    torch.manual_seed(0)
+    block = genfast.nn.DiTBlock(144, 2).to(dtype)  # head dim 72
+    for p in block.parameters():
+        nn.init.normal_(p, std=0.1)
+    x, c = torch.randn(2, 9, 144, dtype=dtype), torch.randn(2, 144, dtype=dtype)
+    g = torch.randn(2, 9, 144, dtype=dtype)
+
+    def run():
+        xi = x.clone().requires_grad_()
+        out = block(xi, c)
+        return [out, *torch.autograd.grad(out, [xi, *block.parameters()], g)]
+
+    plain = run()
+    monkeypatch.setattr(qkv, "qkv_head_width", lambda d, dt, dev: -(-d // 16) * 16)
+    views = qkv.qkv_projection(x, block.attn.qkv, 2)
+    assert views.shape == (3, 2, 2, 9, 72) and all(s % 16 == 0 for s in views.stride()[:4])
+    padded = run()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for name, a, b in zip(["out", "x", *dict(block.named_parameters())], padded, plain):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a.float(), b.float(), **tol, msg=name)

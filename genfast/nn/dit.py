@@ -10,7 +10,8 @@ state dict loads unchanged:
     mlp.fc2.{weight,bias}             [C, hidden]
 
 The path through a block: adaln_modulate (LayerNorm statistics + modulation in one pass), the qkv
-Linear, genfast.attention reading q/k/v as strided views of the qkv output (no transpose copy) and
+Linear, genfast.attention reading q/k/v as strided views of the qkv output (no transpose copy; on
+GPUs, head dim 72's rows padded to 80 by the projection itself, genfast.ops.qkv) and
 writing [B, N, H, D] memory on every backend so the reshape before proj is free, proj,
 gated_residual (x + gate * y in one pass); the same for the MLP, whose GELU(tanh) is genfast's
 (genfast.ops.gelu.gelu_tanh).
@@ -37,6 +38,7 @@ from torch import nn
 import genfast
 from genfast.ops.gelu import gelu_tanh_inference
 from genfast.ops.linear import linear_layer
+from genfast.ops.qkv import qkv_projection
 
 
 def _adaln_modulate(x, shift, scale, eps=1e-6):
@@ -61,8 +63,9 @@ class DiTAttention(nn.Module):
 
     def forward(self, x, *, key_padding_mask=None, causal=False):
         b, n, c = x.shape
-        # [B, N, 3, H, D] -> three [B, H, N, D] views of the one qkv output: read in place.
-        q, k, v = linear_layer(self.qkv, x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # [B, N, 3, H, D] -> three [B, H, N, D] views of the one qkv output: read in place (rows
+        # padded per head where the GPU kernels want them aligned: genfast.ops.qkv).
+        q, k, v = qkv_projection(x, self.qkv, self.num_heads)
         out = genfast.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
         return linear_layer(self.proj, out.transpose(1, 2).reshape(b, n, c))
 

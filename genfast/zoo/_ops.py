@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import genfast
 from genfast.ops import gelu as _gelu
 from genfast.ops import linear as _linear
+from genfast.ops import qkv as _qkv
 
 NAMES = ("attention", "adaln_modulate", "gated_residual", "reparam_kl", "vector_quantize", "flow_euler_step")
 
@@ -150,6 +151,15 @@ def gelu_tanh(x):
     if not _state["genfast"]:
         return F.gelu(x, approximate="tanh")
     return _gelu.gelu_tanh(x) if x.requires_grad and torch.is_grad_enabled() else _gelu.gelu_tanh_inference(x)
+
+
+def qkv_projection(x, layer, num_heads):
+    """[3, B, H, N, D] views of one fused qkv projection (genfast.ops.qkv: rows laid out for
+    genfast.attention on GPUs), else of layer(x) as plain PyTorch."""
+    if not _state["genfast"]:
+        b, n, _ = x.shape
+        return layer(x).view(b, n, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    return _qkv.qkv_projection(x, layer, num_heads)
 
 
 def linear(x, layer):

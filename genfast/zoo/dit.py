@@ -40,7 +40,7 @@ class Attention(nn.Module):
 
     def forward(self, x):
         b, n, c = x.shape
-        qkv = _ops.linear(x, self.qkv).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = _ops.qkv_projection(x, self.qkv, self.num_heads)
         o = _ops.attention(qkv[0], qkv[1], qkv[2])  # [B, H, N, D] views, no copy
         return _ops.linear(o.transpose(1, 2).reshape(b, n, c), self.proj)
 
