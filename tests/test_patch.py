@@ -139,6 +139,20 @@ def test_patched_model_matches_unpatched(name, expect):
 
 
 @pytest.mark.parametrize("name", ["dit", "pixart"])
+def test_padded_head_rows_give_the_same_answers(name, monkeypatch):
+    """The path GPUs take at head dim 72 (PixArt), forced here: each of q, k, v projected with
+    per-head padded rows (genfast.ops.qkv) and read in place; outputs and gradients unchanged."""
+    import genfast.ops.qkv as qkv
+
+    calls = []
+    real = qkv.projection_heads
+    monkeypatch.setattr(qkv, "qkv_head_width", lambda d, dtype, device: d + 8)
+    monkeypatch.setattr(qkv, "projection_heads", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    check_against_unpatched(name)
+    assert calls  # the padded path ran (self attention; PixArt's cross attention too)
+
+
+@pytest.mark.parametrize("name", ["dit", "pixart"])
 def test_patched_model_under_triton_interpreter(name, use_backend):
     use_backend("triton")  # the interpreter is slow: one block
     check_against_unpatched(name, layers=1)

@@ -27,23 +27,29 @@ def qkv_head_width(head_dim, dtype, device):
     return -(-head_dim // 16) * 16 if head_dim_blocks(head_dim)[1] else head_dim
 
 
-def _pad_heads(t, num_heads, head_dim, width):
-    """A [3 * H * D, ...] weight or bias as [3 * H * width, ...], each head's rows zero-padded."""
+def _pad_heads(t, groups, num_heads, head_dim, width):
+    """A [G * H * D, ...] weight or bias as [G * H * width, ...], each head's rows zero-padded."""
     rest = t.shape[1:]
-    padded = F.pad(t.reshape(3, num_heads, head_dim, -1), (0, 0, 0, width - head_dim))
-    return padded.reshape(3 * num_heads * width, *rest)
+    padded = F.pad(t.reshape(groups, num_heads, head_dim, -1), (0, 0, 0, width - head_dim))
+    return padded.reshape(groups * num_heads * width, *rest)
+
+
+def projection_heads(x, layer, num_heads, groups=1):
+    """[B, N, G, H, D] view of layer(x), x [B, N, C], whose output columns are (G, H, D) ordered
+    (G = 3 for a fused qkv projection, 1 for one of q, k, v). A plain nn.Linear runs genfast.ops.linear,
+    with per-head padded rows where qkv_head_width says so; any other module (LoRA, quantised
+    wrappers) runs its own forward."""
+    b, n, _ = x.shape
+    if type(layer) is torch.nn.Linear and layer.out_features % (groups * num_heads) == 0:
+        d = layer.out_features // (groups * num_heads)
+        w = qkv_head_width(d, x.dtype, x.device)
+        if w != d:
+            bias = _pad_heads(layer.bias, groups, num_heads, d, w) if layer.bias is not None else None
+            out = linear(x, _pad_heads(layer.weight, groups, num_heads, d, w), bias)
+            return out.view(b, n, groups, num_heads, w)[..., :d]
+    return linear_layer(layer, x).view(b, n, groups, num_heads, -1)
 
 
 def qkv_projection(x, layer, num_heads):
-    """[3, B, H, N, D]: q, k, v as strided views of layer(x), x [B, N, C], for genfast.attention.
-    A plain nn.Linear runs genfast.ops.linear, with per-head padded rows where qkv_head_width says
-    so; any other module (LoRA, quantised wrappers) runs its own forward."""
-    b, n, _ = x.shape
-    if type(layer) is torch.nn.Linear and layer.out_features % (3 * num_heads) == 0:
-        d = layer.out_features // (3 * num_heads)
-        w = qkv_head_width(d, x.dtype, x.device)
-        if w != d:
-            bias = _pad_heads(layer.bias, num_heads, d, w) if layer.bias is not None else None
-            out = linear(x, _pad_heads(layer.weight, num_heads, d, w), bias)
-            return out.view(b, n, 3, num_heads, w)[..., :d].permute(2, 0, 3, 1, 4)
-    return linear_layer(layer, x).view(b, n, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    """[3, B, H, N, D]: q, k, v as strided views of one fused projection layer(x), for genfast.attention."""
+    return projection_heads(x, layer, num_heads, groups=3).permute(2, 0, 3, 1, 4)

@@ -6,7 +6,9 @@ Waste avoided against diffusers' AttnProcessor2_0 / JointAttnProcessor2_0:
     on the CPU the concatenation is cached and rebuilt when a weight's storage or version changes;
     with autograd on, or under torch.compile, it is concatenated per call (differentiable, cheap
     next to the GEMM); on GPUs the separate GEMMs are kept (no second copy of large weights).
-  * q, k, v are strided views of that output (genfast.attention reads any strides: no transposes).
+  * q, k, v are strided views of that output (genfast.attention reads any strides: no transposes);
+    on GPUs at head dim 72 (PixArt, fp16/bf16) each projection writes per-head padded rows that the
+    Triton kernels read in place (genfast.ops.qkv) instead of copying misaligned ones.
   * no division by rescale_output_factor when it is 1, no .to() no-ops.
 The answers are those of the original processor (within the tests' tolerance rule); a call it
 cannot serve exactly (a 4-D input, a bool or general float mask, dropout) runs the original.
@@ -15,6 +17,7 @@ import torch
 
 import genfast
 from genfast.ops.linear import linear, linear_layer
+from genfast.ops import qkv as _qkv
 from genfast.patch import _support
 
 _LINEAR = torch.nn.Linear
@@ -81,6 +84,17 @@ def _split(t, heads, norm=None):
     return t if norm is None else norm(t)
 
 
+def project_heads(x, fused, linears, heads, norms):
+    """[B, N, H, D] per linear (project() split into heads, each with its per-head norm or None). On
+    GPUs where genfast.attention wants q/k/v rows aligned (head dim 72 in fp16/bf16: PixArt), a layer
+    with no norm writes per-head padded rows itself (genfast.ops.qkv): read in place, no copy."""
+    lin = linears[0]
+    if (all(norm is None for norm in norms) and type(lin) is _LINEAR and lin.out_features % heads == 0
+            and _qkv.qkv_head_width(lin.out_features // heads, x.dtype, x.device) != lin.out_features // heads):
+        return [_qkv.projection_heads(x, layer, heads)[:, :, 0] for layer in linears]
+    return [_split(t, heads, norm) for t, norm in zip(project(x, fused, linears), norms)]
+
+
 # ------------------------------------------------------------------------------------- masks
 _checked = [None, None]  # (mask, version) of the last mask found exact: PixArt passes one mask to every layer
 
@@ -145,12 +159,12 @@ class GenfastAttnProcessor:
         if not ok:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         h = attn.heads
-        if encoder_hidden_states is None:
-            q, k, v = project(x, self.qkv, (attn.to_q, attn.to_k, attn.to_v))
-        else:
-            q, (k, v) = attn.to_q(x), project(ctx, self.kv, (attn.to_k, attn.to_v))
         # diffusers normalises q / k per head over D: the same on [B, N, H, D] as on [B, H, N, D]
-        q, k, v = _split(q, h, attn.norm_q), _split(k, h, attn.norm_k), _split(v, h)
+        if encoder_hidden_states is None:
+            q, k, v = project_heads(x, self.qkv, (attn.to_q, attn.to_k, attn.to_v), h, (attn.norm_q, attn.norm_k, None))
+        else:
+            (q,) = project_heads(x, None, (attn.to_q,), h, (attn.norm_q,))
+            k, v = project_heads(ctx, self.kv, (attn.to_k, attn.to_v), h, (attn.norm_k, None))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         out = genfast.attention(q, k, v, key_padding_mask=kpm)
         out = attn.to_out[1](linear_layer(attn.to_out[0], out.transpose(1, 2).reshape(b, n, -1)))
