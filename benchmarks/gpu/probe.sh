@@ -12,7 +12,7 @@ BUILD=$!
 D=benchmarks/gpu
 [ -n "${MATRIX:-}" ] && stage "triton matrix $MATRIX" 110 $PY $D/triton_attention_diag.py matrix $MATRIX > "$OUT/matrix.log" 2>&1
 [ -n "${SWEEP:-}" ] && stage "triton sweep $SWEEP" 110 $PY $D/triton_attention_diag.py sweep $SWEEP > "$OUT/sweep.log" 2>&1
-[ -n "${MODSWEEP:-1}" ] && stage "modulate sweep" 40 $PY $D/modulate_sweep.py >> "$OUT/sweep.log" 2>&1
+[ -n "${MODSWEEP-1}" ] && stage "modulate sweep" 40 $PY $D/modulate_sweep.py >> "$OUT/sweep.log" 2>&1
 wait $BUILD
 (cd /tmp && $PY -c "import genfast, genfast._cuda; print('genfast', genfast.__version__, 'with genfast._cuda')") >> "$OUT/summary.txt" 2>&1 \
   || { tail -30 "$OUT/build.log"; cat "$OUT/summary.txt"; exit 1; }
