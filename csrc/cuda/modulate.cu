@@ -399,7 +399,6 @@ int modulate_bwd(const ModulateBwdParams& p, void* stream) {
   return err;
 }
 
-
 template <int DT, class I>
 void launch_gated_pack(const GatedResidualParams& p, int64_t packs, int64_t row_packs, void* stream) {
   static std::atomic<int> cache[64];
