@@ -1,4 +1,4 @@
-"""Which implementation runs an op: cuda | triton | cpu | cuda_emu | reference (DESIGN.md §3).
+"""Which implementation runs an op: cuda | triton | cpu | cuda_emu | sdpa | reference (DESIGN.md §3).
 
 Each op declares, per backend, a function `reasons(**case) -> list[str]` (empty: it can run the
 case). `choose` walks the op's preference order for the tensors' device and takes the first backend
@@ -8,12 +8,13 @@ reason instead of silently running something else.
 
   GENFAST_BACKEND=triton   with TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors
   GENFAST_BACKEND=cuda_emu runs the CUDA kernels on CPU tensors through csrc/emu
+  GENFAST_BACKEND=sdpa     attention only: torch's scaled_dot_product_attention (no key mask)
 """
 import os
 
 from genfast import _native
 
-NAMES = ("cuda", "triton", "cpu", "cuda_emu", "reference")
+NAMES = ("cuda", "triton", "cpu", "cuda_emu", "sdpa", "reference")
 
 # Preference per op and device type, until the benchmarks on a GPU say otherwise: CUDA first for
 # elementwise and norm ops, Triton first for attention (DESIGN.md §3).
@@ -24,7 +25,10 @@ PREFERENCE = {
     # Triton first for VQ: its tl.dot tiles beat the SIMT CUDA kernel (tensor cores) until measured.
     "vq_nearest": {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")},
     "reparam_kl": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")},
-    "attention": {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")},
+    # Attention on GPUs: torch's SDPA (cuDNN / flash) first where it can run the case (fp16/bf16, no
+    # key mask): measured faster than genfast's Triton and CUDA kernels at every benchmark shape on
+    # an H200 (benchmarks/gpu/NOTES.md); genfast's kernels serve masks, fp32 and forced backends.
+    "attention": {"cuda": ("sdpa", "triton", "cuda", "reference"), "cpu": ("cpu", "reference")},
 }
 
 
@@ -91,6 +95,8 @@ def choose(op, device_type, reasons_by_backend):
     order = PREFERENCE[op].get(device_type, ("reference",))
     tried = []
     for candidate in order:
+        if candidate not in reasons_by_backend:  # a way this caller cannot take (attention's op: sdpa)
+            continue
         reasons = reasons_by_backend[candidate]()
         if not reasons:
             return candidate
@@ -101,4 +107,4 @@ def choose(op, device_type, reasons_by_backend):
 def explain(op, device_type, reasons_by_backend):
     """[(backend, reasons)] in preference order, for genfast.info()."""
     order = PREFERENCE[op].get(device_type, ("reference",))
-    return [(name, reasons_by_backend[name]()) for name in order]
+    return [(name, reasons_by_backend[name]()) for name in order if name in reasons_by_backend]

@@ -84,12 +84,15 @@ def test_attention_module_reads_qkv_views_and_masks(use_backend):
     torch.testing.assert_close(attn(x, key_padding_mask=mask), want, rtol=1e-5, atol=1e-5)
 
 
-def test_qkv_head_width_rule():
-    """Rows padded only where the GPU Triton kernels would copy them: CUDA, fp16/bf16, a split head
-    dim that is not a multiple of 16 (genfast.ops.qkv)."""
+def test_qkv_head_width_rule(monkeypatch):
+    """Rows padded only where the GPU Triton kernels would copy them: CUDA, fp16/bf16, Triton chosen
+    for unmasked attention, a split head dim that is not a multiple of 16 (genfast.ops.qkv)."""
     from genfast.ops.qkv import qkv_head_width
 
     cuda = torch.device("cuda")  # only the device type is read: no GPU needed
+    # By default torch's SDPA serves unmasked fp16/bf16 attention on GPUs: it reads the rows in place.
+    assert qkv_head_width(72, torch.bfloat16, cuda) == 72 and qkv_head_width(72, torch.float16, cuda) == 72
+    monkeypatch.setattr(genfast.ops.attention, "backend_name", lambda *a, **k: "triton")  # Triton chosen
     assert qkv_head_width(72, torch.bfloat16, cuda) == 80 and qkv_head_width(72, torch.float16, cuda) == 80
     assert qkv_head_width(88, torch.bfloat16, cuda) == 96
     for d, dtype, dev in [(72, torch.float32, cuda), (72, torch.bfloat16, "cpu"), (64, torch.bfloat16, cuda),

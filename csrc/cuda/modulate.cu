@@ -226,7 +226,7 @@ __global__ void __launch_bounds__(kColBlock) gated_bwd_kernel(const GatedResidua
     const float g = dev::load_elem<DT>(p.grad, b * p.g_sb + n * p.g_sn + c);
     const float y = dev::load_elem<DT>(p.y, b * p.y_sb + n * p.y_sn + c);
     if (p.dy) dev::store_elem<DT>(p.dy, r * p.C + c, g * dev::load_elem<DT>(p.gate, b * p.gate_sb + n * p.gate_sn + c));
-    if (p.per_sample) acc += g * y;
+    if (p.per_sample) acc = fmaf(g, y, acc);  // explicit: nvcc may contract or not per kernel
     else if (p.dgate) dev::store_elem<DT>(p.dgate, r * p.C + c, g * y);
   }
   if (p.per_sample && p.dgate) p.partial[(b * gridDim.y + k) * p.C + c] = acc;
@@ -280,7 +280,7 @@ __global__ void __launch_bounds__(kGatedBwdThreads) gated_bwd_pack_kernel(const 
       dev::unpack_pack<DT>(yr[u], t);
       if (p.per_sample) {
 #pragma unroll
-        for (int j = 0; j < V; ++j) acc[j] += gv[j] * t[j];
+        for (int j = 0; j < V; ++j) acc[j] = fmaf(gv[j], t[j], acc[j]);  // as the element kernel
       } else {
 #pragma unroll
         for (int j = 0; j < V; ++j) o[j] = gv[j] * t[j];

@@ -11,6 +11,11 @@ first real key) gives zeros and zero, finite gradients.
 The forward keeps the log-sum-exp of each row in fp32 [B, H, Nq] (+inf marks a fully masked row,
 so exp(s - lse) = 0 there) and the backward recomputes the probabilities from it: the Nq x Nk
 matrix is never stored by the kernels (the reference and the CPU path build it in blocks).
+
+On GPUs, fp16/bf16 calls without a key mask go to torch's scaled_dot_product_attention (the
+"sdpa" backend: cuDNN or flash, whichever torch picks), which an H200 measured faster than
+genfast's Triton and CUDA kernels at every benchmarked shape; masks, fp32 and a forced
+GENFAST_BACKEND=triton|cuda run genfast's kernels.
 """
 import math
 
@@ -47,10 +52,22 @@ def attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None):
     """
     _check(q, k, v, causal, scale, key_padding_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if key_padding_mask is None and _fused_directly(q, k, v, causal):
+    if key_padding_mask is None and (_sdpa_way(q, k) or _fused_directly(q, k, v, causal)):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    if backends.forced() == "sdpa":
+        raise ValueError("GENFAST_BACKEND=sdpa runs torch's scaled_dot_product_attention only without a "
+                         "key_padding_mask and with at least one key (genfast defines fully masked rows as zeros; "
+                         "SDPA does not): pass key_padding_mask=None or unset GENFAST_BACKEND")
     keep_p = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and _can_keep_p(q, k)
     return torch.ops.genfast.attention_fwd(q, k, v, key_padding_mask, bool(causal), scale, keep_p)[0]
+
+
+def _sdpa_way(q, k):
+    """Calls that torch's scaled_dot_product_attention serves, forward and backward under its own
+    autograd (the backend "sdpa": on GPUs, fp16/bf16, measured faster than genfast's kernels;
+    see backends.PREFERENCE). Never with a key mask (the caller checks) or without keys (genfast
+    gives zeros there, SDPA NaN)."""
+    return k.shape[2] > 0 and (q.numel() > 0 or backends.forced() == "sdpa") and backend_for(q) == "sdpa"
 
 
 def _fused_directly(q, k, v, causal=False):
@@ -62,7 +79,7 @@ def _fused_directly(q, k, v, causal=False):
     fully masked row to zero."""
     if q.device.type != "cpu" or torch.compiler.is_compiling() or q.numel() == 0 or k.shape[2] == 0:
         return False
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or backend_for(q) != "cpu":
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or _kernel_for(q) != "cpu":
         return False
     nk = k.shape[2]
     return (attention_cpu.variant(q, nk, causal=causal) == "sdpa"
@@ -72,7 +89,7 @@ def _fused_directly(q, k, v, causal=False):
 def _can_keep_p(q, k):
     """Whether the forward may keep p for the backward: a function of device, dtype and shapes (and
     GENFAST_BACKEND), so eager, the fake and compiled code agree."""
-    if q.device.type != "cpu" or q.numel() == 0 or k.shape[2] == 0 or backend_for(q) != "cpu":
+    if q.device.type != "cpu" or q.numel() == 0 or k.shape[2] == 0 or _kernel_for(q) != "cpu":
         return False
     return attention_cpu.keeps_p(q, k.shape[2])
 
@@ -122,11 +139,24 @@ def _dtype_reasons(dtype):
     return [] if dtype in _KERNEL_DTYPES else [f"dtype {dtype} is not supported (fp32, fp16, bf16 only)"]
 
 
-def _reasons(device_type, dtype, head_dim=64):
-    """{backend: callable -> reasons}. Head dims 1..256 are checked in attention() for every backend."""
+def _sdpa_reasons(device_type, dtype):
+    if device_type not in ("cuda", "cpu"):
+        return [f"runs on cuda or cpu tensors, got {device_type} tensors"]
+    if dtype not in _KERNEL_DTYPES:
+        return _dtype_reasons(dtype)
+    if dtype == torch.float32 and backends.forced() != "sdpa":
+        return ["fp32: genfast's own kernels (SDPA is preferred for fp16/bf16 only, where it was measured)"]
+    return []
+
+
+def _reasons(device_type, dtype, head_dim=64, kernels=False):
+    """{backend: callable -> reasons}. Head dims 1..256 are checked in attention() for every backend.
+    kernels=True leaves out "sdpa": the op's own implementations (attention() takes that way itself)."""
     from genfast.ops import attention_cuda  # the CUDA flash kernels (mma.sync) and their emulated twin
 
+    sdpa = {} if kernels else {"sdpa": lambda: _sdpa_reasons(device_type, dtype)}
     return {
+        **sdpa,
         "cuda": lambda: attention_cuda.reasons("cuda", device_type, dtype, head_dim),
         "cuda_emu": lambda: attention_cuda.reasons("cuda_emu", device_type, dtype, head_dim),
         # Split head dims (72, 80, 96) in fp16/bf16 read misaligned rows wrongly on Hopper (Triton 3.6):
@@ -138,17 +168,27 @@ def _reasons(device_type, dtype, head_dim=64):
     }
 
 
-_CHOSEN = {}  # (device type, dtype, head dim, GENFAST_BACKEND) -> backend: a call asks up to 3 times
+_CHOSEN = {}  # (device type, dtype, head dim, GENFAST_BACKEND, kernels) -> backend: a call asks up to 3 times
 
 
-def backend_for(q):
-    if type(q) is not torch.Tensor or torch.compiler.is_compiling():  # fake/symbolic sizes stay out of the dict
-        return backends.choose(OP, q.device.type, _reasons(q.device.type, q.dtype, q.shape[-1]))
-    key = (q.device.type, q.dtype, q.shape[-1], backends.forced())
+def backend_name(device_type, dtype, head_dim, kernels=False):
+    """The backend for tensors of this device type, dtype and head dim (kernels=True: the op's own
+    implementation, never "sdpa")."""
+    key = (device_type, dtype, head_dim, backends.forced(), kernels)
     name = _CHOSEN.get(key)
     if name is None:  # a backend that cannot run raises here every time (not cached)
-        name = _CHOSEN[key] = backends.choose(OP, q.device.type, _reasons(q.device.type, q.dtype, q.shape[-1]))
+        name = _CHOSEN[key] = backends.choose(OP, device_type, _reasons(device_type, dtype, head_dim, kernels))
     return name
+
+
+def backend_for(q, kernels=False):
+    if type(q) is not torch.Tensor or torch.compiler.is_compiling():  # fake/symbolic sizes stay out of the dict
+        return backends.choose(OP, q.device.type, _reasons(q.device.type, q.dtype, q.shape[-1], kernels))
+    return backend_name(q.device.type, q.dtype, q.shape[-1], kernels)
+
+
+def _kernel_for(q):
+    return backend_for(q, kernels=True)
 
 
 def _fully_masked_rows(nq, nk, causal, mask, device):
@@ -205,7 +245,7 @@ def _fwd_run(q, k, v, mask, causal, scale, keep_p):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if q.numel() == 0 or k.shape[2] == 0:  # nothing to compute, or no key at all: zeros
         return _out_layout(q).zero_(), torch.full((b, h, nq), float("inf"), dtype=lse_dtype, device=q.device)
-    name = backend_for(q)
+    name = _kernel_for(q)
     if name == "triton":
         from genfast.kernels.attention import attention_forward
 
@@ -260,7 +300,7 @@ def _in_grad_layout(t, g):
 def _bwd_impl(dout, q, k, v, out, lse, p, mask, causal, scale):
     if q.numel() == 0 or k.shape[2] == 0:
         return _grad_layout(q).zero_(), _grad_layout(k).zero_(), _grad_layout(v).zero_()
-    name = backend_for(q)
+    name = _kernel_for(q)
     if name == "triton":
         from genfast.kernels.attention import attention_backward
 
@@ -308,7 +348,7 @@ def _backward(ctx, dout, _dlse, _dp):
     if dout is None:
         return None, None, None, None, None, None, None
     # the CPU path reads any strides (dout arrives in [B, N, H, D] memory from a DiT's output projection)
-    dout = dout if dout.device.type == "cpu" and backend_for(q) == "cpu" else dout.contiguous()
+    dout = dout if dout.device.type == "cpu" and _kernel_for(q) == "cpu" else dout.contiguous()
     dq, dk, dv = torch.ops.genfast.attention_bwd(dout, q, k, v, out, lse, p, mask, ctx.causal, ctx.scale)
     return dq, dk, dv, None, None, None, None
 

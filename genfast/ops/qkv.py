@@ -19,8 +19,13 @@ from genfast.ops.linear import linear, linear_layer
 def qkv_head_width(head_dim, dtype, device):
     """The per-head row width a fused projection should write: head_dim rounded up to a multiple of
     16 where genfast.attention's GPU kernels would otherwise copy the rows (CUDA tensors, fp16/bf16,
-    a head dim the Triton kernels split and that is not a multiple of 16: 72, 88, ...), else head_dim."""
+    the Triton kernels chosen for the unmasked case, a head dim they split that is not a multiple of
+    16: 72, 88, ...), else head_dim."""
     if torch.device(device).type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or head_dim % 16 == 0:
+        return head_dim
+    from genfast.ops.attention import backend_name
+
+    if backend_name("cuda", dtype, head_dim) != "triton":  # torch's SDPA (unmasked) reads any rows in place
         return head_dim
     from genfast.kernels.attention import head_dim_blocks  # imports triton: GPU callers only
 
