@@ -57,6 +57,29 @@ def test_block_bf16_within_reference_error(use_backend):
                                   ref64(x.bfloat16().double(), c.bfloat16().double()), floor=1e-3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("hidden,heads", [(64, 4), (144, 2)], ids=["d16", "d72"])
+def test_gpu_block_bf16_default_dispatch_within_reference_error(hidden, heads, monkeypatch):
+    """The block as users run it on a GPU (no forced backend: SDPA attention, CUDA modulate and
+    gated residual, padded qkv where Triton serves), forward and input/conditioning gradients."""
+    monkeypatch.delenv("GENFAST_BACKEND", raising=False)
+    ref, ours = _pair(hidden, heads)
+    ref64 = EagerDiTBlock(hidden, heads).double()
+    ref64.load_state_dict(ref.state_dict())
+    ref16, ours16 = ref.bfloat16().cuda(), ours.bfloat16().cuda()
+    ref64 = ref64.cuda()
+    x, c = torch.randn(3, 37, hidden, device="cuda").bfloat16(), torch.randn(3, hidden, device="cuda").bfloat16()
+    g = torch.randn(3, 37, hidden, device="cuda").bfloat16()
+
+    def run(block, dtype):
+        xi, ci = x.to(dtype).requires_grad_(), c.to(dtype).requires_grad_()
+        out = block(xi, ci)
+        return (out, *torch.autograd.grad(out, (xi, ci), g.to(dtype)))
+    for name, a, lo, hi in zip(("out", "dx", "dc"), run(ours16, torch.bfloat16), run(ref16, torch.bfloat16),
+                               run(ref64, torch.float64)):
+        assert_within_reference_error(f"dit gpu bf16 {name}", a, lo, hi, floor=1e-3)
+
+
 def test_compile_fullgraph_equals_eager(use_backend):
     use_backend("cpu")
     torch._dynamo.reset()

@@ -6,6 +6,7 @@
 #   BUDGET_S=450 MATRIX="64p8 72 72p8 80 80p8" SWEEP="64 128" TESTS_MAX_S=130 \
 #     EXTRA="python3 -P benchmarks/gpu/triton_attention_diag.py bench" \
 #     BENCH="benchmarks/test_attention.py -k dit_block" bash benchmarks/gpu/probe.sh
+# TEST_FILES (default tests) narrows the GPU test stage to some files.
 . "$(dirname "$0")/common.sh"
 stage build 200 $PY -m pip install --no-build-isolation --no-deps --no-index -v . > "$OUT/build.log" 2>&1 &
 BUILD=$!
@@ -18,7 +19,7 @@ wait $BUILD
   || { tail -30 "$OUT/build.log"; cat "$OUT/summary.txt"; exit 1; }
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 12")
 GPU_K='((cuda or triton) and not emu) or gpu'
-[ -n "${TESTS_MAX_S:-}" ] && stage "tests gpu" "$TESTS_MAX_S" $PY -m pytest tests $XDIST -q -rfE -p no:randomly -k "$GPU_K" > "$OUT/tests.log" 2>&1
+[ -n "${TESTS_MAX_S:-}" ] && stage "tests gpu" "$TESTS_MAX_S" $PY -m pytest ${TEST_FILES:-tests} $XDIST -q -rfE -p no:randomly -k "$GPU_K" > "$OUT/tests.log" 2>&1
 [ -f "$OUT/tests.log" ] && tail -25 "$OUT/tests.log" >> "$OUT/summary.txt"
 [ -n "${EXTRA:-}" ] && stage "extra" ${EXTRA_MAX_S:-120} bash -c "$EXTRA" >> "$OUT/sweep.log" 2>&1
 if [ -n "${BENCH:-}" ]; then

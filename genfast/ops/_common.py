@@ -83,7 +83,14 @@ def rows_view(t):
         return None
 
 
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # CUDA builds of torch only
+
+
 def cuda_stream(t):
+    """The current CUDA stream of t's device as an integer handle: one C call (torch.cuda.current_stream
+    builds a Stream object, several us on the launch-bound path)."""
+    if _RAW_STREAM is not None:
+        return _RAW_STREAM(t.device.index)
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
