@@ -19,8 +19,10 @@ wait $BUILD
   || { tail -30 "$OUT/build.log"; cat "$OUT/summary.txt"; exit 1; }
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 12")
 GPU_K='((cuda or triton) and not emu) or gpu'
-[ -n "${TESTS_MAX_S:-}" ] && stage "tests gpu" "$TESTS_MAX_S" $PY -m pytest ${TEST_FILES:-tests} $XDIST -q -rfE -p no:randomly -k "$GPU_K" > "$OUT/tests.log" 2>&1
-[ -f "$OUT/tests.log" ] && tail -25 "$OUT/tests.log" >> "$OUT/summary.txt"
+[ -n "${TESTS_MAX_S:-}" ] && stage "tests gpu" "$TESTS_MAX_S" $PY -m pytest ${TEST_FILES:-tests} $XDIST -v --tb=short -rfE -p no:randomly -k "$GPU_K" > "$OUT/tests.log" 2>&1
+# -v: each result is logged when it lands, so failures keep their names even if a worker hangs at exit
+[ -f "$OUT/tests.log" ] && { grep -E "^\[gw[0-9]+\].*(FAILED|ERROR)|^(FAILED|ERROR) " "$OUT/tests.log" | head -30
+                             tail -3 "$OUT/tests.log"; } >> "$OUT/summary.txt"
 [ -n "${EXTRA:-}" ] && stage "extra" ${EXTRA_MAX_S:-120} bash -c "$EXTRA" >> "$OUT/sweep.log" 2>&1
 if [ -n "${BENCH:-}" ]; then
   rm -f benchmarks/results/nvidia-*

@@ -20,14 +20,14 @@ done
 
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 12")
 GPU_K='((cuda or triton) and not emu) or gpu'  # CUDA / Triton on CUDA tensors and every @gpu test; 12 workers, one GPU
-stage "tests gpu" "${TESTS_MAX_S:-150}" $PY -m pytest tests $XDIST -q -rfE -p no:randomly -k "$GPU_K" > "$OUT/tests.log" 2>&1
+stage "tests gpu" "${TESTS_MAX_S:-150}" $PY -m pytest tests $XDIST -v --tb=short -rfE -p no:randomly -k "$GPU_K" > "$OUT/tests.log" 2>&1
 tail -30 "$OUT/tests.log" >> "$OUT/summary.txt"
 if command -v compute-sanitizer >/dev/null; then
   stage "sanitize memcheck" 80 compute-sanitizer --tool memcheck --print-limit 20 $PY benchmarks/gpu/sanitize.py >> "$OUT/sanitize.log" 2>&1
   stage "sanitize racecheck" 80 compute-sanitizer --tool racecheck --print-limit 20 $PY benchmarks/gpu/sanitize.py --quick >> "$OUT/sanitize.log" 2>&1
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|hazard|Invalid" "$OUT/sanitize.log" | head -20 >> "$OUT/summary.txt"
 fi
-stage "tests rest" 600 $PY -m pytest tests $XDIST -q -rfE -p no:randomly -k "not ($GPU_K)" >> "$OUT/tests.log" 2>&1
+stage "tests rest" 600 $PY -m pytest tests $XDIST -v --tb=short -rfE -p no:randomly -k "not ($GPU_K)" >> "$OUT/tests.log" 2>&1
 tail -15 "$OUT/tests.log" >> "$OUT/summary.txt"
 echo "done at +$(now)s" >> "$OUT/summary.txt"
 cat "$OUT/summary.txt"
