@@ -110,3 +110,15 @@ def test_output_buffers_reused_only_when_free():
     assert_within_reference_error("dx", d1, torch.autograd.grad(F.gelu(x, approximate="tanh"), x, g)[0], high)
     genfast.free_workspace()
     assert not gelu._kept
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_torch_way_has_no_python_autograd_node(backend, use_backend):
+    """Where genfast's kernel does not run (GPUs, fp64, a forced reference), gelu_tanh is torch's own
+    F.gelu under its C++ autograd: no Python backward node, which costs most on a GPU's backward
+    thread (benchmarks/gpu/NOTES.md). The kernel way goes through the registered op."""
+    use_backend(backend)
+    x = torch.randn(4, 9, requires_grad=True)
+    name = type(gelu_tanh(x).grad_fn).__name__
+    assert name.startswith("GeluBackward") == (backend == "reference"), name
+    assert type(gelu_tanh(x.double()).grad_fn).__name__.startswith("GeluBackward")

@@ -26,6 +26,8 @@ def gelu_tanh(x):
     x: any shape and strides, fp32/fp16/bf16 (fp64 runs on torch's kernel). Returns a new
     contiguous tensor of x's dtype."""
     check_float_tensor("x", x)
+    if not _uses_kernel(x):  # torch's own op and C++ autograd: no Python node (costly on a GPU's backward thread)
+        return F.gelu(x, approximate="tanh").contiguous()
     return torch.ops.genfast.gelu_tanh(x)
 
 
