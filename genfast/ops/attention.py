@@ -51,8 +51,11 @@ def attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None):
         [B, H, Nq, D] in q's dtype. Rows with every key masked are zeros (and get zero gradients).
     """
     _check(q, k, v, causal, scale, key_padding_mask)
+    if key_padding_mask is None and _sdpa_way(q, k):  # the call as users make it (None: SDPA's 1/sqrt(D))
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=causal, scale=None if scale is None else float(scale))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if key_padding_mask is None and (_sdpa_way(q, k) or _fused_directly(q, k, v, causal)):
+    if key_padding_mask is None and _fused_directly(q, k, v, causal):  # the op's own scale: same bits
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     if backends.forced() == "sdpa":
         raise ValueError("GENFAST_BACKEND=sdpa runs torch's scaled_dot_product_attention only without a "

@@ -118,8 +118,15 @@ def _modulation(name, t, x):
 _reasons = kernel_reasons  # fp32/fp16/bf16 on every kernel backend; fp64 goes to the reference
 
 
+_CHOSEN = {}  # (op, device type, dtype, GENFAST_BACKEND, TRITON_INTERPRET) -> backend: asked on every call
+
+
 def backend_for(x, op="adaln_modulate"):
-    return backends.choose(op, x.device.type, _reasons(x.device.type, x.dtype))
+    key = (op, x.device.type, x.dtype, backends.forced(), backends.getenv("TRITON_INTERPRET"))
+    name = _CHOSEN.get(key)
+    if name is None:  # a backend that cannot run raises here every time (not cached)
+        name = _CHOSEN[key] = backends.choose(op, x.device.type, _reasons(x.device.type, x.dtype))
+    return name
 
 
 def _sums_in_thread(name, b):
@@ -181,7 +188,7 @@ def _modulate_bwd_impl(grad, x, shift, scale, mean, rstd, eps, rms, needs):
     """(dx, dshift, dscale); an output that is not needed is an empty [0] tensor."""
     need_x, need_shift, need_scale = needs
     need_shift = need_shift and shift is not None
-    nothing = x.new_empty(0)
+    nothing = x.new_empty(0) if not (need_x and need_shift and need_scale) else None  # for outputs not asked for
     b, n, c = x.shape
     if x.numel() == 0:
         return (torch.zeros_like(x) if need_x else nothing,
@@ -318,7 +325,7 @@ def _gated_impl(x, gate, y):
 def _gated_bwd_impl(grad, gate, y, needs):
     """(dy, dgate); an output that is not needed is an empty [0] tensor."""
     need_y, need_gate = needs
-    nothing = y.new_empty(0)
+    nothing = y.new_empty(0) if not (need_y and need_gate) else None  # for outputs not asked for
     b, n, c = y.shape
     if y.numel() == 0:
         return (torch.zeros_like(y) if need_y else nothing, torch.zeros_like(gate) if need_gate else nothing)
