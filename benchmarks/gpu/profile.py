@@ -6,6 +6,11 @@
                                                   gated_residual and attention fwd+bwd (tiny tensors:
                                                   host time only; H200 session 2 measured ~0.35 ms of
                                                   host time per modulate fwd+bwd that this should name)
+  python3 -P benchmarks/gpu/profile.py overhead   host time piece by piece, tiny tensors, us per call:
+                                                  autograd's device thread (aten op fwd+bwd), a Python
+                                                  autograd.Function, the same with autograd multithreading
+                                                  off, genfast modulate / gated vs eager, stream query,
+                                                  allocation (H200 session 3: benchmarks/gpu/NOTES.md)
 Prints, per case, the wall time per call (synchronised), the summed device time, and the top ops
 by host time and by device time. Needs the installed genfast (run from the repository root)."""
 import sys
@@ -98,5 +103,58 @@ def host():
         pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
 
+class Twice(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+def overhead():
+    """Host time of a custom op's forward+backward, piece by piece (see the module docstring)."""
+    dt = torch.bfloat16
+    x = torch.randn(2, 8, 64, device="cuda", dtype=dt, requires_grad=True)
+    shift, scale, gate = (torch.randn(2, 64, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
+    g = torch.ones_like(x)
+
+    def eager_mod():
+        return torch.nn.functional.layer_norm(x, (64,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+    def grad(out, leaves):
+        return torch.autograd.grad(out, leaves, g)
+    from genfast.ops import modulate as m
+    cases = {
+        "aten x*2 fwd": lambda: x * 2,
+        "aten x*2 fwd+bwd": lambda: grad(x * 2, (x,)),
+        "py Function x*2 fwd": lambda: Twice.apply(x),
+        "py Function x*2 fwd+bwd": lambda: grad(Twice.apply(x), (x,)),
+        "eager modulate fwd": eager_mod,
+        "genfast modulate fwd": lambda: genfast.adaln_modulate(x, shift, scale),
+        "eager modulate fwd+bwd": lambda: grad(eager_mod(), (x, shift, scale)),
+        "genfast modulate fwd+bwd": lambda: grad(genfast.adaln_modulate(x, shift, scale), (x, shift, scale)),
+        "eager gated fwd+bwd": lambda: grad(x + gate[:, None] * x, (x, gate)),
+        "genfast gated fwd+bwd": lambda: grad(genfast.gated_residual(x, gate, x), (x, gate)),
+        "torch.cuda.current_stream().cuda_stream": lambda: torch.cuda.current_stream(x.device).cuda_stream,
+        "torch._C._cuda_getCurrentRawStream": lambda: torch._C._cuda_getCurrentRawStream(0),
+        "torch.empty cuda [2,8]": lambda: torch.empty(2, 8, device="cuda"),
+        "x*2 under no_grad": lambda: torch.mul(x.detach(), 2),
+        "modulate backend_for": lambda: m.backend_for(x),
+        "modulate _modulate_impl (fwd, no autograd)": lambda: m._modulate_impl(x, shift[:, None], scale[:, None],
+                                                                               1e-6, False),
+    }
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; us per call (tiny tensors)")
+    for name, fn in cases.items():
+        print(f"{name:48s} {_wall(fn, 2000) * 1e3:8.1f}", flush=True)
+    torch.autograd.set_multithreading_enabled(False)
+    print("-- autograd multithreading off (backward on the calling thread)")
+    for name in ("aten x*2 fwd+bwd", "py Function x*2 fwd+bwd", "eager modulate fwd+bwd",
+                 "genfast modulate fwd+bwd", "eager gated fwd+bwd", "genfast gated fwd+bwd"):
+        print(f"{name:48s} {_wall(cases[name], 2000) * 1e3:8.1f}", flush=True)
+    torch.autograd.set_multithreading_enabled(True)
+
+
 if __name__ == "__main__":
-    {"modulate": modulate, "dit": dit, "host": host}[sys.argv[1] if len(sys.argv) > 1 else "modulate"]()
+    {"modulate": modulate, "dit": dit, "host": host, "overhead": overhead}[sys.argv[1] if len(sys.argv) > 1 else "modulate"]()
