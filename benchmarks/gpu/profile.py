@@ -63,7 +63,8 @@ def modulate():
     _report("eager modulate fwd+bwd", eager)
 
 
-def dit():
+def _dit_case():
+    """(genfast block, eager block with the same weights, x, c, grad): bf16 DiT-XL/2, 256 tokens."""
     torch.manual_seed(0)
     ref = reference.DiTBlock(1152, 16).cuda().bfloat16()
     ours = genfast.nn.DiTBlock(1152, 16).cuda().bfloat16()
@@ -71,6 +72,11 @@ def dit():
     x = torch.randn(32, 256, 1152, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     c = torch.randn(32, 1152, device="cuda", dtype=torch.bfloat16)
     g = torch.randn_like(x)
+    return ours, ref, x, c, g
+
+
+def dit():
+    ours, ref, x, c, g = _dit_case()
     for name, m in (("genfast", ours), ("eager", ref)):
         with torch.no_grad():
             _report(f"{name} DiT-XL/2 block fwd", lambda: m(x, c))
@@ -160,13 +166,7 @@ def overhead():
 def _dit_threads():
     """DiT-XL/2 block fwd+bwd at 256 tokens (host-bound for genfast), ms per call, with autograd's
     device thread (default) and without: how much of the gap to eager that thread is."""
-    torch.manual_seed(0)
-    ref = reference.DiTBlock(1152, 16).cuda().bfloat16()
-    ours = genfast.nn.DiTBlock(1152, 16).cuda().bfloat16()
-    ours.load_state_dict(ref.state_dict())
-    x = torch.randn(32, 256, 1152, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    c = torch.randn(32, 1152, device="cuda", dtype=torch.bfloat16)
-    g = torch.randn_like(x)
+    ours, ref, x, c, g = _dit_case()
     for threaded in (True, False):
         torch.autograd.set_multithreading_enabled(threaded)
         for name, m in (("genfast", ours), ("eager", ref)):
