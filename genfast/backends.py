@@ -104,6 +104,20 @@ def choose(op, device_type, reasons_by_backend):
     raise ValueError(f"genfast.{op}: no backend can run this case ({' | '.join(tried)})")
 
 
+_CHOICES = {}  # choose_cached: (op, device type, GENFAST_BACKEND, TRITON_INTERPRET, *key) -> backend
+
+
+def choose_cached(op, device_type, key, make_reasons):
+    """choose(op, device_type, make_reasons()) remembered per (op, device type, GENFAST_BACKEND,
+    TRITON_INTERPRET, *key), for ops that ask on every call: key holds whatever else the reasons
+    depend on (dtype, head dim, ...). A backend that cannot run raises every time (not cached)."""
+    full = (op, device_type, forced(), getenv("TRITON_INTERPRET"), *key)
+    name = _CHOICES.get(full)
+    if name is None:
+        name = _CHOICES[full] = choose(op, device_type, make_reasons())
+    return name
+
+
 def explain(op, device_type, reasons_by_backend):
     """[(backend, reasons)] in preference order, for genfast.info()."""
     order = PREFERENCE[op].get(device_type, ("reference",))

@@ -33,7 +33,7 @@ def sdpa_first_on_cpu(monkeypatch):
     monkeypatch.setitem(backends.PREFERENCE, "attention", {**backends.PREFERENCE["attention"],
                                                            "cpu": ("sdpa", "cpu", "reference")})
     monkeypatch.setattr(attn_ops, "_sdpa_reasons", lambda device_type, dtype: [])
-    monkeypatch.setattr(attn_ops, "_CHOSEN", {})  # the choice cache predates the patch
+    monkeypatch.setattr(backends, "_CHOICES", {})  # the choice cache predates the patch
 
 
 def _check_fwd_bwd(case, device):

@@ -171,17 +171,11 @@ def _reasons(device_type, dtype, head_dim=64, kernels=False):
     }
 
 
-_CHOSEN = {}  # (device type, dtype, head dim, GENFAST_BACKEND, kernels) -> backend: a call asks up to 3 times
-
-
 def backend_name(device_type, dtype, head_dim, kernels=False):
     """The backend for tensors of this device type, dtype and head dim (kernels=True: the op's own
-    implementation, never "sdpa")."""
-    key = (device_type, dtype, head_dim, backends.forced(), kernels)
-    name = _CHOSEN.get(key)
-    if name is None:  # a backend that cannot run raises here every time (not cached)
-        name = _CHOSEN[key] = backends.choose(OP, device_type, _reasons(device_type, dtype, head_dim, kernels))
-    return name
+    implementation, never "sdpa"); remembered, as a call asks up to 3 times."""
+    return backends.choose_cached(OP, device_type, (dtype, head_dim, kernels),
+                                  lambda: _reasons(device_type, dtype, head_dim, kernels))
 
 
 def backend_for(q, kernels=False):

@@ -175,17 +175,10 @@ def _check_out(out, x, v_cond, v_uncond, dt_t, w_t):
 _reasons = kernel_reasons  # fp32/fp16/bf16 on every kernel backend; fp64 goes to the reference
 
 
-_CHOICE = {}
-
-
 def backend_for(x):
     """The backend for x's device and dtype, cached per environment (GENFAST_BACKEND and
     TRITON_INTERPRET are read on every call, so tests and users may change them at any time)."""
-    key = (x.device.type, x.dtype, backends.getenv("GENFAST_BACKEND"), backends.getenv("TRITON_INTERPRET"))
-    name = _CHOICE.get(key)
-    if name is None:
-        name = _CHOICE[key] = backends.choose(OP, x.device.type, _reasons(x.device.type, x.dtype))
-    return name
+    return backends.choose_cached(OP, x.device.type, (x.dtype,), lambda: _reasons(x.device.type, x.dtype))
 
 
 def _compute(out, x, vc, vu, dt, dt_v, w, w_v):

@@ -118,15 +118,8 @@ def _modulation(name, t, x):
 _reasons = kernel_reasons  # fp32/fp16/bf16 on every kernel backend; fp64 goes to the reference
 
 
-_CHOSEN = {}  # (op, device type, dtype, GENFAST_BACKEND, TRITON_INTERPRET) -> backend: asked on every call
-
-
 def backend_for(x, op="adaln_modulate"):
-    key = (op, x.device.type, x.dtype, backends.forced(), backends.getenv("TRITON_INTERPRET"))
-    name = _CHOSEN.get(key)
-    if name is None:  # a backend that cannot run raises here every time (not cached)
-        name = _CHOSEN[key] = backends.choose(op, x.device.type, _reasons(x.device.type, x.dtype))
-    return name
+    return backends.choose_cached(op, x.device.type, (x.dtype,), lambda: _reasons(x.device.type, x.dtype))
 
 
 def _sums_in_thread(name, b):

@@ -9,6 +9,8 @@ so qkv_projection zero-pads the weight and bias per head to D16 = 80 columns: th
 aligned rows and the attention reads them in place, for (D16 - D) / D more projection work (11 % at
 72) instead of a copy of q, k and v in the forward and again in the backward. The padding columns
 are zeros that no one reads; gradients reach the real weight and bias through F.pad's backward.
+Only where the Triton kernels would serve the unmasked call: by default torch's SDPA does on GPUs
+(fp16/bf16, genfast.ops.attention), and it reads the plain views in place, so nothing is padded.
 """
 import torch
 import torch.nn.functional as F

@@ -7,8 +7,9 @@ Waste avoided against diffusers' AttnProcessor2_0 / JointAttnProcessor2_0:
     with autograd on, or under torch.compile, it is concatenated per call (differentiable, cheap
     next to the GEMM); on GPUs the separate GEMMs are kept (no second copy of large weights).
   * q, k, v are strided views of that output (genfast.attention reads any strides: no transposes);
-    on GPUs at head dim 72 (PixArt, fp16/bf16) each projection writes per-head padded rows that the
-    Triton kernels read in place (genfast.ops.qkv) instead of copying misaligned ones.
+    where genfast's Triton kernels serve attention on GPUs at head dim 72 (PixArt, fp16/bf16), each
+    projection writes per-head padded rows that they read in place (genfast.ops.qkv) instead of
+    copying misaligned ones (by default torch's SDPA serves unmasked calls there: no padding).
   * no division by rescale_output_factor when it is 1, no .to() no-ops.
 The answers are those of the original processor (within the tests' tolerance rule); a call it
 cannot serve exactly (a 4-D input, a bool or general float mask, dropout) runs the original.
@@ -85,9 +86,10 @@ def _split(t, heads, norm=None):
 
 
 def project_heads(x, fused, linears, heads, norms):
-    """[B, N, H, D] per linear (project() split into heads, each with its per-head norm or None). On
-    GPUs where genfast.attention wants q/k/v rows aligned (head dim 72 in fp16/bf16: PixArt), a layer
-    with no norm writes per-head padded rows itself (genfast.ops.qkv): read in place, no copy."""
+    """[B, N, H, D] per linear (project() split into heads, each with its per-head norm or None). Where
+    genfast.attention's Triton kernels want q/k/v rows aligned (GPUs, head dim 72 in fp16/bf16:
+    PixArt, genfast.ops.qkv.qkv_head_width), a layer with no norm writes per-head padded rows itself:
+    read in place, no copy."""
     lin = linears[0]
     if (all(norm is None for norm in norms) and type(lin) is _LINEAR and lin.out_features % heads == 0
             and _qkv.qkv_head_width(lin.out_features // heads, x.dtype, x.device) != lin.out_features // heads):
