@@ -104,17 +104,18 @@ def choose(op, device_type, reasons_by_backend):
     raise ValueError(f"genfast.{op}: no backend can run this case ({' | '.join(tried)})")
 
 
-_CHOICES = {}  # choose_cached: (op, device type, GENFAST_BACKEND, TRITON_INTERPRET, *key) -> backend
+_CHOICES = {}  # choose_cached: (op, device type, key, GENFAST_BACKEND, TRITON_INTERPRET) -> backend
 
 
-def choose_cached(op, device_type, key, make_reasons):
-    """choose(op, device_type, make_reasons()) remembered per (op, device type, GENFAST_BACKEND,
-    TRITON_INTERPRET, *key), for ops that ask on every call: key holds whatever else the reasons
-    depend on (dtype, head dim, ...). A backend that cannot run raises every time (not cached)."""
-    full = (op, device_type, forced(), getenv("TRITON_INTERPRET"), *key)
+def choose_cached(op, device_type, key, reasons):
+    """choose(op, device_type, reasons(device_type, *key)) remembered per (op, device type, key,
+    GENFAST_BACKEND, TRITON_INTERPRET), for ops that ask on every call (the launch-bound flow step
+    among them: raw environment strings, nothing built on a hit): key holds whatever else the
+    reasons depend on (dtype, head dim, ...). A backend that cannot run raises every time (not cached)."""
+    full = (op, device_type, key, getenv("GENFAST_BACKEND"), getenv("TRITON_INTERPRET"))
     name = _CHOICES.get(full)
     if name is None:
-        name = _CHOICES[full] = choose(op, device_type, make_reasons())
+        name = _CHOICES[full] = choose(op, device_type, reasons(device_type, *key))
     return name
 
 

@@ -174,8 +174,7 @@ def _reasons(device_type, dtype, head_dim=64, kernels=False):
 def backend_name(device_type, dtype, head_dim, kernels=False):
     """The backend for tensors of this device type, dtype and head dim (kernels=True: the op's own
     implementation, never "sdpa"); remembered, as a call asks up to 3 times."""
-    return backends.choose_cached(OP, device_type, (dtype, head_dim, kernels),
-                                  lambda: _reasons(device_type, dtype, head_dim, kernels))
+    return backends.choose_cached(OP, device_type, (dtype, head_dim, kernels), _reasons)
 
 
 def backend_for(q, kernels=False):

@@ -178,7 +178,7 @@ _reasons = kernel_reasons  # fp32/fp16/bf16 on every kernel backend; fp64 goes t
 def backend_for(x):
     """The backend for x's device and dtype, cached per environment (GENFAST_BACKEND and
     TRITON_INTERPRET are read on every call, so tests and users may change them at any time)."""
-    return backends.choose_cached(OP, x.device.type, (x.dtype,), lambda: _reasons(x.device.type, x.dtype))
+    return backends.choose_cached(OP, x.device.type, (x.dtype,), _reasons)
 
 
 def _compute(out, x, vc, vu, dt, dt_v, w, w_v):

@@ -119,7 +119,7 @@ _reasons = kernel_reasons  # fp32/fp16/bf16 on every kernel backend; fp64 goes t
 
 
 def backend_for(x, op="adaln_modulate"):
-    return backends.choose_cached(op, x.device.type, (x.dtype,), lambda: _reasons(x.device.type, x.dtype))
+    return backends.choose_cached(op, x.device.type, (x.dtype,), _reasons)
 
 
 def _sums_in_thread(name, b):
