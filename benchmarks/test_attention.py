@@ -17,6 +17,7 @@ import torch.nn.functional as F
 genfast = pytest.importorskip("genfast", reason="genfast is not importable: build and install it (pip install .)")
 import genfast.nn  # noqa: E402
 from genfast import reference  # noqa: E402
+from genfast.ops import dit_block  # noqa: E402
 from genfast.testing import with_backend  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -153,6 +154,16 @@ def _dit_pair(dtype, device):
     return ref.to(device, dtype), ours.to(device, dtype)
 
 
+def _per_op(run, block):
+    """run(block) with genfast.nn.DiTBlock's fused path (genfast.ops.dit_block) switched off."""
+    saved = dict(dit_block.USE_FUSED)
+    dit_block.USE_FUSED.update({k: False for k in saved})
+    try:
+        return run(block)
+    finally:
+        dit_block.USE_FUSED.update(saved)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("tokens", DIT_TOKENS)
@@ -176,6 +187,7 @@ def test_dit_block(compare, dtype, mode, tokens):
         flops_fwd = 2 * DIT["batch"] * tokens * DIT["hidden"] ** 2 * 12 + 4 * DIT["batch"] * tokens ** 2 * DIT["hidden"]
         compare(f"DiT block {mode} {dtype} h{DIT['hidden']} b{DIT['batch']} n{tokens}", {
             "genfast": lambda: run(ours),
+            "genfast-per-op": lambda: _per_op(run, ours),  # A/B: the block as separate ops (no fused nodes)
             "eager": lambda: run(ref),
             "compile": lambda: run(cref),
         }, flops=flops_fwd * (1 if mode == "fwd" else 3),

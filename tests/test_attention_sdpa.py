@@ -72,7 +72,8 @@ def test_forced_sdpa_matches_reference(device, dtype, use_backend, sdpa_calls):
             continue
         n = len(sdpa_calls)
         _check_fwd_bwd(case, device)
-        assert len(sdpa_calls) > n, case.name
+        # an empty batch is the plain matmul path (torch 2.11's CUDA SDPA returned None for it)
+        assert (len(sdpa_calls) > n) == (case.q.numel() > 0), case.name
 
 
 def test_forced_sdpa_refuses_masks_and_keyless_calls(use_backend):

@@ -2,6 +2,8 @@
   python3 -P benchmarks/gpu/profile.py modulate   adaln_modulate fwd+bwd, bf16 [32, 256, 1152]
   python3 -P benchmarks/gpu/profile.py dit        genfast DiTBlock vs the eager block, bf16 DiT-XL/2,
                                                   256 tokens, forward and forward+backward
+  python3 -P benchmarks/gpu/profile.py kernels    the fused DiTBlock's fwd+bwd kernel by kernel; fused vs
+                                                  per-op vs eager wall time, autograd threads on / off
   python3 -P benchmarks/gpu/profile.py host       cProfile of the Python side of adaln_modulate,
                                                   gated_residual and attention fwd+bwd (tiny tensors:
                                                   host time only; H200 session 2 measured ~0.35 ms of
@@ -35,7 +37,7 @@ def _wall(fn, n=20):
     return (time.perf_counter() - t) / n * 1e3
 
 
-def _report(name, fn, rows=12):
+def _report(name, fn, rows=12, tables=("self_cpu_time_total", "self_device_time_total")):
     wall = _wall(fn)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
@@ -44,8 +46,8 @@ def _report(name, fn, rows=12):
     ev = prof.key_averages()
     dev = sum(e.self_device_time_total for e in ev) / 10 / 1e3
     print(f"\n=== {name}: wall {wall:.3f} ms/call, device busy {dev:.3f} ms/call", flush=True)
-    print(ev.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60), flush=True)
-    print(ev.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60), flush=True)
+    for key in tables:
+        print(ev.table(sort_by=key, row_limit=rows, max_name_column_width=60), flush=True)
 
 
 def modulate():
@@ -81,6 +83,31 @@ def dit():
         with torch.no_grad():
             _report(f"{name} DiT-XL/2 block fwd", lambda: m(x, c))
         _report(f"{name} DiT-XL/2 block fwd+bwd", lambda: torch.autograd.grad(m(x, c), [x, *m.parameters()], g))
+
+
+def kernels():
+    """The fused DiT-XL/2 block's forward+backward kernel by kernel (device time), then the
+    fused and per-op paths and eager, wall time with and without autograd's device thread."""
+    from genfast.ops import dit_block
+    e = torch.zeros(0, 2, 16, 32, device="cuda", dtype=torch.float16)
+    print("torch SDPA over an empty fp16 batch returns", type(torch.nn.functional.scaled_dot_product_attention(e, e, e)))
+    ours, ref, x, c, g = _dit_case()
+    step = lambda: torch.autograd.grad(ours(x, c), [x, *ours.parameters()], g)  # noqa: E731
+    _report("genfast fused DiT-XL/2 block fwd+bwd", step, rows=40, tables=("self_device_time_total",))
+    for threaded in (True, False):
+        torch.autograd.set_multithreading_enabled(threaded)
+        for name, m, fused in (("fused", ours, True), ("per-op", ours, False), ("eager", ref, True)):
+            dit_block.USE_FUSED["cuda"] = fused
+            ms = _wall(lambda: torch.autograd.grad(m(x, c), [x, *m.parameters()], g), 50)
+            print(f"DiT-XL/2 block fwd+bwd 256 tokens, {name:7s} multithreading {'on ' if threaded else 'off'} "
+                  f"{ms:8.3f} ms", flush=True)
+    torch.autograd.set_multithreading_enabled(True)
+    with torch.no_grad():
+        for name, m, fused, epilogue in (("fused, GELU epilogue", ours, True, True), ("fused", ours, True, False),
+                                         ("per-op", ours, False, False), ("eager", ref, True, True)):
+            dit_block.USE_FUSED["cuda"], dit_block.EPILOGUE_GELU = fused, epilogue
+            print(f"DiT-XL/2 block fwd (no grad) 256 tokens, {name:22s} {_wall(lambda: m(x, c), 50):8.3f} ms", flush=True)
+    dit_block.USE_FUSED["cuda"], dit_block.EPILOGUE_GELU = True, True
 
 
 def host():
@@ -177,4 +204,4 @@ def _dit_threads():
 
 
 if __name__ == "__main__":
-    {"modulate": modulate, "dit": dit, "host": host, "overhead": overhead}[sys.argv[1] if len(sys.argv) > 1 else "modulate"]()
+    {"modulate": modulate, "dit": dit, "host": host, "overhead": overhead, "kernels": kernels}[sys.argv[1] if len(sys.argv) > 1 else "modulate"]()

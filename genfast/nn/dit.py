@@ -38,9 +38,11 @@ and loaded, so only paired ratios of one run count):
   - Not tried for lack of time: token-tiled MLP (4C intermediate kept in cache), bias + GELU
     backward fused into one pass with fewer saved tensors.
 """
+import torch
 from torch import nn
 
 import genfast
+from genfast.ops.dit_block import block_forward, fused_block_ok
 from genfast.ops.gelu import gelu_tanh_inference
 from genfast.ops.linear import linear_layer
 from genfast.ops.qkv import qkv_projection
@@ -98,6 +100,15 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x, c):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = _gated_residual(x, gate_msa, self.attn(_adaln_modulate(x, shift_msa, scale_msa)))
-        return _gated_residual(x, gate_mlp, self.mlp(_adaln_modulate(x, shift_mlp, scale_mlp)))
+        if fused_block_ok(self, x, c):  # plain eager calls: three autograd nodes (genfast.ops.dit_block)
+            return block_forward(self, x, c)
+        mods = self.adaLN_modulation(c).chunk(6, dim=1)
+        # Under autocast the Linears give bf16/fp16 while x stays fp32: the modulation and branch outputs
+        # are upcast to x's dtype (exact), as eager's type promotion does (its gate * y product is
+        # rounded to bf16 first; here it is fp32)
+        cast = torch.is_autocast_enabled(x.device.type)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (m.to(x.dtype) for m in mods) if cast else mods
+        y = self.attn(_adaln_modulate(x, shift_msa, scale_msa))
+        x = _gated_residual(x, gate_msa, y.to(x.dtype) if cast else y)
+        y = self.mlp(_adaln_modulate(x, shift_mlp, scale_mlp))
+        return _gated_residual(x, gate_mlp, y.to(x.dtype) if cast else y)

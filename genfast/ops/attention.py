@@ -52,6 +52,8 @@ def attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None):
     """
     _check(q, k, v, causal, scale, key_padding_mask)
     if key_padding_mask is None and _sdpa_way(q, k):  # the call as users make it (None: SDPA's 1/sqrt(D))
+        if q.numel() == 0:  # torch 2.11's CUDA SDPA returned None for an empty fp16/bf16 batch (H200)
+            return torch.matmul(q, k.transpose(-2, -1)).softmax(-1).matmul(v)  # empty, with zero grads for k, v
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=causal, scale=None if scale is None else float(scale))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -1,0 +1,165 @@
+"""The DiT block (adaLN-Zero) in three autograd nodes instead of ~25: genfast.nn.DiTBlock's eager path.
+
+    attention half, in:   qkv = modulate(x, shift1, scale1) Wqkv^T + bqkv              (_AttnIn)
+    attention:            o = genfast.attention(q, k, v) over views of qkv        (SDPA on GPUs)
+    the rest:             x1 = x + gate1 * (o Wp^T + bp)                                (_BlockOut)
+                          out = x1 + gate2 * fc2(gelu_tanh(fc1(modulate(x1, shift2, scale2))))
+
+Why: at DiT-XL/2 sizes with 256 tokens a block's forward + backward on an H200 is bound by host
+time, most of it autograd's per-node work on its GPU thread (benchmarks/gpu/NOTES.md, third GPU
+session: 3.2 ms of wall time for ~1.9 ms of GPU work; a Python node there costs ~100 us). Here each
+half is one node whose backward calls the kernels and GEMMs in a row: the same kernels (genfast's
+modulate, gated residual and GELU; torch's GEMMs, oneDNN's for fp32 on the CPU as genfast.ops.linear),
+the same arithmetic, and one more fusion the per-op graph cannot make: the residual's gradient is
+added to the modulate backward's dx (x1 feeds both).
+
+Only plain eager calls come here (see fused_block_ok): torch.compile, tensor subclasses, functorch
+transforms, autocast, fp64, LoRA-style wrapped Linears and the padded qkv projection of the Triton
+way take the per-op path of genfast.nn.DiTBlock, whose ops are registered for compile.
+"""
+import torch
+import torch.nn.functional as F
+
+from genfast.ops import gelu as _gelu
+from genfast.ops import linear as _linear
+from genfast.ops._common import KERNEL_DTYPES, dispatcher_needed
+from genfast.ops.modulate import (
+    _gated_bwd_impl, _gated_impl, _modulate_bwd_impl, _modulate_grads, _modulate_impl)
+from genfast.ops.qkv import qkv_head_width
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+# fc1 + GELU in one cuBLASLt GEMM (its GELU epilogue is the tanh form, applied to the fp32 accumulator)
+# for GPU inference, where the pre-activation is not needed for a backward.
+EPILOGUE_GELU = True
+# Where the fused path is the default, per device type (tests and A/B timings flip these).
+USE_FUSED = {"cuda": True, "cpu": True}
+
+
+def fused_block_ok(block, x, c):
+    """Whether block(x, c) may take the fused path: plain eager call, kernel dtypes, plain Linears."""
+    if not USE_FUSED.get(x.device.type, False) or x.dtype not in KERNEL_DTYPES or c.dtype != x.dtype:
+        return False
+    if x.dim() != 3 or c.dim() != 2 or torch.is_autocast_enabled(x.device.type):
+        return False
+    linears = (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2, block.adaLN_modulation[1])
+    if any(type(m) is not torch.nn.Linear or m.weight.dtype != x.dtype or m.bias is None for m in linears):
+        return False
+    params = [p for m in linears for p in (m.weight, m.bias)]
+    if dispatcher_needed(x, c) or any(type(p) not in _PLAIN for p in params):  # DTensor, fake, ... params
+        return False
+    attn = block.attn
+    return qkv_head_width(attn.head_dim, x.dtype, x.device) == attn.head_dim
+
+
+def block_forward(block, x, c, eps=1e-6):
+    """genfast.nn.DiTBlock.forward(x, c) on the fused path (callers check fused_block_ok first)."""
+    import genfast
+
+    b, n, ch = x.shape
+    ada = block.adaLN_modulation[1]
+    mods = F.linear(F.silu(c), ada.weight, ada.bias).chunk(6, dim=1)
+    shift1, scale1, gate1, shift2, scale2, gate2 = (t.unsqueeze(1) for t in mods)  # [B, 1, C] views
+    attn, mlp = block.attn, block.mlp
+    weights = (attn.proj.weight, attn.proj.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+    grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, c, ada.weight, ada.bias, attn.qkv.weight, attn.qkv.bias, *weights))
+    if grad:
+        qkv = _AttnIn.apply(x, shift1, scale1, attn.qkv.weight, attn.qkv.bias, eps)
+    else:
+        qkv = _lin(_modulate_impl(x, shift1, scale1, eps, False)[0].view(b * n, ch), attn.qkv.weight, attn.qkv.bias)
+    q, k, v = qkv.view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    o = genfast.attention(q, k, v).transpose(1, 2).reshape(b * n, ch)
+    if grad:
+        return _BlockOut.apply(o, x, gate1, shift2, scale2, gate2, eps, *weights)
+    return _block_out(o, x, gate1, shift2, scale2, gate2, eps, *weights, inference=True)[0]
+
+
+# ----------------------------------------------------------------------------------- GEMMs
+def _lin(x2, w, b):
+    """x2 [M, K] W^T + b (F.linear; oneDNN for fp32 on the CPU, as genfast.ops.linear)."""
+    if x2.numel() and _linear._onednn_case(x2, w, b):
+        return _linear._forward_2d(x2, w, b)
+    return F.linear(x2, w, b)
+
+
+def _lin_grads(dy2, x2, w, need_x, need_w, need_b):
+    """(dx2, dw, db) of _lin, None where not needed."""
+    if dy2.numel() and x2.numel() and _linear._onednn_case(x2, w, None):
+        return _linear._grads(dy2, x2, w, (need_x, need_w, need_b))
+    return (dy2 @ w if need_x else None, dy2.t() @ x2 if need_w else None, dy2.sum(0) if need_b else None)
+
+
+# ------------------------------------------------------------------------- attention half, in
+class _AttnIn(torch.autograd.Function):
+    """qkv [B*N, 3C] = modulate(x, shift, scale) Wqkv^T + b: one node for both."""
+
+    @staticmethod
+    def forward(ctx, x, shift, scale, w, bias, eps):
+        m, mean, rstd = _modulate_impl(x, shift, scale, eps, False)
+        m2 = m.view(-1, x.shape[-1])
+        ctx.save_for_backward(x, shift, scale, mean, rstd, m2, w)
+        ctx.eps = eps
+        return _lin(m2, w, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dqkv):
+        x, shift, scale, mean, rstd, m2, w = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dm, dw, db = _lin_grads(dqkv, m2, w, any(need[:3]), need[3], need[4])
+        dx = dshift = dscale = None
+        if any(need[:3]):
+            dx, dshift, dscale = _modulate_grads(_modulate_bwd_impl, need[:3], dm.view(x.shape), x, shift, scale,
+                                                 mean, rstd, ctx.eps, False)
+        return dx, dshift, dscale, dw, db, None
+
+
+# ------------------------------------------------------------------------------ the rest
+def _block_out(o, x, gate1, shift2, scale2, gate2, eps, wp, bp, w1, b1, w2, b2, inference=False):
+    """(out, saved): the block after attention. o [B*N, C]; saved is what _BlockOut's backward reads."""
+    b, n, ch = x.shape
+    p = _lin(o, wp, bp).view(b, n, ch)
+    x1 = _gated_impl(x, gate1, p)
+    m2, mean2, rstd2 = _modulate_impl(x1, shift2, scale2, eps, False)
+    m2 = m2.view(b * n, ch)
+    if inference and EPILOGUE_GELU and m2.is_cuda and m2.numel():
+        h = None
+        a = torch._addmm_activation(b1, m2, w1.t(), use_gelu=True)
+    else:
+        h = _lin(m2, w1, b1)
+        a = _gelu.gelu_tanh_inference(h) if inference else _gelu._fwd_impl(h)
+    f = _lin(a, w2, b2).view(b, n, ch)
+    out = _gated_impl(x1, gate2, f)
+    return out, (o, p, x1, mean2, rstd2, m2, h, a, f)
+
+
+class _BlockOut(torch.autograd.Function):
+    """x1 = x + gate1 * proj(o); out = x1 + gate2 * mlp(modulate(x1, shift2, scale2)): one node."""
+
+    @staticmethod
+    def forward(ctx, o, x, gate1, shift2, scale2, gate2, eps, wp, bp, w1, b1, w2, b2):
+        out, saved = _block_out(o, x, gate1, shift2, scale2, gate2, eps, wp, bp, w1, b1, w2, b2)
+        ctx.save_for_backward(*saved, gate1, shift2, scale2, gate2, wp, w1, w2)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        o, p, x1, mean2, rstd2, m2, h, a, f, gate1, shift2, scale2, gate2, wp, w1, w2 = ctx.saved_tensors
+        need = ctx.needs_input_grad  # o, x, gate1, shift2, scale2, gate2, eps, wp, bp, w1, b1, w2, b2
+        b, n, ch = x1.shape
+        dout = dout.contiguous()
+        df, dgate2 = _gated_bwd_impl(dout, gate2, f, [True, need[5]])
+        da, dw2, db2 = _lin_grads(df.view(b * n, ch), a, w2, True, need[11], need[12])
+        dh = _gelu._bwd_impl(da, h)
+        dm2, dw1, db1 = _lin_grads(dh, m2, w1, True, need[9], need[10])
+        dx1, dshift2, dscale2 = _modulate_grads(_modulate_bwd_impl, (True, need[3], need[4]), dm2.view(b, n, ch),
+                                                x1, shift2, scale2, mean2, rstd2, ctx.eps, False)
+        dx1 += dout  # x1 feeds the modulation and the output's residual
+        dp, dgate1 = _gated_bwd_impl(dx1, gate1, p, [need[0] or need[7] or need[8], need[2]])
+        do = dwp = dbp = None
+        if need[0] or need[7] or need[8]:
+            do, dwp, dbp = _lin_grads(dp.view(b * n, ch), o, wp, need[0], need[7], need[8])
+        return (do, dx1 if need[1] else None, dgate1 if need[2] else None, dshift2, dscale2,
+                dgate2 if need[5] else None, None, dwp, dbp, dw1, db1, dw2, db2)

@@ -1,0 +1,245 @@
+"""genfast.nn.DiTBlock's fused path (genfast.ops.dit_block: three autograd nodes) against the per-op
+path and the plain-PyTorch block: forward and every gradient, fp32 and bf16, frozen parameters,
+odd and empty shapes, non-contiguous inputs, and the cases that must take the per-op path."""
+import pytest
+import torch
+from torch import nn
+
+import genfast.nn
+from genfast import reference
+from genfast.ops import dit_block
+from genfast.testing import assert_within_reference_error
+
+
+def _pair(hidden=64, heads=4, dtype=torch.float32, std=0.2):
+    torch.manual_seed(0)
+    ref = reference.DiTBlock(hidden, heads)
+    for p in ref.parameters():  # adaLN-Zero initialises the modulation to zero: use random weights
+        nn.init.normal_(p, std=std)
+    ours = genfast.nn.DiTBlock(hidden, heads)
+    ours.load_state_dict(ref.state_dict())
+    return ref.to(dtype), ours.to(dtype)
+
+
+@pytest.fixture
+def path(monkeypatch):
+    """path(True | False): DiTBlock takes (or not) the fused path on every device for the test."""
+    def set_path(fused):
+        monkeypatch.setattr(dit_block, "USE_FUSED", {"cpu": fused, "cuda": fused})
+    return set_path
+
+
+def _run(block, x, c, g, leaves=True):
+    """[out, dx, dc, *dparams] (None for an input or parameter that does not require grad)."""
+    xi, ci = x.clone().requires_grad_(x.requires_grad), c.clone().requires_grad_(c.requires_grad)
+    out = block(xi, ci)
+    wrt = [t for t in (xi, ci, *block.parameters()) if t.requires_grad]
+    grads = iter(torch.autograd.grad(out, wrt, g)) if wrt else iter(())
+    return [out] + [next(grads) if t.requires_grad else None for t in (xi, ci, *block.parameters())]
+
+
+def _names(block):
+    return ["out", "x", "c", *dict(block.named_parameters())]
+
+
+def _nodes(t):
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        f = todo.pop()
+        if f is not None and f not in seen:
+            seen.add(f)
+            todo.extend(n for n, _ in f.next_functions)
+    return {type(f).__name__ for f in seen}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_fused_equals_eager_fp32(backend, use_backend, path):
+    use_backend(backend)
+    path(True)
+    ref, ours = _pair()
+    x, c = torch.randn(2, 37, 64, requires_grad=True), torch.randn(2, 64, requires_grad=True)
+    g = torch.randn(2, 37, 64)
+    got, want = _run(ours, x, c, g), _run(ref, x, c, g)
+    assert {"_AttnInBackward", "_BlockOutBackward"} <= _nodes(got[0])
+    for name, a, b in zip(_names(ours), got, want):
+        # fp32 sums of hundreds of terms with |grad| up to ~500: an absolute floor scaled to the value
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()), msg=name)
+
+
+def test_fused_equals_per_op_bits_fp32(use_backend, path):
+    """Same kernels in the same order: the fused path gives the per-op path's bits (CPU kernels)."""
+    use_backend("cpu")
+    _, ours = _pair()
+    x, c = torch.randn(3, 19, 64, requires_grad=True), torch.randn(3, 64, requires_grad=True)
+    g = torch.randn(3, 19, 64)
+    path(True)
+    fused = _run(ours, x, c, g)
+    path(False)
+    per_op = _run(ours, x, c, g)
+    assert "_BlockOutBackward" not in _nodes(per_op[0])
+    for name, a, b in zip(_names(ours), fused, per_op):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("dtype,backend", [(torch.bfloat16, "cpu"), (torch.float16, "cpu"),
+                                           (torch.bfloat16, "cuda_emu")])
+def test_fused_low_precision_within_reference_error(dtype, backend, use_backend, path):
+    """bf16/fp16 (the CUDA kernels through their CPU emulation too) within 2x eager's own error."""
+    use_backend(backend)
+    path(True)
+    ref, ours = _pair(std=0.05)
+    ref64 = reference.DiTBlock(64, 4).double()
+    ref64.load_state_dict(ref.state_dict())
+    x, c, g = torch.randn(2, 33, 64), torch.randn(2, 64), torch.randn(2, 33, 64)
+    x.requires_grad_(), c.requires_grad_()
+    got = _run(ours.to(dtype), x.to(dtype), c.to(dtype), g.to(dtype))
+    low = _run(ref.to(dtype), x.to(dtype), c.to(dtype), g.to(dtype))
+    high = _run(ref64, x.double(), c.double(), g.double())
+    for name, a, lo, hi in zip(_names(ours), got, low, high):
+        assert a.dtype == dtype, name
+        assert_within_reference_error(f"fused {dtype} {name}", a, lo, hi, floor=1e-3)
+
+
+@pytest.mark.parametrize("frozen", ["x", "c", "attn", "mlp", "adaLN", "all-but-x"])
+def test_fused_frozen_inputs_and_parameters(frozen, use_backend, path):
+    """Gradients only for what requires them, equal to eager's (fine-tuning freezes parts)."""
+    use_backend("cpu")
+    path(True)
+    ref, ours = _pair()
+    x, c = torch.randn(2, 13, 64, requires_grad=frozen != "x"), torch.randn(2, 64, requires_grad=frozen != "c")
+    for block in (ref, ours):
+        for name, p in block.named_parameters():
+            p.requires_grad_(not (name.startswith(frozen) or frozen == "all-but-x"))
+    if frozen == "all-but-x":
+        c.requires_grad_(False)
+    g = torch.randn(2, 13, 64)
+    got, want = _run(ours, x, c, g), _run(ref, x, c, g)
+    for name, a, b in zip(_names(ours), got, want):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()), msg=name)
+
+
+def test_fused_odd_shapes_non_contiguous_and_inference(use_backend, path):
+    use_backend("cpu")
+    path(True)
+    ref, ours = _pair(hidden=48, heads=3)
+    base = torch.randn(1, 48, 5)  # x as a transposed view: [1, 5, 48] with channel stride 5
+    x, c = base.transpose(1, 2), torch.randn(1, 48)
+    assert not x.is_contiguous()
+    x.requires_grad_(), c.requires_grad_()
+    g = torch.randn(1, 5, 48)
+    for name, a, b in zip(_names(ours), _run(ours, x, c, g), _run(ref, x, c, g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()), msg=name)
+    with torch.no_grad():  # inference: no autograd nodes, same numbers
+        torch.testing.assert_close(ours(x, c), ref(x, c), rtol=1e-4, atol=1e-4)
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(x, c), ref(x, c), rtol=1e-4, atol=1e-4)
+
+
+def test_fused_empty_batch_and_one_token(use_backend, path):
+    use_backend("cpu")
+    path(True)
+    ref, ours = _pair()
+    for b, n in ((0, 7), (2, 1)):
+        x, c = torch.randn(b, n, 64, requires_grad=True), torch.randn(b, 64, requires_grad=True)
+        g = torch.randn(b, n, 64)
+        for name, a, bb in zip(_names(ours), _run(ours, x, c, g), _run(ref, x, c, g)):
+            assert a.shape == bb.shape, name
+            torch.testing.assert_close(a, bb, rtol=1e-4, atol=1e-5 * max(1.0, bb.abs().max().item() if bb.numel() else 1),
+                                       msg=f"{b}x{n} {name}")
+
+
+def test_cases_that_take_the_per_op_path(path):
+    """fp64, autocast, a wrapped Linear (LoRA-style), the fused path switched off: no fused nodes,
+    and the wrapped Linear's own forward runs."""
+    path(True)
+    _, ours = _pair()
+    x, c = torch.randn(2, 5, 64, requires_grad=True), torch.randn(2, 64)
+    assert dit_block.fused_block_ok(ours, x, c)
+    assert not dit_block.fused_block_ok(ours.double(), x.double(), c.double())
+    ours.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not dit_block.fused_block_ok(ours, x, c)
+        assert "_BlockOutBackward" not in _nodes(ours(x, c))
+    path(False)
+    assert not dit_block.fused_block_ok(ours, x, c)
+    path(True)
+
+    class Wrapped(nn.Module):  # a LoRA-style wrapper: must not be bypassed by reading .weight
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, t):
+            self.calls += 1
+            return self.inner(t) + 1.0
+    ours.mlp.fc1 = Wrapped(ours.mlp.fc1)
+    assert not dit_block.fused_block_ok(ours, x, c)
+    out = ours(x, c)
+    assert ours.mlp.fc1.calls == 1 and "_BlockOutBackward" not in _nodes(out)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_block_under_autocast_matches_eager_autocast(fused, use_backend, path):
+    """bf16 autocast (mixed-precision training) with fp32 x and weights: the per-op path (autocast
+    always takes it) gives eager-autocast's output dtype and numbers within bf16 rounding."""
+    use_backend("cpu")
+    path(fused)
+    ref, ours = _pair(std=0.05)
+    x, c, g = torch.randn(2, 9, 64, requires_grad=True), torch.randn(2, 64, requires_grad=True), torch.randn(2, 9, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = _run(ours, x, c, g), _run(ref, x, c, g)
+    with torch.no_grad():
+        exact = ref(x, c)  # fp32 without autocast: how far bf16 autocast itself lands
+    assert got[0].dtype == want[0].dtype == torch.float32
+    bound = 2 * (want[0] - exact).abs().max().item() + 1e-3
+    assert (got[0] - exact).abs().max().item() <= bound
+    for name, a, b in zip(_names(ours), got, want):
+        torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2 * max(1.0, b.abs().max().item()),
+                                   msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("hidden,heads", [(64, 4), (144, 2)], ids=["d16", "d72"])
+def test_gpu_fused_block_bf16_every_grad_within_reference_error(hidden, heads, monkeypatch, path):
+    """The block as users train it on a GPU (no forced backend: SDPA attention, CUDA modulate and
+    gated residual) on the fused path: output and every gradient within 2x eager bf16's own error."""
+    monkeypatch.delenv("GENFAST_BACKEND", raising=False)
+    path(True)
+    ref, ours = _pair(hidden, heads, std=0.05)
+    ref64 = reference.DiTBlock(hidden, heads).double()
+    ref64.load_state_dict(ref.state_dict())
+    ref16, ours16, ref64 = ref.bfloat16().cuda(), ours.bfloat16().cuda(), ref64.cuda()
+    x, c, g = (torch.randn(*s, device="cuda") for s in ((3, 37, hidden), (3, hidden), (3, 37, hidden)))
+    x.requires_grad_(), c.requires_grad_()
+    got = _run(ours16, x.bfloat16(), c.bfloat16(), g.bfloat16())
+    assert "_BlockOutBackward" in _nodes(got[0])
+    low = _run(ref16, x.bfloat16(), c.bfloat16(), g.bfloat16())
+    high = _run(ref64, x.double(), c.double(), g.double())
+    for name, a, lo, hi in zip(_names(ours), got, low, high):
+        assert_within_reference_error(f"gpu fused bf16 {name}", a, lo, hi, floor=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_fused_inference_with_gelu_epilogue(dtype, monkeypatch, path):
+    """GPU inference runs fc1 + GELU(tanh) as one cuBLASLt GEMM (dit_block.EPILOGUE_GELU): fp32 equal to
+    the per-op block (which applies torch's tanh GELU after the GEMM) within fp32 rounding, bf16 within
+    eager's own error."""
+    monkeypatch.delenv("GENFAST_BACKEND", raising=False)
+    ref, ours = _pair(144, 2, std=0.05)
+    ref64 = reference.DiTBlock(144, 2).double().cuda()
+    ref64.load_state_dict(ref.state_dict())
+    ref, ours = ref.to("cuda", dtype), ours.to("cuda", dtype)
+    x, c = torch.randn(3, 37, 144, device="cuda", dtype=dtype), torch.randn(3, 144, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        path(True)
+        fused = ours(x, c)
+        path(False)
+        per_op = ours(x, c)
+        if dtype == torch.float32:
+            torch.testing.assert_close(fused, per_op, rtol=1e-4, atol=1e-4)
+        else:
+            assert_within_reference_error("gpu fused inference bf16", fused, ref(x, c), ref64(x.double(), c.double()),
+                                          floor=1e-3)
