@@ -86,28 +86,50 @@ def dit():
 
 
 def kernels():
-    """The fused DiT-XL/2 block's forward+backward kernel by kernel (device time), then the
-    fused and per-op paths and eager, wall time with and without autograd's device thread."""
+    """The fused DiT-XL/2 block (256 tokens): wall time of fused (two bias-gradient ways) vs per-op vs
+    eager, autograd threads on / off, inference with and without the GELU epilogue; column-sum ways;
+    then the fused forward+backward kernel by kernel (device time) and a chrome trace of 3 steps
+    ($OUT/dit_trace.json.gz) to read the GPU's idle gaps from."""
+    import gzip
+    import os
     from genfast.ops import dit_block
     e = torch.zeros(0, 2, 16, 32, device="cuda", dtype=torch.float16)
     print("torch SDPA over an empty fp16 batch returns", type(torch.nn.functional.scaled_dot_product_attention(e, e, e)))
     ours, ref, x, c, g = _dit_case()
     step = lambda: torch.autograd.grad(ours(x, c), [x, *ours.parameters()], g)  # noqa: E731
-    _report("genfast fused DiT-XL/2 block fwd+bwd", step, rows=40, tables=("self_device_time_total",))
     for threaded in (True, False):
         torch.autograd.set_multithreading_enabled(threaded)
-        for name, m, fused in (("fused", ours, True), ("per-op", ours, False), ("eager", ref, True)):
-            dit_block.USE_FUSED["cuda"] = fused
+        for name, m, fused, bias in (("fused/sum", ours, True, "sum"), ("fused/gemv", ours, True, "gemv"),
+                                     ("per-op", ours, False, "sum"), ("eager", ref, True, "sum")):
+            dit_block.USE_FUSED["cuda"], dit_block.BIAS_GRAD = fused, bias
             ms = _wall(lambda: torch.autograd.grad(m(x, c), [x, *m.parameters()], g), 50)
-            print(f"DiT-XL/2 block fwd+bwd 256 tokens, {name:7s} multithreading {'on ' if threaded else 'off'} "
+            print(f"DiT-XL/2 block fwd+bwd 256 tokens, {name:10s} multithreading {'on ' if threaded else 'off'} "
                   f"{ms:8.3f} ms", flush=True)
     torch.autograd.set_multithreading_enabled(True)
+    dit_block.USE_FUSED["cuda"], dit_block.BIAS_GRAD = True, "sum"
     with torch.no_grad():
         for name, m, fused, epilogue in (("fused, GELU epilogue", ours, True, True), ("fused", ours, True, False),
                                          ("per-op", ours, False, False), ("eager", ref, True, True)):
             dit_block.USE_FUSED["cuda"], dit_block.EPILOGUE_GELU = fused, epilogue
             print(f"DiT-XL/2 block fwd (no grad) 256 tokens, {name:22s} {_wall(lambda: m(x, c), 50):8.3f} ms", flush=True)
     dit_block.USE_FUSED["cuda"], dit_block.EPILOGUE_GELU = True, True
+    for cols in (1152, 3456, 4608):
+        dy = torch.randn(8192, cols, device="cuda", dtype=torch.bfloat16)
+        ones = torch.ones(8192, device="cuda", dtype=torch.bfloat16)
+        t_sum, t_mv = _wall(lambda: dy.sum(0), 200), _wall(lambda: torch.mv(dy.t(), ones), 200)
+        err = (torch.mv(dy.t(), ones).float() - dy.double().sum(0)).abs().max().item()
+        print(f"column sums of [8192, {cols}] bf16: sum(0) {t_sum * 1e3:6.1f} us, mv(dy^T, ones) {t_mv * 1e3:6.1f} us "
+              f"(mv max err vs fp64 {err:.3g}, sum {(dy.sum(0).double() - dy.double().sum(0)).abs().max().item():.3g})")
+    _report("genfast fused DiT-XL/2 block fwd+bwd", step, rows=45, tables=("self_device_time_total",))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    path = os.path.join(os.environ.get("OUT", "."), "dit_trace.json")
+    prof.export_chrome_trace(path)
+    with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as z:
+        z.write(f.read())
+    os.remove(path)
 
 
 def host():

@@ -64,10 +64,10 @@ def block_forward(block, x, c, eps=1e-6):
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, c, ada.weight, ada.bias, attn.qkv.weight, attn.qkv.bias, *weights))
     if grad:
-        qkv = _AttnIn.apply(x, shift1, scale1, attn.qkv.weight, attn.qkv.bias, eps)
+        q, k, v = _AttnIn.apply(x, shift1, scale1, attn.qkv.weight, attn.qkv.bias, eps, attn.num_heads)
     else:
         qkv = _lin(_modulate_impl(x, shift1, scale1, eps, False)[0].view(b * n, ch), attn.qkv.weight, attn.qkv.bias)
-    q, k, v = qkv.view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     o = genfast.attention(q, k, v).transpose(1, 2).reshape(b * n, ch)
     if grad:
         return _BlockOut.apply(o, x, gate1, shift2, scale2, gate2, eps, *weights)
@@ -86,32 +86,77 @@ def _lin_grads(dy2, x2, w, need_x, need_w, need_b):
     """(dx2, dw, db) of _lin, None where not needed."""
     if dy2.numel() and x2.numel() and _linear._onednn_case(x2, w, None):
         return _linear._grads(dy2, x2, w, (need_x, need_w, need_b))
-    return (dy2 @ w if need_x else None, dy2.t() @ x2 if need_w else None, dy2.sum(0) if need_b else None)
+    return (dy2 @ w if need_x else None, dy2.t() @ x2 if need_w else None, _bias_grad(dy2) if need_b else None)
+
+
+# How a bias gradient (the column sums of dy [M, N]) is computed on GPUs: "sum" (torch's reduction)
+# or "gemv" (dy^T @ ones, cuBLAS); A/B in benchmarks/gpu/profile.py kernels.
+BIAS_GRAD = "sum"
+_ones = {}
+
+
+def _bias_grad(dy2, out=None):
+    if BIAS_GRAD == "gemv" and dy2.is_cuda and dy2.shape[0]:
+        key = (dy2.device, dy2.dtype)
+        ones = _ones.get(key)
+        if ones is None or ones.shape[0] < dy2.shape[0]:
+            ones = _ones[key] = torch.ones(max(dy2.shape[0], 4096), device=dy2.device, dtype=dy2.dtype)
+        return torch.mv(dy2.t(), ones[:dy2.shape[0]], out=out)
+    return torch.sum(dy2, 0, out=out)
 
 
 # ------------------------------------------------------------------------- attention half, in
 class _AttnIn(torch.autograd.Function):
-    """qkv [B*N, 3C] = modulate(x, shift, scale) Wqkv^T + b: one node for both."""
+    """q, k, v [B, H, N, D] = views of modulate(x, shift, scale) Wqkv^T + b: one node for both. Returned
+    as three outputs, so their gradients arrive as three tensors: the GEMMs read them in place (three
+    K = C GEMMs accumulating dm), where a [B*N, 3C] dqkv would take a stack and a transpose copy
+    (measured 109 + 87 us per block at DiT-XL/2, 256 tokens, H200)."""
 
     @staticmethod
-    def forward(ctx, x, shift, scale, w, bias, eps):
+    def forward(ctx, x, shift, scale, w, bias, eps, heads):
+        b, n, ch = x.shape
         m, mean, rstd = _modulate_impl(x, shift, scale, eps, False)
-        m2 = m.view(-1, x.shape[-1])
+        m2 = m.view(b * n, ch)
         ctx.save_for_backward(x, shift, scale, mean, rstd, m2, w)
-        ctx.eps = eps
-        return _lin(m2, w, bias)
+        ctx.eps, ctx.has_bias = eps, bias is not None
+        qkv = _lin(m2, w, bias).view(b, n, 3, heads, ch // heads).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dqkv):
+    def backward(ctx, dq, dk, dv):
         x, shift, scale, mean, rstd, m2, w = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dm, dw, db = _lin_grads(dqkv, m2, w, any(need[:3]), need[3], need[4])
+        b, n, ch = x.shape
+        # [B, H, N, D] -> [B*N, C] rows: free when the grad is [B, N, H, D] in memory (cuDNN's matches q's)
+        grads = [g.transpose(1, 2).reshape(b * n, ch) for g in (dq, dk, dv)]
+        dm, dw, db = _qkv_grads(grads, m2, w, any(need[:3]), need[3], need[4] and ctx.has_bias)
         dx = dshift = dscale = None
         if any(need[:3]):
             dx, dshift, dscale = _modulate_grads(_modulate_bwd_impl, need[:3], dm.view(x.shape), x, shift, scale,
                                                  mean, rstd, ctx.eps, False)
-        return dx, dshift, dscale, dw, db, None
+        return dx, dshift, dscale, dw, db, None, None
+
+
+def _qkv_grads(grads, m2, w, need_m, need_w, need_b):
+    """(dm, dw, db) of m2 Wqkv^T + b from the q, k, v row grads [B*N, C] each."""
+    if m2.numel() == 0 or _linear._onednn_case(m2, w, None):  # CPU fp32 (oneDNN) and empty: one dqkv
+        return _lin_grads(torch.cat(grads, 1), m2, w, need_m, need_w, need_b)
+    ch = m2.shape[1]
+    dm = dw = db = None
+    if need_m:
+        dm = torch.mm(grads[0], w[:ch])
+        for i in (1, 2):
+            dm.addmm_(grads[i], w[i * ch:(i + 1) * ch])
+    if need_w:
+        dw = torch.empty_like(w)
+        for i in range(3):
+            torch.mm(grads[i].t(), m2, out=dw[i * ch:(i + 1) * ch])
+    if need_b:
+        db = torch.empty(3 * ch, device=m2.device, dtype=m2.dtype)
+        for i in range(3):
+            _bias_grad(grads[i], out=db[i * ch:(i + 1) * ch])
+    return dm, dw, db
 
 
 # ------------------------------------------------------------------------------ the rest
