@@ -4,6 +4,9 @@
                                                   256 tokens, forward and forward+backward
   python3 -P benchmarks/gpu/profile.py kernels    the fused DiTBlock's fwd+bwd kernel by kernel; fused vs
                                                   per-op vs eager wall time, autograd threads on / off
+  python3 -P benchmarks/gpu/profile.py chunks     modulate / gated backward per CHUNK_ROWS (32, 16, 8)
+  python3 -P benchmarks/gpu/profile.py big        fused DiT-XL/2 block fwd+bwd at 1024 tokens: bias-grad ways, CHUNK_ROWS
+  python3 -P benchmarks/gpu/profile.py threads    a Python node's per-op cost with autograd's device thread on / off
   python3 -P benchmarks/gpu/profile.py host       cProfile of the Python side of adaln_modulate,
                                                   gated_residual and attention fwd+bwd (tiny tensors:
                                                   host time only; H200 session 2 measured ~0.35 ms of
@@ -132,6 +135,73 @@ def kernels():
     os.remove(path)
 
 
+def chunks():
+    """A/B of the rows per partial sum of a per-sample gradient (genfast.ops.modulate.CHUNK_ROWS, passed to
+    the kernels at each call): adaln_modulate and gated_residual backward alone, bf16, DiT-XL/2 widths."""
+    from genfast.ops import modulate as mod
+    for n in (256, 1024):
+        x = torch.randn(32, n, 1152, device="cuda", dtype=torch.bfloat16)
+        shift, scale, gate = (torch.randn(32, 1, 1152, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        g = torch.randn_like(x)
+        _, mean, rstd = mod._modulate_impl(x, shift, scale, 1e-6, False)
+        for rows in (32, 16, 8):
+            mod.CHUNK_ROWS = rows
+            t_mod = _wall(lambda: mod._modulate_bwd_impl(g, x, shift, scale, mean, rstd, 1e-6, False, [True, True, True]), 200)
+            t_gate = _wall(lambda: mod._gated_bwd_impl(g, gate, x, [True, True]), 200)
+            print(f"[32, {n}, 1152] CHUNK_ROWS {rows:2d}: modulate bwd {t_mod * 1e3:6.1f} us, gated bwd {t_gate * 1e3:6.1f} us "
+                  f"(moving {3 * x.numel() * 2 / 1e6:.0f} MB each: {3 * x.numel() * 2 / t_mod / 1e9:.2f} / "
+                  f"{3 * x.numel() * 2 / t_gate / 1e9:.2f} TB/s)", flush=True)
+        mod.CHUNK_ROWS = 32
+
+
+def big():
+    """The fused DiT-XL/2 block at 1024 tokens (GPU-bound): fwd+bwd with each bias-gradient way and
+    CHUNK_ROWS, per-op and eager, ms."""
+    from genfast.ops import dit_block, modulate as mod
+    torch.manual_seed(0)
+    ref = reference.DiTBlock(1152, 16).cuda().bfloat16()
+    ours = genfast.nn.DiTBlock(1152, 16).cuda().bfloat16()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(32, 1024, 1152, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    c = torch.randn(32, 1152, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn_like(x)
+    for name, m, fused, bias, rows in (("fused/sum/32", ours, True, "sum", 32), ("fused/gemv/32", ours, True, "gemv", 32),
+                                       ("fused/sum/16", ours, True, "sum", 16), ("per-op", ours, False, "sum", 32),
+                                       ("eager", ref, True, "sum", 32)):
+        dit_block.USE_FUSED["cuda"], dit_block.BIAS_GRAD, mod.CHUNK_ROWS = fused, bias, rows
+        ms = _wall(lambda: torch.autograd.grad(m(x, c), [x, *m.parameters()], g), 30)
+        print(f"DiT-XL/2 block fwd+bwd 1024 tokens, {name:14s} {ms:8.3f} ms", flush=True)
+    dit_block.USE_FUSED["cuda"], dit_block.BIAS_GRAD, mod.CHUNK_ROWS = True, "sum", 32
+
+
+class _Ops(torch.autograd.Function):
+    """Backward runs k tiny aten ops: what an op costs inside a Python node, on autograd's device thread or not."""
+    @staticmethod
+    def forward(ctx, x, k):
+        ctx.k = k
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        for _ in range(ctx.k):
+            g = g * 1.0
+        return g, None
+
+
+def threads():
+    x = torch.randn(2, 8, 64, device="cuda", requires_grad=True)
+    g = torch.ones_like(x)
+    for threaded in (True, False):
+        torch.autograd.set_multithreading_enabled(threaded)
+        for k in (1, 10, 30):
+            us = _wall(lambda: torch.autograd.grad(_Ops.apply(x, k), (x,), g), 1000) * 1e3
+            print(f"Python node with {k:2d} aten ops in its backward, multithreading {'on ' if threaded else 'off'}: "
+                  f"{us:7.1f} us", flush=True)
+        us = _wall(lambda: [x * 1.0 for _ in range(30)], 1000) * 1e3
+        print(f"30 aten ops on the main thread (no autograd): {us:7.1f} us", flush=True)
+    torch.autograd.set_multithreading_enabled(True)
+
+
 def host():
     import cProfile
     import pstats
@@ -226,4 +296,5 @@ def _dit_threads():
 
 
 if __name__ == "__main__":
-    {"modulate": modulate, "dit": dit, "host": host, "overhead": overhead, "kernels": kernels}[sys.argv[1] if len(sys.argv) > 1 else "modulate"]()
+    {"modulate": modulate, "dit": dit, "host": host, "overhead": overhead, "kernels": kernels,
+     "chunks": chunks, "big": big, "threads": threads}[sys.argv[1] if len(sys.argv) > 1 else "modulate"]()

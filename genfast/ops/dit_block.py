@@ -20,6 +20,7 @@ way take the per-op path of genfast.nn.DiTBlock, whose ops are registered for co
 import torch
 import torch.nn.functional as F
 
+from genfast.ops import attention as _attention_ops
 from genfast.ops import gelu as _gelu
 from genfast.ops import linear as _linear
 from genfast.ops._common import KERNEL_DTYPES, dispatcher_needed
@@ -57,8 +58,8 @@ def block_forward(block, x, c, eps=1e-6):
 
     b, n, ch = x.shape
     ada = block.adaLN_modulation[1]
-    mods = F.linear(F.silu(c), ada.weight, ada.bias).chunk(6, dim=1)
-    shift1, scale1, gate1, shift2, scale2, gate2 = (t.unsqueeze(1) for t in mods)  # [B, 1, C] views
+    # six [B, 1, C] views of the adaLN output (one view + unbind: fewer ops on the host-bound path)
+    shift1, scale1, gate1, shift2, scale2, gate2 = F.linear(F.silu(c), ada.weight, ada.bias).view(b, 6, 1, ch).unbind(1)
     attn, mlp = block.attn, block.mlp
     weights = (attn.proj.weight, attn.proj.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
     grad = torch.is_grad_enabled() and any(
@@ -68,7 +69,9 @@ def block_forward(block, x, c, eps=1e-6):
     else:
         qkv = _lin(_modulate_impl(x, shift1, scale1, eps, False)[0].view(b * n, ch), attn.qkv.weight, attn.qkv.bias)
         q, k, v = qkv.view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    o = genfast.attention(q, k, v).transpose(1, 2).reshape(b * n, ch)
+    # q, k, v are well-formed views here: genfast.attention's checks can be skipped where it would call SDPA
+    o = (F.scaled_dot_product_attention(q, k, v) if q.numel() and _attention_ops._sdpa_way(q, k) else genfast.attention(q, k, v))
+    o = o.transpose(1, 2).reshape(b * n, ch)
     if grad:
         return _BlockOut.apply(o, x, gate1, shift2, scale2, gate2, eps, *weights)
     return _block_out(o, x, gate1, shift2, scale2, gate2, eps, *weights, inference=True)[0]
