@@ -5,7 +5,7 @@
   python3 -P benchmarks/gpu/profile.py kernels    the fused DiTBlock's fwd+bwd kernel by kernel; fused vs
                                                   per-op vs eager wall time, autograd threads on / off
   python3 -P benchmarks/gpu/profile.py chunks     modulate / gated backward per CHUNK_ROWS (32, 16, 8)
-  python3 -P benchmarks/gpu/profile.py big        fused DiT-XL/2 block fwd+bwd at 1024 tokens: bias-grad ways, CHUNK_ROWS
+  python3 -P benchmarks/gpu/profile.py big        fused DiT-XL/2 block fwd+bwd at 1024 tokens per CHUNK_ROWS
   python3 -P benchmarks/gpu/profile.py threads    a Python node's per-op cost with autograd's device thread on / off
   python3 -P benchmarks/gpu/profile.py host       cProfile of the Python side of adaln_modulate,
                                                   gated_residual and attention fwd+bwd (tiny tensors:
@@ -89,8 +89,7 @@ def dit():
 
 
 def kernels():
-    """The fused DiT-XL/2 block (256 tokens): wall time of fused (two bias-gradient ways) vs per-op vs
-    eager, autograd threads on / off, inference with and without the GELU epilogue; column-sum ways;
+    """The fused DiT-XL/2 block (256 tokens): wall time of fused vs per-op vs eager, autograd threads on / off, inference with and without the GELU epilogue; column-sum ways;
     then the fused forward+backward kernel by kernel (device time) and a chrome trace of 3 steps
     ($OUT/dit_trace.json.gz) to read the GPU's idle gaps from."""
     import gzip
@@ -102,14 +101,13 @@ def kernels():
     step = lambda: torch.autograd.grad(ours(x, c), [x, *ours.parameters()], g)  # noqa: E731
     for threaded in (True, False):
         torch.autograd.set_multithreading_enabled(threaded)
-        for name, m, fused, bias in (("fused/sum", ours, True, "sum"), ("fused/gemv", ours, True, "gemv"),
-                                     ("per-op", ours, False, "sum"), ("eager", ref, True, "sum")):
-            dit_block.USE_FUSED["cuda"], dit_block.BIAS_GRAD = fused, bias
+        for name, m, fused in (("fused", ours, True), ("per-op", ours, False), ("eager", ref, True)):
+            dit_block.USE_FUSED["cuda"] = fused
             ms = _wall(lambda: torch.autograd.grad(m(x, c), [x, *m.parameters()], g), 50)
             print(f"DiT-XL/2 block fwd+bwd 256 tokens, {name:10s} multithreading {'on ' if threaded else 'off'} "
                   f"{ms:8.3f} ms", flush=True)
     torch.autograd.set_multithreading_enabled(True)
-    dit_block.USE_FUSED["cuda"], dit_block.BIAS_GRAD = True, "sum"
+    dit_block.USE_FUSED["cuda"] = True
     with torch.no_grad():
         for name, m, fused, epilogue in (("fused, GELU epilogue", ours, True, True), ("fused", ours, True, False),
                                          ("per-op", ours, False, False), ("eager", ref, True, True)):
@@ -155,8 +153,8 @@ def chunks():
 
 
 def big():
-    """The fused DiT-XL/2 block at 1024 tokens (GPU-bound): fwd+bwd with each bias-gradient way and
-    CHUNK_ROWS, per-op and eager, ms."""
+    """The fused DiT-XL/2 block at 1024 tokens (GPU-bound): fwd+bwd per CHUNK_ROWS, per-op and eager, ms.
+    (Session 7 also A/B'd the bias gradients as cuBLAS dy^T @ ones here: no faster than torch's sum.)"""
     from genfast.ops import dit_block, modulate as mod
     torch.manual_seed(0)
     ref = reference.DiTBlock(1152, 16).cuda().bfloat16()
@@ -165,13 +163,12 @@ def big():
     x = torch.randn(32, 1024, 1152, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     c = torch.randn(32, 1152, device="cuda", dtype=torch.bfloat16)
     g = torch.randn_like(x)
-    for name, m, fused, bias, rows in (("fused/sum/32", ours, True, "sum", 32), ("fused/gemv/32", ours, True, "gemv", 32),
-                                       ("fused/sum/16", ours, True, "sum", 16), ("per-op", ours, False, "sum", 32),
-                                       ("eager", ref, True, "sum", 32)):
-        dit_block.USE_FUSED["cuda"], dit_block.BIAS_GRAD, mod.CHUNK_ROWS = fused, bias, rows
+    for name, m, fused, rows in (("fused/32", ours, True, 32), ("fused/16", ours, True, 16), ("per-op", ours, False, 32),
+                                 ("eager", ref, True, 32)):
+        dit_block.USE_FUSED["cuda"], mod.CHUNK_ROWS = fused, rows
         ms = _wall(lambda: torch.autograd.grad(m(x, c), [x, *m.parameters()], g), 30)
         print(f"DiT-XL/2 block fwd+bwd 1024 tokens, {name:14s} {ms:8.3f} ms", flush=True)
-    dit_block.USE_FUSED["cuda"], dit_block.BIAS_GRAD, mod.CHUNK_ROWS = True, "sum", 32
+    dit_block.USE_FUSED["cuda"], mod.CHUNK_ROWS = True, 32
 
 
 class _Ops(torch.autograd.Function):

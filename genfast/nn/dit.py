@@ -9,17 +9,17 @@ state dict loads unchanged:
     mlp.fc1.{weight,bias}             [hidden, C]     GELU(tanh) between
     mlp.fc2.{weight,bias}             [C, hidden]
 
-The path through a block: adaln_modulate (LayerNorm statistics + modulation in one pass), the qkv
-Linear, genfast.attention reading q/k/v as strided views of the qkv output (no transpose copy; on
-GPUs torch's SDPA serves this unmasked call, and where genfast's Triton kernels do instead, head dim
-72's rows are padded to 80 by the projection itself, genfast.ops.qkv) and writing [B, N, H, D]
-memory on genfast's backends so the reshape before proj is free, proj, gated_residual
-(x + gate * y in one pass); the same for the MLP, whose GELU(tanh) is genfast's CPU kernel
-(torch's on GPUs: genfast.ops.gelu.gelu_tanh).
+The path through a block (plain eager calls): three autograd nodes, genfast.ops.dit_block -
+adaln_modulate + the qkv Linear in one, attention over strided q/k/v views of the qkv output (no
+transpose copy; torch's SDPA on GPUs), and proj, gated_residual (x + gate * y in one pass),
+adaln_modulate, fc1, GELU(tanh), fc2 and gated_residual in the other, whose backwards call the
+kernels and GEMMs in a row. Under torch.compile, autocast, with tensor subclasses or wrapped
+Linears (LoRA) the block runs op by op on the registered genfast ops (the per-op path below).
 
-Measured on an H200 (bf16, DiT-XL/2, batch 32, benchmarks/gpu/NOTES.md): forward 1.28x / 1.25x
-eager at 256 / 1024 tokens, forward + backward 0.82x / 1.11x; the 256-token backward is bound by
-host time (Python autograd nodes of modulate and gated residual run on autograd's GPU thread).
+Measured on an H200 (bf16, DiT-XL/2, batch 32, benchmarks/gpu/NOTES.md): forward 1.38x / 1.32x
+eager and 1.15x / 1.12x torch.compile at 256 / 1024 tokens; forward + backward 1.05x / 1.18x eager,
+0.93x / 1.00x compile (GEMMs and cuDNN attention are ~75 % of its GPU time; at 256 tokens the
+step is bound by host time).
 
 Measured on the 2-core CPU (torch 2.13, benchmarks/test_attention.py, DiT-S; the machine was shared
 and loaded, so only paired ratios of one run count):

@@ -1,17 +1,24 @@
 """The DiT block (adaLN-Zero) in three autograd nodes instead of ~25: genfast.nn.DiTBlock's eager path.
 
-    attention half, in:   qkv = modulate(x, shift1, scale1) Wqkv^T + bqkv              (_AttnIn)
-    attention:            o = genfast.attention(q, k, v) over views of qkv        (SDPA on GPUs)
+    attention half, in:   q, k, v = views of modulate(x, shift1, scale1) Wqkv^T + bqkv  (_AttnIn)
+    attention:            o = attention(q, k, v)       (torch's SDPA on GPUs, its C++ autograd node)
     the rest:             x1 = x + gate1 * (o Wp^T + bp)                                (_BlockOut)
                           out = x1 + gate2 * fc2(gelu_tanh(fc1(modulate(x1, shift2, scale2))))
 
-Why: at DiT-XL/2 sizes with 256 tokens a block's forward + backward on an H200 is bound by host
-time, most of it autograd's per-node work on its GPU thread (benchmarks/gpu/NOTES.md, third GPU
-session: 3.2 ms of wall time for ~1.9 ms of GPU work; a Python node there costs ~100 us). Here each
-half is one node whose backward calls the kernels and GEMMs in a row: the same kernels (genfast's
-modulate, gated residual and GELU; torch's GEMMs, oneDNN's for fp32 on the CPU as genfast.ops.linear),
-the same arithmetic, and one more fusion the per-op graph cannot make: the residual's gradient is
-added to the modulate backward's dx (x1 feeds both).
+Each Python node's backward calls the kernels and GEMMs in a row: the same kernels as the per-op
+path (genfast's modulate and gated residual, GELU(tanh), torch's GEMMs; oneDNN's for fp32 on the
+CPU, as genfast.ops.linear), the same arithmetic (fp32 CPU: the per-op path's bits, tested). What
+it saves (H200, bf16, DiT-XL/2, batch 32, benchmarks/gpu/NOTES.md "fourth GPU session"):
+  - host time: ~25 autograd nodes (4 of them Python) become 3 (2 Python), and the forward skips
+    genfast.attention's checks; the GPUs' hosts spend ~12 us per aten op from Python;
+  - the q/k/v gradients are read in place by three K = C GEMMs (dm accumulates, dW rows written in
+    place): the per-op graph stacks dq, dk, dv and copies the stack into the qkv layout first
+    (109 + 87 us of 1.9 ms of GPU time per block at 256 tokens);
+  - inference: fc1 + GELU(tanh) as one cuBLASLt GEMM with its GELU epilogue (torch._addmm_activation;
+    tanh form, applied to the fp32 accumulator): -45 us of a 0.5 ms forward at 256 tokens.
+Measured (harness, same run): forward 1.38x / 1.32x eager and 1.15x / 1.12x torch.compile at 256 /
+1024 tokens; forward + backward 1.05x / 1.18x eager, 0.93x / 1.00x compile (the per-op path: 1.11x /
+1.07x slower than this one).
 
 Only plain eager calls come here (see fused_block_ok): torch.compile, tensor subclasses, functorch
 transforms, autocast, fp64, LoRA-style wrapped Linears and the padded qkv projection of the Triton
@@ -92,19 +99,9 @@ def _lin_grads(dy2, x2, w, need_x, need_w, need_b):
     return (dy2 @ w if need_x else None, dy2.t() @ x2 if need_w else None, _bias_grad(dy2) if need_b else None)
 
 
-# How a bias gradient (the column sums of dy [M, N]) is computed on GPUs: "sum" (torch's reduction)
-# or "gemv" (dy^T @ ones, cuBLAS); A/B in benchmarks/gpu/profile.py kernels.
-BIAS_GRAD = "sum"
-_ones = {}
-
-
 def _bias_grad(dy2, out=None):
-    if BIAS_GRAD == "gemv" and dy2.is_cuda and dy2.shape[0]:
-        key = (dy2.device, dy2.dtype)
-        ones = _ones.get(key)
-        if ones is None or ones.shape[0] < dy2.shape[0]:
-            ones = _ones[key] = torch.ones(max(dy2.shape[0], 4096), device=dy2.device, dtype=dy2.dtype)
-        return torch.mv(dy2.t(), ones[:dy2.shape[0]], out=out)
+    """Column sums of dy [M, N]: torch's reduction (cuBLAS's dy^T @ ones measured no faster in the block:
+    8.149 vs 8.153 ms at DiT-XL/2, 1024 tokens, H200)."""
     return torch.sum(dy2, 0, out=out)
 
 
