@@ -96,7 +96,8 @@ def _lin_grads(dy2, x2, w, need_x, need_w, need_b):
     """(dx2, dw, db) of _lin, None where not needed."""
     if dy2.numel() and x2.numel() and _linear._onednn_case(x2, w, None):
         return _linear._grads(dy2, x2, w, (need_x, need_w, need_b))
-    return (dy2 @ w if need_x else None, dy2.t() @ x2 if need_w else None, _bias_grad(dy2) if need_b else None)
+    return (torch.mm(dy2, w) if need_x else None, torch.mm(dy2.t(), x2) if need_w else None,
+            _bias_grad(dy2) if need_b else None)
 
 
 def _bias_grad(dy2, out=None):
@@ -120,7 +121,7 @@ class _AttnIn(torch.autograd.Function):
         ctx.save_for_backward(x, shift, scale, mean, rstd, m2, w)
         ctx.eps, ctx.has_bias = eps, bias is not None
         qkv = _lin(m2, w, bias).view(b, n, 3, heads, ch // heads).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]
+        return qkv.unbind(0)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -145,17 +146,16 @@ def _qkv_grads(grads, m2, w, need_m, need_w, need_b):
     ch = m2.shape[1]
     dm = dw = db = None
     if need_m:
-        dm = torch.mm(grads[0], w[:ch])
-        for i in (1, 2):
-            dm.addmm_(grads[i], w[i * ch:(i + 1) * ch])
+        wq, wk, wv = w.view(3, ch, -1).unbind(0)  # (three views in one call: an aten call costs ~12 us on a GPU host)
+        dm = torch.mm(grads[0], wq).addmm_(grads[1], wk).addmm_(grads[2], wv)
     if need_w:
         dw = torch.empty_like(w)
-        for i in range(3):
-            torch.mm(grads[i].t(), m2, out=dw[i * ch:(i + 1) * ch])
+        for g, out in zip(grads, dw.view(3, ch, -1).unbind(0)):
+            torch.mm(g.t(), m2, out=out)
     if need_b:
         db = torch.empty(3 * ch, device=m2.device, dtype=m2.dtype)
-        for i in range(3):
-            _bias_grad(grads[i], out=db[i * ch:(i + 1) * ch])
+        for g, out in zip(grads, db.view(3, ch).unbind(0)):
+            _bias_grad(g, out=out)
     return dm, dw, db
 
 
