@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) modulate_fwd_warp_kernel(const
 // One row of the backward by one warp: writes dx (when wanted) and per-token dscale / dshift;
 // per sample (acc != nullptr) adds g * xhat to acc[slot] and g to acc[nslot + slot].
 //   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),  dxhat = g * (1 + scale)
-template <int DT, bool VEC, int ITEMS>
+template <int DT, bool VEC, int ITEMS, bool PRELOAD>
 __device__ __forceinline__ void modulate_bwd_warp_row(const ModulateBwdParams& p, int64_t b, int64_t n, int lane,
                                                       float* acc, int64_t nslot) {
   constexpr int V = kLaneVec<DT, VEC>;
@@ -106,19 +106,51 @@ __device__ __forceinline__ void modulate_bwd_warp_row(const ModulateBwdParams& p
   const E<DT>* scale = static_cast<const E<DT>*>(p.scale) + b * p.scale_sb + n * p.scale_sn;
   const float mean = p.mean[r], rstd = p.rstd[r];
   const bool token_sums = !p.per_sample && (p.dscale || p.dshift);
+  // PRELOAD: first every load of the row's g and x (raw values parked in dxh / xh), so that they are in
+  // flight together. Interleaved with the accumulator stores below, the compiler keeps them in program
+  // order (it cannot tell the shared-memory stores from the global loads): one DRAM round trip per
+  // pack (sm_90 SASS: the LDG.128 of pack k + 1 after the STS of pack k). Same arithmetic, same order,
+  // same bits either way. The per-sample chunk kernel preloads (ITEMS <= 40); the per-token kernel does
+  // not (122 -> 167 registers on sm_90 would halve its blocks per SM: to be measured on a GPU first).
   float xh[ITEMS], dxh[ITEMS];
+  if constexpr (PRELOAD) {
+#pragma unroll
+    for (int k = 0; k < ITEMS / V; ++k) {
+      const int64_t c0 = static_cast<int64_t>(lane + 32 * k) * V;
+      float gv[V], xv[V];
+      if (c0 < C) {
+        load_v<DT, VEC>(g, c0, gv);
+        load_v<DT, VEC>(x, c0, xv);
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        dxh[k * V + j] = c0 < C ? gv[j] : 0.f;
+        xh[k * V + j] = c0 < C ? xv[j] : 0.f;
+      }
+    }
+  }
   float a = 0.f, bs = 0.f;
 #pragma unroll
   for (int k = 0; k < ITEMS / V; ++k) {
     const int64_t c0 = static_cast<int64_t>(lane + 32 * k) * V;
     if (c0 >= C) {
+      if constexpr (!PRELOAD) {
 #pragma unroll
-      for (int j = 0; j < V; ++j) xh[k * V + j] = dxh[k * V + j] = 0.f;
+        for (int j = 0; j < V; ++j) xh[k * V + j] = dxh[k * V + j] = 0.f;
+      }
       continue;
     }
     float gv[V], xv[V], sc[V], gx[V];
-    load_v<DT, VEC>(g, c0, gv);
-    load_v<DT, VEC>(x, c0, xv);
+    if constexpr (PRELOAD) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        gv[j] = dxh[k * V + j];
+        xv[j] = xh[k * V + j];
+      }
+    } else {
+      load_v<DT, VEC>(g, c0, gv);
+      load_v<DT, VEC>(x, c0, xv);
+    }
     load_v<DT, VEC>(scale, c0, sc);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
@@ -160,7 +192,7 @@ template <int DT, bool VEC, int ITEMS>
 __global__ void __launch_bounds__(kRowWarps * 32, 1) modulate_bwd_token_warp_kernel(const ModulateBwdParams p) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
   if (r >= p.B * p.N) return;
-  modulate_bwd_warp_row<DT, VEC, ITEMS>(p, r / p.N, r % p.N, threadIdx.x & 31, nullptr, 0);
+  modulate_bwd_warp_row<DT, VEC, ITEMS, false>(p, r / p.N, r % p.N, threadIdx.x & 31, nullptr, 0);
 }
 
 // Slots per accumulator: the lane-owned columns rounded up to whole (k) steps of 32 * V.
@@ -186,7 +218,8 @@ __global__ void __launch_bounds__(kChunkWarps * 32) modulate_bwd_chunk_warp_kern
   const int64_t n0 = k * p.chunk_rows, n1 = n0 + p.chunk_rows < p.N ? n0 + p.chunk_rows : p.N;
   const int64_t per_warp = (p.chunk_rows + kChunkWarps - 1) / kChunkWarps;
   const int64_t w0 = n0 + warp * per_warp, w1 = w0 + per_warp < n1 ? w0 + per_warp : n1;
-  for (int64_t n = w0; n < w1; ++n) modulate_bwd_warp_row<DT, VEC, ITEMS>(p, b, n, lane, acc, nslot);
+  // (preloading the row: registers 222 -> 245 at ITEMS = 40 on sm_90, still 2 blocks an SM; it spills at 48)
+  for (int64_t n = w0; n < w1; ++n) modulate_bwd_warp_row<DT, VEC, ITEMS, (ITEMS <= 40)>(p, b, n, lane, acc, nslot);
   if (!sums) return;
   __syncthreads();
   float* part = p.partial + (b * nchunks + k) * 2 * p.C;
