@@ -68,13 +68,13 @@ def modulate():
     _report("eager modulate fwd+bwd", eager)
 
 
-def _dit_case():
-    """(genfast block, eager block with the same weights, x, c, grad): bf16 DiT-XL/2, 256 tokens."""
+def _dit_case(tokens=256):
+    """(genfast block, eager block with the same weights, x, c, grad): bf16 DiT-XL/2, batch 32."""
     torch.manual_seed(0)
     ref = reference.DiTBlock(1152, 16).cuda().bfloat16()
     ours = genfast.nn.DiTBlock(1152, 16).cuda().bfloat16()
     ours.load_state_dict(ref.state_dict())
-    x = torch.randn(32, 256, 1152, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(32, tokens, 1152, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     c = torch.randn(32, 1152, device="cuda", dtype=torch.bfloat16)
     g = torch.randn_like(x)
     return ours, ref, x, c, g
@@ -156,13 +156,7 @@ def big():
     """The fused DiT-XL/2 block at 1024 tokens (GPU-bound): fwd+bwd per CHUNK_ROWS, per-op and eager, ms.
     (Session 7 also A/B'd the bias gradients as cuBLAS dy^T @ ones here: no faster than torch's sum.)"""
     from genfast.ops import dit_block, modulate as mod
-    torch.manual_seed(0)
-    ref = reference.DiTBlock(1152, 16).cuda().bfloat16()
-    ours = genfast.nn.DiTBlock(1152, 16).cuda().bfloat16()
-    ours.load_state_dict(ref.state_dict())
-    x = torch.randn(32, 1024, 1152, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    c = torch.randn(32, 1152, device="cuda", dtype=torch.bfloat16)
-    g = torch.randn_like(x)
+    ours, ref, x, c, g = _dit_case(1024)
     for name, m, fused, rows in (("fused/32", ours, True, 32), ("fused/16", ours, True, 16), ("per-op", ours, False, 32),
                                  ("eager", ref, True, 32)):
         dit_block.USE_FUSED["cuda"], mod.CHUNK_ROWS = fused, rows
