@@ -245,3 +245,27 @@ def test_gpu_fused_inference_with_gelu_epilogue(dtype, monkeypatch, path):
         else:
             assert_within_reference_error("gpu fused inference bf16", fused, ref(x, c), ref64(x.double(), c.double()),
                                           floor=1e-3)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_fused_block_under_activation_checkpointing(reentrant, use_backend, path):
+    """torch.utils.checkpoint around the block (DiT training with gradient checkpointing): the forward
+    is rerun in the backward and the gradients are the same bits as without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    use_backend("cpu")
+    path(True)
+    _, ours = _pair()
+    x, c, g = torch.randn(2, 9, 64), torch.randn(2, 64), torch.randn(2, 9, 64)
+
+    def run(wrap):
+        ours.zero_grad(set_to_none=True)
+        xi, ci = x.clone().requires_grad_(), c.clone().requires_grad_()
+        out = wrap(xi, ci)
+        out.backward(g)  # reentrant checkpointing supports .backward() only
+        return [out.detach(), xi.grad, ci.grad, *(p.grad for p in ours.parameters())]
+
+    plain = run(ours)
+    ckpt = run(lambda xi, ci: checkpoint(ours, xi, ci, use_reentrant=reentrant))
+    for name, a, b in zip(_names(ours), ckpt, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
