@@ -194,7 +194,7 @@ class _BlockOut(torch.autograd.Function):
         o, p, x1, mean2, rstd2, m2, h, a, f, gate1, shift2, scale2, gate2, wp, w1, w2 = ctx.saved_tensors
         need = ctx.needs_input_grad  # o, x, gate1, shift2, scale2, gate2, eps, wp, bp, w1, b1, w2, b2
         b, n, ch = x1.shape
-        dout = dout.contiguous()
+        dout = dout if dout.is_contiguous() else dout.contiguous()
         df, dgate2 = _gated_bwd_impl(dout, gate2, f, [True, need[5]])
         da, dw2, db2 = _lin_grads(df.view(b * n, ch), a, w2, True, need[11], need[12])
         dh = _gelu._bwd_impl(da, h)
