@@ -207,3 +207,39 @@ def test_gated_residual_pack_and_element_paths_same_bits(device, backend, dtype,
         elems = run(*(misaligned(t) for t in (x, gate, y, grad)))
         for what, a, b in zip(("out", "dx", "dgate", "dy"), packs, elems):
             assert torch.equal(a, b), (shape, gshape, what)
+
+
+_PRELOAD_SCRIPT = """
+import sys, torch
+from genfast.ops import modulate as m
+torch.manual_seed(0)
+dev = sys.argv[2]
+out = []
+for dt in (torch.float32, torch.bfloat16, torch.float16):
+    for b, n, c in ((2, 37, 1152), (1, 70, 384), (2, 5, 1500)):
+        x, g = torch.randn(b, n, c).to(dev, dt), torch.randn(b, n, c).to(dev, dt)
+        shift, scale = torch.randn(b, 1, c).to(dev, dt), torch.randn(b, 1, c).to(dev, dt)
+        _, mean, rstd = m._modulate_impl(x, shift, scale, 1e-6, False)
+        out += m._modulate_bwd_impl(g, x, shift, scale, mean, rstd, 1e-6, False, [True, True, True])
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("backend", ["cuda_emu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_per_sample_backward_preload_switch_same_bits(backend, tmp_path):
+    """GENFAST_MODULATE_BWD_PRELOAD=0 (the per-sample backward's old load order, kept for a GPU A/B)
+    gives the same bits as the default: only the order of the loads differs."""
+    import os
+    import subprocess
+    import sys
+
+    got = {}
+    for flag in ("1", "0"):
+        path = tmp_path / f"preload{flag}.pt"
+        env = dict(os.environ, GENFAST_BACKEND=backend, GENFAST_MODULATE_BWD_PRELOAD=flag)
+        device = "cuda" if backend == "cuda" else "cpu"
+        subprocess.run([sys.executable, "-P", "-c", _PRELOAD_SCRIPT, str(path), device], env=env, check=True,
+                       timeout=300)
+        got[flag] = torch.load(path, map_location="cpu")
+    for a, b in zip(got["1"], got["0"]):
+        assert torch.equal(a, b)

@@ -4,7 +4,8 @@
                                                   256 tokens, forward and forward+backward
   python3 -P benchmarks/gpu/profile.py kernels    the fused DiTBlock's fwd+bwd kernel by kernel; fused vs
                                                   per-op vs eager wall time, autograd threads on / off
-  python3 -P benchmarks/gpu/profile.py chunks     modulate / gated backward per CHUNK_ROWS (32, 16, 8)
+  python3 -P benchmarks/gpu/profile.py chunks     modulate / gated backward per CHUNK_ROWS (32, 16, 8); run it
+                                                  also with GENFAST_MODULATE_BWD_PRELOAD=0 (old load order)
   python3 -P benchmarks/gpu/profile.py big        fused DiT-XL/2 block fwd+bwd at 1024 tokens per CHUNK_ROWS
   python3 -P benchmarks/gpu/profile.py threads    a Python node's per-op cost with autograd's device thread on / off
   python3 -P benchmarks/gpu/profile.py host       cProfile of the Python side of adaln_modulate,

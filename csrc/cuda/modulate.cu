@@ -28,6 +28,7 @@
 #include "cuda/common.cuh"
 
 #include <atomic>
+#include <cstdlib>
 #include <initializer_list>
 
 #include "modulate.h"
@@ -325,6 +326,15 @@ void launch_fwd_warp(const ModulateParams& p, bool vec, void* stream) {
   }
 }
 
+// Read once: GENFAST_MODULATE_BWD_PRELOAD=0 switches the per-sample backward's row preloading off.
+bool bwd_preload() {
+  static const bool on = [] {
+    const char* s = std::getenv("GENFAST_MODULATE_BWD_PRELOAD");
+    return !(s && s[0] == '0');
+  }();
+  return on;
+}
+
 template <int DT, bool VEC, int ITEMS>
 void launch_bwd_warp_v(const ModulateBwdParams& p, int64_t nchunks, void* stream) {
   if (!p.per_sample) {
@@ -334,9 +344,19 @@ void launch_bwd_warp_v(const ModulateBwdParams& p, int64_t nchunks, void* stream
     return;
   }
   const size_t smem = sizeof(float) * kChunkWarps * 2 * static_cast<size_t>(chunk_slots<DT, VEC>(p.C));
-  auto k = &modulate_bwd_chunk_warp_kernel<DT, VEC, ITEMS>;
-  GENFAST_LAUNCH(k, dim3(static_cast<unsigned>(nchunks), static_cast<unsigned>(p.B)), kChunkWarps * 32, smem,
-                 stream, p);
+  const dim3 grid(static_cast<unsigned>(nchunks), static_cast<unsigned>(p.B));
+  // Row preloading (modulate_bwd_warp_row): registers 222 -> 245 at ITEMS = 40 on sm_90, still 2 blocks an
+  // SM; it would spill at 48. GENFAST_MODULATE_BWD_PRELOAD=0 runs the old load order, for a GPU A/B
+  // (benchmarks/gpu/profile.py chunks); same bits either way.
+  if constexpr (ITEMS <= 40) {
+    if (bwd_preload()) {
+      auto k = &modulate_bwd_chunk_warp_kernel<DT, VEC, ITEMS, true>;
+      GENFAST_LAUNCH(k, grid, kChunkWarps * 32, smem, stream, p);
+      return;
+    }
+  }
+  auto k = &modulate_bwd_chunk_warp_kernel<DT, VEC, ITEMS, false>;
+  GENFAST_LAUNCH(k, grid, kChunkWarps * 32, smem, stream, p);
 }
 
 template <int DT, int ITEMS>

@@ -203,7 +203,7 @@ __host__ __device__ __forceinline__ int64_t chunk_slots(int64_t C) {
 }
 
 // Per sample: grid = (nchunks, B); dynamic shared memory kChunkWarps * 2 * nslot floats.
-template <int DT, bool VEC, int ITEMS>
+template <int DT, bool VEC, int ITEMS, bool PRELOAD>
 __global__ void __launch_bounds__(kChunkWarps * 32) modulate_bwd_chunk_warp_kernel(const ModulateBwdParams p) {
   constexpr int V = kLaneVec<DT, VEC>;
   GENFAST_DYN_SHARED(float, acc_all);
@@ -218,8 +218,7 @@ __global__ void __launch_bounds__(kChunkWarps * 32) modulate_bwd_chunk_warp_kern
   const int64_t n0 = k * p.chunk_rows, n1 = n0 + p.chunk_rows < p.N ? n0 + p.chunk_rows : p.N;
   const int64_t per_warp = (p.chunk_rows + kChunkWarps - 1) / kChunkWarps;
   const int64_t w0 = n0 + warp * per_warp, w1 = w0 + per_warp < n1 ? w0 + per_warp : n1;
-  // (preloading the row: registers 222 -> 245 at ITEMS = 40 on sm_90, still 2 blocks an SM; it spills at 48)
-  for (int64_t n = w0; n < w1; ++n) modulate_bwd_warp_row<DT, VEC, ITEMS, (ITEMS <= 40)>(p, b, n, lane, acc, nslot);
+  for (int64_t n = w0; n < w1; ++n) modulate_bwd_warp_row<DT, VEC, ITEMS, PRELOAD>(p, b, n, lane, acc, nslot);
   if (!sums) return;
   __syncthreads();
   float* part = p.partial + (b * nchunks + k) * 2 * p.C;
