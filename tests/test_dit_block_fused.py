@@ -182,6 +182,28 @@ def test_cases_that_take_the_per_op_path(path):
     assert ours.mlp.fc1.calls == 1 and "_BlockOutBackward" not in _nodes(out)
 
 
+def test_replaced_submodules_keep_their_forward(path):
+    """A user's own attention (or MLP) module in the block, e.g. a subclass with hooks or another
+    attention: its forward runs (per-op path), the fused path never reads around it."""
+    path(True)
+    _, ours = _pair()
+    x, c = torch.randn(2, 5, 64, requires_grad=True), torch.randn(2, 64)
+
+    class MyAttention(genfast.nn.DiTAttention):
+        calls = 0
+
+        def forward(self, t, **kw):
+            MyAttention.calls += 1
+            return super().forward(t, **kw) * 0.5
+    mine = MyAttention(64, 4)
+    mine.load_state_dict(ours.attn.state_dict())
+    plain_out = ours(x, c)
+    ours.attn = mine
+    out = ours(x, c)
+    assert MyAttention.calls == 1 and "_BlockOutBackward" not in _nodes(out)
+    assert not torch.allclose(out, plain_out)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_block_under_autocast_matches_eager_autocast(fused, use_backend, path):
     """bf16 autocast (mixed-precision training) with fp32 x and weights: the per-op path (autocast

@@ -100,7 +100,10 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x, c):
-        if fused_block_ok(self, x, c):  # plain eager calls: three autograd nodes (genfast.ops.dit_block)
+        # plain eager calls with the block's own submodules: three autograd nodes (genfast.ops.dit_block);
+        # a replaced attn / mlp / adaLN activation keeps its own forward on the per-op path
+        if (type(self.attn) is DiTAttention and type(self.mlp) is _Mlp and type(self.adaLN_modulation[0]) is nn.SiLU
+                and fused_block_ok(self, x, c)):
             return block_forward(self, x, c)
         mods = self.adaLN_modulation(c).chunk(6, dim=1)
         # Under autocast the Linears give bf16/fp16 while x stays fp32: the modulation and branch outputs

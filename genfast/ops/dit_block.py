@@ -77,7 +77,10 @@ def block_forward(block, x, c, eps=1e-6):
         qkv = _lin(_modulate_impl(x, shift1, scale1, eps, False)[0].view(b * n, ch), attn.qkv.weight, attn.qkv.bias)
         q, k, v = qkv.view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     # q, k, v are well-formed views here: genfast.attention's checks can be skipped where it would call SDPA
-    o = (F.scaled_dot_product_attention(q, k, v) if q.numel() and _attention_ops._sdpa_way(q, k) else genfast.attention(q, k, v))
+    if q.numel() and _attention_ops._sdpa_way(q, k):
+        o = F.scaled_dot_product_attention(q, k, v)
+    else:
+        o = genfast.attention(q, k, v)
     o = o.transpose(1, 2).reshape(b * n, ch)
     if grad:
         return _BlockOut.apply(o, x, gate1, shift2, scale2, gate2, eps, *weights)
