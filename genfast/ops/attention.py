@@ -51,11 +51,10 @@ def attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None):
         [B, H, Nq, D] in q's dtype. Rows with every key masked are zeros (and get zero gradients).
     """
     _check(q, k, v, causal, scale, key_padding_mask)
-    if key_padding_mask is None and _sdpa_way(q, k):  # the call as users make it (None: SDPA's 1/sqrt(D))
-        if q.numel() == 0:  # torch 2.11's CUDA SDPA returned None for an empty fp16/bf16 batch (H200)
-            return torch.matmul(q, k.transpose(-2, -1)).softmax(-1).matmul(v)  # empty, with zero grads for k, v
-        return torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=causal, scale=None if scale is None else float(scale))
+    if key_padding_mask is None:
+        out = sdpa_attention(q, k, v, causal, scale)
+        if out is not None:
+            return out
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if key_padding_mask is None and _fused_directly(q, k, v, causal):  # the op's own scale: same bits
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
@@ -65,6 +64,18 @@ def attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None):
                          "SDPA does not): pass key_padding_mask=None or unset GENFAST_BACKEND")
     keep_p = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and _can_keep_p(q, k)
     return torch.ops.genfast.attention_fwd(q, k, v, key_padding_mask, bool(causal), scale, keep_p)[0]
+
+
+def sdpa_attention(q, k, v, causal=False, scale=None):
+    """The unmasked call on the "sdpa" way (torch's scaled_dot_product_attention, as users call it; scale
+    None: SDPA's 1/sqrt(D)), or None where genfast's kernels serve it. For callers whose q, k, v are
+    already checked (attention() above, genfast.ops.dit_block)."""
+    if not _sdpa_way(q, k):
+        return None
+    if q.numel() == 0:  # torch 2.11's CUDA SDPA returned None for an empty fp16/bf16 batch (H200)
+        return torch.matmul(q, k.transpose(-2, -1)).softmax(-1).matmul(v)  # empty, with zero grads for k, v
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=causal, scale=None if scale is None else float(scale))
 
 
 def _sdpa_way(q, k):
