@@ -90,8 +90,9 @@ def dit():
 
 
 def kernels():
-    """The fused DiT-XL/2 block (256 tokens): wall time of fused vs per-op vs eager, autograd threads on / off, inference with and without the GELU epilogue; column-sum ways;
-    then the fused forward+backward kernel by kernel (device time) and a chrome trace of 3 steps
+    """The fused DiT-XL/2 block (256 tokens): wall time of fused vs per-op vs eager, autograd threads
+    on / off (_dit_threads), inference with and without the GELU epilogue; column-sum ways; then the
+    fused forward+backward kernel by kernel (device time) and a chrome trace of 3 steps
     ($OUT/dit_trace.json.gz) to read the GPU's idle gaps from."""
     import gzip
     import os
@@ -100,15 +101,7 @@ def kernels():
     print("torch SDPA over an empty fp16 batch returns", type(torch.nn.functional.scaled_dot_product_attention(e, e, e)))
     ours, ref, x, c, g = _dit_case()
     step = lambda: torch.autograd.grad(ours(x, c), [x, *ours.parameters()], g)  # noqa: E731
-    for threaded in (True, False):
-        torch.autograd.set_multithreading_enabled(threaded)
-        for name, m, fused in (("fused", ours, True), ("per-op", ours, False), ("eager", ref, True)):
-            dit_block.USE_FUSED["cuda"] = fused
-            ms = _wall(lambda: torch.autograd.grad(m(x, c), [x, *m.parameters()], g), 50)
-            print(f"DiT-XL/2 block fwd+bwd 256 tokens, {name:10s} multithreading {'on ' if threaded else 'off'} "
-                  f"{ms:8.3f} ms", flush=True)
-    torch.autograd.set_multithreading_enabled(True)
-    dit_block.USE_FUSED["cuda"] = True
+    _dit_threads()
     with torch.no_grad():
         for name, m, fused, epilogue in (("fused, GELU epilogue", ours, True, True), ("fused", ours, True, False),
                                          ("per-op", ours, False, False), ("eager", ref, True, True)):
@@ -275,16 +268,19 @@ def overhead():
 
 
 def _dit_threads():
-    """DiT-XL/2 block fwd+bwd at 256 tokens (host-bound for genfast), ms per call, with autograd's
-    device thread (default) and without: how much of the gap to eager that thread is."""
+    """DiT-XL/2 block fwd+bwd at 256 tokens (host-bound), ms per call: genfast's fused and per-op paths
+    and eager, with autograd's device thread (default) and without."""
+    from genfast.ops import dit_block
     ours, ref, x, c, g = _dit_case()
     for threaded in (True, False):
         torch.autograd.set_multithreading_enabled(threaded)
-        for name, m in (("genfast", ours), ("eager", ref)):
+        for name, m, fused in (("fused", ours, True), ("per-op", ours, False), ("eager", ref, True)):
+            dit_block.USE_FUSED["cuda"] = fused
             ms = _wall(lambda: torch.autograd.grad(m(x, c), [x, *m.parameters()], g), 50)
             print(f"DiT-XL/2 block fwd+bwd 256 tokens, {name:8s} multithreading {'on ' if threaded else 'off'} "
                   f"{ms:8.3f} ms", flush=True)
     torch.autograd.set_multithreading_enabled(True)
+    dit_block.USE_FUSED["cuda"] = True
 
 
 if __name__ == "__main__":
