@@ -8,18 +8,13 @@ import genfast.nn
 from genfast import reference
 from genfast.testing import assert_within_reference_error
 
+from dit_tiny import block_pair  # noqa: E402 (tests/ on sys.path: conftest.py)
+
 
 EagerDiTBlock = reference.DiTBlock
 
 
-def _pair(hidden=64, heads=4, dtype=torch.float32, seed=0, std=0.2):
-    torch.manual_seed(seed)
-    ref = EagerDiTBlock(hidden, heads)
-    for p in ref.parameters():  # adaLN-Zero initialises the modulation to zero: use random weights
-        nn.init.normal_(p, std=std)
-    ours = genfast.nn.DiTBlock(hidden, heads)
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ref.to(dtype), ours.to(dtype)
+_pair = block_pair  # (reference block, genfast block) with the same random weights
 
 
 def test_state_dict_names_and_shapes_match():
