@@ -105,9 +105,9 @@ void gated_residual_fwd(uintptr_t out, uintptr_t x, uintptr_t gate, uintptr_t y,
 
 void gated_residual_bwd(uintptr_t dy, uintptr_t dgate, uintptr_t partial, uintptr_t grad, uintptr_t gate, uintptr_t y,
                         int64_t B, int64_t N, int64_t C, const std::array<int64_t, 6>& strides, int64_t chunk_rows,
-                        bool per_sample, int32_t dtype, uintptr_t stream) {
-  const GatedResidualBwdParams p =
-      make_gated_bwd_params(dy, dgate, partial, grad, gate, y, B, N, C, strides, chunk_rows, per_sample, dtype);
+                        bool per_sample, int32_t dtype, uintptr_t dbias, uintptr_t bias_partial, uintptr_t stream) {
+  const GatedResidualBwdParams p = make_gated_bwd_params(dy, dgate, partial, grad, gate, y, B, N, C, strides,
+                                                         chunk_rows, per_sample, dtype, dbias, bias_partial);
   py::gil_scoped_release nogil;
   GENFAST_RUN(gated_residual_bwd, p, stream);
 }
@@ -300,10 +300,10 @@ void bind_all(py::module_& m) {
   m.def("gated_residual_fwd", &gated_residual_fwd, "x + gate * y (csrc/modulate.h)", py::arg("out"), py::arg("x"),
         py::arg("gate"), py::arg("y"), py::arg("B"), py::arg("N"), py::arg("C"), py::arg("strides"), py::arg("dtype"),
         py::arg("stream") = 0);
-  m.def("gated_residual_bwd", &gated_residual_bwd, "gated residual backward: dy, dgate (csrc/modulate.h)",
+  m.def("gated_residual_bwd", &gated_residual_bwd, "gated residual backward: dy, dgate, dbias (csrc/modulate.h)",
         py::arg("dy"), py::arg("dgate"), py::arg("partial"), py::arg("grad"), py::arg("gate"), py::arg("y"),
         py::arg("B"), py::arg("N"), py::arg("C"), py::arg("strides"), py::arg("chunk_rows"), py::arg("per_sample"),
-        py::arg("dtype"), py::arg("stream") = 0);
+        py::arg("dtype"), py::arg("dbias") = 0, py::arg("bias_partial") = 0, py::arg("stream") = 0);
   // reparam_kl: see csrc/kl.h and csrc/kl_bind.h for the stride lists.
   m.def("kl_forward", &kl_forward, "Reparameterized sample + KL forward (csrc/kl.h).");
   m.def("kl_backward", &kl_backward, "Reparameterized sample + KL backward (csrc/kl.h).");

@@ -67,10 +67,16 @@ struct GatedResidualParams {
 
 // dx = grad is not computed (the caller passes grad on); dy = grad * gate, dgate = grad * y (per
 // token) or its sum over N (per sample, same chunked partials as ModulateBwdParams).
+// dbias: the column sums of dy over all B * N rows, of the values as stored (rounded to the dtype),
+// i.e. the bias gradient of the Linear whose output y is (DiT's proj and fc2): saves the caller a
+// second pass over dy. Chunk sums go to bias_partial[b, k, :] (fp32), then are added in (b, k)
+// order: the same bits on every backend whose dy bits agree. Per sample only, with dy.
 struct GatedResidualBwdParams {
   void* dy;             // [B, N, C] contiguous; nullptr: not needed
   void* dgate;          // [B, N, C] or [B, C] contiguous; nullptr: not needed
   float* partial;       // per sample only: [B, nchunks, C] fp32 workspace (CPU: may be nullptr)
+  void* dbias;          // [C]; nullptr: not needed (needs dy and per_sample)
+  float* bias_partial;  // with dbias: [B, nchunks, C] fp32 workspace
   const void* grad;
   const void* gate;
   const void* y;

@@ -55,12 +55,16 @@ inline GatedResidualParams make_gated_params(uintptr_t out, uintptr_t x, uintptr
 inline GatedResidualBwdParams make_gated_bwd_params(uintptr_t dy, uintptr_t dgate, uintptr_t partial, uintptr_t grad,
                                                     uintptr_t gate, uintptr_t y, int64_t B, int64_t N, int64_t C,
                                                     const std::array<int64_t, 6>& s, int64_t chunk_rows,
-                                                    bool per_sample, int32_t dtype) {
+                                                    bool per_sample, int32_t dtype, uintptr_t dbias,
+                                                    uintptr_t bias_partial) {
   check_dtype_code(dtype);
   if (per_sample && chunk_rows < 1) throw pybind11::value_error("genfast: chunk_rows must be >= 1");
-  return GatedResidualBwdParams{raw<void>(dy), raw<void>(dgate), raw<float>(partial), raw<const void>(grad),
-                                raw<const void>(gate), raw<const void>(y), B, N, C, s[0], s[1], s[2], s[3], s[4],
-                                s[5], chunk_rows, per_sample ? 1 : 0, dtype};
+  if (dbias && !(per_sample && dy && bias_partial))
+    throw pybind11::value_error("genfast: dbias needs per_sample, dy and bias_partial");
+  return GatedResidualBwdParams{raw<void>(dy), raw<void>(dgate), raw<float>(partial), raw<void>(dbias),
+                                raw<float>(bias_partial), raw<const void>(grad), raw<const void>(gate),
+                                raw<const void>(y), B, N, C, s[0], s[1], s[2], s[3], s[4], s[5], chunk_rows,
+                                per_sample ? 1 : 0, dtype};
 }
 
 }  // namespace genfast

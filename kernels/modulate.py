@@ -194,6 +194,7 @@ def gated_bwd_kernel(
     dy_ptr,  # [B, N, C] contiguous; unused if not HAS_DY
     dgate_ptr,  # per token [B, N, C] contiguous; per sample unused (sums go to partial_ptr)
     partial_ptr,  # per sample: [B, nchunks, C] fp32
+    bias_partial_ptr,  # HAS_DBIAS: [B, nchunks, C] fp32, the chunk's column sums of dy as stored
     g_ptr,  # [B, N, C] strides (g_sb, g_sn, 1)
     gate_ptr,  # [B, N | 1, C] strides (gate_sb, gate_sn, 1)
     y_ptr,  # [B, N, C] strides (y_sb, y_sn, 1)
@@ -201,6 +202,7 @@ def gated_bwd_kernel(
     g_sb, g_sn, gate_sb, gate_sn, y_sb, y_sn,  # scalar ints: strides in elements
     rows,  # scalar int: rows per program (grid: column tiles x row chunks x B)
     HAS_DY: tl.constexpr, HAS_DGATE: tl.constexpr, PER_SAMPLE: tl.constexpr,  # bools
+    HAS_DBIAS: tl.constexpr,  # bool: needs HAS_DY and PER_SAMPLE
     BLOCK: tl.constexpr,  # columns per program
     BF16_RTNE: tl.constexpr,  # bool: interpreter only
 ):
@@ -209,12 +211,16 @@ def gated_bwd_kernel(
     b = tl.program_id(2).to(tl.int64)
     mask = cols < C
     acc = tl.zeros([BLOCK], dtype=tl.float32)
+    bias_acc = tl.zeros([BLOCK], dtype=tl.float32)
     for n in range(k * rows, tl.minimum(k * rows + rows, N)):
         r = b * N + n
         g = tl.load(g_ptr + b * g_sb + n * g_sn + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_DY:
             gate = tl.load(gate_ptr + b * gate_sb + n * gate_sn + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dy_ptr + r * C + cols, _out_value(g * gate, dy_ptr, BF16_RTNE), mask=mask)
+            d = _out_value(g * gate, dy_ptr, BF16_RTNE)
+            tl.store(dy_ptr + r * C + cols, d, mask=mask)
+            if HAS_DBIAS:
+                bias_acc += d.to(tl.float32)  # the rounded value, as stored
         if HAS_DGATE:
             y = tl.load(y_ptr + b * y_sb + n * y_sn + cols, mask=mask, other=0.0).to(tl.float32)
             if PER_SAMPLE:
@@ -223,6 +229,8 @@ def gated_bwd_kernel(
                 tl.store(dgate_ptr + r * C + cols, _out_value(g * y, dgate_ptr, BF16_RTNE), mask=mask)
     if PER_SAMPLE and HAS_DGATE:
         tl.store(partial_ptr + (b * tl.num_programs(1) + k) * C + cols, acc, mask=mask)
+    if HAS_DBIAS:
+        tl.store(bias_partial_ptr + (b * tl.num_programs(1) + k) * C + cols, bias_acc, mask=mask)
 
 
 # Under TRITON_INTERPRET=1 (read when triton.jit ran) the kernels are InterpretedFunctions.
@@ -293,15 +301,18 @@ def gated_residual_fwd(out, x, gate, y, *, B, N, C, strides, dtype=None):
 
 
 def gated_residual_bwd(dy, dgate, partial, grad, gate, y, *, B, N, C, strides, chunk_rows, per_sample,
-                       dtype=None):
+                       dtype=None, dbias=None, bias_partial=None):
     rows = chunk_rows if per_sample else GATED_ROWS
     nchunks = triton.cdiv(N, rows)
     gated_bwd_kernel[(triton.cdiv(C, COL_BLOCK), nchunks, B)](
-        _dummy(dy, grad), _dummy(dgate, grad), _dummy(partial, grad), grad, gate, y, N, C, *strides, rows,
-        HAS_DY=dy is not None, HAS_DGATE=dgate is not None, PER_SAMPLE=bool(per_sample), BLOCK=COL_BLOCK,
-        BF16_RTNE=_rtne(grad), num_warps=4)
+        _dummy(dy, grad), _dummy(dgate, grad), _dummy(partial, grad), _dummy(bias_partial, grad), grad, gate, y,
+        N, C, *strides, rows,
+        HAS_DY=dy is not None, HAS_DGATE=dgate is not None, PER_SAMPLE=bool(per_sample),
+        HAS_DBIAS=dbias is not None, BLOCK=COL_BLOCK, BF16_RTNE=_rtne(grad), num_warps=4)
     if per_sample and dgate is not None:
         _reduce(dgate, partial, B, nchunks, C, C)
+    if dbias is not None:  # every (b, k) chunk in order, as one sample of B * nchunks chunks
+        _reduce(dbias, bias_partial, 1, B * nchunks, C, C)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,12 +360,13 @@ def _aot_small(dtype):
             "constexprs": {"BLOCK_C": 1024, "BF16_RTNE": False},
             "divisible_by_16": list(gptrs) + ["out_sb", "out_sn", "x_sb", "x_sn", "gate_sb", "y_sb", "y_sn"],
             "num_warps": 4, "num_stages": 1}
-    bptrs = {"dy_ptr": f"*{dtype}", "dgate_ptr": f"*{dtype}", "partial_ptr": "*fp32", "g_ptr": f"*{dtype}",
+    bptrs = {"dy_ptr": f"*{dtype}", "dgate_ptr": f"*{dtype}", "partial_ptr": "*fp32", "bias_partial_ptr": "*fp32",
+             "g_ptr": f"*{dtype}",
              "gate_ptr": f"*{dtype}", "y_ptr": f"*{dtype}"}
     bints = ("N", "C", "g_sb", "g_sn", "gate_sb", "gate_sn", "y_sb", "y_sn", "rows")
     gbwd = {"name": f"gated_bwd[{dtype},per_sample]", "kernel": gated_bwd_kernel, "signature": _sig(bptrs, bints),
-            "constexprs": {"HAS_DY": True, "HAS_DGATE": True, "PER_SAMPLE": True, "BLOCK": COL_BLOCK,
-                           "BF16_RTNE": False},
+            "constexprs": {"HAS_DY": True, "HAS_DGATE": True, "PER_SAMPLE": True, "HAS_DBIAS": True,
+                           "BLOCK": COL_BLOCK, "BF16_RTNE": False},
             "divisible_by_16": list(bptrs) + ["g_sb", "g_sn", "gate_sb", "y_sb", "y_sn"], "num_warps": 4,
             "num_stages": 1}
     return [red, gfwd, gbwd]

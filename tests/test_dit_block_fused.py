@@ -47,10 +47,17 @@ def _nodes(t):
     return {type(f).__name__ for f in seen}
 
 
+def _bias_in_gated(monkeypatch, on):
+    """proj / fc2 bias gradients from the gated-residual backward (on) or torch's column sums."""
+    monkeypatch.setattr(dit_block, "BIAS_IN_GATED", {"cpu": on, "cuda": on})
+
+
+@pytest.mark.parametrize("bias_in_gated", [False, True], ids=["bias-sums", "bias-in-gated"])
 @pytest.mark.parametrize("backend,onednn", [("cpu", True), ("cpu", False), ("reference", True)])
-def test_fused_equals_eager_fp32(backend, onednn, use_backend, path, monkeypatch):
+def test_fused_equals_eager_fp32(backend, onednn, bias_in_gated, use_backend, path, monkeypatch):
     """onednn=False: the GEMM way GPUs take (torch's GEMMs, q/k/v grads read as three row blocks)."""
     monkeypatch.setattr(genfast.ops.linear, "USE_ONEDNN", onednn)
+    _bias_in_gated(monkeypatch, bias_in_gated)
     use_backend(backend)
     path(True)
     ref, ours = _pair()
@@ -78,11 +85,13 @@ def test_fused_equals_per_op_bits_fp32(use_backend, path):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("bias_in_gated", [False, True], ids=["bias-sums", "bias-in-gated"])
 @pytest.mark.parametrize("dtype,backend", [(torch.bfloat16, "cpu"), (torch.float16, "cpu"),
                                            (torch.bfloat16, "cuda_emu")])
-def test_fused_low_precision_within_reference_error(dtype, backend, use_backend, path):
+def test_fused_low_precision_within_reference_error(dtype, backend, bias_in_gated, use_backend, path, monkeypatch):
     """bf16/fp16 (the CUDA kernels through their CPU emulation too) within 2x eager's own error."""
     use_backend(backend)
+    _bias_in_gated(monkeypatch, bias_in_gated)
     path(True)
     ref, ours = _pair(std=0.05)
     ref64 = reference.DiTBlock(64, 4).double()
@@ -97,10 +106,13 @@ def test_fused_low_precision_within_reference_error(dtype, backend, use_backend,
         assert_within_reference_error(f"fused {dtype} {name}", a, lo, hi, floor=1e-3)
 
 
-@pytest.mark.parametrize("frozen", ["x", "c", "attn", "mlp", "adaLN", "all-but-x"])
-def test_fused_frozen_inputs_and_parameters(frozen, use_backend, path):
+@pytest.mark.parametrize("bias_in_gated", [False, True], ids=["bias-sums", "bias-in-gated"])
+@pytest.mark.parametrize("frozen", ["x", "c", "attn", "mlp", "adaLN", "all-but-x", "attn.proj.bias", "mlp.fc2.bias",
+                                    "attn.proj.weight"])
+def test_fused_frozen_inputs_and_parameters(frozen, bias_in_gated, use_backend, path, monkeypatch):
     """Gradients only for what requires them, equal to eager's (fine-tuning freezes parts)."""
     use_backend("cpu")
+    _bias_in_gated(monkeypatch, bias_in_gated)
     path(True)
     ref, ours = _pair()
     x, c = torch.randn(2, 13, 64, requires_grad=frozen != "x"), torch.randn(2, 64, requires_grad=frozen != "c")
@@ -134,8 +146,10 @@ def test_fused_odd_shapes_non_contiguous_and_inference(use_backend, path):
         torch.testing.assert_close(ours(x, c), ref(x, c), rtol=1e-4, atol=1e-4)
 
 
-def test_fused_empty_batch_and_one_token(use_backend, path):
+@pytest.mark.parametrize("bias_in_gated", [False, True], ids=["bias-sums", "bias-in-gated"])
+def test_fused_empty_batch_and_one_token(bias_in_gated, use_backend, path, monkeypatch):
     use_backend("cpu")
+    _bias_in_gated(monkeypatch, bias_in_gated)
     path(True)
     ref, ours = _pair()
     for b, n in ((0, 7), (2, 1)):
@@ -286,3 +300,27 @@ def test_fused_block_under_activation_checkpointing(reentrant, use_backend, path
     ckpt = run(lambda xi, ci: checkpoint(ours, xi, ci, use_reentrant=reentrant))
     for name, a, b in zip(_names(ours), ckpt, plain):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("bias_in_gated", [False, True], ids=["bias-sums", "bias-in-gated"])
+def test_bias_in_gated_takes_proj_and_fc2_bias_grads_from_the_gated_backward(bias_in_gated, use_backend, path,
+                                                                           monkeypatch):
+    """With BIAS_IN_GATED the proj and fc2 GEMM-gradient calls are not asked for a bias gradient
+    (the gated backward made it); fc1's still is."""
+    use_backend("cpu")
+    path(True)
+    _bias_in_gated(monkeypatch, bias_in_gated)
+    asked = []
+    real = dit_block._lin_grads
+
+    def spy(dy2, x2, w, need_x, need_w, need_b):
+        asked.append((tuple(w.shape), need_b))
+        return real(dy2, x2, w, need_x, need_w, need_b)
+
+    monkeypatch.setattr(dit_block, "_lin_grads", spy)
+    _, ours = _pair()
+    x, c = torch.randn(2, 9, 64, requires_grad=True), torch.randn(2, 64, requires_grad=True)
+    _run(ours, x, c, torch.randn(2, 9, 64))
+    # fc2 [64, 256], fc1 [256, 64], proj [64, 64]; then qkv [192, 64] (fp32 on the CPU: one oneDNN call)
+    assert asked == [((64, 256), not bias_in_gated), ((256, 64), True), ((64, 64), not bias_in_gated),
+                     ((192, 64), True)]

@@ -29,7 +29,7 @@ int main() {
     std::vector<float> dy(x.size()), dg(B * C), gp(B * 2 * C);
     GatedResidualParams gr{out.data(), x.data(), sc.data(), x.data(), B, N, C, N * C, C, N * C, C, C, 0, N * C, C, kFloat32};
     bad |= gated_residual_fwd_cuda(gr, nullptr);
-    GatedResidualBwdParams gb{dy.data(), dg.data(), gp.data(), g.data(), sc.data(), x.data(), B, N, C, N * C, C, C, 0, N * C, C, 3, 1, kFloat32};
+    GatedResidualBwdParams gb{dy.data(), dg.data(), gp.data(), nullptr, nullptr, g.data(), sc.data(), x.data(), B, N, C, N * C, C, C, 0, N * C, C, 3, 1, kFloat32};
     bad |= gated_residual_bwd_cuda(gb, nullptr);
   }
   printf("modulate tsan run: %s\n", bad ? "errors" : "ok");

@@ -324,18 +324,22 @@ void gated_fwd(const GatedResidualParams& p) {
 
 template <typename T>
 GENFAST_VEC_CLONES void gated_bwd_row(T* __restrict dy, const T* __restrict g, const T* __restrict gate,
-                                      const T* __restrict y, int64_t C, float* __restrict acc, T* __restrict dgate) {
+                                      const T* __restrict y, int64_t C, float* __restrict acc, T* __restrict dgate,
+                                      float* __restrict bias_acc) {
+  // bias_acc sums dy as stored (read back: the rounded values, as a sum over the dy tensor would)
   using namespace vec;
   const int64_t C16 = C & ~int64_t{15};
   for (int64_t c = 0; c < C16; c += 16) {
     const f32x16 gc = load(g + c);
     if (dy) store(dy + c, gc * load(gate + c));
+    if (bias_acc) store(bias_acc + c, load(bias_acc + c) + load(dy + c));
     if (acc) store(acc + c, load(acc + c) + gc * load(y + c));
     if (dgate) store(dgate + c, gc * load(y + c));
   }
   for (int64_t c = C16; c < C; ++c) {
     const float gc = load1(g + c);
     if (dy) store1(dy + c, gc * load1(gate + c));
+    if (bias_acc) bias_acc[c] += load1(dy + c);
     if (acc) acc[c] += gc * load1(y + c);
     if (dgate) store1(dgate + c, gc * load1(y + c));
   }
@@ -344,47 +348,51 @@ GENFAST_VEC_CLONES void gated_bwd_row(T* __restrict dy, const T* __restrict g, c
 template <typename T>
 void gated_bwd(const GatedResidualBwdParams& p) {
   const int64_t C = p.C;
-  auto row = [&](int64_t b, int64_t n, float* acc, T* dgate) {
+  auto row = [&](int64_t b, int64_t n, float* acc, T* dgate, float* bias_acc) {
     const int64_t r = b * p.N + n;
     gated_bwd_row<T>(p.dy ? static_cast<T*>(p.dy) + r * C : nullptr,
                      static_cast<const T*>(p.grad) + b * p.g_sb + n * p.g_sn,
                      static_cast<const T*>(p.gate) + b * p.gate_sb + n * p.gate_sn,
-                     static_cast<const T*>(p.y) + b * p.y_sb + n * p.y_sn, C, acc, dgate);
+                     static_cast<const T*>(p.y) + b * p.y_sb + n * p.y_sn, C, acc, dgate, bias_acc);
   };
-  if (!p.per_sample || !p.dgate) {
+  if (!p.per_sample || !(p.dgate || p.dbias)) {
     const int64_t rows = p.B * p.N;
 #pragma omp parallel for schedule(static) if (rows * C >= kParallelMin)
     for (int64_t r = 0; r < rows; ++r)
-      row(r / p.N, r % p.N, nullptr, p.dgate ? static_cast<T*>(p.dgate) + r * C : nullptr);
+      row(r / p.N, r % p.N, nullptr, p.dgate ? static_cast<T*>(p.dgate) + r * C : nullptr, nullptr);
     return;
   }
   const int64_t nchunks = (p.N + p.chunk_rows - 1) / p.chunk_rows;
-  if (!p.partial) {  // one thread per sample, one parallel region (as modulate_bwd above)
+  // the chunk (b, k): dgate's partial sums into acc, dy's into bias_partial[b, k] (when asked for)
+  auto chunk = [&](int64_t b, int64_t k, float* acc) {
+    float* bias_acc = p.dbias ? p.bias_partial + (b * nchunks + k) * C : nullptr;
+    if (acc) std::fill(acc, acc + C, 0.f);
+    if (bias_acc) std::fill(bias_acc, bias_acc + C, 0.f);
+    for (int64_t n = k * p.chunk_rows; n < std::min(p.N, (k + 1) * p.chunk_rows); ++n)
+      row(b, n, acc, nullptr, bias_acc);
+  };
+  if (!p.partial || !p.dgate) {  // one thread per sample, one parallel region (as modulate_bwd above)
 #pragma omp parallel if (p.B * p.N * C >= kParallelMin)
     {
-      std::vector<float> work(2 * C);
-      float *acc = work.data(), *tot = acc + C;
+      std::vector<float> work(p.dgate ? 2 * C : 0);
+      float *acc = p.dgate ? work.data() : nullptr, *tot = acc ? acc + C : nullptr;
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < p.B; ++b) {
-        std::fill(tot, tot + C, 0.f);
+        if (tot) std::fill(tot, tot + C, 0.f);
         for (int64_t k = 0; k < nchunks; ++k) {
-          std::fill(acc, acc + C, 0.f);
-          for (int64_t n = k * p.chunk_rows; n < std::min(p.N, (k + 1) * p.chunk_rows); ++n) row(b, n, acc, nullptr);
-          for (int64_t c = 0; c < C; ++c) tot[c] += acc[c];
+          chunk(b, k, acc);
+          if (tot) for (int64_t c = 0; c < C; ++c) tot[c] += acc[c];
         }
-        for (int64_t c = 0; c < C; ++c) vec::store1(static_cast<T*>(p.dgate) + b * C + c, tot[c]);
+        if (tot) for (int64_t c = 0; c < C; ++c) vec::store1(static_cast<T*>(p.dgate) + b * C + c, tot[c]);
       }
     }
-    return;
-  }
+  } else {
 #pragma omp parallel for schedule(static) if (p.B * p.N * C >= kParallelMin)
-  for (int64_t i = 0; i < p.B * nchunks; ++i) {
-    const int64_t b = i / nchunks, k = i % nchunks;
-    float* acc = p.partial + i * C;
-    std::fill(acc, acc + C, 0.f);
-    for (int64_t n = k * p.chunk_rows; n < std::min(p.N, (k + 1) * p.chunk_rows); ++n) row(b, n, acc, nullptr);
+    for (int64_t i = 0; i < p.B * nchunks; ++i) chunk(i / nchunks, i % nchunks, p.partial + i * C);
+    reduce_partials<T>(static_cast<T*>(p.dgate), nullptr, p.partial, p.B, nchunks, C, C);
   }
-  reduce_partials<T>(static_cast<T*>(p.dgate), nullptr, p.partial, p.B, nchunks, C, C);
+  // dbias: every (b, k) chunk in order, as the GPU kernels add them
+  if (p.dbias) reduce_partials<T>(static_cast<T*>(p.dbias), nullptr, p.bias_partial, 1, p.B * nchunks, C, C);
 }
 
 template <template <typename> class Fn, typename P>

@@ -59,6 +59,13 @@ __device__ __forceinline__ void store_elem(void* base, int64_t i, float v) {
   else if constexpr (DT == kFloat16) static_cast<__half*>(base)[i] = __float2half_rn(v);
   else static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(v);
 }
+// v as the dtype stores it (rounded to nearest even), back in fp32: sums of what was stored.
+template <int DT>
+__device__ __forceinline__ float round_to(float v) {
+  if constexpr (DT == kFloat32) return v;
+  else if constexpr (DT == kFloat16) return __half2float(__float2half_rn(v));
+  else return __bfloat162float(__float2bfloat16_rn(v));
+}
 __device__ __forceinline__ float load_elem(const void* base, int64_t i, int dtype) {
   return dtype == kFloat32 ? load_elem<kFloat32>(base, i)
          : dtype == kFloat16 ? load_elem<kFloat16>(base, i) : load_elem<kBFloat16>(base, i);

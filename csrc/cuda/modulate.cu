@@ -213,24 +213,30 @@ __global__ void __launch_bounds__(kGatedThreads) gated_fwd_pack_kernel(const Gat
 }
 
 // dy = g * gate everywhere; dgate = g * y per token (elementwise) or, per sample, its column sums
-// over a row chunk into partial[b, chunk, C]. grid = (ceil(C / kColBlock), nchunks, B), one column
-// per thread, so the chunk's rows are walked in order.
+// over a row chunk into partial[b, chunk, C]; with dbias, the chunk's column sums of dy as stored
+// into bias_partial[b, chunk, C]. grid = (ceil(C / kColBlock), nchunks, B), one column per thread,
+// so the chunk's rows are walked in order.
 template <int DT>
 __global__ void __launch_bounds__(kColBlock) gated_bwd_kernel(const GatedResidualBwdParams p, int64_t rows_per_block) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kColBlock + threadIdx.x;
   const int64_t k = blockIdx.y, b = blockIdx.z;
   if (c >= p.C) return;
   const int64_t n0 = k * rows_per_block, n1 = n0 + rows_per_block < p.N ? n0 + rows_per_block : p.N;
-  float acc = 0.f;
+  float acc = 0.f, bias_acc = 0.f;
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t r = b * p.N + n;
     const float g = dev::load_elem<DT>(p.grad, b * p.g_sb + n * p.g_sn + c);
     const float y = dev::load_elem<DT>(p.y, b * p.y_sb + n * p.y_sn + c);
-    if (p.dy) dev::store_elem<DT>(p.dy, r * p.C + c, g * dev::load_elem<DT>(p.gate, b * p.gate_sb + n * p.gate_sn + c));
+    if (p.dy) {
+      const float d = dev::round_to<DT>(g * dev::load_elem<DT>(p.gate, b * p.gate_sb + n * p.gate_sn + c));
+      dev::store_elem<DT>(p.dy, r * p.C + c, d);
+      bias_acc += d;
+    }
     if (p.per_sample) acc = fmaf(g, y, acc);  // explicit: nvcc may contract or not per kernel
     else if (p.dgate) dev::store_elem<DT>(p.dgate, r * p.C + c, g * y);
   }
   if (p.per_sample && p.dgate) p.partial[(b * gridDim.y + k) * p.C + c] = acc;
+  if (p.dbias) p.bias_partial[(b * gridDim.y + k) * p.C + c] = bias_acc;
 }
 
 // 16-byte backward (vec_ok over grad, gate, y, dy, dgate): the same walk with a pack of V columns
@@ -253,9 +259,9 @@ __global__ void __launch_bounds__(kGatedBwdThreads) gated_bwd_pack_kernel(const 
   const E<DT>* gate = static_cast<const E<DT>*>(p.gate) + b * p.gate_sb + c;
   const E<DT>* y = static_cast<const E<DT>*>(p.y) + b * p.y_sb + c;
   const bool want_y = p.dgate != nullptr;
-  float acc[V];
+  float acc[V], bias_acc[V];
 #pragma unroll
-  for (int j = 0; j < V; ++j) acc[j] = 0.f;
+  for (int j = 0; j < V; ++j) acc[j] = bias_acc[j] = 0.f;
   for (int64_t n = n0; n < n1; n += R) {
     uint4 gr[R], tr[R], yr[R];
 #pragma unroll
@@ -276,6 +282,8 @@ __global__ void __launch_bounds__(kGatedBwdThreads) gated_bwd_pack_kernel(const 
 #pragma unroll
         for (int j = 0; j < V; ++j) o[j] = gv[j] * t[j];
         dev::store_pack<DT>(static_cast<E<DT>*>(p.dy) + r * p.C + c, o);
+#pragma unroll
+        for (int j = 0; j < V; ++j) bias_acc[j] += dev::round_to<DT>(o[j]);  // as stored
       }
       if (!want_y) continue;
       dev::unpack_pack<DT>(yr[u], t);
@@ -293,6 +301,11 @@ __global__ void __launch_bounds__(kGatedBwdThreads) gated_bwd_pack_kernel(const 
     float* part = p.partial + (b * gridDim.y + k) * p.C + c;
 #pragma unroll
     for (int j = 0; j < V; ++j) part[j] = acc[j];
+  }
+  if (p.dbias) {
+    float* part = p.bias_partial + (b * gridDim.y + k) * p.C + c;
+#pragma unroll
+    for (int j = 0; j < V; ++j) part[j] = bias_acc[j];
   }
 }
 
@@ -469,8 +482,11 @@ int gated_bwd(const GatedResidualBwdParams& p, void* stream) {
     GENFAST_LAUNCH(k, grid, kColBlock, 0, stream, p, rows_per_block);
   }
   int err = last_error();
-  if (err || !p.per_sample || !p.dgate) return err;
-  return reduce_partials<DT>(p.dgate, p.partial, p.B, nchunks, p.C, p.C, stream);
+  if (err || !p.per_sample) return err;
+  if (p.dgate && (err = reduce_partials<DT>(p.dgate, p.partial, p.B, nchunks, p.C, p.C, stream))) return err;
+  // dbias: every (b, k) chunk in order, as one sample of B * nchunks chunks
+  if (p.dbias) err = reduce_partials<DT>(p.dbias, p.bias_partial, 1, p.B * nchunks, p.C, p.C, stream);
+  return err;
 }
 
 template <template <int> class Fn, class P>

@@ -145,16 +145,19 @@ def _rs(t, n):
     return t.stride(0), (t.stride(1) if t.shape[1] == n and n != 1 else 0)
 
 
-def _launch(name, fn, tensors, **kw):
-    """Runs kernel `fn` of backend `name`: tensors (or None) become pointers for compiled modules."""
+def _launch(name, fn, tensors, tensor_kw=None, **kw):
+    """Runs kernel `fn` of backend `name`: tensors (or None) become pointers for compiled modules;
+    tensor_kw: tensors passed by keyword (pointers there too)."""
     if name == "triton":
         from genfast.kernels import modulate as tk
 
-        getattr(tk, fn)(*tensors, **kw)  # same argument order, tensors instead of pointers
+        getattr(tk, fn)(*tensors, **(tensor_kw or {}), **kw)  # same argument order, tensors instead of pointers
         return
     mod = _native.module({"cpu": "_C", "cuda": "_cuda", "cuda_emu": "_cuda_emu"}[name])
     ref = next(t for t in tensors if t is not None)
     ptrs = [t.data_ptr() if t is not None else 0 for t in tensors]
+    if tensor_kw:
+        kw.update({k: t.data_ptr() if t is not None else 0 for k, t in tensor_kw.items()})
     getattr(mod, fn)(*ptrs, **kw, stream=cuda_stream(ref) if name == "cuda" else 0)
 
 
@@ -322,29 +325,48 @@ def _gated_impl(x, gate, y):
 
 def _gated_bwd_impl(grad, gate, y, needs):
     """(dy, dgate); an output that is not needed is an empty [0] tensor."""
-    need_y, need_gate = needs
-    nothing = y.new_empty(0) if not (need_y and need_gate) else None  # for outputs not asked for
+    dy, dgate, _ = gated_bwd(grad, gate, y, needs[0], needs[1])
+    return dy if dy is not None else y.new_empty(0), dgate if dgate is not None else y.new_empty(0)
+
+
+def gated_bwd(grad, gate, y, need_y, need_gate, need_bias=False):
+    """(dy, dgate, dbias) of out = x + gate * y, None where not asked for. dbias [C]: the column sums
+    of dy over all rows as stored (the bias gradient of the Linear that made y), from the same pass
+    over grad where the gate is per sample (the kernels' chunk sums), else torch's sum of dy."""
     b, n, c = y.shape
+    need_y = need_y or need_bias
     if y.numel() == 0:
-        return (torch.zeros_like(y) if need_y else nothing, torch.zeros_like(gate) if need_gate else nothing)
+        return (torch.zeros_like(y) if need_y else None, torch.zeros_like(gate) if need_gate else None,
+                y.new_zeros(c) if need_bias else None)
     name = backend_for(y, "gated_residual")
     per_sample = gate.shape[1] == 1 and n != 1
+    dbias = None
     if name == "reference":
         ct = torch.float64 if y.dtype == torch.float64 else torch.float32
         g = grad.to(ct)
-        dy = (g * gate.to(ct)).to(y.dtype).contiguous() if need_y else nothing
+        dy = (g * gate.to(ct)).to(y.dtype).contiguous() if need_y else None
         dgate = (g * y.to(ct)).sum(1, keepdim=True) if per_sample else g * y.to(ct)
-        return dy, dgate.to(y.dtype).contiguous().reshape(gate.shape) if need_gate else nothing
-    grad, gate, y = _unit_c(grad), _unit_c(gate), _unit_c(y)
-    dy = torch.empty(b, n, c, device=y.device, dtype=y.dtype) if need_y else None
-    dgate = torch.empty((b, 1, c) if per_sample else (b, n, c), device=y.device, dtype=y.dtype) if need_gate else None
-    partial = (torch.empty(b, -(-n // CHUNK_ROWS), c, device=y.device, dtype=torch.float32)
-               if per_sample and need_gate and not _sums_in_thread(name, b) else None)
-    if need_y or need_gate:
-        strides = (*grad.stride()[:2], *_rs(gate, n), *y.stride()[:2])
-        _launch(name, "gated_residual_bwd", (dy, dgate, partial, grad, gate, y), B=b, N=n, C=c, strides=strides,
-                chunk_rows=CHUNK_ROWS, per_sample=per_sample, dtype=DTYPE_CODE[y.dtype])
-    return (dy if need_y else nothing, _as_shape(dgate, gate.shape) if need_gate else nothing)
+        dgate = dgate.to(y.dtype).contiguous().reshape(gate.shape) if need_gate else None
+    else:
+        grad, gate, y = _unit_c(grad), _unit_c(gate), _unit_c(y)
+        dy = torch.empty(b, n, c, device=y.device, dtype=y.dtype) if need_y else None
+        dgate = torch.empty((b, 1, c) if per_sample else (b, n, c), device=y.device, dtype=y.dtype) if need_gate else None
+        partial = (torch.empty(b, -(-n // CHUNK_ROWS), c, device=y.device, dtype=torch.float32)
+                   if per_sample and need_gate and not _sums_in_thread(name, b) else None)
+        bias_kw = None
+        if need_bias and per_sample:
+            dbias = torch.empty(c, device=y.device, dtype=y.dtype)
+            bias_kw = {"dbias": dbias, "bias_partial": torch.empty(b, -(-n // CHUNK_ROWS), c, device=y.device,
+                                                                   dtype=torch.float32)}
+        if need_y or need_gate:
+            strides = (*grad.stride()[:2], *_rs(gate, n), *y.stride()[:2])
+            _launch(name, "gated_residual_bwd", (dy, dgate, partial, grad, gate, y), bias_kw, B=b, N=n, C=c,
+                    strides=strides, chunk_rows=CHUNK_ROWS, per_sample=per_sample, dtype=DTYPE_CODE[y.dtype])
+        dgate = _as_shape(dgate, gate.shape) if need_gate else None
+    if need_bias and dbias is None:  # reference, or a per-token gate: torch's column sums of dy
+        ct = torch.float64 if y.dtype == torch.float64 else torch.float32
+        dbias = dy.view(b * n, c).sum(0, dtype=ct).to(y.dtype)
+    return dy, dgate, dbias
 
 
 def _gated_setup(ctx, inputs, output):
