@@ -89,9 +89,9 @@ void modulate_fwd(uintptr_t out, uintptr_t x, uintptr_t shift, uintptr_t scale, 
 void modulate_bwd(uintptr_t dx, uintptr_t dshift, uintptr_t dscale, uintptr_t partial, uintptr_t grad, uintptr_t x,
                   uintptr_t scale, uintptr_t mean, uintptr_t rstd, int64_t B, int64_t N, int64_t C,
                   const std::array<int64_t, 8>& strides, int64_t chunk_rows, bool per_sample, bool rms, int32_t dtype,
-                  uintptr_t stream) {
+                  uintptr_t addend, uintptr_t stream) {
   const ModulateBwdParams p = make_modulate_bwd_params(dx, dshift, dscale, partial, grad, x, scale, mean, rstd, B, N,
-                                                       C, strides, chunk_rows, per_sample, rms, dtype);
+                                                       C, strides, chunk_rows, per_sample, rms, dtype, addend);
   py::gil_scoped_release nogil;
   GENFAST_RUN(modulate_bwd, p, stream);
 }
@@ -296,7 +296,8 @@ void bind_all(py::module_& m) {
   m.def("modulate_bwd", &modulate_bwd, "adaLN modulate fused backward (csrc/modulate.h)", py::arg("dx"),
         py::arg("dshift"), py::arg("dscale"), py::arg("partial"), py::arg("grad"), py::arg("x"), py::arg("scale"),
         py::arg("mean"), py::arg("rstd"), py::arg("B"), py::arg("N"), py::arg("C"), py::arg("strides"),
-        py::arg("chunk_rows"), py::arg("per_sample"), py::arg("rms"), py::arg("dtype"), py::arg("stream") = 0);
+        py::arg("chunk_rows"), py::arg("per_sample"), py::arg("rms"), py::arg("dtype"), py::arg("addend") = 0,
+        py::arg("stream") = 0);
   m.def("gated_residual_fwd", &gated_residual_fwd, "x + gate * y (csrc/modulate.h)", py::arg("out"), py::arg("x"),
         py::arg("gate"), py::arg("y"), py::arg("B"), py::arg("N"), py::arg("C"), py::arg("strides"), py::arg("dtype"),
         py::arg("stream") = 0);

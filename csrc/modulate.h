@@ -42,6 +42,9 @@ struct ModulateBwdParams {
   void* dshift;         // per token: [B, N, C] contiguous; per sample: [B, C] contiguous; nullptr: not needed
   void* dscale;         // same layout as dshift
   float* partial;       // per sample only: [B, nchunks, 2, C] fp32 workspace (CPU: may be nullptr)
+  // dx += addend, read with dx's strides (nullptr: none): a residual's gradient added in the same
+  // pass, as dx rounded to the dtype plus the addend, rounded again: the bits of a separate add
+  const void* addend;
   const void* grad;     // [B, N, C] strides (g_sb, g_sn, 1)
   const void* x;
   const void* scale;

@@ -34,11 +34,12 @@ inline ModulateBwdParams make_modulate_bwd_params(uintptr_t dx, uintptr_t dshift
                                                   uintptr_t grad, uintptr_t x, uintptr_t scale, uintptr_t mean,
                                                   uintptr_t rstd, int64_t B, int64_t N, int64_t C,
                                                   const std::array<int64_t, 8>& s, int64_t chunk_rows,
-                                                  bool per_sample, bool rms, int32_t dtype) {
+                                                  bool per_sample, bool rms, int32_t dtype, uintptr_t addend) {
   check_dtype_code(dtype);
   if (per_sample && chunk_rows < 1) throw pybind11::value_error("genfast: chunk_rows must be >= 1");
+  if (addend && !dx) throw pybind11::value_error("genfast: an addend needs dx");
   return ModulateBwdParams{raw<void>(dx), raw<void>(dshift), raw<void>(dscale), raw<float>(partial),
-                           raw<const void>(grad), raw<const void>(x), raw<const void>(scale),
+                           raw<const void>(addend), raw<const void>(grad), raw<const void>(x), raw<const void>(scale),
                            raw<const float>(mean), raw<const float>(rstd), B, N, C, s[0], s[1], s[2], s[3], s[4],
                            s[5], s[6], s[7], chunk_rows, per_sample ? 1 : 0, rms ? 1 : 0, dtype};
 }

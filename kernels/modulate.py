@@ -87,6 +87,7 @@ def modulate_bwd_kernel(
     dshift_ptr,  # per token [B, N, C] contiguous; per sample: unused (sums go to partial_ptr)
     dscale_ptr,  # same as dshift_ptr
     partial_ptr,  # per sample: [B, nchunks, 2, C] fp32 (scale sums, shift sums)
+    add_ptr,  # HAS_ADD: [B, N, C] strides (dx_sb, dx_sn, 1), added to dx as stored (a separate add's bits)
     g_ptr,  # [B, N, C] strides (g_sb, g_sn, 1): the output's gradient
     x_ptr,  # [B, N, C] strides (x_sb, x_sn, 1)
     scale_ptr,  # [B, N | 1, C] strides (scale_sb, scale_sn, 1)
@@ -96,6 +97,7 @@ def modulate_bwd_kernel(
     dx_sb, dx_sn, g_sb, g_sn, x_sb, x_sn, scale_sb, scale_sn,  # scalar ints: strides in elements
     chunk_rows,  # scalar int: rows per program when PER_SAMPLE
     HAS_DX: tl.constexpr, HAS_DSHIFT: tl.constexpr, HAS_DSCALE: tl.constexpr,  # bools: outputs wanted
+    HAS_ADD: tl.constexpr,  # bool: dx += add (needs HAS_DX)
     PER_SAMPLE: tl.constexpr,  # bool: grid (nchunks, B) summing rows; else grid (B * N,) one row each
     RMS: tl.constexpr,  # bool
     BLOCK_C: tl.constexpr,  # power of two >= C
@@ -130,7 +132,11 @@ def modulate_bwd_kernel(
                 dx = rstd * (dxh - xh * mb)
             else:
                 dx = rstd * (dxh - tl.sum(dxh, axis=0) / C - xh * mb)
-            tl.store(dx_ptr + b * dx_sb + n * dx_sn + cols, _out_value(dx, dx_ptr, BF16_RTNE), mask=mask)
+            d = _out_value(dx, dx_ptr, BF16_RTNE)
+            if HAS_ADD:
+                a = tl.load(add_ptr + b * dx_sb + n * dx_sn + cols, mask=mask, other=0.0).to(tl.float32)
+                d = _out_value(d.to(tl.float32) + a, dx_ptr, BF16_RTNE)
+            tl.store(dx_ptr + b * dx_sb + n * dx_sn + cols, d, mask=mask)
         if PER_SAMPLE:
             acc_scale += g * xh
             acc_shift += g
@@ -277,16 +283,17 @@ def _reduce(out, partial, B, nchunks, stride_k, C):
 
 
 def modulate_bwd(dx, dshift, dscale, partial, grad, x, scale, mean, rstd, *, B, N, C, strides, chunk_rows,
-                 per_sample, rms, dtype=None):
+                 per_sample, rms, dtype=None, addend=None):
     if C > MAX_C:
         raise ValueError(f"the Triton modulate kernel holds rows of at most {MAX_C} channels, got C={C}")
     block = triton.next_power_of_2(C)
     nchunks = triton.cdiv(N, chunk_rows) if per_sample else 0
     grid = (nchunks, B) if per_sample else (B * N,)
     modulate_bwd_kernel[grid](
-        _dummy(dx, x), _dummy(dshift, x), _dummy(dscale, x), _dummy(partial, mean), grad, x, scale, mean, rstd,
-        N, C, *strides, chunk_rows,
+        _dummy(dx, x), _dummy(dshift, x), _dummy(dscale, x), _dummy(partial, mean), _dummy(addend, x), grad, x, scale,
+        mean, rstd, N, C, *strides, chunk_rows,
         HAS_DX=dx is not None, HAS_DSHIFT=dshift is not None, HAS_DSCALE=dscale is not None,
+        HAS_ADD=addend is not None,
         PER_SAMPLE=bool(per_sample), RMS=bool(rms), BLOCK_C=block, BF16_RTNE=_rtne(x), num_warps=_warps(block))
     if per_sample and dscale is not None:
         _reduce(dscale, partial, B, nchunks, 2 * C, C)
@@ -338,12 +345,13 @@ def _aot_fwd(dtype, block, has_shift, rms):
 
 def _aot_bwd(dtype, block, per_sample):
     ptrs = {"dx_ptr": f"*{dtype}", "dshift_ptr": f"*{dtype}", "dscale_ptr": f"*{dtype}", "partial_ptr": "*fp32",
-            "g_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "scale_ptr": f"*{dtype}", "mean_ptr": "*fp32",
+            "add_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "scale_ptr": f"*{dtype}", "mean_ptr": "*fp32",
             "rstd_ptr": "*fp32"}
     ints = ("N", "C", "dx_sb", "dx_sn", "g_sb", "g_sn", "x_sb", "x_sn", "scale_sb", "scale_sn", "chunk_rows")
     return {"name": f"modulate_bwd[{dtype},C<={block},{'per_sample' if per_sample else 'per_token'}]",
             "kernel": modulate_bwd_kernel, "signature": _sig(ptrs, ints),
-            "constexprs": {"HAS_DX": True, "HAS_DSHIFT": True, "HAS_DSCALE": True, "PER_SAMPLE": per_sample,
+            "constexprs": {"HAS_DX": True, "HAS_DSHIFT": True, "HAS_DSCALE": True, "HAS_ADD": per_sample,
+                           "PER_SAMPLE": per_sample,
                            "RMS": False, "BLOCK_C": block, "BF16_RTNE": False},
             "divisible_by_16": list(ptrs) + ["dx_sb", "dx_sn", "g_sb", "g_sn", "x_sb", "x_sn", "scale_sb"],
             "num_warps": _warps(block), "num_stages": 1}

@@ -243,3 +243,35 @@ def test_per_sample_backward_preload_switch_same_bits(backend, tmp_path):
         got[flag] = torch.load(path, map_location="cpu")
     for a, b in zip(got["1"], got["0"]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS, ids=IDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_modulate_backward_addend_is_a_separate_add(device, backend, dtype, use_backend):
+    """_modulate_bwd_impl(..., addend=a) (the DiT block's dx1 = modulate's dx + dout in one pass) gives
+    the bits of dx + a computed apart, on every kernel path (addend aligned or not); dshift / dscale
+    unchanged. Triton on a GPU may contract the add into an FMA: within one rounding there."""
+    from genfast.ops.modulate import _modulate_bwd_impl, _modulate_impl
+
+    use_backend(backend)
+    gen = torch.Generator().manual_seed(9)
+    for i, (name, x, shift, scale, grad, kw) in enumerate(
+            _cases(device, dtype, wide=backend != "triton" or device != "cpu")):
+        rms = kw.get("norm") == "rms"
+        shift, scale = (t[:, None] if t is not None and t.dim() == 2 else t for t in (shift, scale))  # [B, 1, C]
+        _, mean, rstd = _modulate_impl(x, shift, scale, 1e-6, rms)
+        base = torch.randn(x.numel() + 1, generator=gen).to(device, dtype)
+        view = (lambda t: t[1:].view(x.shape)) if i % 2 else (lambda t: t[:-1].view(x.shape))
+        add = view(base)  # odd cases: 2-4 bytes off 16-byte alignment (the kernels' element paths)
+        needs = [True, shift is not None, True]
+        # dx on the path the addend's alignment picks: + 0 (exact), or no addend where it is aligned
+        dx0, dsh0, dsc0 = (_modulate_bwd_impl(grad, x, shift, scale, mean, rstd, 1e-6, rms, needs,
+                                              addend=view(torch.zeros_like(base))) if i % 2 else
+                           _modulate_bwd_impl(grad, x, shift, scale, mean, rstd, 1e-6, rms, needs))
+        dx, dsh, dsc = _modulate_bwd_impl(grad, x, shift, scale, mean, rstd, 1e-6, rms, needs, addend=add)
+        want = dx0 + add
+        if (device, backend) == ("cuda", "triton"):
+            torch.testing.assert_close(dx, want, rtol=2 * torch.finfo(dtype).eps, atol=0, msg=name)
+        else:
+            assert torch.equal(dx, want), name
+        assert torch.equal(dsh, dsh0) and torch.equal(dsc, dsc0), name

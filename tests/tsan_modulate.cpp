@@ -21,7 +21,7 @@ int main() {
                      N * C, C, N * C, C, C, 0, C, 0, 1e-6f, 0, kFloat32};
     bad |= modulate_fwd_cuda(p, nullptr);
     std::vector<float> g(x.size(), 1.f), dx(x.size()), dsh(B * C), dsc(B * C), part(B * 2 * 2 * C);
-    ModulateBwdParams q{dx.data(), dsh.data(), dsc.data(), part.data(), g.data(), x.data(), sc.data(), mean.data(),
+    ModulateBwdParams q{dx.data(), dsh.data(), dsc.data(), part.data(), nullptr, g.data(), x.data(), sc.data(), mean.data(),
                         rstd.data(), B, N, C, N * C, C, N * C, C, N * C, C, C, 0, 3, 1, 0, kFloat32};
     bad |= modulate_bwd_cuda(q, nullptr);
     // dshift must be N for every column (g = 1)

@@ -134,7 +134,7 @@ GENFAST_VEC_CLONES void modulate_bwd_row(T* __restrict dx, const T* __restrict g
                                          const T* __restrict scale, float mean, float rstd, int64_t C, int rms,
                                          float* __restrict acc_scale, float* __restrict acc_shift,
                                          T* __restrict ds_row, T* __restrict dsh_row, float* __restrict gbuf,
-                                         float* __restrict xbuf) {
+                                         float* __restrict xbuf, const T* __restrict add) {
   // gbuf/xbuf (16-bit rows of up to kRowBuf channels, else nullptr): g and x converted to fp32 in
   // the first pass, read back by the second.
   using namespace vec;
@@ -192,6 +192,11 @@ GENFAST_VEC_CLONES void modulate_bwd_row(T* __restrict dx, const T* __restrict g
     const float dxh = load1(g + c) * (1.f + load1(scale + c));
     store1(dx + c, rstd * (dxh - ma - xh * mb));
   }
+  if (!add) return;
+  // dx as stored plus the addend (the bits of a separate add), in a loop of its own over the row,
+  // still in L1: in the loops above the compiler may contract rstd * (...) + add into an FMA
+  for (int64_t c = 0; c < C16; c += 16) store(dx + c, load(dx + c) + load(add + c));
+  for (int64_t c = C16; c < C; ++c) store1(dx + c, load1(dx + c) + load1(add + c));
 }
 
 // Adds the chunks' partial sums in order: out[b, c] = sum_k partial[b, k, which, c], for up to two
@@ -217,8 +222,9 @@ void reduce_partials(T* out0, T* out1, const float* partial, int64_t B, int64_t 
 template <typename T>
 void modulate_bwd(const ModulateBwdParams& p) {
   const int64_t C = p.C;
-  auto row_ptrs = [&](int64_t b, int64_t n, T*& dx, const T*& g, const T*& x, const T*& sc) {
+  auto row_ptrs = [&](int64_t b, int64_t n, T*& dx, const T*& g, const T*& x, const T*& sc, const T*& add) {
     dx = p.dx ? static_cast<T*>(p.dx) + b * p.dx_sb + n * p.dx_sn : nullptr;
+    add = p.addend ? static_cast<const T*>(p.addend) + b * p.dx_sb + n * p.dx_sn : nullptr;
     g = static_cast<const T*>(p.grad) + b * p.g_sb + n * p.g_sn;
     x = static_cast<const T*>(p.x) + b * p.x_sb + n * p.x_sn;
     sc = static_cast<const T*>(p.scale) + b * p.scale_sb + n * p.scale_sn;
@@ -232,12 +238,12 @@ void modulate_bwd(const ModulateBwdParams& p) {
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < rows; ++r) {
         T* dx;
-        const T *g, *x, *sc;
-        row_ptrs(r / p.N, r % p.N, dx, g, x, sc);
+        const T *g, *x, *sc, *add;
+        row_ptrs(r / p.N, r % p.N, dx, g, x, sc, add);
         modulate_bwd_row<T>(dx, g, x, sc, p.mean[r], p.rstd[r], C, p.rms, nullptr, nullptr,
                             p.dscale ? static_cast<T*>(p.dscale) + r * C : nullptr,
                             p.dshift ? static_cast<T*>(p.dshift) + r * C : nullptr, cache ? gbuf : nullptr,
-                            cache ? xbuf : nullptr);
+                            cache ? xbuf : nullptr, add);
       }
     }
     return;
@@ -248,12 +254,12 @@ void modulate_bwd(const ModulateBwdParams& p) {
   auto chunk = [&](int64_t b, int64_t k, float* acc_scale, float* acc_shift, float* gbuf, float* xbuf) {
     for (int64_t n = k * p.chunk_rows; n < std::min(p.N, (k + 1) * p.chunk_rows); ++n) {
       T* dx;
-      const T *g, *x, *sc;
-      row_ptrs(b, n, dx, g, x, sc);
+      const T *g, *x, *sc, *add;
+      row_ptrs(b, n, dx, g, x, sc, add);
       const int64_t r = b * p.N + n;
       modulate_bwd_row<T>(dx, g, x, sc, p.mean[r], p.rstd[r], C, p.rms, p.dscale ? acc_scale : nullptr,
                           p.dshift ? acc_shift : nullptr, nullptr, nullptr, cache ? gbuf : nullptr,
-                          cache ? xbuf : nullptr);
+                          cache ? xbuf : nullptr, add);
     }
   };
   const bool sums = p.dscale || p.dshift;

@@ -108,10 +108,13 @@ __device__ void modulate_bwd_row_wide(const ModulateBwdParams& p, int64_t b, int
   const float ma = p.rms ? 0.f : dev::block_sum(a, scratch) * inv_c;
   const float mb = dev::block_sum(bs, scratch) * inv_c;
   E<DT>* dx = static_cast<E<DT>*>(p.dx) + b * p.dx_sb + n * p.dx_sn;
+  const E<DT>* add = p.addend ? static_cast<const E<DT>*>(p.addend) + b * p.dx_sb + n * p.dx_sn : nullptr;
   for (int64_t c = threadIdx.x; c < C; c += kThreads) {
     const float xh = (dev::load_elem<DT>(x, c) - mean) * rstd;
     const float dxh = dev::load_elem<DT>(g, c) * (1.f + dev::load_elem<DT>(scale, c));
-    dev::store_elem<DT>(dx, c, rstd * (dxh - ma - xh * mb));
+    float v = rstd * (dxh - ma - xh * mb);
+    if (add) v = __fadd_rn(dev::round_to<DT>(v), dev::load_elem<DT>(add, c));  // as the warp kernels
+    dev::store_elem<DT>(dx, c, v);
   }
 }
 
@@ -199,8 +202,9 @@ void launch_bwd_warp_v(const ModulateBwdParams& p, int64_t nchunks, void* stream
   const dim3 grid(static_cast<unsigned>(nchunks), static_cast<unsigned>(p.B));
   // Row preloading (modulate_bwd_warp_row): registers 222 -> 245 at ITEMS = 40 on sm_90, still 2 blocks an
   // SM; it would spill at 48. GENFAST_MODULATE_BWD_PRELOAD=0 runs the old load order, for a GPU A/B
-  // (benchmarks/gpu/profile.py chunks); same bits either way.
-  if constexpr (ITEMS <= 40) {
+  // (benchmarks/gpu/profile.py chunks); same bits either way. 16-byte rows only: the element path
+  // (misaligned tensors) spilled 16 bytes with it on sm_80 (fp32, 40 items, at 128 registers).
+  if constexpr (ITEMS <= 40 && VEC) {
     if (bwd_preload()) {
       auto k = &modulate_bwd_chunk_warp_kernel<DT, VEC, ITEMS, true>;
       GENFAST_LAUNCH(k, grid, kChunkWarps * 32, smem, stream, p);
@@ -252,7 +256,7 @@ int modulate_bwd(const ModulateBwdParams& p, void* stream) {
   if (p.per_sample && (nchunks > 65535 || p.B > 65535)) return static_cast<int>(cudaErrorInvalidValue);
   const dim3 grid = p.per_sample ? dim3(static_cast<unsigned>(nchunks), static_cast<unsigned>(p.B))
                                  : dim3(static_cast<unsigned>(p.B * p.N));
-  const bool vec = vec_ok<DT>(p.C, {p.dx, p.dshift, p.dscale, p.grad, p.x, p.scale},
+  const bool vec = vec_ok<DT>(p.C, {p.dx, p.dshift, p.dscale, p.addend, p.grad, p.x, p.scale},
                               {p.dx_sb, p.dx_sn, p.g_sb, p.g_sn, p.x_sb, p.x_sn, p.scale_sb, p.scale_sn});
   if (p.C <= 32 * 16) {
     launch_bwd_warp<DT, 16>(p, nchunks, vec, stream);

@@ -174,6 +174,7 @@ __device__ __forceinline__ void modulate_bwd_warp_row(const ModulateBwdParams& p
   const float ma = p.rms ? 0.f : dev::warp_sum(a) * inv_c;
   const float mb = dev::warp_sum(bs) * inv_c;
   E<DT>* dx = static_cast<E<DT>*>(p.dx) + b * p.dx_sb + n * p.dx_sn;
+  const E<DT>* add = p.addend ? static_cast<const E<DT>*>(p.addend) + b * p.dx_sb + n * p.dx_sn : nullptr;
 #pragma unroll
   for (int k = 0; k < ITEMS / V; ++k) {
     const int64_t c0 = static_cast<int64_t>(lane + 32 * k) * V;
@@ -181,6 +182,12 @@ __device__ __forceinline__ void modulate_bwd_warp_row(const ModulateBwdParams& p
     float o[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) o[j] = rstd * (dxh[k * V + j] - ma - xh[k * V + j] * mb);
+    if (add) {  // dx as stored plus the addend (__fadd_rn: never contracted into an FMA): a separate add's bits
+      float av[V];
+      load_v<DT, VEC>(add, c0, av);
+#pragma unroll
+      for (int j = 0; j < V; ++j) o[j] = __fadd_rn(dev::round_to<DT>(o[j]), av[j]);
+    }
     store_v<DT, VEC>(dx, c0, o);
   }
 }

@@ -205,9 +205,9 @@ class _BlockOut(torch.autograd.Function):
         db2 = db2 if db2 is not None else db2_sum
         dh = _gelu._bwd_impl(da, h)
         dm2, dw1, db1 = _lin_grads(dh, m2, w1, True, need[9], need[10])
+        # x1 feeds the modulation and the output's residual: dx1 = modulate's dx + dout, one pass
         dx1, dshift2, dscale2 = _modulate_grads(_modulate_bwd_impl, (True, need[3], need[4]), dm2.view(b, n, ch),
-                                                x1, shift2, scale2, mean2, rstd2, ctx.eps, False)
-        dx1 += dout  # x1 feeds the modulation and the output's residual
+                                                x1, shift2, scale2, mean2, rstd2, ctx.eps, False, addend=dout)
         need_p = need[0] or need[7] or need[8]
         dp, dgate1, dbp = gated_bwd(dx1, gate1, p, need_p, need[2], need[8] and fuse)
         do = dwp = None

@@ -185,8 +185,10 @@ def _modulate_impl(x, shift, scale, eps, rms):
     return out, mean, rstd
 
 
-def _modulate_bwd_impl(grad, x, shift, scale, mean, rstd, eps, rms, needs):
-    """(dx, dshift, dscale); an output that is not needed is an empty [0] tensor."""
+def _modulate_bwd_impl(grad, x, shift, scale, mean, rstd, eps, rms, needs, addend=None):
+    """(dx, dshift, dscale); an output that is not needed is an empty [0] tensor. addend ([B, N, C], x's
+    dtype; needs dx): dx + addend instead of dx, from the same pass, with the bits of the separate
+    add (dx as stored plus the addend, rounded): a residual's gradient (genfast.ops.dit_block)."""
     need_x, need_shift, need_scale = needs
     need_shift = need_shift and shift is not None
     nothing = x.new_empty(0) if not (need_x and need_shift and need_scale) else None  # for outputs not asked for
@@ -196,7 +198,8 @@ def _modulate_bwd_impl(grad, x, shift, scale, mean, rstd, eps, rms, needs):
                 torch.zeros_like(shift) if need_shift else nothing, torch.zeros_like(scale) if need_scale else nothing)
     name = backend_for(x)
     if name == "reference":
-        return _reference_backward(grad, x, shift, scale, eps, rms, needs)
+        dx, dshift, dscale = _reference_backward(grad, x, shift, scale, eps, rms, needs)
+        return (dx + addend if addend is not None else dx), dshift, dscale
     per_sample = scale.shape[1] == 1 and n != 1
     shift_per_sample = shift is not None and shift.shape[1] == 1 and n != 1
     kernel_dshift = need_shift and shift_per_sample and per_sample  # else dshift is grad or its sum over N
@@ -211,7 +214,8 @@ def _modulate_bwd_impl(grad, x, shift, scale, mean, rstd, eps, rms, needs):
     if need_x or need_scale or kernel_dshift:
         strides = (*(dx.stride()[:2] if dx is not None else (0, 0)), *grad.stride()[:2], *x.stride()[:2],
                    *_rs(scale, n))
-        _launch(name, "modulate_bwd", (dx, dshift, dscale, partial, grad, x, scale, mean, rstd), B=b, N=n, C=c,
+        _launch(name, "modulate_bwd", (dx, dshift, dscale, partial, grad, x, scale, mean, rstd),
+                {"addend": addend.contiguous()} if addend is not None and need_x else None, B=b, N=n, C=c,
                 strides=strides, chunk_rows=CHUNK_ROWS, per_sample=per_sample, rms=bool(rms),
                 dtype=DTYPE_CODE[x.dtype])
     if need_shift and not kernel_dshift:  # (the autograd formula does not ask for these: see _dshift)
@@ -274,8 +278,9 @@ def _modulate_backward(ctx, grad, _gmean, _grstd):
     return (*grads, None, None)
 
 
-def _modulate_grads(backward_op, needs, grad, x, shift, scale, mean, rstd, eps, rms):
-    """(dx, dshift, dscale), None where not needed; backward_op is the registered op or its impl."""
+def _modulate_grads(backward_op, needs, grad, x, shift, scale, mean, rstd, eps, rms, addend=None):
+    """(dx, dshift, dscale), None where not needed; backward_op is the registered op or its impl
+    (the impl with an addend for dx: see _modulate_bwd_impl)."""
     needs = [bool(v) for v in needs]
     n = x.shape[1]
     shift_ps, scale_ps = shift is not None and shift.shape[1] == 1 and n != 1, scale.shape[1] == 1 and n != 1
@@ -284,7 +289,8 @@ def _modulate_grads(backward_op, needs, grad, x, shift, scale, mean, rstd, eps, 
     kernel_dshift = needs[1] and shift_ps and scale_ps
     if needs[0] or needs[2] or kernel_dshift:
         dx, dshift, dscale = backward_op(grad, x, shift, scale, mean, rstd, eps, rms,
-                                         [needs[0], kernel_dshift, needs[2]])
+                                         [needs[0], kernel_dshift, needs[2]],
+                                         **({} if addend is None else {"addend": addend}))
     if needs[1] and not kernel_dshift:
         dshift = _dshift(grad, shift_ps).reshape(shift.shape)
     return dx if needs[0] else None, dshift if needs[1] else None, dscale if needs[2] else None
