@@ -13,4 +13,23 @@ void gelu_tanh_cpu(const void* x, void* y, int64_t n, int32_t dtype);
 // dx[i] = g[i] * gelu'(x[i]); dx may alias g.
 void gelu_tanh_backward_cpu(const void* g, const void* x, void* dx, int64_t n, int32_t dtype);
 
+// The MLP backward's fused pass (genfast/ops/gelu.py gelu_tanh_backward_bias): over contiguous
+// [M, K] grad and h, dh = grad * gelu'(h) rounded to the dtype, and dbias[k] = the column sums of
+// those rounded dh values. The sums are deterministic and device independent: rows are cut into
+// chunks of chunk_rows (the caller's constant), each chunk's fp32 sums go to partial[chunk, K],
+// then the chunks are added in order and rounded to the dtype once.
+struct GeluBiasBwdParams {
+  void* dh;             // [M, K] contiguous, written
+  void* dbias;          // [K], written
+  float* partial;       // [ceil(M / chunk_rows), K] fp32 workspace
+  const void* grad;     // [M, K] contiguous
+  const void* h;        // [M, K] contiguous: the pre-activation
+  int64_t M, K;
+  int64_t chunk_rows;
+  int32_t dtype;        // DType code, one for all tensors but partial; math in fp32
+};
+
+// csrc/cuda/gelu.cu: launch on `stream`, return the cudaError_t as an int (see flow_step.h).
+int gelu_tanh_backward_bias_cuda(const GeluBiasBwdParams& p, void* stream);
+
 }  // namespace genfast

@@ -17,6 +17,7 @@
 #include <stdint.h>
 
 #include <atomic>
+#include <initializer_list>
 
 #include "flow_step.h"  // genfast::DType (the dtype codes shared with the bindings)
 
@@ -194,6 +195,48 @@ inline int64_t resident_blocks(Kernel kernel, int threads, std::atomic<int>* cac
     cache[dev].store(cap, std::memory_order_relaxed);
   }
   return cap;
+}
+
+// ---- deterministic column sums (modulate.cu, gelu.cu) ------------------------------------------
+// A column sum over rows is cut into fixed row chunks whose fp32 partial sums a first kernel writes
+// (partial[b, chunk, ...]); this kernel adds the chunks in order, so the bits never depend on the
+// launch shape or the device, and no float atomics are needed.
+constexpr int kReduceCols = 128;  // columns a block
+
+// out[b, c] = sum over chunks k, in order, of partial[(b * nchunks + k) * stride_k + c].
+// grid = (ceil(C / kReduceCols), B).
+template <int DT>
+__global__ void __launch_bounds__(kReduceCols) reduce_partials_kernel(void* out, const float* partial, int64_t nchunks,
+                                                                      int64_t stride_k, int64_t C) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kReduceCols + threadIdx.x, b = blockIdx.y;
+  if (c >= C) return;
+  const float* src = partial + b * nchunks * stride_k + c;
+  float s = 0.f;
+  for (int64_t k = 0; k < nchunks; ++k) s += src[k * stride_k];
+  store_elem<DT>(out, b * C + c, s);
+}
+
+// Launches reduce_partials_kernel into out [B, C] (the tensors' dtype); returns the cudaError_t.
+template <int DT>
+inline int reduce_partials(void* out, const float* partial, int64_t B, int64_t nchunks, int64_t stride_k, int64_t C,
+                           void* stream) {
+  const dim3 grid(static_cast<unsigned>((C + kReduceCols - 1) / kReduceCols), static_cast<unsigned>(B));
+  auto k = &reduce_partials_kernel<DT>;
+  GENFAST_LAUNCH(k, grid, kReduceCols, 0, stream, out, partial, nchunks, stride_k, C);
+  return static_cast<int>(cudaGetLastError());
+}
+
+// 16-byte packs are safe: C a multiple of the pack and every (non-null) base pointer and row
+// stride 16-byte aligned, so every row start is too.
+template <int DT>
+inline bool vec_ok(int64_t C, std::initializer_list<const void*> ptrs, std::initializer_list<int64_t> strides) {
+  constexpr int V = kPack<DT>;
+  if (C % V) return false;
+  for (const void* q : ptrs)
+    if (reinterpret_cast<uintptr_t>(q) % 16) return false;
+  for (int64_t st : strides)
+    if (st % V) return false;
+  return true;
 }
 
 // ---- tensor cores (not written yet) -----------------------------------------------------------

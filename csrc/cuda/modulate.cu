@@ -137,37 +137,14 @@ __global__ void __launch_bounds__(kThreads) modulate_bwd_wide_kernel(const Modul
     modulate_bwd_row_wide<DT>(p, b, n, scratch, part && p.dscale ? part : nullptr, part && p.dshift ? part + p.C : nullptr);
 }
 
-// out[b, c] = sum over chunks k, in order, of partial[(b * nchunks + k) * stride_k + c].
-// grid = (ceil(C / kColBlock), B).
-template <int DT>
-__global__ void __launch_bounds__(kColBlock) reduce_partials_kernel(void* out, const float* partial, int64_t nchunks,
-                                                                    int64_t stride_k, int64_t C) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kColBlock + threadIdx.x, b = blockIdx.y;
-  if (c >= C) return;
-  const float* src = partial + b * nchunks * stride_k + c;
-  float s = 0.f;
-  for (int64_t k = 0; k < nchunks; ++k) s += src[k * stride_k];
-  dev::store_elem<DT>(out, b * C + c, s);
-}
-
 #include "cuda/gated_kernels.cuh"
 #include "cuda/modulate_warp.cuh"
 
 // -------------------------------------------------------------------------------------- launches
 int last_error() { return static_cast<int>(cudaGetLastError()); }
 
-// 16-byte packs are safe: C a multiple of the pack and every (non-null) base pointer and row
-// stride 16-byte aligned, so every row start is too.
-template <int DT>
-bool vec_ok(int64_t C, std::initializer_list<const void*> ptrs, std::initializer_list<int64_t> strides) {
-  constexpr int V = dev::kPack<DT>;
-  if (C % V) return false;
-  for (const void* q : ptrs)
-    if (reinterpret_cast<uintptr_t>(q) % 16) return false;
-  for (int64_t st : strides)
-    if (st % V) return false;
-  return true;
-}
+using dev::reduce_partials;  // csrc/cuda/common.cuh: shared with csrc/cuda/gelu.cu
+using dev::vec_ok;
 
 template <int DT, int ITEMS>
 void launch_fwd_warp(const ModulateParams& p, bool vec, void* stream) {
@@ -238,15 +215,6 @@ int modulate_fwd(const ModulateParams& p, void* stream) {
     auto k = &modulate_fwd_wide_kernel<DT>;
     GENFAST_LAUNCH(k, grid, kThreads, 0, stream, p);
   }
-  return last_error();
-}
-
-template <int DT>
-int reduce_partials(void* out, const float* partial, int64_t B, int64_t nchunks, int64_t stride_k, int64_t C,
-                    void* stream) {
-  const dim3 grid(static_cast<unsigned>((C + kColBlock - 1) / kColBlock), static_cast<unsigned>(B));
-  auto k = &reduce_partials_kernel<DT>;
-  GENFAST_LAUNCH(k, grid, kColBlock, 0, stream, out, partial, nchunks, stride_k, C);
   return last_error();
 }
 

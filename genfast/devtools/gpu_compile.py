@@ -26,6 +26,8 @@ x specialisation worth checking):
                      specialisation): without it the figures describe a launch that never happens
     num_warps, num_stages   ints, as the launcher passes them
     allow_spills     optional str: why this config may spill (otherwise a spill fails the run)
+    options          optional dict of further compile options the launcher passes, e.g.
+                     {"enable_fp_fusion": False}
 
 Works with Triton >= 3.3 (ASTSource(fn, signature, constexprs=, attrs=) keyed by arg-index
 tuples); checked with 3.6 and 3.9. TRITON_INTERPRET is dropped (the process re-executes itself
@@ -198,7 +200,8 @@ def compile_triton(entry, arch):
     # Triton prints the ptxas log with print() (3.6 and 3.9) when TRITON_DUMP_PTXAS_LOG=1.
     with contextlib.redirect_stdout(log):
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": entry["num_warps"], "num_stages": entry["num_stages"]})
+                           options={"num_warps": entry["num_warps"], "num_stages": entry["num_stages"],
+                                    **entry.get("options", {})})
     name = k.metadata.name
     figs = parse_ptxas(log.getvalue()).get(name)
     how = "ptxas log"

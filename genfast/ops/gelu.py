@@ -10,12 +10,17 @@ pass, fp32 math, same error as torch's (checked against fp64 in tests/test_gelu.
 
 Backends: "cpu" (genfast._C, fp32/fp16/bf16) on CPU tensors; torch's own F.gelu everywhere else
 (CUDA, fp64, GENFAST_BACKEND=reference, a missing _C), which gives the same answer.
+
+gelu_tanh_backward_bias(grad, h) -> (dh, dbias) is the MLP backward's fused pass on GPUs: dh and the
+fc1 bias gradient dh.sum(0) in one read of grad and h (csrc/cuda/gelu.cu, kernels/gelu.py); CPU
+tensors take the reference (torch's gelu_backward, then an fp32 sum).
 """
 import torch
 import torch.nn.functional as F
 
 from genfast import _native, backends
-from genfast.ops._common import DTYPE_CODE, LIB, reused_buffer, check_float_tensor, dispatcher_needed, needs_grad
+from genfast.ops._common import (
+    DTYPE_CODE, LIB, check_float_tensor, cuda_stream, dispatcher_needed, kernel_reasons, needs_grad, reused_buffer)
 
 LIB.define("gelu_tanh(Tensor x) -> Tensor")
 LIB.define("gelu_tanh_backward(Tensor grad, Tensor x) -> Tensor")
@@ -103,3 +108,68 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("genfast::gelu_tanh", _backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------- backward + bias gradient
+ROWS = 32  # rows per partial column sum of dbias: a constant, so every backend and device sums alike
+
+
+def gelu_tanh_backward_bias(grad, h):
+    """(dh, dbias) of a = gelu_tanh(h) for h = x @ w.t() + b: dh = grad * gelu_tanh'(h) and
+    dbias = dh.sum(0), in one pass over grad and h on the GPU backends.
+
+    Args:
+        grad: [M, K] gradient of the activation; h's dtype and device.
+        h: [M, K] pre-activation, fp32 / fp16 / bf16 (fp64 runs on the reference). Non-contiguous
+            inputs are copied.
+    Returns:
+        dh: [M, K] contiguous, h's dtype: computed in fp32, rounded once.
+        dbias: [K], h's dtype: the column sums of the rounded dh values, accumulated in fp32 as
+            partial sums over fixed chunks of ROWS rows, added in chunk order, rounded once (the
+            same bits on every call, and on the Triton and CUDA kernels where their dh agree).
+    """
+    check_float_tensor("grad", grad)
+    check_float_tensor("h", h)
+    if h.dim() != 2:
+        raise ValueError(f"h must be 2-D [M, K] (rows, features), got shape {tuple(h.shape)}")
+    if grad.device != h.device:
+        raise ValueError(f"grad is on {grad.device} but h is on {h.device}; expected the same device")
+    if grad.dtype != h.dtype:
+        raise TypeError(f"grad has dtype {grad.dtype} but h has {h.dtype}; expected the same dtype")
+    if grad.shape != h.shape:
+        raise ValueError(f"grad has shape {tuple(grad.shape)} but h has {tuple(h.shape)}; expected the same shape")
+    m, k = h.shape
+    dtype = h.dtype
+    if m == 0 or k == 0:
+        return torch.empty(m, k, dtype=dtype, device=h.device), torch.zeros(k, dtype=dtype, device=h.device)
+    grad, h = grad.contiguous(), h.contiguous()
+    name = backends.choose_cached("gelu_tanh_backward_bias", h.device.type, (dtype,), _bias_reasons)
+    if name == "reference":
+        dh = torch.ops.aten.gelu_backward(grad, h, approximate="tanh").contiguous()
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        return dh, dh.to(acc).sum(0).to(dtype)
+    dh = torch.empty(m, k, dtype=dtype, device=h.device)
+    dbias = torch.empty(k, dtype=dtype, device=h.device)
+    partial = torch.empty(-(-m // ROWS), k, dtype=torch.float32, device=h.device)
+    args = (dh, dbias, partial, grad, h)
+    if name == "triton":
+        from genfast.kernels import gelu as tk
+
+        tk.gelu_tanh_backward_bias(*args, M=m, K=k, chunk_rows=ROWS)
+    else:
+        mod = _native.module({"cuda": "_cuda", "cuda_emu": "_cuda_emu"}[name])
+        mod.gelu_tanh_backward_bias(*(t.data_ptr() for t in args), M=m, K=k, chunk_rows=ROWS,
+                                    dtype=DTYPE_CODE[dtype], stream=cuda_stream(h) if name == "cuda" else 0)
+    return dh, dbias
+
+
+_BIAS_REASONS = {}
+
+
+def _bias_reasons(device_type, dtype):
+    """kernel_reasons without "cpu": there is no C++ CPU kernel of the fused pass."""
+    key = (device_type, dtype)
+    table = _BIAS_REASONS.get(key)
+    if table is None:
+        table = _BIAS_REASONS[key] = {n: f for n, f in kernel_reasons(device_type, dtype).items() if n != "cpu"}
+    return table
