@@ -324,3 +324,42 @@ def test_bias_in_gated_takes_proj_and_fc2_bias_grads_from_the_gated_backward(bia
     # fc2 [64, 256], fc1 [256, 64], proj [64, 64]; then qkv [192, 64] (fp32 on the CPU: one oneDNN call)
     assert asked == [((64, 256), not bias_in_gated), ((256, 64), True), ((64, 64), not bias_in_gated),
                      ((192, 64), True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["reference", "cuda_emu", "triton"])
+def test_fused_with_every_gradient_fusion_as_on_gpus(backend, dtype, use_backend, path, monkeypatch):
+    """The GPU defaults on CPU tensors through the GPU kernels (CUDA emulation, Triton interpreter):
+    proj / fc2 bias gradients from the gated backward, fc1's from the GELU backward
+    (gelu_tanh_backward_bias), dx1's residual added in the modulate backward. fp32 equals eager
+    within fp32 rounding; bf16 within 2x eager bf16's own error; fc1's GEMM-gradient call is not
+    asked for a bias gradient; a frozen fc1 bias still gets none."""
+    if backend == "cuda_emu" and dtype == torch.float32:
+        pytest.skip("the CUDA attention is fp16/bf16 only (fp32 attention: triton / cpu)")
+    use_backend(backend)
+    path(True)
+    _bias_in_gated(monkeypatch, True)
+    monkeypatch.setattr(dit_block, "GELU_BIAS_IN_BWD", {"cpu": True, "cuda": True})
+    asked = []
+    real = dit_block._lin_grads
+    monkeypatch.setattr(dit_block, "_lin_grads", lambda dy2, x2, w, *need: asked.append((tuple(w.shape), need[2]))
+                        or real(dy2, x2, w, *need))
+    ref, ours = _pair(std=0.05)
+    x, c, g = torch.randn(2, 35, 64), torch.randn(2, 64), torch.randn(2, 35, 64)
+    x.requires_grad_(), c.requires_grad_()
+    got = _run(ours.to(dtype), x.to(dtype), c.to(dtype), g.to(dtype))
+    assert ((256, 64), False) in asked and ((256, 64), True) not in asked
+    if dtype == torch.float32:
+        want = _run(ref, x, c, g)
+        for name, a, b in zip(_names(ours), got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()), msg=name)
+    else:
+        ref64 = reference.DiTBlock(64, 4).double()
+        ref64.load_state_dict(ref.state_dict())
+        low = _run(ref.to(dtype), x.to(dtype), c.to(dtype), g.to(dtype))
+        high = _run(ref64, x.double(), c.double(), g.double())
+        for name, a, lo, hi in zip(_names(ours), got, low, high):
+            assert_within_reference_error(f"{backend} {name}", a, lo, hi, floor=1e-3)
+    ours.mlp.fc1.bias.requires_grad_(False)
+    frozen = _run(ours, x.to(dtype), c.to(dtype), g.to(dtype))
+    assert frozen[_names(ours).index("mlp.fc1.bias")] is None

@@ -16,8 +16,10 @@ it saves (H200, bf16, DiT-XL/2, batch 32, benchmarks/gpu/NOTES.md "fourth GPU se
     (109 + 87 us of 1.9 ms of GPU time per block at 256 tokens);
   - inference: fc1 + GELU(tanh) as one cuBLASLt GEMM with its GELU epilogue (torch._addmm_activation;
     tanh form, applied to the fp32 accumulator): -45 us of a 0.5 ms forward at 256 tokens.
-  - the proj and fc2 bias gradients come out of the gated-residual backward's pass over its gradient
-    (BIAS_IN_GATED, GPUs): two column-sum passes over [B*N, C] fewer (not yet timed on a GPU).
+  - bias gradients from passes that read the gradient anyway (GPUs; not yet timed there): proj's and
+    fc2's from the gated-residual backwards (BIAS_IN_GATED), fc1's from the GELU backward
+    (GELU_BIAS_IN_BWD); dx1's residual gradient added inside the modulate backward. Torch's column
+    sums over [B*N, C], [B*N, C] and [B*N, 4C] and one add over [B*N, C] fewer.
 Measured (harness, same run): forward 1.38x / 1.32x eager and 1.15x / 1.12x torch.compile at 256 /
 1024 tokens; forward + backward 1.05x / 1.18x eager, 0.93x / 1.00x compile (the per-op path: 1.11x /
 1.07x slower than this one).
@@ -47,6 +49,10 @@ USE_FUSED = {"cuda": True, "cpu": True}
 # sums were 7 reductions at ~1 TB/s, 7.3 % of the step (H200, 256 tokens). Per device type; the
 # CPU's sums are cheap next to its GEMMs (and oneDNN's fp32 backward makes them itself).
 BIAS_IN_GATED = {"cuda": True, "cpu": False}
+# fc1's bias gradient from the GELU backward's pass (genfast.ops.gelu.gelu_tanh_backward_bias, GPU
+# kernels) instead of a column-sum pass over the [B*N, 4C] dh. Per device type (CPU tensors have no
+# kernel for it: the CPU keeps its own GELU kernel and torch's sum).
+GELU_BIAS_IN_BWD = {"cuda": True, "cpu": False}
 
 
 def fused_block_ok(block, x, c):
@@ -203,8 +209,12 @@ class _BlockOut(torch.autograd.Function):
         df, dgate2, db2 = gated_bwd(dout, gate2, f, True, need[5], need[12] and fuse)
         da, dw2, db2_sum = _lin_grads(df.view(b * n, ch), a, w2, True, need[11], need[12] and db2 is None)
         db2 = db2 if db2 is not None else db2_sum
-        dh = _gelu._bwd_impl(da, h)
-        dm2, dw1, db1 = _lin_grads(dh, m2, w1, True, need[9], need[10])
+        if need[10] and GELU_BIAS_IN_BWD.get(da.device.type, False):
+            dh, db1 = _gelu._bwd_bias_impl(da, h)
+            dm2, dw1, _ = _lin_grads(dh, m2, w1, True, need[9], False)
+        else:
+            dh = _gelu._bwd_impl(da, h)
+            dm2, dw1, db1 = _lin_grads(dh, m2, w1, True, need[9], need[10])
         # x1 feeds the modulation and the output's residual: dx1 = modulate's dx + dout, one pass
         dx1, dshift2, dscale2 = _modulate_grads(_modulate_bwd_impl, (True, need[3], need[4]), dm2.view(b, n, ch),
                                                 x1, shift2, scale2, mean2, rstd2, ctx.eps, False, addend=dout)

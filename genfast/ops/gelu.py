@@ -138,6 +138,11 @@ def gelu_tanh_backward_bias(grad, h):
         raise TypeError(f"grad has dtype {grad.dtype} but h has {h.dtype}; expected the same dtype")
     if grad.shape != h.shape:
         raise ValueError(f"grad has shape {tuple(grad.shape)} but h has {tuple(h.shape)}; expected the same shape")
+    return _bwd_bias_impl(grad, h)
+
+
+def _bwd_bias_impl(grad, h):
+    """gelu_tanh_backward_bias without the argument checks (callers that made grad and h: the DiT block)."""
     m, k = h.shape
     dtype = h.dtype
     if m == 0 or k == 0:
