@@ -219,16 +219,18 @@ for dt in (torch.float32, torch.bfloat16, torch.float16):
     for b, n, c in ((2, 37, 1152), (1, 70, 384), (2, 5, 1500)):
         x, g = torch.randn(b, n, c).to(dev, dt), torch.randn(b, n, c).to(dev, dt)
         shift, scale = torch.randn(b, 1, c).to(dev, dt), torch.randn(b, 1, c).to(dev, dt)
-        _, mean, rstd = m._modulate_impl(x, shift, scale, 1e-6, False)
+        y, mean, rstd = m._modulate_impl(x, shift, scale, 1e-6, False)
+        out += [y, mean, rstd, m._modulate_impl(x, None, scale, 1e-6, True)[0]]  # (the forward: its preload too)
         out += m._modulate_bwd_impl(g, x, shift, scale, mean, rstd, 1e-6, False, [True, True, True])
 torch.save(out, sys.argv[1])
 """
 
 
 @pytest.mark.parametrize("backend", ["cuda_emu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_per_sample_backward_preload_switch_same_bits(backend, tmp_path):
-    """GENFAST_MODULATE_BWD_PRELOAD=0 (the per-sample backward's old load order, kept for a GPU A/B)
-    gives the same bits as the default: only the order of the loads differs."""
+def test_preload_switches_same_bits(backend, tmp_path):
+    """GENFAST_MODULATE_FWD_PRELOAD=0 / GENFAST_MODULATE_BWD_PRELOAD=0 (the forward's and the per-sample
+    backward's old load orders, kept for a GPU A/B) give the same bits as the default: only the order
+    of the loads differs."""
     import os
     import subprocess
     import sys
@@ -236,7 +238,8 @@ def test_per_sample_backward_preload_switch_same_bits(backend, tmp_path):
     got = {}
     for flag in ("1", "0"):
         path = tmp_path / f"preload{flag}.pt"
-        env = dict(os.environ, GENFAST_BACKEND=backend, GENFAST_MODULATE_BWD_PRELOAD=flag)
+        env = dict(os.environ, GENFAST_BACKEND=backend, GENFAST_MODULATE_BWD_PRELOAD=flag,
+                   GENFAST_MODULATE_FWD_PRELOAD=flag)
         device = "cuda" if backend == "cuda" else "cpu"
         subprocess.run([sys.executable, "-P", "-c", _PRELOAD_SCRIPT, str(path), device], env=env, check=True,
                        timeout=300)

@@ -18,7 +18,7 @@
 // Checked without a GPU (DESIGN.md §8):
 //   nvcc -std=c++17 -arch=sm_80|sm_90 --resource-usage -Icsrc -c csrc/cuda/modulate.cu -o /tmp/m.o
 //     (nvcc 13.0, both archs: no spills, no stack frame. Warp forward 40-128 registers (C = 1152
-//     bf16: 68-71), per-token warp backward 63-138, per-sample chunk backward 96-249 (the
+//     bf16: 68-71; 104-110 with the scale / shift preload, 3 -> 2 blocks an SM), per-token warp backward 63-138, per-sample chunk backward 96-249 (the
 //     16-byte 40/48-item instances ~220-249: loads and shared accumulators of a whole row in
 //     flight; 4 warps a block, so 2 blocks per SM), the block kernels and the rest 26-56. IEEE
 //     divides and 1/sqrtf are subroutine calls that spilled on sm_80, hence __frcp_rn /
@@ -146,25 +146,35 @@ int last_error() { return static_cast<int>(cudaGetLastError()); }
 using dev::reduce_partials;  // csrc/cuda/common.cuh: shared with csrc/cuda/gelu.cu
 using dev::vec_ok;
 
+// Read once each: GENFAST_MODULATE_FWD_PRELOAD=0 / GENFAST_MODULATE_BWD_PRELOAD=0 switch the forward's
+// scale / shift preloading and the per-sample backward's row preloading off (the old load orders,
+// same bits: for GPU A/B timings, benchmarks/gpu/NOTES.md).
+bool env_on(const char* name) {
+  const char* s = std::getenv(name);
+  return !(s && s[0] == '0');
+}
+bool fwd_preload() {
+  static const bool on = env_on("GENFAST_MODULATE_FWD_PRELOAD");
+  return on;
+}
+bool bwd_preload() {
+  static const bool on = env_on("GENFAST_MODULATE_BWD_PRELOAD");
+  return on;
+}
+
 template <int DT, int ITEMS>
 void launch_fwd_warp(const ModulateParams& p, bool vec, void* stream) {
   const dim3 grid(static_cast<unsigned>((p.B * p.N + kRowWarps - 1) / kRowWarps));
-  if (vec) {
-    auto k = &modulate_fwd_warp_kernel<DT, true, ITEMS>;
+  if (vec && fwd_preload()) {
+    auto k = &modulate_fwd_warp_kernel<DT, true, ITEMS, true>;
+    GENFAST_LAUNCH(k, grid, kRowWarps * 32, 0, stream, p);
+  } else if (vec) {
+    auto k = &modulate_fwd_warp_kernel<DT, true, ITEMS, false>;
     GENFAST_LAUNCH(k, grid, kRowWarps * 32, 0, stream, p);
   } else {
-    auto k = &modulate_fwd_warp_kernel<DT, false, ITEMS>;
+    auto k = &modulate_fwd_warp_kernel<DT, false, ITEMS, false>;
     GENFAST_LAUNCH(k, grid, kRowWarps * 32, 0, stream, p);
   }
-}
-
-// Read once: GENFAST_MODULATE_BWD_PRELOAD=0 switches the per-sample backward's row preloading off.
-bool bwd_preload() {
-  static const bool on = [] {
-    const char* s = std::getenv("GENFAST_MODULATE_BWD_PRELOAD");
-    return !(s && s[0] == '0');
-  }();
-  return on;
 }
 
 template <int DT, bool VEC, int ITEMS>

@@ -35,8 +35,13 @@ __device__ __forceinline__ void store_v(E<DT>* row, int64_t c0, const float (&v)
   else dev::store_elem<DT>(row, c0, v[0]);
 }
 
-template <int DT, bool VEC, int ITEMS>
+// PRELOAD (16-byte rows only): the row's scale / shift packs are loaded right after x, before the
+// statistics, and held raw (4 registers a pack). Otherwise they are loaded in the output loop, where
+// each load follows the previous pack's store in program order and may not pass it (out could alias
+// them, as far as the compiler knows): one L2 round trip per pack after the statistics.
+template <int DT, bool VEC, int ITEMS, bool PRELOAD>
 __global__ void __launch_bounds__(kRowWarps * 32) modulate_fwd_warp_kernel(const ModulateParams p) {
+  static_assert(VEC || !PRELOAD, "preloading holds raw 16-byte packs");
   constexpr int V = kLaneVec<DT, VEC>;
   const int lane = threadIdx.x & 31;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
@@ -60,6 +65,17 @@ __global__ void __launch_bounds__(kRowWarps * 32) modulate_fwd_warp_kernel(const
       s += v[k * V + j];
     }
   }
+  constexpr int P = PRELOAD ? ITEMS / V : 1;
+  uint4 sc_raw[P], sh_raw[P];
+  if constexpr (PRELOAD) {
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+      const int64_t c0 = static_cast<int64_t>(lane + 32 * k) * V;
+      if (c0 >= C) continue;
+      sc_raw[k] = dev::load_pack_raw(scale + c0);
+      if (shift) sh_raw[k] = dev::load_pack_raw(shift + c0);
+    }
+  }
   const float inv_c = __frcp_rn(static_cast<float>(C));  // as the block kernel: multiply by 1/C
   const float mean = p.rms ? 0.f : dev::warp_sum(s) * inv_c;
   float q = 0.f;  // mean((x - mean)^2), never E[x^2] - mean^2
@@ -78,8 +94,13 @@ __global__ void __launch_bounds__(kRowWarps * 32) modulate_fwd_warp_kernel(const
     const int64_t c0 = static_cast<int64_t>(lane + 32 * k) * V;
     if (c0 >= C) continue;
     float sc[V], sh[V], o[V];
-    load_v<DT, VEC>(scale, c0, sc);
-    if (shift) load_v<DT, VEC>(shift, c0, sh);
+    if constexpr (PRELOAD) {
+      dev::unpack_pack<DT>(sc_raw[k], sc);
+      if (shift) dev::unpack_pack<DT>(sh_raw[k], sh);
+    } else {
+      load_v<DT, VEC>(scale, c0, sc);
+      if (shift) load_v<DT, VEC>(shift, c0, sh);
+    }
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       o[j] = (v[k * V + j] - mean) * rstd * (1.f + sc[j]);
