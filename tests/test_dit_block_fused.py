@@ -70,8 +70,11 @@ def test_fused_equals_eager_fp32(backend, onednn, bias_in_gated, use_backend, pa
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()), msg=name)
 
 
-def test_fused_equals_per_op_bits_fp32(use_backend, path):
-    """Same kernels in the same order: the fused path gives the per-op path's bits (CPU kernels)."""
+@pytest.mark.parametrize("add_in_modulate", [True, False])
+def test_fused_equals_per_op_bits_fp32(add_in_modulate, use_backend, path, monkeypatch):
+    """Same kernels in the same order: the fused path gives the per-op path's bits (CPU kernels), with
+    dx1's residual added inside the modulate backward or apart."""
+    monkeypatch.setattr(dit_block, "ADD_IN_MODULATE", add_in_modulate)
     use_backend("cpu")
     _, ours = _pair()
     x, c = torch.randn(3, 19, 64, requires_grad=True), torch.randn(3, 64, requires_grad=True)

@@ -7,6 +7,12 @@
   python3 -P benchmarks/gpu/profile.py chunks     modulate / gated backward per CHUNK_ROWS (32, 16, 8); run it
                                                   also with GENFAST_MODULATE_BWD_PRELOAD=0 (old load order)
   python3 -P benchmarks/gpu/profile.py big        fused DiT-XL/2 block fwd+bwd at 1024 tokens per CHUNK_ROWS
+  python3 -P benchmarks/gpu/profile.py fusions    session 8's untimed changes, each on / off: the bias gradients
+                                                  from the gated / GELU backwards, dx1's add inside the modulate
+                                                  backward (DiT-XL/2 fwd+bwd, 256 and 1024 tokens, interleaved
+                                                  rounds; and each kernel pair alone), the modulate forward's
+                                                  bandwidth; run it also with GENFAST_MODULATE_FWD_PRELOAD=0
+                                                  GENFAST_MODULATE_BWD_PRELOAD=0 (the old load orders)
   python3 -P benchmarks/gpu/profile.py threads    a Python node's per-op cost with autograd's device thread on / off
   python3 -P benchmarks/gpu/profile.py host       cProfile of the Python side of adaln_modulate,
                                                   gated_residual and attention fwd+bwd (tiny tensors:
@@ -159,6 +165,59 @@ def big():
     dit_block.USE_FUSED["cuda"], mod.CHUNK_ROWS = True, 32
 
 
+def fusions():
+    """A/B of the gradient fusions (genfast.ops.dit_block flags) in the fused DiT-XL/2 block, and of each
+    fused kernel against the pair of launches it replaces; the modulate forward / backward at [32, 1024,
+    1152] (the preload switches are read once per process: compare two runs)."""
+    import statistics
+    from genfast.ops import dit_block, gelu as gelu_ops, modulate as mod
+    flags = ("BIAS_IN_GATED", "GELU_BIAS_IN_BWD")
+    configs = {"all on": {}, "no bias-in-gated": {"BIAS_IN_GATED": False}, "no gelu-bias": {"GELU_BIAS_IN_BWD": False},
+               "no add-in-modulate": {"ADD_IN_MODULATE": False},
+               "all off (s7)": {"BIAS_IN_GATED": False, "GELU_BIAS_IN_BWD": False, "ADD_IN_MODULATE": False}}
+
+    def apply(cfg):
+        for f in flags:
+            getattr(dit_block, f)["cuda"] = cfg.get(f, True)
+        dit_block.ADD_IN_MODULATE = cfg.get("ADD_IN_MODULATE", True)
+
+    for tokens, rounds in ((256, 5), (1024, 3)):
+        ours, ref, x, c, g = _dit_case(tokens)
+        times = {k: [] for k in (*configs, "eager")}
+        for _ in range(rounds):  # interleaved: host / clock drift hits every config alike
+            for name, cfg in configs.items():
+                apply(cfg)
+                times[name].append(_wall(lambda: torch.autograd.grad(ours(x, c), [x, *ours.parameters()], g), 20))
+            times["eager"].append(_wall(lambda: torch.autograd.grad(ref(x, c), [x, *ref.parameters()], g), 20))
+        apply({})
+        for name, ts in times.items():
+            print(f"DiT-XL/2 fwd+bwd {tokens:4d} tokens, {name:20s} median {statistics.median(ts):7.3f} ms "
+                  f"(rounds {' '.join(f'{t:.3f}' for t in ts)})", flush=True)
+    m, ch = 32 * 1024, 1152
+    x = torch.randn(32, 1024, ch, device="cuda", dtype=torch.bfloat16)
+    shift, scale, gate = (torch.randn(32, 1, ch, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    gr = torch.randn_like(x)
+    _, mean, rstd = mod._modulate_impl(x, shift, scale, 1e-6, False)
+    h, da = (torch.randn(m, 4 * ch, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    pairs = {
+        "gated bwd + bias": (lambda: mod.gated_bwd(gr, gate, x, True, True, True),
+                             lambda: mod.gated_bwd(gr, gate, x, True, True)[0].view(m, ch).sum(0)),
+        "gelu bwd + bias [32768, 4608]": (lambda: gelu_ops._bwd_bias_impl(da, h),
+                                          lambda: torch.ops.aten.gelu_backward(da, h, approximate="tanh").sum(0)),
+        "modulate bwd + add": (
+            lambda: mod._modulate_bwd_impl(gr, x, shift, scale, mean, rstd, 1e-6, False, [True, True, True], addend=gr),
+            lambda: mod._modulate_bwd_impl(gr, x, shift, scale, mean, rstd, 1e-6, False, [True, True, True])[0].add_(gr)),
+    }
+    for name, (fused, apart) in pairs.items():
+        t_f, t_a = _wall(fused, 100), _wall(apart, 100)
+        print(f"{name:32s} fused {t_f * 1e3:7.1f} us, apart {t_a * 1e3:7.1f} us ({t_a / t_f:.2f}x)", flush=True)
+    t_fwd = _wall(lambda: mod._modulate_impl(x, shift, scale, 1e-6, False), 200)
+    t_bwd = _wall(lambda: mod._modulate_bwd_impl(gr, x, shift, scale, mean, rstd, 1e-6, False, [True, True, True]), 200)
+    mb = 2 * x.numel() * 2 / 1e6
+    print(f"modulate [32, 1024, 1152] bf16: fwd {t_fwd * 1e3:.1f} us ({mb / t_fwd / 1e3:.2f} TB/s), bwd {t_bwd * 1e3:.1f} us "
+          f"({1.5 * mb / t_bwd / 1e3:.2f} TB/s)", flush=True)
+
+
 class _Ops(torch.autograd.Function):
     """Backward runs k tiny aten ops: what an op costs inside a Python node, on autograd's device thread or not."""
     @staticmethod
@@ -285,4 +344,4 @@ def _dit_threads():
 
 if __name__ == "__main__":
     {"modulate": modulate, "dit": dit, "host": host, "overhead": overhead, "kernels": kernels,
-     "chunks": chunks, "big": big, "threads": threads}[sys.argv[1] if len(sys.argv) > 1 else "modulate"]()
+     "chunks": chunks, "big": big, "threads": threads, "fusions": fusions}[sys.argv[1] if len(sys.argv) > 1 else "modulate"]()

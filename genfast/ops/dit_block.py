@@ -53,6 +53,8 @@ BIAS_IN_GATED = {"cuda": True, "cpu": False}
 # kernels) instead of a column-sum pass over the [B*N, 4C] dh. Per device type (CPU tensors have no
 # kernel for it: the CPU keeps its own GELU kernel and torch's sum).
 GELU_BIAS_IN_BWD = {"cuda": True, "cpu": False}
+# dx1 = modulate's dx + dout inside the modulate backward (its addend) instead of a separate add.
+ADD_IN_MODULATE = True
 
 
 def fused_block_ok(block, x, c):
@@ -217,7 +219,10 @@ class _BlockOut(torch.autograd.Function):
             dm2, dw1, db1 = _lin_grads(dh, m2, w1, True, need[9], need[10])
         # x1 feeds the modulation and the output's residual: dx1 = modulate's dx + dout, one pass
         dx1, dshift2, dscale2 = _modulate_grads(_modulate_bwd_impl, (True, need[3], need[4]), dm2.view(b, n, ch),
-                                                x1, shift2, scale2, mean2, rstd2, ctx.eps, False, addend=dout)
+                                                x1, shift2, scale2, mean2, rstd2, ctx.eps, False,
+                                                addend=dout if ADD_IN_MODULATE else None)
+        if not ADD_IN_MODULATE:
+            dx1 += dout
         need_p = need[0] or need[7] or need[8]
         dp, dgate1, dbp = gated_bwd(dx1, gate1, p, need_p, need[2], need[8] and fuse)
         do = dwp = None
