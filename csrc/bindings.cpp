@@ -231,12 +231,12 @@ AttnSmallParams attn_small_params(const std::vector<int64_t>& sizes, double scal
 // GELU(tanh) backward + bias gradient (csrc/gelu.h): GPU kernels only (CPU tensors take the
 // reference in genfast/ops/gelu.py), so no _C twin.
 void gelu_tanh_backward_bias(uintptr_t dh, uintptr_t dbias, uintptr_t partial, uintptr_t grad, uintptr_t h, int64_t M,
-                             int64_t K, int64_t chunk_rows, int32_t dtype, uintptr_t stream) {
+                             int64_t K, int64_t chunk_rows, int64_t chunk_group, int32_t dtype, uintptr_t stream) {
   check_dtype_code(dtype);
-  if (chunk_rows < 1) throw py::value_error("genfast: chunk_rows must be >= 1");
+  if (chunk_rows < 1 || chunk_group < 1) throw py::value_error("genfast: chunk_rows and chunk_group must be >= 1");
   const GeluBiasBwdParams p{reinterpret_cast<void*>(dh), reinterpret_cast<void*>(dbias),
                             reinterpret_cast<float*>(partial), reinterpret_cast<const void*>(grad),
-                            reinterpret_cast<const void*>(h), M, K, chunk_rows, dtype};
+                            reinterpret_cast<const void*>(h), M, K, chunk_rows, chunk_group, dtype};
   py::gil_scoped_release nogil;
   GENFAST_RUN(gelu_tanh_backward_bias, p, stream);
 }
@@ -328,7 +328,7 @@ void bind_all(py::module_& m) {
   m.def("gelu_tanh_backward_bias", &gelu_tanh_backward_bias,
         "dh = grad * GELU(tanh)'(h) and dbias = column sums of dh over [M, K] (csrc/gelu.h)", py::arg("dh"),
         py::arg("dbias"), py::arg("partial"), py::arg("grad"), py::arg("h"), py::arg("M"), py::arg("K"),
-        py::arg("chunk_rows"), py::arg("dtype"), py::arg("stream") = 0);
+        py::arg("chunk_rows"), py::arg("chunk_group"), py::arg("dtype"), py::arg("stream") = 0);
 #endif
 }
 

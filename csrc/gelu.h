@@ -16,16 +16,19 @@ void gelu_tanh_backward_cpu(const void* g, const void* x, void* dx, int64_t n, i
 // The MLP backward's fused pass (genfast/ops/gelu.py gelu_tanh_backward_bias): over contiguous
 // [M, K] grad and h, dh = grad * gelu'(h) rounded to the dtype, and dbias[k] = the column sums of
 // those rounded dh values. The sums are deterministic and device independent: rows are cut into
-// chunks of chunk_rows (the caller's constant), each chunk's fp32 sums go to partial[chunk, K],
-// then the chunks are added in order and rounded to the dtype once.
+// chunks of chunk_rows (the caller's constant), each chunk's fp32 sums go to partial[chunk, K]; the
+// chunks are added in groups of chunk_group (in order; the chunks past M count as zeros) into
+// partial[nchunks_padded + group, K], then the groups in order, rounded to the dtype once. (Two short
+// sums: one sum of M / chunk_rows terms over K / 128 column blocks was latency-bound.)
 struct GeluBiasBwdParams {
   void* dh;             // [M, K] contiguous, written
   void* dbias;          // [K], written
-  float* partial;       // [ceil(M / chunk_rows), K] fp32 workspace
+  float* partial;       // [ngroups * chunk_group + ngroups, K] fp32 workspace, ngroups = ceil(M / chunk_rows / chunk_group)
   const void* grad;     // [M, K] contiguous
   const void* h;        // [M, K] contiguous: the pre-activation
   int64_t M, K;
   int64_t chunk_rows;
+  int64_t chunk_group;  // chunks a first-level sum adds
   int32_t dtype;        // DType code, one for all tensors but partial; math in fp32
 };
 

@@ -72,14 +72,16 @@ struct GatedResidualParams {
 // token) or its sum over N (per sample, same chunked partials as ModulateBwdParams).
 // dbias: the column sums of dy over all B * N rows, of the values as stored (rounded to the dtype),
 // i.e. the bias gradient of the Linear whose output y is (DiT's proj and fc2): saves the caller a
-// second pass over dy. Chunk sums go to bias_partial[b, k, :] (fp32), then are added in (b, k)
-// order: the same bits on every backend whose dy bits agree. Per sample only, with dy.
+// second pass over dy. Chunk sums go to bias_partial[b, k, :] (fp32); each sample's chunks are added
+// in order into bias_partial[B * nchunks + b, :], then the samples in order (two short sums with B *
+// C / 128 and C / 128 column blocks, not one of B * nchunks terms with C / 128): the same bits on
+// every backend whose dy bits agree. Per sample only, with dy.
 struct GatedResidualBwdParams {
   void* dy;             // [B, N, C] contiguous; nullptr: not needed
   void* dgate;          // [B, N, C] or [B, C] contiguous; nullptr: not needed
   float* partial;       // per sample only: [B, nchunks, C] fp32 workspace (CPU: may be nullptr)
   void* dbias;          // [C]; nullptr: not needed (needs dy and per_sample)
-  float* bias_partial;  // with dbias: [B, nchunks, C] fp32 workspace
+  float* bias_partial;  // with dbias: [B * nchunks + B, C] fp32 workspace
   const void* grad;
   const void* gate;
   const void* y;

@@ -6,8 +6,8 @@
 In a DiT MLP backward the bias gradient of fc1 would re-read the whole [M, 4C] dh; here one pass
 writes dh and sums it. Deterministic and device independent: program (chunk, column block) walks
 its chunk of `rows` rows in order and writes fp32 sums to partial[chunk, K]; the chunk-reduction
-kernel of kernels/modulate.py adds the chunks in order (as csrc/cuda/gelu.cu does, so both give
-the same dbias bits wherever their dh bits agree). The grid puts chunks on axis 0 (up to 2^31 - 1)
+kernel of kernels/modulate.py adds the chunks in groups of chunk_group, then the groups, in order
+(as csrc/cuda/gelu.cu does, so both give the same dbias bits wherever their dh bits agree). The grid puts chunks on axis 0 (up to 2^31 - 1)
 because axis 1 stops at 65535.
 
 The kernel launches with enable_fp_fusion=False: in fp32 the store's "rounding" is a no-op, and a
@@ -71,16 +71,20 @@ def gelu_bias_bwd_kernel(
 _INTERPRETED = isinstance(gelu_bias_bwd_kernel, InterpretedFunction)
 
 
-def gelu_tanh_backward_bias(dh, dbias, partial, grad, h, *, M, K, chunk_rows, dtype=None):
-    """Same argument order as the compiled modules' function (tensors instead of pointers):
-    writes dh [M, K], dbias [K] and the workspace partial [ceil(M / chunk_rows), K] fp32.
+def gelu_tanh_backward_bias(dh, dbias, partial, grad, h, *, M, K, chunk_rows, chunk_group, dtype=None):
+    """Same argument order as the compiled modules' function (tensors instead of pointers): writes dh
+    [M, K], dbias [K] and the workspace partial [ngroups * chunk_group + ngroups, K] fp32 (csrc/gelu.h).
     M, K > 0; contiguous tensors of one dtype (checked by the caller)."""
-    nchunks = triton.cdiv(M, chunk_rows)
+    ngroups = triton.cdiv(triton.cdiv(M, chunk_rows), chunk_group)
+    nchunks = ngroups * chunk_group  # the chunks past M write zero sums
     rtne = _INTERPRETED and dh.dtype == torch.bfloat16
     gelu_bias_bwd_kernel[(nchunks, triton.cdiv(K, BLOCK_K))](
         dh, partial, grad, h, M, K, chunk_rows, BLOCK=BLOCK_K, BF16_RTNE=rtne, num_warps=WARPS, enable_fp_fusion=False)
+    groups = partial[nchunks:]
+    _modulate.reduce_partials_kernel[(triton.cdiv(K, COL_BLOCK), ngroups)](
+        groups, partial, chunk_group, K, K, BLOCK=COL_BLOCK, BF16_RTNE=False, num_warps=4)
     _modulate.reduce_partials_kernel[(triton.cdiv(K, COL_BLOCK), 1)](
-        dbias, partial, nchunks, K, K, BLOCK=COL_BLOCK, BF16_RTNE=rtne, num_warps=4)
+        dbias, groups, ngroups, K, K, BLOCK=COL_BLOCK, BF16_RTNE=rtne, num_warps=4)
 
 
 # Ahead-of-time compile list for genfast/devtools/gpu_compile.py (format documented there); the

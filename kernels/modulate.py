@@ -200,7 +200,7 @@ def gated_bwd_kernel(
     dy_ptr,  # [B, N, C] contiguous; unused if not HAS_DY
     dgate_ptr,  # per token [B, N, C] contiguous; per sample unused (sums go to partial_ptr)
     partial_ptr,  # per sample: [B, nchunks, C] fp32
-    bias_partial_ptr,  # HAS_DBIAS: [B, nchunks, C] fp32, the chunk's column sums of dy as stored
+    bias_partial_ptr,  # HAS_DBIAS: [B * nchunks (+ B), C] fp32, the chunk's column sums of dy as stored
     g_ptr,  # [B, N, C] strides (g_sb, g_sn, 1)
     gate_ptr,  # [B, N | 1, C] strides (gate_sb, gate_sn, 1)
     y_ptr,  # [B, N, C] strides (y_sb, y_sn, 1)
@@ -318,8 +318,10 @@ def gated_residual_bwd(dy, dgate, partial, grad, gate, y, *, B, N, C, strides, c
         HAS_DBIAS=dbias is not None, BLOCK=COL_BLOCK, BF16_RTNE=_rtne(grad), num_warps=4)
     if per_sample and dgate is not None:
         _reduce(dgate, partial, B, nchunks, C, C)
-    if dbias is not None:  # every (b, k) chunk in order, as one sample of B * nchunks chunks
-        _reduce(dbias, bias_partial, 1, B * nchunks, C, C)
+    if dbias is not None:  # each sample's chunks in order (fp32), then the samples in order
+        per_sample = bias_partial[B * nchunks:]
+        _reduce(per_sample, bias_partial, B, nchunks, C, C)
+        _reduce(dbias, per_sample, 1, B, C, C)
 
 
 # ---------------------------------------------------------------------------------------------

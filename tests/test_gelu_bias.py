@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from genfast import backends
+from genfast.ops import gelu as gelu_ops
 from genfast.ops.gelu import ROWS, gelu_tanh_backward_bias
 from genfast.testing import FLOAT_DTYPES, assert_within_reference_error
 
@@ -45,13 +46,20 @@ def _samples(device, dtype, seed=0):
 
 def _chunked_sums(dh):
     """dh's column sums the way the kernels add them: fp32 rows in order within chunks of ROWS
-    rows, then the chunks in order, rounded to the dtype once."""
-    total = torch.zeros(dh.shape[1], dtype=torch.float32, device=dh.device)
+    rows, the chunks in order within groups of GROUP chunks, then the groups in order, rounded to
+    the dtype once."""
+    chunks = []
     for m0 in range(0, dh.shape[0], ROWS):
-        acc = torch.zeros_like(total)
+        acc = torch.zeros(dh.shape[1], dtype=torch.float32, device=dh.device)
         for row in dh[m0:m0 + ROWS].float():
             acc = acc + row
-        total = total + acc
+        chunks.append(acc)
+    total = torch.zeros(dh.shape[1], dtype=torch.float32, device=dh.device)
+    for g0 in range(0, len(chunks), gelu_ops.GROUP):
+        group = torch.zeros_like(total)
+        for c in chunks[g0:g0 + gelu_ops.GROUP]:
+            group = group + c
+        total = total + group
     return total.to(dh.dtype)
 
 
@@ -71,9 +79,13 @@ def test_matches_fp64_within_reference_error(device, backend, dtype, use_backend
 
 @pytest.mark.parametrize("device,backend", KERNELS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-def test_dbias_sums_the_rounded_dh_in_chunks(device, backend, dtype, use_backend):
+@pytest.mark.parametrize("group", ["default", 2])
+def test_dbias_sums_the_rounded_dh_in_chunks(device, backend, dtype, group, use_backend, monkeypatch):
     """dbias is exactly the chunked fp32 sum of the kernel's own (rounded) dh, and so close to
-    dh.float().sum(0) (torch's order): within the final rounding plus fp32 reassociation."""
+    dh.float().sum(0) (torch's order): within the final rounding plus fp32 reassociation. group=2:
+    several groups of chunks (a partial last one) at these small shapes."""
+    if group != "default":
+        monkeypatch.setattr(gelu_ops, "GROUP", group)
     use_backend(backend)
     for name, grad, h in _samples(device, dtype, seed=1):
         dh, dbias = gelu_tanh_backward_bias(grad, h)

@@ -397,8 +397,11 @@ void gated_bwd(const GatedResidualBwdParams& p) {
     for (int64_t i = 0; i < p.B * nchunks; ++i) chunk(i / nchunks, i % nchunks, p.partial + i * C);
     reduce_partials<T>(static_cast<T*>(p.dgate), nullptr, p.partial, p.B, nchunks, C, C);
   }
-  // dbias: every (b, k) chunk in order, as the GPU kernels add them
-  if (p.dbias) reduce_partials<T>(static_cast<T*>(p.dbias), nullptr, p.bias_partial, 1, p.B * nchunks, C, C);
+  // dbias: each sample's chunks in order (fp32), then the samples in order, as the GPU kernels add them
+  if (!p.dbias) return;
+  float* per_sample = p.bias_partial + p.B * nchunks * C;
+  reduce_partials<float>(per_sample, nullptr, p.bias_partial, p.B, nchunks, C, C);
+  reduce_partials<T>(static_cast<T*>(p.dbias), nullptr, per_sample, 1, p.B, C, C);
 }
 
 template <template <typename> class Fn, typename P>

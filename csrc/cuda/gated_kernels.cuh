@@ -85,7 +85,8 @@ __global__ void __launch_bounds__(kColBlock) gated_bwd_kernel(const GatedResidua
     const float g = dev::load_elem<DT>(p.grad, b * p.g_sb + n * p.g_sn + c);
     const float y = dev::load_elem<DT>(p.y, b * p.y_sb + n * p.y_sn + c);
     if (p.dy) {
-      const float d = dev::round_to<DT>(g * dev::load_elem<DT>(p.gate, b * p.gate_sb + n * p.gate_sn + c));
+      // __fmul_rn: not contracted into the sum below (it must add the stored values)
+      const float d = dev::round_to<DT>(__fmul_rn(g, dev::load_elem<DT>(p.gate, b * p.gate_sb + n * p.gate_sn + c)));
       dev::store_elem<DT>(p.dy, r * p.C + c, d);
       bias_acc += d;
     }
@@ -137,7 +138,7 @@ __global__ void __launch_bounds__(kGatedBwdThreads) gated_bwd_pack_kernel(const 
       if (p.dy) {
         dev::unpack_pack<DT>(tr[u], t);
 #pragma unroll
-        for (int j = 0; j < V; ++j) o[j] = gv[j] * t[j];
+        for (int j = 0; j < V; ++j) o[j] = __fmul_rn(gv[j], t[j]);  // not contracted into bias_acc
         dev::store_pack<DT>(static_cast<E<DT>*>(p.dy) + r * p.C + c, o);
 #pragma unroll
         for (int j = 0; j < V; ++j) bias_acc[j] += dev::round_to<DT>(o[j]);  // as stored

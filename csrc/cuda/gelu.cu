@@ -8,7 +8,8 @@
 //  - 16-byte path (vec_ok: K a multiple of the pack, pointers 16-byte aligned): a pack of V columns
 //    a thread, kRows rows' loads issued before the first store (as gated_bwd_pack_kernel);
 //    otherwise one column a thread. Both paths give the same bits.
-//  - dev::reduce_partials adds the chunks in order into dbias (B = 1).
+//  - dev::reduce_partials adds the chunks in groups of chunk_group (fp32; launched chunks past M write
+//    zeros), then the groups, into dbias.
 // dh = grad * gelu'(h) is an explicit __fmul_rn: nvcc may not contract it into the accumulation
 // (that would sum unrounded products in fp32), so the sums are of the stored values in every dtype.
 //
@@ -41,13 +42,7 @@ __device__ __forceinline__ float gelu_grad(float x) {
   return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * kAlpha * (1.0f + 3.0f * kBeta * x * x);
 }
 
-// v as the dtype will store it (round to nearest even), back in fp32.
-template <int DT>
-__device__ __forceinline__ float rounded(float v) {
-  if constexpr (DT == kFloat32) return v;
-  else if constexpr (DT == kFloat16) return __half2float(__float2half_rn(v));
-  else return __bfloat162float(__float2bfloat16_rn(v));
-}
+using dev::round_to;  // v as the dtype will store it, back in fp32
 
 __device__ __forceinline__ int64_t chunk_end(const GeluBiasBwdParams& p, int64_t m0) {
   return m0 + p.chunk_rows < p.M ? m0 + p.chunk_rows : p.M;
@@ -62,7 +57,7 @@ __global__ void __launch_bounds__(kThreads) gelu_bias_kernel(const GeluBiasBwdPa
   float acc = 0.f;
   for (int64_t m = m0; m < m1; ++m) {
     const int64_t i = m * p.K + c;
-    const float v = rounded<DT>(__fmul_rn(dev::load_elem<DT>(p.grad, i), gelu_grad(dev::load_elem<DT>(p.h, i))));
+    const float v = round_to<DT>(__fmul_rn(dev::load_elem<DT>(p.grad, i), gelu_grad(dev::load_elem<DT>(p.h, i))));
     dev::store_elem<DT>(p.dh, i, v);  // exact: v is representable
     acc += v;
   }
@@ -98,7 +93,7 @@ __global__ void __launch_bounds__(kPackThreads) gelu_bias_pack_kernel(const Gelu
       dev::unpack_pack<DT>(hr[u], hv);
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        gv[j] = rounded<DT>(__fmul_rn(gv[j], gelu_grad(hv[j])));
+        gv[j] = round_to<DT>(__fmul_rn(gv[j], gelu_grad(hv[j])));
         acc[j] += gv[j];  // rows in order per column, as the element kernel: the same bits
       }
       dev::store_pack<DT>(dh + (m + u) * p.K, gv);  // exact: the values are representable
@@ -111,7 +106,8 @@ __global__ void __launch_bounds__(kPackThreads) gelu_bias_pack_kernel(const Gelu
 
 template <int DT>
 int run(const GeluBiasBwdParams& p, void* stream) {
-  const int64_t nchunks = (p.M + p.chunk_rows - 1) / p.chunk_rows;
+  const int64_t ngroups = ((p.M + p.chunk_rows - 1) / p.chunk_rows + p.chunk_group - 1) / p.chunk_group;
+  const int64_t nchunks = ngroups * p.chunk_group;  // the chunks past M write zero sums
   // Chunks on grid.x (up to 2^31 - 1); column blocks on grid.y (<= 65535: K up to 4M elements).
   const bool vec = dev::vec_ok<DT>(p.K, {p.dh, p.grad, p.h}, {});
   const int64_t per_block = vec ? int64_t{kPackThreads} * dev::kPack<DT> : kThreads;
@@ -127,14 +123,16 @@ int run(const GeluBiasBwdParams& p, void* stream) {
   }
   const int err = static_cast<int>(cudaGetLastError());
   if (err) return err;
-  return dev::reduce_partials<DT>(p.dbias, p.partial, 1, nchunks, p.K, p.K, stream);
+  float* groups = p.partial + nchunks * p.K;
+  if (const int e = dev::reduce_partials<kFloat32>(groups, p.partial, ngroups, p.chunk_group, p.K, p.K, stream)) return e;
+  return dev::reduce_partials<DT>(p.dbias, groups, 1, ngroups, p.K, p.K, stream);
 }
 
 }  // namespace
 
 int gelu_tanh_backward_bias_cuda(const GeluBiasBwdParams& p, void* stream) {
   if (p.M <= 0 || p.K <= 0) return 0;  // the caller fills empty outputs
-  if (p.chunk_rows < 1) return static_cast<int>(cudaErrorInvalidValue);
+  if (p.chunk_rows < 1 || p.chunk_group < 1) return static_cast<int>(cudaErrorInvalidValue);
   switch (p.dtype) {
     case kFloat32: return run<kFloat32>(p, stream);
     case kFloat16: return run<kFloat16>(p, stream);

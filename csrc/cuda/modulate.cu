@@ -305,9 +305,11 @@ int gated_bwd(const GatedResidualBwdParams& p, void* stream) {
   int err = last_error();
   if (err || !p.per_sample) return err;
   if (p.dgate && (err = reduce_partials<DT>(p.dgate, p.partial, p.B, nchunks, p.C, p.C, stream))) return err;
-  // dbias: every (b, k) chunk in order, as one sample of B * nchunks chunks
-  if (p.dbias) err = reduce_partials<DT>(p.dbias, p.bias_partial, 1, p.B * nchunks, p.C, p.C, stream);
-  return err;
+  // dbias: each sample's chunks in order (fp32), then the samples in order
+  if (!p.dbias) return 0;
+  float* per_sample = p.bias_partial + p.B * nchunks * p.C;
+  if ((err = reduce_partials<kFloat32>(per_sample, p.bias_partial, p.B, nchunks, p.C, p.C, stream))) return err;
+  return reduce_partials<DT>(p.dbias, per_sample, 1, p.B, p.C, p.C, stream);
 }
 
 template <template <int> class Fn, class P>

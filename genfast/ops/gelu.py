@@ -112,6 +112,7 @@ torch.library.register_autograd("genfast::gelu_tanh", _backward, setup_context=_
 
 # ------------------------------------------------------------------- backward + bias gradient
 ROWS = 32  # rows per partial column sum of dbias: a constant, so every backend and device sums alike
+GROUP = 32  # chunk sums added per first-level sum (then the groups' sums): see csrc/gelu.h
 
 
 def gelu_tanh_backward_bias(grad, h):
@@ -155,15 +156,16 @@ def _bwd_bias_impl(grad, h):
         return dh, dh.to(acc).sum(0).to(dtype)
     dh = torch.empty(m, k, dtype=dtype, device=h.device)
     dbias = torch.empty(k, dtype=dtype, device=h.device)
-    partial = torch.empty(-(-m // ROWS), k, dtype=torch.float32, device=h.device)
+    ngroups = -(-(-(-m // ROWS)) // GROUP)
+    partial = torch.empty(ngroups * (GROUP + 1), k, dtype=torch.float32, device=h.device)
     args = (dh, dbias, partial, grad, h)
     if name == "triton":
         from genfast.kernels import gelu as tk
 
-        tk.gelu_tanh_backward_bias(*args, M=m, K=k, chunk_rows=ROWS)
+        tk.gelu_tanh_backward_bias(*args, M=m, K=k, chunk_rows=ROWS, chunk_group=GROUP)
     else:
         mod = _native.module({"cuda": "_cuda", "cuda_emu": "_cuda_emu"}[name])
-        mod.gelu_tanh_backward_bias(*(t.data_ptr() for t in args), M=m, K=k, chunk_rows=ROWS,
+        mod.gelu_tanh_backward_bias(*(t.data_ptr() for t in args), M=m, K=k, chunk_rows=ROWS, chunk_group=GROUP,
                                     dtype=DTYPE_CODE[dtype], stream=cuda_stream(h) if name == "cuda" else 0)
     return dh, dbias
 

@@ -362,7 +362,8 @@ def gated_bwd(grad, gate, y, need_y, need_gate, need_bias=False):
         bias_kw = None
         if need_bias and per_sample:
             dbias = torch.empty(c, device=y.device, dtype=y.dtype)
-            bias_kw = {"dbias": dbias, "bias_partial": torch.empty(b, -(-n // CHUNK_ROWS), c, device=y.device,
+            # chunk sums [B * nchunks, C], then the per-sample sums [B, C] (see csrc/modulate.h)
+            bias_kw = {"dbias": dbias, "bias_partial": torch.empty(b * (-(-n // CHUNK_ROWS) + 1), c, device=y.device,
                                                                    dtype=torch.float32)}
         if need_y or need_gate:
             strides = (*grad.stride()[:2], *_rs(gate, n), *y.stride()[:2])
