@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from genfast import _native, backends
 from genfast.ops._common import (
-    DTYPE_CODE, LIB, check_float_tensor, cuda_stream, dispatcher_needed, kernel_reasons, needs_grad, reused_buffer)
+    DTYPE_CODE, LIB, check_float_tensor, check_like, cuda_stream, dispatcher_needed, kernel_reasons, needs_grad,
+    reused_buffer)
 
 LIB.define("gelu_tanh(Tensor x) -> Tensor")
 LIB.define("gelu_tanh_backward(Tensor grad, Tensor x) -> Tensor")
@@ -126,19 +127,15 @@ def gelu_tanh_backward_bias(grad, h):
     Returns:
         dh: [M, K] contiguous, h's dtype: computed in fp32, rounded once.
         dbias: [K], h's dtype: the column sums of the rounded dh values, accumulated in fp32 as
-            partial sums over fixed chunks of ROWS rows, added in chunk order, rounded once (the
-            same bits on every call, and on the Triton and CUDA kernels where their dh agree).
+            partial sums over fixed chunks of ROWS rows, added in order in groups of GROUP chunks,
+            then the groups in order, rounded once (the same bits on every call, and on the Triton
+            and CUDA kernels where their dh agree).
     """
     check_float_tensor("grad", grad)
     check_float_tensor("h", h)
     if h.dim() != 2:
         raise ValueError(f"h must be 2-D [M, K] (rows, features), got shape {tuple(h.shape)}")
-    if grad.device != h.device:
-        raise ValueError(f"grad is on {grad.device} but h is on {h.device}; expected the same device")
-    if grad.dtype != h.dtype:
-        raise TypeError(f"grad has dtype {grad.dtype} but h has {h.dtype}; expected the same dtype")
-    if grad.shape != h.shape:
-        raise ValueError(f"grad has shape {tuple(grad.shape)} but h has {tuple(h.shape)}; expected the same shape")
+    check_like("grad", grad, "h", h)
     return _bwd_bias_impl(grad, h)
 
 
