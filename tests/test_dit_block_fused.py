@@ -366,3 +366,54 @@ def test_fused_with_every_gradient_fusion_as_on_gpus(backend, dtype, use_backend
     ours.mlp.fc1.bias.requires_grad_(False)
     frozen = _run(ours, x.to(dtype), c.to(dtype), g.to(dtype))
     assert frozen[_names(ours).index("mlp.fc1.bias")] is None
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_hooks_and_old_style_weight_norm_are_honoured(fused, use_backend, path):
+    """torch.nn.utils.weight_norm (the old API) computes a Linear's weight in a forward pre-hook; a
+    forward hook on a submodule must fire. Both paths call such modules (plain_linear / has_hooks)
+    instead of reading a stale weight or skipping the hook: equal to the eager block after a change of
+    weight_g (as an optimizer step makes), forward and gradients."""
+    import warnings
+
+    use_backend("cpu")
+    path(fused)
+    ref, ours = _pair()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old API is deprecated, still in use
+        for block in (ref, ours):
+            torch.nn.utils.weight_norm(block.attn.qkv)
+            torch.nn.utils.weight_norm(block.mlp.fc2)
+    with torch.no_grad():
+        for block in (ref, ours):
+            block.attn.qkv.weight_g.mul_(1.5)
+            block.mlp.fc2.weight_g.mul_(0.5)
+    calls = []
+    ours.attn.register_forward_hook(lambda mod, inp, out: calls.append(out.shape))
+    x, c = torch.randn(2, 9, 64, requires_grad=True), torch.randn(2, 64, requires_grad=True)
+    g = torch.randn(2, 9, 64)
+    got, want = _run(ours, x, c, g), _run(ref, x, c, g)
+    assert calls == [torch.Size([2, 9, 64])]
+    for name, a, b in zip(_names(ours), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()), msg=name)
+
+
+def test_fused_path_only_without_hooks(path):
+    """A hook anywhere the fused path would skip (a submodule, a Linear, a global module hook) sends
+    the block to the per-op path; without hooks it takes the fused one."""
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    path(True)
+    _, ours = _pair()
+    x, c = torch.randn(1, 5, 64), torch.randn(1, 64)
+    assert dit_block.fused_block_ok(ours, x, c)
+    for target in (ours.attn, ours.mlp, ours.adaLN_modulation, ours.adaLN_modulation[0], ours.attn.qkv, ours.mlp.fc1):
+        handle = target.register_forward_pre_hook(lambda mod, inp: None)
+        assert not dit_block.fused_block_ok(ours, x, c), type(target).__name__
+        handle.remove()
+    handle = register_module_forward_pre_hook(lambda mod, inp: None)
+    try:
+        assert not dit_block.fused_block_ok(ours, x, c)
+    finally:
+        handle.remove()
+    assert dit_block.fused_block_ok(ours, x, c)

@@ -158,3 +158,27 @@ def test_linear_layer_keeps_wrappers_own_forward():
 
     wrapped = Scaled(8, 4)
     torch.testing.assert_close(lin.linear_layer(wrapped, x), 2 * F.linear(x, wrapped.weight, wrapped.bias))
+
+
+def test_linear_layer_calls_modules_with_hooks_or_parametrizations():
+    """A Linear with hooks (a forward hook; the old weight_norm's pre-hook that computes the weight),
+    or parametrized (torch.nn.utils.parametrizations), is called, not bypassed: plain_linear is False."""
+    import warnings
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    hooked = torch.nn.Linear(8, 4)
+    hooked.register_forward_hook(lambda mod, inp, out: out * 3)
+    assert not lin.plain_linear(hooked)
+    torch.testing.assert_close(lin.linear_layer(hooked, x), 3 * F.linear(x, hooked.weight, hooked.bias))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        normed = torch.nn.utils.weight_norm(torch.nn.Linear(8, 4))
+    with torch.no_grad():
+        normed.weight_g.mul_(2.0)  # the stale .weight attribute is not what normed(x) uses
+    assert not lin.plain_linear(normed)
+    torch.testing.assert_close(lin.linear_layer(normed, x), normed(x))
+    param = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(8, 4))
+    assert not lin.plain_linear(param)
+    torch.testing.assert_close(lin.linear_layer(param, x), param(x))
+    assert lin.plain_linear(torch.nn.Linear(8, 4))

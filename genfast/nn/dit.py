@@ -102,8 +102,11 @@ class DiTBlock(nn.Module):
     def forward(self, x, c):
         # plain eager calls with the block's own submodules: three autograd nodes (genfast.ops.dit_block);
         # a replaced attn / mlp / adaLN activation keeps its own forward on the per-op path
-        if (type(self.attn) is DiTAttention and type(self.mlp) is _Mlp and type(self.adaLN_modulation[0]) is nn.SiLU
-                and fused_block_ok(self, x, c)):
+        # (submodules read from _modules: nn.Module attribute access costs ~1 us each, host-bound on GPUs)
+        mods = self._modules
+        ada = mods["adaLN_modulation"]
+        if (type(mods["attn"]) is DiTAttention and type(mods["mlp"]) is _Mlp and type(ada) is nn.Sequential
+                and len(ada._modules) == 2 and type(ada._modules["0"]) is nn.SiLU and fused_block_ok(self, x, c)):
             return block_forward(self, x, c)
         mods = self.adaLN_modulation(c).chunk(6, dim=1)
         # Under autocast the Linears give bf16/fp16 while x stays fp32: the modulation and branch outputs

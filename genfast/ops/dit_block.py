@@ -58,18 +58,28 @@ ADD_IN_MODULATE = True
 
 
 def fused_block_ok(block, x, c):
-    """Whether block(x, c) may take the fused path: plain eager call, kernel dtypes, plain Linears."""
+    """Whether block(x, c) may take the fused path: plain eager call, kernel dtypes, plain Linears
+    (plain_linear: no hooks, no parametrizations), no hooks on attn / mlp / adaLN_modulation (whose
+    calls the fused path skips). Submodules and parameters are read from the modules' dicts: nn.Module
+    attribute access costs ~1 us each, and this runs on every call of a host-bound block."""
     if not USE_FUSED.get(x.device.type, False) or x.dtype not in KERNEL_DTYPES or c.dtype != x.dtype:
         return False
     if x.dim() != 3 or c.dim() != 2 or torch.is_autocast_enabled(x.device.type):
         return False
-    linears = (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2, block.adaLN_modulation[1])
-    if any(type(m) is not torch.nn.Linear or m.weight.dtype != x.dtype or m.bias is None for m in linears):
+    mods = block._modules
+    attn, mlp, ada = mods["attn"], mods["mlp"], mods["adaLN_modulation"]  # (a Sequential of SiLU, Linear)
+    silu, ada_lin = ada._modules["0"], ada._modules["1"]
+    if _linear.has_hooks(attn) or _linear.has_hooks(mlp) or _linear.has_hooks(ada) or _linear.has_hooks(silu):
         return False
-    params = [p for m in linears for p in (m.weight, m.bias)]
-    if dispatcher_needed(x, c) or any(type(p) not in _PLAIN for p in params):  # DTensor, fake, ... params
+    linears = (attn._modules["qkv"], attn._modules["proj"], mlp._modules["fc1"], mlp._modules["fc2"], ada_lin)
+    for m in linears:
+        if not _linear.plain_linear(m):
+            return False
+        w, b = m._parameters["weight"], m._parameters.get("bias")
+        if b is None or w.dtype != x.dtype or type(w) not in _PLAIN or type(b) not in _PLAIN:  # DTensor, fake, ...
+            return False
+    if dispatcher_needed(x, c):
         return False
-    attn = block.attn
     return qkv_head_width(attn.head_dim, x.dtype, x.device) == attn.head_dim
 
 
@@ -78,18 +88,25 @@ def block_forward(block, x, c, eps=1e-6):
     import genfast
 
     b, n, ch = x.shape
-    ada = block.adaLN_modulation[1]
+    # modules and parameters from the modules' dicts (checked plain by fused_block_ok): nn.Module
+    # attribute access costs ~1 us each on a host-bound path
+    mods = block._modules
+    attn, mlp = mods["attn"], mods["mlp"]
+    am, mm = attn._modules, mlp._modules
+    ada = mods["adaLN_modulation"]._modules["1"]._parameters
+    qkv_p = am["qkv"]._parameters
+    wq, bq = qkv_p["weight"], qkv_p["bias"]
+    weights = tuple(lin._parameters[name] for lin in (am["proj"], mm["fc1"], mm["fc2"]) for name in ("weight", "bias"))
     # six [B, 1, C] views of the adaLN output (one view + unbind: fewer ops on the host-bound path)
-    shift1, scale1, gate1, shift2, scale2, gate2 = F.linear(F.silu(c), ada.weight, ada.bias).view(b, 6, 1, ch).unbind(1)
-    attn, mlp = block.attn, block.mlp
-    weights = (attn.proj.weight, attn.proj.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+    shift1, scale1, gate1, shift2, scale2, gate2 = F.linear(F.silu(c), ada["weight"], ada["bias"]).view(b, 6, 1, ch).unbind(1)
     grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x, c, ada.weight, ada.bias, attn.qkv.weight, attn.qkv.bias, *weights))
+        t.requires_grad for t in (x, c, ada["weight"], ada["bias"], wq, bq, *weights))
+    heads = attn.num_heads
     if grad:
-        q, k, v = _AttnIn.apply(x, shift1, scale1, attn.qkv.weight, attn.qkv.bias, eps, attn.num_heads)
+        q, k, v = _AttnIn.apply(x, shift1, scale1, wq, bq, eps, heads)
     else:
-        qkv = _lin(_modulate_impl(x, shift1, scale1, eps, False)[0].view(b * n, ch), attn.qkv.weight, attn.qkv.bias)
-        q, k, v = qkv.view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = _lin(_modulate_impl(x, shift1, scale1, eps, False)[0].view(b * n, ch), wq, bq)
+        q, k, v = qkv.view(b, n, 3, heads, ch // heads).permute(2, 0, 3, 1, 4)
     # q, k, v are well-formed views here: genfast.attention's checks can be skipped where it would call SDPA
     o = _attention_ops.sdpa_attention(q, k, v)
     if o is None:

@@ -23,6 +23,7 @@ tolerance rule). Everything else takes F.linear: other dtypes and devices, autoc
 belong to F.linear), tensor subclasses / functorch transforms, empty inputs, GENFAST_BACKEND=reference, or USE_ONEDNN = False.
 """
 import torch
+from torch.nn.modules import module as _module_mod
 import torch.nn.functional as F
 
 from genfast import backends
@@ -120,10 +121,26 @@ def linear(x, weight, bias=None):
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
+def has_hooks(module):
+    """Whether calling module would run hooks (its own or global forward / backward ones): then it must
+    be called, not bypassed. (The old-style torch.nn.utils.weight_norm / spectral_norm compute the
+    weight in a forward pre-hook: bypassing it would use a stale weight.)"""
+    g = _module_mod
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
+                or module._backward_hooks or g._global_forward_pre_hooks or g._global_forward_hooks
+                or g._global_backward_pre_hooks or g._global_backward_hooks)
+
+
+def plain_linear(layer):
+    """Whether layer(x) is exactly F.linear(x, layer.weight, layer.bias) with a Parameter weight: a
+    torch.nn.Linear (not a subclass or a parametrized one), no hooks."""
+    return type(layer) is torch.nn.Linear and "weight" in layer._parameters and not has_hooks(layer)
+
+
 def linear_layer(layer, x):
-    """layer(x) for a module: linear() over its weight and bias for a plain nn.Linear, the module's
-    own forward for anything else (LoRA, quantised or other wrappers keep their code)."""
-    return linear(x, layer.weight, layer.bias) if type(layer) is torch.nn.Linear else layer(x)
+    """layer(x) for a module: linear() over its weight and bias for a plain nn.Linear (plain_linear),
+    the module's own call for anything else (LoRA, quantised or other wrappers, hooks keep their code)."""
+    return linear(x, layer.weight, layer.bias) if plain_linear(layer) else layer(x)
 
 
 # ------------------------------------------------------------------ torch.library op (compile)

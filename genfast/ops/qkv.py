@@ -15,7 +15,7 @@ Only where the Triton kernels would serve the unmasked call: by default torch's 
 import torch
 import torch.nn.functional as F
 
-from genfast.ops.linear import linear, linear_layer
+from genfast.ops.linear import linear, linear_layer, plain_linear
 
 
 def qkv_head_width(head_dim, dtype, device):
@@ -47,7 +47,7 @@ def projection_heads(x, layer, num_heads, groups=1):
     with per-head padded rows where qkv_head_width says so; any other module (LoRA, quantised
     wrappers) runs its own forward."""
     b, n, _ = x.shape
-    if type(layer) is torch.nn.Linear and layer.out_features % (groups * num_heads) == 0:
+    if plain_linear(layer) and layer.out_features % (groups * num_heads) == 0:
         d = layer.out_features // (groups * num_heads)
         w = qkv_head_width(d, x.dtype, x.device)
         if w != d:
