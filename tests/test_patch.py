@@ -381,3 +381,20 @@ def test_import_genfast_never_imports_diffusers():
     code = ("import sys, genfast, genfast.patch, torch; genfast.patch(torch.nn.Linear(2, 2)); "
             "assert 'diffusers' not in sys.modules, 'diffusers imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_feed_forward_with_hooks_calls_the_modules():
+    """genfast's FeedForward path skips calling the GELU and Dropout modules: with a hook on one of them
+    it calls the FeedForward as diffusers does, so the hook fires and changes the result alike."""
+    from diffusers.models.attention import FeedForward
+
+    from genfast.patch._diffusers_blocks import feed_forward
+
+    torch.manual_seed(0)
+    ff = FeedForward(16, activation_fn="gelu-approximate").eval()
+    h = torch.randn(2, 5, 16)
+    torch.testing.assert_close(feed_forward(ff, h), ff(h), rtol=1e-5, atol=1e-5)
+    calls = []
+    ff.net[0].register_forward_hook(lambda mod, inp, out: calls.append(1) or out * 2)
+    torch.testing.assert_close(feed_forward(ff, h), ff(h), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2  # once in genfast's call, once in the plain one

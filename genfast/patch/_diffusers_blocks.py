@@ -10,7 +10,7 @@ from torch import nn
 
 import genfast
 from genfast.ops.gelu import gelu_tanh_inference
-from genfast.ops.linear import linear_layer
+from genfast.ops.linear import has_hooks, linear_layer
 from genfast.patch._support import runnable
 
 
@@ -42,7 +42,8 @@ def feed_forward(ff, h):
     act = net[0]
     grad = torch.is_grad_enabled() and (h.requires_grad or act.proj.weight.requires_grad)
     simple = (type(act).__name__ == "GELU" and type(act.proj) is nn.Linear and len(net) in (3, 4)
-              and all(type(d) is nn.Dropout and not (d.training and d.p) for d in net[1::2]))
+              and all(type(d) is nn.Dropout and not (d.training and d.p) for d in net[1::2])
+              and not any(has_hooks(m) for m in (act, *net[1::2])))  # modules this path skips calling
     tanh = simple and act.approximate == "tanh"
     if (grad and not tanh) or not simple or h.device.type == "mps":
         return ff(h)
