@@ -398,3 +398,20 @@ def test_feed_forward_with_hooks_calls_the_modules():
     ff.net[0].register_forward_hook(lambda mod, inp, out: calls.append(1) or out * 2)
     torch.testing.assert_close(feed_forward(ff, h), ff(h), rtol=1e-5, atol=1e-5)
     assert len(calls) == 2  # once in genfast's call, once in the plain one
+
+
+def test_patched_adaln_norm_with_a_hooked_norm_calls_it():
+    """A patched AdaLayerNormZero whose inner LayerNorm has a hook runs diffusers' own forward, so the
+    hook fires and changes the result as in the unpatched model."""
+    from diffusers.models.normalization import AdaLayerNormZero
+
+    torch.manual_seed(0)
+    plain = AdaLayerNormZero(16, num_embeddings=None).eval()
+    ours = AdaLayerNormZero(16, num_embeddings=None).eval()
+    ours.load_state_dict(plain.state_dict())
+    genfast.patch(ours)
+    x, emb = torch.randn(2, 5, 16), torch.randn(2, 16)
+    for m in (plain, ours):
+        m.norm.register_forward_hook(lambda mod, inp, out: out * 2)
+    for a, b in zip(ours(x, emb=emb), plain(x, emb=emb)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

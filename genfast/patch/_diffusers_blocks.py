@@ -67,7 +67,7 @@ def norm_reasons(mod):
 
 
 def ada_zero_forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
-    if not _ok(x, self.linear.weight):
+    if not _ok(x, self.linear.weight) or has_hooks(self.norm):  # a hooked norm is called
         return self._genfast_original_forward(x, timestep, class_labels, hidden_dtype, emb)
     if self.emb is not None:
         emb = self.emb(timestep, class_labels, hidden_dtype=hidden_dtype)
@@ -77,14 +77,14 @@ def ada_zero_forward(self, x, timestep=None, class_labels=None, hidden_dtype=Non
 
 
 def ada_zero_single_forward(self, x, emb=None):
-    if not _ok(x, self.linear.weight):
+    if not _ok(x, self.linear.weight) or has_hooks(self.norm):  # a hooked norm is called
         return self._genfast_original_forward(x, emb)
     shift_msa, scale_msa, gate_msa = self.linear(self.silu(emb)).chunk(3, dim=1)
     return genfast.adaln_modulate(x, shift_msa, scale_msa, eps=self.norm.eps), gate_msa
 
 
 def ada_continuous_forward(self, x, conditioning_embedding):
-    if not _ok(x, self.linear.weight):
+    if not _ok(x, self.linear.weight) or has_hooks(self.norm):  # a hooked norm is called
         return self._genfast_original_forward(x, conditioning_embedding)
     scale, shift = self.linear(self.silu(conditioning_embedding).to(x.dtype)).chunk(2, dim=1)
     kind, eps = _norm_kind(self.norm)
