@@ -18,8 +18,9 @@
 // Checked without a GPU (DESIGN.md §8):
 //   nvcc -std=c++17 -arch=sm_80|sm_90 --resource-usage -Icsrc -c csrc/cuda/modulate.cu -o /tmp/m.o
 //     (nvcc 13.0, both archs: no spills, no stack frame. Warp forward 40-128 registers (C = 1152
-//     bf16: 68-71; 104-110 with the scale / shift preload, 3 -> 2 blocks an SM), per-token warp backward 63-138, per-sample chunk backward 96-249 (the
-//     16-byte 40/48-item instances ~220-249: loads and shared accumulators of a whole row in
+//     bf16: 68-71; 104-110 with the scale / shift preload, 3 -> 2 blocks an SM), per-token warp
+//     backward 63-138, per-sample chunk backward 96-249 (the 16-byte 40/48-item instances
+//     ~220-249: loads and shared accumulators of a whole row in
 //     flight; 4 warps a block, so 2 blocks per SM), the block kernels and the rest 26-56. IEEE
 //     divides and 1/sqrtf are subroutine calls that spilled on sm_80, hence __frcp_rn /
 //     __fsqrt_rn and multiplies by 1/C.)
