@@ -417,3 +417,26 @@ def test_fused_path_only_without_hooks(path):
     finally:
         handle.remove()
     assert dit_block.fused_block_ok(ours, x, c)
+
+
+@pytest.mark.parametrize("b,n", [(2, 1), (0, 7), (3, 33)], ids=["one-token", "empty-batch", "odd"])
+def test_gpu_fusions_at_edge_shapes_through_emulation(b, n, use_backend, path, monkeypatch):
+    """The GPU configuration (every gradient fusion on) through the emulated CUDA kernels at one token
+    (per-token gates: the bias sums fall back to torch's), an empty batch and an odd length: bf16
+    within 2x eager bf16's own error, shapes and dtypes of every gradient."""
+    use_backend("cuda_emu")
+    path(True)
+    _bias_in_gated(monkeypatch, True)
+    monkeypatch.setattr(dit_block, "GELU_BIAS_IN_BWD", {"cpu": True, "cuda": True})
+    ref, ours = _pair(std=0.05)
+    ref64 = reference.DiTBlock(64, 4).double()
+    ref64.load_state_dict(ref.state_dict())
+    x, c, g = torch.randn(b, n, 64), torch.randn(b, 64), torch.randn(b, n, 64)
+    x.requires_grad_(), c.requires_grad_()
+    dt = torch.bfloat16
+    got = _run(ours.to(dt), x.to(dt), c.to(dt), g.to(dt))
+    low = _run(ref.to(dt), x.to(dt), c.to(dt), g.to(dt))
+    high = _run(ref64, x.double(), c.double(), g.double())
+    for name, a, lo, hi in zip(_names(ours), got, low, high):
+        assert a.shape == hi.shape and a.dtype == dt, name
+        assert_within_reference_error(f"{b}x{n} {name}", a, lo, hi, floor=1e-3)
