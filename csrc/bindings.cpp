@@ -240,6 +240,22 @@ void gelu_tanh_backward_bias(uintptr_t dh, uintptr_t dbias, uintptr_t partial, u
   py::gil_scoped_release nogil;
   GENFAST_RUN(gelu_tanh_backward_bias, p, stream);
 }
+
+// Column sums of up to three [M, width_i] tensors (csrc/gelu.h ColumnSumsParams): GPU kernels only.
+void column_sums(const std::vector<uintptr_t>& src, const std::vector<int64_t>& widths, uintptr_t out,
+                 uintptr_t partial, int64_t M, int64_t chunk_rows, int64_t chunk_group, int32_t dtype, uintptr_t stream) {
+  check_dtype_code(dtype);
+  if (src.empty() || src.size() > 3 || widths.size() != src.size())
+    throw py::value_error("genfast: column_sums takes 1 to 3 tensors, one width each");
+  if (chunk_rows < 1 || chunk_group < 1) throw py::value_error("genfast: chunk_rows and chunk_group must be >= 1");
+  ColumnSumsParams p{};
+  p.n = static_cast<int32_t>(src.size());
+  for (int t = 0; t < p.n; ++t) p.src[t] = reinterpret_cast<const void*>(src[t]), p.width[t] = widths[t];
+  p.out = reinterpret_cast<void*>(out), p.partial = reinterpret_cast<float*>(partial);
+  p.M = M, p.chunk_rows = chunk_rows, p.chunk_group = chunk_group, p.dtype = dtype;
+  py::gil_scoped_release nogil;
+  GENFAST_RUN(column_sums, p, stream);
+}
 #endif
 
 void bind_all(py::module_& m) {
@@ -329,6 +345,9 @@ void bind_all(py::module_& m) {
         "dh = grad * GELU(tanh)'(h) and dbias = column sums of dh over [M, K] (csrc/gelu.h)", py::arg("dh"),
         py::arg("dbias"), py::arg("partial"), py::arg("grad"), py::arg("h"), py::arg("M"), py::arg("K"),
         py::arg("chunk_rows"), py::arg("chunk_group"), py::arg("dtype"), py::arg("stream") = 0);
+  m.def("column_sums", &column_sums, "column sums of up to three [M, width] tensors in one pass (csrc/gelu.h)",
+        py::arg("src"), py::arg("widths"), py::arg("out"), py::arg("partial"), py::arg("M"), py::arg("chunk_rows"),
+        py::arg("chunk_group"), py::arg("dtype"), py::arg("stream") = 0);
 #endif
 }
 

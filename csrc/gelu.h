@@ -35,4 +35,21 @@ struct GeluBiasBwdParams {
 // csrc/cuda/gelu.cu: launch on `stream`, return the cudaError_t as an int (see flow_step.h).
 int gelu_tanh_backward_bias_cuda(const GeluBiasBwdParams& p, void* stream);
 
+// The bias gradients of a fused qkv projection (genfast/ops/colsum.py column_sums): out = the column
+// sums of [src0 | src1 | src2] (n of them, each [M, width_i] contiguous), fp32 sums in the same chunks
+// and groups as GeluBiasBwdParams, rounded to the dtype once.
+struct ColumnSumsParams {
+  const void* src[3];
+  int64_t width[3];
+  int32_t n;            // 1..3
+  void* out;            // [sum of widths], written
+  float* partial;       // [ngroups * chunk_group + ngroups, sum of widths] fp32 workspace
+  int64_t M;
+  int64_t chunk_rows, chunk_group;
+  int32_t dtype;
+};
+
+// csrc/cuda/colsum.cu
+int column_sums_cuda(const ColumnSumsParams& p, void* stream);
+
 }  // namespace genfast

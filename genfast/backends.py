@@ -28,6 +28,7 @@ PREFERENCE = {
     # The MLP backward's GELU(tanh)' + bias sum (genfast/ops/gelu.py): GPU kernels only; CPU tensors
     # take the reference (torch's gelu_backward + an fp32 sum).
     "gelu_tanh_backward_bias": {"cuda": ("cuda", "triton", "reference"), "cpu": ("reference",)},
+    "column_sums": {"cuda": ("cuda", "triton", "reference"), "cpu": ("reference",)},
     # Attention on GPUs: torch's SDPA (cuDNN / flash) first where it can run the case (fp16/bf16, no
     # key mask): measured faster than genfast's Triton and CUDA kernels at every benchmark shape on
     # an H200 (benchmarks/gpu/NOTES.md); genfast's kernels serve masks, fp32 and forced backends.

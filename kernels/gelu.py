@@ -44,13 +44,15 @@ def _gelu_grad(x):
 
 @triton.jit
 def gelu_bias_bwd_kernel(
-    dh_ptr,  # [M, K] contiguous, written
-    partial_ptr,  # [nchunks, K] fp32, written
+    dh_ptr,  # [M, K] contiguous, written (ACT)
+    partial_ptr,  # [nchunks, p_stride] fp32 (from this call's first column), written
     g_ptr,  # [M, K] contiguous: the activation's gradient
-    h_ptr,  # [M, K] contiguous: the pre-activation
+    h_ptr,  # [M, K] contiguous: the pre-activation (ACT)
     M, K,  # scalar ints
     rows,  # scalar int: rows per chunk (grid: chunks x column blocks)
+    p_stride,  # scalar int: partial's row stride (K, or the total width of column_sums' tensors)
     BLOCK: tl.constexpr,  # columns per program
+    ACT: tl.constexpr,  # bool: dh = g * gelu'(h) and its sums; False: the column sums of g (column_sums)
     BF16_RTNE: tl.constexpr,  # bool: round to bf16 by hand (interpreter only)
 ):
     k = tl.program_id(0).to(tl.int64)  # int64 before any pointer arithmetic
@@ -60,11 +62,14 @@ def gelu_bias_bwd_kernel(
     for m in range(k * rows, tl.minimum(k * rows + rows, M)):
         off = m * K + cols
         g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(h_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        v = _out_value(g * _gelu_grad(x), dh_ptr, BF16_RTNE)  # dh in the dtype
-        tl.store(dh_ptr + off, v, mask=mask)
-        acc += v.to(tl.float32)  # rows in order: the sum of what was stored
-    tl.store(partial_ptr + k * K + cols, acc, mask=mask)
+        if ACT:
+            x = tl.load(h_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            v = _out_value(g * _gelu_grad(x), dh_ptr, BF16_RTNE)  # dh in the dtype
+            tl.store(dh_ptr + off, v, mask=mask)
+            acc += v.to(tl.float32)  # rows in order: the sum of what was stored
+        else:
+            acc += g
+    tl.store(partial_ptr + k * p_stride + cols, acc, mask=mask)
 
 
 # Under TRITON_INTERPRET=1 (read when triton.jit ran) the kernels are InterpretedFunctions.
@@ -79,23 +84,46 @@ def gelu_tanh_backward_bias(dh, dbias, partial, grad, h, *, M, K, chunk_rows, ch
     nchunks = ngroups * chunk_group  # the chunks past M write zero sums
     rtne = _INTERPRETED and dh.dtype == torch.bfloat16
     gelu_bias_bwd_kernel[(nchunks, triton.cdiv(K, BLOCK_K))](
-        dh, partial, grad, h, M, K, chunk_rows, BLOCK=BLOCK_K, BF16_RTNE=rtne, num_warps=WARPS, enable_fp_fusion=False)
+        dh, partial, grad, h, M, K, chunk_rows, K, BLOCK=BLOCK_K, ACT=True, BF16_RTNE=rtne, num_warps=WARPS,
+        enable_fp_fusion=False)
+    _two_level(dbias, partial, nchunks, ngroups, chunk_group, K, rtne)
+
+
+def column_sums(srcs, out, partial, *, M, chunk_rows, chunk_group, dtype=None):
+    """out [sum of widths] = the column sums of [srcs[0] | srcs[1] | ...] ([M, width_i] contiguous each),
+    in the chunks and groups of gelu_tanh_backward_bias (csrc/gelu.h ColumnSumsParams); partial:
+    [ngroups * chunk_group + ngroups, sum of widths] fp32. One chunk launch per tensor here."""
+    total = sum(s.shape[1] for s in srcs)
+    ngroups = triton.cdiv(triton.cdiv(M, chunk_rows), chunk_group)
+    nchunks = ngroups * chunk_group
+    col = 0
+    for s in srcs:
+        w = s.shape[1]
+        gelu_bias_bwd_kernel[(nchunks, triton.cdiv(w, BLOCK_K))](
+            s, partial[:, col:], s, s, M, w, chunk_rows, total, BLOCK=BLOCK_K, ACT=False, BF16_RTNE=False,
+            num_warps=WARPS, enable_fp_fusion=False)
+        col += w
+    _two_level(out, partial, nchunks, ngroups, chunk_group, total, _INTERPRETED and out.dtype == torch.bfloat16)
+
+
+def _two_level(out, partial, nchunks, ngroups, chunk_group, width, rtne):
+    """out = the chunk rows of partial added in groups of chunk_group, then the groups, in order."""
     groups = partial[nchunks:]
-    _modulate.reduce_partials_kernel[(triton.cdiv(K, COL_BLOCK), ngroups)](
-        groups, partial, chunk_group, K, K, BLOCK=COL_BLOCK, BF16_RTNE=False, num_warps=4)
-    _modulate.reduce_partials_kernel[(triton.cdiv(K, COL_BLOCK), 1)](
-        dbias, groups, ngroups, K, K, BLOCK=COL_BLOCK, BF16_RTNE=rtne, num_warps=4)
+    _modulate.reduce_partials_kernel[(triton.cdiv(width, COL_BLOCK), ngroups)](
+        groups, partial, chunk_group, width, width, BLOCK=COL_BLOCK, BF16_RTNE=False, num_warps=4)
+    _modulate.reduce_partials_kernel[(triton.cdiv(width, COL_BLOCK), 1)](
+        out, groups, ngroups, width, width, BLOCK=COL_BLOCK, BF16_RTNE=rtne, num_warps=4)
 
 
 # Ahead-of-time compile list for genfast/devtools/gpu_compile.py (format documented there); the
 # chunk reduction is compiled with kernels/modulate.py's list.
-def _aot(dtype):
+def _aot(dtype, act=True):
     ptrs = {"dh_ptr": f"*{dtype}", "partial_ptr": "*fp32", "g_ptr": f"*{dtype}", "h_ptr": f"*{dtype}"}
-    return {"name": f"gelu_bias_bwd[{dtype}]", "kernel": gelu_bias_bwd_kernel,
-            "signature": {**ptrs, "M": "i64", "K": "i64", "rows": "i64"},
-            "constexprs": {"BLOCK": BLOCK_K, "BF16_RTNE": False},
+    return {"name": f"gelu_bias_bwd[{dtype}{'' if act else ',column_sums'}]", "kernel": gelu_bias_bwd_kernel,
+            "signature": {**ptrs, "M": "i64", "K": "i64", "rows": "i64", "p_stride": "i64"},
+            "constexprs": {"BLOCK": BLOCK_K, "ACT": act, "BF16_RTNE": False},
             "divisible_by_16": list(ptrs) + ["K"], "num_warps": WARPS, "num_stages": 1,
             "options": {"enable_fp_fusion": False}}
 
 
-AOT_CONFIGS = [_aot(dt) for dt in ("fp32", "fp16", "bf16")]
+AOT_CONFIGS = [_aot(dt) for dt in ("fp32", "fp16", "bf16")] + [_aot("bf16", act=False)]

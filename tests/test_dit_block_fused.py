@@ -334,7 +334,8 @@ def test_bias_in_gated_takes_proj_and_fc2_bias_grads_from_the_gated_backward(bia
 def test_fused_with_every_gradient_fusion_as_on_gpus(backend, dtype, use_backend, path, monkeypatch):
     """The GPU defaults on CPU tensors through the GPU kernels (CUDA emulation, Triton interpreter):
     proj / fc2 bias gradients from the gated backward, fc1's from the GELU backward
-    (gelu_tanh_backward_bias), dx1's residual added in the modulate backward. fp32 equals eager
+    (gelu_tanh_backward_bias), qkv's as one column-sum pass, dx1's residual added in the modulate
+    backward. fp32 equals eager
     within fp32 rounding; bf16 within 2x eager bf16's own error; fc1's GEMM-gradient call is not
     asked for a bias gradient; a frozen fc1 bias still gets none."""
     if backend == "cuda_emu" and dtype == torch.float32:
@@ -343,6 +344,7 @@ def test_fused_with_every_gradient_fusion_as_on_gpus(backend, dtype, use_backend
     path(True)
     _bias_in_gated(monkeypatch, True)
     monkeypatch.setattr(dit_block, "GELU_BIAS_IN_BWD", {"cpu": True, "cuda": True})
+    monkeypatch.setattr(dit_block, "QKV_BIAS_ONE_PASS", {"cpu": True, "cuda": True})
     asked = []
     real = dit_block._lin_grads
     monkeypatch.setattr(dit_block, "_lin_grads", lambda dy2, x2, w, *need: asked.append((tuple(w.shape), need[2]))
@@ -428,6 +430,7 @@ def test_gpu_fusions_at_edge_shapes_through_emulation(b, n, use_backend, path, m
     path(True)
     _bias_in_gated(monkeypatch, True)
     monkeypatch.setattr(dit_block, "GELU_BIAS_IN_BWD", {"cpu": True, "cuda": True})
+    monkeypatch.setattr(dit_block, "QKV_BIAS_ONE_PASS", {"cpu": True, "cuda": True})
     ref, ours = _pair(std=0.05)
     ref64 = reference.DiTBlock(64, 4).double()
     ref64.load_state_dict(ref.state_dict())

@@ -187,3 +187,31 @@ def test_bad_input_names_the_argument():
         gelu_tanh_backward_bias(torch.randn(4, 5), x)
     with pytest.raises(ValueError, match="grad is on"):
         gelu_tanh_backward_bias(torch.empty(4, 6, device="meta"), x)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("group", ["default", 2])
+def test_column_sums_of_up_to_three_tensors(device, backend, dtype, group, use_backend, monkeypatch):
+    """column_sums([t0, t1, t2]) (the qkv bias gradient): kernels give exactly the chunked, grouped
+    fp32 sums of each tensor (widths off the 16-byte pack and aligned ones, a misaligned one); every
+    backend within the reference error of the fp64 sums; M = 0 gives zeros."""
+    from genfast.ops.gelu import column_sums
+
+    if group != "default":
+        monkeypatch.setattr(gelu_ops, "GROUP", group)
+    use_backend(backend)
+    gen = torch.Generator().manual_seed(4)
+    for m, widths in ((130, (72, 72, 72)), (33, (7, 16)), (5, (136,)), (70, (64, 40, 24))):
+        ts = [torch.randn(m, w, generator=gen).to(dtype).to(device) for w in widths]
+        if len(ts) == 3:
+            ts[1] = _misaligned(ts[1])  # the element path on the CUDA kernel
+        got = column_sums(ts)
+        assert got.shape == (sum(widths),) and got.dtype == dtype
+        high = torch.cat([t.double().sum(0) for t in ts])
+        low = torch.cat([t.sum(0) for t in ts])
+        assert_within_reference_error(f"{m} {widths}", got, low, high, floor=1e-6)
+        if backend != "reference":
+            assert torch.equal(got, torch.cat([_chunked_sums(t) for t in ts])), f"{m} {widths}"
+    assert torch.equal(column_sums([torch.zeros(0, 5, dtype=dtype, device=device)] * 3),
+                       torch.zeros(15, dtype=dtype, device=device))

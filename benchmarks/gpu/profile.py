@@ -171,10 +171,11 @@ def fusions():
     1152] (the preload switches are read once per process: compare two runs)."""
     import statistics
     from genfast.ops import dit_block, gelu as gelu_ops, modulate as mod
-    flags = ("BIAS_IN_GATED", "GELU_BIAS_IN_BWD")
+    flags = ("BIAS_IN_GATED", "GELU_BIAS_IN_BWD", "QKV_BIAS_ONE_PASS")
     configs = {"all on": {}, "no bias-in-gated": {"BIAS_IN_GATED": False}, "no gelu-bias": {"GELU_BIAS_IN_BWD": False},
-               "no add-in-modulate": {"ADD_IN_MODULATE": False},
-               "all off (s7)": {"BIAS_IN_GATED": False, "GELU_BIAS_IN_BWD": False, "ADD_IN_MODULATE": False}}
+               "no qkv-bias-one-pass": {"QKV_BIAS_ONE_PASS": False}, "no add-in-modulate": {"ADD_IN_MODULATE": False},
+               "all off (s7)": {"BIAS_IN_GATED": False, "GELU_BIAS_IN_BWD": False, "QKV_BIAS_ONE_PASS": False,
+                                "ADD_IN_MODULATE": False}}
 
     def apply(cfg):
         for f in flags:
@@ -199,11 +200,14 @@ def fusions():
     gr = torch.randn_like(x)
     _, mean, rstd = mod._modulate_impl(x, shift, scale, 1e-6, False)
     h, da = (torch.randn(m, 4 * ch, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    dq, dk, dv = (torch.randn(m, ch, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     pairs = {
         "gated bwd + bias": (lambda: mod.gated_bwd(gr, gate, x, True, True, True),
                              lambda: mod.gated_bwd(gr, gate, x, True, True)[0].view(m, ch).sum(0)),
         "gelu bwd + bias [32768, 4608]": (lambda: gelu_ops._bwd_bias_impl(da, h),
                                           lambda: torch.ops.aten.gelu_backward(da, h, approximate="tanh").sum(0)),
+        "qkv bias 3 x [32768, 1152]": (lambda: gelu_ops.column_sums([dq, dk, dv]),
+                                       lambda: [t.sum(0) for t in (dq, dk, dv)]),
         "modulate bwd + add": (
             lambda: mod._modulate_bwd_impl(gr, x, shift, scale, mean, rstd, 1e-6, False, [True, True, True], addend=gr),
             lambda: mod._modulate_bwd_impl(gr, x, shift, scale, mean, rstd, 1e-6, False, [True, True, True])[0].add_(gr)),

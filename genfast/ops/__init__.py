@@ -15,6 +15,7 @@ REASONS_BY_OP = {
     "vq_nearest": vq._reasons,
     "reparam_kl": kl._reasons,
     "gelu_tanh_backward_bias": gelu._bias_reasons,
+    "column_sums": gelu._bias_reasons,
 }
 
 __all__ = ["flow_euler_step", "reparam_kl", "adaln_modulate", "gated_residual", "vq_nearest", "vector_quantize",

@@ -18,8 +18,9 @@ it saves (H200, bf16, DiT-XL/2, batch 32, benchmarks/gpu/NOTES.md "fourth GPU se
     tanh form, applied to the fp32 accumulator): -45 us of a 0.5 ms forward at 256 tokens.
   - bias gradients from passes that read the gradient anyway (GPUs; not yet timed there): proj's and
     fc2's from the gated-residual backwards (BIAS_IN_GATED), fc1's from the GELU backward
-    (GELU_BIAS_IN_BWD); dx1's residual gradient added inside the modulate backward. Torch's column
-    sums over [B*N, C], [B*N, C] and [B*N, 4C] and one add over [B*N, C] fewer.
+    (GELU_BIAS_IN_BWD); qkv's as one pass over the q, k, v gradients (QKV_BIAS_ONE_PASS); dx1's
+    residual gradient added inside the modulate backward (ADD_IN_MODULATE). Torch's column sums over
+    [B*N, C], [B*N, C] and [B*N, 4C] and one add over [B*N, C] fewer; three sums become one launch.
 Measured (harness, same run): forward 1.38x / 1.32x eager and 1.15x / 1.12x torch.compile at 256 /
 1024 tokens; forward + backward 1.05x / 1.18x eager, 0.93x / 1.00x compile (the per-op path: 1.11x /
 1.07x slower than this one).
@@ -55,6 +56,9 @@ BIAS_IN_GATED = {"cuda": True, "cpu": False}
 GELU_BIAS_IN_BWD = {"cuda": True, "cpu": False}
 # dx1 = modulate's dx + dout inside the modulate backward (its addend) instead of a separate add.
 ADD_IN_MODULATE = True
+# qkv's bias gradient as one column-sum pass over the q, k and v gradients (genfast.ops.gelu.column_sums,
+# GPU kernels) instead of three torch sums (~1 TB/s each over [B*N, C] on an H200). Per device type.
+QKV_BIAS_ONE_PASS = {"cuda": True, "cpu": False}
 
 
 def fused_block_ok(block, x, c):
@@ -181,7 +185,9 @@ def _qkv_grads(grads, m2, w, need_m, need_w, need_b):
         dw = torch.empty_like(w)
         for g, out in zip(grads, dw.view(3, ch, -1).unbind(0)):
             torch.mm(g.t(), m2, out=out)
-    if need_b:
+    if need_b and QKV_BIAS_ONE_PASS.get(m2.device.type, False):
+        db = _gelu.column_sums(grads)
+    elif need_b:
         db = torch.empty(3 * ch, device=m2.device, dtype=m2.dtype)
         for g, out in zip(grads, db.view(3, ch).unbind(0)):
             torch.sum(g, 0, out=out)

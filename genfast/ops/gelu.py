@@ -167,6 +167,35 @@ def _bwd_bias_impl(grad, h):
     return dh, dbias
 
 
+def column_sums(tensors):
+    """[sum of widths] column sums of [t0 | t1 | t2] (1 to 3 [M, width_i] tensors of one dtype and
+    device): the bias gradients of a fused qkv projection from its q, k and v gradients, one pass on
+    the GPU kernels (chunks of ROWS rows, groups of GROUP chunks, fp32, as gelu_tanh_backward_bias),
+    torch's sums elsewhere. For genfast's own callers: no argument checks."""
+    m, dtype, dev = tensors[0].shape[0], tensors[0].dtype, tensors[0].device
+    total = sum(t.shape[1] for t in tensors)
+    if m == 0:
+        return torch.zeros(total, dtype=dtype, device=dev)
+    name = backends.choose_cached("column_sums", dev.type, (dtype,), _bias_reasons)
+    if name == "reference":
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        return torch.cat([t.sum(0, dtype=acc) for t in tensors]).to(dtype)
+    tensors = [t.contiguous() for t in tensors]
+    out = torch.empty(total, dtype=dtype, device=dev)
+    ngroups = -(-(-(-m // ROWS)) // GROUP)
+    partial = torch.empty(ngroups * (GROUP + 1), total, dtype=torch.float32, device=dev)
+    if name == "triton":
+        from genfast.kernels import gelu as tk
+
+        tk.column_sums(tensors, out, partial, M=m, chunk_rows=ROWS, chunk_group=GROUP)
+    else:
+        mod = _native.module({"cuda": "_cuda", "cuda_emu": "_cuda_emu"}[name])
+        mod.column_sums([t.data_ptr() for t in tensors], [t.shape[1] for t in tensors], out.data_ptr(),
+                        partial.data_ptr(), M=m, chunk_rows=ROWS, chunk_group=GROUP, dtype=DTYPE_CODE[dtype],
+                        stream=cuda_stream(out) if name == "cuda" else 0)
+    return out
+
+
 _BIAS_REASONS = {}
 
 
