@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(kThreads) colsum_kernel(const ColumnSumsParams
 }
 
 template <int DT>
-int run(const ColumnSumsParams& p, void* stream) {
+int column_sums_typed(const ColumnSumsParams& p, void* stream) {
   bool vec = true;
   int64_t total = 0;
   for (int t = 0; t < p.n; ++t) {
@@ -99,18 +99,14 @@ int run(const ColumnSumsParams& p, void* stream) {
     return e;
   return dev::reduce_partials<DT>(p.out, groups, 1, ngroups, total, total, stream);
 }
+template <int DT> struct Run { static int run(const ColumnSumsParams& p, void* s) { return column_sums_typed<DT>(p, s); } };
 
 }  // namespace
 
 int column_sums_cuda(const ColumnSumsParams& p, void* stream) {
   if (p.n < 1 || p.n > 3 || p.chunk_rows < 1 || p.chunk_group < 1) return static_cast<int>(cudaErrorInvalidValue);
   if (p.M <= 0) return 0;  // the caller fills the empty case
-  switch (p.dtype) {
-    case kFloat32: return run<kFloat32>(p, stream);
-    case kFloat16: return run<kFloat16>(p, stream);
-    case kBFloat16: return run<kBFloat16>(p, stream);
-    default: return static_cast<int>(cudaErrorInvalidValue);
-  }
+  return dev::by_dtype<Run>(p, stream);
 }
 
 }  // namespace genfast

@@ -226,6 +226,17 @@ inline int reduce_partials(void* out, const float* partial, int64_t B, int64_t n
   return static_cast<int>(cudaGetLastError());
 }
 
+// Fn<DT>::run(p, stream) for p.dtype (fp32 / fp16 / bf16): every op's entry point dispatches here.
+template <template <int> class Fn, class P>
+inline int by_dtype(const P& p, void* stream) {
+  switch (p.dtype) {
+    case kFloat32: return Fn<kFloat32>::run(p, stream);
+    case kFloat16: return Fn<kFloat16>::run(p, stream);
+    case kBFloat16: return Fn<kBFloat16>::run(p, stream);
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
 // 16-byte packs are safe: C a multiple of the pack and every (non-null) base pointer and row
 // stride 16-byte aligned, so every row start is too.
 template <int DT>

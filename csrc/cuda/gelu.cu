@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kPackThreads) gelu_bias_pack_kernel(const Gelu
 }
 
 template <int DT>
-int run(const GeluBiasBwdParams& p, void* stream) {
+int gelu_bias_typed(const GeluBiasBwdParams& p, void* stream) {
   const int64_t ngroups = ((p.M + p.chunk_rows - 1) / p.chunk_rows + p.chunk_group - 1) / p.chunk_group;
   const int64_t nchunks = ngroups * p.chunk_group;  // the chunks past M write zero sums
   // Chunks on grid.x (up to 2^31 - 1); column blocks on grid.y (<= 65535: K up to 4M elements).
@@ -127,18 +127,14 @@ int run(const GeluBiasBwdParams& p, void* stream) {
   if (const int e = dev::reduce_partials<kFloat32>(groups, p.partial, ngroups, p.chunk_group, p.K, p.K, stream)) return e;
   return dev::reduce_partials<DT>(p.dbias, groups, 1, ngroups, p.K, p.K, stream);
 }
+template <int DT> struct Run { static int run(const GeluBiasBwdParams& p, void* s) { return gelu_bias_typed<DT>(p, s); } };
 
 }  // namespace
 
 int gelu_tanh_backward_bias_cuda(const GeluBiasBwdParams& p, void* stream) {
   if (p.M <= 0 || p.K <= 0) return 0;  // the caller fills empty outputs
   if (p.chunk_rows < 1 || p.chunk_group < 1) return static_cast<int>(cudaErrorInvalidValue);
-  switch (p.dtype) {
-    case kFloat32: return run<kFloat32>(p, stream);
-    case kFloat16: return run<kFloat16>(p, stream);
-    case kBFloat16: return run<kBFloat16>(p, stream);
-    default: return static_cast<int>(cudaErrorInvalidValue);
-  }
+  return dev::by_dtype<Run>(p, stream);
 }
 
 }  // namespace genfast

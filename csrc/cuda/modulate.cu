@@ -313,15 +313,7 @@ int gated_bwd(const GatedResidualBwdParams& p, void* stream) {
   return reduce_partials<DT>(p.dbias, per_sample, 1, p.B, p.C, p.C, stream);
 }
 
-template <template <int> class Fn, class P>
-int by_dtype(const P& p, void* stream) {
-  switch (p.dtype) {
-    case kFloat32: return Fn<kFloat32>::run(p, stream);
-    case kFloat16: return Fn<kFloat16>::run(p, stream);
-    case kBFloat16: return Fn<kBFloat16>::run(p, stream);
-    default: return static_cast<int>(cudaErrorInvalidValue);
-  }
-}
+using dev::by_dtype;
 template <int DT> struct FwdFn { static int run(const ModulateParams& p, void* s) { return modulate_fwd<DT>(p, s); } };
 template <int DT> struct BwdFn { static int run(const ModulateBwdParams& p, void* s) { return modulate_bwd<DT>(p, s); } };
 template <int DT> struct GFwdFn { static int run(const GatedResidualParams& p, void* s) { return gated_fwd<DT>(p, s); } };
