@@ -415,3 +415,20 @@ def test_patched_adaln_norm_with_a_hooked_norm_calls_it():
         m.norm.register_forward_hook(lambda mod, inp, out: out * 2)
     for a, b in zip(ours(x, emb=emb), plain(x, emb=emb)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,where", [("dit", "norm3"), ("dit", "ff"), ("sd3", "norm2"), ("flux", "norm1.norm")])
+def test_patched_blocks_honour_hooks_on_the_modules_they_skip(name, where):
+    """A hook on a block's norm or FeedForward (modules the patched forwards do not call) fires and
+    changes the result as in the unpatched model: such a call runs diffusers' own forward."""
+    model, inputs = build(name, layers=1)
+    ours = copy.deepcopy(model)
+    genfast.patch(ours)
+    for m in (model, ours):
+        target = m.transformer_blocks[0]
+        for part in where.split("."):
+            target = getattr(target, part)
+        target.register_forward_hook(lambda mod, inp, out: tuple(o * 0.5 for o in out) if isinstance(out, tuple)
+                                     else out * 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(_run(ours, inputs), _run(model, inputs), rtol=1e-4, atol=1e-5)

@@ -34,6 +34,11 @@ def _ok(x, *dtypes_from):
     return x.dim() == 3 and runnable(x) and all(t.dtype == x.dtype for t in dtypes_from)
 
 
+def _hooked(*mods):
+    """Whether any of the modules a genfast forward skips calling has hooks (then the original runs)."""
+    return any(m is not None and has_hooks(m) for m in mods)
+
+
 def feed_forward(ff, h):
     """diffusers' FeedForward (Linear, GELU, Dropout, Linear). GELU(tanh) is genfast's gelu_tanh op.
     Without autograd the GELU runs in place on the first Linear's output, which only this function
@@ -43,7 +48,7 @@ def feed_forward(ff, h):
     grad = torch.is_grad_enabled() and (h.requires_grad or act.proj.weight.requires_grad)
     simple = (type(act).__name__ == "GELU" and type(act.proj) is nn.Linear and len(net) in (3, 4)
               and all(type(d) is nn.Dropout and not (d.training and d.p) for d in net[1::2])
-              and not any(has_hooks(m) for m in (act, *net[1::2])))  # modules this path skips calling
+              and not _hooked(ff, act, *net[1::2]))  # modules this path skips calling
     tanh = simple and act.approximate == "tanh"
     if (grad and not tanh) or not simple or h.device.type == "mps":
         return ff(h)
@@ -118,7 +123,8 @@ def basic_block_forward(self, hidden_states, attention_mask=None, encoder_hidden
     x = hidden_states
     single = self.norm_type == "ada_norm_single"
     mod_dtype = timestep if single else self.norm1.linear.weight
-    if cross_attention_kwargs or self._chunk_size is not None or not _ok(x, mod_dtype):
+    skipped = (self.norm1, getattr(self.norm1, "norm", None), self.norm2, getattr(self, "norm3", None))
+    if cross_attention_kwargs or self._chunk_size is not None or not _ok(x, mod_dtype) or _hooked(*skipped):
         return self._genfast_original_forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
                                   timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
     if single:
@@ -184,8 +190,14 @@ def _joint(self, x, c, temb, attn_kwargs, flux):
     return c, x
 
 
+def _joint_hooked(blk):
+    """Hooks on a joint block's norms, which _joint does not call (its FeedForwards: feed_forward)."""
+    n1, nc = blk.norm1, blk.norm1_context
+    return _hooked(n1, n1.norm, nc, getattr(nc, "norm", None), blk.norm2, getattr(blk, "norm2_context", None))
+
+
 def sd3_block_forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
-    if (self._chunk_size is not None or encoder_hidden_states is None
+    if (self._chunk_size is not None or encoder_hidden_states is None or _joint_hooked(self)
             or not _ok(hidden_states, encoder_hidden_states, temb, self.norm1.linear.weight)):
         return self._genfast_original_forward(hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
     return _joint(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs or {}, flux=False)
@@ -193,7 +205,7 @@ def sd3_block_forward(self, hidden_states, encoder_hidden_states, temb, joint_at
 
 def flux_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                        joint_attention_kwargs=None):
-    if not _ok(hidden_states, encoder_hidden_states, temb, self.norm1.linear.weight):
+    if not _ok(hidden_states, encoder_hidden_states, temb, self.norm1.linear.weight) or _joint_hooked(self):
         return self._genfast_original_forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb,
                                   joint_attention_kwargs)
     kwargs = dict(joint_attention_kwargs or {}, image_rotary_emb=image_rotary_emb)
