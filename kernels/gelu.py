@@ -7,8 +7,8 @@ In a DiT MLP backward the bias gradient of fc1 would re-read the whole [M, 4C] d
 writes dh and sums it. Deterministic and device independent: program (chunk, column block) walks
 its chunk of `rows` rows in order and writes fp32 sums to partial[chunk, K]; the chunk-reduction
 kernel of kernels/modulate.py adds the chunks in groups of chunk_group, then the groups, in order
-(as csrc/cuda/gelu.cu does, so both give the same dbias bits wherever their dh bits agree). The grid puts chunks on axis 0 (up to 2^31 - 1)
-because axis 1 stops at 65535.
+(reduce_groups, as csrc/cuda/gelu.cu does, so both give the same dbias bits wherever their dh bits
+agree). The grid puts chunks on axis 0 (up to 2^31 - 1) because axis 1 stops at 65535.
 
 The kernel launches with enable_fp_fusion=False: in fp32 the store's "rounding" is a no-op, and a
 contracted fma(grad, gelu'(h), acc) would sum unrounded products (the fp32 PTX had 40 fma.rn.f32
@@ -23,7 +23,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from . import modulate as _modulate  # its chunk reduction (compiled by gpu_compile with modulate's list)
-from .modulate import COL_BLOCK, _out_value
+from .modulate import _out_value
 
 BLOCK_K = 512  # columns per program: 2 warps x 8 elements (16-byte bf16 accesses); K = 4608 -> 9 programs
 WARPS = 2
@@ -86,7 +86,7 @@ def gelu_tanh_backward_bias(dh, dbias, partial, grad, h, *, M, K, chunk_rows, ch
     gelu_bias_bwd_kernel[(nchunks, triton.cdiv(K, BLOCK_K))](
         dh, partial, grad, h, M, K, chunk_rows, K, BLOCK=BLOCK_K, ACT=True, BF16_RTNE=rtne, num_warps=WARPS,
         enable_fp_fusion=False)
-    _two_level(dbias, partial, nchunks, ngroups, chunk_group, K, rtne)
+    _modulate.reduce_groups(dbias, partial, ngroups, chunk_group, K)
 
 
 def column_sums(srcs, out, partial, *, M, chunk_rows, chunk_group, dtype=None):
@@ -103,16 +103,7 @@ def column_sums(srcs, out, partial, *, M, chunk_rows, chunk_group, dtype=None):
             s, partial[:, col:], s, s, M, w, chunk_rows, total, BLOCK=BLOCK_K, ACT=False, BF16_RTNE=False,
             num_warps=WARPS, enable_fp_fusion=False)
         col += w
-    _two_level(out, partial, nchunks, ngroups, chunk_group, total, _INTERPRETED and out.dtype == torch.bfloat16)
-
-
-def _two_level(out, partial, nchunks, ngroups, chunk_group, width, rtne):
-    """out = the chunk rows of partial added in groups of chunk_group, then the groups, in order."""
-    groups = partial[nchunks:]
-    _modulate.reduce_partials_kernel[(triton.cdiv(width, COL_BLOCK), ngroups)](
-        groups, partial, chunk_group, width, width, BLOCK=COL_BLOCK, BF16_RTNE=False, num_warps=4)
-    _modulate.reduce_partials_kernel[(triton.cdiv(width, COL_BLOCK), 1)](
-        out, groups, ngroups, width, width, BLOCK=COL_BLOCK, BF16_RTNE=rtne, num_warps=4)
+    _modulate.reduce_groups(out, partial, ngroups, chunk_group, total)
 
 
 # Ahead-of-time compile list for genfast/devtools/gpu_compile.py (format documented there); the

@@ -282,6 +282,15 @@ def _reduce(out, partial, B, nchunks, stride_k, C):
         out, partial, nchunks, stride_k, C, BLOCK=COL_BLOCK, BF16_RTNE=_rtne(out), num_warps=4)
 
 
+def reduce_groups(out, partial, ngroups, group, width):
+    """Every bias gradient's two-level sum: out [width] = partial's first ngroups * group rows added in
+    order in groups of `group` (fp32, into the rows after them), then the groups in order (as
+    csrc/cuda/common.cuh reduce_groups)."""
+    sums = partial[ngroups * group:]
+    _reduce(sums, partial, ngroups, group, width, width)
+    _reduce(out, sums, 1, ngroups, width, width)
+
+
 def modulate_bwd(dx, dshift, dscale, partial, grad, x, scale, mean, rstd, *, B, N, C, strides, chunk_rows,
                  per_sample, rms, dtype=None, addend=None):
     if C > MAX_C:
@@ -319,9 +328,7 @@ def gated_residual_bwd(dy, dgate, partial, grad, gate, y, *, B, N, C, strides, c
     if per_sample and dgate is not None:
         _reduce(dgate, partial, B, nchunks, C, C)
     if dbias is not None:  # each sample's chunks in order (fp32), then the samples in order
-        per_sample = bias_partial[B * nchunks:]
-        _reduce(per_sample, bias_partial, B, nchunks, C, C)
-        _reduce(dbias, per_sample, 1, B, C, C)
+        reduce_groups(dbias, bias_partial, B, nchunks, C)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -94,10 +94,7 @@ int column_sums_typed(const ColumnSumsParams& p, void* stream) {
     GENFAST_LAUNCH(kern, grid, kThreads, 0, stream, p, total);
   }
   if (const int e = static_cast<int>(cudaGetLastError())) return e;
-  float* groups = p.partial + nchunks * total;
-  if (const int e = dev::reduce_partials<kFloat32>(groups, p.partial, ngroups, p.chunk_group, total, total, stream))
-    return e;
-  return dev::reduce_partials<DT>(p.out, groups, 1, ngroups, total, total, stream);
+  return dev::reduce_groups<DT>(p.out, p.partial, ngroups, p.chunk_group, total, stream);
 }
 template <int DT> struct Run { static int run(const ColumnSumsParams& p, void* s) { return column_sums_typed<DT>(p, s); } };
 

@@ -226,6 +226,15 @@ inline int reduce_partials(void* out, const float* partial, int64_t B, int64_t n
   return static_cast<int>(cudaGetLastError());
 }
 
+// Every bias gradient's two-level sum: out [width] = the first ngroups * group rows of partial added
+// in order in groups of `group` (fp32, into the ngroups rows after them), then the groups in order.
+template <int DT>
+inline int reduce_groups(void* out, float* partial, int64_t ngroups, int64_t group, int64_t width, void* stream) {
+  float* sums = partial + ngroups * group * width;
+  if (const int e = reduce_partials<kFloat32>(sums, partial, ngroups, group, width, width, stream)) return e;
+  return reduce_partials<DT>(out, sums, 1, ngroups, width, width, stream);
+}
+
 // Fn<DT>::run(p, stream) for p.dtype (fp32 / fp16 / bf16): every op's entry point dispatches here.
 template <template <int> class Fn, class P>
 inline int by_dtype(const P& p, void* stream) {

@@ -8,7 +8,7 @@
 //  - 16-byte path (vec_ok: K a multiple of the pack, pointers 16-byte aligned): a pack of V columns
 //    a thread, kRows rows' loads issued before the first store (as gated_bwd_pack_kernel);
 //    otherwise one column a thread. Both paths give the same bits.
-//  - dev::reduce_partials adds the chunks in groups of chunk_group (fp32; launched chunks past M write
+//  - dev::reduce_groups adds the chunks in groups of chunk_group (fp32; launched chunks past M write
 //    zeros), then the groups, into dbias.
 // dh = grad * gelu'(h) is an explicit __fmul_rn: nvcc may not contract it into the accumulation
 // (that would sum unrounded products in fp32), so the sums are of the stored values in every dtype.
@@ -123,9 +123,7 @@ int gelu_bias_typed(const GeluBiasBwdParams& p, void* stream) {
   }
   const int err = static_cast<int>(cudaGetLastError());
   if (err) return err;
-  float* groups = p.partial + nchunks * p.K;
-  if (const int e = dev::reduce_partials<kFloat32>(groups, p.partial, ngroups, p.chunk_group, p.K, p.K, stream)) return e;
-  return dev::reduce_partials<DT>(p.dbias, groups, 1, ngroups, p.K, p.K, stream);
+  return dev::reduce_groups<DT>(p.dbias, p.partial, ngroups, p.chunk_group, p.K, stream);
 }
 template <int DT> struct Run { static int run(const GeluBiasBwdParams& p, void* s) { return gelu_bias_typed<DT>(p, s); } };
 

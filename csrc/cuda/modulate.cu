@@ -307,10 +307,7 @@ int gated_bwd(const GatedResidualBwdParams& p, void* stream) {
   if (err || !p.per_sample) return err;
   if (p.dgate && (err = reduce_partials<DT>(p.dgate, p.partial, p.B, nchunks, p.C, p.C, stream))) return err;
   // dbias: each sample's chunks in order (fp32), then the samples in order
-  if (!p.dbias) return 0;
-  float* per_sample = p.bias_partial + p.B * nchunks * p.C;
-  if ((err = reduce_partials<kFloat32>(per_sample, p.bias_partial, p.B, nchunks, p.C, p.C, stream))) return err;
-  return reduce_partials<DT>(p.dbias, per_sample, 1, p.B, p.C, p.C, stream);
+  return p.dbias ? dev::reduce_groups<DT>(p.dbias, p.bias_partial, p.B, nchunks, p.C, stream) : 0;
 }
 
 using dev::by_dtype;

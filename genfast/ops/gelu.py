@@ -153,9 +153,7 @@ def _bwd_bias_impl(grad, h):
         return dh, dh.to(acc).sum(0).to(dtype)
     dh = torch.empty(m, k, dtype=dtype, device=h.device)
     dbias = torch.empty(k, dtype=dtype, device=h.device)
-    ngroups = -(-(-(-m // ROWS)) // GROUP)
-    partial = torch.empty(ngroups * (GROUP + 1), k, dtype=torch.float32, device=h.device)
-    args = (dh, dbias, partial, grad, h)
+    args = (dh, dbias, _sums_workspace(m, k, h.device), grad, h)
     if name == "triton":
         from genfast.kernels import gelu as tk
 
@@ -165,6 +163,13 @@ def _bwd_bias_impl(grad, h):
         mod.gelu_tanh_backward_bias(*(t.data_ptr() for t in args), M=m, K=k, chunk_rows=ROWS, chunk_group=GROUP,
                                     dtype=DTYPE_CODE[dtype], stream=cuda_stream(h) if name == "cuda" else 0)
     return dh, dbias
+
+
+def _sums_workspace(m, width, device):
+    """The kernels' fp32 workspace for the column sums of m rows: chunks of ROWS rows, padded to whole
+    groups of GROUP chunks, then one row per group (csrc/gelu.h)."""
+    ngroups = -(-m // (ROWS * GROUP))
+    return torch.empty(ngroups * (GROUP + 1), width, dtype=torch.float32, device=device)
 
 
 def column_sums(tensors):
@@ -182,8 +187,7 @@ def column_sums(tensors):
         return torch.cat([t.sum(0, dtype=acc) for t in tensors]).to(dtype)
     tensors = [t.contiguous() for t in tensors]
     out = torch.empty(total, dtype=dtype, device=dev)
-    ngroups = -(-(-(-m // ROWS)) // GROUP)
-    partial = torch.empty(ngroups * (GROUP + 1), total, dtype=torch.float32, device=dev)
+    partial = _sums_workspace(m, total, dev)
     if name == "triton":
         from genfast.kernels import gelu as tk
 

@@ -357,14 +357,15 @@ def gated_bwd(grad, gate, y, need_y, need_gate, need_bias=False):
         grad, gate, y = _unit_c(grad), _unit_c(gate), _unit_c(y)
         dy = torch.empty(b, n, c, device=y.device, dtype=y.dtype) if need_y else None
         dgate = torch.empty((b, 1, c) if per_sample else (b, n, c), device=y.device, dtype=y.dtype) if need_gate else None
-        partial = (torch.empty(b, -(-n // CHUNK_ROWS), c, device=y.device, dtype=torch.float32)
+        nchunks = -(-n // CHUNK_ROWS)
+        partial = (torch.empty(b, nchunks, c, device=y.device, dtype=torch.float32)
                    if per_sample and need_gate and not _sums_in_thread(name, b) else None)
         bias_kw = None
         if need_bias and per_sample:
             dbias = torch.empty(c, device=y.device, dtype=y.dtype)
             # chunk sums [B * nchunks, C], then the per-sample sums [B, C] (see csrc/modulate.h)
-            bias_kw = {"dbias": dbias, "bias_partial": torch.empty(b * (-(-n // CHUNK_ROWS) + 1), c, device=y.device,
-                                                                   dtype=torch.float32)}
+            bias_kw = {"dbias": dbias,
+                       "bias_partial": torch.empty(b * (nchunks + 1), c, device=y.device, dtype=torch.float32)}
         if need_y or need_gate:
             strides = (*grad.stride()[:2], *_rs(gate, n), *y.stride()[:2])
             _launch(name, "gated_residual_bwd", (dy, dgate, partial, grad, gate, y), bias_kw, B=b, N=n, C=c,
