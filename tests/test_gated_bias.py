@@ -89,3 +89,21 @@ def test_binding_rejects_dbias_without_per_sample_or_workspace(module):
         mod.gated_residual_bwd(*args, False, 0, dbias=db.data_ptr(), bias_partial=part.data_ptr())
     with pytest.raises(ValueError, match="dbias needs per_sample"):
         mod.gated_residual_bwd(*args, True, 0, dbias=db.data_ptr())
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS, ids=IDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_dbias_of_strided_views(device, backend, dtype, use_backend):
+    """grad and y as views with padded row strides (a wider tensor's first C columns), the gate a
+    column slice: the kernels read them in place; dbias is still the sum of dy as stored."""
+    use_backend(backend)
+    gen = torch.Generator().manual_seed(5)
+    b, n, c = 2, CHUNK_ROWS + 3, 40
+    grad, y = (torch.randn(b, n, c + 8, generator=gen).to(device, dtype)[..., :c] for _ in range(2))
+    gate = torch.randn(b, 1, c + 1, generator=gen).to(device, dtype)[..., 1:]
+    assert not grad.is_contiguous() and not gate.is_contiguous()
+    dy, _, dbias = gated_bwd(grad, gate, y, True, True, True)
+    torch.testing.assert_close(dy, (grad.float() * gate.float()).to(dtype), rtol=0, atol=0)
+    exact = dy.double().sum((0, 1))
+    bound = exact.abs() * torch.finfo(dtype).eps + b * n * 2 ** -23 * dy.double().abs().sum((0, 1))
+    assert ((dbias.double() - exact).abs() <= bound + 1e-30).all()
