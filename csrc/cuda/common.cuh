@@ -131,7 +131,15 @@ __device__ __forceinline__ void store_pack(void* p, const float (&v)[kPack<DT>])
       w[i] = __half_as_ushort(h.x) | (static_cast<unsigned>(__half_as_ushort(h.y)) << 16);
     }
   }
+#ifdef GENFAST_EMULATE
   *static_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+#else
+  // One 16-byte store, spelt out: from a plain uint4 assignment NVVM (nvcc 13.0) emitted four 4-byte
+  // st.global.u32 for some packs (every dh pack of gelu.cu, the first pack of each modulate forward
+  // row: sm_80 / sm_90 PTX). p is global memory (every caller's).
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+               : "memory");
+#endif
 }
 
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
