@@ -447,10 +447,19 @@ PYBIND11_MODULE(_cuda, m) {
   genfast::bind_attention_flash(m);
 }
 #elif defined(GENFAST_MODULE_CUDA_EMU)
+#include "emu/launch_log.h"
+
 PYBIND11_MODULE(_cuda_emu, m) {
   m.doc() = "genfast CUDA kernels run on the CPU through csrc/emu (tests only)";
   genfast::bind_all(m);
   genfast::bind_attention_flash(m);
+  m.def("emu_launches", [] {
+    py::list out;
+    for (const auto& r : genfast_emu::take_launch_log())
+      out.append(py::make_tuple(r.kernel, py::make_tuple(r.grid_x, r.grid_y, r.grid_z), r.block_x));
+    return out;
+  }, "(kernel as the launch wrote it, grid, block.x) of each emulated launch since the last call, oldest "
+     "first (at most the last 256; csrc/emu/launch_log.h). For tests of a dispatch.");
 }
 #else
 #error "compile bindings.cpp with one of GENFAST_MODULE_CPU / GENFAST_MODULE_CUDA / GENFAST_MODULE_CUDA_EMU"

@@ -278,3 +278,70 @@ def test_modulate_backward_addend_is_a_separate_add(device, backend, dtype, use_
         else:
             assert torch.equal(dx, want), name
         assert torch.equal(dsh, dsh0) and torch.equal(dsc, dsc0), name
+
+
+_STREAM_SCRIPT = """
+import json, sys, torch
+from genfast import _native
+from genfast.ops import modulate as m
+torch.manual_seed(0)
+dev = sys.argv[2]
+emu = _native.module("_cuda_emu") if dev == "cpu" else None
+out, kernels = [], []
+for dt in (torch.bfloat16, torch.float16, torch.float32):
+    # rows straddling samples (N = 5, 67) and warps; C in the 16/32/40-item instances and 1500 (64 items:
+    # the one-row kernel); per-token scale and misaligned rows: the one-row kernel
+    for b, n, c, kind in ((3, 67, 1152, "ps"), (2, 70, 384, "ps"), (1, 300, 1000, "ps"), (7, 5, 1152, "ps"),
+                          (2, 5, 1500, "ps"), (2, 40, 384, "token"), (2, 40, 384, "offset")):
+        x = torch.randn(b, n, c + 1).to(dev, dt)[..., 1:] if kind == "offset" else torch.randn(b, n, c).to(dev, dt)
+        mod = (b, n, c) if kind == "token" else (b, 1, c)
+        shift, scale = torch.randn(mod).to(dev, dt), torch.randn(mod).to(dev, dt)
+        if emu is not None:
+            emu.emu_launches()
+        y, mean, rstd = m._modulate_impl(x, shift, scale, 1e-6, False)
+        out += [y, mean, rstd, m._modulate_impl(x, None, scale, 1e-6, True)[0]]  # RMS, no shift
+        if emu is not None:
+            kernels.append([k for k, _, _ in emu.emu_launches()])
+torch.save(out, sys.argv[1])
+print(json.dumps(kernels))
+"""
+
+
+@pytest.mark.parametrize("backend", ["cuda_emu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_streaming_forward_same_bits_as_one_row_kernel(backend, tmp_path):
+    """The streaming forward (fp16/bf16, per-sample scale / shift, C <= 1280: a warp takes several rows,
+    loading the next row's x while it reduces and stores the current one) gives the one-row kernel's
+    bits, for every rows-per-warp count (GENFAST_MODULATE_FWD_ROWS: 1 = the one-row kernel, 3 and 16
+    forced, unset = the device's choice), rows of several samples within one warp's share included.
+    On the emulation the launch log shows which kernel ran, so the comparison cannot pass by running
+    the one-row kernel twice."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    device = "cuda" if backend == "cuda" else "cpu"
+    got, logs = {}, {}
+    for rows in ("1", "3", "16", None):
+        env = dict(os.environ, GENFAST_BACKEND=backend)
+        env.pop("GENFAST_MODULATE_FWD_ROWS", None)
+        if rows is not None:
+            env["GENFAST_MODULATE_FWD_ROWS"] = rows
+        path = tmp_path / f"rows{rows}.pt"
+        res = subprocess.run([sys.executable, "-P", "-c", _STREAM_SCRIPT, str(path), device], env=env, check=True,
+                             timeout=600, capture_output=True, text=True)
+        got[rows] = torch.load(path, map_location="cpu")
+        logs[rows] = json.loads(res.stdout.strip().splitlines()[-1])
+    for rows in ("3", "16", None):
+        assert len(got[rows]) == len(got["1"])
+        for i, (a, b) in enumerate(zip(got["1"], got[rows])):
+            assert torch.equal(a, b), (rows, i)
+    if backend == "cuda_emu":
+        cases = 7
+        for rows, log in logs.items():
+            for i, kernels in enumerate(log):
+                dtype_16bit, case = i < 2 * cases, i % cases
+                streams = dtype_16bit and case < 4 and rows != "1"  # per sample, aligned, C <= 1280
+                if rows is None and case == 3:  # 35 rows: fewer than 2 a resident warp, the device's choice is 1
+                    streams = False
+                assert kernels == (["fwd_stream"] * 2 if streams else ["k"] * 2), (rows, i, kernels)

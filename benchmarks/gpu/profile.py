@@ -13,6 +13,9 @@
                                                   rounds; and each kernel pair alone), the modulate forward's
                                                   bandwidth; run it also with GENFAST_MODULATE_FWD_PRELOAD=0
                                                   GENFAST_MODULATE_BWD_PRELOAD=0 (the old load orders)
+  python3 -P benchmarks/gpu/profile.py modfwd     the modulate forward per kernel: one row a warp (preload on /
+                                                  off), the streaming kernel at 2-16 rows a warp, the default;
+                                                  TB/s and % of a same-size copy
   python3 -P benchmarks/gpu/profile.py threads    a Python node's per-op cost with autograd's device thread on / off
   python3 -P benchmarks/gpu/profile.py host       cProfile of the Python side of adaln_modulate,
                                                   gated_residual and attention fwd+bwd (tiny tensors:
@@ -222,6 +225,41 @@ def fusions():
           f"({1.5 * mb / t_bwd / 1e3:.2f} TB/s)", flush=True)
 
 
+def modfwd():
+    """The adaln_modulate forward per kernel, each setting in its own process (the switches are read
+    once): GENFAST_MODULATE_FWD_ROWS=1 (a row a warp) with and without GENFAST_MODULATE_FWD_PRELOAD,
+    2-16 rows a warp (the streaming kernel), unset (the device's choice)."""
+    import os
+    import subprocess
+    for rows, preload in (("1", "0"), ("1", "1"), ("2", None), ("4", None), ("8", None), ("16", None), (None, None)):
+        env = {k: v for k, v in os.environ.items() if k not in ("GENFAST_MODULATE_FWD_ROWS",
+                                                                  "GENFAST_MODULATE_FWD_PRELOAD")}
+        env.update({k: v for k, v in (("GENFAST_MODULATE_FWD_ROWS", rows), ("GENFAST_MODULATE_FWD_PRELOAD", preload))
+                    if v is not None})
+        subprocess.run([sys.executable, "-P", __file__, "_modfwd_one"], env=env, check=False, timeout=120)
+
+
+def _modfwd_one():
+    """bf16, per-sample scale / shift, C = 1152: us per call, TB/s (x read + out written) and the share of
+    a same-size device copy, timed alternately."""
+    import os
+    from genfast.ops import modulate as mod
+    label = (f"rows {os.environ.get('GENFAST_MODULATE_FWD_ROWS', 'auto'):4s} "
+             f"preload {os.environ.get('GENFAST_MODULATE_FWD_PRELOAD', '1')}")
+    for b, n in ((32, 256), (32, 1024), (8, 1024)):
+        x = torch.randn(b, n, 1152, device="cuda", dtype=torch.bfloat16)
+        shift, scale = (torch.randn(b, 1, 1152, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        y = torch.empty_like(x)
+        ts, tc = [], []
+        for _ in range(5):
+            ts.append(_wall(lambda: mod._modulate_impl(x, shift, scale, 1e-6, False), 100))
+            tc.append(_wall(lambda: y.copy_(x), 100))
+        t, c = min(ts), min(tc)
+        gb = 2 * x.numel() * x.element_size() / 1e9
+        print(f"modulate fwd [{b}, {n}, 1152] bf16, {label}: {t * 1e3:6.1f} us, {gb / t:5.2f} TB/s, "
+              f"{100 * c / t:5.1f} % of copy ({gb / c:.2f} TB/s)", flush=True)
+
+
 class _Ops(torch.autograd.Function):
     """Backward runs k tiny aten ops: what an op costs inside a Python node, on autograd's device thread or not."""
     @staticmethod
@@ -348,4 +386,5 @@ def _dit_threads():
 
 if __name__ == "__main__":
     {"modulate": modulate, "dit": dit, "host": host, "overhead": overhead, "kernels": kernels,
-     "chunks": chunks, "big": big, "threads": threads, "fusions": fusions}[sys.argv[1] if len(sys.argv) > 1 else "modulate"]()
+     "chunks": chunks, "big": big, "threads": threads, "fusions": fusions, "modfwd": modfwd,
+     "_modfwd_one": _modfwd_one}[sys.argv[1] if len(sys.argv) > 1 else "modulate"]()

@@ -4,6 +4,9 @@
 //  - modulate forward and backward, C <= 2048 (forward) / 1536 (backward): one warp per row, the
 //    row in registers, statistics by warp shuffles, 16-byte loads/stores where C and the
 //    pointers allow (csrc/cuda/modulate_warp.cuh, which also describes the per-sample sums).
+//    fp16 / bf16 forward with per-sample scale / shift and C <= 1280 (DiT-XL's 1152): the
+//    streaming kernel, a warp taking several rows with the next row's loads in flight
+//    (stream_rows; GENFAST_MODULATE_FWD_ROWS=1 keeps the one-row kernel, for GPU A/B timings).
 //  - wider rows: one block (128 threads) per row, block reductions, x re-read from L1/L2 in each
 //    pass; per sample, one block per (row chunk, sample) that walks its rows and accumulates in
 //    its own fp32 partial row in global memory (only this block touches it).
@@ -17,15 +20,18 @@
 //
 // Checked without a GPU (DESIGN.md §8):
 //   nvcc -std=c++17 -arch=sm_80|sm_90 --resource-usage -Icsrc -c csrc/cuda/modulate.cu -o /tmp/m.o
-//     (nvcc 13.0, both archs: no spills, no stack frame. Warp forward 40-128 registers (C = 1152
-//     bf16: 68-71; 104-110 with the scale / shift preload, 3 -> 2 blocks an SM), per-token warp
-//     backward 63-138, per-sample chunk backward 96-249 (the 16-byte 40/48-item instances
-//     ~220-249: loads and shared accumulators of a whole row in
-//     flight; 4 warps a block, so 2 blocks per SM), the block kernels and the rest 26-56. IEEE
-//     divides and 1/sqrtf are subroutine calls that spilled on sm_80, hence __frcp_rn /
-//     __fsqrt_rn and multiplies by 1/C.)
-//     Gated residual, 16-byte paths: forward 74-80 registers (32-bit indices; 84-88 with 64-bit),
-//     3 blocks of 256 a SM; backward 96-119 with the bias sums (80-96 before; 64-thread blocks);
+//     (nvcc 13.0, both archs: no spills, no stack frame. Warp forward 45-128 registers (C = 1152
+//     bf16: 76; 127-128 with the scale / shift preload, 3 -> 2 blocks an SM); the streaming forward
+//     72-128 (fp16 / bf16, C <= 1280: 2 blocks an SM; it spilled at C <= 2048, so those rows keep
+//     the one-row kernel); per-token warp backward 68-142, per-sample chunk backward 98-252 (the
+//     16-byte 40/48-item instances without preloading ~212-252: loads and shared accumulators of a
+//     whole row in flight; 4 warps a block; 154-168 with preloading), the block kernels and the rest
+//     26-56. IEEE divides and 1/sqrtf are subroutine calls that spilled on sm_80, hence __frcp_rn /
+//     __fsqrt_rn and multiplies by 1/C. Session 9's 16-byte store (dev::store_pack as one
+//     st.global.v4) moved these counts by a few registers, and the preloading chunk backward from
+//     ~223-245 to ~154-168.)
+//     Gated residual, 16-byte paths: forward 74-88 registers (32-bit indices; 84-88 with 64-bit),
+//     3 blocks of 256 a SM; backward 94-123 with the bias sums (80-96 before; 64-thread blocks);
 //     element kernels 28-48.
 //   g++ -x c++ -std=c++17 -DGENFAST_EMULATE -fno-strict-aliasing -pthread -Icsrc -c csrc/cuda/modulate.cu
 #include "cuda/common.cuh"
@@ -41,6 +47,7 @@ namespace {
 
 constexpr int kThreads = 128;  // wide rows: one block of 4 warps per row
 constexpr int kColBlock = 128;  // columns per block in the column-sum kernels
+constexpr int kMaxStreamRows = 16;  // rows a warp of the streaming forward takes at most
 
 template <int DT>
 using E = dev::elem_t<DT>;
@@ -162,10 +169,47 @@ bool bwd_preload() {
   static const bool on = env_on("GENFAST_MODULATE_BWD_PRELOAD");
   return on;
 }
+// GENFAST_MODULATE_FWD_ROWS: rows a warp of the streaming forward takes (1: the one-row kernel; unset
+// or 0: stream_rows() picks), read once, for GPU A/B timings (benchmarks/gpu/profile.py modfwd).
+int fwd_rows_env() {
+  static const int rows = [] {
+    const char* s = std::getenv("GENFAST_MODULATE_FWD_ROWS");
+    const int v = s ? std::atoi(s) : 0;
+    return v < 0 ? 0 : (v > kMaxStreamRows ? kMaxStreamRows : v);
+  }();
+  return rows;
+}
+
+// Rows per warp for the streaming forward, or 0 for the one-row kernel. Not yet timed on a GPU: one
+// wave of warps (the device's resident blocks), each with at least two rows so that a load of the
+// next row overlaps the current one, at most kMaxStreamRows.
+template <class Kernel>
+int stream_rows(Kernel kernel, int64_t rows) {
+  static std::atomic<int> cache[64];
+  if (const int env = fwd_rows_env()) return env > 1 ? env : 0;
+  const int64_t warps = dev::resident_blocks(kernel, kRowWarps * 32, cache) * kRowWarps;
+  const int64_t per_warp = (rows + warps - 1) / warps;
+  return per_warp < 2 ? 0 : static_cast<int>(per_warp < kMaxStreamRows ? per_warp : kMaxStreamRows);
+}
 
 template <int DT, int ITEMS>
 void launch_fwd_warp(const ModulateParams& p, bool vec, void* stream) {
-  const dim3 grid(static_cast<unsigned>((p.B * p.N + kRowWarps - 1) / kRowWarps));
+  const int64_t rows = p.B * p.N;
+  const bool per_sample = p.scale_sn == 0 && (!p.shift || p.shift_sn == 0);
+  // 16-bit types up to 40 items (C <= 1280): two rows of raw packs fit 128 registers (2 blocks an SM);
+  // at 64 items the streaming kernel spills (sm_80 / sm_90, nvcc 13.0)
+  if constexpr (dev::kPack<DT> == 8 && ITEMS <= 40) {
+    if (vec && per_sample) {
+      auto fwd_stream = &modulate_fwd_stream_kernel<DT, ITEMS>;
+      if (const int per_warp = stream_rows(fwd_stream, rows)) {
+        const int64_t rows_per_block = int64_t{kRowWarps} * per_warp;
+        GENFAST_LAUNCH(fwd_stream, dim3(static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block)),
+                       kRowWarps * 32, 0, stream, p, per_warp);
+        return;
+      }
+    }
+  }
+  const dim3 grid(static_cast<unsigned>((rows + kRowWarps - 1) / kRowWarps));
   if (vec && fwd_preload()) {
     auto k = &modulate_fwd_warp_kernel<DT, true, ITEMS, true>;
     GENFAST_LAUNCH(k, grid, kRowWarps * 32, 0, stream, p);

@@ -35,6 +35,39 @@ __device__ __forceinline__ void store_v(E<DT>* row, int64_t c0, const float (&v)
   else dev::store_elem<DT>(row, c0, v[0]);
 }
 
+// A warp's row statistics from its items v (0 past C): (mean, rstd). Shared by the forward kernels
+// below so that they do the same arithmetic in the same order (the same bits).
+template <int V, int ITEMS>
+__device__ __forceinline__ float2 warp_row_stats(const float (&v)[ITEMS], int lane, int64_t C, float eps, int32_t rms) {
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) s += v[i];
+  const float inv_c = __frcp_rn(static_cast<float>(C));  // as the block kernel: multiply by 1/C
+  const float mean = rms ? 0.f : dev::warp_sum(s) * inv_c;
+  float q = 0.f;  // mean((x - mean)^2), never E[x^2] - mean^2
+#pragma unroll
+  for (int k = 0; k < ITEMS / V; ++k) {
+    const bool ok = static_cast<int64_t>(lane + 32 * k) * V < C;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float d = v[k * V + j] - mean;
+      q += ok ? d * d : 0.f;
+    }
+  }
+  return make_float2(mean, __frcp_rn(__fsqrt_rn(dev::warp_sum(q) * inv_c + eps)));
+}
+
+// One output pack: (v - mean) * rstd * (1 + scale) (+ shift).
+template <int V>
+__device__ __forceinline__ void modulate_pack(const float* v, const float (&sc)[V], const float (&sh)[V],
+                                              bool has_shift, float2 st, float (&o)[V]) {
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    o[j] = (v[j] - st.x) * st.y * (1.f + sc[j]);
+    if (has_shift) o[j] = o[j] + sh[j];
+  }
+}
+
 // PRELOAD (16-byte rows only): the row's scale / shift packs are loaded right after x, before the
 // statistics, and held raw (4 registers a pack). Otherwise they are loaded in the output loop, where
 // each load follows the previous pack's store in program order and may not pass it (out could alias
@@ -53,17 +86,13 @@ __global__ void __launch_bounds__(kRowWarps * 32) modulate_fwd_warp_kernel(const
   E<DT>* out = static_cast<E<DT>*>(p.out) + b * p.out_sb + n * p.out_sn;
 
   float v[ITEMS];
-  float s = 0.f;
 #pragma unroll
   for (int k = 0; k < ITEMS / V; ++k) {
     const int64_t c0 = static_cast<int64_t>(lane + 32 * k) * V;
     float t[V];
     if (c0 < C) load_v<DT, VEC>(x, c0, t);
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      v[k * V + j] = c0 < C ? t[j] : 0.f;
-      s += v[k * V + j];
-    }
+    for (int j = 0; j < V; ++j) v[k * V + j] = c0 < C ? t[j] : 0.f;
   }
   constexpr int P = PRELOAD ? ITEMS / V : 1;
   uint4 sc_raw[P], sh_raw[P];
@@ -76,19 +105,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) modulate_fwd_warp_kernel(const
       if (shift) sh_raw[k] = dev::load_pack_raw(shift + c0);
     }
   }
-  const float inv_c = __frcp_rn(static_cast<float>(C));  // as the block kernel: multiply by 1/C
-  const float mean = p.rms ? 0.f : dev::warp_sum(s) * inv_c;
-  float q = 0.f;  // mean((x - mean)^2), never E[x^2] - mean^2
-#pragma unroll
-  for (int k = 0; k < ITEMS / V; ++k) {
-    const bool ok = static_cast<int64_t>(lane + 32 * k) * V < C;
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const float d = v[k * V + j] - mean;
-      q += ok ? d * d : 0.f;
-    }
-  }
-  const float rstd = __frcp_rn(__fsqrt_rn(dev::warp_sum(q) * inv_c + p.eps));
+  const float2 st = warp_row_stats<V, ITEMS>(v, lane, C, p.eps, p.rms);
 #pragma unroll
   for (int k = 0; k < ITEMS / V; ++k) {
     const int64_t c0 = static_cast<int64_t>(lane + 32 * k) * V;
@@ -101,16 +118,73 @@ __global__ void __launch_bounds__(kRowWarps * 32) modulate_fwd_warp_kernel(const
       load_v<DT, VEC>(scale, c0, sc);
       if (shift) load_v<DT, VEC>(shift, c0, sh);
     }
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      o[j] = (v[k * V + j] - mean) * rstd * (1.f + sc[j]);
-      if (shift) o[j] = o[j] + sh[j];
-    }
+    modulate_pack<V>(v + k * V, sc, sh, shift != nullptr, st, o);
     store_v<DT, VEC>(out, c0, o);
   }
   if (lane == 0) {
-    p.mean[r] = mean;
-    p.rstd[r] = rstd;
+    p.mean[r] = st.x;
+    p.rstd[r] = st.y;
+  }
+}
+
+// Streaming forward (16-byte rows, scale / shift per sample): a warp takes `rows` consecutive rows
+// and loads the next row's x (raw packs) before the current row's statistics, so that it always has
+// a row of loads in flight while it reduces and stores (the one-row kernel waits for its loads once
+// a row with nothing else in flight). scale / shift are read in the output loop, as the one-row
+// kernel without PRELOAD: a sample's packs stay in L1 for its rows, and holding them in registers
+// too would spill (176-254 registers at 40-64 items with them). The same row math as
+// modulate_fwd_warp_kernel: the same bits.
+template <int DT, int ITEMS>
+__global__ void __launch_bounds__(kRowWarps * 32, 2) modulate_fwd_stream_kernel(const ModulateParams p, int rows) {
+  constexpr int V = dev::kPack<DT>, P = ITEMS / V;
+  const int lane = threadIdx.x & 31;
+  const int64_t total = p.B * p.N, C = p.C;
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5)) * rows;
+  if (first >= total) return;  // whole warps only
+  const int64_t end = first + rows < total ? first + rows : total;
+  uint4 cur[P], nxt[P];
+  auto load_x = [&](int64_t r, uint4 (&dst)[P]) {
+    const int64_t b = r / p.N, n = r - b * p.N;
+    const E<DT>* x = static_cast<const E<DT>*>(p.x) + b * p.x_sb + n * p.x_sn;
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+      const int64_t c0 = static_cast<int64_t>(lane + 32 * k) * V;
+      if (c0 < C) dst[k] = dev::load_pack_raw(x + c0);
+    }
+  };
+  load_x(first, cur);
+  for (int64_t r = first; r < end; ++r) {
+    if (r + 1 < end) load_x(r + 1, nxt);
+    const int64_t b = r / p.N, n = r - b * p.N;
+    float v[ITEMS];
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+      const bool ok = static_cast<int64_t>(lane + 32 * k) * V < C;
+      float t[V];
+      if (ok) dev::unpack_pack<DT>(cur[k], t);
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[k * V + j] = ok ? t[j] : 0.f;
+    }
+    const float2 st = warp_row_stats<V, ITEMS>(v, lane, C, p.eps, p.rms);
+    const E<DT>* scale = static_cast<const E<DT>*>(p.scale) + b * p.scale_sb;
+    const E<DT>* shift = p.shift ? static_cast<const E<DT>*>(p.shift) + b * p.shift_sb : nullptr;
+    E<DT>* out = static_cast<E<DT>*>(p.out) + b * p.out_sb + n * p.out_sn;
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+      const int64_t c0 = static_cast<int64_t>(lane + 32 * k) * V;
+      if (c0 >= C) continue;
+      float sc[V], sh[V], o[V];
+      dev::load_pack<DT>(scale + c0, sc);
+      if (shift) dev::load_pack<DT>(shift + c0, sh);
+      modulate_pack<V>(v + k * V, sc, sh, shift != nullptr, st, o);
+      dev::store_pack<DT>(out + c0, o);
+    }
+    if (lane == 0) {
+      p.mean[r] = st.x;
+      p.rstd[r] = st.y;
+    }
+#pragma unroll
+    for (int k = 0; k < P; ++k) cur[k] = nxt[k];
   }
 }
 

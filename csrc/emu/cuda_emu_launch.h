@@ -14,6 +14,8 @@
 #include <tuple>
 #include <utility>
 
+#include "launch_log.h"
+
 namespace genfast_emu {
 
 inline void run_thread(Thread* t) {
@@ -204,6 +206,7 @@ inline cudaError_t launch_impl(const char* name, const void* fn, dim3 grid, dim3
   if (!grid.x || !grid.y || !grid.z || grid.y > 65535 || grid.z > 65535 || grid.x > 0x7fffffffu || !nthreads ||
       nthreads > 1024 || block.z > 64)
     return cudaErrorInvalidConfiguration;
+  log_launch(name, grid.x, grid.y, grid.z, block.x);
   std::lock_guard<std::mutex> lock(launch_mutex());
   const auto it = smem_optin().find(fn);
   if (shmem > static_cast<size_t>(it == smem_optin().end() ? kSmemDefault : it->second)) return cudaErrorInvalidValue;
