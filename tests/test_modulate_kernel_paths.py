@@ -210,42 +210,63 @@ def test_gated_residual_pack_and_element_paths_same_bits(device, backend, dtype,
 
 
 _PRELOAD_SCRIPT = """
-import sys, torch
+import json, sys, torch
+from genfast import _native
 from genfast.ops import modulate as m
 torch.manual_seed(0)
 dev = sys.argv[2]
-out = []
+emu = _native.module("_cuda_emu") if dev == "cpu" else None
+out, kernels = [], set()
 for dt in (torch.float32, torch.bfloat16, torch.float16):
+    # 37 rows a sample: a full 32-row chunk and a 5-row one (one warp with rows, three without)
     for b, n, c in ((2, 37, 1152), (1, 70, 384), (2, 5, 1500)):
         x, g = torch.randn(b, n, c).to(dev, dt), torch.randn(b, n, c).to(dev, dt)
         shift, scale = torch.randn(b, 1, c).to(dev, dt), torch.randn(b, 1, c).to(dev, dt)
         y, mean, rstd = m._modulate_impl(x, shift, scale, 1e-6, False)
         out += [y, mean, rstd, m._modulate_impl(x, None, scale, 1e-6, True)[0]]  # (the forward: its preload too)
         out += m._modulate_bwd_impl(g, x, shift, scale, mean, rstd, 1e-6, False, [True, True, True])
+        out += m._modulate_bwd_impl(g, x, None, scale, mean, rstd, 1e-6, True, [True, False, True], addend=g)
+        if emu is not None:
+            kernels.update(k for k, _, _ in emu.emu_launches())
 torch.save(out, sys.argv[1])
+print(json.dumps(sorted(kernels)))
 """
+
+# Environment switches of the CUDA modulate kernels' load orders (all the same bits; read once per process)
+_OLD_ORDERS = {"GENFAST_MODULATE_FWD_PRELOAD": "0", "GENFAST_MODULATE_BWD_PRELOAD": "0",
+               "GENFAST_MODULATE_BWD_STREAM": "0", "GENFAST_MODULATE_FWD_ROWS": "1"}
 
 
 @pytest.mark.parametrize("backend", ["cuda_emu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_preload_switches_same_bits(backend, tmp_path):
-    """GENFAST_MODULATE_FWD_PRELOAD=0 / GENFAST_MODULATE_BWD_PRELOAD=0 (the forward's and the per-sample
-    backward's old load orders, kept for a GPU A/B) give the same bits as the default: only the order
-    of the loads differs."""
+def test_load_order_switches_same_bits(backend, tmp_path):
+    """The CUDA modulate kernels' load orders, kept switchable for GPU A/B timings, give the same bits:
+    the defaults (the forward's scale / shift preload, the per-sample backward walking its rows a row
+    ahead), the backward preloading one row at a time (GENFAST_MODULATE_BWD_STREAM=0), and the old
+    orders (every switch off). On the emulation the launch log shows the backward's streaming kernel
+    ran by default and not with the switch off."""
+    import json
     import os
     import subprocess
     import sys
 
-    got = {}
-    for flag in ("1", "0"):
-        path = tmp_path / f"preload{flag}.pt"
-        env = dict(os.environ, GENFAST_BACKEND=backend, GENFAST_MODULATE_BWD_PRELOAD=flag,
-                   GENFAST_MODULATE_FWD_PRELOAD=flag)
+    got, kernels = {}, {}
+    configs = {"default": {}, "bwd row at a time": {"GENFAST_MODULATE_BWD_STREAM": "0"}, "old": _OLD_ORDERS}
+    for name, flags in configs.items():
+        path = tmp_path / f"{len(got)}.pt"
+        env = {k: v for k, v in os.environ.items() if k not in _OLD_ORDERS}
+        env.update(flags, GENFAST_BACKEND=backend)
         device = "cuda" if backend == "cuda" else "cpu"
-        subprocess.run([sys.executable, "-P", "-c", _PRELOAD_SCRIPT, str(path), device], env=env, check=True,
-                       timeout=300)
-        got[flag] = torch.load(path, map_location="cpu")
-    for a, b in zip(got["1"], got["0"]):
-        assert torch.equal(a, b)
+        res = subprocess.run([sys.executable, "-P", "-c", _PRELOAD_SCRIPT, str(path), device], env=env, check=True,
+                             timeout=300, capture_output=True, text=True)
+        got[name] = torch.load(path, map_location="cpu")
+        kernels[name] = json.loads(res.stdout.strip().splitlines()[-1])
+    for name in ("bwd row at a time", "old"):
+        assert len(got[name]) == len(got["default"])
+        for i, (a, b) in enumerate(zip(got["default"], got[name])):
+            assert torch.equal(a, b), (name, i)
+    if backend == "cuda_emu":
+        assert "bwd_stream_k" in kernels["default"]
+        assert "bwd_stream_k" not in kernels["bwd row at a time"] and "bwd_stream_k" not in kernels["old"]
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS, ids=IDS)

@@ -13,9 +13,9 @@
                                                   rounds; and each kernel pair alone), the modulate forward's
                                                   bandwidth; run it also with GENFAST_MODULATE_FWD_PRELOAD=0
                                                   GENFAST_MODULATE_BWD_PRELOAD=0 (the old load orders)
-  python3 -P benchmarks/gpu/profile.py modfwd     the modulate forward per kernel: one row a warp (preload on /
-                                                  off), the streaming kernel at 2-16 rows a warp, the default;
-                                                  TB/s and % of a same-size copy
+  python3 -P benchmarks/gpu/profile.py modab      the modulate kernels per load order (forward: a row a warp with /
+                                                  without preload, streamed 2-16 rows a warp; backward: old order,
+                                                  a row at a time, a row ahead), TB/s and % of a same-size copy
   python3 -P benchmarks/gpu/profile.py threads    a Python node's per-op cost with autograd's device thread on / off
   python3 -P benchmarks/gpu/profile.py host       cProfile of the Python side of adaln_modulate,
                                                   gated_residual and attention fwd+bwd (tiny tensors:
@@ -225,39 +225,51 @@ def fusions():
           f"({1.5 * mb / t_bwd / 1e3:.2f} TB/s)", flush=True)
 
 
-def modfwd():
-    """The adaln_modulate forward per kernel, each setting in its own process (the switches are read
-    once): GENFAST_MODULATE_FWD_ROWS=1 (a row a warp) with and without GENFAST_MODULATE_FWD_PRELOAD,
-    2-16 rows a warp (the streaming kernel), unset (the device's choice)."""
+_LOAD_ORDER_ENV = ("GENFAST_MODULATE_FWD_ROWS", "GENFAST_MODULATE_FWD_PRELOAD", "GENFAST_MODULATE_BWD_PRELOAD",
+                   "GENFAST_MODULATE_BWD_STREAM")
+
+
+def modab():
+    """The adaln_modulate kernels per load order, each setting in its own process (the switches are read
+    once): the forward one row a warp (GENFAST_MODULATE_FWD_ROWS=1) with and without its scale / shift
+    preload, or streamed 2-16 rows a warp; the per-sample backward in the old order, preloading a row at
+    a time, or walking its rows a row ahead (the default)."""
     import os
     import subprocess
-    for rows, preload in (("1", "0"), ("1", "1"), ("2", None), ("4", None), ("8", None), ("16", None), (None, None)):
-        env = {k: v for k, v in os.environ.items() if k not in ("GENFAST_MODULATE_FWD_ROWS",
-                                                                  "GENFAST_MODULATE_FWD_PRELOAD")}
-        env.update({k: v for k, v in (("GENFAST_MODULATE_FWD_ROWS", rows), ("GENFAST_MODULATE_FWD_PRELOAD", preload))
-                    if v is not None})
-        subprocess.run([sys.executable, "-P", __file__, "_modfwd_one"], env=env, check=False, timeout=120)
+    old = dict(zip(_LOAD_ORDER_ENV, ("1", "0", "0", "0")))
+    settings = [("fwd 1 row, no preload / bwd old order", old),
+                ("fwd 1 row, preload / bwd a row at a time", {"GENFAST_MODULATE_FWD_ROWS": "1",
+                                                              "GENFAST_MODULATE_BWD_STREAM": "0"}),
+                *((f"fwd {r} rows a warp / bwd a row ahead", {"GENFAST_MODULATE_FWD_ROWS": r}) for r in ("2", "4", "8", "16")),
+                ("defaults (fwd rows by device) / bwd a row ahead", {})]
+    for label, flags in settings:
+        env = {k: v for k, v in os.environ.items() if k not in _LOAD_ORDER_ENV}
+        env.update(flags, GENFAST_AB_LABEL=label)
+        subprocess.run([sys.executable, "-P", __file__, "_modab_one"], env=env, check=False, timeout=120)
 
 
-def _modfwd_one():
-    """bf16, per-sample scale / shift, C = 1152: us per call, TB/s (x read + out written) and the share of
-    a same-size device copy, timed alternately."""
+def _modab_one():
+    """bf16, per-sample scale / shift, C = 1152: forward and backward (dx with the block's addend, dshift,
+    dscale) us per call, TB/s of their main tensors, and the share of a same-size device copy (x -> y),
+    timed alternately."""
     import os
     from genfast.ops import modulate as mod
-    label = (f"rows {os.environ.get('GENFAST_MODULATE_FWD_ROWS', 'auto'):4s} "
-             f"preload {os.environ.get('GENFAST_MODULATE_FWD_PRELOAD', '1')}")
+    label = os.environ.get("GENFAST_AB_LABEL", "")
     for b, n in ((32, 256), (32, 1024), (8, 1024)):
-        x = torch.randn(b, n, 1152, device="cuda", dtype=torch.bfloat16)
+        x, g = (torch.randn(b, n, 1152, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         shift, scale = (torch.randn(b, 1, 1152, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        _, mean, rstd = mod._modulate_impl(x, shift, scale, 1e-6, False)
         y = torch.empty_like(x)
-        ts, tc = [], []
-        for _ in range(5):
-            ts.append(_wall(lambda: mod._modulate_impl(x, shift, scale, 1e-6, False), 100))
-            tc.append(_wall(lambda: y.copy_(x), 100))
-        t, c = min(ts), min(tc)
-        gb = 2 * x.numel() * x.element_size() / 1e9
-        print(f"modulate fwd [{b}, {n}, 1152] bf16, {label}: {t * 1e3:6.1f} us, {gb / t:5.2f} TB/s, "
-              f"{100 * c / t:5.1f} % of copy ({gb / c:.2f} TB/s)", flush=True)
+        runs = {"fwd": lambda: mod._modulate_impl(x, shift, scale, 1e-6, False),
+                "bwd": lambda: mod._modulate_bwd_impl(g, x, shift, scale, mean, rstd, 1e-6, False, [True, True, True],
+                                                      addend=g),
+                "copy": lambda: y.copy_(x)}
+        best = {k: min(_wall(f, 100) for _ in range(5)) for k, f in runs.items()}
+        gb = x.numel() * x.element_size() / 1e9  # one [B, N, C] tensor
+        fwd, bwd, cp = best["fwd"], best["bwd"], best["copy"]
+        print(f"modulate [{b}, {n}, 1152] bf16, {label}: fwd {fwd * 1e3:6.1f} us {2 * gb / fwd:5.2f} TB/s "
+              f"({100 * cp / fwd:5.1f} % of copy), bwd {bwd * 1e3:6.1f} us {4 * gb / bwd:5.2f} TB/s "
+              f"({100 * 2 * cp / bwd:5.1f} % of copy); copy {2 * gb / cp:.2f} TB/s", flush=True)
 
 
 class _Ops(torch.autograd.Function):
@@ -386,5 +398,5 @@ def _dit_threads():
 
 if __name__ == "__main__":
     {"modulate": modulate, "dit": dit, "host": host, "overhead": overhead, "kernels": kernels,
-     "chunks": chunks, "big": big, "threads": threads, "fusions": fusions, "modfwd": modfwd,
-     "_modfwd_one": _modfwd_one}[sys.argv[1] if len(sys.argv) > 1 else "modulate"]()
+     "chunks": chunks, "big": big, "threads": threads, "fusions": fusions, "modab": modab,
+     "_modab_one": _modab_one}[sys.argv[1] if len(sys.argv) > 1 else "modulate"]()

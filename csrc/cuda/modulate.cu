@@ -6,7 +6,8 @@
 //    pointers allow (csrc/cuda/modulate_warp.cuh, which also describes the per-sample sums).
 //    fp16 / bf16 forward with per-sample scale / shift and C <= 1280 (DiT-XL's 1152): the
 //    streaming kernel, a warp taking several rows with the next row's loads in flight
-//    (stream_rows; GENFAST_MODULATE_FWD_ROWS=1 keeps the one-row kernel, for GPU A/B timings).
+//    (stream_rows; GENFAST_MODULATE_FWD_ROWS=1 keeps the one-row kernel, for GPU A/B timings); the
+//    per-sample backward's warps likewise load a row ahead (GENFAST_MODULATE_BWD_STREAM=0: off).
 //  - wider rows: one block (128 threads) per row, block reductions, x re-read from L1/L2 in each
 //    pass; per sample, one block per (row chunk, sample) that walks its rows and accumulates in
 //    its own fp32 partial row in global memory (only this block touches it).
@@ -25,7 +26,7 @@
 //     72-128 (fp16 / bf16, C <= 1280: 2 blocks an SM; it spilled at C <= 2048, so those rows keep
 //     the one-row kernel); per-token warp backward 68-142, per-sample chunk backward 98-252 (the
 //     16-byte 40/48-item instances without preloading ~212-252: loads and shared accumulators of a
-//     whole row in flight; 4 warps a block; 154-168 with preloading), the block kernels and the rest
+//     whole row in flight; 4 warps a block; 154-168 with preloading, 205 a row ahead), the block kernels and the rest
 //     26-56. IEEE divides and 1/sqrtf are subroutine calls that spilled on sm_80, hence __frcp_rn /
 //     __fsqrt_rn and multiplies by 1/C. Session 9's 16-byte store (dev::store_pack as one
 //     st.global.v4) moved these counts by a few registers, and the preloading chunk backward from
@@ -169,6 +170,12 @@ bool bwd_preload() {
   static const bool on = env_on("GENFAST_MODULATE_BWD_PRELOAD");
   return on;
 }
+// GENFAST_MODULATE_BWD_STREAM=0: the per-sample backward's warps load one row at a time (preloaded or
+// not, as above) instead of a row ahead; read once, for GPU A/B timings.
+bool bwd_stream() {
+  static const bool on = env_on("GENFAST_MODULATE_BWD_STREAM");
+  return on;
+}
 // GENFAST_MODULATE_FWD_ROWS: rows a warp of the streaming forward takes (1: the one-row kernel; unset
 // or 0: stream_rows() picks), read once, for GPU A/B timings (benchmarks/gpu/profile.py modfwd).
 int fwd_rows_env() {
@@ -232,18 +239,25 @@ void launch_bwd_warp_v(const ModulateBwdParams& p, int64_t nchunks, void* stream
   }
   const size_t smem = sizeof(float) * kChunkWarps * 2 * static_cast<size_t>(chunk_slots<DT, VEC>(p.C));
   const dim3 grid(static_cast<unsigned>(nchunks), static_cast<unsigned>(p.B));
-  // Row preloading (modulate_bwd_warp_row): registers 222 -> 245 at ITEMS = 40 on sm_90, still 2 blocks an
-  // SM; it would spill at 48. GENFAST_MODULATE_BWD_PRELOAD=0 runs the old load order, for a GPU A/B
-  // (benchmarks/gpu/profile.py chunks); same bits either way. 16-byte rows only: the element path
-  // (misaligned tensors) spilled 16 bytes with it on sm_80 (fp32, 40 items, at 128 registers).
+  // Row loads (modulate_bwd_warp_row), all the same bits, switchable for GPU A/B timings (benchmarks/gpu/
+  // profile.py chunks / fusions): fp16 / bf16 16-byte rows up to 40 items a row ahead (the streaming
+  // walk; GENFAST_MODULATE_BWD_STREAM=0 off), else 16-byte rows up to 40 items preloaded a row at a time
+  // (GENFAST_MODULATE_BWD_PRELOAD=0 off: the old order, each pack's loads where used). Not at 48 items
+  // (it would spill) nor on the element path (misaligned tensors: it spilled 16 bytes on sm_80, fp32,
+  // 40 items, at 128 registers); fp32 rows are twice the raw registers, so they are not streamed.
   if constexpr (ITEMS <= 40 && VEC) {
+    if (dev::kPack<DT> == 8 && bwd_stream()) {
+      auto bwd_stream_k = &modulate_bwd_chunk_warp_kernel<DT, VEC, ITEMS, kLoadGiven>;
+      GENFAST_LAUNCH(bwd_stream_k, grid, kChunkWarps * 32, smem, stream, p);
+      return;
+    }
     if (bwd_preload()) {
-      auto k = &modulate_bwd_chunk_warp_kernel<DT, VEC, ITEMS, true>;
+      auto k = &modulate_bwd_chunk_warp_kernel<DT, VEC, ITEMS, kLoadRowFirst>;
       GENFAST_LAUNCH(k, grid, kChunkWarps * 32, smem, stream, p);
       return;
     }
   }
-  auto k = &modulate_bwd_chunk_warp_kernel<DT, VEC, ITEMS, false>;
+  auto k = &modulate_bwd_chunk_warp_kernel<DT, VEC, ITEMS, kLoadInLoop>;
   GENFAST_LAUNCH(k, grid, kChunkWarps * 32, smem, stream, p);
 }
 

@@ -191,9 +191,17 @@ __global__ void __launch_bounds__(kRowWarps * 32, 2) modulate_fwd_stream_kernel(
 // One row of the backward by one warp: writes dx (when wanted) and per-token dscale / dshift;
 // per sample (acc != nullptr) adds g * xhat to acc[slot] and g to acc[nslot + slot].
 //   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),  dxhat = g * (1 + scale)
-template <int DT, bool VEC, int ITEMS, bool PRELOAD>
+// How the backward's row function gets a row's g and x (same arithmetic, same order, same bits in
+// every mode): loaded pack by pack where used; all the row's loads first (PRELOAD below); or given
+// by the caller as raw 16-byte packs it loaded a row ahead (the streaming chunk walk).
+constexpr int kLoadInLoop = 0, kLoadRowFirst = 1, kLoadGiven = 2;
+
+template <int DT, bool VEC, int ITEMS, int LOAD>
 __device__ __forceinline__ void modulate_bwd_warp_row(const ModulateBwdParams& p, int64_t b, int64_t n, int lane,
-                                                      float* acc, int64_t nslot) {
+                                                      float* acc, int64_t nslot, const uint4* graw = nullptr,
+                                                      const uint4* xraw = nullptr) {
+  static_assert(LOAD != kLoadGiven || VEC, "given rows are raw 16-byte packs");
+  constexpr bool PRELOAD = LOAD != kLoadInLoop;  // the row's g and x are in dxh / xh before the math
   constexpr int V = kLaneVec<DT, VEC>;
   const int64_t C = p.C, r = b * p.N + n;
   const E<DT>* g = static_cast<const E<DT>*>(p.grad) + b * p.g_sb + n * p.g_sn;
@@ -214,8 +222,13 @@ __device__ __forceinline__ void modulate_bwd_warp_row(const ModulateBwdParams& p
       const int64_t c0 = static_cast<int64_t>(lane + 32 * k) * V;
       float gv[V], xv[V];
       if (c0 < C) {
-        load_v<DT, VEC>(g, c0, gv);
-        load_v<DT, VEC>(x, c0, xv);
+        if constexpr (LOAD == kLoadGiven) {
+          dev::unpack_pack<DT>(graw[k], gv);
+          dev::unpack_pack<DT>(xraw[k], xv);
+        } else {
+          load_v<DT, VEC>(g, c0, gv);
+          load_v<DT, VEC>(x, c0, xv);
+        }
       }
 #pragma unroll
       for (int j = 0; j < V; ++j) {
@@ -294,7 +307,7 @@ template <int DT, bool VEC, int ITEMS>
 __global__ void __launch_bounds__(kRowWarps * 32, 1) modulate_bwd_token_warp_kernel(const ModulateBwdParams p) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
   if (r >= p.B * p.N) return;
-  modulate_bwd_warp_row<DT, VEC, ITEMS, false>(p, r / p.N, r % p.N, threadIdx.x & 31, nullptr, 0);
+  modulate_bwd_warp_row<DT, VEC, ITEMS, kLoadInLoop>(p, r / p.N, r % p.N, threadIdx.x & 31, nullptr, 0);
 }
 
 // Slots per accumulator: the lane-owned columns rounded up to whole (k) steps of 32 * V.
@@ -305,7 +318,12 @@ __host__ __device__ __forceinline__ int64_t chunk_slots(int64_t C) {
 }
 
 // Per sample: grid = (nchunks, B); dynamic shared memory kChunkWarps * 2 * nslot floats.
-template <int DT, bool VEC, int ITEMS, bool PRELOAD>
+// LOAD == kLoadGiven (16-byte rows): the warp walks its rows a row ahead, loading row n + 1's g and x
+// (raw packs) before row n's math, so that a row of loads is in flight while it computes (at 256
+// tokens a DiT-XL/2 backward has ~2 blocks an SM: few warps, each waiting for its row). 205
+// registers at 40 items (2 blocks an SM, against 3 for the row-at-a-time preload); capped at 168 for 3
+// blocks it spilled ~100 bytes (nvcc 13.0, sm_80 / sm_90).
+template <int DT, bool VEC, int ITEMS, int LOAD>
 __global__ void __launch_bounds__(kChunkWarps * 32) modulate_bwd_chunk_warp_kernel(const ModulateBwdParams p) {
   constexpr int V = kLaneVec<DT, VEC>;
   GENFAST_DYN_SHARED(float, acc_all);
@@ -320,7 +338,34 @@ __global__ void __launch_bounds__(kChunkWarps * 32) modulate_bwd_chunk_warp_kern
   const int64_t n0 = k * p.chunk_rows, n1 = n0 + p.chunk_rows < p.N ? n0 + p.chunk_rows : p.N;
   const int64_t per_warp = (p.chunk_rows + kChunkWarps - 1) / kChunkWarps;
   const int64_t w0 = n0 + warp * per_warp, w1 = w0 + per_warp < n1 ? w0 + per_warp : n1;
-  for (int64_t n = w0; n < w1; ++n) modulate_bwd_warp_row<DT, VEC, ITEMS, PRELOAD>(p, b, n, lane, acc, nslot);
+  if constexpr (LOAD == kLoadGiven) {
+    constexpr int P = ITEMS / V;
+    uint4 g_cur[P], x_cur[P], g_nxt[P], x_nxt[P];
+    auto load_row = [&](int64_t n, uint4 (&gr)[P], uint4 (&xr)[P]) {
+      const E<DT>* g = static_cast<const E<DT>*>(p.grad) + b * p.g_sb + n * p.g_sn;
+      const E<DT>* x = static_cast<const E<DT>*>(p.x) + b * p.x_sb + n * p.x_sn;
+#pragma unroll
+      for (int kk = 0; kk < P; ++kk) {
+        const int64_t c0 = static_cast<int64_t>(lane + 32 * kk) * V;
+        if (c0 < p.C) {
+          gr[kk] = dev::load_pack_raw(g + c0);
+          xr[kk] = dev::load_pack_raw(x + c0);
+        }
+      }
+    };
+    if (w0 < w1) load_row(w0, g_cur, x_cur);
+    for (int64_t n = w0; n < w1; ++n) {
+      if (n + 1 < w1) load_row(n + 1, g_nxt, x_nxt);
+      modulate_bwd_warp_row<DT, VEC, ITEMS, LOAD>(p, b, n, lane, acc, nslot, g_cur, x_cur);
+#pragma unroll
+      for (int kk = 0; kk < P; ++kk) {
+        g_cur[kk] = g_nxt[kk];
+        x_cur[kk] = x_nxt[kk];
+      }
+    }
+  } else {
+    for (int64_t n = w0; n < w1; ++n) modulate_bwd_warp_row<DT, VEC, ITEMS, LOAD>(p, b, n, lane, acc, nslot);
+  }
   if (!sums) return;
   __syncthreads();
   float* part = p.partial + (b * nchunks + k) * 2 * p.C;
