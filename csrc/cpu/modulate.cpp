@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/dtype.h"
@@ -68,11 +69,14 @@ GENFAST_VEC_CLONES void modulate_row_nocache(T* __restrict out, const T* __restr
 
 // The same for 16-bit rows of up to kRowBuf channels: converted to fp32 once, into `buf` (an
 // L1-resident row), which the later passes read instead of converting again (~12% for bf16).
-template <typename T>
-GENFAST_VEC_CLONES void modulate_row(T* __restrict out, const T* __restrict x, const T* __restrict shift,
-                                     const T* __restrict scale, int64_t C, float eps, int rms, float* mean_o,
+// S = float: scale / shift already fp32, scale as 1 + scale (per-sample modulation, converted once
+// per sample by the caller: the same values, so the same bits).
+template <typename T, typename S>
+GENFAST_VEC_CLONES void modulate_row(T* __restrict out, const T* __restrict x, const S* __restrict shift,
+                                     const S* __restrict scale, int64_t C, float eps, int rms, float* mean_o,
                                      float* rstd_o, float* __restrict buf) {
   using namespace vec;
+  constexpr bool one_plus = std::is_same_v<S, float> && sizeof(T) == 2;  // scale holds 1 + scale
   const int64_t C16 = C & ~int64_t{15};
   const float* xf;
   if constexpr (sizeof(T) == 2) {
@@ -87,12 +91,12 @@ GENFAST_VEC_CLONES void modulate_row(T* __restrict out, const T* __restrict x, c
   const float q = row_sum_dev<float, 2>(xf, C, mean);
   const float rstd = 1.f / std::sqrt(q / static_cast<float>(C) + eps);
   for (int64_t c = 0; c < C16; c += 16) {
-    f32x16 v = (load(xf + c) - mean) * rstd * (1.f + load(scale + c));
+    f32x16 v = (load(xf + c) - mean) * rstd * (one_plus ? load(scale + c) : 1.f + load(scale + c));
     if (shift) v += load(shift + c);
     store(out + c, v);
   }
   for (int64_t c = C16; c < C; ++c) {
-    float v = (xf[c] - mean) * rstd * (1.f + load1(scale + c));
+    float v = (xf[c] - mean) * rstd * (one_plus ? load1(scale + c) : 1.f + load1(scale + c));
     if (shift) v += load1(shift + c);
     store1(out + c, v);
   }
@@ -105,10 +109,16 @@ constexpr int64_t kRowBuf = 8192;  // fp32 row cache per thread (32 KiB); wider 
 template <typename T>
 void modulate_fwd(const ModulateParams& p) {
   const int64_t rows = p.B * p.N;
+  // 16-bit rows with per-sample scale / shift: each thread converts its sample's 1 + scale and shift
+  // to fp32 once (not once a row: those conversions cost about as much as x's)
+  const bool per_sample = p.N > 1 && p.scale_sn == 0 && (!p.shift || p.shift_sn == 0);
 #pragma omp parallel if (rows * p.C >= kParallelMin)
   {
-    alignas(64) float buf[sizeof(T) == 2 ? kRowBuf : 1];
+    constexpr int64_t kBuf = sizeof(T) == 2 ? kRowBuf : 1;
+    alignas(64) float buf[kBuf];
     const bool cache = sizeof(T) == 2 && p.C <= kRowBuf;
+    std::vector<float> mod_f(cache && per_sample ? 2 * p.C : 0);  // [1 + scale | shift] of sample `held`
+    int64_t held = -1;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t b = r / p.N, n = r % p.N;
@@ -116,10 +126,20 @@ void modulate_fwd(const ModulateParams& p) {
       T* out = static_cast<T*>(p.out) + b * p.out_sb + n * p.out_sn;
       const T* x = static_cast<const T*>(p.x) + b * p.x_sb + n * p.x_sn;
       const T* scale = static_cast<const T*>(p.scale) + b * p.scale_sb + n * p.scale_sn;
-      if (cache)
-        modulate_row<T>(out, x, shift, scale, p.C, p.eps, p.rms, p.mean + r, p.rstd + r, buf);
-      else
+      if (!mod_f.empty()) {
+        if (b != held) {
+          for (int64_t c = 0; c < p.C; ++c) mod_f[c] = 1.f + to_float(scale[c]);
+          if (shift)
+            for (int64_t c = 0; c < p.C; ++c) mod_f[p.C + c] = to_float(shift[c]);
+          held = b;
+        }
+        modulate_row<T, float>(out, x, shift ? mod_f.data() + p.C : nullptr, mod_f.data(), p.C, p.eps, p.rms,
+                               p.mean + r, p.rstd + r, buf);
+      } else if (cache) {
+        modulate_row<T, T>(out, x, shift, scale, p.C, p.eps, p.rms, p.mean + r, p.rstd + r, buf);
+      } else {
         modulate_row_nocache<T>(out, x, shift, scale, p.C, p.eps, p.rms, p.mean + r, p.rstd + r);
+      }
     }
   }
 }
@@ -129,15 +149,20 @@ void modulate_fwd(const ModulateParams& p) {
 // fp32 sums (per sample: acc_scale/acc_shift) or written out (per token: ds_row/dsh_row).
 //   xhat = (x - mean) * rstd, dxhat = g * (1 + scale)
 //   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))     (rms: no mean(dxhat) term)
-template <typename T>
+// S = float: scale holds 1 + scale in fp32 (16-bit per-sample rows: converted once per sample by the
+// caller, as in the forward; the same values, so the same bits).
+template <typename T, typename S>
 GENFAST_VEC_CLONES void modulate_bwd_row(T* __restrict dx, const T* __restrict g, const T* __restrict x,
-                                         const T* __restrict scale, float mean, float rstd, int64_t C, int rms,
+                                         const S* __restrict scale, float mean, float rstd, int64_t C, int rms,
                                          float* __restrict acc_scale, float* __restrict acc_shift,
                                          T* __restrict ds_row, T* __restrict dsh_row, float* __restrict gbuf,
                                          float* __restrict xbuf, const T* __restrict add) {
   // gbuf/xbuf (16-bit rows of up to kRowBuf channels, else nullptr): g and x converted to fp32 in
   // the first pass, read back by the second.
   using namespace vec;
+  constexpr bool one_plus = std::is_same_v<S, float> && sizeof(T) == 2;
+  auto scale1p = [scale](int64_t c) { return one_plus ? load(scale + c) : 1.f + load(scale + c); };
+  auto scale1p1 = [scale](int64_t c) { return one_plus ? load1(scale + c) : 1.f + load1(scale + c); };
   const int64_t C16 = C & ~int64_t{15};
   f32x16 va[2] = {}, vb[2] = {};  // sum(dxhat), sum(dxhat * xhat); two chains each for the add latency
   auto step = [&](int64_t c, int k) {
@@ -146,7 +171,7 @@ GENFAST_VEC_CLONES void modulate_bwd_row(T* __restrict dx, const T* __restrict g
       store(gbuf + c, gc);
       store(xbuf + c, xc);
     }
-    const f32x16 dxh = gc * (1.f + load(scale + c));
+    const f32x16 dxh = gc * scale1p(c);
     va[k] += dxh;
     vb[k] += dxh * xh;
     if (acc_scale) store(acc_scale + c, load(acc_scale + c) + gc * xh);
@@ -163,7 +188,7 @@ GENFAST_VEC_CLONES void modulate_bwd_row(T* __restrict dx, const T* __restrict g
   float a = hsum(va[0] + va[1]), bsum = hsum(vb[0] + vb[1]);
   for (int64_t c = C16; c < C; ++c) {
     const float gc = load1(g + c), xh = (load1(x + c) - mean) * rstd;
-    const float dxh = gc * (1.f + load1(scale + c));
+    const float dxh = gc * scale1p1(c);
     a += dxh;
     bsum += dxh * xh;
     if (acc_scale) acc_scale[c] += gc * xh;
@@ -177,19 +202,19 @@ GENFAST_VEC_CLONES void modulate_bwd_row(T* __restrict dx, const T* __restrict g
   if (gbuf) {
     for (int64_t c = 0; c < C16; c += 16) {
       const f32x16 xh = (load(xbuf + c) - mean) * rstd;
-      const f32x16 dxh = load(gbuf + c) * (1.f + load(scale + c));
+      const f32x16 dxh = load(gbuf + c) * scale1p(c);
       store(dx + c, rstd * (dxh - ma - xh * mb));
     }
   } else {
     for (int64_t c = 0; c < C16; c += 16) {
       const f32x16 xh = (load(x + c) - mean) * rstd;
-      const f32x16 dxh = load(g + c) * (1.f + load(scale + c));
+      const f32x16 dxh = load(g + c) * scale1p(c);
       store(dx + c, rstd * (dxh - ma - xh * mb));
     }
   }
   for (int64_t c = C16; c < C; ++c) {
     const float xh = (load1(x + c) - mean) * rstd;
-    const float dxh = load1(g + c) * (1.f + load1(scale + c));
+    const float dxh = load1(g + c) * scale1p1(c);
     store1(dx + c, rstd * (dxh - ma - xh * mb));
   }
   if (!add) return;
@@ -240,7 +265,7 @@ void modulate_bwd(const ModulateBwdParams& p) {
         T* dx;
         const T *g, *x, *sc, *add;
         row_ptrs(r / p.N, r % p.N, dx, g, x, sc, add);
-        modulate_bwd_row<T>(dx, g, x, sc, p.mean[r], p.rstd[r], C, p.rms, nullptr, nullptr,
+        modulate_bwd_row<T, T>(dx, g, x, sc, p.mean[r], p.rstd[r], C, p.rms, nullptr, nullptr,
                             p.dscale ? static_cast<T*>(p.dscale) + r * C : nullptr,
                             p.dshift ? static_cast<T*>(p.dshift) + r * C : nullptr, cache ? gbuf : nullptr,
                             cache ? xbuf : nullptr, add);
@@ -251,16 +276,34 @@ void modulate_bwd(const ModulateBwdParams& p) {
   const int64_t nchunks = (p.N + p.chunk_rows - 1) / p.chunk_rows;
   const int64_t items = p.B * nchunks;
   // The rows of chunk k of sample b: their dx, and their dscale / dshift sums added into acc_*.
-  auto chunk = [&](int64_t b, int64_t k, float* acc_scale, float* acc_shift, float* gbuf, float* xbuf) {
+  // scale1p: sample b's 1 + scale in fp32 (16-bit rows; see modulate_bwd_row), else nullptr.
+  auto chunk = [&](int64_t b, int64_t k, float* acc_scale, float* acc_shift, float* gbuf, float* xbuf,
+                   const float* scale1p) {
     for (int64_t n = k * p.chunk_rows; n < std::min(p.N, (k + 1) * p.chunk_rows); ++n) {
       T* dx;
       const T *g, *x, *sc, *add;
       row_ptrs(b, n, dx, g, x, sc, add);
       const int64_t r = b * p.N + n;
-      modulate_bwd_row<T>(dx, g, x, sc, p.mean[r], p.rstd[r], C, p.rms, p.dscale ? acc_scale : nullptr,
-                          p.dshift ? acc_shift : nullptr, nullptr, nullptr, cache ? gbuf : nullptr,
-                          cache ? xbuf : nullptr, add);
+      float* as = p.dscale ? acc_scale : nullptr;
+      float* ah = p.dshift ? acc_shift : nullptr;
+      if (scale1p)
+        modulate_bwd_row<T, float>(dx, g, x, scale1p, p.mean[r], p.rstd[r], C, p.rms, as, ah, nullptr, nullptr,
+                                   cache ? gbuf : nullptr, cache ? xbuf : nullptr, add);
+      else
+        modulate_bwd_row<T, T>(dx, g, x, sc, p.mean[r], p.rstd[r], C, p.rms, as, ah, nullptr, nullptr,
+                               cache ? gbuf : nullptr, cache ? xbuf : nullptr, add);
     }
+  };
+  // Per thread: sample `held`'s 1 + scale converted once (16-bit rows; not for N = 1: a row a sample)
+  const bool convert_scale = sizeof(T) == 2 && p.N > 1;
+  auto scale1p_of = [&](std::vector<float>& buf, int64_t& held, int64_t b) -> const float* {
+    if (!convert_scale) return nullptr;
+    if (b != held) {
+      const T* sc = static_cast<const T*>(p.scale) + b * p.scale_sb;
+      for (int64_t c = 0; c < C; ++c) buf[c] = 1.f + to_float(sc[c]);
+      held = b;
+    }
+    return buf.data();
   };
   const bool sums = p.dscale || p.dshift;
   if (sums && !p.partial) {
@@ -273,12 +316,15 @@ void modulate_bwd(const ModulateBwdParams& p) {
       std::vector<float> work(4 * C);  // chunk sums (scale, shift), then the sample's totals
       float *acc_scale = work.data(), *acc_shift = acc_scale + C, *tot_scale = acc_shift + C,
             *tot_shift = tot_scale + C;
+      std::vector<float> s1p(convert_scale ? C : 0);
+      int64_t held = -1;
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < p.B; ++b) {
         std::fill(tot_scale, tot_scale + 2 * C, 0.f);
+        const float* scale1p = scale1p_of(s1p, held, b);
         for (int64_t k = 0; k < nchunks; ++k) {
           std::fill(acc_scale, acc_scale + 2 * C, 0.f);
-          chunk(b, k, acc_scale, acc_shift, gbuf, xbuf);
+          chunk(b, k, acc_scale, acc_shift, gbuf, xbuf, scale1p);
           for (int64_t c = 0; c < 2 * C; ++c) tot_scale[c] += acc_scale[c];
         }
         for (int64_t c = 0; c < C; ++c) {
@@ -292,13 +338,15 @@ void modulate_bwd(const ModulateBwdParams& p) {
 #pragma omp parallel if (p.B * p.N * C >= kParallelMin)
   {
     alignas(64) float gbuf[sizeof(T) == 2 ? kRowBuf : 1], xbuf[sizeof(T) == 2 ? kRowBuf : 1];
+    std::vector<float> s1p(convert_scale ? C : 0);
+    int64_t held = -1;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < items; ++i) {
       const int64_t b = i / nchunks, k = i % nchunks;
       float* acc_scale = sums ? p.partial + (i * 2) * C : nullptr;
       float* acc_shift = sums ? acc_scale + C : nullptr;
       if (sums) std::fill(acc_scale, acc_scale + 2 * C, 0.f);
-      chunk(b, k, acc_scale, acc_shift, gbuf, xbuf);
+      chunk(b, k, acc_scale, acc_shift, gbuf, xbuf, scale1p_of(s1p, held, b));
     }
   }
   if (p.dscale || p.dshift)
