@@ -354,8 +354,10 @@ void modulate_bwd(const ModulateBwdParams& p) {
 }
 
 // ------------------------------------------------------------------------------ gated residual
-template <typename T>
-GENFAST_VEC_CLONES void gated_row(T* out, const T* x, const T* __restrict gate, const T* __restrict y, int64_t C) {
+// G = float: a 16-bit per-sample gate converted to fp32 once per sample by the caller (as modulate's
+// scale): one conversion fewer per element, the same values.
+template <typename T, typename G>
+GENFAST_VEC_CLONES void gated_row(T* out, const T* x, const G* __restrict gate, const T* __restrict y, int64_t C) {
   // out may be x (in place): each element is read before it is written.
   using namespace vec;
   const int64_t C16 = C & ~int64_t{15};
@@ -363,21 +365,49 @@ GENFAST_VEC_CLONES void gated_row(T* out, const T* x, const T* __restrict gate, 
   for (int64_t c = C16; c < C; ++c) store1(out + c, load1(x + c) + load1(gate + c) * load1(y + c));
 }
 
+// Per thread: sample b's gate [C] in fp32 (16-bit per-sample gates: converted when the sample changes),
+// else nullptr.
 template <typename T>
-void gated_fwd(const GatedResidualParams& p) {
-  const int64_t rows = p.B * p.N;
-#pragma omp parallel for schedule(static) if (rows * p.C >= kParallelMin)
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t b = r / p.N, n = r % p.N;
-    gated_row<T>(static_cast<T*>(p.out) + b * p.out_sb + n * p.out_sn,
-                 static_cast<const T*>(p.x) + b * p.x_sb + n * p.x_sn,
-                 static_cast<const T*>(p.gate) + b * p.gate_sb + n * p.gate_sn,
-                 static_cast<const T*>(p.y) + b * p.y_sb + n * p.y_sn, p.C);
+struct GateF32 {
+  std::vector<float> buf;
+  int64_t held = -1;
+  GateF32(bool on, int64_t C) : buf(on ? C : 0) {}
+  const float* of(const T* gate_b, int64_t b) {
+    if (buf.empty()) return nullptr;
+    if (b != held) {
+      for (size_t c = 0; c < buf.size(); ++c) buf[c] = to_float(gate_b[c]);
+      held = b;
+    }
+    return buf.data();
   }
+};
+
+template <typename T>
+bool gate_per_sample_16bit(int64_t N, int64_t gate_sn) {
+  return sizeof(T) == 2 && N > 1 && gate_sn == 0;
 }
 
 template <typename T>
-GENFAST_VEC_CLONES void gated_bwd_row(T* __restrict dy, const T* __restrict g, const T* __restrict gate,
+void gated_fwd(const GatedResidualParams& p) {
+  const int64_t rows = p.B * p.N;
+#pragma omp parallel if (rows * p.C >= kParallelMin)
+  {
+    GateF32<T> gf(gate_per_sample_16bit<T>(p.N, p.gate_sn), p.C);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t b = r / p.N, n = r % p.N;
+      T* out = static_cast<T*>(p.out) + b * p.out_sb + n * p.out_sn;
+      const T* x = static_cast<const T*>(p.x) + b * p.x_sb + n * p.x_sn;
+      const T* gate = static_cast<const T*>(p.gate) + b * p.gate_sb + n * p.gate_sn;
+      const T* y = static_cast<const T*>(p.y) + b * p.y_sb + n * p.y_sn;
+      if (const float* g32 = gf.of(gate, b)) gated_row<T, float>(out, x, g32, y, p.C);
+      else gated_row<T, T>(out, x, gate, y, p.C);
+    }
+  }
+}
+
+template <typename T, typename G>
+GENFAST_VEC_CLONES void gated_bwd_row(T* __restrict dy, const T* __restrict g, const G* __restrict gate,
                                       const T* __restrict y, int64_t C, float* __restrict acc, T* __restrict dgate,
                                       float* __restrict bias_acc) {
   // bias_acc sums dy as stored (read back: the rounded values, as a sum over the dy tensor would)
@@ -402,47 +432,64 @@ GENFAST_VEC_CLONES void gated_bwd_row(T* __restrict dy, const T* __restrict g, c
 template <typename T>
 void gated_bwd(const GatedResidualBwdParams& p) {
   const int64_t C = p.C;
-  auto row = [&](int64_t b, int64_t n, float* acc, T* dgate, float* bias_acc) {
+  const bool gate32 = gate_per_sample_16bit<T>(p.N, p.gate_sn) && p.dy;
+  // g32: sample b's gate in fp32 (GateF32), or nullptr
+  auto row = [&](int64_t b, int64_t n, float* acc, T* dgate, float* bias_acc, const float* g32) {
     const int64_t r = b * p.N + n;
-    gated_bwd_row<T>(p.dy ? static_cast<T*>(p.dy) + r * C : nullptr,
-                     static_cast<const T*>(p.grad) + b * p.g_sb + n * p.g_sn,
-                     static_cast<const T*>(p.gate) + b * p.gate_sb + n * p.gate_sn,
-                     static_cast<const T*>(p.y) + b * p.y_sb + n * p.y_sn, C, acc, dgate, bias_acc);
+    T* dy = p.dy ? static_cast<T*>(p.dy) + r * C : nullptr;
+    const T* g = static_cast<const T*>(p.grad) + b * p.g_sb + n * p.g_sn;
+    const T* gate = static_cast<const T*>(p.gate) + b * p.gate_sb + n * p.gate_sn;
+    const T* y = static_cast<const T*>(p.y) + b * p.y_sb + n * p.y_sn;
+    if (g32) gated_bwd_row<T, float>(dy, g, g32, y, C, acc, dgate, bias_acc);
+    else gated_bwd_row<T, T>(dy, g, gate, y, C, acc, dgate, bias_acc);
   };
+  auto gate_b = [&](int64_t b) { return static_cast<const T*>(p.gate) + b * p.gate_sb; };
   if (!p.per_sample || !(p.dgate || p.dbias)) {
     const int64_t rows = p.B * p.N;
-#pragma omp parallel for schedule(static) if (rows * C >= kParallelMin)
-    for (int64_t r = 0; r < rows; ++r)
-      row(r / p.N, r % p.N, nullptr, p.dgate ? static_cast<T*>(p.dgate) + r * C : nullptr, nullptr);
+#pragma omp parallel if (rows * C >= kParallelMin)
+    {
+      GateF32<T> gf(gate32, C);
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t b = r / p.N;
+        row(b, r % p.N, nullptr, p.dgate ? static_cast<T*>(p.dgate) + r * C : nullptr, nullptr, gf.of(gate_b(b), b));
+      }
+    }
     return;
   }
   const int64_t nchunks = (p.N + p.chunk_rows - 1) / p.chunk_rows;
   // the chunk (b, k): dgate's partial sums into acc, dy's into bias_partial[b, k] (when asked for)
-  auto chunk = [&](int64_t b, int64_t k, float* acc) {
+  auto chunk = [&](int64_t b, int64_t k, float* acc, GateF32<T>& gf) {
     float* bias_acc = p.dbias ? p.bias_partial + (b * nchunks + k) * C : nullptr;
     if (acc) std::fill(acc, acc + C, 0.f);
     if (bias_acc) std::fill(bias_acc, bias_acc + C, 0.f);
+    const float* g32 = gf.of(gate_b(b), b);
     for (int64_t n = k * p.chunk_rows; n < std::min(p.N, (k + 1) * p.chunk_rows); ++n)
-      row(b, n, acc, nullptr, bias_acc);
+      row(b, n, acc, nullptr, bias_acc, g32);
   };
   if (!p.partial || !p.dgate) {  // one thread per sample, one parallel region (as modulate_bwd above)
 #pragma omp parallel if (p.B * p.N * C >= kParallelMin)
     {
       std::vector<float> work(p.dgate ? 2 * C : 0);
       float *acc = p.dgate ? work.data() : nullptr, *tot = acc ? acc + C : nullptr;
+      GateF32<T> gf(gate32, C);
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < p.B; ++b) {
         if (tot) std::fill(tot, tot + C, 0.f);
         for (int64_t k = 0; k < nchunks; ++k) {
-          chunk(b, k, acc);
+          chunk(b, k, acc, gf);
           if (tot) for (int64_t c = 0; c < C; ++c) tot[c] += acc[c];
         }
         if (tot) for (int64_t c = 0; c < C; ++c) vec::store1(static_cast<T*>(p.dgate) + b * C + c, tot[c]);
       }
     }
   } else {
-#pragma omp parallel for schedule(static) if (p.B * p.N * C >= kParallelMin)
-    for (int64_t i = 0; i < p.B * nchunks; ++i) chunk(i / nchunks, i % nchunks, p.partial + i * C);
+#pragma omp parallel if (p.B * p.N * C >= kParallelMin)
+    {
+      GateF32<T> gf(gate32, C);
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < p.B * nchunks; ++i) chunk(i / nchunks, i % nchunks, p.partial + i * C, gf);
+    }
     reduce_partials<T>(static_cast<T*>(p.dgate), nullptr, p.partial, p.B, nchunks, C, C);
   }
   // dbias: each sample's chunks in order (fp32), then the samples in order, as the GPU kernels add them
