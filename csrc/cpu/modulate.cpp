@@ -3,6 +3,8 @@
 // (statistics, then the modulated output), so x is read from memory once. Rows are processed 16
 // fp32 lanes at a time (vec16.h), sums in a fixed lane order; per-sample gradients
 // go through fixed-size row chunks and an ordered sum, so results never depend on thread count.
+// 16-bit rows with per-sample scale / shift / gate: each thread converts its sample's modulation to
+// fp32 once, not once a row (the conversions cost about as much as x's own).
 #include <omp.h>
 
 #include <algorithm>
