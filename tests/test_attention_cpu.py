@@ -207,7 +207,7 @@ def test_kept_p_is_reused_only_when_free(use_backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_fused_way_in_eager_is_torchs_sdpa(dtype, use_backend):
     """Eager calls the fused way serves without a key mask run torch's SDPA itself (the same kernel
-    under its C++ autograd): same numbers and layouts as the op, which masked calls still take."""
+    under its C++ autograd): same numbers and layouts as the op, whose kernels masked calls still take."""
     use_backend("cpu")
     q, k, v = _inputs("qkv", dtype)
     out = genfast.attention(q, k, v, causal=True)
@@ -328,3 +328,39 @@ def test_small_way_under_threads(use_backend):
         for r in runs:
             for a, b in zip(r, want[i]):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_eager_twin_equals_the_op(dtype, masked, use_backend):
+    """Plain eager calls that need gradients skip the op's dispatcher through an autograd.Function with
+    the op's forward and backward (_GenfastAttention): the same bits and layouts as the registered op
+    with its autograd, p kept or not; under a dispatch mode (what torch.compile and fake tensors see)
+    the op itself runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    use_backend("cpu")
+    q, k, v = _inputs("qkv", dtype, nq=70, nk=70)
+    mask = torch.rand(2, 70, generator=torch.Generator().manual_seed(3)) > 0.3 if masked else None
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    scale = q.shape[-1] ** -0.5
+    keep_p = attention_op._can_keep_p(q, k)
+    out = genfast.attention(q, k, v, key_padding_mask=mask)
+    if attention_op._fused_directly(q, k, v) and not masked:
+        pytest.skip("this case runs torch's SDPA itself (test_fused_way_in_eager_is_torchs_sdpa)")
+    assert type(out.grad_fn).__name__ == "_GenfastAttentionBackward"
+    via_op = torch.ops.genfast.attention_fwd(q, k, v, mask, False, scale, keep_p)[0]
+    assert out.stride() == via_op.stride() and torch.equal(out, via_op)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(via_op, (q, k, v), g)):
+        assert a.stride() == b.stride() and torch.equal(a, b)
+
+    class Seen(TorchDispatchMode):
+        ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as seen:
+        genfast.attention(q, k, v, key_padding_mask=mask)
+    assert any("genfast.attention_fwd" in name for name in seen.ops)
