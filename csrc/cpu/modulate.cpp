@@ -108,19 +108,40 @@ GENFAST_VEC_CLONES void modulate_row(T* __restrict out, const T* __restrict x, c
 
 constexpr int64_t kRowBuf = 8192;  // fp32 row cache per thread (32 KiB); wider 16-bit rows convert per pass
 
+// A thread's fp32 copy of one sample's [C] modulation row (1 + scale with plus_one, else shift or
+// gate), converted when the sample changes: 16-bit per-sample rows are converted once per sample,
+// not once a row. of() gives nullptr when off (or for a null row): the caller then reads the row as is.
+template <typename T>
+struct SampleRowF32 {
+  std::vector<float> buf;
+  bool plus_one;
+  int64_t held = -1;
+  SampleRowF32(bool on, int64_t C, bool plus_one = false) : buf(on ? C : 0), plus_one(plus_one) {}
+  const float* of(const T* row_b, int64_t b) {
+    if (buf.empty() || !row_b) return nullptr;
+    if (b != held) {
+      for (size_t c = 0; c < buf.size(); ++c) buf[c] = plus_one ? 1.f + to_float(row_b[c]) : to_float(row_b[c]);
+      held = b;
+    }
+    return buf.data();
+  }
+};
+
+// Whether 16-bit rows' per-sample modulation (row stride 0 over N > 1 tokens) is worth converting once.
+template <typename T>
+bool convert_per_sample(int64_t N, bool per_sample) {
+  return sizeof(T) == 2 && N > 1 && per_sample;
+}
+
 template <typename T>
 void modulate_fwd(const ModulateParams& p) {
   const int64_t rows = p.B * p.N;
-  // 16-bit rows with per-sample scale / shift: each thread converts its sample's 1 + scale and shift
-  // to fp32 once (not once a row: those conversions cost about as much as x's)
-  const bool per_sample = p.N > 1 && p.scale_sn == 0 && (!p.shift || p.shift_sn == 0);
+  const bool cache = sizeof(T) == 2 && p.C <= kRowBuf;
+  const bool convert = cache && convert_per_sample<T>(p.N, p.scale_sn == 0 && (!p.shift || p.shift_sn == 0));
 #pragma omp parallel if (rows * p.C >= kParallelMin)
   {
-    constexpr int64_t kBuf = sizeof(T) == 2 ? kRowBuf : 1;
-    alignas(64) float buf[kBuf];
-    const bool cache = sizeof(T) == 2 && p.C <= kRowBuf;
-    std::vector<float> mod_f(cache && per_sample ? 2 * p.C : 0);  // [1 + scale | shift] of sample `held`
-    int64_t held = -1;
+    alignas(64) float buf[sizeof(T) == 2 ? kRowBuf : 1];
+    SampleRowF32<T> scale1p(convert, p.C, true), shift_f(convert && p.shift, p.C);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t b = r / p.N, n = r % p.N;
@@ -128,15 +149,8 @@ void modulate_fwd(const ModulateParams& p) {
       T* out = static_cast<T*>(p.out) + b * p.out_sb + n * p.out_sn;
       const T* x = static_cast<const T*>(p.x) + b * p.x_sb + n * p.x_sn;
       const T* scale = static_cast<const T*>(p.scale) + b * p.scale_sb + n * p.scale_sn;
-      if (!mod_f.empty()) {
-        if (b != held) {
-          for (int64_t c = 0; c < p.C; ++c) mod_f[c] = 1.f + to_float(scale[c]);
-          if (shift)
-            for (int64_t c = 0; c < p.C; ++c) mod_f[p.C + c] = to_float(shift[c]);
-          held = b;
-        }
-        modulate_row<T, float>(out, x, shift ? mod_f.data() + p.C : nullptr, mod_f.data(), p.C, p.eps, p.rms,
-                               p.mean + r, p.rstd + r, buf);
+      if (const float* sc1 = scale1p.of(scale, b)) {
+        modulate_row<T, float>(out, x, shift_f.of(shift, b), sc1, p.C, p.eps, p.rms, p.mean + r, p.rstd + r, buf);
       } else if (cache) {
         modulate_row<T, T>(out, x, shift, scale, p.C, p.eps, p.rms, p.mean + r, p.rstd + r, buf);
       } else {
@@ -296,17 +310,8 @@ void modulate_bwd(const ModulateBwdParams& p) {
                                cache ? gbuf : nullptr, cache ? xbuf : nullptr, add);
     }
   };
-  // Per thread: sample `held`'s 1 + scale converted once (16-bit rows; not for N = 1: a row a sample)
-  const bool convert_scale = sizeof(T) == 2 && p.N > 1;
-  auto scale1p_of = [&](std::vector<float>& buf, int64_t& held, int64_t b) -> const float* {
-    if (!convert_scale) return nullptr;
-    if (b != held) {
-      const T* sc = static_cast<const T*>(p.scale) + b * p.scale_sb;
-      for (int64_t c = 0; c < C; ++c) buf[c] = 1.f + to_float(sc[c]);
-      held = b;
-    }
-    return buf.data();
-  };
+  const bool convert_scale = convert_per_sample<T>(p.N, true);  // (this is the per-sample path)
+  auto scale_b = [&](int64_t b) { return static_cast<const T*>(p.scale) + b * p.scale_sb; };
   const bool sums = p.dscale || p.dshift;
   if (sums && !p.partial) {
     // No workspace given (the CPU path, enough samples per thread): one thread per sample adds its
@@ -318,12 +323,11 @@ void modulate_bwd(const ModulateBwdParams& p) {
       std::vector<float> work(4 * C);  // chunk sums (scale, shift), then the sample's totals
       float *acc_scale = work.data(), *acc_shift = acc_scale + C, *tot_scale = acc_shift + C,
             *tot_shift = tot_scale + C;
-      std::vector<float> s1p(convert_scale ? C : 0);
-      int64_t held = -1;
+      SampleRowF32<T> scale1p_f(convert_scale, C, true);
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < p.B; ++b) {
         std::fill(tot_scale, tot_scale + 2 * C, 0.f);
-        const float* scale1p = scale1p_of(s1p, held, b);
+        const float* scale1p = scale1p_f.of(scale_b(b), b);
         for (int64_t k = 0; k < nchunks; ++k) {
           std::fill(acc_scale, acc_scale + 2 * C, 0.f);
           chunk(b, k, acc_scale, acc_shift, gbuf, xbuf, scale1p);
@@ -340,15 +344,14 @@ void modulate_bwd(const ModulateBwdParams& p) {
 #pragma omp parallel if (p.B * p.N * C >= kParallelMin)
   {
     alignas(64) float gbuf[sizeof(T) == 2 ? kRowBuf : 1], xbuf[sizeof(T) == 2 ? kRowBuf : 1];
-    std::vector<float> s1p(convert_scale ? C : 0);
-    int64_t held = -1;
+    SampleRowF32<T> scale1p_f(convert_scale, C, true);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < items; ++i) {
       const int64_t b = i / nchunks, k = i % nchunks;
       float* acc_scale = sums ? p.partial + (i * 2) * C : nullptr;
       float* acc_shift = sums ? acc_scale + C : nullptr;
       if (sums) std::fill(acc_scale, acc_scale + 2 * C, 0.f);
-      chunk(b, k, acc_scale, acc_shift, gbuf, xbuf, scale1p_of(s1p, held, b));
+      chunk(b, k, acc_scale, acc_shift, gbuf, xbuf, scale1p_f.of(scale_b(b), b));
     }
   }
   if (p.dscale || p.dshift)
@@ -356,8 +359,8 @@ void modulate_bwd(const ModulateBwdParams& p) {
 }
 
 // ------------------------------------------------------------------------------ gated residual
-// G = float: a 16-bit per-sample gate converted to fp32 once per sample by the caller (as modulate's
-// scale): one conversion fewer per element, the same values.
+// G = float: a 16-bit per-sample gate converted to fp32 once per sample by the caller (SampleRowF32):
+// one conversion fewer per element, the same values.
 template <typename T, typename G>
 GENFAST_VEC_CLONES void gated_row(T* out, const T* x, const G* __restrict gate, const T* __restrict y, int64_t C) {
   // out may be x (in place): each element is read before it is written.
@@ -367,34 +370,12 @@ GENFAST_VEC_CLONES void gated_row(T* out, const T* x, const G* __restrict gate, 
   for (int64_t c = C16; c < C; ++c) store1(out + c, load1(x + c) + load1(gate + c) * load1(y + c));
 }
 
-// Per thread: sample b's gate [C] in fp32 (16-bit per-sample gates: converted when the sample changes),
-// else nullptr.
-template <typename T>
-struct GateF32 {
-  std::vector<float> buf;
-  int64_t held = -1;
-  GateF32(bool on, int64_t C) : buf(on ? C : 0) {}
-  const float* of(const T* gate_b, int64_t b) {
-    if (buf.empty()) return nullptr;
-    if (b != held) {
-      for (size_t c = 0; c < buf.size(); ++c) buf[c] = to_float(gate_b[c]);
-      held = b;
-    }
-    return buf.data();
-  }
-};
-
-template <typename T>
-bool gate_per_sample_16bit(int64_t N, int64_t gate_sn) {
-  return sizeof(T) == 2 && N > 1 && gate_sn == 0;
-}
-
 template <typename T>
 void gated_fwd(const GatedResidualParams& p) {
   const int64_t rows = p.B * p.N;
 #pragma omp parallel if (rows * p.C >= kParallelMin)
   {
-    GateF32<T> gf(gate_per_sample_16bit<T>(p.N, p.gate_sn), p.C);
+    SampleRowF32<T> gf(convert_per_sample<T>(p.N, p.gate_sn == 0), p.C);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t b = r / p.N, n = r % p.N;
@@ -434,8 +415,8 @@ GENFAST_VEC_CLONES void gated_bwd_row(T* __restrict dy, const T* __restrict g, c
 template <typename T>
 void gated_bwd(const GatedResidualBwdParams& p) {
   const int64_t C = p.C;
-  const bool gate32 = gate_per_sample_16bit<T>(p.N, p.gate_sn) && p.dy;
-  // g32: sample b's gate in fp32 (GateF32), or nullptr
+  const bool gate32 = convert_per_sample<T>(p.N, p.gate_sn == 0) && p.dy;
+  // g32: sample b's gate in fp32 (SampleRowF32), or nullptr
   auto row = [&](int64_t b, int64_t n, float* acc, T* dgate, float* bias_acc, const float* g32) {
     const int64_t r = b * p.N + n;
     T* dy = p.dy ? static_cast<T*>(p.dy) + r * C : nullptr;
@@ -450,7 +431,7 @@ void gated_bwd(const GatedResidualBwdParams& p) {
     const int64_t rows = p.B * p.N;
 #pragma omp parallel if (rows * C >= kParallelMin)
     {
-      GateF32<T> gf(gate32, C);
+      SampleRowF32<T> gf(gate32, C);
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t b = r / p.N;
@@ -461,7 +442,7 @@ void gated_bwd(const GatedResidualBwdParams& p) {
   }
   const int64_t nchunks = (p.N + p.chunk_rows - 1) / p.chunk_rows;
   // the chunk (b, k): dgate's partial sums into acc, dy's into bias_partial[b, k] (when asked for)
-  auto chunk = [&](int64_t b, int64_t k, float* acc, GateF32<T>& gf) {
+  auto chunk = [&](int64_t b, int64_t k, float* acc, SampleRowF32<T>& gf) {
     float* bias_acc = p.dbias ? p.bias_partial + (b * nchunks + k) * C : nullptr;
     if (acc) std::fill(acc, acc + C, 0.f);
     if (bias_acc) std::fill(bias_acc, bias_acc + C, 0.f);
@@ -474,7 +455,7 @@ void gated_bwd(const GatedResidualBwdParams& p) {
     {
       std::vector<float> work(p.dgate ? 2 * C : 0);
       float *acc = p.dgate ? work.data() : nullptr, *tot = acc ? acc + C : nullptr;
-      GateF32<T> gf(gate32, C);
+      SampleRowF32<T> gf(gate32, C);
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < p.B; ++b) {
         if (tot) std::fill(tot, tot + C, 0.f);
@@ -488,7 +469,7 @@ void gated_bwd(const GatedResidualBwdParams& p) {
   } else {
 #pragma omp parallel if (p.B * p.N * C >= kParallelMin)
     {
-      GateF32<T> gf(gate32, C);
+      SampleRowF32<T> gf(gate32, C);
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < p.B * nchunks; ++i) chunk(i / nchunks, i % nchunks, p.partial + i * C, gf);
     }
