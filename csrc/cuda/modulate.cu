@@ -177,7 +177,7 @@ bool bwd_stream() {
   return on;
 }
 // GENFAST_MODULATE_FWD_ROWS: rows a warp of the streaming forward takes (1: the one-row kernel; unset
-// or 0: stream_rows() picks), read once, for GPU A/B timings (benchmarks/gpu/profile.py modfwd).
+// or 0: stream_rows() picks), read once, for GPU A/B timings (benchmarks/gpu/profile.py modab).
 int fwd_rows_env() {
   static const int rows = [] {
     const char* s = std::getenv("GENFAST_MODULATE_FWD_ROWS");

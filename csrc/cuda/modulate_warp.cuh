@@ -127,6 +127,18 @@ __global__ void __launch_bounds__(kRowWarps * 32) modulate_fwd_warp_kernel(const
   }
 }
 
+// A row's lane-owned 16-byte packs, raw (pack k: columns (lane + 32 k) * V ...; packs past C are not
+// loaded): the rows the streaming kernels load a row ahead.
+template <int DT, int P>
+__device__ __forceinline__ void load_row_raw(const E<DT>* row, int lane, int64_t C, uint4 (&dst)[P]) {
+  constexpr int V = dev::kPack<DT>;
+#pragma unroll
+  for (int k = 0; k < P; ++k) {
+    const int64_t c0 = static_cast<int64_t>(lane + 32 * k) * V;
+    if (c0 < C) dst[k] = dev::load_pack_raw(row + c0);
+  }
+}
+
 // Streaming forward (16-byte rows, scale / shift per sample): a warp takes `rows` consecutive rows
 // and loads the next row's x (raw packs) before the current row's statistics, so that it always has
 // a row of loads in flight while it reduces and stores (the one-row kernel waits for its loads once
@@ -145,12 +157,7 @@ __global__ void __launch_bounds__(kRowWarps * 32, 2) modulate_fwd_stream_kernel(
   uint4 cur[P], nxt[P];
   auto load_x = [&](int64_t r, uint4 (&dst)[P]) {
     const int64_t b = r / p.N, n = r - b * p.N;
-    const E<DT>* x = static_cast<const E<DT>*>(p.x) + b * p.x_sb + n * p.x_sn;
-#pragma unroll
-    for (int k = 0; k < P; ++k) {
-      const int64_t c0 = static_cast<int64_t>(lane + 32 * k) * V;
-      if (c0 < C) dst[k] = dev::load_pack_raw(x + c0);
-    }
+    load_row_raw<DT, P>(static_cast<const E<DT>*>(p.x) + b * p.x_sb + n * p.x_sn, lane, C, dst);
   };
   load_x(first, cur);
   for (int64_t r = first; r < end; ++r) {
@@ -342,16 +349,8 @@ __global__ void __launch_bounds__(kChunkWarps * 32) modulate_bwd_chunk_warp_kern
     constexpr int P = ITEMS / V;
     uint4 g_cur[P], x_cur[P], g_nxt[P], x_nxt[P];
     auto load_row = [&](int64_t n, uint4 (&gr)[P], uint4 (&xr)[P]) {
-      const E<DT>* g = static_cast<const E<DT>*>(p.grad) + b * p.g_sb + n * p.g_sn;
-      const E<DT>* x = static_cast<const E<DT>*>(p.x) + b * p.x_sb + n * p.x_sn;
-#pragma unroll
-      for (int kk = 0; kk < P; ++kk) {
-        const int64_t c0 = static_cast<int64_t>(lane + 32 * kk) * V;
-        if (c0 < p.C) {
-          gr[kk] = dev::load_pack_raw(g + c0);
-          xr[kk] = dev::load_pack_raw(x + c0);
-        }
-      }
+      load_row_raw<DT, P>(static_cast<const E<DT>*>(p.grad) + b * p.g_sb + n * p.g_sn, lane, p.C, gr);
+      load_row_raw<DT, P>(static_cast<const E<DT>*>(p.x) + b * p.x_sb + n * p.x_sn, lane, p.C, xr);
     };
     if (w0 < w1) load_row(w0, g_cur, x_cur);
     for (int64_t n = w0; n < w1; ++n) {
