@@ -237,6 +237,28 @@ _OLD_ORDERS = {"GENFAST_MODULATE_FWD_PRELOAD": "0", "GENFAST_MODULATE_BWD_PRELOA
                "GENFAST_MODULATE_BWD_STREAM": "0", "GENFAST_MODULATE_FWD_ROWS": "1"}
 
 
+def _run_with_switches(script, backend, flags, path):
+    """(tensors, JSON of its last stdout line) of `script` run in a fresh process (the switches are read
+    once a process) with GENFAST_BACKEND=backend and the load-order switches `flags` only."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in _OLD_ORDERS}
+    env.update(flags, GENFAST_BACKEND=backend)
+    device = "cuda" if backend == "cuda" else "cpu"
+    res = subprocess.run([sys.executable, "-P", "-c", script, str(path), device], env=env, check=True, timeout=600,
+                         capture_output=True, text=True)
+    return torch.load(path, map_location="cpu"), json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _assert_same_bits(ref, got, label):
+    assert len(got) == len(ref)
+    for i, (a, b) in enumerate(zip(ref, got)):
+        assert torch.equal(a, b), (label, i)
+
+
 @pytest.mark.parametrize("backend", ["cuda_emu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_load_order_switches_same_bits(backend, tmp_path):
     """The CUDA modulate kernels' load orders, kept switchable for GPU A/B timings, give the same bits:
@@ -244,26 +266,12 @@ def test_load_order_switches_same_bits(backend, tmp_path):
     ahead), the backward preloading one row at a time (GENFAST_MODULATE_BWD_STREAM=0), and the old
     orders (every switch off). On the emulation the launch log shows the backward's streaming kernel
     ran by default and not with the switch off."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     got, kernels = {}, {}
     configs = {"default": {}, "bwd row at a time": {"GENFAST_MODULATE_BWD_STREAM": "0"}, "old": _OLD_ORDERS}
-    for name, flags in configs.items():
-        path = tmp_path / f"{len(got)}.pt"
-        env = {k: v for k, v in os.environ.items() if k not in _OLD_ORDERS}
-        env.update(flags, GENFAST_BACKEND=backend)
-        device = "cuda" if backend == "cuda" else "cpu"
-        res = subprocess.run([sys.executable, "-P", "-c", _PRELOAD_SCRIPT, str(path), device], env=env, check=True,
-                             timeout=300, capture_output=True, text=True)
-        got[name] = torch.load(path, map_location="cpu")
-        kernels[name] = json.loads(res.stdout.strip().splitlines()[-1])
+    for i, (name, flags) in enumerate(configs.items()):
+        got[name], kernels[name] = _run_with_switches(_PRELOAD_SCRIPT, backend, flags, tmp_path / f"{i}.pt")
     for name in ("bwd row at a time", "old"):
-        assert len(got[name]) == len(got["default"])
-        for i, (a, b) in enumerate(zip(got["default"], got[name])):
-            assert torch.equal(a, b), (name, i)
+        _assert_same_bits(got["default"], got[name], name)
     if backend == "cuda_emu":
         assert "bwd_stream_k" in kernels["default"]
         assert "bwd_stream_k" not in kernels["bwd row at a time"] and "bwd_stream_k" not in kernels["old"]
@@ -336,27 +344,12 @@ def test_streaming_forward_same_bits_as_one_row_kernel(backend, tmp_path):
     forced, unset = the device's choice), rows of several samples within one warp's share included.
     On the emulation the launch log shows which kernel ran, so the comparison cannot pass by running
     the one-row kernel twice."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    device = "cuda" if backend == "cuda" else "cpu"
     got, logs = {}, {}
     for rows in ("1", "3", "16", None):
-        env = dict(os.environ, GENFAST_BACKEND=backend)
-        env.pop("GENFAST_MODULATE_FWD_ROWS", None)
-        if rows is not None:
-            env["GENFAST_MODULATE_FWD_ROWS"] = rows
-        path = tmp_path / f"rows{rows}.pt"
-        res = subprocess.run([sys.executable, "-P", "-c", _STREAM_SCRIPT, str(path), device], env=env, check=True,
-                             timeout=600, capture_output=True, text=True)
-        got[rows] = torch.load(path, map_location="cpu")
-        logs[rows] = json.loads(res.stdout.strip().splitlines()[-1])
+        flags = {} if rows is None else {"GENFAST_MODULATE_FWD_ROWS": rows}
+        got[rows], logs[rows] = _run_with_switches(_STREAM_SCRIPT, backend, flags, tmp_path / f"rows{rows}.pt")
     for rows in ("3", "16", None):
-        assert len(got[rows]) == len(got["1"])
-        for i, (a, b) in enumerate(zip(got["1"], got[rows])):
-            assert torch.equal(a, b), (rows, i)
+        _assert_same_bits(got["1"], got[rows], rows)
     if backend == "cuda_emu":
         cases = 7
         for rows, log in logs.items():
