@@ -350,11 +350,17 @@ def _fake_bwd(dout, q, k, v, out, lse, p, mask, causal, scale):
     return _grad_layout(q), _grad_layout(k), _grad_layout(v)
 
 
-def _setup_context(ctx, inputs, output):
+def _save(ctx, inputs, output):
+    """What _backward reads, for the op's autograd and its eager twin (_GenfastAttention)."""
     q, k, v, mask, causal, scale, *_ = inputs
     out, lse, p = output
     ctx.causal, ctx.scale = causal, scale
     ctx.save_for_backward(q, k, v, out, lse, p, mask)
+
+
+def _setup_context(ctx, inputs, output):
+    _save(ctx, inputs, output)
+    _, lse, p = output
     ctx.mark_non_differentiable(lse, p)
     ctx.set_materialize_grads(False)  # else autograd fills a zero "gradient" of p (B H Nq Nk) per backward
 
@@ -378,8 +384,7 @@ class _GenfastAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, causal, scale, keep_p):
         out, lse, p = _fwd_impl(q, k, v, mask, causal, scale, keep_p)
-        ctx.causal, ctx.scale = causal, scale  # (_setup_context's state; lse and p are not outputs here)
-        ctx.save_for_backward(q, k, v, out, lse, p, mask)
+        _save(ctx, (q, k, v, mask, causal, scale), (out, lse, p))  # (lse and p are not outputs here)
         return out
 
     @staticmethod
