@@ -23,12 +23,12 @@ namespace genfast {
 // The fp32 "small" way (the default fp32 CPU way on AVX-512): one C++ call for all heads, OpenMP
 // over (batch, head), each head's GEMMs single-threaded through an AVX-512 register-blocked
 // micro-kernel, query rows in blocks of bq so a thread's score blocks stay near its L2.
-struct AttnHeadIn {   // a [B, H, N, D] fp32 tensor, any strides (elements)
-  const float* p;
+struct AttnHeadIn {   // a [B, H, N, D] tensor of the call's dtype, any strides (elements)
+  const void* p;
   int64_t bs, hs, ns, ds;
 };
-struct AttnHeadOut {  // a [B, H, N, D] fp32 tensor with a unit last stride
-  float* p;
+struct AttnHeadOut {  // a [B, H, N, D] tensor of the call's dtype with a unit last stride
+  void* p;
   int64_t bs, hs, ns;
 };
 struct AttnSmallParams {
@@ -42,10 +42,20 @@ struct AttnSmallParams {
   float* lse;                // [B * H, nq]: written by the forward, read by the backward
   const float* delta;        // backward: [B * H, nq] rowsum(dout * out)
   AttnHeadOut out, dq, dk, dv;
+  // bf16 only (attn_small16_*): p [B * H, nq, nk] contiguous, kept by the forward (written when
+  // not null) and read by the backward instead of recomputing q k^T (when not null).
+  void* p_keep;
 };
 // Forward: out and lse (+inf on rows with no key; their out rows are 0).
 void attn_small_forward_cpu(const AttnSmallParams& a);
 // Backward: dq, dk, dv from lse and delta.
 void attn_small_backward_cpu(const AttnSmallParams& a);
 bool attn_small_supported();  // the CPU has AVX-512 (else the caller takes another way)
+
+// The bf16 "small" way (csrc/cpu/attention_bf16_small.cpp): the same structure on AVX-512 BF16
+// dot products (vdpbf16ps): q, k, v, dout, out, dq, dk, dv bf16 with unit last strides and an even
+// head dim; scores, softmax and the dk / dv sums in fp32, p and ds rounded to bf16 for their GEMMs.
+// The backward takes delta from its own rows (rowsum(p dp)); a.delta is not read.
+void attn_small16_forward_cpu(const AttnSmallParams& a);
+void attn_small16_backward_cpu(const AttnSmallParams& a);
 }  // namespace genfast

@@ -207,11 +207,11 @@ void attn_softmax_bwd_cols(uintptr_t st, uintptr_t dpt, int64_t nk, int64_t nq, 
 // outputs as (ptr, sB, sH, sN) with a unit last stride; sizes (B, H, Nq, Nk, D, query rows per block).
 AttnHeadIn attn_head_in(const std::vector<int64_t>& t) {
   if (t.size() != 5) throw py::value_error("genfast: attention tensor spec must be (ptr, sB, sH, sN, sD)");
-  return AttnHeadIn{reinterpret_cast<const float*>(static_cast<uintptr_t>(t[0])), t[1], t[2], t[3], t[4]};
+  return AttnHeadIn{reinterpret_cast<const void*>(static_cast<uintptr_t>(t[0])), t[1], t[2], t[3], t[4]};
 }
 AttnHeadOut attn_head_out(const std::vector<int64_t>& t) {
   if (t.size() != 4) throw py::value_error("genfast: attention output spec must be (ptr, sB, sH, sN)");
-  return AttnHeadOut{reinterpret_cast<float*>(static_cast<uintptr_t>(t[0])), t[1], t[2], t[3]};
+  return AttnHeadOut{reinterpret_cast<void*>(static_cast<uintptr_t>(t[0])), t[1], t[2], t[3]};
 }
 AttnSmallParams attn_small_params(const std::vector<int64_t>& sizes, double scale, bool causal, uintptr_t mask,
                                   int64_t mask_bs, const std::vector<int64_t>& q, const std::vector<int64_t>& k,
@@ -300,6 +300,26 @@ void bind_all(py::module_& m) {
     py::gil_scoped_release nogil;
     attn_small_backward_cpu(a);
   }, "fp32 attention backward, all heads in one call (csrc/attention_fp32.h).");
+  m.def("attn_small16_forward", [](const std::vector<int64_t>& sizes, double scale, bool causal, uintptr_t mask,
+                                   int64_t mask_bs, const std::vector<int64_t>& q, const std::vector<int64_t>& k,
+                                   const std::vector<int64_t>& v, const std::vector<int64_t>& out, uintptr_t lse,
+                                   uintptr_t p_keep) {
+    AttnSmallParams a = attn_small_params(sizes, scale, causal, mask, mask_bs, q, k, v, lse);
+    a.out = attn_head_out(out), a.p_keep = reinterpret_cast<void*>(p_keep);
+    py::gil_scoped_release nogil;
+    attn_small16_forward_cpu(a);
+  }, "bf16 attention forward, all heads in one call; p_keep: 0 or p's [B*H, Nq, Nk] buffer (csrc/attention_fp32.h).");
+  m.def("attn_small16_backward", [](const std::vector<int64_t>& sizes, double scale, bool causal, uintptr_t mask,
+                                    int64_t mask_bs, const std::vector<int64_t>& q, const std::vector<int64_t>& k,
+                                    const std::vector<int64_t>& v, const std::vector<int64_t>& dout, uintptr_t lse,
+                                    uintptr_t p_keep, const std::vector<int64_t>& dq, const std::vector<int64_t>& dk,
+                                    const std::vector<int64_t>& dv) {
+    AttnSmallParams a = attn_small_params(sizes, scale, causal, mask, mask_bs, q, k, v, lse);
+    a.dout = attn_head_in(dout), a.p_keep = reinterpret_cast<void*>(p_keep);
+    a.dq = attn_head_out(dq), a.dk = attn_head_out(dk), a.dv = attn_head_out(dv);
+    py::gil_scoped_release nogil;
+    attn_small16_backward_cpu(a);
+  }, "bf16 attention backward, all heads in one call; p_keep: 0 (recompute) or the forward's p (csrc/attention_fp32.h).");
   m.def("gelu_tanh", [](uintptr_t x, uintptr_t y, int64_t n, int32_t dtype) {
           py::gil_scoped_release nogil;
           gelu_tanh_cpu(reinterpret_cast<const void*>(x), reinterpret_cast<void*>(y), n, dtype);

@@ -218,10 +218,10 @@ def test_cpu_ways_match_reference(budget, dtype, use_backend, monkeypatch):
     from genfast.ops import attention_cpu
 
     use_backend("cpu")
-    monkeypatch.setattr(attention_cpu, "FITS", {**attention_cpu.FITS, torch.float32: "heads"})
+    monkeypatch.setattr(attention_cpu, "FITS", {**attention_cpu.FITS, torch.float32: "heads", torch.bfloat16: "heads"})
     monkeypatch.setattr(attention_cpu, "FUSED_FROM_KEYS", {})
     monkeypatch.setattr(attention_cpu, "FUSED_BELOW_KEYS", {})
-    monkeypatch.setattr(attention_cpu, "LONG", {**attention_cpu.LONG, torch.float32: "sdpa"})
+    monkeypatch.setattr(attention_cpu, "LONG", {**attention_cpu.LONG, torch.float32: "sdpa", torch.bfloat16: "rows"})
     for case in attention_samples("cpu", dtype):
         nq, nk = case.q.shape[2], case.k.shape[2]
         budget_bytes = 2 * nq * nk * case.q.element_size() if budget.startswith("one_head") else 1

@@ -12,8 +12,8 @@ from genfast.testing import assert_within_reference_error
 
 WAYS = ["sdpa", "heads", "onednn", "small"]
 DTYPES = [torch.float32, torch.bfloat16]
-# (dtype, way) pairs that exist: "onednn" and "small" are fp32 only
-WAY_CASES = [(d, w) for d in DTYPES for w in WAYS if w not in ("onednn", "small") or d == torch.float32]
+# (dtype, way) pairs that exist: "onednn" is fp32 only ("small" is fp32 and bf16)
+WAY_CASES = [(d, w) for d in DTYPES for w in WAYS if w != "onednn" or d == torch.float32]
 WAY_IDS = [f"{d}-{w}" for d, w in WAY_CASES]
 
 
@@ -113,8 +113,8 @@ def _check_forward(name, q, k, v, got):
                                   reference.attention(q.double(), k.double(), v.double()), floor=1e-5)
 
 
-def test_workspace_is_kept_bounded_and_freed(use_backend):
-    use_backend("cpu")
+def test_workspace_is_kept_bounded_and_freed(cpu_way):
+    cpu_way(torch.bfloat16, "heads")
     q, k, v = _bf16_heads_case()
     assert attention_cpu.variant(q, k.shape[2]) == "heads"
     attention_cpu.free_workspace()
@@ -127,9 +127,9 @@ def test_workspace_is_kept_bounded_and_freed(use_backend):
     assert not attention_cpu._workspace
 
 
-def test_workspace_is_never_shared_while_in_use(use_backend):
+def test_workspace_is_never_shared_while_in_use(cpu_way):
     """A call nested inside another's use of the buffer (re-entrancy) gets a buffer of its own."""
-    use_backend("cpu")
+    cpu_way(torch.bfloat16, "heads")
     q, k, v = _bf16_heads_case()
     genfast.attention(q, k, v)  # leaves a kept buffer
     with attention_cpu._scores((q.shape[2] * k.shape[2],), q.dtype, q.device) as held:
@@ -156,10 +156,12 @@ def _concurrently(fn, cases, repeats):
     return results
 
 
-def test_workspace_under_threads_and_inference_mode(use_backend):
-    """Concurrent calls (the GIL is released inside the GEMMs) and a buffer first made under
-    inference_mode then reused with autograd on: the same results as one call at a time."""
-    use_backend("cpu")
+@pytest.mark.parametrize("way", ["heads", "small"])
+def test_workspace_under_threads_and_inference_mode(way, cpu_way):
+    """Concurrent calls (the GIL is released inside the GEMMs and the "small" kernels, whose OpenMP
+    threads keep their own scratch) and a buffer first made under inference_mode then reused with
+    autograd on: the same results as one call at a time."""
+    cpu_way(torch.bfloat16, way)
     attention_cpu.free_workspace()
     cases = [_bf16_heads_case(seed, n) for seed, n in ((1, 40), (2, 64), (3, 33), (4, 64))]
     with torch.inference_mode():
@@ -173,8 +175,8 @@ def test_workspace_under_threads_and_inference_mode(use_backend):
     _check_forward("after inference_mode", q.detach(), k.detach(), v.detach(), out.detach())
 
 
-def test_no_workspace_kept_when_disabled(use_backend, monkeypatch):
-    use_backend("cpu")
+def test_no_workspace_kept_when_disabled(cpu_way, monkeypatch):
+    cpu_way(torch.bfloat16, "heads")
     monkeypatch.setattr(attention_cpu, "KEEP_WORKSPACE", False)
     attention_cpu.free_workspace()
     q, k, v = _bf16_heads_case()
@@ -182,10 +184,11 @@ def test_no_workspace_kept_when_disabled(use_backend, monkeypatch):
     assert not attention_cpu._workspace
 
 
-def test_kept_p_is_reused_only_when_free(use_backend):
+@pytest.mark.parametrize("way", ["heads", "small"])
+def test_kept_p_is_reused_only_when_free(way, cpu_way):
     """The p buffer kept for the backward is reused by the next forward only once nothing holds it:
     two graphs alive at once get two buffers, and both backwards are right."""
-    use_backend("cpu")
+    cpu_way(torch.bfloat16, way)
     attention_cpu.free_workspace()
     first = [t.requires_grad_(True) for t in _bf16_heads_case(1)]
     second = [t.requires_grad_(True) for t in _bf16_heads_case(2)]
@@ -225,40 +228,54 @@ def test_fused_way_in_eager_is_torchs_sdpa(dtype, use_backend):
     assert "genfast" in type(masked.grad_fn).__name__.lower()
 
 
-@pytest.mark.parametrize("way,budget", [("onednn", "fits"), ("onednn", "forward_only"), ("small", "whole_heads"),
-                                        ("small", "blocks")])
-def test_fp32_ways_match_reference(way, budget, cpu_way, monkeypatch):
-    """The fp32 ways of genfast's own ("onednn": per-head oneDNN GEMMs, backward on transposed score
-    blocks; "small": one C++ call, a thread per head, AVX-512 micro-kernel) on every sample: odd and
-    cross lengths, causal, key masks with fully masked rows (zeros, finite grads), qkv views, a
-    non-unit last stride, empty cases; forward and all gradients against fp64.
+OWN_WAYS = [(torch.float32, "onednn", "fits"), (torch.float32, "onednn", "forward_only"),
+            (torch.float32, "small", "whole_heads"), (torch.float32, "small", "blocks"),
+            (torch.bfloat16, "small", "whole_heads"), (torch.bfloat16, "small", "blocks"),
+            (torch.bfloat16, "small", "recompute")]
+
+
+@pytest.mark.parametrize("dtype,way,budget", OWN_WAYS, ids=[f"{d}-{w}-{b}" for d, w, b in OWN_WAYS])
+def test_own_ways_match_reference(dtype, way, budget, cpu_way, monkeypatch):
+    """genfast's own ways ("onednn", fp32: per-head oneDNN GEMMs, backward on transposed score
+    blocks; "small", fp32 and bf16: one C++ call, a thread per head, AVX-512 / AVX-512 BF16
+    micro-kernels) on every sample: odd and cross lengths, causal, key masks with fully masked rows
+    (zeros, finite grads), qkv views, a non-unit last stride, empty cases; forward and all
+    gradients against fp64.
     forward_only: the budget fits one block but not the backward's two, so the backward takes the
     fused kernel on the lse this way wrote. blocks: 5 query rows per block (dk/dv summed over the
-    blocks, causal blocks skip the keys after their last row)."""
+    blocks, causal blocks skip the keys after their last row). bf16 keeps p for the backward
+    (whole_heads, blocks) or recomputes it from the lse (recompute)."""
     from genfast.ops import attention_cpu_fp32
     from genfast.testing import attention_samples
 
     if way == "small" and not attention_cpu_fp32.small_available():
-        pytest.skip("the small way needs AVX-512")
-    cpu_way(torch.float32, way)
+        pytest.skip("the small way needs AVX-512 with BF16")
+    cpu_way(dtype, way)
     monkeypatch.setattr(attention_cpu, "LONG", {**attention_cpu.LONG, torch.float32: "sdpa"})
-    for case in attention_samples("cpu", torch.float32, long=True):
+    if budget == "recompute":
+        monkeypatch.setattr(attention_cpu, "KEEP_P_BYTES", 0)
+    row_bytes = 8 if dtype == torch.float32 else 18
+    for case in attention_samples("cpu", dtype, long=True):
         nq, nk = case.q.shape[2], case.k.shape[2]
         if budget == "forward_only":
             monkeypatch.setattr(attention_cpu, "SCORE_BYTES", nq * nk * 4)
         if budget == "blocks":
-            monkeypatch.setattr(attention_cpu, "SMALL_BLOCK_BYTES", 5 * 8 * nk)
+            name = "SMALL_BLOCK_BYTES" if dtype == torch.float32 else "SMALL16_BLOCK_BYTES"
+            monkeypatch.setattr(attention_cpu, name, 5 * row_bytes * nk)
             if nk:
-                assert attention_cpu_fp32.block_rows(nq, nk, attention_cpu._small_block_bytes()) == min(5, nq)
+                got = attention_cpu_fp32.block_rows(nq, nk, attention_cpu._small_block_bytes(dtype), row_bytes)
+                assert got == min(5, nq)
         if case.q.numel() and nk:
             assert attention_cpu.variant(case.q, nk, causal=case.kwargs.get("causal", False)) == way
             assert attention_cpu.variant(case.q, nk, buffers=2) == ("sdpa" if budget == "forward_only" else way)
+            if dtype == torch.bfloat16:
+                assert genfast.ops.attention._can_keep_p(case.q, case.k) == (budget != "recompute")
         leaves = case.leaves()
         out = genfast.attention(*leaves, **case.kwargs)
         assert_within_reference_error(case.name, out, reference.attention(*case.args(), upcast=False, **case.kwargs),
                                       reference.attention(*(t.double() for t in case.args()), **case.kwargs),
                                       floor=1e-5)
-        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
         grads = torch.autograd.grad(out, leaves, g)
         for t in grads:
             assert torch.isfinite(t).all(), case.name
@@ -306,8 +323,36 @@ def test_fp32_routing_by_shape(monkeypatch):
     assert way(4096, 4096) == "sdpa"  # "onednn" is held to SCORE_BYTES
 
 
-def test_small_way_under_threads(use_backend):
-    """Concurrent fp32 calls (the GIL is released in the C++ call; each OpenMP thread keeps its own
+def test_bf16_routing(monkeypatch):
+    """bf16 takes the "small" way on AVX-512 BF16 CPUs at every length, except an odd head dim (its
+    dot products read element pairs): there, and on other CPUs, torch's bf16 GEMMs around genfast's
+    rows ("heads", or "rows" where one head's scores do not fit SCORE_BYTES)."""
+    from genfast.ops import attention_cpu_fp32
+
+    def way(nq, nk, d=72, buffers=1):
+        return attention_cpu.variant(torch.empty(2, 16, nq, d, dtype=torch.bfloat16, device="meta"), nk, buffers)
+
+    monkeypatch.setattr(attention_cpu_fp32, "_SMALL", True)
+    assert way(256, 256) == way(17, 77, d=32) == way(4096, 4096, buffers=2) == "small"
+    assert way(256, 256, d=33) == "heads" and way(4096, 4096, d=33) == "rows"
+    monkeypatch.setattr(attention_cpu_fp32, "_SMALL", False)
+    assert way(256, 256) == "heads" and way(4096, 4096) == "rows"
+
+
+def test_bf16_odd_head_dim_matches_reference(use_backend):
+    """An odd head dim takes the "heads" way (the "small" kernels need pairs): same tolerance."""
+    use_backend("cpu")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 19, 33, generator=g).to(torch.bfloat16).requires_grad_(True) for _ in range(3))
+    assert attention_cpu.variant(q, 19) == "heads"
+    _check_forward("odd d", q.detach(), k.detach(), v.detach(), genfast.attention(q, k, v).detach())
+    gout = torch.randn(q.shape, generator=g).to(torch.bfloat16)
+    _check_grads("odd d", torch.autograd.grad(genfast.attention(q, k, v), (q, k, v), gout), (q, k, v), gout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_small_way_under_threads(dtype, use_backend):
+    """Concurrent calls (the GIL is released in the C++ call; each OpenMP thread keeps its own
     scratch): bitwise the same results as one call at a time, forward and gradients."""
     from genfast.ops import attention_cpu_fp32
 
@@ -315,7 +360,7 @@ def test_small_way_under_threads(use_backend):
         pytest.skip("the small way needs AVX-512")
     use_backend("cpu")
     g = torch.Generator().manual_seed(7)
-    cases = [[torch.randn(1, h, n, 40, generator=g).requires_grad_(True) for _ in range(3)]
+    cases = [[torch.randn(1, h, n, 40, generator=g).to(dtype).requires_grad_(True) for _ in range(3)]
              for h, n in ((1, 70), (3, 129), (2, 257), (1, 100))]
     assert all(attention_cpu.variant(c[0], c[1].shape[2], buffers=2) == "small" for c in cases)
 

@@ -165,9 +165,12 @@ GENFAST_AVX512 void softmax_bwd_row(const AttnSmallParams& a, const uint8_t* m, 
   }
 }
 
-View head(const AttnHeadIn& t, int64_t bi, int64_t hi) { return View{t.p + bi * t.bs + hi * t.hs, t.ns, t.ds}; }
-View head_t(const AttnHeadIn& t, int64_t bi, int64_t hi) { return View{t.p + bi * t.bs + hi * t.hs, t.ds, t.ns}; }
-float* head(const AttnHeadOut& t, int64_t bi, int64_t hi) { return t.p + bi * t.bs + hi * t.hs; }
+const float* base(const AttnHeadIn& t, int64_t bi, int64_t hi) {
+  return static_cast<const float*>(t.p) + bi * t.bs + hi * t.hs;
+}
+View head(const AttnHeadIn& t, int64_t bi, int64_t hi) { return View{base(t, bi, hi), t.ns, t.ds}; }
+View head_t(const AttnHeadIn& t, int64_t bi, int64_t hi) { return View{base(t, bi, hi), t.ds, t.ns}; }
+float* head(const AttnHeadOut& t, int64_t bi, int64_t hi) { return static_cast<float*>(t.p) + bi * t.bs + hi * t.hs; }
 
 // B panels: k^T and v^T [D, Nk] and k or v [Nk, D] packed once per head, plus one per-block
 // operand (dout or q rows [bq, D]).

@@ -18,15 +18,29 @@ machine, benchmarks/test_attention.py):
             the same GEMMs and rows, dk/dv summed over the blocks in fp32.
   "sdpa"    torch's fused CPU flash kernel (aten::_scaled_dot_product_flash_attention_for_cpu and
             its backward), which returns the fp32 log-sum-exp too. fp16; fp32 under 64 keys.
-  "small"   fp32 only (attention_cpu_fp32.py): ONE C++ call, a thread per (batch, head), each
-            head's GEMMs on genfast's own AVX-512 micro-kernel, query blocks bounded per thread.
+  "small"   fp32 and bf16 (attention_cpu_fp32.py): ONE C++ call, a thread per (batch, head), each
+            head's GEMMs on genfast's own AVX-512 micro-kernel (bf16: AVX-512 BF16 dot products,
+            csrc/cpu/attention_bf16_small.cpp), query blocks bounded per thread.
   "onednn"  fp32 only (attention_cpu_fp32.py): per-head oneDNN GEMMs around the softmax rows; where
             the CPU lacks AVX-512 (the "small" kernels need it), within SCORE_BYTES.
 
 Which way (FITS / LONG / FUSED_FROM_KEYS / FUSED_BELOW_KEYS below): fp16 takes "sdpa" everywhere,
-fp32 "small" from 64 keys on ("sdpa" below: call overhead), bf16 "heads" (rows where one head's
-scores do not fit). fp32 per way, same command, 2026-11-25 (ms, fwd+bwd / fwd, one run, shared
-machine):
+fp32 "small" from 64 keys on ("sdpa" below: call overhead), bf16 "small" at every length (an odd
+head dim, or a CPU without AVX-512 BF16: "heads", or "rows" where one head's scores do not fit).
+bf16 per way, GENFAST_BENCH_WAYS=1 pytest benchmarks/test_attention.py -k "attention_forward and
+bf16", 2026-11-26 (ms, fwd+bwd / fwd, one run, glibc's default malloc; the machine ran slow that
+day, so compare within a row):
+
+  shape [B, H, N, D]     torch SDPA      plain           "heads"        "small"
+  bf16 2x16x256x72       14.8 / 4.54     4.94 / 5.70     4.79 / 2.26    4.43 / 1.29
+  bf16 2x16x1024x72      147 / 60.3      179 / 86.5      61.2 / 19.8    55.0 / 16.7
+  bf16 1x8x1024x64       33.0 / 13.9     14.1 / 22.1     13.0 / 4.80    12.6 / 3.97
+
+(2x16x256x72 with --bench-malloc raise, the heap warm: plain 3.70 / 1.51, "heads" 3.44 / 1.15,
+"small" 3.11 / 1.01.) The "small" kernels run ~420-490 GFLOP/s a core on these GEMMs (oneDNN's
+bf16 bmm: 350-460 on the same shapes) and keep the scores of a query block in fp32 in the core's
+L2: no bf16 round trip of s, no second pass to normalise p (p v is scaled per row in the GEMM's
+epilogue), no library call per GEMM. The fp32 table, same command, 2026-11-25:
 
   shape [B, H, N, D]     torch SDPA      plain           "sdpa"         "onednn"       "small"
   fp32 2x16x256x72       12.6 / 3.67     12.9 / 5.82     12.7 / 3.82    13.5 / 4.01    7.78 / 2.21
@@ -56,17 +70,20 @@ one parallel region a call too, and wins on one thread as well (1 thread: 2x16x2
 keys), the output and gradients keep that kernel's layouts (genfast.ops.attention's _out_layout
 and _grad_strides; fp32 gradients are always in that layout, whichever way ran) and eager calls
 without a key mask call torch's SDPA itself (genfast.ops.attention._fused_directly). bf16:
-oneDNN's bf16 GEMMs run on the AVX-512 BF16 units, ~4x the fp32 rate, and "heads" beats both
-SDPA and the plain path.
+AVX-512 BF16 dot products run at ~4x the fp32 rate, and both "heads" (oneDNN's bf16 GEMMs) and
+"small" beat SDPA and the plain path.
 
 Memory: besides its inputs and outputs, a call uses at most SCORE_BYTES of score buffers
 (forward: one [heads, Nq, Nk] buffer in q's dtype; backward: two), whatever B, H and N are ("small":
-per thread two [rows, Nk] fp32 blocks within min(SMALL_BLOCK_BYTES, SCORE_BYTES / threads), kept
-by each thread between calls, plus its packed k/v panels, O(Nk D)). One
+per thread two [rows, Nk] fp32 blocks within min(SMALL_BLOCK_BYTES, SCORE_BYTES / threads), bf16
+18 bytes per key and row within SMALL16_BLOCK_BYTES, kept by each thread between calls, plus its
+packed k/v panels and fp32 dk / dv sums, O(Nk D)). One
 exception, asked for by genfast.ops.attention when a gradient is needed ("keep_p"): in the "heads"
-way the forward may keep the probabilities p [B, H, Nq, Nk] (q's dtype) for the backward when they
+and bf16 "small" ways the forward may keep the probabilities p [B, H, Nq, Nk] (q's dtype) for the backward when they
 take at most KEEP_P_BYTES. That is what plain PyTorch keeps for its backward anyway (and more); it
-saves the backward the q k^T GEMM and the exp pass (measured ~1/7 of a bf16 forward + backward).
+saves the backward the q k^T GEMM and the exp pass (measured ~1/7 of a bf16 forward + backward;
+"small", 2x16x256x72: backward 1.86 vs 2.36 ms recomputing, forward +0.03 ms). Both ways keep the
+normalised p, so either way's backward reads what the other's forward kept.
 Above the budget the backward recomputes p from the log-sum-exp and memory stays O(N) per call.
 
 Workspace: fresh pages cost page faults (a bmm into a fresh 16 MiB runs at half the rate of one
@@ -101,8 +118,8 @@ from genfast.ops.linear import onednn_available
 # GEMMs as fast as one big call while the scores stay in the 32 MiB L3.
 SCORE_BYTES = 8 << 20
 # Way for a case whose heads fit SCORE_BYTES, and for one whose heads do not.
-FITS = {torch.float32: "small", torch.float16: "sdpa", torch.bfloat16: "heads"}
-LONG = {torch.float32: "small", torch.float16: "sdpa", torch.bfloat16: "rows"}
+FITS = {torch.float32: "small", torch.float16: "sdpa", torch.bfloat16: "small"}
+LONG = {torch.float32: "small", torch.float16: "sdpa", torch.bfloat16: "small"}
 # From this many keys on, torch's fused kernel whatever FITS says: it runs an fp32 1024-token
 # forward at ~92 % of the sgemm peak, which two GEMMs and a softmax pass between them cannot beat
 # (matters only where FITS picks "heads" for that dtype; see the table above).
@@ -114,6 +131,10 @@ FUSED_BELOW_KEYS = {torch.float32: 64}
 # blocks whose two [rows, Nk] fp32 blocks fit this (about a core's L2), and at most SCORE_BYTES over
 # all threads. Each thread keeps its blocks between calls.
 SMALL_BLOCK_BYTES = 1 << 20
+# The same for the bf16 "small" way (its blocks per row: see attention_cpu_fp32.small_forward).
+# Measured at 256 and 1024 keys: blocks of 128-256 rows beat 32-64 by 5-15 % (fewer passes over
+# the dk / dv sums and fewer B panels), even where they spill the L2.
+SMALL16_BLOCK_BYTES = 4 << 20
 # Causal cases from this many keys on take torch's fused kernel, which skips the masked half of
 # the scores. Empty: the "small" way skips the keys after each query block's last row too and
 # wins causal cases by 1.5-2.4x (the "onednn" way does not skip: 0.9-1.07x at 1024 keys).
@@ -133,16 +154,19 @@ def variant(q, nk, buffers=1, causal=False):
         return "sdpa"
     fits = buffers * q.shape[2] * nk * q.element_size() <= SCORE_BYTES
     way = (FITS if fits else LONG).get(q.dtype, "sdpa")
-    if way == "small" and not (q.dtype == torch.float32 and attention_cpu_fp32.small_available()):
-        # no AVX-512: oneDNN's GEMMs, within the budget
+    if way == "small" and not attention_cpu_fp32.small_supports(q.dtype, q.shape[3]):
+        if q.dtype == torch.bfloat16:  # no AVX-512 BF16, or an odd head dim: torch's bf16 GEMMs
+            return "heads" if fits else "rows"
+        # fp32 without AVX-512: oneDNN's GEMMs, within the budget
         way = "onednn" if fits and nk >= ONEDNN_FROM_KEYS else "sdpa"
     if way == "onednn" and not (q.dtype == torch.float32 and onednn_available()):
         way = "sdpa"  # fp32 only; a torch build without oneDNN keeps the fused kernel
     return way
 
 
-def _small_block_bytes():
-    return min(SMALL_BLOCK_BYTES, SCORE_BYTES // max(1, torch.get_num_threads()))
+def _small_block_bytes(dtype=torch.float32):
+    per_thread = SCORE_BYTES // max(1, torch.get_num_threads())
+    return min(SMALL_BLOCK_BYTES if dtype == torch.float32 else SMALL16_BLOCK_BYTES, per_thread)
 
 
 def may_use_fused(dtype):
@@ -157,7 +181,9 @@ def may_use_fused(dtype):
 def keeps_p(q, nk):
     """Whether the forward keeps p for the backward (shape, dtype and the budgets only)."""
     b, h, nq, _ = q.shape
-    return variant(q, nk) == "heads" and b * h * nq * nk * q.element_size() <= KEEP_P_BYTES
+    way = variant(q, nk)
+    return (way == "heads" or (way == "small" and q.dtype == torch.bfloat16)) and \
+        b * h * nq * nk * q.element_size() <= KEEP_P_BYTES
 
 
 # Score buffers kept between calls (see "Workspace" above); False: a fresh one every call.
@@ -273,7 +299,14 @@ def forward(q, k, v, mask, causal, scale, fully_masked, out, keep_p=False):
     if way == "onednn":
         return attention_cpu_fp32.forward(q, k, v, _mask_bytes(mask), causal, scale, out)
     if way == "small":
-        return attention_cpu_fp32.small_forward(q, k, v, _mask_bytes(mask), causal, scale, out, _small_block_bytes())
+        if keep_p:  # bf16: p is an output (saved for the backward), a buffer of its own
+            b, h, nq, _ = q.shape
+            p = _p_buffer((b * h, nq, k.shape[2]), q.dtype, q.device)
+            out, lse = attention_cpu_fp32.small_forward(q, k, v, _mask_bytes(mask), causal, scale, out,
+                                                        _small_block_bytes(q.dtype), p)
+            return out, lse, p.view(b, h, nq, -1)
+        return attention_cpu_fp32.small_forward(q, k, v, _mask_bytes(mask), causal, scale, out,
+                                                _small_block_bytes(q.dtype))
     mod = _native.module("_C")
     b, h, nq, _ = q.shape
     nk = k.shape[2]
@@ -324,10 +357,15 @@ def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None):
     """(dq, dk, dv) in q's dtype, in the layout the way writes them: torch's fused kernel [B, N, H,
     D] memory, the others contiguous (a batched GEMM into a strided view runs a naive loop in fp32,
     ~30x slower, torch 2.13). lse as forward() returned it (either way: the flash kernel's
-    log-sum-exp and the rows' are the same quantity); p as kept by forward()."""
+    log-sum-exp and the rows' are the same quantity); p as kept by forward() (normalised
+    probabilities whichever way kept them, so either way's backward reads them)."""
+    way = variant(q, k.shape[2], buffers=2, causal=causal)
+    if way == "small" and q.dtype == torch.bfloat16:
+        grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
+        return attention_cpu_fp32.small_backward(dout, q, k, v, out, lse, _mask_bytes(mask), causal, scale, grads,
+                                                 _small_block_bytes(q.dtype), p)
     if p is not None:
         return _backward_from_p(dout, q, k, v, p, mask, causal, scale)
-    way = variant(q, k.shape[2], buffers=2, causal=causal)
     if way == "sdpa":
         am = _additive_mask(mask, q.dtype) if mask is not None else None
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(

@@ -1,8 +1,9 @@
-"""genfast's own fp32 ways of the CPU attention backend (attention_cpu.variant() picks them, FITS /
-LONG / FUSED_BELOW_KEYS there, and dispatches here):
+"""genfast's own fp32 ways of the CPU attention backend, and its bf16 "small" way
+(attention_cpu.variant() picks them, FITS / LONG / FUSED_BELOW_KEYS there, and dispatches here):
 
   "small"   (the default on AVX-512 CPUs, see the end of this file) all heads in one C++ call, a
-            thread per (batch, head), genfast's AVX-512 micro-kernel for every GEMM.
+            thread per (batch, head), genfast's AVX-512 micro-kernel for every GEMM (fp32; bf16
+            on AVX-512 BF16 dot products).
   "onednn"  (CPUs without AVX-512) per (batch, head), the GEMMs on oneDNN
             (torch.ops.mkldnn._linear_pointwise, as genfast.ops.linear) around genfast._C's
             fused softmax rows. Described below.
@@ -101,8 +102,14 @@ _SMALL = _probe_small()  # at import: variant() asks under torch.compile too, wh
 
 
 def small_available():
-    """genfast._C has the "small" kernels and this CPU runs them (AVX-512)."""
+    """genfast._C has the "small" kernels and this CPU runs them (AVX-512 with BF16)."""
     return _SMALL
+
+
+def small_supports(dtype, d):
+    """The "small" way serves this dtype and head dim here: fp32 any; bf16 an even head dim (its
+    dot products read q, k and dout rows as pairs of elements)."""
+    return _SMALL and (dtype == torch.float32 or (dtype == torch.bfloat16 and d % 2 == 0))
 
 
 def _spec_in(t):
@@ -114,10 +121,10 @@ def _spec_out(t):
     return [t.data_ptr(), *t.stride()[:3]]
 
 
-def block_rows(nq, nk, block_bytes):
-    """Query rows per block of the "small" way: its thread's two [rows, Nk] fp32 blocks within
-    block_bytes (at least one row)."""
-    return max(1, min(nq, block_bytes // (8 * max(1, nk))))
+def block_rows(nq, nk, block_bytes, row_bytes=8):
+    """Query rows per block of the "small" way: its thread's per-row blocks (row_bytes per key: fp32
+    two [rows, Nk] fp32 blocks; bf16 18, see small_forward) within block_bytes (at least one row)."""
+    return max(1, min(nq, block_bytes // (row_bytes * max(1, nk))))
 
 
 def _small_args(q, k, v, mask, causal, scale, block_bytes):
@@ -125,25 +132,50 @@ def _small_args(q, k, v, mask, causal, scale, block_bytes):
     mask's pointer and batch stride (0, 0 without one), q, k, v."""
     b, h, nq, d = q.shape
     nk = k.shape[2]
-    return ([b, h, nq, nk, d, block_rows(nq, nk, block_bytes)], scale, causal,
+    row_bytes = 8 if q.dtype == torch.float32 else 18
+    return ([b, h, nq, nk, d, block_rows(nq, nk, block_bytes, row_bytes)], scale, causal,
             mask.data_ptr() if mask is not None else 0, mask.stride(0) if mask is not None else 0,
             _spec_in(q), _spec_in(k), _spec_in(v))
 
 
-def small_forward(q, k, v, mask, causal, scale, out, block_bytes):
-    """As forward(), all heads in one call. out needs a unit last stride; each thread holds at most
-    block_bytes of score blocks (and keeps them for the next call)."""
+def _unit_last(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# bf16 (csrc/cpu/attention_bf16_small.cpp): the same structure on AVX-512 BF16 dot products, which
+# read q, k, v and dout rows as element pairs (unit last strides: other layouts are copied first).
+# Per query row of a block a thread holds 18 bytes per key: fp32 scores and dp, bf16 ds, and p^T /
+# ds^T written pair-interleaved for the dv / dk GEMMs. Scores and softmax in fp32; p and ds rounded
+# to bf16 for the GEMMs that read them (as plain bf16 PyTorch). p_keep: a [B*H, Nq, Nk] bf16 buffer
+# the forward fills with p (normalised) and the backward reads instead of recomputing q k^T.
+
+
+def small_forward(q, k, v, mask, causal, scale, out, block_bytes, p_keep=None):
+    """As forward(), all heads in one call (fp32 or bf16). out needs a unit last stride; each thread
+    holds at most block_bytes of score blocks (and keeps them for the next call)."""
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    if q.dtype == torch.bfloat16:
+        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+        _native.module("_C").attn_small16_forward(*_small_args(q, k, v, mask, causal, scale, block_bytes),
+                                                  _spec_out(out), lse.data_ptr(),
+                                                  p_keep.data_ptr() if p_keep is not None else 0)
+        return out, lse
     _native.module("_C").attn_small_forward(*_small_args(q, k, v, mask, causal, scale, block_bytes), _spec_out(out),
                                             lse.data_ptr())
     return out, lse
 
 
-def small_backward(dout, q, k, v, out, lse, mask, causal, scale, grads, block_bytes):
-    """As backward(), all heads in one call (dk, dv summed over the query blocks in place, fp32).
-    grads need unit last strides."""
-    delta = torch.linalg.vecdot(dout, out).contiguous()
+def small_backward(dout, q, k, v, out, lse, mask, causal, scale, grads, block_bytes, p=None):
+    """As backward(), all heads in one call (dk, dv summed over the query blocks in fp32). grads need
+    unit last strides; p (bf16 only): the forward's p_keep."""
     lse = lse.contiguous()
+    if q.dtype == torch.bfloat16:
+        dout, q, k, v = (_unit_last(t) for t in (dout, q, k, v))
+        _native.module("_C").attn_small16_backward(*_small_args(q, k, v, mask, causal, scale, block_bytes),
+                                                   _spec_in(dout), lse.data_ptr(), p.data_ptr() if p is not None else 0,
+                                                   *[_spec_out(t) for t in grads])
+        return tuple(grads)
+    delta = torch.linalg.vecdot(dout, out).contiguous()
     _native.module("_C").attn_small_backward(*_small_args(q, k, v, mask, causal, scale, block_bytes), _spec_in(dout),
                                              lse.data_ptr(), delta.data_ptr(), *[_spec_out(t) for t in grads])
     return tuple(grads)

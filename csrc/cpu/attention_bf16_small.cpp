@@ -1,0 +1,424 @@
+// The bf16 "small" CPU attention way (csrc/attention_fp32.h, genfast/ops/attention_cpu_fp32.py):
+// the fp32 "small" way's structure (attention_fp32_small.cpp: OpenMP over (batch, head), query
+// rows in blocks that stay in the core's L2, one C++ call for all heads) on AVX-512 BF16 dot
+// products. vdpbf16ps multiplies PAIRS of bf16 along a GEMM's inner dimension into fp32 sums, so
+// every operand is read as 32-bit words holding two consecutive-k elements:
+//   A (broadcast): the word of row r at pair kk sits at a.p + r * rs + kk * cs (two adjacent bf16);
+//   B (packed):    panels of w columns, [panel][pair][w] words, zero-padded; w = panel_width(N):
+//                  head dims up to 80 (72: DiT-XL/2, PixArt) in ONE register block of 16 w / 16
+//                  vectors, where 32-column panels left a 16-column tail at half the rate.
+// Operands whose pairs are not adjacent in memory (p^T and ds^T for dv and dk, whose inner
+// dimension is the query rows) are written pair-interleaved by the softmax backward rows
+// ([row pair][key] words), so no GEMM reads a transposed view.
+//
+// Numerics: scores, softmax, lse, rowsum(p dp) and the dk / dv sums in fp32; p and ds rounded to
+// bf16 for the GEMMs that read them, as plain bf16 PyTorch does (and FlashAttention on GPUs).
+// The scores themselves stay fp32 (the "heads" way rounds them to bf16 between its GEMMs).
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "attention_fp32.h"
+#include "cpu/dtype.h"
+#include "cpu/vec512.h"
+
+namespace genfast {
+
+#ifdef GENFAST_HAVE_AVX512
+namespace {
+using namespace vec512;
+using u16 = uint16_t;
+using u32 = uint32_t;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+struct Pairs {  // an A operand: see the file comment
+  const u16* p;
+  int64_t rs, cs;
+};
+
+inline int64_t panel_width(int64_t n) { return n <= 80 ? std::max<int64_t>(16, (n + 15) / 16 * 16) : 32; }
+inline int64_t padded(int64_t n, int64_t w) { return (n + w - 1) / w * w; }
+inline int64_t pairs(int64_t n) { return (n + 1) / 2; }
+inline int64_t even(int64_t n) { return n + (n & 1); }
+
+// B [K, N] with rows of stride rs and unit columns, into panels of width w; word (kk, n) holds
+// rows 2kk and 2kk + 1 of column n (the second 0 past K).
+void pack_rows(const u16* b, int64_t rs, int64_t k_len, int64_t n, int64_t w, u32* dst) {
+  const int64_t k2 = pairs(k_len);
+  for (int64_t n0 = 0; n0 < n; n0 += w, dst += k2 * w) {
+    const int64_t nr = std::min(w, n - n0);
+    for (int64_t kk = 0; kk < k2; ++kk) {
+      const u16* lo = b + 2 * kk * rs + n0;
+      const u16* hi = 2 * kk + 1 < k_len ? lo + rs : nullptr;
+      u32* d = dst + kk * w;
+      if (hi)
+        for (int64_t c = 0; c < nr; ++c) d[c] = u32(lo[c]) | (u32(hi[c]) << 16);
+      else
+        for (int64_t c = 0; c < nr; ++c) d[c] = lo[c];
+      for (int64_t c = nr; c < w; ++c) d[c] = 0;
+    }
+  }
+}
+
+// B = X^T for X [N, K] (rows of stride rs, unit columns, K even): word (kk, n) is X's word at
+// row n, elements 2kk and 2kk + 1, already adjacent.
+void pack_cols(const u16* x, int64_t rs, int64_t k_len, int64_t n, int64_t w, u32* dst) {
+  const int64_t k2 = k_len / 2;
+  for (int64_t n0 = 0; n0 < n; n0 += w, dst += k2 * w) {
+    const int64_t nr = std::min(w, n - n0);
+    for (int64_t c = 0; c < w; ++c) {
+      if (c < nr) {
+        const u16* row = x + (n0 + c) * rs;
+        for (int64_t kk = 0; kk < k2; ++kk) std::memcpy(dst + kk * w + c, row + 2 * kk, 4);
+      } else {
+        for (int64_t kk = 0; kk < k2; ++kk) dst[kk * w + c] = 0;
+      }
+    }
+  }
+}
+
+GENFAST_AVX512 inline __mmask16 tail0(int64_t left) { return tail(left > 0 ? left : 0); }
+
+// Words (x0[j], x1[j]) of 16 lanes, each rounded to bf16 (nearest even).
+GENFAST_AVX512 inline __m512i bf16_words(__m512 x0, __m512 x1) {
+  const __m512i b0 = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x0)));
+  const __m512i b1 = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x1)));
+  return _mm512_or_si512(b0, _mm512_slli_epi32(b1, 16));
+}
+
+GENFAST_AVX512 inline __m512bh bcast(const u16* p) {
+  u32 w;
+  std::memcpy(&w, p, 4);
+  return (__m512bh)_mm512_set1_epi32(static_cast<int>(w));
+}
+
+// C[0:ROWS, 0:nr] (+)= A[0:ROWS, pairs 0:k2] B-panel (NV vectors of 16 columns, nr <= 16 * NV;
+// vectors wholly past nr compute zeros that are not stored). CT float: fp32 (acc_c adds to C);
+// CT BFloat16: rounded to bf16, row r first scaled by row_scale[r] when given.
+template <int ROWS, int NV, typename CT>
+GENFAST_AVX512 void micro(int64_t k2, Pairs a, const u32* pb, CT* c, int64_t ldc, int64_t nr, bool acc_c,
+                          const float* row_scale) {
+  constexpr int64_t w = 16 * NV;
+  __m512 acc[ROWS][NV];
+#pragma GCC unroll 12
+  for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 5
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k2; ++kk) {
+    __m512bh b[NV];
+#pragma GCC unroll 5
+    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(pb + kk * w + 16 * v);
+    const u16* ak = a.p + kk * a.cs;
+#pragma GCC unroll 12
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512bh x = bcast(ak + r * a.rs);
+#pragma GCC unroll 5
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], x, b[v]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 5
+    for (int v = 0; v < NV; ++v) {
+      if (16 * v >= nr) break;
+      const __mmask16 t = tail(nr - 16 * v);
+      CT* cp = c + r * ldc + 16 * v;
+      if constexpr (sizeof(CT) == 4)
+        store(cp, t, acc_c ? _mm512_add_ps(acc[r][v], load(cp, t)) : acc[r][v]);
+      else
+        store(cp, t, row_scale ? _mm512_mul_ps(acc[r][v], _mm512_set1_ps(row_scale[r])) : acc[r][v]);
+    }
+}
+
+// Rows of C per register block for NV vectors of columns: ROWS x NV accumulators <= 25 of the 32
+// zmm registers (with NV B vectors and a broadcast), at least ~12 in flight for vdpbf16ps.
+template <int NV>
+constexpr int kRows = NV <= 2 ? 12 : NV == 3 ? 8 : NV == 4 ? 6 : 5;
+
+template <int R, int NV, typename CT>
+GENFAST_AVX512 void micro_rows(int64_t rows, int64_t k2, Pairs a, const u32* pb, CT* c, int64_t ldc, int64_t nr,
+                               bool acc_c, const float* row_scale) {
+  if constexpr (R > 1)  // the row tail of C gets its own register block
+    if (rows < R) return micro_rows<R - 1, NV, CT>(rows, k2, a, pb, c, ldc, nr, acc_c, row_scale);
+  micro<R, NV, CT>(k2, a, pb, c, ldc, nr, acc_c, row_scale);
+}
+
+template <int NV, typename CT>
+GENFAST_AVX512 void gemm_nv(int64_t m, int64_t n, int64_t k2, Pairs a, const u32* pack, int64_t packed_k2, CT* c,
+                            int64_t ldc, bool acc_c, const float* row_scale) {
+  constexpr int64_t w = 16 * NV, mr = kRows<NV>;
+  for (int64_t n0 = 0; n0 < n; n0 += w) {
+    const u32* pb = pack + (n0 / w) * packed_k2 * w;
+    const int64_t nr = std::min(w, n - n0);
+    for (int64_t m0 = 0; m0 < m; m0 += mr)
+      micro_rows<mr, NV, CT>(std::min(mr, m - m0), k2, Pairs{a.p + m0 * a.rs, a.rs, a.cs}, pb, c + m0 * ldc + n0, ldc,
+                             nr, acc_c, row_scale ? row_scale + m0 : nullptr);
+  }
+}
+
+// C [M, N] (+)= A [M, pairs k2] B, B packed in panels of w = panel_width(N) columns with
+// packed_k2 >= k2 word rows each (a causal prefix of the keys uses the first k2).
+template <typename CT>
+GENFAST_AVX512 void gemm(int64_t m, int64_t n, int64_t k2, Pairs a, const u32* pack, int64_t packed_k2, int64_t w,
+                         CT* c, int64_t ldc, bool acc_c = false, const float* row_scale = nullptr) {
+  switch (w / 16) {
+    case 1: return gemm_nv<1, CT>(m, n, k2, a, pack, packed_k2, c, ldc, acc_c, row_scale);
+    case 2: return gemm_nv<2, CT>(m, n, k2, a, pack, packed_k2, c, ldc, acc_c, row_scale);
+    case 3: return gemm_nv<3, CT>(m, n, k2, a, pack, packed_k2, c, ldc, acc_c, row_scale);
+    case 4: return gemm_nv<4, CT>(m, n, k2, a, pack, packed_k2, c, ldc, acc_c, row_scale);
+    default: return gemm_nv<5, CT>(m, n, k2, a, pack, packed_k2, c, ldc, acc_c, row_scale);
+  }
+}
+
+// Key lanes j0..j0+15 of query row i in play: before the causal limit, not padding.
+GENFAST_AVX512 inline __mmask16 keys_on(const AttnSmallParams& a, const uint8_t* m, int64_t i, int64_t j0,
+                                        int64_t nk) {
+  const int64_t limit = a.causal ? std::min<int64_t>(nk, i + 1) : nk;
+  __mmask16 k = tail(limit - j0 > 0 ? limit - j0 : 0);
+  if (m) {
+    const __m128i bytes = _mm_maskz_loadu_epi8(k, m + j0);
+    k &= _mm_test_epi8_mask(bytes, bytes);
+  }
+  return k;
+}
+
+constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
+
+// 2^x for x <= 0: 2^n 2^f, n = round(x), |f| <= 1/2, degree-6 polynomial (relative error ~1e-7);
+// x < -127 gives ~2^-127 (bf16 rounding flushes it; callers mask keys out of play).
+GENFAST_AVX512 inline __m512 exp2_nonpos(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-127.0f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);  // ln2^k / k!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022650695910071f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kLn2));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Row i of s [nk] (raw fp32 scores): e = exp(scale s - max) in bf16 into p16 [even(nk)] (0 past nk
+// and off the keys in play), NOT normalised: the p v GEMM scales its output row by *inv = 1 / sum e.
+// With keep, also p = e / sum (bf16, normalised) into keep [nk] for the backward. Returns lse
+// (+inf and *inv = 0 with no key in play). Base-2 inside: scale log2(e) folded into one FMA.
+GENFAST_AVX512 float softmax_row(const AttnSmallParams& a, const uint8_t* m, int64_t i, int64_t nk, float* s,
+                                 BFloat16* p16, BFloat16* keep, float* inv) {
+  const __m512 c2 = _mm512_set1_ps(a.scale * kLog2e), ninf = _mm512_set1_ps(-kInf);
+  __m512 vmax = ninf;
+  for (int64_t j = 0; j < nk; j += 16)
+    vmax = _mm512_max_ps(vmax, _mm512_mask_mul_ps(ninf, keys_on(a, m, i, j, nk), _mm512_maskz_loadu_ps(tail(nk - j), s + j), c2));
+  const float mx = _mm512_reduce_max_ps(vmax);
+  if (mx == -kInf) {  // no key: p = 0, lse = +inf
+    for (int64_t j = 0; j < even(nk); j += 16) store(p16 + j, tail(even(nk) - j), _mm512_setzero_ps());
+    if (keep)
+      for (int64_t j = 0; j < nk; j += 16) store(keep + j, tail(nk - j), _mm512_setzero_ps());
+    *inv = 0.0f;
+    return kInf;
+  }
+  const __m512 vm = _mm512_set1_ps(mx);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < even(nk); j += 16) {  // lanes past nk: e = 0, the pad of p16
+    const __m512 e = _mm512_maskz_mov_ps(keys_on(a, m, i, j, nk),
+                                         exp2_nonpos(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(tail(nk - j), s + j), c2, vm)));
+    vsum = _mm512_add_ps(vsum, e);
+    if (keep)
+      _mm512_mask_storeu_ps(s + j, tail(nk - j), e);
+    else
+      store(p16 + j, tail(even(nk) - j), e);
+  }
+  const float sum = _mm512_reduce_add_ps(vsum);
+  *inv = 1.0f / sum;
+  if (keep) {
+    const __m512 vinv = _mm512_set1_ps(*inv);
+    for (int64_t j = 0; j < even(nk); j += 16) {
+      const __m512 e = _mm512_maskz_loadu_ps(tail(nk - j), s + j);
+      store(p16 + j, tail(even(nk) - j), e);
+      store(keep + j, tail(nk - j), _mm512_mul_ps(e, vinv));
+    }
+  }
+  return (mx + std::log2(sum)) * kLn2;
+}
+
+const u16* at(const AttnHeadIn& t, int64_t bi, int64_t hi) {
+  return static_cast<const u16*>(t.p) + bi * t.bs + hi * t.hs;
+}
+BFloat16* at(const AttnHeadOut& t, int64_t bi, int64_t hi) {
+  return static_cast<BFloat16*>(t.p) + bi * t.bs + hi * t.hs;
+}
+
+// Per-thread scratch, kept between calls (OpenMP threads persist): no fresh pages a call.
+struct Scratch {
+  std::vector<float> f32;
+  std::vector<u32> w32;
+  float* floats(size_t n) {
+    if (f32.size() < n) f32.resize(n);
+    return f32.data();
+  }
+  u32* words(size_t n) {
+    if (w32.size() < n) w32.resize(n);
+    return w32.data();
+  }
+};
+
+template <typename F>
+void for_heads(const AttnSmallParams& a, int64_t parts, F&& body) {
+#pragma omp parallel
+  {
+    static thread_local Scratch scratch;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t w = 0; w < a.b * a.h * parts; ++w) {
+      const int64_t g = w / parts;
+      body(g / a.h, g % a.h, w % parts, scratch);
+    }
+  }
+}
+
+inline int64_t block_keys(const AttnSmallParams& a, int64_t i1) { return a.causal ? std::min(a.nk, i1) : a.nk; }
+
+GENFAST_AVX512 void forward_head(const AttnSmallParams& a, int64_t bi, int64_t hi, int64_t first, int64_t last,
+                                 Scratch& sc) {
+  const uint8_t* m = a.mask ? a.mask + bi * a.mask_bs : nullptr;
+  const u16 *q = at(a.q, bi, hi), *k = at(a.k, bi, hi), *v = at(a.v, bi, hi);
+  BFloat16* out = at(a.out, bi, hi);
+  const int64_t g = bi * a.h + hi, nkp = even(a.nk), k2 = pairs(a.nk);
+  const int64_t wk = panel_width(a.nk), wd = panel_width(a.d);
+  float* lse = a.lse + g * a.nq;
+  BFloat16* keep = a.p_keep ? static_cast<BFloat16*>(a.p_keep) + g * a.nq * a.nk : nullptr;
+  // words: k^T panels, v panels, then e (bf16) of one block
+  u32* kt = sc.words(padded(a.nk, wk) * a.d / 2 + padded(a.d, wd) * k2 + a.bq * nkp / 2);
+  u32* vp = kt + padded(a.nk, wk) * a.d / 2;
+  BFloat16* p16 = reinterpret_cast<BFloat16*>(vp + padded(a.d, wd) * k2);
+  float* s = sc.floats(a.bq * a.nk + a.bq);  // scores of one block, then 1 / sum e of its rows
+  float* inv = s + a.bq * a.nk;
+  pack_cols(k, a.k.ns, a.d, a.nk, wk, kt);
+  pack_rows(v, a.v.ns, a.nk, a.d, wd, vp);
+  for (int64_t i0 = first * a.bq; i0 < std::min(a.nq, last * a.bq); i0 += a.bq) {
+    const int64_t rows = std::min(a.bq, a.nq - i0), nk = block_keys(a, i0 + rows);
+    gemm<float>(rows, nk, a.d / 2, Pairs{q + i0 * a.q.ns, a.q.ns, 2}, kt, a.d / 2, wk, s, nk);  // s = q k^T
+    for (int64_t i = 0; i < rows; ++i) {
+      BFloat16* kr = keep ? keep + (i0 + i) * a.nk : nullptr;
+      lse[i0 + i] = softmax_row(a, m, i0 + i, nk, s + i * nk, p16 + i * nkp, kr, inv + i);
+      if (kr)
+        for (int64_t j = nk; j < a.nk; ++j) kr[j] = BFloat16{0};  // causal: keys past the block
+    }
+    gemm<BFloat16>(rows, a.d, pairs(nk), Pairs{reinterpret_cast<const u16*>(p16), nkp, 2}, vp, k2, wd,
+                   out + i0 * a.out.ns, a.out.ns, false, inv);  // out = (e v) / sum e
+  }
+}
+
+// Rows ia and ia + 1 (when two) of one block: p from s (fp32, recomputed) or the kept p, ds from dp,
+// both to bf16: ds row-major into ds16 [rows][even(nk)], p and ds pair-interleaved into pt / dst
+// ([row pair][key] words, row stride ldw words) for dv = p^T dout and dk = ds^T q.
+GENFAST_AVX512 void softmax_bwd_pair(const AttnSmallParams& a, const uint8_t* m, int64_t i, int64_t two, int64_t nk,
+                                     const float* lse, const BFloat16* kept, int64_t kept_rs, float* s, float* dp,
+                                     BFloat16* ds16, int64_t nkp, u32* pt, u32* dst) {
+  const __m512 scale = _mm512_set1_ps(a.scale);
+  float dot[2] = {0.0f, 0.0f};
+  for (int64_t r = 0; r < two; ++r) {  // p over s (fp32), dot = rowsum(p dp)
+    float* sr = s + r * nk;
+    const float* dpr = dp + r * nk;
+    const __m512 vl = _mm512_set1_ps(lse[r]);
+    __m512 vdot = _mm512_setzero_ps();
+    for (int64_t j = 0; j < nk; j += 16) {
+      const __mmask16 t = tail(nk - j);
+      const __m512 p = kept ? load(kept + r * kept_rs + j, t)
+                            : _mm512_maskz_mov_ps(keys_on(a, m, i + r, j, nk),
+                                                  exp_nonpos(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(t, sr + j), scale, vl)));
+      _mm512_mask_storeu_ps(sr + j, t, p);
+      vdot = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(t, dpr + j), vdot);
+    }
+    dot[r] = _mm512_reduce_add_ps(vdot);
+  }
+  const __m512 d0 = _mm512_set1_ps(dot[0]), d1 = _mm512_set1_ps(dot[1]);
+  for (int64_t j = 0; j < nkp; j += 16) {
+    const __mmask16 t = tail0(nk - j);  // lanes past nk: p = ds = 0
+    const __m512 p0 = _mm512_maskz_loadu_ps(t, s + j);
+    const __m512 ds0 = _mm512_mul_ps(_mm512_mul_ps(p0, _mm512_sub_ps(_mm512_maskz_loadu_ps(t, dp + j), d0)), scale);
+    __m512 p1 = _mm512_setzero_ps(), ds1 = p1;
+    if (two == 2) {
+      p1 = _mm512_maskz_loadu_ps(t, s + nk + j);
+      ds1 = _mm512_mul_ps(_mm512_mul_ps(p1, _mm512_sub_ps(_mm512_maskz_loadu_ps(t, dp + nk + j), d1)), scale);
+    }
+    const __mmask16 tp = tail(nkp - j);
+    store(ds16 + j, tp, ds0);
+    if (two == 2) store(ds16 + nkp + j, tp, ds1);
+    _mm512_mask_storeu_epi32(pt + j, t, bf16_words(p0, p1));  // words (row i, row i + 1)
+    _mm512_mask_storeu_epi32(dst + j, t, bf16_words(ds0, ds1));
+  }
+}
+
+GENFAST_AVX512 void backward_head(const AttnSmallParams& a, int64_t bi, int64_t hi, Scratch& sc) {
+  const uint8_t* m = a.mask ? a.mask + bi * a.mask_bs : nullptr;
+  const u16 *q = at(a.q, bi, hi), *k = at(a.k, bi, hi), *v = at(a.v, bi, hi), *dout = at(a.dout, bi, hi);
+  BFloat16 *dq = at(a.dq, bi, hi), *dk = at(a.dk, bi, hi), *dv = at(a.dv, bi, hi);
+  const int64_t g = bi * a.h + hi, nkp = even(a.nk), k2 = pairs(a.nk), bq2 = pairs(a.bq), d2 = a.d / 2;
+  const int64_t wk = panel_width(a.nk), wd = panel_width(a.d);
+  const float* lse = a.lse + g * a.nq;
+  const BFloat16* kept = a.p_keep ? static_cast<const BFloat16*>(a.p_keep) + g * a.nq * a.nk : nullptr;
+  // words: k^T, v^T, k panels, one block's dout / q panels, p^T and ds^T pairs, ds (bf16) rows
+  const int64_t n_kt = padded(a.nk, wk) * d2, n_k = padded(a.d, wd) * k2, n_blk = padded(a.d, wd) * bq2;
+  u32* kt = sc.words(2 * n_kt + n_k + n_blk + 2 * bq2 * a.nk + a.bq * nkp / 2);
+  u32 *vt = kt + n_kt, *kp = vt + n_kt, *blk = kp + n_k, *pt = blk + n_blk, *dst = pt + bq2 * a.nk;
+  BFloat16* ds16 = reinterpret_cast<BFloat16*>(dst + bq2 * a.nk);
+  // floats: s and dp of one block, then the dk and dv sums [nk, D]
+  float* s = sc.floats(2 * a.bq * a.nk + 2 * a.nk * a.d);
+  float *dp = s + a.bq * a.nk, *dk_acc = dp + a.bq * a.nk, *dv_acc = dk_acc + a.nk * a.d;
+  std::fill(dk_acc, dk_acc + 2 * a.nk * a.d, 0.0f);
+  if (!kept) pack_cols(k, a.k.ns, a.d, a.nk, wk, kt);
+  pack_cols(v, a.v.ns, a.d, a.nk, wk, vt);
+  pack_rows(k, a.k.ns, a.nk, a.d, wd, kp);
+  for (int64_t i0 = 0; i0 < a.nq; i0 += a.bq) {
+    const int64_t rows = std::min(a.bq, a.nq - i0), nk = block_keys(a, i0 + rows);
+    const Pairs qb{q + i0 * a.q.ns, a.q.ns, 2}, dob{dout + i0 * a.dout.ns, a.dout.ns, 2};
+    if (!kept) gemm<float>(rows, nk, d2, qb, kt, d2, wk, s, nk);  // s = q k^T
+    gemm<float>(rows, nk, d2, dob, vt, d2, wk, dp, nk);            // dp = dout v^T
+    for (int64_t i = 0; i < rows; i += 2)
+      softmax_bwd_pair(a, m, i0 + i, std::min<int64_t>(2, rows - i), nk, lse + i0 + i,
+                       kept ? kept + (i0 + i) * a.nk : nullptr, a.nk, s + i * nk, dp + i * nk, ds16 + i * nkp, nkp,
+                       pt + (i / 2) * a.nk, dst + (i / 2) * a.nk);
+    // pair-interleaved p^T / ds^T: key j's word for row pair ii at (ii * nk + j): rs 2, cs 2 nk
+    pack_rows(dout + i0 * a.dout.ns, a.dout.ns, rows, a.d, wd, blk);
+    gemm<float>(nk, a.d, pairs(rows), Pairs{reinterpret_cast<const u16*>(pt), 2, 2 * a.nk}, blk, pairs(rows), wd, dv_acc,
+                a.d, true);  // dv += p^T dout
+    pack_rows(q + i0 * a.q.ns, a.q.ns, rows, a.d, wd, blk);
+    gemm<float>(nk, a.d, pairs(rows), Pairs{reinterpret_cast<const u16*>(dst), 2, 2 * a.nk}, blk, pairs(rows), wd, dk_acc,
+                a.d, true);  // dk += ds^T q
+    gemm<BFloat16>(rows, a.d, pairs(nk), Pairs{reinterpret_cast<const u16*>(ds16), nkp, 2}, kp, k2, wd,
+                   dq + i0 * a.dq.ns, a.dq.ns);  // dq = ds k
+  }
+  for (int64_t j = 0; j < a.nk; ++j)
+    for (int64_t c = 0; c < a.d; c += 16) {
+      store(dk + j * a.dk.ns + c, tail(a.d - c), _mm512_maskz_loadu_ps(tail(a.d - c), dk_acc + j * a.d + c));
+      store(dv + j * a.dv.ns + c, tail(a.d - c), _mm512_maskz_loadu_ps(tail(a.d - c), dv_acc + j * a.d + c));
+    }
+}
+}  // namespace
+
+void attn_small16_forward_cpu(const AttnSmallParams& a) {
+  if (a.b * a.h == 0 || a.nq == 0 || a.nk == 0) return;
+  // as the fp32 way: fewer heads than ~2 per thread also split each head's query blocks
+  const int64_t blocks = (a.nq + a.bq - 1) / a.bq, heads = a.b * a.h;
+  const int64_t parts = std::min(blocks, std::max<int64_t>(1, (2 * omp_get_max_threads() + heads - 1) / heads));
+  const int64_t per = (blocks + parts - 1) / parts;
+  for_heads(a, parts, [&](int64_t bi, int64_t hi, int64_t part, Scratch& sc) {
+    forward_head(a, bi, hi, part * per, std::min(blocks, (part + 1) * per), sc);
+  });
+}
+
+void attn_small16_backward_cpu(const AttnSmallParams& a) {
+  if (a.b * a.h == 0 || a.nq == 0 || a.nk == 0) return;
+  for_heads(a, 1, [&](int64_t bi, int64_t hi, int64_t, Scratch& sc) { backward_head(a, bi, hi, sc); });
+}
+#else
+void attn_small16_forward_cpu(const AttnSmallParams&) {}
+void attn_small16_backward_cpu(const AttnSmallParams&) {}
+#endif
+
+}  // namespace genfast
