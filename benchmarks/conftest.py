@@ -2,7 +2,7 @@
 benchmarks/README.md has an example suite and the options --bench-quick and --bench-malloc).
 
 All impls of a case run in the same run: warm-up (compile time excluded), then interleaved rounds
-with the starting impl rotated, because CPU bandwidth on the 2-core machines swings 33-81 GB/s
+in a shuffled order each round (see _interleave), because CPU bandwidth on the 2-core machines swings 33-81 GB/s
 minutes apart; speedups and %copy are medians of per-round (paired) ratios. CPU: wall clock; GPU:
 CUDA events after a sync. At the end: a table and benchmarks/results/<device>-<commit>.json.
 """
@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -92,17 +93,20 @@ def _warm(clock, fn, warm_s):
 
 
 def _interleave(clock, fns, per_call, st):
-    """Per-call seconds of every round, the impls taking turns (the first one rotates each round)."""
+    """Per-call seconds of every round, the impls taking turns in a fresh (seeded) order each round.
+    Not a rotation: with a fixed cyclic order every impl always ran right after the same neighbour
+    and inherited its cache and heap state (measured: bf16 attention 4.8 ms right after the plain
+    path, 3.2 ms after itself), a bias a shuffled order spreads over all neighbours."""
     inner = {k: max(1, round(st["rep_s"] / per_call[k])) for k in fns}
     rounds = st["budget_s"] / sum(inner[k] * per_call[k] for k in fns)
     rounds = int(min(2000, max(5 if st["quick"] else 11, rounds)))
     names, samples = list(fns), {k: [] for k in fns}
+    order = random.Random(len(names) * 1000 + rounds)  # reproducible per case
     gc_on = gc.isenabled()
     gc.disable()  # a collection inside one impl's repetition is noise, not its cost
     try:
-        for r in range(rounds):
-            for i in range(len(names)):
-                k = names[(r + i) % len(names)]
+        for _ in range(rounds):
+            for k in order.sample(names, len(names)):
                 samples[k].append(clock(fns[k], inner[k]) / inner[k])
     finally:
         if gc_on:
