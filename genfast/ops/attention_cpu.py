@@ -37,7 +37,11 @@ day, so compare within a row):
   bf16 1x8x1024x64       33.0 / 13.9     14.1 / 22.1     13.0 / 4.80    12.6 / 3.97
 
 (2x16x256x72 with --bench-malloc raise, the heap warm: plain 3.70 / 1.51, "heads" 3.44 / 1.15,
-"small" 3.11 / 1.01.) The "small" kernels run ~420-490 GFLOP/s a core on these GEMMs (oneDNN's
+"small" 3.11 / 1.01. In the whole suite, after the fp32 cases, that fwd+bwd case measures "heads"
+and "small" alike at 4.4-5.0 ms and the plain path at 4.0-5.0 (0.98-1.05x, results/*-91eed5d.json):
+the kernels run ~0.7 ms slower when the previous impl has evicted the L3 and q, k, v, p come from
+DRAM, while the plain path's temporaries live in DRAM anyway and its page faults are gone once
+earlier cases have raised glibc's thresholds.) The "small" kernels run ~420-490 GFLOP/s a core on these GEMMs (oneDNN's
 bf16 bmm: 350-460 on the same shapes) and keep the scores of a query block in fp32 in the core's
 L2: no bf16 round trip of s, no second pass to normalise p (p v is scaled per row in the GEMM's
 epilogue), no library call per GEMM. The fp32 table, same command, 2026-11-25:
