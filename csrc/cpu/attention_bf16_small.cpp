@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "attention_fp32.h"
+#include "cpu/attention_small.h"
 #include "cpu/dtype.h"
 #include "cpu/vec512.h"
 
@@ -174,17 +175,7 @@ GENFAST_AVX512 void gemm(int64_t m, int64_t n, int64_t k2, Pairs a, const u32* p
   }
 }
 
-// Key lanes j0..j0+15 of query row i in play: before the causal limit, not padding.
-GENFAST_AVX512 inline __mmask16 keys_on(const AttnSmallParams& a, const uint8_t* m, int64_t i, int64_t j0,
-                                        int64_t nk) {
-  const int64_t limit = a.causal ? std::min<int64_t>(nk, i + 1) : nk;
-  __mmask16 k = tail(limit - j0 > 0 ? limit - j0 : 0);
-  if (m) {
-    const __m128i bytes = _mm_maskz_loadu_epi8(k, m + j0);
-    k &= _mm_test_epi8_mask(bytes, bytes);
-  }
-  return k;
-}
+using small_attn::keys_on;
 
 constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
 

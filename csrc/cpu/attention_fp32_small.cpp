@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "attention_fp32.h"
+#include "cpu/attention_small.h"
 #include "cpu/dtype.h"
 #include "cpu/vec512.h"
 
@@ -109,16 +110,7 @@ GENFAST_AVX512 void gemm_packed(int64_t m, int64_t n, int64_t k_len, View a, con
   }
 }
 
-// Key j is in play for query row i: inside the causal limit and not padding.
-GENFAST_AVX512 inline __mmask16 keys_on(const AttnSmallParams& a, const uint8_t* m, int64_t i, int64_t j0, int64_t nk) {
-  const int64_t limit = a.causal ? std::min<int64_t>(nk, i + 1) : nk;
-  __mmask16 k = tail(limit - j0 > 0 ? limit - j0 : 0);
-  if (m) {
-    const __m128i bytes = _mm_maskz_loadu_epi8(k, m + j0);
-    k &= _mm_test_epi8_mask(bytes, bytes);
-  }
-  return k;
-}
+using small_attn::keys_on;
 
 // Row i of s [nk]: p = softmax(scale s) over the keys in play, written over s; returns lse.
 GENFAST_AVX512 float softmax_row(const AttnSmallParams& a, const uint8_t* m, int64_t i, int64_t nk, float* s) {
