@@ -26,6 +26,7 @@ def cpu_way(use_backend, monkeypatch):
         monkeypatch.setattr(attention_cpu, "FUSED_FROM_KEYS", {})
         monkeypatch.setattr(attention_cpu, "FUSED_BELOW_KEYS", {})
         monkeypatch.setattr(attention_cpu, "CAUSAL_FUSED_FROM_KEYS", {})
+        monkeypatch.setattr(attention_cpu, "SMALL16_FROM_HEADS", 0)  # bf16 "small" with any head count
     return force
 
 
@@ -335,6 +336,10 @@ def test_bf16_routing(monkeypatch):
     monkeypatch.setattr(attention_cpu_fp32, "_SMALL", True)
     assert way(256, 256) == way(17, 77, d=32) == way(4096, 4096, buffers=2) == "small"
     assert way(256, 256, d=33) == "heads" and way(4096, 4096, d=33) == "rows"
+    # fewer (batch, head) pairs than SMALL16_FROM_HEADS per thread: "heads" (measured faster there)
+    few = torch.empty(1, 1, 512, 72, dtype=torch.bfloat16, device="meta")
+    want = "heads" if attention_cpu.SMALL16_FROM_HEADS * torch.get_num_threads() > 1 else "small"
+    assert attention_cpu.variant(few, 512) == want
     monkeypatch.setattr(attention_cpu_fp32, "_SMALL", False)
     assert way(256, 256) == "heads" and way(4096, 4096) == "rows"
 
@@ -351,7 +356,7 @@ def test_bf16_odd_head_dim_matches_reference(use_backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_small_way_under_threads(dtype, use_backend):
+def test_small_way_under_threads(dtype, use_backend, monkeypatch):
     """Concurrent calls (the GIL is released in the C++ call; each OpenMP thread keeps its own
     scratch): bitwise the same results as one call at a time, forward and gradients."""
     from genfast.ops import attention_cpu_fp32
@@ -359,6 +364,7 @@ def test_small_way_under_threads(dtype, use_backend):
     if not attention_cpu_fp32.small_available():
         pytest.skip("the small way needs AVX-512")
     use_backend("cpu")
+    monkeypatch.setattr(attention_cpu, "SMALL16_FROM_HEADS", 0)  # bf16 "small" with one head too
     g = torch.Generator().manual_seed(7)
     cases = [[torch.randn(1, h, n, 40, generator=g).to(dtype).requires_grad_(True) for _ in range(3)]
              for h, n in ((1, 70), (3, 129), (2, 257), (1, 100))]

@@ -26,7 +26,8 @@ machine, benchmarks/test_attention.py):
 
 Which way (FITS / LONG / FUSED_FROM_KEYS / FUSED_BELOW_KEYS below): fp16 takes "sdpa" everywhere,
 fp32 "small" from 64 keys on ("sdpa" below: call overhead), bf16 "small" at every length (an odd
-head dim, or a CPU without AVX-512 BF16: "heads", or "rows" where one head's scores do not fit).
+head dim, a CPU without AVX-512 BF16, or fewer (batch, head) pairs than SMALL16_FROM_HEADS per
+thread: "heads", or "rows" where one head's scores do not fit).
 bf16 per way, GENFAST_BENCH_WAYS=1 pytest benchmarks/test_attention.py -k "attention_forward and
 bf16", 2026-11-26 (ms, fwd+bwd / fwd, one run, glibc's default malloc; the machine ran slow that
 day, so compare within a row):
@@ -139,6 +140,11 @@ SMALL_BLOCK_BYTES = 1 << 20
 # Measured at 256 and 1024 keys: blocks of 128-256 rows beat 32-64 by 5-15 % (fewer passes over
 # the dk / dv sums and fewer B panels), even where they spill the L2.
 SMALL16_BLOCK_BYTES = 4 << 20
+# bf16 takes "small" from this many (batch, head) pairs per thread on; fewer take "heads" / "rows"
+# (the small backward runs a head per thread). 2 threads, ms fwd / bwd, small vs heads:
+# 1x1x512x72 0.32 / 0.57 vs 0.27 / 0.48; 1x2x1024x64 1.50 / 2.28 vs 1.26 / 2.13;
+# 2x2x512x64 0.76 / 1.22 vs 0.73 / 1.39.
+SMALL16_FROM_HEADS = 2
 # Causal cases from this many keys on take torch's fused kernel, which skips the masked half of
 # the scores. Empty: the "small" way skips the keys after each query block's last row too and
 # wins causal cases by 1.5-2.4x (the "onednn" way does not skip: 0.9-1.07x at 1024 keys).
@@ -150,6 +156,11 @@ ONEDNN_FROM_KEYS = 384
 KEEP_P_BYTES = 64 << 20
 
 
+@torch.compiler.assume_constant_result  # a way choice (same numbers either way): no graph break
+def _threads():
+    return torch.get_num_threads()
+
+
 def variant(q, nk, buffers=1, causal=False):
     """'heads', 'rows', 'onednn' or 'sdpa' for q [B, H, Nq, D] against nk keys (buffers: 1 fwd, 2 bwd)."""
     if nk >= FUSED_FROM_KEYS.get(q.dtype, nk + 1) or nk < FUSED_BELOW_KEYS.get(q.dtype, 0):
@@ -158,9 +169,13 @@ def variant(q, nk, buffers=1, causal=False):
         return "sdpa"
     fits = buffers * q.shape[2] * nk * q.element_size() <= SCORE_BYTES
     way = (FITS if fits else LONG).get(q.dtype, "sdpa")
+    if way == "small" and q.dtype == torch.bfloat16 and (
+            not attention_cpu_fp32.small_supports(q.dtype, q.shape[3])
+            or q.shape[0] * q.shape[1] < SMALL16_FROM_HEADS * _threads()):
+        # no AVX-512 BF16, an odd head dim (the kernels read pairs), or too few heads to keep every
+        # thread busy (the small backward runs a head per thread): torch's bf16 GEMMs
+        return "heads" if fits else "rows"
     if way == "small" and not attention_cpu_fp32.small_supports(q.dtype, q.shape[3]):
-        if q.dtype == torch.bfloat16:  # no AVX-512 BF16, or an odd head dim: torch's bf16 GEMMs
-            return "heads" if fits else "rows"
         # fp32 without AVX-512: oneDNN's GEMMs, within the budget
         way = "onednn" if fits and nk >= ONEDNN_FROM_KEYS else "sdpa"
     if way == "onednn" and not (q.dtype == torch.float32 and onednn_available()):
