@@ -5,8 +5,9 @@
 // every operand is read as 32-bit words holding two consecutive-k elements:
 //   A (broadcast): the word of row r at pair kk sits at a.p + r * rs + kk * cs (two adjacent bf16);
 //   B (packed):    panels of w columns, [panel][pair][w] words, zero-padded; w = panel_width(N):
-//                  head dims up to 80 (72: DiT-XL/2, PixArt) in ONE register block of 16 w / 16
-//                  vectors, where 32-column panels left a 16-column tail at half the rate.
+//                  head dims up to 80 in ONE register block of 16-column vectors plus, for 8
+//                  past a multiple of 16 (72: DiT-XL/2, PixArt), one 8-column (ymm) vector; with
+//                  32-column panels 72 had left a 16-column tail at half the rate.
 // Operands whose pairs are not adjacent in memory (p^T and ds^T for dv and dk, whose inner
 // dimension is the query rows) are written pair-interleaved by the softmax backward rows
 // ([row pair][key] words), so no GEMM reads a transposed view.
@@ -41,7 +42,7 @@ struct Pairs {  // an A operand: see the file comment
   int64_t rs, cs;
 };
 
-inline int64_t panel_width(int64_t n) { return n <= 80 ? std::max<int64_t>(16, (n + 15) / 16 * 16) : 32; }
+inline int64_t panel_width(int64_t n) { return n <= 80 ? std::max<int64_t>(8, (n + 7) / 8 * 8) : 32; }
 inline int64_t padded(int64_t n, int64_t w) { return (n + w - 1) / w * w; }
 inline int64_t pairs(int64_t n) { return (n + 1) / 2; }
 inline int64_t even(int64_t n) { return n + (n & 1); }
@@ -97,34 +98,43 @@ GENFAST_AVX512 inline __m512bh bcast(const u16* p) {
   return (__m512bh)_mm512_set1_epi32(static_cast<int>(w));
 }
 
-// C[0:ROWS, 0:nr] (+)= A[0:ROWS, pairs 0:k2] B-panel (NV vectors of 16 columns, nr <= 16 * NV;
-// vectors wholly past nr compute zeros that are not stored). CT float: fp32 (acc_c adds to C);
-// CT BFloat16: rounded to bf16, row r first scaled by row_scale[r] when given.
-template <int ROWS, int NV, typename CT>
+// C[0:ROWS, 0:nr] (+)= A[0:ROWS, pairs 0:k2] B-panel of NF vectors of 16 columns and, with HALF,
+// one of 8 (ymm: head dims 8 past a multiple of 16, 72 above all, pay for 8 columns, not 16);
+// nr <= panel width, vectors wholly past nr compute zeros that are not stored. CT float: fp32
+// (acc_c adds to C); CT BFloat16: rounded to bf16, row r first scaled by row_scale[r] when given.
+template <int ROWS, int NF, bool HALF, typename CT>
 GENFAST_AVX512 void micro(int64_t k2, Pairs a, const u32* pb, CT* c, int64_t ldc, int64_t nr, bool acc_c,
                           const float* row_scale) {
-  constexpr int64_t w = 16 * NV;
-  __m512 acc[ROWS][NV];
+  constexpr int64_t w = 16 * NF + (HALF ? 8 : 0);
+  __m512 acc[ROWS][NF > 0 ? NF : 1];
+  __m256 acc_h[ROWS];
 #pragma GCC unroll 12
-  for (int r = 0; r < ROWS; ++r)
+  for (int r = 0; r < ROWS; ++r) {
 #pragma GCC unroll 5
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NF; ++v) acc[r][v] = _mm512_setzero_ps();
+    acc_h[r] = _mm256_setzero_ps();
+  }
   for (int64_t kk = 0; kk < k2; ++kk) {
-    __m512bh b[NV];
+    __m512bh b[NF > 0 ? NF : 1];
 #pragma GCC unroll 5
-    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(pb + kk * w + 16 * v);
+    for (int v = 0; v < NF; ++v) b[v] = (__m512bh)_mm512_loadu_si512(pb + kk * w + 16 * v);
+    __m256bh bh{};
+    if constexpr (HALF) bh = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + kk * w + 16 * NF));
     const u16* ak = a.p + kk * a.cs;
 #pragma GCC unroll 12
     for (int r = 0; r < ROWS; ++r) {
       const __m512bh x = bcast(ak + r * a.rs);
 #pragma GCC unroll 5
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], x, b[v]);
+      for (int v = 0; v < NF; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], x, b[v]);
+      if constexpr (HALF) acc_h[r] = _mm256_dpbf16_ps(acc_h[r], (__m256bh)_mm512_castsi512_si256((__m512i)x), bh);
     }
   }
+  const int64_t half_lanes = nr - 16 * NF;  // of the 8-column vector
+  const __mmask8 th = half_lanes <= 0 ? 0 : half_lanes >= 8 ? 0xff : static_cast<__mmask8>((1u << half_lanes) - 1);
 #pragma GCC unroll 12
-  for (int r = 0; r < ROWS; ++r)
+  for (int r = 0; r < ROWS; ++r) {
 #pragma GCC unroll 5
-    for (int v = 0; v < NV; ++v) {
+    for (int v = 0; v < NF; ++v) {
       if (16 * v >= nr) break;
       const __mmask16 t = tail(nr - 16 * v);
       CT* cp = c + r * ldc + 16 * v;
@@ -133,31 +143,42 @@ GENFAST_AVX512 void micro(int64_t k2, Pairs a, const u32* pb, CT* c, int64_t ldc
       else
         store(cp, t, row_scale ? _mm512_mul_ps(acc[r][v], _mm512_set1_ps(row_scale[r])) : acc[r][v]);
     }
+    if constexpr (HALF) {
+      CT* cp = c + r * ldc + 16 * NF;
+      if constexpr (sizeof(CT) == 4) {
+        _mm256_mask_storeu_ps(cp, th, acc_c ? _mm256_add_ps(acc_h[r], _mm256_maskz_loadu_ps(th, cp)) : acc_h[r]);
+      } else {
+        const __m256 y = row_scale ? _mm256_mul_ps(acc_h[r], _mm256_set1_ps(row_scale[r])) : acc_h[r];
+        _mm_mask_storeu_epi16(cp, th, reinterpret_cast<__m128i>(_mm256_cvtneps_pbh(y)));
+      }
+    }
+  }
 }
 
-// Rows of C per register block for NV vectors of columns: ROWS x NV accumulators <= 25 of the 32
-// zmm registers (with NV B vectors and a broadcast), at least ~12 in flight for vdpbf16ps.
+// Rows of C per register block for NV vectors of columns (an 8-column one counts as one):
+// ROWS x NV accumulators <= 25 of the 32 zmm registers (with NV B vectors and a broadcast), at
+// least ~12 in flight for vdpbf16ps.
 template <int NV>
 constexpr int kRows = NV <= 2 ? 12 : NV == 3 ? 8 : NV == 4 ? 6 : 5;
 
-template <int R, int NV, typename CT>
+template <int R, int NF, bool HALF, typename CT>
 GENFAST_AVX512 void micro_rows(int64_t rows, int64_t k2, Pairs a, const u32* pb, CT* c, int64_t ldc, int64_t nr,
                                bool acc_c, const float* row_scale) {
   if constexpr (R > 1)  // the row tail of C gets its own register block
-    if (rows < R) return micro_rows<R - 1, NV, CT>(rows, k2, a, pb, c, ldc, nr, acc_c, row_scale);
-  micro<R, NV, CT>(k2, a, pb, c, ldc, nr, acc_c, row_scale);
+    if (rows < R) return micro_rows<R - 1, NF, HALF, CT>(rows, k2, a, pb, c, ldc, nr, acc_c, row_scale);
+  micro<R, NF, HALF, CT>(k2, a, pb, c, ldc, nr, acc_c, row_scale);
 }
 
-template <int NV, typename CT>
+template <int NF, bool HALF, typename CT>
 GENFAST_AVX512 void gemm_nv(int64_t m, int64_t n, int64_t k2, Pairs a, const u32* pack, int64_t packed_k2, CT* c,
                             int64_t ldc, bool acc_c, const float* row_scale) {
-  constexpr int64_t w = 16 * NV, mr = kRows<NV>;
+  constexpr int64_t w = 16 * NF + (HALF ? 8 : 0), mr = kRows<NF + (HALF ? 1 : 0)>;
   for (int64_t n0 = 0; n0 < n; n0 += w) {
     const u32* pb = pack + (n0 / w) * packed_k2 * w;
     const int64_t nr = std::min(w, n - n0);
     for (int64_t m0 = 0; m0 < m; m0 += mr)
-      micro_rows<mr, NV, CT>(std::min(mr, m - m0), k2, Pairs{a.p + m0 * a.rs, a.rs, a.cs}, pb, c + m0 * ldc + n0, ldc,
-                             nr, acc_c, row_scale ? row_scale + m0 : nullptr);
+      micro_rows<mr, NF, HALF, CT>(std::min(mr, m - m0), k2, Pairs{a.p + m0 * a.rs, a.rs, a.cs}, pb,
+                                   c + m0 * ldc + n0, ldc, nr, acc_c, row_scale ? row_scale + m0 : nullptr);
   }
 }
 
@@ -166,12 +187,13 @@ GENFAST_AVX512 void gemm_nv(int64_t m, int64_t n, int64_t k2, Pairs a, const u32
 template <typename CT>
 GENFAST_AVX512 void gemm(int64_t m, int64_t n, int64_t k2, Pairs a, const u32* pack, int64_t packed_k2, int64_t w,
                          CT* c, int64_t ldc, bool acc_c = false, const float* row_scale = nullptr) {
-  switch (w / 16) {
-    case 1: return gemm_nv<1, CT>(m, n, k2, a, pack, packed_k2, c, ldc, acc_c, row_scale);
-    case 2: return gemm_nv<2, CT>(m, n, k2, a, pack, packed_k2, c, ldc, acc_c, row_scale);
-    case 3: return gemm_nv<3, CT>(m, n, k2, a, pack, packed_k2, c, ldc, acc_c, row_scale);
-    case 4: return gemm_nv<4, CT>(m, n, k2, a, pack, packed_k2, c, ldc, acc_c, row_scale);
-    default: return gemm_nv<5, CT>(m, n, k2, a, pack, packed_k2, c, ldc, acc_c, row_scale);
+  switch (w) {
+#define GENFAST_W_CASE(W) \
+  case W: return gemm_nv<W / 16, W % 16 != 0, CT>(m, n, k2, a, pack, packed_k2, c, ldc, acc_c, row_scale);
+    GENFAST_W_CASE(8) GENFAST_W_CASE(16) GENFAST_W_CASE(24) GENFAST_W_CASE(32) GENFAST_W_CASE(40)
+    GENFAST_W_CASE(48) GENFAST_W_CASE(56) GENFAST_W_CASE(64) GENFAST_W_CASE(72)
+#undef GENFAST_W_CASE
+    default: return gemm_nv<5, false, CT>(m, n, k2, a, pack, packed_k2, c, ldc, acc_c, row_scale);
   }
 }
 
