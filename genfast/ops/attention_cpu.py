@@ -162,7 +162,8 @@ def _threads():
 
 
 def variant(q, nk, buffers=1, causal=False):
-    """'heads', 'rows', 'onednn' or 'sdpa' for q [B, H, Nq, D] against nk keys (buffers: 1 fwd, 2 bwd)."""
+    """'small', 'heads', 'rows', 'onednn' or 'sdpa' for q [B, H, Nq, D] against nk keys (buffers: 1
+    fwd, 2 bwd)."""
     if nk >= FUSED_FROM_KEYS.get(q.dtype, nk + 1) or nk < FUSED_BELOW_KEYS.get(q.dtype, 0):
         return "sdpa"
     if causal and nk >= CAUSAL_FUSED_FROM_KEYS.get(q.dtype, nk + 1):
