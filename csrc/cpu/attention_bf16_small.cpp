@@ -225,8 +225,10 @@ GENFAST_AVX512 float softmax_row(const AttnSmallParams& a, const uint8_t* m, int
                                  BFloat16* p16, BFloat16* keep, float* inv) {
   const __m512 c2 = _mm512_set1_ps(a.scale * kLog2e), ninf = _mm512_set1_ps(-kInf);
   __m512 vmax = ninf;
-  for (int64_t j = 0; j < nk; j += 16)
-    vmax = _mm512_max_ps(vmax, _mm512_mask_mul_ps(ninf, keys_on(a, m, i, j, nk), _mm512_maskz_loadu_ps(tail(nk - j), s + j), c2));
+  for (int64_t j = 0; j < nk; j += 16) {
+    const __m512 x = _mm512_maskz_loadu_ps(tail(nk - j), s + j);
+    vmax = _mm512_max_ps(vmax, _mm512_mask_mul_ps(ninf, keys_on(a, m, i, j, nk), x, c2));
+  }
   const float mx = _mm512_reduce_max_ps(vmax);
   if (mx == -kInf) {  // no key: p = 0, lse = +inf
     for (int64_t j = 0; j < even(nk); j += 16) store(p16 + j, tail(even(nk) - j), _mm512_setzero_ps());
