@@ -53,6 +53,11 @@ def overlaps(a, *others):
     return False
 
 
+def unit_last(t):
+    """t, or a contiguous copy where its last dim is strided (kernels that read rows as vectors)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def rows_strides(t):
     """(row stride, column stride) of t seen as [rows, cols] (rows = dim 0, cols = the rest merged)
     without a copy, or None when the non-batch dims cannot merge into one strided dim. Plain ints:

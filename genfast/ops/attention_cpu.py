@@ -116,7 +116,7 @@ import torch
 
 from genfast import _native
 from genfast.ops import attention_cpu_fp32
-from genfast.ops._common import DTYPE_CODE, reused_buffer
+from genfast.ops._common import DTYPE_CODE, reused_buffer, unit_last
 from genfast.ops.linear import onednn_available
 
 # Score buffers a call may hold (see the module docstring). Measured: 4-16 MiB chunks run the
@@ -253,10 +253,6 @@ def _scores(shape, dtype, device):
                     _workspace[key] = buf
 
 
-def _unit_last(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _additive_mask(mask, dtype):
     # [B, 1, 1, Nk]: 0 where a key is real, -inf on padding (the fused kernel wants q's dtype).
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))[:, None, None, :]
@@ -306,7 +302,7 @@ def forward(q, k, v, mask, causal, scale, fully_masked, out, keep_p=False):
     if way == "sdpa":
         am = _additive_mask(mask, q.dtype) if mask is not None else None
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            _unit_last(q), _unit_last(k), _unit_last(v), 0.0, causal, attn_mask=am, scale=scale)
+            unit_last(q), unit_last(k), unit_last(v), 0.0, causal, attn_mask=am, scale=scale)
         if o.stride() == out.stride():
             out = o  # the kernel wrote the layout the op promises (q's): no copy, no fresh pages touched
         else:
@@ -389,7 +385,7 @@ def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None):
     if way == "sdpa":
         am = _additive_mask(mask, q.dtype) if mask is not None else None
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out), lse, 0.0, causal,
+            unit_last(dout), unit_last(q), unit_last(k), unit_last(v), unit_last(out), lse, 0.0, causal,
             attn_mask=am, scale=scale)
         return dq, dk, dv
     if way in ("onednn", "small"):  # gradients straight into the fused kernel's layout (may_use_fused(fp32))

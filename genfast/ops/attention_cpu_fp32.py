@@ -31,7 +31,7 @@ attention_cpu.SCORE_BYTES (variant() sends larger heads to torch's fused kernel)
 import torch
 
 from genfast import _native
-from genfast.ops._common import DTYPE_CODE
+from genfast.ops._common import DTYPE_CODE, unit_last
 from genfast.ops.linear import gemm_nt  # the "onednn" way's GEMMs are genfast.ops.linear's
 
 _FP32 = DTYPE_CODE[torch.float32]
@@ -138,10 +138,6 @@ def _small_args(q, k, v, mask, causal, scale, block_bytes):
             _spec_in(q), _spec_in(k), _spec_in(v))
 
 
-def _unit_last(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 # bf16 (csrc/cpu/attention_bf16_small.cpp): the same structure on AVX-512 BF16 dot products, which
 # read q, k, v and dout rows as element pairs (unit last strides: other layouts are copied first).
 # Per query row of a block a thread holds 18 bytes per key: fp32 scores and dp, bf16 ds, and p^T /
@@ -155,7 +151,7 @@ def small_forward(q, k, v, mask, causal, scale, out, block_bytes, p_keep=None):
     holds at most block_bytes of score blocks (and keeps them for the next call)."""
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     if q.dtype == torch.bfloat16:
-        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+        q, k, v = unit_last(q), unit_last(k), unit_last(v)
         _native.module("_C").attn_small16_forward(*_small_args(q, k, v, mask, causal, scale, block_bytes),
                                                   _spec_out(out), lse.data_ptr(),
                                                   p_keep.data_ptr() if p_keep is not None else 0)
@@ -170,7 +166,7 @@ def small_backward(dout, q, k, v, out, lse, mask, causal, scale, grads, block_by
     unit last strides; p (bf16 only): the forward's p_keep."""
     lse = lse.contiguous()
     if q.dtype == torch.bfloat16:
-        dout, q, k, v = (_unit_last(t) for t in (dout, q, k, v))
+        dout, q, k, v = (unit_last(t) for t in (dout, q, k, v))
         _native.module("_C").attn_small16_backward(*_small_args(q, k, v, mask, causal, scale, block_bytes),
                                                    _spec_in(dout), lse.data_ptr(), p.data_ptr() if p is not None else 0,
                                                    *[_spec_out(t) for t in grads])

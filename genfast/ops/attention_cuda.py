@@ -17,7 +17,7 @@ import contextlib
 import torch
 
 from genfast import _native, backends
-from genfast.ops._common import cuda_stream
+from genfast.ops._common import cuda_stream, unit_last
 
 MAX_HEAD_DIM = 128
 _CODES = {torch.float16: 1, torch.bfloat16: 2}
@@ -50,10 +50,6 @@ def _on_device(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _dense_last(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _mask_args(mask):
     if mask is None:
         return 0, (0, 0), None
@@ -62,7 +58,7 @@ def _mask_args(mask):
 
 
 def forward(backend, q, k, v, mask, causal, scale, out=None):
-    q, k, v = (_dense_last(t) for t in (q, k, v))
+    q, k, v = (unit_last(t) for t in (q, k, v))
     b, h, nq, d = q.shape
     if out is None:
         out = torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
@@ -79,9 +75,9 @@ def forward(backend, q, k, v, mask, causal, scale, out=None):
 
 
 def backward(backend, dout, q, k, v, out, lse, mask, causal, scale):
-    q, k, v, dout = (_dense_last(t) for t in (q, k, v, dout))
+    q, k, v, dout = (unit_last(t) for t in (q, k, v, dout))
     b, h, nq, d = q.shape
-    out = _dense_last(out)
+    out = unit_last(out)
     delta = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)  # rowsum(dO * O), by the first kernel
     lse = lse.to(torch.float32).contiguous()
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
