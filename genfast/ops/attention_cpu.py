@@ -170,15 +170,14 @@ def variant(q, nk, buffers=1, causal=False):
         return "sdpa"
     fits = buffers * q.shape[2] * nk * q.element_size() <= SCORE_BYTES
     way = (FITS if fits else LONG).get(q.dtype, "sdpa")
-    if way == "small" and q.dtype == torch.bfloat16 and (
-            not attention_cpu_fp32.small_supports(q.dtype, q.shape[3])
-            or q.shape[0] * q.shape[1] < SMALL16_FROM_HEADS * _threads()):
-        # no AVX-512 BF16, an odd head dim (the kernels read pairs), or too few heads to keep every
-        # thread busy (the small backward runs a head per thread): torch's bf16 GEMMs
-        return "heads" if fits else "rows"
-    if way == "small" and not attention_cpu_fp32.small_supports(q.dtype, q.shape[3]):
-        # fp32 without AVX-512: oneDNN's GEMMs, within the budget
-        way = "onednn" if fits and nk >= ONEDNN_FROM_KEYS else "sdpa"
+    if way == "small":
+        supported = attention_cpu_fp32.small_supports(q.dtype, q.shape[3])
+        if q.dtype == torch.bfloat16 and (not supported or q.shape[0] * q.shape[1] < SMALL16_FROM_HEADS * _threads()):
+            # no AVX-512 BF16, an odd head dim (the kernels read pairs), or too few heads to keep
+            # every thread busy (the small backward runs a head per thread): torch's bf16 GEMMs
+            return "heads" if fits else "rows"
+        if not supported:  # fp32 without AVX-512: oneDNN's GEMMs, within the budget
+            way = "onednn" if fits and nk >= ONEDNN_FROM_KEYS else "sdpa"
     if way == "onednn" and not (q.dtype == torch.float32 and onednn_available()):
         way = "sdpa"  # fp32 only; a torch build without oneDNN keeps the fused kernel
     return way
