@@ -213,6 +213,10 @@ AttnHeadOut attn_head_out(const std::vector<int64_t>& t) {
   if (t.size() != 4) throw py::value_error("genfast: attention output spec must be (ptr, sB, sH, sN)");
   return AttnHeadOut{reinterpret_cast<void*>(static_cast<uintptr_t>(t[0])), t[1], t[2], t[3]};
 }
+void check_small_dtype(int32_t dtype) {
+  if (dtype != kFloat32 && dtype != kBFloat16)
+    throw py::value_error("genfast: the small attention way takes fp32 or bf16");
+}
 AttnSmallParams attn_small_params(const std::vector<int64_t>& sizes, double scale, bool causal, uintptr_t mask,
                                   int64_t mask_bs, const std::vector<int64_t>& q, const std::vector<int64_t>& k,
                                   const std::vector<int64_t>& v, uintptr_t lse) {
@@ -281,45 +285,39 @@ void bind_all(py::module_& m) {
         py::arg("dpt"), py::arg("nk"), py::arg("nq"), py::arg("q0"), py::arg("scale"), py::arg("causal"),
         py::arg("mask"), py::arg("lse"), py::arg("delta"));
   m.def("attn_small_supported", &attn_small_supported);
+  // One binding per direction for both dtypes: fp32 (attn_small_*_cpu, reads delta) and bf16
+  // (attn_small16_*_cpu, reads or fills p_keep); the pointer the other dtype uses is 0.
   m.def("attn_small_forward", [](const std::vector<int64_t>& sizes, double scale, bool causal, uintptr_t mask,
                                  int64_t mask_bs, const std::vector<int64_t>& q, const std::vector<int64_t>& k,
-                                 const std::vector<int64_t>& v, const std::vector<int64_t>& out, uintptr_t lse) {
-    AttnSmallParams a = attn_small_params(sizes, scale, causal, mask, mask_bs, q, k, v, lse);
-    a.out = attn_head_out(out);
-    py::gil_scoped_release nogil;
-    attn_small_forward_cpu(a);
-  }, "fp32 attention forward, all heads in one call (csrc/attention_fp32.h).");
-  m.def("attn_small_backward", [](const std::vector<int64_t>& sizes, double scale, bool causal, uintptr_t mask,
-                                  int64_t mask_bs, const std::vector<int64_t>& q, const std::vector<int64_t>& k,
-                                  const std::vector<int64_t>& v, const std::vector<int64_t>& dout, uintptr_t lse,
-                                  uintptr_t delta, const std::vector<int64_t>& dq, const std::vector<int64_t>& dk,
-                                  const std::vector<int64_t>& dv) {
-    AttnSmallParams a = attn_small_params(sizes, scale, causal, mask, mask_bs, q, k, v, lse);
-    a.dout = attn_head_in(dout), a.delta = reinterpret_cast<const float*>(delta);
-    a.dq = attn_head_out(dq), a.dk = attn_head_out(dk), a.dv = attn_head_out(dv);
-    py::gil_scoped_release nogil;
-    attn_small_backward_cpu(a);
-  }, "fp32 attention backward, all heads in one call (csrc/attention_fp32.h).");
-  m.def("attn_small16_forward", [](const std::vector<int64_t>& sizes, double scale, bool causal, uintptr_t mask,
-                                   int64_t mask_bs, const std::vector<int64_t>& q, const std::vector<int64_t>& k,
-                                   const std::vector<int64_t>& v, const std::vector<int64_t>& out, uintptr_t lse,
-                                   uintptr_t p_keep) {
+                                 const std::vector<int64_t>& v, const std::vector<int64_t>& out, uintptr_t lse,
+                                 int32_t dtype, uintptr_t p_keep) {
+    check_small_dtype(dtype);
     AttnSmallParams a = attn_small_params(sizes, scale, causal, mask, mask_bs, q, k, v, lse);
     a.out = attn_head_out(out), a.p_keep = reinterpret_cast<void*>(p_keep);
     py::gil_scoped_release nogil;
-    attn_small16_forward_cpu(a);
-  }, "bf16 attention forward, all heads in one call; p_keep: 0 or p's [B*H, Nq, Nk] buffer (csrc/attention_fp32.h).");
-  m.def("attn_small16_backward", [](const std::vector<int64_t>& sizes, double scale, bool causal, uintptr_t mask,
-                                    int64_t mask_bs, const std::vector<int64_t>& q, const std::vector<int64_t>& k,
-                                    const std::vector<int64_t>& v, const std::vector<int64_t>& dout, uintptr_t lse,
-                                    uintptr_t p_keep, const std::vector<int64_t>& dq, const std::vector<int64_t>& dk,
-                                    const std::vector<int64_t>& dv) {
+    if (dtype == kBFloat16)
+      attn_small16_forward_cpu(a);
+    else
+      attn_small_forward_cpu(a);
+  }, "fp32 / bf16 attention forward, all heads in one call; p_keep (bf16): 0 or p's [B*H, Nq, Nk] buffer "
+     "(csrc/attention_fp32.h).");
+  m.def("attn_small_backward", [](const std::vector<int64_t>& sizes, double scale, bool causal, uintptr_t mask,
+                                  int64_t mask_bs, const std::vector<int64_t>& q, const std::vector<int64_t>& k,
+                                  const std::vector<int64_t>& v, const std::vector<int64_t>& dout, uintptr_t lse,
+                                  uintptr_t delta, uintptr_t p_keep, const std::vector<int64_t>& dq,
+                                  const std::vector<int64_t>& dk, const std::vector<int64_t>& dv, int32_t dtype) {
+    check_small_dtype(dtype);
     AttnSmallParams a = attn_small_params(sizes, scale, causal, mask, mask_bs, q, k, v, lse);
-    a.dout = attn_head_in(dout), a.p_keep = reinterpret_cast<void*>(p_keep);
+    a.dout = attn_head_in(dout), a.delta = reinterpret_cast<const float*>(delta);
+    a.p_keep = reinterpret_cast<void*>(p_keep);
     a.dq = attn_head_out(dq), a.dk = attn_head_out(dk), a.dv = attn_head_out(dv);
     py::gil_scoped_release nogil;
-    attn_small16_backward_cpu(a);
-  }, "bf16 attention backward, all heads in one call; p_keep: 0 (recompute) or the forward's p (csrc/attention_fp32.h).");
+    if (dtype == kBFloat16)
+      attn_small16_backward_cpu(a);
+    else
+      attn_small_backward_cpu(a);
+  }, "fp32 / bf16 attention backward, all heads in one call; delta (fp32) rowsum(dout * out); p_keep (bf16): 0 "
+     "(recompute) or the forward's p (csrc/attention_fp32.h).");
   m.def("gelu_tanh", [](uintptr_t x, uintptr_t y, int64_t n, int32_t dtype) {
           py::gil_scoped_release nogil;
           gelu_tanh_cpu(reinterpret_cast<const void*>(x), reinterpret_cast<void*>(y), n, dtype);

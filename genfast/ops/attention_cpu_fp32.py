@@ -152,26 +152,24 @@ def small_forward(q, k, v, mask, causal, scale, out, block_bytes, p_keep=None):
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     if q.dtype == torch.bfloat16:
         q, k, v = unit_last(q), unit_last(k), unit_last(v)
-        _native.module("_C").attn_small16_forward(*_small_args(q, k, v, mask, causal, scale, block_bytes),
-                                                  _spec_out(out), lse.data_ptr(),
-                                                  p_keep.data_ptr() if p_keep is not None else 0)
-        return out, lse
     _native.module("_C").attn_small_forward(*_small_args(q, k, v, mask, causal, scale, block_bytes), _spec_out(out),
-                                            lse.data_ptr())
+                                            lse.data_ptr(), DTYPE_CODE[q.dtype],
+                                            p_keep.data_ptr() if p_keep is not None else 0)
     return out, lse
 
 
 def small_backward(dout, q, k, v, out, lse, mask, causal, scale, grads, block_bytes, p=None):
     """As backward(), all heads in one call (dk, dv summed over the query blocks in fp32). grads need
-    unit last strides; p (bf16 only): the forward's p_keep."""
+    unit last strides; p (bf16 only): the forward's p_keep. fp32 takes delta = rowsum(dout * out)
+    up front; bf16 sums p dp in its own rows."""
     lse = lse.contiguous()
+    delta = None
     if q.dtype == torch.bfloat16:
         dout, q, k, v = (unit_last(t) for t in (dout, q, k, v))
-        _native.module("_C").attn_small16_backward(*_small_args(q, k, v, mask, causal, scale, block_bytes),
-                                                   _spec_in(dout), lse.data_ptr(), p.data_ptr() if p is not None else 0,
-                                                   *[_spec_out(t) for t in grads])
-        return tuple(grads)
-    delta = torch.linalg.vecdot(dout, out).contiguous()
+    else:
+        delta = torch.linalg.vecdot(dout, out).contiguous()
     _native.module("_C").attn_small_backward(*_small_args(q, k, v, mask, causal, scale, block_bytes), _spec_in(dout),
-                                             lse.data_ptr(), delta.data_ptr(), *[_spec_out(t) for t in grads])
+                                             lse.data_ptr(), delta.data_ptr() if delta is not None else 0,
+                                             p.data_ptr() if p is not None else 0, *[_spec_out(t) for t in grads],
+                                             DTYPE_CODE[q.dtype])
     return tuple(grads)
