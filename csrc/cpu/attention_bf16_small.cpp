@@ -282,20 +282,7 @@ struct Scratch {
   }
 };
 
-template <typename F>
-void for_heads(const AttnSmallParams& a, int64_t parts, F&& body) {
-#pragma omp parallel
-  {
-    static thread_local Scratch scratch;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t w = 0; w < a.b * a.h * parts; ++w) {
-      const int64_t g = w / parts;
-      body(g / a.h, g % a.h, w % parts, scratch);
-    }
-  }
-}
-
-inline int64_t block_keys(const AttnSmallParams& a, int64_t i1) { return a.causal ? std::min(a.nk, i1) : a.nk; }
+using small_attn::block_keys;
 
 GENFAST_AVX512 void forward_head(const AttnSmallParams& a, int64_t bi, int64_t hi, int64_t first, int64_t last,
                                  Scratch& sc) {
@@ -418,18 +405,17 @@ GENFAST_AVX512 void backward_head(const AttnSmallParams& a, int64_t bi, int64_t 
 
 void attn_small16_forward_cpu(const AttnSmallParams& a) {
   if (a.b * a.h == 0 || a.nq == 0 || a.nk == 0) return;
-  // as the fp32 way: fewer heads than ~2 per thread also split each head's query blocks
-  const int64_t blocks = (a.nq + a.bq - 1) / a.bq, heads = a.b * a.h;
-  const int64_t parts = std::min(blocks, std::max<int64_t>(1, (2 * omp_get_max_threads() + heads - 1) / heads));
-  const int64_t per = (blocks + parts - 1) / parts;
-  for_heads(a, parts, [&](int64_t bi, int64_t hi, int64_t part, Scratch& sc) {
-    forward_head(a, bi, hi, part * per, std::min(blocks, (part + 1) * per), sc);
+  small_attn::for_query_parts<Scratch>(a, [&](int64_t bi, int64_t hi, int64_t first, int64_t last, Scratch& sc) {
+    forward_head(a, bi, hi, first, last, sc);
   });
 }
 
 void attn_small16_backward_cpu(const AttnSmallParams& a) {
   if (a.b * a.h == 0 || a.nq == 0 || a.nk == 0) return;
-  for_heads(a, 1, [&](int64_t bi, int64_t hi, int64_t, Scratch& sc) { backward_head(a, bi, hi, sc); });
+  // dk and dv sum over all query blocks of a head: one thread per head
+  small_attn::for_heads<Scratch>(a, 1, [&](int64_t bi, int64_t hi, int64_t, Scratch& sc) {
+    backward_head(a, bi, hi, sc);
+  });
 }
 #else
 void attn_small16_forward_cpu(const AttnSmallParams&) {}

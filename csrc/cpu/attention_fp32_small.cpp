@@ -170,27 +170,19 @@ int64_t pack_floats(const AttnSmallParams& a) {
   return 2 * padded(a.nk) * a.d + 2 * padded(a.d) * std::max(a.nk, a.bq);
 }
 
-// Keys a block of query rows [i0, i1) needs: all, or under the causal mask only 0 .. i1 - 1.
-inline int64_t block_keys(const AttnSmallParams& a, int64_t i1) { return a.causal ? std::min(a.nk, i1) : a.nk; }
+using small_attn::block_keys;
 
-// body(bi, hi, part, s, pack) for every head and each of its `parts` ranges of query blocks. Each
-// thread's score blocks and B panels are kept between calls (OpenMP threads persist): no fresh
-// pages a call; bounded by bq (attention_cpu.py SMALL_BLOCK_BYTES) and O(Nk D) panels.
-template <typename F>
-void for_heads(const AttnSmallParams& a, int64_t score_blocks, int64_t parts, F&& body) {
-#pragma omp parallel
-  {
-    static thread_local std::vector<float> scores, pack;
+// A thread's score blocks and B panels (small_attn::for_heads keeps them between calls), bounded
+// by bq (attention_cpu.py SMALL_BLOCK_BYTES) and O(Nk D) panels.
+struct Scratch {
+  std::vector<float> scores, pack;
+  // score_blocks [bq, Nk] blocks (1 forward, 2 backward) and the panels of pack_floats(a)
+  void fit(const AttnSmallParams& a, int64_t score_blocks) {
     const size_t ns = static_cast<size_t>(score_blocks * a.bq * a.nk), np = static_cast<size_t>(pack_floats(a));
     if (scores.size() < ns) scores.resize(ns);
     if (pack.size() < np) pack.resize(np);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t w = 0; w < a.b * a.h * parts; ++w) {
-      const int64_t g = w / parts;
-      body(g / a.h, g % a.h, w % parts, scores.data(), pack.data());
-    }
   }
-}
+};
 
 // Query blocks first .. last - 1 of one head (k^T and v packed once for them).
 GENFAST_AVX512 void forward_head(const AttnSmallParams& a, int64_t bi, int64_t hi, int64_t first, int64_t last,
@@ -248,21 +240,18 @@ bool attn_small_supported() { return vec512::cpu_has_avx512_bf16(); }
 
 void attn_small_forward_cpu(const AttnSmallParams& a) {
   if (a.b * a.h == 0 || a.nq == 0 || a.nk == 0) return;
-  // Fewer heads than ~2 per thread: also split each head's query blocks (independent in the
-  // forward; each part packs k and v again), so that no thread idles on a single-head call.
-  const int64_t blocks = (a.nq + a.bq - 1) / a.bq, heads = a.b * a.h;
-  const int64_t parts = std::min(blocks, std::max<int64_t>(1, (2 * omp_get_max_threads() + heads - 1) / heads));
-  const int64_t per = (blocks + parts - 1) / parts;
-  for_heads(a, 1, parts, [&](int64_t bi, int64_t hi, int64_t part, float* s, float* pack) {
-    forward_head(a, bi, hi, part * per, std::min(blocks, (part + 1) * per), s, pack);
+  small_attn::for_query_parts<Scratch>(a, [&](int64_t bi, int64_t hi, int64_t first, int64_t last, Scratch& sc) {
+    sc.fit(a, 1);
+    forward_head(a, bi, hi, first, last, sc.scores.data(), sc.pack.data());
   });
 }
 
 void attn_small_backward_cpu(const AttnSmallParams& a) {
   if (a.b * a.h == 0 || a.nq == 0 || a.nk == 0) return;
   // dk and dv sum over all query blocks of a head: one thread per head
-  for_heads(a, 2, 1, [&](int64_t bi, int64_t hi, int64_t, float* s, float* pack) {
-    backward_head(a, bi, hi, s, pack);
+  small_attn::for_heads<Scratch>(a, 1, [&](int64_t bi, int64_t hi, int64_t, Scratch& sc) {
+    sc.fit(a, 2);
+    backward_head(a, bi, hi, sc.scores.data(), sc.pack.data());
   });
 }
 #else

@@ -1,6 +1,9 @@
 // Shared by the fp32 and bf16 "small" CPU attention ways (attention_fp32_small.cpp,
-// attention_bf16_small.cpp): which keys a query row attends to.
+// attention_bf16_small.cpp): which keys a query row attends to, and how heads and query blocks are
+// spread over the OpenMP threads.
 #pragma once
+#include <omp.h>
+
 #include <algorithm>
 #include <cstdint>
 
@@ -20,6 +23,38 @@ GENFAST_AVX512 inline __mmask16 keys_on(const AttnSmallParams& a, const uint8_t*
     k &= _mm_test_epi8_mask(bytes, bytes);
   }
   return k;
+}
+
+// Keys a block of query rows [i0, i1) needs: all, or under the causal mask only 0 .. i1 - 1.
+inline int64_t block_keys(const AttnSmallParams& a, int64_t i1) { return a.causal ? std::min(a.nk, i1) : a.nk; }
+
+// body(bi, hi, part, scratch) for every head and each of its `parts` ranges of query blocks, OpenMP
+// over them. scratch is the thread's own Scratch, kept between calls (OpenMP threads persist): no
+// fresh pages a call.
+template <typename Scratch, typename F>
+void for_heads(const AttnSmallParams& a, int64_t parts, F&& body) {
+#pragma omp parallel
+  {
+    static thread_local Scratch scratch;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t w = 0; w < a.b * a.h * parts; ++w) {
+      const int64_t g = w / parts;
+      body(g / a.h, g % a.h, w % parts, scratch);
+    }
+  }
+}
+
+// The forward: body(bi, hi, first, last, scratch) for query blocks first .. last - 1 of a head.
+// Fewer heads than ~2 per thread: each head's query blocks are split too (independent in the
+// forward; each part packs k and v again), so that no thread idles on a single-head call.
+template <typename Scratch, typename F>
+void for_query_parts(const AttnSmallParams& a, F&& body) {
+  const int64_t blocks = (a.nq + a.bq - 1) / a.bq, heads = a.b * a.h;
+  const int64_t parts = std::min(blocks, std::max<int64_t>(1, (2 * omp_get_max_threads() + heads - 1) / heads));
+  const int64_t per = (blocks + parts - 1) / parts;
+  for_heads<Scratch>(a, parts, [&](int64_t bi, int64_t hi, int64_t part, Scratch& sc) {
+    body(bi, hi, part * per, std::min(blocks, (part + 1) * per), sc);
+  });
 }
 }  // namespace small_attn
 }  // namespace genfast
