@@ -45,6 +45,7 @@ struct AttnSmallParams {
   // bf16 only (attn_small16_*): p [B * H, nq, nk] contiguous, kept by the forward (written when
   // not null) and read by the backward instead of recomputing q k^T (when not null).
   void* p_keep;
+  int32_t amx;  // bf16: run on AMX tiles where attn_amx_supported() (attention_bf16_amx.cpp)
 };
 // Forward: out and lse (+inf on rows with no key; their out rows are 0).
 void attn_small_forward_cpu(const AttnSmallParams& a);
@@ -58,4 +59,9 @@ bool attn_small_supported();  // the CPU has AVX-512 (else the caller takes anot
 // The backward takes delta from its own rows (rowsum(p dp)); a.delta is not read.
 void attn_small16_forward_cpu(const AttnSmallParams& a);
 void attn_small16_backward_cpu(const AttnSmallParams& a);
+// The same on AMX tiles (csrc/cpu/attention_bf16_amx.cpp), called by the two above when a.amx is
+// set and the CPU (and the OS) give this process AMX-BF16.
+bool attn_amx_supported();
+void attn_small16_amx_forward_cpu(const AttnSmallParams& a);
+void attn_small16_amx_backward_cpu(const AttnSmallParams& a);
 }  // namespace genfast

@@ -229,10 +229,13 @@ def test_fused_way_in_eager_is_torchs_sdpa(dtype, use_backend):
     assert "genfast" in type(masked.grad_fn).__name__.lower()
 
 
+# bf16 "small" runs on AMX tiles where the CPU has them; "small-vdp" forces its AVX-512 BF16 dot
+# products (attention_cpu_fp32.USE_AMX = False), so both kernels are tested on an AMX CPU.
 OWN_WAYS = [(torch.float32, "onednn", "fits"), (torch.float32, "onednn", "forward_only"),
             (torch.float32, "small", "whole_heads"), (torch.float32, "small", "blocks"),
             (torch.bfloat16, "small", "whole_heads"), (torch.bfloat16, "small", "blocks"),
-            (torch.bfloat16, "small", "recompute")]
+            (torch.bfloat16, "small", "recompute"), (torch.bfloat16, "small-vdp", "blocks"),
+            (torch.bfloat16, "small-vdp", "recompute")]
 
 
 @pytest.mark.parametrize("dtype,way,budget", OWN_WAYS, ids=[f"{d}-{w}-{b}" for d, w, b in OWN_WAYS])
@@ -249,8 +252,11 @@ def test_own_ways_match_reference(dtype, way, budget, cpu_way, monkeypatch):
     from genfast.ops import attention_cpu_fp32
     from genfast.testing import attention_samples
 
-    if way == "small" and not attention_cpu_fp32.small_available():
+    if way.startswith("small") and not attention_cpu_fp32.small_available():
         pytest.skip("the small way needs AVX-512 with BF16")
+    if way == "small-vdp":
+        monkeypatch.setattr(attention_cpu_fp32, "USE_AMX", False)
+        way = "small"
     cpu_way(dtype, way)
     monkeypatch.setattr(attention_cpu, "LONG", {**attention_cpu.LONG, torch.float32: "sdpa"})
     if budget == "recompute":
@@ -314,6 +320,9 @@ def test_fp32_routing_by_shape(monkeypatch):
     def way(nq, nk, causal=False, buffers=1):
         return attention_cpu.variant(torch.empty(2, 16, nq, 72, device="meta"), nk, buffers, causal)
 
+    fits, long, _ = attention_cpu.tables_for_cpu("AuthenticAMD", False)  # the tables below: an AMD CPU's
+    monkeypatch.setattr(attention_cpu, "FITS", fits)
+    monkeypatch.setattr(attention_cpu, "LONG", long)
     assert way(256, 32) == way(17, 17) == "sdpa"
     assert way(1024, 1024, buffers=2) == way(1024, 1024, causal=True) == (
         "small" if attention_cpu_fp32.small_available() else "onednn")
@@ -322,6 +331,54 @@ def test_fp32_routing_by_shape(monkeypatch):
     monkeypatch.setattr(attention_cpu_fp32, "_SMALL", False)  # a CPU without AVX-512
     assert way(256, 256) == "sdpa" and way(1024, 1024, buffers=2) == "onednn"
     assert way(4096, 4096) == "sdpa"  # "onednn" is held to SCORE_BYTES
+
+
+def test_routing_by_cpu(monkeypatch):
+    """On Intel CPUs fp32 takes torch's fused kernel (MKL's AVX-512 sgemm runs it at the FMA peak;
+    on AMD MKL takes AVX2 and "small" wins); with AMX, bf16 forwards that keep no p take it too,
+    and such a forward feeds the "small" backward its log-sum-exp."""
+    q = torch.empty(2, 16, 1024, 72, device="meta")
+    for vendor, amx in (("GenuineIntel", True), ("GenuineIntel", False), ("AuthenticAMD", False)):
+        fits, long, fused_without_p = attention_cpu.tables_for_cpu(vendor, amx)
+        intel = vendor == "GenuineIntel"
+        assert fits[torch.float32] == long[torch.float32] == ("sdpa" if intel else "small")
+        assert fits[torch.bfloat16] == long[torch.bfloat16] == "small"
+        assert fused_without_p == ({torch.bfloat16} if amx else set())
+        monkeypatch.setattr(attention_cpu, "FITS", fits)
+        monkeypatch.setattr(attention_cpu, "LONG", long)
+        if intel:
+            assert attention_cpu.variant(q, 1024) == attention_cpu.variant(q, 1024, buffers=2) == "sdpa"
+
+
+def test_bf16_forward_without_p_on_the_fused_kernel(use_backend, monkeypatch):
+    """FUSED_WITHOUT_P (AMX CPUs): a bf16 forward that keeps no p runs torch's fused kernel, its
+    gradients the "small" backward from that kernel's log-sum-exp; same answers as the reference."""
+    from genfast.ops import attention_cpu_fp32
+
+    if not attention_cpu_fp32.small_supports(torch.bfloat16, 40):
+        pytest.skip("the small way needs AVX-512 with BF16")
+    use_backend("cpu")
+    monkeypatch.setattr(attention_cpu, "FUSED_WITHOUT_P", {torch.bfloat16})
+    monkeypatch.setattr(attention_cpu, "SMALL16_FROM_HEADS", 0)
+    monkeypatch.setattr(attention_cpu, "KEEP_P_BYTES", 0)  # a gradient without p: the fused forward too
+    calls = []
+    fused = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu",
+                        lambda *a, **k: calls.append(1) or fused(*a, **k), raising=False)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, n, 40, generator=g).bfloat16().requires_grad_(True) for n in (37, 53, 53))
+    mask = torch.rand(2, 53, generator=g) > 0.3
+    mask[1] = False  # sample 1: every row fully masked
+    for kwargs in ({}, {"causal": True}, {"key_padding_mask": mask}):
+        calls.clear()
+        out = genfast.attention(q, k, v, **kwargs)
+        assert calls, "the forward did not take torch's fused kernel"
+        want = reference.attention(q.double(), k.double(), v.double(), **kwargs)
+        low = reference.attention(q, k, v, upcast=False, **kwargs)
+        assert_within_reference_error("fused forward", out, low, want, floor=1e-5)
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        assert all(torch.isfinite(t).all() for t in grads)
+        _check_grads("fused forward", grads, (q, k, v), torch.ones_like(out), **kwargs)
 
 
 def test_bf16_routing(monkeypatch):
@@ -364,6 +421,7 @@ def test_small_way_under_threads(dtype, use_backend, monkeypatch):
     if not attention_cpu_fp32.small_available():
         pytest.skip("the small way needs AVX-512")
     use_backend("cpu")
+    monkeypatch.setattr(attention_cpu, "FITS", {**attention_cpu.FITS, dtype: "small"})  # fp32: "sdpa" on Intel
     monkeypatch.setattr(attention_cpu, "SMALL16_FROM_HEADS", 0)  # bf16 "small" with one head too
     g = torch.Generator().manual_seed(7)
     cases = [[torch.randn(1, h, n, 40, generator=g).to(dtype).requires_grad_(True) for _ in range(3)]

@@ -122,9 +122,39 @@ from genfast.ops.linear import onednn_available
 # Score buffers a call may hold (see the module docstring). Measured: 4-16 MiB chunks run the
 # GEMMs as fast as one big call while the scores stay in the 32 MiB L3.
 SCORE_BYTES = 8 << 20
-# Way for a case whose heads fit SCORE_BYTES, and for one whose heads do not.
-FITS = {torch.float32: "small", torch.float16: "sdpa", torch.bfloat16: "small"}
-LONG = {torch.float32: "small", torch.float16: "sdpa", torch.bfloat16: "small"}
+def _cpu_vendor():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def tables_for_cpu(vendor, amx):
+    """(FITS, LONG, FUSED_WITHOUT_P) below for a CPU of this vendor, with AMX-BF16 or not.
+
+    Measured on a 2-core AMD EPYC (AVX-512 BF16): the module docstring's tables. On a 2-core Intel
+    Xeon with AMX (benchmarks/test_attention.py, GENFAST_BENCH_WAYS=1, 2026-11-26, ms fwd+bwd / fwd):
+      fp32 2x16x256x72   torch SDPA 10.1 / 2.66   "small" 12.6 / 3.11   "heads" 10.6 / 3.30
+      fp32 1x8x1024x64   torch SDPA 28.7 / 8.58   "small" 36.0 / 9.79
+    MKL's sgemm takes its AVX-512 path on Intel CPUs (AVX2 on AMD), and torch's fused kernel runs
+    at the FMA peak there: fp32 takes it. bf16 "small" runs on AMX tiles where the CPU has them
+    (attention_bf16_amx.cpp; its AVX-512 BF16 dot products ran 3x slower than torch's oneDNN/AMX
+    kernels there) and wins forward + backward, while torch's fused forward stays ~5-10 % ahead
+    on a forward alone: forwards that keep no p take it (FUSED_WITHOUT_P)."""
+    fits = {torch.float32: "small", torch.float16: "sdpa", torch.bfloat16: "small"}
+    if vendor == "GenuineIntel":
+        fits[torch.float32] = "sdpa"
+    return fits, dict(fits), {torch.bfloat16} if amx else set()
+
+
+# Way for a case whose heads fit SCORE_BYTES, and for one whose heads do not; bf16 forwards that
+# keep no p and take torch's fused kernel instead of "small" (the backward still runs "small",
+# from that kernel's log-sum-exp).
+FITS, LONG, FUSED_WITHOUT_P = tables_for_cpu(_cpu_vendor(), attention_cpu_fp32.AMX_AVAILABLE)
 # From this many keys on, torch's fused kernel whatever FITS says: it runs an fp32 1024-token
 # forward at ~92 % of the sgemm peak, which two GEMMs and a softmax pass between them cannot beat
 # (matters only where FITS picks "heads" for that dtype; see the table above).
@@ -298,6 +328,8 @@ def forward(q, k, v, mask, causal, scale, fully_masked, out, keep_p=False):
     [B, H, Nq] fp32 contiguous, +inf on fully masked rows), and p [B, H, Nq, Nk] with keep_p
     (only where keeps_p() says so)."""
     way = variant(q, k.shape[2], causal=causal)
+    if way == "small" and not keep_p and q.dtype in FUSED_WITHOUT_P:
+        way = "sdpa"
     if way == "sdpa":
         am = _additive_mask(mask, q.dtype) if mask is not None else None
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(

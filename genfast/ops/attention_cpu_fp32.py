@@ -91,14 +91,20 @@ def backward(dout, q, k, v, out, lse, mask, causal, scale, grads):
 # block's last row. Same numerics as "onednn": fp32 FMAs, softmax in fp32, lse / delta in fp32.
 
 
-def _probe_small():
+def _probe(name):
     try:
-        return bool(_native.module("_C").attn_small_supported())
+        return bool(getattr(_native.module("_C"), name)())
     except Exception:  # noqa: BLE001 -- genfast._C missing or older: the other ways serve
         return False
 
 
-_SMALL = _probe_small()  # at import: variant() asks under torch.compile too, which cannot trace pybind
+# at import: variant() asks under torch.compile too, which cannot trace pybind
+_SMALL = _probe("attn_small_supported")
+# The CPU gives this process AMX-BF16 tiles (Intel Xeon from Sapphire Rapids on).
+AMX_AVAILABLE = _probe("attn_amx_supported")
+# bf16 "small" kernels on AMX tiles where available (csrc/cpu/attention_bf16_amx.cpp); False: on
+# AVX-512 BF16 dot products (attention_bf16_small.cpp) everywhere. The same algorithm and rounding.
+USE_AMX = True
 
 
 def small_available():
@@ -124,7 +130,8 @@ def _spec_out(t):
 def block_rows(nq, nk, block_bytes, row_bytes=8):
     """Query rows per block of the "small" way: its thread's per-row blocks (row_bytes per key: fp32
     two [rows, Nk] fp32 blocks; bf16 18, see small_forward) within block_bytes (at least one row)."""
-    return max(1, min(nq, block_bytes // (row_bytes * max(1, nk))))
+    rows = max(1, min(nq, block_bytes // (row_bytes * max(1, nk))))
+    return rows // 32 * 32 if rows < nq and rows >= 32 else rows  # AMX tiles take 16 / 32 rows
 
 
 def _small_args(q, k, v, mask, causal, scale, block_bytes):
@@ -154,7 +161,7 @@ def small_forward(q, k, v, mask, causal, scale, out, block_bytes, p_keep=None):
         q, k, v = unit_last(q), unit_last(k), unit_last(v)
     _native.module("_C").attn_small_forward(*_small_args(q, k, v, mask, causal, scale, block_bytes), _spec_out(out),
                                             lse.data_ptr(), DTYPE_CODE[q.dtype],
-                                            p_keep.data_ptr() if p_keep is not None else 0)
+                                            p_keep.data_ptr() if p_keep is not None else 0, USE_AMX)
     return out, lse
 
 
@@ -171,5 +178,5 @@ def small_backward(dout, q, k, v, out, lse, mask, causal, scale, grads, block_by
     _native.module("_C").attn_small_backward(*_small_args(q, k, v, mask, causal, scale, block_bytes), _spec_in(dout),
                                              lse.data_ptr(), delta.data_ptr() if delta is not None else 0,
                                              p.data_ptr() if p is not None else 0, *[_spec_out(t) for t in grads],
-                                             DTYPE_CODE[q.dtype])
+                                             DTYPE_CODE[q.dtype], USE_AMX)
     return tuple(grads)
