@@ -381,6 +381,31 @@ def test_bf16_forward_without_p_on_the_fused_kernel(use_backend, monkeypatch):
         _check_grads("fused forward", grads, (q, k, v), torch.ones_like(out), **kwargs)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "qkv", "cross"])
+def test_bf16_no_grad_forward_calls_torch_sdpa_in_the_ops_layout(layout, use_backend, monkeypatch):
+    """FUSED_WITHOUT_P, eager and without gradients: torch's SDPA itself runs (no op dispatch), and
+    the output keeps the layout the op promises (_out_layout), values within the reference error."""
+    from genfast.ops import attention_cpu_fp32
+
+    if not attention_cpu_fp32.small_supports(torch.bfloat16, 40):
+        pytest.skip("the small way needs AVX-512 with BF16")
+    use_backend("cpu")
+    monkeypatch.setattr(attention_cpu, "FUSED_WITHOUT_P", {torch.bfloat16})
+    monkeypatch.setattr(attention_cpu, "SMALL16_FROM_HEADS", 0)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    q, k, v = _inputs(layout, torch.bfloat16)
+    with torch.no_grad():
+        out = genfast.attention(q, k, v, causal=layout == "qkv")
+    assert calls, "torch's SDPA was not called"
+    assert out.stride() == attention_op._out_layout(q).stride()
+    kw = {"causal": layout == "qkv"}
+    assert_within_reference_error(layout, out, reference.attention(q, k, v, upcast=False, **kw),
+                                  reference.attention(q.double(), k.double(), v.double(), **kw), floor=1e-5)
+
+
 def test_bf16_routing(monkeypatch):
     """bf16 takes the "small" way on AVX-512 BF16 CPUs at every length, except an odd head dim (its
     dot products read element pairs): there, and on other CPUs, torch's bf16 GEMMs around genfast's

@@ -16,6 +16,13 @@ from dit_tiny import block_pair  # noqa: E402 (tests/ on sys.path: conftest.py)
 _pair = block_pair  # (reference block, genfast block) with the same random weights
 
 
+@pytest.fixture(autouse=True)
+def _onednn_gemms(monkeypatch):
+    """fp32 CPU GEMMs on oneDNN, the default but on Intel CPUs (MKL there), which these tests' bit
+    and call-sequence claims describe; test_fused_equals_eager_fp32 also runs torch's GEMMs."""
+    monkeypatch.setattr(genfast.ops.linear, "USE_ONEDNN", True)
+
+
 @pytest.fixture
 def path(monkeypatch):
     """path(True | False): DiTBlock takes (or not) the fused path on every device for the test."""

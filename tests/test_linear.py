@@ -11,6 +11,19 @@ from genfast.testing import assert_within_reference_error
 pytestmark = pytest.mark.skipif(not lin.onednn_available(), reason="torch built without oneDNN")
 
 
+@pytest.fixture(autouse=True)
+def _onednn_on(monkeypatch):
+    """The oneDNN path is tested on every CPU, also where it is not the default (Intel: MKL)."""
+    monkeypatch.setattr(lin, "USE_ONEDNN", True)
+
+
+def test_default_by_cpu_vendor(monkeypatch):
+    """oneDNN by default, except on Intel CPUs (MKL's AVX-512 GEMMs measured ahead there)."""
+    for vendor, want in (("GenuineIntel", False), ("AuthenticAMD", True), ("", True)):
+        monkeypatch.setattr(lin, "cpu_vendor", lambda vendor=vendor: vendor)
+        assert lin.default_use_onednn() == want
+
+
 def _inputs(shape, n_out, bias=True, strided=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape[:-1], shape[-1] * (2 if strided else 1), generator=g)

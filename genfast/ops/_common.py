@@ -1,5 +1,6 @@
 """What every op module shares: the torch.library namespace, argument checks that raise
 ValueError/TypeError naming the argument, dtype codes for the compiled modules, and 2-D views."""
+import functools
 import math
 import threading
 
@@ -51,6 +52,21 @@ def overlaps(a, *others):
             if a0 <= b1 and b0 <= a1:
                 return True
     return False
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_vendor():
+    """The CPU's vendor_id ("GenuineIntel", "AuthenticAMD", ...; "" where /proc/cpuinfo has none).
+    Some defaults depend on it: MKL, behind torch's fp32 CPU GEMMs, runs its AVX-512 code on Intel
+    CPUs only (genfast.ops.linear, genfast.ops.attention_cpu)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def unit_last(t):

@@ -20,14 +20,18 @@ machine, benchmarks/test_attention.py):
             its backward), which returns the fp32 log-sum-exp too. fp16; fp32 under 64 keys.
   "small"   fp32 and bf16 (attention_cpu_fp32.py): ONE C++ call, a thread per (batch, head), each
             head's GEMMs on genfast's own AVX-512 micro-kernel (bf16: AVX-512 BF16 dot products,
-            csrc/cpu/attention_bf16_small.cpp), query blocks bounded per thread.
+            csrc/cpu/attention_bf16_small.cpp, or AMX tiles where the CPU has them,
+            csrc/cpu/attention_bf16_amx.cpp), query blocks bounded per thread.
   "onednn"  fp32 only (attention_cpu_fp32.py): per-head oneDNN GEMMs around the softmax rows; where
             the CPU lacks AVX-512 (the "small" kernels need it), within SCORE_BYTES.
 
 Which way (FITS / LONG / FUSED_FROM_KEYS / FUSED_BELOW_KEYS below): fp16 takes "sdpa" everywhere,
 fp32 "small" from 64 keys on ("sdpa" below: call overhead), bf16 "small" at every length (an odd
 head dim, a CPU without AVX-512 BF16, or fewer (batch, head) pairs than SMALL16_FROM_HEADS per
-thread: "heads", or "rows" where one head's scores do not fit).
+thread: "heads", or "rows" where one head's scores do not fit). The tables depend on the CPU
+(tables_for_cpu): on Intel CPUs fp32 takes "sdpa" everywhere, and with AMX a bf16 forward that
+keeps no p takes "sdpa" (FUSED_WITHOUT_P) while its backward runs "small" on AMX tiles. The tables
+below are the AMD EPYC's; the Intel Xeon's (AMX) are in tables_for_cpu.
 bf16 per way, GENFAST_BENCH_WAYS=1 pytest benchmarks/test_attention.py -k "attention_forward and
 bf16", 2026-11-26 (ms, fwd+bwd / fwd, one run, glibc's default malloc; the machine ran slow that
 day, so compare within a row):
@@ -116,23 +120,12 @@ import torch
 
 from genfast import _native
 from genfast.ops import attention_cpu_fp32
-from genfast.ops._common import DTYPE_CODE, reused_buffer, unit_last
+from genfast.ops._common import DTYPE_CODE, cpu_vendor, reused_buffer, unit_last
 from genfast.ops.linear import onednn_available
 
 # Score buffers a call may hold (see the module docstring). Measured: 4-16 MiB chunks run the
 # GEMMs as fast as one big call while the scores stay in the 32 MiB L3.
 SCORE_BYTES = 8 << 20
-def _cpu_vendor():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def tables_for_cpu(vendor, amx):
     """(FITS, LONG, FUSED_WITHOUT_P) below for a CPU of this vendor, with AMX-BF16 or not.
 
@@ -154,7 +147,7 @@ def tables_for_cpu(vendor, amx):
 # Way for a case whose heads fit SCORE_BYTES, and for one whose heads do not; bf16 forwards that
 # keep no p and take torch's fused kernel instead of "small" (the backward still runs "small",
 # from that kernel's log-sum-exp).
-FITS, LONG, FUSED_WITHOUT_P = tables_for_cpu(_cpu_vendor(), attention_cpu_fp32.AMX_AVAILABLE)
+FITS, LONG, FUSED_WITHOUT_P = tables_for_cpu(cpu_vendor(), attention_cpu_fp32.AMX_AVAILABLE)
 # From this many keys on, torch's fused kernel whatever FITS says: it runs an fp32 1024-token
 # forward at ~92 % of the sgemm peak, which two GEMMs and a softmax pass between them cannot beat
 # (matters only where FITS picks "heads" for that dtype; see the table above).

@@ -3,8 +3,8 @@ the zoo). On the CPU in fp32 it runs oneDNN's GEMM (torch.ops.mkldnn._linear_poi
 torch's CPU builds) forward and backward instead of the BLAS behind F.linear.
 
 Why: torch's CPU builds call MKL for fp32 matmul, which on the 2-core AMD EPYC (AVX-512) of this
-project runs at under half oneDNN's rate (consistent with MKL's AVX2 code path on AMD CPUs; on
-Intel CPUs expect the two to be close). 2 threads, torch 2.13, by-hand timings, median of 20-300
+project runs at under half oneDNN's rate (consistent with MKL's AVX2 code path on AMD CPUs). On
+Intel CPUs MKL measured ahead, so there it stays F.linear (USE_ONEDNN below). 2 threads, torch 2.13, by-hand timings, median of 20-300
 calls, quiet machine:
 
     GEMM [M, K] x [K, N]          F.linear / mm (MKL)    oneDNN
@@ -27,10 +27,17 @@ from torch.nn.modules import module as _module_mod
 import torch.nn.functional as F
 
 from genfast import backends
-from genfast.ops._common import LIB, dispatcher_needed
+from genfast.ops._common import LIB, cpu_vendor, dispatcher_needed
 
-# Set False to run F.linear everywhere (for A/B timings).
-USE_ONEDNN = True
+# False: F.linear everywhere. Default: oneDNN except on Intel CPUs, where MKL runs its AVX-512 code
+# and came out ahead (2-core Intel Xeon, 2026-11-26, DiT-S GEMMs 2048x384 -> 1152 / 384 / 1536 and
+# 2048x1536 -> 384, GFLOP/s forward, forward + backward: MKL 353-375, 330-359; oneDNN 332-359,
+# 225-285; the DiT-S fp32 block's forward + backward measured 0.88x eager with oneDNN there).
+def default_use_onednn():
+    return cpu_vendor() != "GenuineIntel"
+
+
+USE_ONEDNN = default_use_onednn()
 
 _available = None
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # a module's weights are Parameters
