@@ -406,6 +406,17 @@ def test_bf16_no_grad_forward_calls_torch_sdpa_in_the_ops_layout(layout, use_bac
                                   reference.attention(q.double(), k.double(), v.double(), **kw), floor=1e-5)
 
 
+def test_small_block_rows():
+    """Query rows per block of the "small" way: within the budget, at least one, at most Nq; from 32
+    rows on a multiple of 32 (AMX tiles take 16 / 32 rows) unless the block is the whole head."""
+    from genfast.ops.attention_cpu_fp32 import block_rows
+
+    assert block_rows(300, 300, 70 * 18 * 300, 18) == 64
+    assert block_rows(300, 300, 31 * 18 * 300, 18) == 31
+    assert block_rows(50, 300, 70 * 18 * 300, 18) == 50  # the whole head: no rounding
+    assert block_rows(300, 300, 1, 18) == 1 and block_rows(7, 0, 1 << 20, 8) == 7
+
+
 def test_bf16_routing(monkeypatch):
     """bf16 takes the "small" way on AVX-512 BF16 CPUs at every length, except an odd head dim (its
     dot products read element pairs): there, and on other CPUs, torch's bf16 GEMMs around genfast's
