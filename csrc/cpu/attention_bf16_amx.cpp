@@ -1,14 +1,19 @@
 // The bf16 "small" CPU attention way on AMX tiles (Intel Xeon from Sapphire Rapids on: amx-bf16),
 // picked by attn_small16_*_cpu where the CPU has them (attention_bf16_small.cpp runs the same
 // algorithm on AVX-512 BF16 dot products elsewhere). Why: on such a CPU one core's tdpbf16ps ran
-// ~3.2 TFLOP/s against ~83 GFLOP/s for vdpbf16ps (measured, 2-core Xeon, micro-benchmark), so the
-// GEMMs nearly vanish and the softmax rows (shared, attention_bf16_rows.h) are what is left.
+// ~3.2 TFLOP/s against ~83 GFLOP/s for vdpbf16ps (measured, 2-core Xeon, micro-benchmark). On
+// the attention shapes these GEMMs reach ~600-700 GFLOP/s a core, as oneDNN's bf16 bmm does there:
+// their inner dimensions are short (D, or a block of keys), so each 32 x 32 block of C drains the
+// tile pipeline and the tile loads come from L2. The softmax rows (shared, attention_bf16_rows.h)
+// take about as long as the GEMMs.
 //
 // Tiles (one fixed configuration): 0-3 the fp32 C blocks [16 x 16] of a 32 x 32 block of C,
 // 4-5 A [16 rows x 32 bf16], 6-7 B [16 pair rows x 16 words]. Every operand a tile reads is
 // padded so that no load leaves its buffer and the inner dimension is a multiple of 32 with
 // zeros in both A and B past the real one (0 x garbage could be NaN); rows of A and columns of B
-// past the real ones only reach C entries that are never stored.
+// past the real ones only reach C entries that are never read (fp32 C buffers take whole tiles;
+// the dk / dv sums, which persist over blocks, get zero p / ds columns there).
+// Nk16 below: key_stride(Nk), a multiple of 16 off multiples of 256.
 //   s = q k^T:      A = the q block copied into [rows, D32], B = k^T packed [D32 / 2][Nk16].
 //   out = e v:      A = e (bf16) [rows, Nk32],               B = v packed [Nk32 / 2][D16].
 //   dv^T += dout^T p, dk^T += q^T ds: A = dout^T / q^T of the block [D, rows32], B = p / ds as the
