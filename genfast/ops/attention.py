@@ -57,7 +57,7 @@ def attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None):
             return out
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if key_padding_mask is None and ((not grad and _fused_forward(q, k, v, causal)) or _fused_directly(q, k, v, causal)):
+    if key_padding_mask is None and _fused_directly(q, k, v, causal, grad):
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
         return out if _has_out_layout(q, out) else _out_layout(q).copy_(out)
     if backends.forced() == "sdpa":
@@ -94,32 +94,23 @@ def _sdpa_way(q, k):
     return k.shape[2] > 0 and (q.numel() > 0 or backends.forced() == "sdpa") and backend_for(q) == "sdpa"
 
 
-def _fused_directly(q, k, v, causal=False):
-    """Eager CPU calls (without a key mask) whose way, forward and backward, is torch's fused kernel
-    with nothing around it: torch's own SDPA runs that same kernel under its C++ autograd, which
-    saves this op's dispatch and Python autograd wrapper (~20 us a forward, ~70 us forward and
-    backward). Same kernel, numbers and output/gradient layouts as the op (which compiled code
-    keeps using). Unit last strides only (the op copies other views first); no key mask: no
-    fully masked row to zero."""
+def _fused_directly(q, k, v, causal=False, grad=True):
+    """Eager CPU calls (without a key mask) whose way is torch's fused kernel with nothing around it:
+    forward and backward, or (grad False) a forward alone that keeps no p where
+    attention_cpu.FUSED_WITHOUT_P sends it there (bf16 on AMX CPUs). torch's own SDPA runs that same
+    kernel under its C++ autograd, which saves this op's dispatch and Python autograd wrapper (~20 us
+    a forward, ~70 us forward and backward). Same kernel, numbers and output/gradient layouts as the
+    op (which compiled code keeps using). Unit last strides only (the op copies other views first);
+    no key mask: no fully masked row to zero."""
     if q.device.type != "cpu" or torch.compiler.is_compiling() or q.numel() == 0 or k.shape[2] == 0:
         return False
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or _kernel_for(q) != "cpu":
         return False
     nk = k.shape[2]
-    return (attention_cpu.variant(q, nk, causal=causal) == "sdpa"
-            and attention_cpu.variant(q, nk, buffers=2, causal=causal) == "sdpa")
-
-
-def _fused_forward(q, k, v, causal=False):
-    """Eager CPU calls without gradients (and without a key mask) that the op would serve with torch's
-    fused forward anyway (attention_cpu.FUSED_WITHOUT_P: bf16 on AMX CPUs): torch's own SDPA runs
-    it without the op's dispatch (measured ~5 % of a 2x16x256x72 bf16 forward). Unit last strides,
-    as _fused_directly."""
-    if q.device.type != "cpu" or q.dtype not in attention_cpu.FUSED_WITHOUT_P or torch.compiler.is_compiling():
-        return False
-    if q.numel() == 0 or k.shape[2] == 0 or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        return False
-    return _kernel_for(q) == "cpu" and attention_cpu.variant(q, k.shape[2], causal=causal) == "small"
+    way = attention_cpu.variant(q, nk, causal=causal)
+    if not grad and attention_cpu.fused_without_p(q, way):
+        return True
+    return way == "sdpa" and attention_cpu.variant(q, nk, buffers=2, causal=causal) == "sdpa"
 
 
 def _can_keep_p(q, k):
@@ -291,11 +282,15 @@ def _fwd_run(q, k, v, mask, causal, scale, keep_p):
     return _out_layout(q).copy_(out), lse
 
 
+def _heads_outer(q):
+    """The output keeps [B, H, Nq, D] memory (see _out_layout): CPU tensors whose heads are outer to
+    their tokens."""
+    return q.device.type == "cpu" and not q.stride(1) < q.stride(2)
+
+
 def _has_out_layout(q, out):
     """out [B, H, Nq, D] is laid out as _out_layout(q) promises (checked without allocating)."""
-    if q.device.type == "cpu" and not q.stride(1) < q.stride(2):
-        return out.is_contiguous()
-    return out.transpose(1, 2).is_contiguous()
+    return out.is_contiguous() if _heads_outer(q) else out.transpose(1, 2).is_contiguous()
 
 
 def _out_layout(q):
@@ -307,7 +302,7 @@ def _out_layout(q):
     "heads" way runs each GEMM over all samples at once. A function of device type and q's stride
     order, so the fake and every backend agree (all of them write any output strides)."""
     b, h, nq, d = q.shape
-    if q.device.type == "cpu" and not q.stride(1) < q.stride(2):
+    if _heads_outer(q):
         return torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
     return torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
 

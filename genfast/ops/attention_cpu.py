@@ -126,6 +126,8 @@ from genfast.ops.linear import onednn_available
 # Score buffers a call may hold (see the module docstring). Measured: 4-16 MiB chunks run the
 # GEMMs as fast as one big call while the scores stay in the 32 MiB L3.
 SCORE_BYTES = 8 << 20
+
+
 def tables_for_cpu(vendor, amx):
     """(FITS, LONG, FUSED_WITHOUT_P) below for a CPU of this vendor, with AMX-BF16 or not.
 
@@ -204,6 +206,12 @@ def variant(q, nk, buffers=1, causal=False):
     if way == "onednn" and not (q.dtype == torch.float32 and onednn_available()):
         way = "sdpa"  # fp32 only; a torch build without oneDNN keeps the fused kernel
     return way
+
+
+def fused_without_p(q, way):
+    """A forward of variant() `way` that keeps no p runs torch's fused kernel instead (FUSED_WITHOUT_P:
+    bf16 "small" on AMX CPUs); its backward stays `way`'s."""
+    return way == "small" and q.dtype in FUSED_WITHOUT_P
 
 
 def _small_block_bytes(dtype=torch.float32):
@@ -321,7 +329,7 @@ def forward(q, k, v, mask, causal, scale, fully_masked, out, keep_p=False):
     [B, H, Nq] fp32 contiguous, +inf on fully masked rows), and p [B, H, Nq, Nk] with keep_p
     (only where keeps_p() says so)."""
     way = variant(q, k.shape[2], causal=causal)
-    if way == "small" and not keep_p and q.dtype in FUSED_WITHOUT_P:
+    if not keep_p and fused_without_p(q, way):
         way = "sdpa"
     if way == "sdpa":
         am = _additive_mask(mask, q.dtype) if mask is not None else None
