@@ -205,6 +205,7 @@ GENFAST_AMX void forward_head(const AttnSmallParams& a, int64_t bi, int64_t hi, 
       if (kr)
         for (int64_t j = nk; j < a.nk; ++j) kr[j] = BFloat16{0};  // causal: keys past the block
     }
+    lse_rows(lse + i0, inv, rows);  // the rows' base-2 maxima into lse
     gemm(rows, a.d, lde, e16, lde, vp, d16, Out{Out::kBf16, out + i0 * a.out.ns, a.out.ns, inv});  // (e v) / sum e
   }
   _tile_release();

@@ -47,11 +47,18 @@ inline void pack_rows(const u16* b, int64_t rs, int64_t k_len, int64_t n, int64_
 }
 
 // B = X^T for X [N, K] (rows of stride rs, unit columns, K even): word (kk, n) is X's word at
-// row n, elements 2kk and 2kk + 1, already adjacent.
-inline void pack_cols(const u16* x, int64_t rs, int64_t k_len, int64_t n, int64_t w, u32* dst) {
+// row n, elements 2kk and 2kk + 1, already adjacent. A transpose of 32-bit words: through 16 x 16
+// register blocks where the rows are whole words and the panels whole vectors (k^T and v^T of
+// every bf16 head; element by element they took ~5 % of a forward).
+GENFAST_AVX512 inline void pack_cols(const u16* x, int64_t rs, int64_t k_len, int64_t n, int64_t w, u32* dst) {
   const int64_t k2 = k_len / 2;
   for (int64_t n0 = 0; n0 < n; n0 += w, dst += k2 * w) {
     const int64_t nr = std::min(w, n - n0);
+    if (rs % 2 == 0 && w % 16 == 0) {
+      transpose32(x + n0 * rs, rs / 2, nr, k2, dst, w);  // columns nr .. padded(nr, 16) - 1: zeros
+      for (int64_t kk = 0; kk < k2; ++kk) std::fill(dst + kk * w + padded(nr, 16), dst + kk * w + w, 0u);
+      continue;
+    }
     for (int64_t c = 0; c < w; ++c) {
       if (c < nr) {
         const u16* row = x + (n0 + c) * rs;
@@ -74,26 +81,58 @@ GENFAST_AVX512 inline __m512i bf16_words(__m512 x0, __m512 x1) {
 
 constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
 
-// 2^x for x <= 0: 2^n 2^f, n = round(x), |f| <= 1/2, degree-6 polynomial (relative error ~1e-7);
-// x < -127 gives ~2^-127 (bf16 rounding flushes it; callers mask keys out of play).
+// 2^x for x <= 0: 2^n 2^f, n = round(x), |f| <= 1/2, degree-5 polynomial fitted for relative
+// error (measured 1.9e-7 in fp32 arithmetic, as the degree-6 Taylor one it replaced); x < -127
+// gives ~2^-127 (bf16 rounding flushes it; callers mask keys out of play).
 GENFAST_AVX512 inline __m512 exp2_nonpos(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-127.0f));
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);  // ln2^k / k!
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022650695910071f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kLn2));
+  __m512 p = _mm512_set1_ps(1.326472731307149e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.671512991189957e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550733581185341e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022242426872253f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931470036506653f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
 }
 
+// log2(x) for finite x > 0 (normal): x = 2^e m, m in [sqrt(1/2), sqrt(2)), log2(m) from the atanh
+// series in t = (m - 1) / (m + 1), |t| < 0.172 (truncation error ~4e-8).
+GENFAST_AVX512 inline __m512 log2_pos(__m512 x) {
+  __m512 m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
+  __m512 e = _mm512_getexp_ps(x);
+  const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356f), _CMP_GT_OQ);
+  m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
+  e = _mm512_mask_add_ps(e, big, e, _mm512_set1_ps(1.0f));
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 t = _mm512_div_ps(_mm512_sub_ps(m, one), _mm512_add_ps(m, one)), t2 = _mm512_mul_ps(t, t);
+  __m512 p = _mm512_set1_ps(2.0f / (7 * kLn2));  // 2 / (k ln2), k = 7, 5, 3, 1
+  p = _mm512_fmadd_ps(p, t2, _mm512_set1_ps(2.0f / (5 * kLn2)));
+  p = _mm512_fmadd_ps(p, t2, _mm512_set1_ps(2.0f / (3 * kLn2)));
+  p = _mm512_fmadd_ps(p, t2, _mm512_set1_ps(2.0f / kLn2));
+  return _mm512_fmadd_ps(p, t, e);
+}
+
+// In place over n rows: lse = (mx - log2(inv)) ln2 from softmax_row's base-2 max (in lse) and
+// 1 / sum e (inv), 16 rows a vector (a libm call per row took ~3 % of a forward); +inf with no key.
+GENFAST_AVX512 inline void lse_rows(float* lse, const float* inv, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 t = tail(n - i);
+    const __m512 mx = _mm512_mask_loadu_ps(_mm512_set1_ps(0.0f), t, lse + i);
+    const __m512 iv = _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), t, inv + i);
+    const __mmask16 none = _mm512_cmp_ps_mask(iv, _mm512_setzero_ps(), _CMP_EQ_OQ);
+    const __m512 l = _mm512_mul_ps(_mm512_sub_ps(mx, log2_pos(_mm512_mask_mov_ps(iv, none, _mm512_set1_ps(1.0f)))),
+                                   _mm512_set1_ps(kLn2));
+    _mm512_mask_storeu_ps(lse + i, t, _mm512_mask_mov_ps(l, none, _mm512_set1_ps(kInf)));
+  }
+}
+
 // Row i of s [nk] (raw fp32 scores): e = exp(scale s - max) in bf16 into p16 [even(nk)] (0 past nk
 // and off the keys in play), NOT normalised: the p v GEMM scales its output row by *inv = 1 / sum e.
-// With keep, also p = e / sum (bf16, normalised) into keep [nk] for the backward. Returns lse
-// (+inf and *inv = 0 with no key in play). Base-2 inside: scale log2(e) folded into one FMA.
+// With keep, also p = e / sum (bf16, normalised) into keep [nk] for the backward. Returns the row's
+// max of scale log2(e) s, from which lse_rows makes lse (*inv = 0 with no key in play). Base-2
+// inside: scale log2(e) folded into one FMA.
 GENFAST_AVX512 inline float softmax_row(const AttnSmallParams& a, const uint8_t* m, int64_t i, int64_t nk, float* s,
                                  BFloat16* p16, BFloat16* keep, float* inv) {
   const __m512 c2 = _mm512_set1_ps(a.scale * kLog2e), ninf = _mm512_set1_ps(-kInf);
@@ -108,7 +147,7 @@ GENFAST_AVX512 inline float softmax_row(const AttnSmallParams& a, const uint8_t*
     if (keep)
       for (int64_t j = 0; j < nk; j += 16) store(keep + j, tail(nk - j), _mm512_setzero_ps());
     *inv = 0.0f;
-    return kInf;
+    return mx;
   }
   const __m512 vm = _mm512_set1_ps(mx);
   __m512 vsum = _mm512_setzero_ps();
@@ -131,7 +170,7 @@ GENFAST_AVX512 inline float softmax_row(const AttnSmallParams& a, const uint8_t*
       store(keep + j, tail(nk - j), _mm512_mul_ps(e, vinv));
     }
   }
-  return (mx + std::log2(sum)) * kLn2;
+  return mx;
 }
 
 inline const u16* at(const AttnHeadIn& t, int64_t bi, int64_t hi) {

@@ -166,6 +166,7 @@ GENFAST_AVX512 void forward_head(const AttnSmallParams& a, int64_t bi, int64_t h
       if (kr)
         for (int64_t j = nk; j < a.nk; ++j) kr[j] = BFloat16{0};  // causal: keys past the block
     }
+    lse_rows(lse + i0, inv, rows);  // the rows' base-2 maxima into lse
     gemm<BFloat16>(rows, a.d, pairs(nk), Pairs{reinterpret_cast<const u16*>(p16), nkp, 2}, vp, k2, wd,
                    out + i0 * a.out.ns, a.out.ns, false, inv);  // out = (e v) / sum e
   }

@@ -31,18 +31,26 @@ struct View {  // element (r, c) at p[r * rs + c * cs]
   int64_t rs, cs;
 };
 
-// B [K, N] into panels of NR columns, [panel][k][NR], zero-padded.
-void pack_b(View b, int64_t k_len, int64_t n, float* dst) {
+// B [K, N] into panels of NR columns, [panel][k][NR], zero-padded. k^T (a view with unit rows)
+// goes through 16 x 16 register transposes, rows with unit columns through masked vectors.
+GENFAST_AVX512 void pack_b(View b, int64_t k_len, int64_t n, float* dst) {
   for (int64_t n0 = 0; n0 < n; n0 += NR, dst += k_len * NR) {
     const int64_t nr = std::min(NR, n - n0);
+    if (b.rs == 1 && b.cs != 1) {
+      transpose32(b.p + n0 * b.cs, b.cs, nr, k_len, dst, NR);  // columns nr .. padded 16: zeros
+      if (nr <= 16)
+        for (int64_t k = 0; k < k_len; ++k) _mm512_storeu_ps(dst + k * NR + 16, _mm512_setzero_ps());
+      continue;
+    }
     for (int64_t k = 0; k < k_len; ++k) {
       const float* src = b.p + k * b.rs + n0 * b.cs;
       float* d = dst + k * NR;
+      if (b.cs == 1) {
+        for (int64_t c = 0; c < NR; c += 16) _mm512_storeu_ps(d + c, _mm512_maskz_loadu_ps(tail(std::max<int64_t>(0, nr - c)), src + c));
+        continue;
+      }
       int64_t c = 0;
-      if (b.cs == 1)
-        for (; c < nr; ++c) d[c] = src[c];
-      else
-        for (; c < nr; ++c) d[c] = src[c * b.cs];
+      for (; c < nr; ++c) d[c] = src[c * b.cs];
       for (; c < NR; ++c) d[c] = 0.0f;
     }
   }

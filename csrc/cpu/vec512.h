@@ -7,6 +7,9 @@
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cstdint>
+
 #include "cpu/dtype.h"
 
 #define GENFAST_HAVE_AVX512 1
@@ -56,6 +59,53 @@ GENFAST_AVX512 inline __mmask16 tail(int64_t left) {
   return left >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
 }
 
+
+// In place: r[i], row i of a 16 x 16 block of 32-bit lanes, becomes column i (3 shuffle rounds).
+GENFAST_AVX512 inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {  // rows 2i, 2i + 1 interleaved within each 128-bit lane
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // u[g + c], lane L: column 4L + c of rows g .. g + 3
+    u[g] = _mm512_shuffle_ps(t[g], t[g + 2], 0x44);
+    u[g + 1] = _mm512_shuffle_ps(t[g], t[g + 2], 0xEE);
+    u[g + 2] = _mm512_shuffle_ps(t[g + 1], t[g + 3], 0x44);
+    u[g + 3] = _mm512_shuffle_ps(t[g + 1], t[g + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {  // lane L of the four row groups side by side: column 4L + c
+    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+    const __m512 w0 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88), w1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+    r[c] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+    r[4 + c] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+    r[12 + c] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+  }
+}
+
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols: 32-bit elements through 16 x 16
+// register blocks. Lanes r >= rows of dst's rows are written 0 up to a multiple of 16.
+GENFAST_AVX512 inline void transpose32(const void* src, int64_t lds, int64_t rows, int64_t cols, void* dst, int64_t ldd) {
+  const float* s = static_cast<const float*>(src);
+  float* d = static_cast<float*>(dst);
+  for (int64_t r0 = 0; r0 < rows; r0 += 16)
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      const __mmask16 t = tail(cols - c0);
+      __m512 x[16];
+      if (r0 + 16 <= rows) {  // whole blocks without a branch per row
+        for (int r = 0; r < 16; ++r) x[r] = _mm512_maskz_loadu_ps(t, s + (r0 + r) * lds + c0);
+      } else {
+        for (int r = 0; r < 16; ++r)
+          x[r] = r0 + r < rows ? _mm512_maskz_loadu_ps(t, s + (r0 + r) * lds + c0) : _mm512_setzero_ps();
+      }
+      transpose16(x);
+      if (c0 + 16 <= cols) {
+        for (int c = 0; c < 16; ++c) _mm512_storeu_ps(d + (c0 + c) * ldd + r0, x[c]);
+      } else {
+        for (int c = 0; c < cols - c0; ++c) _mm512_storeu_ps(d + (c0 + c) * ldd + r0, x[c]);
+      }
+    }
+}
 
 // exp(x) for x <= 0: 2^n e^r, |r| <= ln2 / 2, degree-6 polynomial (relative error ~2e-7); x < -87 -> 0.
 GENFAST_AVX512 inline __m512 exp_nonpos(__m512 x) {
