@@ -320,7 +320,7 @@ def test_fp32_routing_by_shape(monkeypatch):
     def way(nq, nk, causal=False, buffers=1):
         return attention_cpu.variant(torch.empty(2, 16, nq, 72, device="meta"), nk, buffers, causal)
 
-    fits, long, _ = attention_cpu.tables_for_cpu("AuthenticAMD", False)  # the tables below: an AMD CPU's
+    fits, long, *_ = attention_cpu.tables_for_cpu("AuthenticAMD", False)  # the tables below: an AMD CPU's
     monkeypatch.setattr(attention_cpu, "FITS", fits)
     monkeypatch.setattr(attention_cpu, "LONG", long)
     assert way(256, 32) == way(17, 17) == "sdpa"
@@ -334,20 +334,40 @@ def test_fp32_routing_by_shape(monkeypatch):
 
 
 def test_routing_by_cpu(monkeypatch):
-    """On Intel CPUs fp32 takes torch's fused kernel (MKL's AVX-512 sgemm runs it at the FMA peak;
-    on AMD MKL takes AVX2 and "small" wins); with AMX, bf16 forwards that keep no p take it too,
-    and such a forward feeds the "small" backward its log-sum-exp."""
+    """On Intel CPUs fp32 takes torch's fused kernel (MKL's AVX-512 sgemm; on AMD MKL takes AVX2 and
+    "small" wins); with AMX, bf16 takes "small" at any head count, and only small forwards that keep
+    no p take torch's kernel (such a forward feeds the "small" backward its log-sum-exp)."""
     q = torch.empty(2, 16, 1024, 72, device="meta")
     for vendor, amx in (("GenuineIntel", True), ("GenuineIntel", False), ("AuthenticAMD", False)):
-        fits, long, fused_without_p = attention_cpu.tables_for_cpu(vendor, amx)
+        fits, long, fused_without_p, small16_from_heads = attention_cpu.tables_for_cpu(vendor, amx)
         intel = vendor == "GenuineIntel"
         assert fits[torch.float32] == long[torch.float32] == ("sdpa" if intel else "small")
         assert fits[torch.bfloat16] == long[torch.bfloat16] == "small"
-        assert fused_without_p == ({torch.bfloat16} if amx else set())
+        assert set(fused_without_p) == ({torch.bfloat16} if amx else set())
+        assert small16_from_heads == (0 if amx else 2)
         monkeypatch.setattr(attention_cpu, "FITS", fits)
         monkeypatch.setattr(attention_cpu, "LONG", long)
         if intel:
             assert attention_cpu.variant(q, 1024) == attention_cpu.variant(q, 1024, buffers=2) == "sdpa"
+
+
+def test_fused_without_p_by_size(monkeypatch):
+    """FUSED_WITHOUT_P (AMX tables): a bf16 "small" forward without p takes torch's fused kernel only
+    when the case is small (few (batch, head) pairs per thread, or few scores); the others and every
+    other dtype and way keep their own."""
+    _, _, limits, _ = attention_cpu.tables_for_cpu("GenuineIntel", True)
+    monkeypatch.setattr(attention_cpu, "FUSED_WITHOUT_P", limits)
+    monkeypatch.setattr(attention_cpu, "_threads", lambda: 2)
+
+    def fused(b, h, nq, nk, dtype=torch.bfloat16, way="small"):
+        return attention_cpu.fused_without_p(torch.empty(b, h, nq, 72, dtype=dtype, device="meta"), way, nk)
+
+    assert fused(1, 2, 64, 64) and fused(1, 1, 512, 512) and fused(2, 2, 1024, 1024)  # few pairs a thread
+    assert fused(2, 16, 17, 17) and fused(2, 4, 128, 128)  # few scores
+    assert not fused(2, 16, 256, 256) and not fused(2, 16, 256, 77) and not fused(8, 6, 256, 256)
+    assert not fused(1, 2, 64, 64, dtype=torch.float32) and not fused(1, 2, 64, 64, way="heads")
+    monkeypatch.setattr(attention_cpu, "FUSED_WITHOUT_P", {})  # the AMD tables: never
+    assert not fused(1, 2, 64, 64)
 
 
 def test_bf16_forward_without_p_on_the_fused_kernel(use_backend, monkeypatch):
@@ -358,7 +378,7 @@ def test_bf16_forward_without_p_on_the_fused_kernel(use_backend, monkeypatch):
     if not attention_cpu_fp32.small_supports(torch.bfloat16, 40):
         pytest.skip("the small way needs AVX-512 with BF16")
     use_backend("cpu")
-    monkeypatch.setattr(attention_cpu, "FUSED_WITHOUT_P", {torch.bfloat16})
+    monkeypatch.setattr(attention_cpu, "FUSED_WITHOUT_P", {torch.bfloat16: (1 << 30, 0)})  # every case
     monkeypatch.setattr(attention_cpu, "SMALL16_FROM_HEADS", 0)
     monkeypatch.setattr(attention_cpu, "KEEP_P_BYTES", 0)  # a gradient without p: the fused forward too
     calls = []
@@ -390,7 +410,7 @@ def test_bf16_no_grad_forward_calls_torch_sdpa_in_the_ops_layout(layout, use_bac
     if not attention_cpu_fp32.small_supports(torch.bfloat16, 40):
         pytest.skip("the small way needs AVX-512 with BF16")
     use_backend("cpu")
-    monkeypatch.setattr(attention_cpu, "FUSED_WITHOUT_P", {torch.bfloat16})
+    monkeypatch.setattr(attention_cpu, "FUSED_WITHOUT_P", {torch.bfloat16: (1 << 30, 0)})  # every case
     monkeypatch.setattr(attention_cpu, "SMALL16_FROM_HEADS", 0)
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention

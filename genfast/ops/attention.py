@@ -97,7 +97,7 @@ def _sdpa_way(q, k):
 def _fused_directly(q, k, v, causal=False, grad=True):
     """Eager CPU calls (without a key mask) whose way is torch's fused kernel with nothing around it:
     forward and backward, or (grad False) a forward alone that keeps no p where
-    attention_cpu.FUSED_WITHOUT_P sends it there (bf16 on AMX CPUs). torch's own SDPA runs that same
+    attention_cpu.FUSED_WITHOUT_P sends it there (small bf16 cases on AMX CPUs). torch's own SDPA runs that same
     kernel under its C++ autograd, which saves this op's dispatch and Python autograd wrapper (~20 us
     a forward, ~70 us forward and backward). Same kernel, numbers and output/gradient layouts as the
     op (which compiled code keeps using). Unit last strides only (the op copies other views first);
@@ -108,7 +108,7 @@ def _fused_directly(q, k, v, causal=False, grad=True):
         return False
     nk = k.shape[2]
     way = attention_cpu.variant(q, nk, causal=causal)
-    if not grad and attention_cpu.fused_without_p(q, way):
+    if not grad and attention_cpu.fused_without_p(q, way, nk):
         return True
     return way == "sdpa" and attention_cpu.variant(q, nk, buffers=2, causal=causal) == "sdpa"
 

@@ -29,9 +29,10 @@ Which way (FITS / LONG / FUSED_FROM_KEYS / FUSED_BELOW_KEYS below): fp16 takes "
 fp32 "small" from 64 keys on ("sdpa" below: call overhead), bf16 "small" at every length (an odd
 head dim, a CPU without AVX-512 BF16, or fewer (batch, head) pairs than SMALL16_FROM_HEADS per
 thread: "heads", or "rows" where one head's scores do not fit). The tables depend on the CPU
-(tables_for_cpu): on Intel CPUs fp32 takes "sdpa" everywhere, and with AMX a bf16 forward that
-keeps no p takes "sdpa" (FUSED_WITHOUT_P) while its backward runs "small" on AMX tiles. The tables
-below are the AMD EPYC's; the Intel Xeon's (AMX) are in tables_for_cpu.
+(tables_for_cpu): on Intel CPUs fp32 takes "sdpa" everywhere, and with AMX bf16 takes "small"
+(on AMX tiles) at any head count, except small forwards that keep no p: "sdpa" (FUSED_WITHOUT_P),
+their backward "small". The tables below are the AMD EPYC's; the Intel Xeon's (AMX) are in
+tables_for_cpu.
 bf16 per way, GENFAST_BENCH_WAYS=1 pytest benchmarks/test_attention.py -k "attention_forward and
 bf16", 2026-11-26 (ms, fwd+bwd / fwd, one run, glibc's default malloc; the machine ran slow that
 day, so compare within a row):
@@ -129,27 +130,36 @@ SCORE_BYTES = 8 << 20
 
 
 def tables_for_cpu(vendor, amx):
-    """(FITS, LONG, FUSED_WITHOUT_P) below for a CPU of this vendor, with AMX-BF16 or not.
+    """(FITS, LONG, FUSED_WITHOUT_P, SMALL16_FROM_HEADS) below for a CPU of this vendor, with
+    AMX-BF16 or not.
 
     Measured on a 2-core AMD EPYC (AVX-512 BF16): the module docstring's tables. On a 2-core Intel
     Xeon with AMX (benchmarks/test_attention.py, GENFAST_BENCH_WAYS=1, 2026-11-26, ms fwd+bwd / fwd):
       fp32 2x16x256x72   torch SDPA 10.1 / 2.66   "small" 12.6 / 3.11   "heads" 10.6 / 3.30
       fp32 1x8x1024x64   torch SDPA 28.7 / 8.58   "small" 36.0 / 9.79
     MKL's sgemm takes its AVX-512 path on Intel CPUs (AVX2 on AMD), and torch's fused kernel runs
-    at the FMA peak there: fp32 takes it. bf16 "small" runs on AMX tiles where the CPU has them
-    (attention_bf16_amx.cpp; its AVX-512 BF16 dot products ran 3x slower than torch's oneDNN/AMX
-    kernels there) and wins forward + backward, while torch's fused forward stays ~5-10 % ahead
-    on a forward alone: forwards that keep no p take it (FUSED_WITHOUT_P)."""
+    at ~2/3 of the sgemm rate there (the "small" way's fp32 micro-kernel reaches parity at best):
+    fp32 takes it. bf16 "small" runs on AMX tiles where the CPU has them (attention_bf16_amx.cpp)
+    and, with its tile operands 64-byte aligned (2026-11-26, session 12), beats torch's fused
+    kernel forward alone too: 1.15x / 1.08x / 1.15x on the three shapes above and 8x6x256x64,
+    1.2x at 16x4096x64, 1.8-2.3x with 77-120 text keys; forward + backward 1.5-3.3x, with any
+    head count (SMALL16_FROM_HEADS 0: "small" beat "heads" there 1.16-1.94x vs 0.60-1.69x).
+    Only small forwards that keep no p lose it (call overhead, a thread per head): 0.41x at
+    1x2x64x64, 0.60x at 1x1x512x72, 0.94-0.97x at 2x16x17x17 and 2x4x128x128; they take torch's
+    kernel (FUSED_WITHOUT_P: under 4 (batch, head) pairs a thread or 2^18 scores)."""
     fits = {torch.float32: "small", torch.float16: "sdpa", torch.bfloat16: "small"}
     if vendor == "GenuineIntel":
         fits[torch.float32] = "sdpa"
-    return fits, dict(fits), {torch.bfloat16} if amx else set()
+    return fits, dict(fits), {torch.bfloat16: (4, 1 << 18)} if amx else {}, 0 if amx else 2
 
 
-# Way for a case whose heads fit SCORE_BYTES, and for one whose heads do not; bf16 forwards that
-# keep no p and take torch's fused kernel instead of "small" (the backward still runs "small",
-# from that kernel's log-sum-exp).
-FITS, LONG, FUSED_WITHOUT_P = tables_for_cpu(cpu_vendor(), attention_cpu_fp32.AMX_AVAILABLE)
+# Way for a case whose heads fit SCORE_BYTES, and for one whose heads do not; per dtype, the
+# (pairs per thread, scores) below which "small" forwards that keep no p take torch's fused kernel
+# (the backward still runs "small", from that kernel's log-sum-exp); and from how many (batch,
+# head) pairs per thread bf16 takes "small" (fewer take "heads" / "rows"; the small backward runs
+# a head per thread). Without AMX, 2 threads, ms fwd / bwd, small vs heads: 1x1x512x72 0.32 / 0.57
+# vs 0.27 / 0.48; 1x2x1024x64 1.50 / 2.28 vs 1.26 / 2.13; 2x2x512x64 0.76 / 1.22 vs 0.73 / 1.39.
+FITS, LONG, FUSED_WITHOUT_P, SMALL16_FROM_HEADS = tables_for_cpu(cpu_vendor(), attention_cpu_fp32.AMX_AVAILABLE)
 # From this many keys on, torch's fused kernel whatever FITS says: it runs an fp32 1024-token
 # forward at ~92 % of the sgemm peak, which two GEMMs and a softmax pass between them cannot beat
 # (matters only where FITS picks "heads" for that dtype; see the table above).
@@ -165,11 +175,6 @@ SMALL_BLOCK_BYTES = 1 << 20
 # Measured at 256 and 1024 keys: blocks of 128-256 rows beat 32-64 by 5-15 % (fewer passes over
 # the dk / dv sums and fewer B panels), even where they spill the L2.
 SMALL16_BLOCK_BYTES = 4 << 20
-# bf16 takes "small" from this many (batch, head) pairs per thread on; fewer take "heads" / "rows"
-# (the small backward runs a head per thread). 2 threads, ms fwd / bwd, small vs heads:
-# 1x1x512x72 0.32 / 0.57 vs 0.27 / 0.48; 1x2x1024x64 1.50 / 2.28 vs 1.26 / 2.13;
-# 2x2x512x64 0.76 / 1.22 vs 0.73 / 1.39.
-SMALL16_FROM_HEADS = 2
 # Causal cases from this many keys on take torch's fused kernel, which skips the masked half of
 # the scores. Empty: the "small" way skips the keys after each query block's last row too and
 # wins causal cases by 1.5-2.4x (the "onednn" way does not skip: 0.9-1.07x at 1024 keys).
@@ -208,10 +213,14 @@ def variant(q, nk, buffers=1, causal=False):
     return way
 
 
-def fused_without_p(q, way):
-    """A forward of variant() `way` that keeps no p runs torch's fused kernel instead (FUSED_WITHOUT_P:
-    bf16 "small" on AMX CPUs); its backward stays `way`'s."""
-    return way == "small" and q.dtype in FUSED_WITHOUT_P
+def fused_without_p(q, way, nk):
+    """A forward of variant() `way` against nk keys that keeps no p runs torch's fused kernel instead
+    (FUSED_WITHOUT_P: small bf16 "small" cases on AMX CPUs); its backward stays `way`'s."""
+    limits = FUSED_WITHOUT_P.get(q.dtype)
+    if way != "small" or limits is None:
+        return False
+    b, h, nq, _ = q.shape
+    return b * h < limits[0] * _threads() or b * h * nq * nk < limits[1]
 
 
 def _small_block_bytes(dtype=torch.float32):
@@ -329,7 +338,7 @@ def forward(q, k, v, mask, causal, scale, fully_masked, out, keep_p=False):
     [B, H, Nq] fp32 contiguous, +inf on fully masked rows), and p [B, H, Nq, Nk] with keep_p
     (only where keeps_p() says so)."""
     way = variant(q, k.shape[2], causal=causal)
-    if not keep_p and fused_without_p(q, way):
+    if not keep_p and fused_without_p(q, way, k.shape[2]):
         way = "sdpa"
     if way == "sdpa":
         am = _additive_mask(mask, q.dtype) if mask is not None else None
