@@ -81,22 +81,6 @@ GENFAST_AVX512 inline __m512i bf16_words(__m512 x0, __m512 x1) {
 
 constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
 
-// 2^x for x <= 0: 2^n 2^f, n = round(x), |f| <= 1/2, degree-5 polynomial fitted for relative
-// error (measured 1.9e-7 in fp32 arithmetic, as the degree-6 Taylor one it replaced); x < -127
-// gives ~2^-127 (bf16 rounding flushes it; callers mask keys out of play).
-GENFAST_AVX512 inline __m512 exp2_nonpos(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-127.0f));
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.326472731307149e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.671512991189957e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550733581185341e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022242426872253f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931470036506653f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // log2(x) for finite x > 0 (normal): x = 2^e m, m in [sqrt(1/2), sqrt(2)), log2(m) from the atanh
 // series in t = (m - 1) / (m + 1), |t| < 0.172 (truncation error ~4e-8).
 GENFAST_AVX512 inline __m512 log2_pos(__m512 x) {

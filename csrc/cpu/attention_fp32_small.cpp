@@ -121,36 +121,42 @@ GENFAST_AVX512 void gemm_packed(int64_t m, int64_t n, int64_t k_len, View a, con
 
 using small_attn::keys_on;
 
-// Row i of s [nk]: p = softmax(scale s) over the keys in play, written over s; returns lse.
-GENFAST_AVX512 float softmax_row(const AttnSmallParams& a, const uint8_t* m, int64_t i, int64_t nk, float* s) {
-  const __m512 scale = _mm512_set1_ps(a.scale), ninf = _mm512_set1_ps(-kInf);
+// Row i of s [nk] (raw scores): e = exp(scale s - max) over the keys in play (0 elsewhere),
+// written over s, unnormalised (forward_head scales the row of e v by 1 / sum: D columns, not
+// Nk). Returns sum e and sets mx = max(scale s) (-inf with no key in play: e = 0, sum 0). Base 2
+// inside: scale log2(e) folded into one FMA; two passes over s, the first without a store.
+GENFAST_AVX512 float exp_row(const AttnSmallParams& a, const uint8_t* m, int64_t i, int64_t nk, float* s, float& mx) {
+  const __m512 c2 = _mm512_set1_ps(a.scale * 1.44269504088896341f), ninf = _mm512_set1_ps(-kInf);
+  const bool plain = !m && (!a.causal || i + 1 >= nk);  // every key in play: tail masks only
   __m512 vmax = ninf;
   for (int64_t j = 0; j < nk; j += 16) {
-    const __mmask16 t = tail(nk - j);
-    const __m512 x = _mm512_mask_mul_ps(ninf, keys_on(a, m, i, j, nk), _mm512_maskz_loadu_ps(t, s + j), scale);
-    _mm512_mask_storeu_ps(s + j, t, x);
-    vmax = _mm512_max_ps(vmax, x);
+    const __mmask16 on = plain ? tail(nk - j) : keys_on(a, m, i, j, nk);
+    vmax = _mm512_mask_max_ps(vmax, on, vmax, _mm512_mul_ps(_mm512_maskz_loadu_ps(on, s + j), c2));
   }
-  const float mx = _mm512_reduce_max_ps(vmax);
-  if (mx == -kInf) {  // no key: zeros, lse = +inf
+  const float mx2 = _mm512_reduce_max_ps(vmax);
+  mx = mx2 * 0.693147180559945309f;
+  if (mx2 == -kInf) {
     for (int64_t j = 0; j < nk; j += 16) _mm512_mask_storeu_ps(s + j, tail(nk - j), _mm512_setzero_ps());
-    return kInf;
+    return 0.0f;
   }
-  const __m512 vm = _mm512_set1_ps(mx);
-  __m512 vsum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < nk; j += 16) {
-    const __mmask16 t = tail(nk - j);
-    const __m512 e = _mm512_maskz_mov_ps(t, exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, s + j), vm)));
-    _mm512_mask_storeu_ps(s + j, t, e);
-    vsum = _mm512_add_ps(vsum, e);
+  const __m512 vm = _mm512_set1_ps(mx2);
+  __m512 vsum0 = _mm512_setzero_ps(), vsum1 = vsum0;
+  int64_t j = 0;
+  for (; j + 32 <= nk && plain; j += 32) {  // two independent sums
+    const __m512 e0 = exp2_nonpos(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), c2, vm));
+    const __m512 e1 = exp2_nonpos(_mm512_fmsub_ps(_mm512_loadu_ps(s + j + 16), c2, vm));
+    _mm512_storeu_ps(s + j, e0);
+    _mm512_storeu_ps(s + j + 16, e1);
+    vsum0 = _mm512_add_ps(vsum0, e0);
+    vsum1 = _mm512_add_ps(vsum1, e1);
   }
-  const float sum = _mm512_reduce_add_ps(vsum);
-  const __m512 inv = _mm512_set1_ps(1.0f / sum);
-  for (int64_t j = 0; j < nk; j += 16) {
-    const __mmask16 t = tail(nk - j);
-    _mm512_mask_storeu_ps(s + j, t, _mm512_mul_ps(_mm512_maskz_loadu_ps(t, s + j), inv));
+  for (; j < nk; j += 16) {
+    const __mmask16 on = plain ? tail(nk - j) : keys_on(a, m, i, j, nk);
+    const __m512 e = _mm512_maskz_mov_ps(on, exp2_nonpos(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(on, s + j), c2, vm)));
+    _mm512_mask_storeu_ps(s + j, tail(nk - j), e);
+    vsum0 = _mm512_add_ps(vsum0, e);
   }
-  return mx + std::log(sum);
+  return _mm512_reduce_add_ps(_mm512_add_ps(vsum0, vsum1));
 }
 
 // Row i: p = exp(scale s - lse) (0 off the keys in play) over s, ds = p (dp - delta) scale over dp.
@@ -184,12 +190,13 @@ using small_attn::block_keys;
 // A thread's score blocks and B panels (small_attn::for_heads keeps them between calls), bounded
 // by bq (attention_cpu.py SMALL_BLOCK_BYTES) and O(Nk D) panels.
 struct Scratch {
-  std::vector<float> scores, pack;
+  std::vector<float> scores, pack, inv;
   // score_blocks [bq, Nk] blocks (1 forward, 2 backward) and the panels of pack_floats(a)
   void fit(const AttnSmallParams& a, int64_t score_blocks) {
     const size_t ns = static_cast<size_t>(score_blocks * a.bq * a.nk), np = static_cast<size_t>(pack_floats(a));
     if (scores.size() < ns + 16) scores.resize(ns + 16);
     if (pack.size() < np + 16) pack.resize(np + 16);
+    if (inv.size() < static_cast<size_t>(a.bq)) inv.resize(a.bq);
   }
   // 64-byte aligned starts: the micro-kernel's B loads then never straddle cache lines (measured
   // -5 % on a 16x256x72 forward, 1 thread, Xeon)
@@ -200,7 +207,7 @@ struct Scratch {
 
 // Query blocks first .. last - 1 of one head (k^T and v packed once for them).
 GENFAST_AVX512 void forward_head(const AttnSmallParams& a, int64_t bi, int64_t hi, int64_t first, int64_t last,
-                                 float* s, float* pack) {
+                                 float* s, float* pack, float* inv) {
   const uint8_t* m = a.mask ? a.mask + bi * a.mask_bs : nullptr;
   const View q = head(a.q, bi, hi);
   float* out = head(a.out, bi, hi);
@@ -213,8 +220,21 @@ GENFAST_AVX512 void forward_head(const AttnSmallParams& a, int64_t bi, int64_t h
   for (int64_t i0 = first * a.bq; i0 < std::min(a.nq, last * a.bq); i0 += a.bq) {
     const int64_t rows = std::min(a.bq, a.nq - i0), nk = block_keys(a, i0 + rows);
     gemm_packed(rows, nk, a.d, View{q.p + i0 * q.rs, q.rs, q.cs}, kt, a.d, s, nk);  // s = q k^T
-    for (int64_t i = 0; i < rows; ++i) lse[i0 + i] = softmax_row(a, m, i0 + i, nk, s + i * nk);
-    gemm_packed(rows, a.d, nk, View{s, nk, 1}, v, a.nk, out + i0 * a.out.ns, a.out.ns);  // p v
+    for (int64_t i = 0; i < rows; ++i) {
+      float mx;
+      const float sum = exp_row(a, m, i0 + i, nk, s + i * nk, mx);
+      lse[i0 + i] = sum > 0.0f ? mx + std::log(sum) : kInf;
+      inv[i] = sum > 0.0f ? 1.0f / sum : 0.0f;
+    }
+    gemm_packed(rows, a.d, nk, View{s, nk, 1}, v, a.nk, out + i0 * a.out.ns, a.out.ns);  // e v
+    for (int64_t i = 0; i < rows; ++i) {  // p v: the rows of e v over their sums
+      float* o = out + (i0 + i) * a.out.ns;
+      const __m512 r = _mm512_set1_ps(inv[i]);
+      for (int64_t c = 0; c < a.d; c += 16) {
+        const __mmask16 t = tail(a.d - c);
+        _mm512_mask_storeu_ps(o + c, t, _mm512_mul_ps(_mm512_maskz_loadu_ps(t, o + c), r));
+      }
+    }
   }
 }
 
@@ -256,7 +276,7 @@ void attn_small_forward_cpu(const AttnSmallParams& a) {
   if (a.b * a.h == 0 || a.nq == 0 || a.nk == 0) return;
   small_attn::for_query_parts<Scratch>(a, [&](int64_t bi, int64_t hi, int64_t first, int64_t last, Scratch& sc) {
     sc.fit(a, 1);
-    forward_head(a, bi, hi, first, last, Scratch::aligned(sc.scores), Scratch::aligned(sc.pack));
+    forward_head(a, bi, hi, first, last, Scratch::aligned(sc.scores), Scratch::aligned(sc.pack), sc.inv.data());
   });
 }
 
