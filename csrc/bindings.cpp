@@ -325,6 +325,21 @@ void bind_all(py::module_& m) {
           py::gil_scoped_release nogil;
           gelu_tanh_cpu(reinterpret_cast<const void*>(x), reinterpret_cast<void*>(y), n, dtype);
         }, "GELU(tanh) over n contiguous elements (csrc/gelu.h).", py::arg("x"), py::arg("y"), py::arg("n"), py::arg("dtype"));
+  m.def("gelu_tanh_bias_fp32", [](uintptr_t x, uintptr_t y, uintptr_t bias, int64_t rows, int64_t cols) {
+          py::gil_scoped_release nogil;
+          gelu_tanh_bias_fp32_cpu(reinterpret_cast<float*>(x), reinterpret_cast<float*>(y),
+                                  reinterpret_cast<const float*>(bias), rows, cols);
+        }, "fp32: h = x + bias (kept in x), y = GELU(tanh)(h) over [rows, cols] (csrc/gelu.h).", py::arg("x"), py::arg("y"),
+        py::arg("bias"), py::arg("rows"), py::arg("cols"));
+  m.def("gated_residual_bias_fp32", [](uintptr_t out, uintptr_t x, uintptr_t gate, int64_t gate_sb, uintptr_t y,
+                                       uintptr_t bias, int64_t B, int64_t N, int64_t C, bool keep_y) {
+          py::gil_scoped_release nogil;
+          gated_residual_bias_fp32_cpu(reinterpret_cast<float*>(out), reinterpret_cast<const float*>(x),
+                                       reinterpret_cast<const float*>(gate), gate_sb, reinterpret_cast<float*>(y),
+                                       reinterpret_cast<const float*>(bias), B, N, C, keep_y);
+        }, "fp32: x + gate * (y + bias), per-sample gate; keep_y writes y + bias back (csrc/modulate.h).",
+        py::arg("out"), py::arg("x"), py::arg("gate"), py::arg("gate_sb"), py::arg("y"), py::arg("bias"), py::arg("B"),
+        py::arg("N"), py::arg("C"), py::arg("keep_y"));
   m.def("gelu_tanh_backward", [](uintptr_t g, uintptr_t x, uintptr_t dx, int64_t n, int32_t dtype) {
           py::gil_scoped_release nogil;
           gelu_tanh_backward_cpu(reinterpret_cast<const void*>(g), reinterpret_cast<const void*>(x),

@@ -10,6 +10,10 @@ namespace genfast {
 
 // y[i] = gelu(x[i]); y may alias x. dtype: DType code (fp32 / fp16 / bf16); math in fp32.
 void gelu_tanh_cpu(const void* x, void* y, int64_t n, int32_t dtype);
+// fp32, [rows, cols] contiguous: h = x + bias per row, written back into x (the pre-activation of a
+// Linear with that bias, which the backward reads), and y = gelu(h); y may alias x (then y only).
+// The DiT block's fused CPU path: fc1 as a GEMM without bias (genfast/ops/dit_block.py).
+void gelu_tanh_bias_fp32_cpu(float* x, float* y, const float* bias, int64_t rows, int64_t cols);
 // dx[i] = g[i] * gelu'(x[i]); dx may alias g.
 void gelu_tanh_backward_cpu(const void* g, const void* x, void* dx, int64_t n, int32_t dtype);
 

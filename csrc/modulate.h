@@ -97,6 +97,12 @@ void modulate_fwd_cpu(const ModulateParams& p);
 void modulate_bwd_cpu(const ModulateBwdParams& p);
 void gated_residual_fwd_cpu(const GatedResidualParams& p);
 void gated_residual_bwd_cpu(const GatedResidualBwdParams& p);
+// fp32, CPU (the DiT block's fused path, genfast/ops/dit_block.py): out = x + gate * (y + bias),
+// gate per sample (row b at gate + b * gate_sb, unit stride), bias [C], x, y, out [B, N, C]
+// contiguous (out may be x); with keep_y, y + bias is written back into y (what a Linear with that
+// bias makes, which the backward reads).
+void gated_residual_bias_fp32_cpu(float* out, const float* x, const float* gate, int64_t gate_sb, float* y,
+                                  const float* bias, int64_t B, int64_t N, int64_t C, bool keep_y);
 
 // csrc/cuda/modulate.cu: launch on `stream`, return the cudaError_t as an int (see flow_step.h).
 int modulate_fwd_cuda(const ModulateParams& p, void* stream);

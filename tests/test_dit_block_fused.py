@@ -95,6 +95,33 @@ def test_fused_equals_per_op_bits_fp32(add_in_modulate, use_backend, path, monke
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+def test_bias_folding_keeps_the_bits_fp32(use_backend, path, monkeypatch):
+    """On torch's BLAS GEMMs (fp32 CPU, USE_ONEDNN off as on Intel CPUs) the proj / fc1 / fc2 biases go
+    into the gated-residual and GELU passes (dit_block._folds_bias): the outputs, every gradient and
+    the inference output keep the bits of the GEMMs with their biases (torch's addmm adds the bias to
+    the same sum), and the saved p, h, f still hold them (the backward reads them)."""
+    monkeypatch.setattr(genfast.ops.linear, "USE_ONEDNN", False)
+    calls = []
+    for mod, name in ((dit_block, "gated_bias_fp32"), (dit_block._gelu, "fwd_bias_fp32")):
+        fn = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, fn=fn, name=name, **k: calls.append(name) or fn(*a, **k))
+    use_backend("cpu")
+    path(True)
+    _, ours = _pair()
+    x, c = torch.randn(3, 19, 64, requires_grad=True), torch.randn(3, 64, requires_grad=True)
+    g = torch.randn(3, 19, 64)
+    results = {}
+    for fold in (True, False):
+        monkeypatch.setattr(dit_block, "FOLD_BIAS", fold)
+        calls.clear()
+        results[fold] = _run(ours, x, c, g)
+        with torch.no_grad():
+            results[fold].append(ours(x, c))
+        assert sorted(set(calls)) == (["fwd_bias_fp32", "gated_bias_fp32"] if fold else [])
+    for name, a, b in zip(_names(ours) + ["inference"], results[True], results[False]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("bias_in_gated", [False, True], ids=["bias-sums", "bias-in-gated"])
 @pytest.mark.parametrize("dtype,backend", [(torch.bfloat16, "cpu"), (torch.float16, "cpu"),
                                            (torch.bfloat16, "cuda_emu")])

@@ -42,6 +42,14 @@ GENFAST_CPU_CLONES void bwd_chunk(const T* g, const T* x, T* dx, int64_t n) {
   }
 }
 
+GENFAST_CPU_CLONES void fwd_bias_row(float* x, float* y, const float* bias, int64_t cols) {
+  for (int64_t i = 0; i < cols; ++i) {
+    const float v = x[i] + bias[i];
+    x[i] = v;  // before y[i]: y may alias x
+    y[i] = 0.5f * v * (1.0f + tanh_of(kAlpha * (v + kBeta * v * v * v)));
+  }
+}
+
 #ifdef GENFAST_HAVE_AVX512
 namespace avx {
 using namespace vec512;
@@ -83,6 +91,17 @@ GENFAST_AVX512 void bwd_chunk(const T* g, const T* x, T* dx, int64_t n) {
     const __m512 sech2 = _mm512_fnmadd_ps(t, t, one);
     const __m512 d = _mm512_mul_ps(half, _mm512_fmadd_ps(_mm512_mul_ps(v, sech2), du, _mm512_add_ps(one, t)));
     store(dx + i, m, _mm512_mul_ps(load(g + i, m), d));
+  }
+}
+
+// One row: h = x + bias (kept in x unless y aliases x), y = gelu(h).
+GENFAST_AVX512 void fwd_bias_row(float* x, float* y, const float* bias, int64_t cols) {
+  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < cols; i += 16) {
+    const __mmask16 m = cols - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (cols - i)) - 1u);
+    const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, bias + i));
+    if (x != y) _mm512_mask_storeu_ps(x + i, m, v);
+    _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, tanh16(inner(v)))));
   }
 }
 }  // namespace avx
@@ -131,6 +150,26 @@ void gelu_tanh_cpu(const void* x, void* y, int64_t n, int32_t dtype) {
     case kFloat16: fwd<Half>(x, y, n); break;
     case kBFloat16: fwd<BFloat16>(x, y, n); break;
   }
+}
+
+void gelu_tanh_bias_fp32_cpu(float* x, float* y, const float* bias, int64_t rows, int64_t cols) {
+  if (rows <= 0 || cols <= 0) return;
+#ifdef GENFAST_HAVE_AVX512
+  const bool avx = vec512::cpu_has_avx512_bf16();
+#else
+  const bool avx = false;
+#endif
+#pragma omp parallel for schedule(static) if (rows * cols > kChunk)
+  for (int64_t r = 0; r < rows; ++r) {
+#ifdef GENFAST_HAVE_AVX512
+    if (avx) {
+      avx::fwd_bias_row(x + r * cols, y + r * cols, bias, cols);
+      continue;
+    }
+#endif
+    fwd_bias_row(x + r * cols, y + r * cols, bias, cols);
+  }
+  (void)avx;
 }
 
 void gelu_tanh_backward_cpu(const void* g, const void* x, void* dx, int64_t n, int32_t dtype) {

@@ -370,6 +370,23 @@ GENFAST_VEC_CLONES void gated_row(T* out, const T* x, const G* __restrict gate, 
   for (int64_t c = C16; c < C; ++c) store1(out + c, load1(x + c) + load1(gate + c) * load1(y + c));
 }
 
+// fp32 with the bias of the Linear that made y folded in: the same expression on y + bias.
+GENFAST_VEC_CLONES void gated_bias_row(float* out, const float* x, const float* __restrict gate, float* y,
+                                       const float* __restrict bias, int64_t C, bool keep_y) {
+  using namespace vec;
+  const int64_t C16 = C & ~int64_t{15};
+  for (int64_t c = 0; c < C16; c += 16) {
+    const f32x16 v = load(y + c) + load(bias + c);
+    if (keep_y) store(y + c, v);
+    store(out + c, load(x + c) + load(gate + c) * v);
+  }
+  for (int64_t c = C16; c < C; ++c) {
+    const float v = y[c] + bias[c];
+    if (keep_y) y[c] = v;
+    out[c] = x[c] + gate[c] * v;
+  }
+}
+
 template <typename T>
 void gated_fwd(const GatedResidualParams& p) {
   const int64_t rows = p.B * p.N;
@@ -510,6 +527,13 @@ void modulate_bwd_cpu(const ModulateBwdParams& p) {
 void gated_residual_fwd_cpu(const GatedResidualParams& p) {
   if (p.B * p.N == 0 || p.C == 0) return;
   by_dtype<GFwdFn>(p);
+}
+
+void gated_residual_bias_fp32_cpu(float* out, const float* x, const float* gate, int64_t gate_sb, float* y,
+                                  const float* bias, int64_t B, int64_t N, int64_t C, bool keep_y) {
+#pragma omp parallel for schedule(static) if (B * N * C >= kParallelMin)
+  for (int64_t r = 0; r < B * N; ++r)
+    gated_bias_row(out + r * C, x + r * C, gate + (r / N) * gate_sb, y + r * C, bias, C, keep_y);
 }
 
 void gated_residual_bwd_cpu(const GatedResidualBwdParams& p) {

@@ -329,6 +329,18 @@ def _gated_impl(x, gate, y):
     return out
 
 
+def gated_bias_fp32(x, gate, y, bias, keep_y):
+    """x + gate * (y + bias) for the DiT block's fused CPU path (fp32, x and y [B, N, C] contiguous,
+    gate a per-sample [B, 1, C] view with a unit last stride, bias [C]): y is a GEMM's output without
+    its bias; with keep_y, y + bias is written back into y (the Linear's output, which the backward
+    reads). Callers check these and that the CPU kernels run (genfast.ops.dit_block._folds_bias)."""
+    b, n, c = x.shape
+    out = torch.empty(b, n, c, device=x.device, dtype=x.dtype)
+    _native.module("_C").gated_residual_bias_fp32(out.data_ptr(), x.data_ptr(), gate.data_ptr(), gate.stride(0),
+                                                  y.data_ptr(), bias.data_ptr(), b, n, c, keep_y)
+    return out
+
+
 def _gated_bwd_impl(grad, gate, y, needs):
     """(dy, dgate); an output that is not needed is an empty [0] tensor."""
     dy, dgate, _ = gated_bwd(grad, gate, y, needs[0], needs[1])
