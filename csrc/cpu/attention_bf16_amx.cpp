@@ -1,11 +1,12 @@
 // The bf16 "small" CPU attention way on AMX tiles (Intel Xeon from Sapphire Rapids on: amx-bf16),
 // picked by attn_small16_*_cpu where the CPU has them (attention_bf16_small.cpp runs the same
 // algorithm on AVX-512 BF16 dot products elsewhere). Why: on such a CPU one core's tdpbf16ps ran
-// ~3.2 TFLOP/s against ~83 GFLOP/s for vdpbf16ps (measured, 2-core Xeon, micro-benchmark). On
-// the attention shapes these GEMMs reach ~600-700 GFLOP/s a core, as oneDNN's bf16 bmm does there:
-// their inner dimensions are short (D, or a block of keys), so each 32 x 32 block of C drains the
-// tile pipeline and the tile loads come from L2. The softmax rows (shared, attention_bf16_rows.h)
-// take about as long as the GEMMs.
+// ~3.2 TFLOP/s against ~83 GFLOP/s for vdpbf16ps (measured, 2-core Xeon, micro-benchmark). Every
+// tile operand starts on a 64-byte boundary with a row stride of a multiple of 64 bytes (the
+// Scratch areas are aligned): a tile load whose rows straddle cache lines took 14.8 ns against
+// 2.2 (1 KiB), and with one load per tdpbf16ps it bounded these GEMMs at ~0.6-0.9 TFLOP/s a core;
+// aligned they run 1.3-1.9 (K = 96 and 256, 2 x 2 blocks), and the softmax rows (shared,
+// attention_bf16_rows.h) take about half of a forward.
 //
 // Tiles (one fixed configuration): 0-3 the fp32 C blocks [16 x 16] of a 32 x 32 block of C,
 // 4-5 A [16 rows x 32 bf16], 6-7 B [16 pair rows x 16 words]. Every operand a tile reads is

@@ -120,12 +120,21 @@ GENFAST_AVX512 inline void lse_rows(float* lse, const float* inv, int64_t n) {
 GENFAST_AVX512 inline float softmax_row(const AttnSmallParams& a, const uint8_t* m, int64_t i, int64_t nk, float* s,
                                  BFloat16* p16, BFloat16* keep, float* inv) {
   const __m512 c2 = _mm512_set1_ps(a.scale * kLog2e), ninf = _mm512_set1_ps(-kInf);
-  __m512 vmax = ninf;
-  for (int64_t j = 0; j < nk; j += 16) {
+  // every key in play (no key mask, not cut by the causal limit): whole 32-key steps without a
+  // per-vector key mask, two independent max / sum chains (measured ~10 % of the rows)
+  const bool plain = !m && (!a.causal || i + 1 >= nk);
+  __m512 vmax = ninf, vmax1 = ninf;
+  int64_t j0 = 0;
+  if (plain)
+    for (; j0 + 32 <= nk; j0 += 32) {
+      vmax = _mm512_max_ps(vmax, _mm512_mul_ps(_mm512_loadu_ps(s + j0), c2));
+      vmax1 = _mm512_max_ps(vmax1, _mm512_mul_ps(_mm512_loadu_ps(s + j0 + 16), c2));
+    }
+  for (int64_t j = j0; j < nk; j += 16) {
     const __m512 x = _mm512_maskz_loadu_ps(tail(nk - j), s + j);
     vmax = _mm512_max_ps(vmax, _mm512_mask_mul_ps(ninf, keys_on(a, m, i, j, nk), x, c2));
   }
-  const float mx = _mm512_reduce_max_ps(vmax);
+  const float mx = _mm512_reduce_max_ps(_mm512_max_ps(vmax, vmax1));
   if (mx == -kInf) {  // no key: p = 0, lse = +inf
     for (int64_t j = 0; j < even(nk); j += 16) store(p16 + j, tail(even(nk) - j), _mm512_setzero_ps());
     if (keep)
@@ -134,8 +143,22 @@ GENFAST_AVX512 inline float softmax_row(const AttnSmallParams& a, const uint8_t*
     return mx;
   }
   const __m512 vm = _mm512_set1_ps(mx);
-  __m512 vsum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < even(nk); j += 16) {  // lanes past nk: e = 0, the pad of p16
+  __m512 vsum = _mm512_setzero_ps(), vsum1 = vsum;
+  for (int64_t j = 0; j < j0; j += 32) {  // the plain steps above
+    const __m512 e0 = exp2_nonpos(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), c2, vm));
+    const __m512 e1 = exp2_nonpos(_mm512_fmsub_ps(_mm512_loadu_ps(s + j + 16), c2, vm));
+    vsum = _mm512_add_ps(vsum, e0);
+    vsum1 = _mm512_add_ps(vsum1, e1);
+    if (keep) {
+      _mm512_storeu_ps(s + j, e0);
+      _mm512_storeu_ps(s + j + 16, e1);
+    } else {
+      store(p16 + j, __mmask16(0xffff), e0);
+      store(p16 + j + 16, __mmask16(0xffff), e1);
+    }
+  }
+  vsum = _mm512_add_ps(vsum, vsum1);
+  for (int64_t j = j0; j < even(nk); j += 16) {  // lanes past nk: e = 0, the pad of p16
     const __m512 e = _mm512_maskz_mov_ps(keys_on(a, m, i, j, nk),
                                          exp2_nonpos(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(tail(nk - j), s + j), c2, vm)));
     vsum = _mm512_add_ps(vsum, e);
