@@ -362,7 +362,8 @@ def test_fused_without_p_by_size(monkeypatch):
     def fused(b, h, nq, nk, dtype=torch.bfloat16, way="small"):
         return attention_cpu.fused_without_p(torch.empty(b, h, nq, 72, dtype=dtype, device="meta"), way, nk)
 
-    assert fused(1, 2, 64, 64) and fused(1, 1, 512, 512) and fused(2, 2, 1024, 1024)  # few pairs a thread
+    assert fused(1, 2, 64, 64) and fused(1, 1, 512, 512) and fused(1, 3, 256, 256)  # few pairs a thread
+    assert not fused(1, 2, 1024, 1024) and not fused(2, 2, 512, 512)  # ... with enough scores
     assert fused(2, 16, 17, 17) and fused(2, 4, 128, 128)  # few scores
     assert not fused(2, 16, 256, 256) and not fused(2, 16, 256, 77) and not fused(8, 6, 256, 256)
     assert not fused(1, 2, 64, 64, dtype=torch.float32) and not fused(1, 2, 64, 64, way="heads")
@@ -378,7 +379,7 @@ def test_bf16_forward_without_p_on_the_fused_kernel(use_backend, monkeypatch):
     if not attention_cpu_fp32.small_supports(torch.bfloat16, 40):
         pytest.skip("the small way needs AVX-512 with BF16")
     use_backend("cpu")
-    monkeypatch.setattr(attention_cpu, "FUSED_WITHOUT_P", {torch.bfloat16: (1 << 30, 0)})  # every case
+    monkeypatch.setattr(attention_cpu, "FUSED_WITHOUT_P", {torch.bfloat16: (1 << 30, 1 << 62, 1 << 62)})  # every case
     monkeypatch.setattr(attention_cpu, "SMALL16_FROM_HEADS", 0)
     monkeypatch.setattr(attention_cpu, "KEEP_P_BYTES", 0)  # a gradient without p: the fused forward too
     calls = []
@@ -410,7 +411,7 @@ def test_bf16_no_grad_forward_calls_torch_sdpa_in_the_ops_layout(layout, use_bac
     if not attention_cpu_fp32.small_supports(torch.bfloat16, 40):
         pytest.skip("the small way needs AVX-512 with BF16")
     use_backend("cpu")
-    monkeypatch.setattr(attention_cpu, "FUSED_WITHOUT_P", {torch.bfloat16: (1 << 30, 0)})  # every case
+    monkeypatch.setattr(attention_cpu, "FUSED_WITHOUT_P", {torch.bfloat16: (1 << 30, 1 << 62, 1 << 62)})  # every case
     monkeypatch.setattr(attention_cpu, "SMALL16_FROM_HEADS", 0)
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention

@@ -138,24 +138,27 @@ def tables_for_cpu(vendor, amx):
       fp32 2x16x256x72   torch SDPA 10.1 / 2.66   "small" 12.6 / 3.11   "heads" 10.6 / 3.30
       fp32 1x8x1024x64   torch SDPA 28.7 / 8.58   "small" 36.0 / 9.79
     MKL's sgemm takes its AVX-512 path on Intel CPUs (AVX2 on AMD), and torch's fused kernel runs
-    at ~2/3 of the sgemm rate there (the "small" way's fp32 micro-kernel reaches parity at best):
-    fp32 takes it. bf16 "small" runs on AMX tiles where the CPU has them (attention_bf16_amx.cpp)
-    and, with its tile operands 64-byte aligned (2026-11-26, session 12), beats torch's fused
-    kernel forward alone too: 1.15x / 1.08x / 1.15x on the three shapes above and 8x6x256x64,
-    1.2x at 16x4096x64, 1.8-2.3x with 77-120 text keys; forward + backward 1.5-3.3x, with any
-    head count (SMALL16_FROM_HEADS 0: "small" beat "heads" there 1.16-1.94x vs 0.60-1.69x).
-    Only small forwards that keep no p lose it (call overhead, a thread per head): 0.41x at
-    1x2x64x64, 0.60x at 1x1x512x72, 0.94-0.97x at 2x16x17x17 and 2x4x128x128; they take torch's
-    kernel (FUSED_WITHOUT_P: under 4 (batch, head) pairs a thread or 2^18 scores)."""
+    at ~2/3 of the sgemm rate there, which the "small" way's fp32 kernel only ties (0.98-1.02x,
+    paired, 1 or 2 threads, session 12): fp32 takes torch's kernel. bf16 "small" runs on AMX tiles
+    where the CPU has them (attention_bf16_amx.cpp); with its tile operands 64-byte aligned it
+    beats torch's fused kernel on a forward alone too (paired, 2 threads, 2026-11-26, session 12):
+    1.29x / 1.26x / 1.36x at 2x16x256x72 / 2x16x1024x72 / 1x8x1024x64, 1.37x at 8x6x256x64,
+    1.45x at 1x16x4096x64, 1.9-2.4x against 77-120 text keys, 1.18-1.20x with 2-4 (batch, head)
+    pairs from 2^20 scores on, and forward + backward wherever measured, with any head count
+    (SMALL16_FROM_HEADS 0: "small" 1.16-1.94x torch's SDPA there, "heads" 0.60-1.69x). Small
+    forwards that keep no p lose it to call overhead: 0.41x at 1x2x64x64, 0.68x at 1x1x512x72,
+    0.89x at 1x3x256x64, 0.93x at 2x16x17x17, 1.0x at 2x4x128x128; they take torch's kernel
+    (FUSED_WITHOUT_P: under 2^18 scores, or 2^20 with fewer than 4 (batch, head) pairs a thread)."""
     fits = {torch.float32: "small", torch.float16: "sdpa", torch.bfloat16: "small"}
     if vendor == "GenuineIntel":
         fits[torch.float32] = "sdpa"
-    return fits, dict(fits), {torch.bfloat16: (4, 1 << 18)} if amx else {}, 0 if amx else 2
+    return fits, dict(fits), {torch.bfloat16: (4, 1 << 20, 1 << 18)} if amx else {}, 0 if amx else 2
 
 
-# Way for a case whose heads fit SCORE_BYTES, and for one whose heads do not; per dtype, the
-# (pairs per thread, scores) below which "small" forwards that keep no p take torch's fused kernel
-# (the backward still runs "small", from that kernel's log-sum-exp); and from how many (batch,
+# Way for a case whose heads fit SCORE_BYTES, and for one whose heads do not; per dtype, (pairs per
+# thread, scores below which a case with fewer pairs, scores below which any case) takes torch's
+# fused kernel for a "small" forward that keeps no p (the backward still runs "small", from that
+# kernel's log-sum-exp: fused_without_p); and from how many (batch,
 # head) pairs per thread bf16 takes "small" (fewer take "heads" / "rows"; the small backward runs
 # a head per thread). Without AMX, 2 threads, ms fwd / bwd, small vs heads: 1x1x512x72 0.32 / 0.57
 # vs 0.27 / 0.48; 1x2x1024x64 1.50 / 2.28 vs 1.26 / 2.13; 2x2x512x64 0.76 / 1.22 vs 0.73 / 1.39.
@@ -219,8 +222,9 @@ def fused_without_p(q, way, nk):
     limits = FUSED_WITHOUT_P.get(q.dtype)
     if way != "small" or limits is None:
         return False
+    pairs, few_scores, scores = limits
     b, h, nq, _ = q.shape
-    return b * h < limits[0] * _threads() or b * h * nq * nk < limits[1]
+    return b * h * nq * nk < (few_scores if b * h < pairs * _threads() else scores)
 
 
 def _small_block_bytes(dtype=torch.float32):
