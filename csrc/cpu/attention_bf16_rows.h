@@ -212,18 +212,20 @@ GENFAST_AVX512 inline void softmax_bwd_pair(const AttnSmallParams& a, const uint
                                             int64_t nk, const float* lse, const BFloat16* kept, int64_t kept_rs,
                                             float* s, float* dp, int64_t ld,
                                             BFloat16* ds16, int64_t nkp, u32* pt, u32* dst) {
-  const __m512 scale = _mm512_set1_ps(a.scale);
+  const __m512 scale = _mm512_set1_ps(a.scale), c2 = _mm512_set1_ps(a.scale * kLog2e);
   float dot[2] = {0.0f, 0.0f};
   for (int64_t r = 0; r < two; ++r) {  // p over s (fp32), dot = rowsum(p dp)
     float* sr = s + r * ld;
     const float* dpr = dp + r * ld;
-    const __m512 vl = _mm512_set1_ps(lse[r]);
+    // base 2 as the forward's rows; no per-vector key mask where every key is in play
+    const __m512 vl = _mm512_set1_ps(lse[r] * kLog2e);
+    const bool plain = !m && (!a.causal || i + r + 1 >= nk);
     __m512 vdot = _mm512_setzero_ps();
     for (int64_t j = 0; j < nk; j += 16) {
       const __mmask16 t = tail(nk - j);
       const __m512 p = kept ? load(kept + r * kept_rs + j, t)
-                            : _mm512_maskz_mov_ps(keys_on(a, m, i + r, j, nk),
-                                                  exp_nonpos(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(t, sr + j), scale, vl)));
+                            : _mm512_maskz_mov_ps(plain ? t : keys_on(a, m, i + r, j, nk),
+                                                  exp2_nonpos(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(t, sr + j), c2, vl)));
       _mm512_mask_storeu_ps(sr + j, t, p);
       vdot = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(t, dpr + j), vdot);
     }
