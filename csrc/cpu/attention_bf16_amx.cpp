@@ -253,7 +253,9 @@ GENFAST_AMX void backward_head(const AttnSmallParams& a, int64_t bi, int64_t hi,
   // floats: s and dp of one block, then the dk^T and dv^T sums [D16, Nk16]
   float* s = sc.floats(2 * bq32 * ldn + 2 * d16 * ldn);  // s, dp: row stride ldn
   float *dp = s + bq32 * ldn, *dkt = dp + bq32 * ldn, *dvt = dkt + d16 * ldn;
-  std::fill(dkt, dkt + 2 * d16 * ldn, 0.0f);
+  // the first block's dk^T / dv^T GEMMs store (every block adds to the same keys) where there is no
+  // causal mask; with one, later blocks reach keys the first does not: zeros first
+  if (a.causal) std::fill(dkt, dkt + 2 * d16 * ldn, 0.0f);
   if (!kept) {
     pack_cols(k, a.k.ns, a.d, a.nk, ldn, kt);
     std::fill(kt + a.d / 2 * ldn, kt + n_kt, 0u);
@@ -287,8 +289,9 @@ GENFAST_AMX void backward_head(const AttnSmallParams& a, int64_t bi, int64_t hi,
     }
     std::fill(pt + pairs(rows) * ldn, pt + rows32 / 2 * ldn, 0u);
     std::fill(dst + pairs(rows) * ldn, dst + rows32 / 2 * ldn, 0u);
-    gemm(a.d, nk, rows32, dot, bq32, pt, ldn, Out{Out::kAdd, dvt, ldn, nullptr});   // dv^T += dout^T p
-    gemm(a.d, nk, rows32, qt, bq32, dst, ldn, Out{Out::kAdd, dkt, ldn, nullptr});   // dk^T += q^T ds
+    const Out::Kind sum = i0 == 0 && !a.causal ? Out::kStore : Out::kAdd;
+    gemm(a.d, nk, rows32, dot, bq32, pt, ldn, Out{sum, dvt, ldn, nullptr});   // dv^T += dout^T p
+    gemm(a.d, nk, rows32, qt, bq32, dst, ldn, Out{sum, dkt, ldn, nullptr});   // dk^T += q^T ds
     gemm(rows, a.d, lds, ds16, lds, kp, d16, Out{Out::kBf16, dq + i0 * a.dq.ns, a.dq.ns, nullptr});  // dq = ds k
   }
   _tile_release();
