@@ -167,17 +167,14 @@ inline void copy_rows(const u16* x, int64_t rs, int64_t rows, int64_t cols, u16*
 // columns rows .. ld - 1: 16 x 16 blocks widened to 32-bit lanes, transposed in registers and
 // narrowed (element by element it took ~8 % of a backward).
 GENFAST_AVX512 void copy_transposed(const u16* x, int64_t rs, int64_t rows, int64_t cols, u16* dst, int64_t ld) {
-  for (int64_t r0 = 0; r0 < rows; r0 += 16)
-    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
-      const __mmask16 t = tail(cols - c0);
-      __m512 b[16];
-      for (int64_t r = 0; r < 16; ++r)
-        b[r] = _mm512_castsi512_ps(r0 + r < rows ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(t, x + (r0 + r) * rs + c0))
-                                                 : _mm512_setzero_si512());
-      transpose16(b);
-      for (int64_t c = 0; c < std::min<int64_t>(16, cols - c0); ++c)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (c0 + c) * ld + r0), _mm512_cvtepi32_epi16(_mm512_castps_si512(b[c])));
-    }
+  transpose_blocks(
+      rows, cols,
+      [&](int64_t r, int64_t c0, __mmask16 t) GENFAST_AVX512 {
+        return _mm512_castsi512_ps(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(t, x + r * rs + c0)));
+      },
+      [&](int64_t c, int64_t r0, __m512 v) GENFAST_AVX512 {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c * ld + r0), _mm512_cvtepi32_epi16(_mm512_castps_si512(v)));
+      });
   for (int64_t c = 0; c < cols; ++c) std::memset(dst + c * ld + padded(rows, 16), 0, (ld - padded(rows, 16)) * 2);
 }
 
@@ -185,15 +182,10 @@ GENFAST_AVX512 void copy_transposed(const u16* x, int64_t rs, int64_t rows, int6
 // transposed in fp32, into the gradients): 16 x 16 register transposes, 16 words a store.
 GENFAST_AVX512 void store_transposed_bf16(const float* src, int64_t lds, int64_t rows, int64_t cols, BFloat16* dst,
                                           int64_t ldd) {
-  for (int64_t r0 = 0; r0 < rows; r0 += 16)
-    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
-      const __mmask16 t = tail(cols - c0), tr = tail(rows - r0);
-      __m512 b[16];
-      for (int64_t r = 0; r < 16; ++r)
-        b[r] = r0 + r < rows ? _mm512_maskz_loadu_ps(t, src + (r0 + r) * lds + c0) : _mm512_setzero_ps();
-      transpose16(b);
-      for (int64_t c = 0; c < std::min<int64_t>(16, cols - c0); ++c) store(dst + (c0 + c) * ldd + r0, tr, b[c]);
-    }
+  transpose_blocks(
+      rows, cols,
+      [&](int64_t r, int64_t c0, __mmask16 t) GENFAST_AVX512 { return _mm512_maskz_loadu_ps(t, src + r * lds + c0); },
+      [&](int64_t c, int64_t r0, __m512 v) GENFAST_AVX512 { store(dst + c * ldd + r0, tail(rows - r0), v); });
 }
 
 GENFAST_AMX void forward_head(const AttnSmallParams& a, int64_t bi, int64_t hi, int64_t first, int64_t last,

@@ -79,8 +79,6 @@ GENFAST_AVX512 inline __m512i bf16_words(__m512 x0, __m512 x1) {
   return _mm512_or_si512(b0, _mm512_slli_epi32(b1, 16));
 }
 
-constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
-
 // log2(x) for finite x > 0 (normal): x = 2^e m, m in [sqrt(1/2), sqrt(2)), log2(m) from the atanh
 // series in t = (m - 1) / (m + 1), |t| < 0.172 (truncation error ~4e-8).
 GENFAST_AVX512 inline __m512 log2_pos(__m512 x) {
@@ -122,7 +120,7 @@ GENFAST_AVX512 inline float softmax_row(const AttnSmallParams& a, const uint8_t*
   const __m512 c2 = _mm512_set1_ps(a.scale * kLog2e), ninf = _mm512_set1_ps(-kInf);
   // every key in play (no key mask, not cut by the causal limit): whole 32-key steps without a
   // per-vector key mask, two independent max / sum chains (measured ~10 % of the rows)
-  const bool plain = !m && (!a.causal || i + 1 >= nk);
+  const bool plain = small_attn::all_keys_on(a, m, i, nk);
   __m512 vmax = ninf, vmax1 = ninf;
   int64_t j0 = 0;
   if (plain)
@@ -194,14 +192,8 @@ inline BFloat16* at(const AttnHeadOut& t, int64_t bi, int64_t hi) {
 struct Scratch {
   std::vector<float> f32;
   std::vector<u32> w32;
-  template <typename T>
-  static T* aligned(std::vector<T>& v, size_t n) {
-    if (v.size() < n + 16) v.resize(n + 16);
-    const uintptr_t p = reinterpret_cast<uintptr_t>(v.data());
-    return reinterpret_cast<T*>((p + 63) & ~uintptr_t(63));
-  }
-  float* floats(size_t n) { return aligned(f32, n); }
-  u32* words(size_t n) { return aligned(w32, n); }
+  float* floats(size_t n) { return small_attn::aligned_area(f32, n); }
+  u32* words(size_t n) { return small_attn::aligned_area(w32, n); }
 };
 
 // Rows i and i + 1 (when two) of one block: p from s (fp32, recomputed) or the kept p, ds from dp
@@ -219,7 +211,7 @@ GENFAST_AVX512 inline void softmax_bwd_pair(const AttnSmallParams& a, const uint
     const float* dpr = dp + r * ld;
     // base 2 as the forward's rows; no per-vector key mask where every key is in play
     const __m512 vl = _mm512_set1_ps(lse[r] * kLog2e);
-    const bool plain = !m && (!a.causal || i + r + 1 >= nk);
+    const bool plain = small_attn::all_keys_on(a, m, i + r, nk);
     __m512 vdot = _mm512_setzero_ps();
     for (int64_t j = 0; j < nk; j += 16) {
       const __mmask16 t = tail(nk - j);

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "attention_fp32.h"
 #include "cpu/vec512.h"
@@ -23,6 +24,21 @@ GENFAST_AVX512 inline __mmask16 keys_on(const AttnSmallParams& a, const uint8_t*
     k &= _mm_test_epi8_mask(bytes, bytes);
   }
   return k;
+}
+
+// Every key of row i in play (no key mask, not cut by the causal limit): the rows then need no
+// per-vector key mask, only the tail's.
+inline bool all_keys_on(const AttnSmallParams& a, const uint8_t* m, int64_t i, int64_t nk) {
+  return !m && (!a.causal || i + 1 >= nk);
+}
+
+// At least n elements of v (kept between calls), starting on a 64-byte boundary: the scratch of the
+// small ways. Vector loads that straddle cache lines cost more, AMX tile loads 6.7x (see
+// attention_bf16_amx.cpp); callers keep their operands at multiples of 16 elements into the area.
+template <typename T>
+T* aligned_area(std::vector<T>& v, size_t n) {
+  if (v.size() < n + 64 / sizeof(T)) v.resize(n + 64 / sizeof(T));
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63));
 }
 
 // Keys a block of query rows [i0, i1) needs: all, or under the causal mask only 0 .. i1 - 1.

@@ -155,21 +155,14 @@ void gelu_tanh_cpu(const void* x, void* y, int64_t n, int32_t dtype) {
 void gelu_tanh_bias_fp32_cpu(float* x, float* y, const float* bias, int64_t rows, int64_t cols) {
   if (rows <= 0 || cols <= 0) return;
 #ifdef GENFAST_HAVE_AVX512
-  const bool avx = vec512::cpu_has_avx512_bf16();
-#else
-  const bool avx = false;
+  if (vec512::cpu_has_avx512_bf16()) {
+#pragma omp parallel for schedule(static) if (rows * cols > kChunk)
+    for (int64_t r = 0; r < rows; ++r) avx::fwd_bias_row(x + r * cols, y + r * cols, bias, cols);
+    return;
+  }
 #endif
 #pragma omp parallel for schedule(static) if (rows * cols > kChunk)
-  for (int64_t r = 0; r < rows; ++r) {
-#ifdef GENFAST_HAVE_AVX512
-    if (avx) {
-      avx::fwd_bias_row(x + r * cols, y + r * cols, bias, cols);
-      continue;
-    }
-#endif
-    fwd_bias_row(x + r * cols, y + r * cols, bias, cols);
-  }
-  (void)avx;
+  for (int64_t r = 0; r < rows; ++r) fwd_bias_row(x + r * cols, y + r * cols, bias, cols);
 }
 
 void gelu_tanh_backward_cpu(const void* g, const void* x, void* dx, int64_t n, int32_t dtype) {

@@ -83,28 +83,38 @@ GENFAST_AVX512 inline void transpose16(__m512 r[16]) {
   }
 }
 
-// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols: 32-bit elements through 16 x 16
-// register blocks. Lanes r >= rows of dst's rows are written 0 up to a multiple of 16.
-GENFAST_AVX512 inline void transpose32(const void* src, int64_t lds, int64_t rows, int64_t cols, void* dst, int64_t ldd) {
-  const float* s = static_cast<const float*>(src);
-  float* d = static_cast<float*>(dst);
+// A rows x cols source transposed in 16 x 16 register blocks: load(r, c0, mask) gives row r's 16
+// lanes from column c0 (the mask covers the columns left), store(c, r0, v) takes column c's lanes
+// of rows r0 .. r0 + 15, those past `rows` 0. Full blocks take no branch per row or column.
+template <typename Load, typename Store>
+GENFAST_AVX512 inline void transpose_blocks(int64_t rows, int64_t cols, Load&& load, Store&& store) {
   for (int64_t r0 = 0; r0 < rows; r0 += 16)
     for (int64_t c0 = 0; c0 < cols; c0 += 16) {
       const __mmask16 t = tail(cols - c0);
       __m512 x[16];
-      if (r0 + 16 <= rows) {  // whole blocks without a branch per row
-        for (int r = 0; r < 16; ++r) x[r] = _mm512_maskz_loadu_ps(t, s + (r0 + r) * lds + c0);
+      if (r0 + 16 <= rows) {
+        for (int r = 0; r < 16; ++r) x[r] = load(r0 + r, c0, t);
       } else {
-        for (int r = 0; r < 16; ++r)
-          x[r] = r0 + r < rows ? _mm512_maskz_loadu_ps(t, s + (r0 + r) * lds + c0) : _mm512_setzero_ps();
+        for (int r = 0; r < 16; ++r) x[r] = r0 + r < rows ? load(r0 + r, c0, t) : _mm512_setzero_ps();
       }
       transpose16(x);
       if (c0 + 16 <= cols) {
-        for (int c = 0; c < 16; ++c) _mm512_storeu_ps(d + (c0 + c) * ldd + r0, x[c]);
+        for (int c = 0; c < 16; ++c) store(c0 + c, r0, x[c]);
       } else {
-        for (int c = 0; c < cols - c0; ++c) _mm512_storeu_ps(d + (c0 + c) * ldd + r0, x[c]);
+        for (int c = 0; c < cols - c0; ++c) store(c0 + c, r0, x[c]);
       }
     }
+}
+
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols, 32-bit elements; lanes r >= rows
+// of dst's rows are written 0 up to a multiple of 16.
+GENFAST_AVX512 inline void transpose32(const void* src, int64_t lds, int64_t rows, int64_t cols, void* dst, int64_t ldd) {
+  const float* s = static_cast<const float*>(src);
+  float* d = static_cast<float*>(dst);
+  transpose_blocks(
+      rows, cols,
+      [&](int64_t r, int64_t c0, __mmask16 t) GENFAST_AVX512 { return _mm512_maskz_loadu_ps(t, s + r * lds + c0); },
+      [&](int64_t c, int64_t r0, __m512 v) GENFAST_AVX512 { _mm512_storeu_ps(d + c * ldd + r0, v); });
 }
 
 // exp(x) for x <= 0: 2^n e^r, |r| <= ln2 / 2, degree-6 polynomial (relative error ~2e-7); x < -87 -> 0.
@@ -126,9 +136,12 @@ GENFAST_AVX512 inline __m512 exp_nonpos(__m512 x) {
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
 }
 
+constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
+
 // 2^x for x <= 0: 2^n 2^f, n = round(x), |f| <= 1/2, degree-5 polynomial fitted for relative
 // error (measured 1.9e-7 in fp32 arithmetic, as the degree-6 Taylor one it replaced); x < -127
-// gives ~2^-127 (bf16 rounding flushes it; callers mask keys out of play).
+// gives ~2^-127, not 0 (bf16 rounding flushes it, in fp32 it is negligible next to the row's
+// largest term, 1; callers mask keys out of play).
 GENFAST_AVX512 inline __m512 exp2_nonpos(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-127.0f));
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
