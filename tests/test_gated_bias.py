@@ -107,3 +107,28 @@ def test_dbias_of_strided_views(device, backend, dtype, use_backend):
     exact = dy.double().sum((0, 1))
     bound = exact.abs() * torch.finfo(dtype).eps + b * n * 2 ** -23 * dy.double().abs().sum((0, 1))
     assert ((dbias.double() - exact).abs() <= bound + 1e-30).all()
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 37), (3, 2, 384), (1, 1, 3), (0, 4, 8), (2, 0, 16)], ids=str)
+@pytest.mark.parametrize("keep_y", [True, False])
+def test_bias_folded_forward_fp32(shape, keep_y):
+    """x + gate * (y + bias) with the Linear's bias folded in (genfast.ops.modulate.gated_bias_fp32, the
+    DiT block's fp32 CPU path): the per-sample gate read through a [B, 6, 1, C] view's sample stride,
+    odd widths (the scalar tail), empty cases; with keep_y, y + bias written back exactly as torch
+    adds it, else y untouched."""
+    from genfast.ops.gelu import _uses_kernel
+    from genfast.ops.modulate import gated_bias_fp32
+    from genfast.reference import gated_residual
+
+    gen = torch.Generator().manual_seed(4)
+    b, n, c = shape
+    x, y0 = (torch.randn(b, n, c, generator=gen) for _ in range(2))
+    gate = torch.randn(b, 6, 1, c, generator=gen).unbind(1)[2]  # as the adaLN chunks: sample stride 6C
+    bias = torch.randn(c, generator=gen)
+    if not _uses_kernel(x):
+        pytest.skip("the CPU kernels are not built")
+    y = y0.clone()
+    out = gated_bias_fp32(x, gate, y, bias, keep_y)
+    torch.testing.assert_close(y, y0 + bias if keep_y else y0, rtol=0, atol=0)
+    assert_within_reference_error("gated + bias", out, gated_residual(x, gate, y0 + bias),
+                                  gated_residual(x.double(), gate.double(), y0.double() + bias.double()), floor=1e-6)
