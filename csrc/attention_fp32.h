@@ -42,8 +42,8 @@ struct AttnSmallParams {
   float* lse;                // [B * H, nq]: written by the forward, read by the backward
   const float* delta;        // backward: [B * H, nq] rowsum(dout * out)
   AttnHeadOut out, dq, dk, dv;
-  // bf16 only (attn_small16_*): p [B * H, nq, nk] contiguous, kept by the forward (written when
-  // not null) and read by the backward instead of recomputing q k^T (when not null).
+  // p [B * H, nq, nk] contiguous in the call's dtype, kept by the forward (written when not null)
+  // and read by the backward instead of recomputing q k^T and the exponentials (when not null).
   void* p_keep;
   int32_t amx;  // bf16: run on AMX tiles where attn_amx_supported() (attention_bf16_amx.cpp)
 };

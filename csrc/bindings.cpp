@@ -287,7 +287,7 @@ void bind_all(py::module_& m) {
   m.def("attn_small_supported", &attn_small_supported);
   m.def("attn_amx_supported", &attn_amx_supported, "The CPU and the OS give this process AMX-BF16 tiles.");
   // One binding per direction for both dtypes: fp32 (attn_small_*_cpu, reads delta) and bf16
-  // (attn_small16_*_cpu, reads or fills p_keep); the pointer the other dtype uses is 0.
+  // (attn_small16_*_cpu); both read or fill p_keep (p in the call's dtype), delta is 0 for bf16.
   m.def("attn_small_forward", [](const std::vector<int64_t>& sizes, double scale, bool causal, uintptr_t mask,
                                  int64_t mask_bs, const std::vector<int64_t>& q, const std::vector<int64_t>& k,
                                  const std::vector<int64_t>& v, const std::vector<int64_t>& out, uintptr_t lse,
@@ -300,7 +300,7 @@ void bind_all(py::module_& m) {
       attn_small16_forward_cpu(a);
     else
       attn_small_forward_cpu(a);
-  }, "fp32 / bf16 attention forward, all heads in one call; p_keep (bf16): 0 or p's [B*H, Nq, Nk] buffer; "
+  }, "fp32 / bf16 attention forward, all heads in one call; p_keep: 0 or p's [B*H, Nq, Nk] buffer; "
      "amx (bf16): on AMX tiles where the CPU has them (csrc/attention_fp32.h).");
   m.def("attn_small_backward", [](const std::vector<int64_t>& sizes, double scale, bool causal, uintptr_t mask,
                                   int64_t mask_bs, const std::vector<int64_t>& q, const std::vector<int64_t>& k,
@@ -319,7 +319,7 @@ void bind_all(py::module_& m) {
       attn_small16_backward_cpu(a);
     else
       attn_small_backward_cpu(a);
-  }, "fp32 / bf16 attention backward, all heads in one call; delta (fp32) rowsum(dout * out); p_keep (bf16): 0 "
+  }, "fp32 / bf16 attention backward, all heads in one call; delta (fp32) rowsum(dout * out); p_keep: 0 "
      "(recompute) or the forward's p; amx as the forward's (csrc/attention_fp32.h).");
   m.def("gelu_tanh", [](uintptr_t x, uintptr_t y, int64_t n, int32_t dtype) {
           py::gil_scoped_release nogil;

@@ -27,6 +27,7 @@ def cpu_way(use_backend, monkeypatch):
         monkeypatch.setattr(attention_cpu, "FUSED_BELOW_KEYS", {})
         monkeypatch.setattr(attention_cpu, "CAUSAL_FUSED_FROM_KEYS", {})
         monkeypatch.setattr(attention_cpu, "SMALL16_FROM_HEADS", 0)  # bf16 "small" with any head count
+        monkeypatch.setattr(attention_cpu, "SMALL32_FROM", None)  # fp32 "small" at any size (Intel's limits off)
     return force
 
 
@@ -185,17 +186,22 @@ def test_no_workspace_kept_when_disabled(cpu_way, monkeypatch):
     assert not attention_cpu._workspace
 
 
-@pytest.mark.parametrize("way", ["heads", "small"])
-def test_kept_p_is_reused_only_when_free(way, cpu_way):
+@pytest.mark.parametrize("dtype,way", [(torch.bfloat16, "heads"), (torch.bfloat16, "small"), (torch.float32, "small")],
+                         ids=["bf16-heads", "bf16-small", "fp32-small"])
+def test_kept_p_is_reused_only_when_free(dtype, way, cpu_way):
     """The p buffer kept for the backward is reused by the next forward only once nothing holds it:
     two graphs alive at once get two buffers, and both backwards are right."""
-    cpu_way(torch.bfloat16, way)
+    from genfast.ops import attention_cpu_fp32
+
+    if way == "small" and not attention_cpu_fp32.small_supports(dtype, 32):
+        pytest.skip("the small way needs AVX-512 with BF16")
+    cpu_way(dtype, way)
     attention_cpu.free_workspace()
-    first = [t.requires_grad_(True) for t in _bf16_heads_case(1)]
-    second = [t.requires_grad_(True) for t in _bf16_heads_case(2)]
+    first = [t.to(dtype).requires_grad_(True) for t in _bf16_heads_case(1)]
+    second = [t.to(dtype).requires_grad_(True) for t in _bf16_heads_case(2)]
     assert genfast.ops.attention._can_keep_p(first[0], first[1])
     key = (first[0].device, first[0].dtype)
-    g = torch.randn(first[0].shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    g = torch.randn(first[0].shape, generator=torch.Generator().manual_seed(3)).to(dtype)
     out1 = genfast.attention(*first)
     buf1 = attention_cpu._kept_p[key]
     out2 = genfast.attention(*second)  # first graph still holds buf1: a new buffer
@@ -233,6 +239,7 @@ def test_fused_way_in_eager_is_torchs_sdpa(dtype, use_backend):
 # products (attention_cpu_fp32.USE_AMX = False), so both kernels are tested on an AMX CPU.
 OWN_WAYS = [(torch.float32, "onednn", "fits"), (torch.float32, "onednn", "forward_only"),
             (torch.float32, "small", "whole_heads"), (torch.float32, "small", "blocks"),
+            (torch.float32, "small", "recompute"),
             (torch.bfloat16, "small", "whole_heads"), (torch.bfloat16, "small", "blocks"),
             (torch.bfloat16, "small", "recompute"), (torch.bfloat16, "small-vdp", "blocks"),
             (torch.bfloat16, "small-vdp", "recompute")]
@@ -247,7 +254,7 @@ def test_own_ways_match_reference(dtype, way, budget, cpu_way, monkeypatch):
     gradients against fp64.
     forward_only: the budget fits one block but not the backward's two, so the backward takes the
     fused kernel on the lse this way wrote. blocks: 5 query rows per block (dk/dv summed over the
-    blocks, causal blocks skip the keys after their last row). bf16 keeps p for the backward
+    blocks, causal blocks skip the keys after their last row). "small" keeps p for the backward
     (whole_heads, blocks) or recomputes it from the lse (recompute)."""
     from genfast.ops import attention_cpu_fp32
     from genfast.testing import attention_samples
@@ -275,7 +282,7 @@ def test_own_ways_match_reference(dtype, way, budget, cpu_way, monkeypatch):
         if case.q.numel() and nk:
             assert attention_cpu.variant(case.q, nk, causal=case.kwargs.get("causal", False)) == way
             assert attention_cpu.variant(case.q, nk, buffers=2) == ("sdpa" if budget == "forward_only" else way)
-            if dtype == torch.bfloat16:
+            if way == "small":
                 assert genfast.ops.attention._can_keep_p(case.q, case.k) == (budget != "recompute")
         leaves = case.leaves()
         out = genfast.attention(*leaves, **case.kwargs)
@@ -320,9 +327,10 @@ def test_fp32_routing_by_shape(monkeypatch):
     def way(nq, nk, causal=False, buffers=1):
         return attention_cpu.variant(torch.empty(2, 16, nq, 72, device="meta"), nk, buffers, causal)
 
-    fits, long, *_ = attention_cpu.tables_for_cpu("AuthenticAMD", False)  # the tables below: an AMD CPU's
+    fits, long, *_, small32_from = attention_cpu.tables_for_cpu("AuthenticAMD", False)  # the tables below: an AMD CPU's
     monkeypatch.setattr(attention_cpu, "FITS", fits)
     monkeypatch.setattr(attention_cpu, "LONG", long)
+    monkeypatch.setattr(attention_cpu, "SMALL32_FROM", small32_from)
     assert way(256, 32) == way(17, 17) == "sdpa"
     assert way(1024, 1024, buffers=2) == way(1024, 1024, causal=True) == (
         "small" if attention_cpu_fp32.small_available() else "onednn")
@@ -334,28 +342,45 @@ def test_fp32_routing_by_shape(monkeypatch):
 
 
 def test_routing_by_cpu(monkeypatch):
-    """On Intel CPUs fp32 takes torch's fused kernel (MKL's AVX-512 sgemm; on AMD MKL takes AVX2 and
-    "small" wins); with AMX, bf16 takes "small" at any head count, and only small forwards that keep
-    no p take torch's kernel (such a forward feeds the "small" backward its log-sum-exp)."""
-    q = torch.empty(2, 16, 1024, 72, device="meta")
+    """On Intel CPUs fp32 takes "small" only with enough (batch, head) pairs per thread and scores,
+    and its backward only where the forward keeps p (MKL's AVX-512 sgemm makes torch's fused kernel
+    the faster elsewhere; on AMD MKL takes AVX2 and "small" wins everywhere); with AMX, bf16 takes
+    "small" at any head count, and only small forwards that keep no p take torch's kernel (such a
+    forward feeds the "small" backward its log-sum-exp)."""
+    from genfast.ops import attention_cpu_fp32
+
+    monkeypatch.setattr(attention_cpu_fp32, "_SMALL", True)
+    monkeypatch.setattr(attention_cpu, "_threads", lambda: 2)
+    monkeypatch.setattr(attention_cpu, "FUSED_BELOW_KEYS", {})
+
+    def way(b, h, n, nk=None, buffers=1):
+        return attention_cpu.variant(torch.empty(b, h, n, 72, device="meta"), nk or n, buffers)
+
     for vendor, amx in (("GenuineIntel", True), ("GenuineIntel", False), ("AuthenticAMD", False)):
-        fits, long, fused_without_p, small16_from_heads = attention_cpu.tables_for_cpu(vendor, amx)
+        fits, long, fused_without_p, small16_from_heads, small32_from = attention_cpu.tables_for_cpu(vendor, amx)
         intel = vendor == "GenuineIntel"
-        assert fits[torch.float32] == long[torch.float32] == ("sdpa" if intel else "small")
+        assert fits[torch.float32] == long[torch.float32] == "small"
         assert fits[torch.bfloat16] == long[torch.bfloat16] == "small"
         assert set(fused_without_p) == ({torch.bfloat16} if amx else set())
         assert small16_from_heads == (0 if amx else 2)
-        monkeypatch.setattr(attention_cpu, "FITS", fits)
-        monkeypatch.setattr(attention_cpu, "LONG", long)
-        if intel:
-            assert attention_cpu.variant(q, 1024) == attention_cpu.variant(q, 1024, buffers=2) == "sdpa"
+        assert small32_from == ((2, 1 << 18) if intel else None)
+        for name, table in (("FITS", fits), ("LONG", long), ("SMALL32_FROM", small32_from)):
+            monkeypatch.setattr(attention_cpu, name, table)
+        # enough pairs and scores, p within KEEP_P_BYTES (64 MiB): "small" both ways
+        assert way(2, 16, 256) == way(2, 16, 256, buffers=2) == way(1, 8, 1024, buffers=2) == "small"
+        assert way(2, 16, 256, 77, buffers=2) == way(1, 4, 256) == "small"
+        # p over the budget (2x16x1024^2 fp32: 128 MiB): forward "small", backward torch's on its lse
+        assert way(2, 16, 1024) == "small"
+        assert way(2, 16, 1024, buffers=2) == ("sdpa" if intel else "small")
+        # one head for two threads, or few scores: torch's kernel on Intel
+        assert way(1, 1, 512) == way(2, 16, 17) == way(2, 4, 128) == ("sdpa" if intel else "small")
 
 
 def test_fused_without_p_by_size(monkeypatch):
     """FUSED_WITHOUT_P (AMX tables): a bf16 "small" forward without p takes torch's fused kernel only
     when the case is small (few (batch, head) pairs per thread, or few scores); the others and every
     other dtype and way keep their own."""
-    _, _, limits, _ = attention_cpu.tables_for_cpu("GenuineIntel", True)
+    _, _, limits, *_ = attention_cpu.tables_for_cpu("GenuineIntel", True)
     monkeypatch.setattr(attention_cpu, "FUSED_WITHOUT_P", limits)
     monkeypatch.setattr(attention_cpu, "_threads", lambda: 2)
 
@@ -478,8 +503,9 @@ def test_small_way_under_threads(dtype, use_backend, monkeypatch):
     if not attention_cpu_fp32.small_available():
         pytest.skip("the small way needs AVX-512")
     use_backend("cpu")
-    monkeypatch.setattr(attention_cpu, "FITS", {**attention_cpu.FITS, dtype: "small"})  # fp32: "sdpa" on Intel
+    monkeypatch.setattr(attention_cpu, "FITS", {**attention_cpu.FITS, dtype: "small"})
     monkeypatch.setattr(attention_cpu, "SMALL16_FROM_HEADS", 0)  # bf16 "small" with one head too
+    monkeypatch.setattr(attention_cpu, "SMALL32_FROM", None)  # fp32 too (Intel: from 2 heads a thread)
     g = torch.Generator().manual_seed(7)
     cases = [[torch.randn(1, h, n, 40, generator=g).to(dtype).requires_grad_(True) for _ in range(3)]
              for h, n in ((1, 70), (3, 129), (2, 257), (1, 100))]

@@ -56,9 +56,16 @@ GENFAST_AVX512 void pack_b(View b, int64_t k_len, int64_t n, float* dst) {
   }
 }
 
-// C[0:ROWS, 0:nr] = A[0:ROWS, 0:K] B-panel[0:K, 0:nr] (NV vectors of 16 columns, nr <= 16 * NV).
+// C[0:ROWS, 0:nr] = A[0:ROWS, 0:K] B-panel[0:K, 0:nr] (NV vectors of 16 columns, nr <= 16 * NV),
+// A's element (r, k) at ap[r * ars + k * acs]. A's view goes in as scalars, not as a View by value:
+// the caller's copy of a struct argument was read back with one wider load that could not be
+// forwarded from its two stores, which then waited for the previous call's C stores to drain
+// (~10 % of a backward, 2 threads, Xeon).
 template <int ROWS, int NV>
-GENFAST_AVX512 void micro(int64_t k_len, View a, const float* pb, float* c, int64_t ldc, int64_t nr, bool acc_c) {
+GENFAST_AVX512 void micro(int64_t k_len, const float* ap, int64_t ars, int64_t acs, const float* pb, float* c,
+                          int64_t ldc, int64_t nr_acc) {
+  const int64_t nr = nr_acc >> 1;
+  const bool acc_c = nr_acc & 1;
   __m512 acc[ROWS][NV];
 #pragma GCC unroll 12
   for (int r = 0; r < ROWS; ++r)
@@ -68,10 +75,10 @@ GENFAST_AVX512 void micro(int64_t k_len, View a, const float* pb, float* c, int6
     __m512 b[NV];
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(pb + k * NR + 16 * v);
-    const float* ak = a.p + k * a.cs;
+    const float* ak = ap + k * acs;
 #pragma GCC unroll 12
     for (int r = 0; r < ROWS; ++r) {
-      const __m512 x = _mm512_set1_ps(ak[r * a.rs]);
+      const __m512 x = _mm512_set1_ps(ak[r * ars]);
 #pragma GCC unroll 2
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(x, b[v], acc[r][v]);
     }
@@ -86,11 +93,11 @@ GENFAST_AVX512 void micro(int64_t k_len, View a, const float* pb, float* c, int6
 }
 
 template <int NV>
-GENFAST_AVX512 void micro_rows(int64_t rows, int64_t k_len, View a, const float* pb, float* c, int64_t ldc, int64_t nr,
-                               bool acc_c) {
+GENFAST_AVX512 void micro_rows(int64_t rows, int64_t k_len, const float* ap, int64_t ars, int64_t acs, const float* pb,
+                               float* c, int64_t ldc, int64_t nr_acc) {
   switch (rows) {  // the row tail of C gets its own register block
 #define GENFAST_ROWS_CASE(R) \
-  case R: micro<R, NV>(k_len, a, pb, c, ldc, nr, acc_c); break;
+  case R: micro<R, NV>(k_len, ap, ars, acs, pb, c, ldc, nr_acc); break;
     GENFAST_ROWS_CASE(1) GENFAST_ROWS_CASE(2) GENFAST_ROWS_CASE(3) GENFAST_ROWS_CASE(4) GENFAST_ROWS_CASE(5)
     GENFAST_ROWS_CASE(6) GENFAST_ROWS_CASE(7) GENFAST_ROWS_CASE(8) GENFAST_ROWS_CASE(9) GENFAST_ROWS_CASE(10)
     GENFAST_ROWS_CASE(11) GENFAST_ROWS_CASE(12)
@@ -108,12 +115,11 @@ GENFAST_AVX512 void gemm_packed(int64_t m, int64_t n, int64_t k_len, View a, con
     const float* pb = pack + (n0 / NR) * packed_k * NR;
     const int64_t nr = std::min(NR, n - n0);
     for (int64_t m0 = 0; m0 < m; m0 += MR) {
-      const View am{a.p + m0 * a.rs, a.rs, a.cs};
-      const int64_t rows = std::min(MR, m - m0);
+      const int64_t rows = std::min(MR, m - m0), nr_acc = nr << 1 | (acc_c ? 1 : 0);
       if (nr > 16)
-        micro_rows<2>(rows, k_len, am, pb, c + m0 * ldc + n0, ldc, nr, acc_c);
+        micro_rows<2>(rows, k_len, a.p + m0 * a.rs, a.rs, a.cs, pb, c + m0 * ldc + n0, ldc, nr_acc);
       else
-        micro_rows<1>(rows, k_len, am, pb, c + m0 * ldc + n0, ldc, nr, acc_c);
+        micro_rows<1>(rows, k_len, a.p + m0 * a.rs, a.rs, a.cs, pb, c + m0 * ldc + n0, ldc, nr_acc);
     }
   }
 }
@@ -174,6 +180,16 @@ GENFAST_AVX512 void softmax_bwd_row(const AttnSmallParams& a, const uint8_t* m, 
   }
 }
 
+// Row i from the kept p (0 off the keys in play already): ds = p (dp - delta) scale over dp.
+GENFAST_AVX512 void softmax_bwd_row_from_p(int64_t nk, float delta, float scale, const float* p, float* dp) {
+  const __m512 vs = _mm512_set1_ps(scale), vd = _mm512_set1_ps(delta);
+  for (int64_t j = 0; j < nk; j += 16) {
+    const __mmask16 t = tail(nk - j);
+    const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(t, p + j), _mm512_sub_ps(_mm512_maskz_loadu_ps(t, dp + j), vd)), vs);
+    _mm512_mask_storeu_ps(dp + j, t, ds);
+  }
+}
+
 const float* base(const AttnHeadIn& t, int64_t bi, int64_t hi) {
   return static_cast<const float*>(t.p) + bi * t.bs + hi * t.hs;
 }
@@ -206,13 +222,30 @@ struct Scratch {
   }
 };
 
-// Query blocks first .. last - 1 of one head (k^T and v packed once for them).
+// Row i of p = e / sum e into the kept p (0 past the nk keys of a causal block): streaming stores
+// where the row is 64-byte aligned, so the kept p (written once, read by the backward) costs no
+// read-for-ownership of its lines and does not push the block's scores out of the cache.
+GENFAST_AVX512 void keep_row(const float* e, int64_t nk, int64_t row_len, float inv, float* p) {
+  const __m512 r = _mm512_set1_ps(inv);
+  int64_t j = 0;
+  if ((reinterpret_cast<uintptr_t>(p) & 63) == 0)
+    for (; j + 16 <= row_len; j += 16)
+      _mm512_stream_ps(p + j, j < nk ? _mm512_mul_ps(_mm512_maskz_loadu_ps(tail(nk - j), e + j), r) : _mm512_setzero_ps());
+  for (; j < row_len; j += 16)
+    _mm512_mask_storeu_ps(p + j, tail(row_len - j), j < nk ? _mm512_mul_ps(_mm512_maskz_loadu_ps(tail(nk - j), e + j), r)
+                                                           : _mm512_setzero_ps());
+}
+
+// Query blocks first .. last - 1 of one head (k^T and v packed once for them); with a.p_keep, p
+// into the head's rows there too (the backward then reads it instead of recomputing q k^T and the
+// exponentials).
 GENFAST_AVX512 void forward_head(const AttnSmallParams& a, int64_t bi, int64_t hi, int64_t first, int64_t last,
                                  float* s, float* pack, float* inv) {
   const uint8_t* m = a.mask ? a.mask + bi * a.mask_bs : nullptr;
   const View q = head(a.q, bi, hi);
   float* out = head(a.out, bi, hi);
   float* lse = a.lse + (bi * a.h + hi) * a.nq;
+  float* keep = a.p_keep ? static_cast<float*>(a.p_keep) + (bi * a.h + hi) * a.nq * a.nk : nullptr;
   // k^T and v packed once for all query blocks (causal blocks read a prefix of the keys: the
   // first nk rows of v's panels, the first nk columns of k^T's)
   float *kt = pack, *v = pack + padded(a.nk) * a.d;
@@ -226,6 +259,7 @@ GENFAST_AVX512 void forward_head(const AttnSmallParams& a, int64_t bi, int64_t h
       const float sum = exp_row(a, m, i0 + i, nk, s + i * nk, mx);
       lse[i0 + i] = sum > 0.0f ? mx + std::log(sum) : kInf;
       inv[i] = sum > 0.0f ? 1.0f / sum : 0.0f;
+      if (keep) keep_row(s + i * nk, nk, a.nk, inv[i], keep + (i0 + i) * a.nk);
     }
     gemm_packed(rows, a.d, nk, View{s, nk, 1}, v, a.nk, out + i0 * a.out.ns, a.out.ns);  // e v
     for (int64_t i = 0; i < rows; ++i) {  // p v: the rows of e v over their sums
@@ -237,19 +271,18 @@ GENFAST_AVX512 void forward_head(const AttnSmallParams& a, int64_t bi, int64_t h
       }
     }
   }
+  if (keep) _mm_sfence();  // the streamed rows are visible before the call returns
 }
 
+// With a.p_keep: p read from the forward's kept rows (no q k^T, no exponentials), ds over dp.
 GENFAST_AVX512 void backward_head(const AttnSmallParams& a, int64_t bi, int64_t hi, float* s, float* pack) {
   const uint8_t* m = a.mask ? a.mask + bi * a.mask_bs : nullptr;
   const View q = head(a.q, bi, hi), dout = head(a.dout, bi, hi);
   float *dq = head(a.dq, bi, hi), *dk = head(a.dk, bi, hi), *dv = head(a.dv, bi, hi);
-  for (int64_t j = 0; j < a.nk; ++j) {  // dk, dv: sums over the query blocks
-    std::fill(dk + j * a.dk.ns, dk + j * a.dk.ns + a.d, 0.0f);
-    std::fill(dv + j * a.dv.ns, dv + j * a.dv.ns + a.d, 0.0f);
-  }
+  const float* kept = a.p_keep ? static_cast<const float*>(a.p_keep) + (bi * a.h + hi) * a.nq * a.nk : nullptr;
   float *kt = pack, *vt = kt + padded(a.nk) * a.d, *k = vt + padded(a.nk) * a.d;
   float* blk = k + padded(a.d) * std::max(a.nk, a.bq);
-  pack_b(head_t(a.k, bi, hi), a.d, a.nk, kt);
+  if (!kept) pack_b(head_t(a.k, bi, hi), a.d, a.nk, kt);
   pack_b(head_t(a.v, bi, hi), a.d, a.nk, vt);
   pack_b(head(a.k, bi, hi), a.nk, a.d, k);
   const int64_t row0 = (bi * a.h + hi) * a.nq;
@@ -257,15 +290,28 @@ GENFAST_AVX512 void backward_head(const AttnSmallParams& a, int64_t bi, int64_t 
     const int64_t rows = std::min(a.bq, a.nq - i0), nk = block_keys(a, i0 + rows);
     float* dp = s + rows * nk;
     const View qb{q.p + i0 * q.rs, q.rs, q.cs}, dob{dout.p + i0 * dout.rs, dout.rs, dout.cs};
-    gemm_packed(rows, nk, a.d, qb, kt, a.d, s, nk);    // s = q k^T
-    gemm_packed(rows, nk, a.d, dob, vt, a.d, dp, nk);  // dp = dout v^T
-    for (int64_t i = 0; i < rows; ++i)
-      softmax_bwd_row(a, m, i0 + i, nk, a.lse[row0 + i0 + i], a.delta[row0 + i0 + i], s + i * nk, dp + i * nk);
-    // with causal, keys past this block's last row are 0 in p and ds: left out (nk)
+    const View p = kept ? View{kept + i0 * a.nk, a.nk, 1} : View{s, nk, 1};
+    if (!kept) gemm_packed(rows, nk, a.d, qb, kt, a.d, s, nk);  // s = q k^T
+    gemm_packed(rows, nk, a.d, dob, vt, a.d, dp, nk);            // dp = dout v^T
+    for (int64_t i = 0; i < rows; ++i) {
+      const float lse = a.lse[row0 + i0 + i], delta = a.delta[row0 + i0 + i];
+      if (kept)
+        softmax_bwd_row_from_p(nk, delta, a.scale, kept + (i0 + i) * a.nk, dp + i * nk);
+      else
+        softmax_bwd_row(a, m, i0 + i, nk, lse, delta, s + i * nk, dp + i * nk);
+    }
+    // with causal, keys past this block's last row are 0 in p and ds: left out (nk). The first
+    // block stores its sums (the keys it leaves out start at zero), later ones add to them.
+    const bool acc = i0 > 0;
+    if (!acc)
+      for (int64_t j = nk; j < a.nk; ++j) {
+        std::fill(dk + j * a.dk.ns, dk + j * a.dk.ns + a.d, 0.0f);
+        std::fill(dv + j * a.dv.ns, dv + j * a.dv.ns + a.d, 0.0f);
+      }
     pack_b(dob, rows, a.d, blk);
-    gemm_packed(nk, a.d, rows, View{s, 1, nk}, blk, rows, dv, a.dv.ns, true);  // dv += p^T dout
+    gemm_packed(nk, a.d, rows, View{p.p, 1, p.rs}, blk, rows, dv, a.dv.ns, acc);  // dv (+)= p^T dout
     pack_b(qb, rows, a.d, blk);
-    gemm_packed(nk, a.d, rows, View{dp, 1, nk}, blk, rows, dk, a.dk.ns, true);  // dk += ds^T q
+    gemm_packed(nk, a.d, rows, View{dp, 1, nk}, blk, rows, dk, a.dk.ns, acc);  // dk (+)= ds^T q
     gemm_packed(rows, a.d, nk, View{dp, nk, 1}, k, a.nk, dq + i0 * a.dq.ns, a.dq.ns);  // dq = ds k
   }
 }

@@ -29,9 +29,10 @@ Which way (FITS / LONG / FUSED_FROM_KEYS / FUSED_BELOW_KEYS below): fp16 takes "
 fp32 "small" from 64 keys on ("sdpa" below: call overhead), bf16 "small" at every length (an odd
 head dim, a CPU without AVX-512 BF16, or fewer (batch, head) pairs than SMALL16_FROM_HEADS per
 thread: "heads", or "rows" where one head's scores do not fit). The tables depend on the CPU
-(tables_for_cpu): on Intel CPUs fp32 takes "sdpa" everywhere, and with AMX bf16 takes "small"
-(on AMX tiles) at any head count, except small forwards that keep no p: "sdpa" (FUSED_WITHOUT_P),
-their backward "small". The tables below are the AMD EPYC's; the Intel Xeon's (AMX) are in
+(tables_for_cpu): on Intel CPUs fp32 takes "small" only from 2 (batch, head) pairs per thread and
+2^18 scores on, and its backward only where the forward kept p (SMALL32_FROM; "sdpa" otherwise),
+and with AMX bf16 takes "small" (on AMX tiles) at any head count, except small forwards that keep
+no p: "sdpa" (FUSED_WITHOUT_P), their backward "small". The tables below are the AMD EPYC's; the Intel Xeon's (AMX) are in
 tables_for_cpu.
 bf16 per way, GENFAST_BENCH_WAYS=1 pytest benchmarks/test_attention.py -k "attention_forward and
 bf16", 2026-11-26 (ms, fwd+bwd / fwd, one run, glibc's default malloc; the machine ran slow that
@@ -89,7 +90,7 @@ per thread two [rows, Nk] fp32 blocks within min(SMALL_BLOCK_BYTES, SCORE_BYTES 
 18 bytes per key and row within SMALL16_BLOCK_BYTES, kept by each thread between calls, plus its
 packed k/v panels and fp32 dk / dv sums, O(Nk D)). One
 exception, asked for by genfast.ops.attention when a gradient is needed ("keep_p"): in the "heads"
-and bf16 "small" ways the forward may keep the probabilities p [B, H, Nq, Nk] (q's dtype) for the backward when they
+and "small" ways the forward may keep the probabilities p [B, H, Nq, Nk] (q's dtype) for the backward when they
 take at most KEEP_P_BYTES. That is what plain PyTorch keeps for its backward anyway (and more); it
 saves the backward the q k^T GEMM and the exp pass (measured ~1/7 of a bf16 forward + backward;
 "small", 2x16x256x72: backward 1.86 vs 2.36 ms recomputing, forward +0.03 ms). Both ways keep the
@@ -130,16 +131,26 @@ SCORE_BYTES = 8 << 20
 
 
 def tables_for_cpu(vendor, amx):
-    """(FITS, LONG, FUSED_WITHOUT_P, SMALL16_FROM_HEADS) below for a CPU of this vendor, with
-    AMX-BF16 or not.
+    """(FITS, LONG, FUSED_WITHOUT_P, SMALL16_FROM_HEADS, SMALL32_FROM) below for a CPU of this
+    vendor, with AMX-BF16 or not.
 
     Measured on a 2-core AMD EPYC (AVX-512 BF16): the module docstring's tables. On a 2-core Intel
     Xeon with AMX (benchmarks/test_attention.py, GENFAST_BENCH_WAYS=1, 2026-11-26, ms fwd+bwd / fwd):
       fp32 2x16x256x72   torch SDPA 10.1 / 2.66   "small" 12.6 / 3.11   "heads" 10.6 / 3.30
       fp32 1x8x1024x64   torch SDPA 28.7 / 8.58   "small" 36.0 / 9.79
     MKL's sgemm takes its AVX-512 path on Intel CPUs (AVX2 on AMD), and torch's fused kernel runs
-    at ~2/3 of the sgemm rate there, which the "small" way's fp32 kernel only ties (0.98-1.02x,
-    paired, 1 or 2 threads, session 12): fp32 takes torch's kernel. bf16 "small" runs on AMX tiles
+    at ~2/3 of the sgemm rate there. The fp32 "small" kernel ties it until it keeps p for its
+    backward (no q k^T and no exponentials there; p streamed out by the forward) and passes its
+    micro-kernel's operands as scalars (a struct argument's copy had stalled each call), session
+    13, paired, 2 threads, torch SDPA time / "small" time, forward / forward + backward:
+      2x16x256x72 1.09 / 1.11, 8x6x256x64 1.16 / 1.16, 1x6x256x64 1.11 / 1.04,
+      2x16x256 x 77 keys 1.56 / 1.30, 1x8x1024x64 1.10 / 1.01 (p kept, 32 MiB),
+      2x16x1024x72 1.08 / 0.91 (p over KEEP_P_BYTES: recomputed), 2x4x128x64 1.10 / 0.98,
+      1x1x512x72 1.01 / 0.87 (one head: the backward runs a head per thread),
+      1x2x64x64 0.77 / 0.61, 2x16x17x72 0.82 / 0.71 (call overhead).
+    So fp32 takes "small" from 2 (batch, head) pairs per thread and 2^18 scores on, and its
+    backward only with p kept (torch's backward from the "small" forward's lse otherwise):
+    SMALL32_FROM = (2, 2^18). bf16 "small" runs on AMX tiles
     where the CPU has them (attention_bf16_amx.cpp); with its tile operands 64-byte aligned it
     beats torch's fused kernel on a forward alone too (paired, 2 threads, 2026-11-26, session 12):
     1.29x / 1.26x / 1.36x at 2x16x256x72 / 2x16x1024x72 / 1x8x1024x64, 1.37x at 8x6x256x64,
@@ -150,9 +161,8 @@ def tables_for_cpu(vendor, amx):
     0.89x at 1x3x256x64, 0.93x at 2x16x17x17, 1.0x at 2x4x128x128; they take torch's kernel
     (FUSED_WITHOUT_P: under 2^18 scores, or 2^20 with fewer than 4 (batch, head) pairs a thread)."""
     fits = {torch.float32: "small", torch.float16: "sdpa", torch.bfloat16: "small"}
-    if vendor == "GenuineIntel":
-        fits[torch.float32] = "sdpa"
-    return fits, dict(fits), {torch.bfloat16: (4, 1 << 20, 1 << 18)} if amx else {}, 0 if amx else 2
+    small32_from = (2, 1 << 18) if vendor == "GenuineIntel" else None
+    return fits, dict(fits), {torch.bfloat16: (4, 1 << 20, 1 << 18)} if amx else {}, 0 if amx else 2, small32_from
 
 
 # Way for a case whose heads fit SCORE_BYTES, and for one whose heads do not; per dtype, (pairs per
@@ -162,7 +172,10 @@ def tables_for_cpu(vendor, amx):
 # head) pairs per thread bf16 takes "small" (fewer take "heads" / "rows"; the small backward runs
 # a head per thread). Without AMX, 2 threads, ms fwd / bwd, small vs heads: 1x1x512x72 0.32 / 0.57
 # vs 0.27 / 0.48; 1x2x1024x64 1.50 / 2.28 vs 1.26 / 2.13; 2x2x512x64 0.76 / 1.22 vs 0.73 / 1.39.
-FITS, LONG, FUSED_WITHOUT_P, SMALL16_FROM_HEADS = tables_for_cpu(cpu_vendor(), attention_cpu_fp32.AMX_AVAILABLE)
+# SMALL32_FROM: (pairs per thread, scores) from which fp32 takes "small", its backward only with p
+# kept (see tables_for_cpu); None: wherever FITS / LONG say.
+FITS, LONG, FUSED_WITHOUT_P, SMALL16_FROM_HEADS, SMALL32_FROM = tables_for_cpu(
+    cpu_vendor(), attention_cpu_fp32.AMX_AVAILABLE)
 # From this many keys on, torch's fused kernel whatever FITS says: it runs an fp32 1024-token
 # forward at ~92 % of the sgemm peak, which two GEMMs and a softmax pass between them cannot beat
 # (matters only where FITS picks "heads" for that dtype; see the table above).
@@ -211,9 +224,20 @@ def variant(q, nk, buffers=1, causal=False):
             return "heads" if fits else "rows"
         if not supported:  # fp32 without AVX-512: oneDNN's GEMMs, within the budget
             way = "onednn" if fits and nk >= ONEDNN_FROM_KEYS else "sdpa"
+        elif q.dtype == torch.float32 and SMALL32_FROM is not None and not _small32_pays(q, nk, buffers):
+            way = "sdpa"
     if way == "onednn" and not (q.dtype == torch.float32 and onednn_available()):
         way = "sdpa"  # fp32 only; a torch build without oneDNN keeps the fused kernel
     return way
+
+
+def _small32_pays(q, nk, buffers):
+    """SMALL32_FROM (Intel): enough (batch, head) pairs per thread and scores for the fp32 "small"
+    way, and for its backward (buffers 2) p kept by the forward (keeps_p's budget)."""
+    pairs, scores = SMALL32_FROM
+    b, h, nq, _ = q.shape
+    n = b * h * nq * nk
+    return b * h >= pairs * _threads() and n >= scores and (buffers == 1 or n * q.element_size() <= KEEP_P_BYTES)
 
 
 def fused_without_p(q, way, nk):
@@ -245,8 +269,7 @@ def keeps_p(q, nk):
     """Whether the forward keeps p for the backward (shape, dtype and the budgets only)."""
     b, h, nq, _ = q.shape
     way = variant(q, nk)
-    return (way == "heads" or (way == "small" and q.dtype == torch.bfloat16)) and \
-        b * h * nq * nk * q.element_size() <= KEEP_P_BYTES
+    return way in ("heads", "small") and b * h * nq * nk * q.element_size() <= KEEP_P_BYTES
 
 
 # Score buffers kept between calls (see "Workspace" above); False: a fresh one every call.
@@ -360,7 +383,7 @@ def forward(q, k, v, mask, causal, scale, fully_masked, out, keep_p=False):
     if way == "onednn":
         return attention_cpu_fp32.forward(q, k, v, _mask_bytes(mask), causal, scale, out)
     if way == "small":
-        if keep_p:  # bf16: p is an output (saved for the backward), a buffer of its own
+        if keep_p:  # p is an output (saved for the backward), a buffer of its own
             b, h, nq, _ = q.shape
             p = _p_buffer((b * h, nq, k.shape[2]), q.dtype, q.device)
             out, lse = attention_cpu_fp32.small_forward(q, k, v, _mask_bytes(mask), causal, scale, out,
@@ -425,7 +448,7 @@ def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None):
         grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
         return attention_cpu_fp32.small_backward(dout, q, k, v, out, lse, _mask_bytes(mask), causal, scale, grads,
                                                  _small_block_bytes(q.dtype), p)
-    if p is not None:
+    if p is not None and way != "small":
         return _backward_from_p(dout, q, k, v, p, mask, causal, scale)
     if way == "sdpa":
         am = _additive_mask(mask, q.dtype) if mask is not None else None
@@ -439,7 +462,7 @@ def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None):
         if way == "onednn":
             return attention_cpu_fp32.backward(dout, q, k, v, out, lse, _mask_bytes(mask), causal, scale, grads)
         return attention_cpu_fp32.small_backward(dout, q, k, v, out, lse, _mask_bytes(mask), causal, scale, grads,
-                                                 _small_block_bytes())
+                                                 _small_block_bytes(), p)
     mod = _native.module("_C")
     b, h, nq, _ = q.shape
     nk = k.shape[2]

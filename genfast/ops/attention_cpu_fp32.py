@@ -167,7 +167,7 @@ def small_forward(q, k, v, mask, causal, scale, out, block_bytes, p_keep=None):
 
 def small_backward(dout, q, k, v, out, lse, mask, causal, scale, grads, block_bytes, p=None):
     """As backward(), all heads in one call (dk, dv summed over the query blocks in fp32). grads need
-    unit last strides; p (bf16 only): the forward's p_keep. fp32 takes delta = rowsum(dout * out)
+    unit last strides; p: the forward's p_keep (None: recomputed from lse). fp32 takes delta = rowsum(dout * out)
     up front; bf16 sums p dp in its own rows."""
     lse = lse.contiguous()
     delta = None
