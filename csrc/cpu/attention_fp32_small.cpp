@@ -107,6 +107,12 @@ GENFAST_AVX512 void micro_rows(int64_t rows, int64_t k_len, const float* ap, int
 
 inline int64_t padded(int64_t n) { return ((n + NR - 1) / NR) * NR; }
 
+// Row stride of a [rows, nk] score block: nk rounded up to 16 floats, plus 16. Rows a multiple of
+// 4 KiB apart (nk = 1024) all fall in one L1 set, and the GEMMs that read a block by columns
+// (p^T dout, ds^T q: one row per k step) then missed L1 on every load (fp32 backward at 1024
+// keys, 1 thread, Xeon); the pad spreads them, 64-byte aligned.
+inline int64_t score_ld(int64_t nk) { return (nk + 15) / 16 * 16 + 16; }
+
 // C [M, N] (row stride ldc, unit columns) = (C +) A [M, K] B [K, N], B packed by pack_b with
 // packed_k >= K rows (a prefix of the keys under the causal mask uses the first K).
 GENFAST_AVX512 void gemm_packed(int64_t m, int64_t n, int64_t k_len, View a, const float* pack, int64_t packed_k,
@@ -180,13 +186,17 @@ GENFAST_AVX512 void softmax_bwd_row(const AttnSmallParams& a, const uint8_t* m, 
   }
 }
 
-// Row i from the kept p (0 off the keys in play already): ds = p (dp - delta) scale over dp.
-GENFAST_AVX512 void softmax_bwd_row_from_p(int64_t nk, float delta, float scale, const float* p, float* dp) {
+// Row i from the kept p (0 off the keys in play already): ds = p (dp - delta) scale over dp, and p
+// copied into the block's own row (p_row) for the p^T dout GEMM: its padded rows, not the kept p's
+// Nk-float ones, spread over the cache sets.
+GENFAST_AVX512 void softmax_bwd_row_from_p(int64_t nk, float delta, float scale, const float* p, float* p_row,
+                                           float* dp) {
   const __m512 vs = _mm512_set1_ps(scale), vd = _mm512_set1_ps(delta);
   for (int64_t j = 0; j < nk; j += 16) {
     const __mmask16 t = tail(nk - j);
-    const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(t, p + j), _mm512_sub_ps(_mm512_maskz_loadu_ps(t, dp + j), vd)), vs);
-    _mm512_mask_storeu_ps(dp + j, t, ds);
+    const __m512 pj = _mm512_maskz_loadu_ps(t, p + j);
+    _mm512_mask_storeu_ps(p_row + j, t, pj);
+    _mm512_mask_storeu_ps(dp + j, t, _mm512_mul_ps(_mm512_mul_ps(pj, _mm512_sub_ps(_mm512_maskz_loadu_ps(t, dp + j), vd)), vs));
   }
 }
 
@@ -213,7 +223,7 @@ struct Scratch {
   // aligned (the micro-kernel's B loads then never straddle cache lines: -5 % on a 16x256x72
   // forward, 1 thread, Xeon); 1 / sum e of a forward block's rows
   float* score_blocks(const AttnSmallParams& a, int64_t blocks) {
-    return small_attn::aligned_area(scores, static_cast<size_t>(blocks * a.bq * a.nk));
+    return small_attn::aligned_area(scores, static_cast<size_t>(blocks * a.bq * score_ld(a.nk)));
   }
   float* panels(const AttnSmallParams& a) { return small_attn::aligned_area(pack, static_cast<size_t>(pack_floats(a))); }
   float* row_sums(const AttnSmallParams& a) {
@@ -252,16 +262,16 @@ GENFAST_AVX512 void forward_head(const AttnSmallParams& a, int64_t bi, int64_t h
   pack_b(head_t(a.k, bi, hi), a.d, a.nk, kt);
   pack_b(head(a.v, bi, hi), a.nk, a.d, v);
   for (int64_t i0 = first * a.bq; i0 < std::min(a.nq, last * a.bq); i0 += a.bq) {
-    const int64_t rows = std::min(a.bq, a.nq - i0), nk = block_keys(a, i0 + rows);
-    gemm_packed(rows, nk, a.d, View{q.p + i0 * q.rs, q.rs, q.cs}, kt, a.d, s, nk);  // s = q k^T
+    const int64_t rows = std::min(a.bq, a.nq - i0), nk = block_keys(a, i0 + rows), ld = score_ld(nk);
+    gemm_packed(rows, nk, a.d, View{q.p + i0 * q.rs, q.rs, q.cs}, kt, a.d, s, ld);  // s = q k^T
     for (int64_t i = 0; i < rows; ++i) {
       float mx;
-      const float sum = exp_row(a, m, i0 + i, nk, s + i * nk, mx);
+      const float sum = exp_row(a, m, i0 + i, nk, s + i * ld, mx);
       lse[i0 + i] = sum > 0.0f ? mx + std::log(sum) : kInf;
       inv[i] = sum > 0.0f ? 1.0f / sum : 0.0f;
-      if (keep) keep_row(s + i * nk, nk, a.nk, inv[i], keep + (i0 + i) * a.nk);
+      if (keep) keep_row(s + i * ld, nk, a.nk, inv[i], keep + (i0 + i) * a.nk);
     }
-    gemm_packed(rows, a.d, nk, View{s, nk, 1}, v, a.nk, out + i0 * a.out.ns, a.out.ns);  // e v
+    gemm_packed(rows, a.d, nk, View{s, ld, 1}, v, a.nk, out + i0 * a.out.ns, a.out.ns);  // e v
     for (int64_t i = 0; i < rows; ++i) {  // p v: the rows of e v over their sums
       float* o = out + (i0 + i) * a.out.ns;
       const __m512 r = _mm512_set1_ps(inv[i]);
@@ -287,18 +297,17 @@ GENFAST_AVX512 void backward_head(const AttnSmallParams& a, int64_t bi, int64_t 
   pack_b(head(a.k, bi, hi), a.nk, a.d, k);
   const int64_t row0 = (bi * a.h + hi) * a.nq;
   for (int64_t i0 = 0; i0 < a.nq; i0 += a.bq) {
-    const int64_t rows = std::min(a.bq, a.nq - i0), nk = block_keys(a, i0 + rows);
-    float* dp = s + rows * nk;
+    const int64_t rows = std::min(a.bq, a.nq - i0), nk = block_keys(a, i0 + rows), ld = score_ld(nk);
+    float* dp = s + rows * ld;
     const View qb{q.p + i0 * q.rs, q.rs, q.cs}, dob{dout.p + i0 * dout.rs, dout.rs, dout.cs};
-    const View p = kept ? View{kept + i0 * a.nk, a.nk, 1} : View{s, nk, 1};
-    if (!kept) gemm_packed(rows, nk, a.d, qb, kt, a.d, s, nk);  // s = q k^T
-    gemm_packed(rows, nk, a.d, dob, vt, a.d, dp, nk);            // dp = dout v^T
+    if (!kept) gemm_packed(rows, nk, a.d, qb, kt, a.d, s, ld);  // s = q k^T
+    gemm_packed(rows, nk, a.d, dob, vt, a.d, dp, ld);            // dp = dout v^T
     for (int64_t i = 0; i < rows; ++i) {
       const float lse = a.lse[row0 + i0 + i], delta = a.delta[row0 + i0 + i];
       if (kept)
-        softmax_bwd_row_from_p(nk, delta, a.scale, kept + (i0 + i) * a.nk, dp + i * nk);
+        softmax_bwd_row_from_p(nk, delta, a.scale, kept + (i0 + i) * a.nk, s + i * ld, dp + i * ld);
       else
-        softmax_bwd_row(a, m, i0 + i, nk, lse, delta, s + i * nk, dp + i * nk);
+        softmax_bwd_row(a, m, i0 + i, nk, lse, delta, s + i * ld, dp + i * ld);
     }
     // with causal, keys past this block's last row are 0 in p and ds: left out (nk). The first
     // block stores its sums (the keys it leaves out start at zero), later ones add to them.
@@ -309,10 +318,10 @@ GENFAST_AVX512 void backward_head(const AttnSmallParams& a, int64_t bi, int64_t 
         std::fill(dv + j * a.dv.ns, dv + j * a.dv.ns + a.d, 0.0f);
       }
     pack_b(dob, rows, a.d, blk);
-    gemm_packed(nk, a.d, rows, View{p.p, 1, p.rs}, blk, rows, dv, a.dv.ns, acc);  // dv (+)= p^T dout
+    gemm_packed(nk, a.d, rows, View{s, 1, ld}, blk, rows, dv, a.dv.ns, acc);  // dv (+)= p^T dout
     pack_b(qb, rows, a.d, blk);
-    gemm_packed(nk, a.d, rows, View{dp, 1, nk}, blk, rows, dk, a.dk.ns, acc);  // dk (+)= ds^T q
-    gemm_packed(rows, a.d, nk, View{dp, nk, 1}, k, a.nk, dq + i0 * a.dq.ns, a.dq.ns);  // dq = ds k
+    gemm_packed(nk, a.d, rows, View{dp, 1, ld}, blk, rows, dk, a.dk.ns, acc);  // dk (+)= ds^T q
+    gemm_packed(rows, a.d, nk, View{dp, ld, 1}, k, a.nk, dq + i0 * a.dq.ns, a.dq.ns);  // dq = ds k
   }
 }
 }  // namespace

@@ -145,7 +145,8 @@ def tables_for_cpu(vendor, amx):
     13, paired, 2 threads, torch SDPA time / "small" time, forward / forward + backward:
       2x16x256x72 1.09 / 1.11, 8x6x256x64 1.16 / 1.16, 1x6x256x64 1.11 / 1.04,
       2x16x256 x 77 keys 1.56 / 1.30, 1x8x1024x64 1.10 / 1.01 (p kept, 32 MiB),
-      2x16x1024x72 1.08 / 0.91 (p over KEEP_P_BYTES: recomputed), 2x4x128x64 1.10 / 0.98,
+      2x16x1024x72 1.08 / 0.91 (p over KEEP_P_BYTES: recomputed; 1.02 once the score blocks' rows
+      were padded off 4 KiB strides, 1x8x1024x64 then 1.05), 2x4x128x64 1.10 / 0.98,
       1x1x512x72 1.01 / 0.87 (one head: the backward runs a head per thread),
       1x2x64x64 0.77 / 0.61, 2x16x17x72 0.82 / 0.71 (call overhead).
     So fp32 takes "small" from 2 (batch, head) pairs per thread and 2^18 scores on, and its
