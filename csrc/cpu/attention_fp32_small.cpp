@@ -170,33 +170,23 @@ GENFAST_AVX512 float exp_row(const AttnSmallParams& a, const uint8_t* m, int64_t
   return _mm512_reduce_add_ps(_mm512_add_ps(vsum0, vsum1));
 }
 
-// Row i: p = exp(scale s - lse) (0 off the keys in play) over s, ds = p (dp - delta) scale over dp.
-// Base 2 as the forward's rows (exp2 of one FMA); no per-vector key mask where every key is in play.
+// Row i: p over s, ds = p (dp - delta) scale over dp. p = exp(scale s - lse) (0 off the keys in
+// play; base 2 as the forward's rows, exp2 of one FMA, no per-vector key mask where every key is in
+// play), or the forward's kept row (0 off the keys in play already), copied into s for the p^T dout
+// GEMM: the block's padded rows, not the kept p's Nk-float ones, spread over the cache sets.
 GENFAST_AVX512 void softmax_bwd_row(const AttnSmallParams& a, const uint8_t* m, int64_t i, int64_t nk, float lse,
-                                    float delta, float* s, float* dp) {
+                                    float delta, const float* kept, float* s, float* dp) {
   const __m512 scale = _mm512_set1_ps(a.scale), c2 = _mm512_set1_ps(a.scale * kLog2e);
   const __m512 vl = _mm512_set1_ps(lse * kLog2e), vd = _mm512_set1_ps(delta);
   const bool plain = small_attn::all_keys_on(a, m, i, nk);
   for (int64_t j = 0; j < nk; j += 16) {
-    const __mmask16 t = tail(nk - j), on = plain ? t : keys_on(a, m, i, j, nk);
-    const __m512 p = _mm512_maskz_mov_ps(on, exp2_nonpos(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(t, s + j), c2, vl)));
+    const __mmask16 t = tail(nk - j);
+    const __m512 p = kept ? _mm512_maskz_loadu_ps(t, kept + j)
+                          : _mm512_maskz_mov_ps(plain ? t : keys_on(a, m, i, j, nk),
+                                                exp2_nonpos(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(t, s + j), c2, vl)));
     const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(t, dp + j), vd)), scale);
     _mm512_mask_storeu_ps(s + j, t, p);
     _mm512_mask_storeu_ps(dp + j, t, ds);
-  }
-}
-
-// Row i from the kept p (0 off the keys in play already): ds = p (dp - delta) scale over dp, and p
-// copied into the block's own row (p_row) for the p^T dout GEMM: its padded rows, not the kept p's
-// Nk-float ones, spread over the cache sets.
-GENFAST_AVX512 void softmax_bwd_row_from_p(int64_t nk, float delta, float scale, const float* p, float* p_row,
-                                           float* dp) {
-  const __m512 vs = _mm512_set1_ps(scale), vd = _mm512_set1_ps(delta);
-  for (int64_t j = 0; j < nk; j += 16) {
-    const __mmask16 t = tail(nk - j);
-    const __m512 pj = _mm512_maskz_loadu_ps(t, p + j);
-    _mm512_mask_storeu_ps(p_row + j, t, pj);
-    _mm512_mask_storeu_ps(dp + j, t, _mm512_mul_ps(_mm512_mul_ps(pj, _mm512_sub_ps(_mm512_maskz_loadu_ps(t, dp + j), vd)), vs));
   }
 }
 
@@ -237,13 +227,13 @@ struct Scratch {
 // read-for-ownership of its lines and does not push the block's scores out of the cache.
 GENFAST_AVX512 void keep_row(const float* e, int64_t nk, int64_t row_len, float inv, float* p) {
   const __m512 r = _mm512_set1_ps(inv);
+  const auto pj = [&](int64_t j) GENFAST_AVX512 {
+    return j < nk ? _mm512_mul_ps(_mm512_maskz_loadu_ps(tail(nk - j), e + j), r) : _mm512_setzero_ps();
+  };
   int64_t j = 0;
   if ((reinterpret_cast<uintptr_t>(p) & 63) == 0)
-    for (; j + 16 <= row_len; j += 16)
-      _mm512_stream_ps(p + j, j < nk ? _mm512_mul_ps(_mm512_maskz_loadu_ps(tail(nk - j), e + j), r) : _mm512_setzero_ps());
-  for (; j < row_len; j += 16)
-    _mm512_mask_storeu_ps(p + j, tail(row_len - j), j < nk ? _mm512_mul_ps(_mm512_maskz_loadu_ps(tail(nk - j), e + j), r)
-                                                           : _mm512_setzero_ps());
+    for (; j + 16 <= row_len; j += 16) _mm512_stream_ps(p + j, pj(j));
+  for (; j < row_len; j += 16) _mm512_mask_storeu_ps(p + j, tail(row_len - j), pj(j));
 }
 
 // Query blocks first .. last - 1 of one head (k^T and v packed once for them); with a.p_keep, p
@@ -302,13 +292,9 @@ GENFAST_AVX512 void backward_head(const AttnSmallParams& a, int64_t bi, int64_t 
     const View qb{q.p + i0 * q.rs, q.rs, q.cs}, dob{dout.p + i0 * dout.rs, dout.rs, dout.cs};
     if (!kept) gemm_packed(rows, nk, a.d, qb, kt, a.d, s, ld);  // s = q k^T
     gemm_packed(rows, nk, a.d, dob, vt, a.d, dp, ld);            // dp = dout v^T
-    for (int64_t i = 0; i < rows; ++i) {
-      const float lse = a.lse[row0 + i0 + i], delta = a.delta[row0 + i0 + i];
-      if (kept)
-        softmax_bwd_row_from_p(nk, delta, a.scale, kept + (i0 + i) * a.nk, s + i * ld, dp + i * ld);
-      else
-        softmax_bwd_row(a, m, i0 + i, nk, lse, delta, s + i * ld, dp + i * ld);
-    }
+    for (int64_t i = 0; i < rows; ++i)
+      softmax_bwd_row(a, m, i0 + i, nk, a.lse[row0 + i0 + i], a.delta[row0 + i0 + i],
+                      kept ? kept + (i0 + i) * a.nk : nullptr, s + i * ld, dp + i * ld);
     // with causal, keys past this block's last row are 0 in p and ds: left out (nk). The first
     // block stores its sums (the keys it leaves out start at zero), later ones add to them.
     const bool acc = i0 > 0;

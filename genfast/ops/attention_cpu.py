@@ -237,8 +237,7 @@ def _small32_pays(q, nk, buffers):
     way, and for its backward (buffers 2) p kept by the forward (keeps_p's budget)."""
     pairs, scores = SMALL32_FROM
     b, h, nq, _ = q.shape
-    n = b * h * nq * nk
-    return b * h >= pairs * _threads() and n >= scores and (buffers == 1 or n * q.element_size() <= KEEP_P_BYTES)
+    return b * h >= pairs * _threads() and b * h * nq * nk >= scores and (buffers == 1 or _p_fits(q, nk))
 
 
 def fused_without_p(q, way, nk):
@@ -267,11 +266,15 @@ def may_use_fused(dtype):
             or dtype in FUSED_FROM_KEYS)
 
 
+def _p_fits(q, nk):
+    """p [B, H, Nq, nk] in q's dtype within KEEP_P_BYTES."""
+    b, h, nq, _ = q.shape
+    return b * h * nq * nk * q.element_size() <= KEEP_P_BYTES
+
+
 def keeps_p(q, nk):
     """Whether the forward keeps p for the backward (shape, dtype and the budgets only)."""
-    b, h, nq, _ = q.shape
-    way = variant(q, nk)
-    return way in ("heads", "small") and b * h * nq * nk * q.element_size() <= KEEP_P_BYTES
+    return variant(q, nk) in ("heads", "small") and _p_fits(q, nk)
 
 
 # Score buffers kept between calls (see "Workspace" above); False: a fresh one every call.
