@@ -69,13 +69,15 @@ GENFAST_AVX512 inline __m512 inner(__m512 v) {  // sqrt(2/pi) (v + beta v^3)
                        _mm512_set1_ps(kAlpha));
 }
 
+GENFAST_AVX512 inline __m512 gelu16(__m512 v) {  // 0.5 v (1 + tanh(inner(v)))
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(_mm512_set1_ps(1.0f), tanh16(inner(v))));
+}
+
 template <typename T>
 GENFAST_AVX512 void fwd_chunk(const T* x, T* y, int64_t n) {
-  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1u);
-    const __m512 v = load(x + i, m);
-    store(y + i, m, _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, tanh16(inner(v)))));
+    const __mmask16 m = tail(n - i);
+    store(y + i, m, gelu16(load(x + i, m)));
   }
 }
 
@@ -84,7 +86,7 @@ GENFAST_AVX512 void bwd_chunk(const T* g, const T* x, T* dx, int64_t n) {
   const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
   const __m512 alpha = _mm512_set1_ps(kAlpha), beta3 = _mm512_set1_ps(3.0f * kBeta);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __mmask16 m = tail(n - i);
     const __m512 v = load(x + i, m);
     const __m512 t = tanh16(inner(v));
     const __m512 du = _mm512_mul_ps(alpha, _mm512_fmadd_ps(beta3, _mm512_mul_ps(v, v), one));  // du/dv
@@ -96,12 +98,11 @@ GENFAST_AVX512 void bwd_chunk(const T* g, const T* x, T* dx, int64_t n) {
 
 // One row: h = x + bias (kept in x unless y aliases x), y = gelu(h).
 GENFAST_AVX512 void fwd_bias_row(float* x, float* y, const float* bias, int64_t cols) {
-  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
   for (int64_t i = 0; i < cols; i += 16) {
-    const __mmask16 m = cols - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (cols - i)) - 1u);
+    const __mmask16 m = tail(cols - i);
     const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, bias + i));
     if (x != y) _mm512_mask_storeu_ps(x + i, m, v);
-    _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, tanh16(inner(v)))));
+    _mm512_mask_storeu_ps(y + i, m, gelu16(v));
   }
 }
 }  // namespace avx
