@@ -231,9 +231,7 @@ AttnSmallParams attn_small_params(const std::vector<int64_t>& sizes, double scal
 }
 #endif
 
-#ifdef GENFAST_CUDA_SIDE
-// GELU(tanh) backward + bias gradient (csrc/gelu.h): GPU kernels only (CPU tensors take the
-// reference in genfast/ops/gelu.py), so no _C twin.
+// GELU(tanh) backward + bias gradient (csrc/gelu.h): every module (the C++ CPU kernel in _C).
 void gelu_tanh_backward_bias(uintptr_t dh, uintptr_t dbias, uintptr_t partial, uintptr_t grad, uintptr_t h, int64_t M,
                              int64_t K, int64_t chunk_rows, int64_t chunk_group, int32_t dtype, uintptr_t stream) {
   check_dtype_code(dtype);
@@ -245,7 +243,7 @@ void gelu_tanh_backward_bias(uintptr_t dh, uintptr_t dbias, uintptr_t partial, u
   GENFAST_RUN(gelu_tanh_backward_bias, p, stream);
 }
 
-// Column sums of up to three [M, width_i] tensors (csrc/gelu.h ColumnSumsParams): GPU kernels only.
+// Column sums of up to three [M, width_i] tensors (csrc/gelu.h ColumnSumsParams): every module.
 void column_sums(const std::vector<uintptr_t>& src, const std::vector<int64_t>& widths, uintptr_t out,
                  uintptr_t partial, int64_t M, int64_t chunk_rows, int64_t chunk_group, int32_t dtype, uintptr_t stream) {
   check_dtype_code(dtype);
@@ -260,7 +258,6 @@ void column_sums(const std::vector<uintptr_t>& src, const std::vector<int64_t>& 
   py::gil_scoped_release nogil;
   GENFAST_RUN(column_sums, p, stream);
 }
-#endif
 
 void bind_all(py::module_& m) {
   m.def("vq_nearest", &vq_nearest, "Nearest codebook row per row of z, O(n) memory (see csrc/vq.h).",
@@ -377,6 +374,7 @@ void bind_all(py::module_& m) {
   m.def("kl_backward", &kl_backward, "Reparameterized sample + KL backward (csrc/kl.h).");
 #ifdef GENFAST_CUDA_SIDE
   m.def("kl_row_blocks", &kl_cuda_row_blocks, "Column blocks per row of the CUDA forward's KL scratch.");
+#endif
   m.def("gelu_tanh_backward_bias", &gelu_tanh_backward_bias,
         "dh = grad * GELU(tanh)'(h) and dbias = column sums of dh over [M, K] (csrc/gelu.h)", py::arg("dh"),
         py::arg("dbias"), py::arg("partial"), py::arg("grad"), py::arg("h"), py::arg("M"), py::arg("K"),
@@ -384,7 +382,6 @@ void bind_all(py::module_& m) {
   m.def("column_sums", &column_sums, "column sums of up to three [M, width] tensors in one pass (csrc/gelu.h)",
         py::arg("src"), py::arg("widths"), py::arg("out"), py::arg("partial"), py::arg("M"), py::arg("chunk_rows"),
         py::arg("chunk_group"), py::arg("dtype"), py::arg("stream") = 0);
-#endif
 }
 
 #ifdef GENFAST_CUDA_SIDE

@@ -36,10 +36,12 @@ struct GeluBiasBwdParams {
   int32_t dtype;        // DType code, one for all tensors but partial; math in fp32
 };
 
-// csrc/cuda/gelu.cu: launch on `stream`, return the cudaError_t as an int (see flow_step.h).
+// csrc/cpu/gelu.cpp (the DiT block's fused CPU backward: fc1's bias gradient without a second pass
+// over dh) and csrc/cuda/gelu.cu (launch on `stream`, return the cudaError_t as an int: flow_step.h).
+void gelu_tanh_backward_bias_cpu(const GeluBiasBwdParams& p);
 int gelu_tanh_backward_bias_cuda(const GeluBiasBwdParams& p, void* stream);
 
-// The bias gradients of a fused qkv projection (genfast/ops/colsum.py column_sums): out = the column
+// The bias gradients of a fused qkv projection (genfast/ops/gelu.py column_sums): out = the column
 // sums of [src0 | src1 | src2] (n of them, each [M, width_i] contiguous), fp32 sums in the same chunks
 // and groups as GeluBiasBwdParams, rounded to the dtype once.
 struct ColumnSumsParams {
@@ -53,7 +55,8 @@ struct ColumnSumsParams {
   int32_t dtype;
 };
 
-// csrc/cuda/colsum.cu
+// csrc/cpu/gelu.cpp, csrc/cuda/colsum.cu
+void column_sums_cpu(const ColumnSumsParams& p);
 int column_sums_cuda(const ColumnSumsParams& p, void* stream);
 
 }  // namespace genfast

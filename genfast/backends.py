@@ -25,10 +25,9 @@ PREFERENCE = {
     # Triton first for VQ: its tl.dot tiles beat the SIMT CUDA kernel (tensor cores) until measured.
     "vq_nearest": {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")},
     "reparam_kl": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")},
-    # The MLP backward's GELU(tanh)' + bias sum (genfast/ops/gelu.py): GPU kernels only; CPU tensors
-    # take the reference (torch's gelu_backward + an fp32 sum).
-    "gelu_tanh_backward_bias": {"cuda": ("cuda", "triton", "reference"), "cpu": ("reference",)},
-    "column_sums": {"cuda": ("cuda", "triton", "reference"), "cpu": ("reference",)},
+    # The MLP backward's GELU(tanh)' + bias sum and the qkv bias sums (genfast/ops/gelu.py).
+    "gelu_tanh_backward_bias": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")},
+    "column_sums": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")},
     # Attention on GPUs: torch's SDPA (cuDNN / flash) first where it can run the case (fp16/bf16, no
     # key mask): measured faster than genfast's Triton and CUDA kernels at every benchmark shape on
     # an H200 (benchmarks/gpu/NOTES.md); genfast's kernels serve masks, fp32 and forced backends.

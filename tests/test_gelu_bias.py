@@ -1,19 +1,20 @@
 """genfast.ops.gelu.gelu_tanh_backward_bias (dh = grad * gelu_tanh'(h), dbias = dh.sum(0)) on every
-backend: the reference, the Triton kernels (interpreter on the CPU), the CUDA kernels (emulated on
-the CPU; on a GPU when one is visible). Numerics by the DESIGN.md §5 rule against fp64, the sums
+backend: the reference, the C++ CPU kernel, the Triton kernels (interpreter on the CPU), the CUDA
+kernels (emulated on the CPU; on a GPU when one is visible). Numerics by the DESIGN.md §5 rule against fp64, the sums
 checked to be the chunked fp32 sums of the rounded dh, determinism, empty inputs, bad input."""
 import pytest
 import torch
 
 from genfast import backends
 from genfast.ops import gelu as gelu_ops
+from genfast.ops._common import kernel_reasons
 from genfast.ops.gelu import ROWS, gelu_tanh_backward_bias
 from genfast.testing import FLOAT_DTYPES, assert_within_reference_error
 
 GPU = torch.cuda.is_available()
 _gpu = pytest.mark.gpu
 # (device, backend); Triton runs on CPU tensors only under the interpreter (no GPU visible).
-BACKENDS = ([("cpu", "reference"), ("cpu", "cuda_emu")] + ([] if GPU else [("cpu", "triton")])
+BACKENDS = ([("cpu", "reference"), ("cpu", "cpu"), ("cpu", "cuda_emu")] + ([] if GPU else [("cpu", "triton")])
             + [pytest.param("cuda", "cuda", marks=_gpu), pytest.param("cuda", "triton", marks=_gpu)])
 KERNELS = [b for b in BACKENDS if not (isinstance(b, tuple) and b[1] == "reference")]
 
@@ -148,19 +149,20 @@ def test_empty(device, backend, dtype, use_backend):
         assert dbias.shape == (k,) and dbias.dtype == dtype and not dbias.any()
 
 
-def test_cpu_tensors_take_the_reference(monkeypatch):
-    """No C++ CPU kernel of the fused pass: unforced, CPU tensors take the reference."""
-    from genfast.ops import gelu
-
+def test_cpu_tensors_take_the_cpu_kernel(monkeypatch):
+    """Unforced, CPU tensors take the C++ kernel for both passes (fp32 / fp16 / bf16)."""
     monkeypatch.delenv("GENFAST_BACKEND", raising=False)
-    for dtype in FLOAT_DTYPES:
-        assert backends.choose_cached("gelu_tanh_backward_bias", "cpu", (dtype,), gelu._bias_reasons) == "reference"
+    for op in ("gelu_tanh_backward_bias", "column_sums"):
+        for dtype in FLOAT_DTYPES:
+            assert backends.choose_cached(op, "cpu", (dtype,), kernel_reasons) == "cpu", (op, dtype)
 
 
-def test_forced_cpu_backend_raises(use_backend):
+def test_forced_cpu_backend_raises_on_fp64(use_backend):
+    """fp64 has no kernel: a forced CPU backend says so instead of running another backend."""
     use_backend("cpu")
+    x = torch.randn(3, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="gelu_tanh_backward_bias"):
-        gelu_tanh_backward_bias(torch.randn(3, 4), torch.randn(3, 4))
+        gelu_tanh_backward_bias(x, x)
 
 
 def test_fp64_runs_on_the_reference(use_backend):

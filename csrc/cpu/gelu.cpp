@@ -142,7 +142,85 @@ void bwd(const void* gv, const void* xv, void* dxv, int64_t n) {
   for_chunks(n, [&](int64_t i, int64_t len) { bwd_chunk<T>(g + i, x + i, dx + i, len); });
 }
 
+// acc[i] += src[i] in fp32 (the values as stored: dh after its rounding, or a column-sum source).
+template <typename T>
+GENFAST_CPU_CLONES void add_row(float* __restrict acc, const T* __restrict src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += to_float(src[i]);
+}
+
+// The two-level column sums of csrc/gelu.h into out[K] (rounded to T once): row(m) makes row m (dh,
+// or a source row as it is) and returns it. Chunk k's fp32 sums of its rows in order go to
+// partial[k]; the chunks past M are zero rows, as the GPU kernels write them. Then each group's
+// chunks in order into the rows after them, then the groups in order (the GPU kernels' bits where
+// their rows agree).
+template <typename T, typename RowFn>
+void chunked_sums(int64_t M, int64_t K, int64_t rows, int64_t group, float* partial, T* out, RowFn&& row) {
+  const int64_t ngroups = ((M + rows - 1) / rows + group - 1) / group, padded = ngroups * group;
+#pragma omp parallel for schedule(static) if (M * K > kChunk)
+  for (int64_t k = 0; k < padded; ++k) {
+    float* acc = partial + k * K;
+    std::fill(acc, acc + K, 0.f);
+    for (int64_t m = k * rows; m < std::min(M, (k + 1) * rows); ++m) add_row(acc, row(m), K);
+  }
+  float* sums = partial + padded * K;
+  for (int64_t g = 0; g < ngroups; ++g) {
+    std::fill(sums + g * K, sums + (g + 1) * K, 0.f);
+    for (int64_t k = g * group; k < (g + 1) * group; ++k) add_row(sums + g * K, partial + k * K, K);
+  }
+  for (int64_t c = 0; c < K; ++c) {
+    float t = 0.f;
+    for (int64_t g = 0; g < ngroups; ++g) t += sums[g * K + c];
+    out[c] = from_float<T>(t);
+  }
+}
+
+template <typename T>
+void bwd_bias(const GeluBiasBwdParams& p) {
+  const T* g = static_cast<const T*>(p.grad);
+  const T* h = static_cast<const T*>(p.h);
+  T* dh = static_cast<T*>(p.dh);
+  void (*row_fn)(const T*, const T*, T*, int64_t) = bwd_chunk<T>;
+#ifdef GENFAST_HAVE_AVX512
+  if (vec512::cpu_has_avx512_bf16()) row_fn = avx::bwd_chunk<T>;
+#endif
+  const int64_t K = p.K;
+  chunked_sums<T>(p.M, K, p.chunk_rows, p.chunk_group, p.partial, static_cast<T*>(p.dbias), [&](int64_t m) {
+    row_fn(g + m * K, h + m * K, dh + m * K, K);
+    return dh + m * K;  // read back: the sums add dh as stored
+  });
+}
+
+template <typename T>
+void column_sums_t(const ColumnSumsParams& p) {
+  // one source at a time, the workspace reused as [*, width]; its sums go to its columns of out
+  T* out = static_cast<T*>(p.out);
+  for (int t = 0; t < p.n; ++t) {
+    const int64_t w = p.width[t];
+    const T* src = static_cast<const T*>(p.src[t]);
+    chunked_sums<T>(p.M, w, p.chunk_rows, p.chunk_group, p.partial, out, [&](int64_t m) { return src + m * w; });
+    out += w;
+  }
+}
+
 }  // namespace
+
+void gelu_tanh_backward_bias_cpu(const GeluBiasBwdParams& p) {
+  if (p.M <= 0 || p.K <= 0) return;
+  switch (p.dtype) {
+    case kFloat32: bwd_bias<float>(p); break;
+    case kFloat16: bwd_bias<Half>(p); break;
+    case kBFloat16: bwd_bias<BFloat16>(p); break;
+  }
+}
+
+void column_sums_cpu(const ColumnSumsParams& p) {
+  if (p.M <= 0) return;
+  switch (p.dtype) {
+    case kFloat32: column_sums_t<float>(p); break;
+    case kFloat16: column_sums_t<Half>(p); break;
+    case kBFloat16: column_sums_t<BFloat16>(p); break;
+  }
+}
 
 void gelu_tanh_cpu(const void* x, void* y, int64_t n, int32_t dtype) {
   if (n <= 0) return;

@@ -14,8 +14,8 @@ REASONS_BY_OP = {
     "gated_residual": modulate._reasons,
     "vq_nearest": vq._reasons,
     "reparam_kl": kl._reasons,
-    "gelu_tanh_backward_bias": gelu._bias_reasons,
-    "column_sums": gelu._bias_reasons,
+    "gelu_tanh_backward_bias": gelu._reasons,
+    "column_sums": gelu._reasons,
 }
 
 __all__ = ["flow_euler_step", "reparam_kl", "adaln_modulate", "gated_residual", "vq_nearest", "vector_quantize",

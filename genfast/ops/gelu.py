@@ -11,9 +11,10 @@ pass, fp32 math, same error as torch's (checked against fp64 in tests/test_gelu.
 Backends: "cpu" (genfast._C, fp32/fp16/bf16) on CPU tensors; torch's own F.gelu everywhere else
 (CUDA, fp64, GENFAST_BACKEND=reference, a missing _C), which gives the same answer.
 
-gelu_tanh_backward_bias(grad, h) -> (dh, dbias) is the MLP backward's fused pass on GPUs: dh and the
-fc1 bias gradient dh.sum(0) in one read of grad and h (csrc/cuda/gelu.cu, kernels/gelu.py); CPU
-tensors take the reference (torch's gelu_backward, then an fp32 sum).
+gelu_tanh_backward_bias(grad, h) -> (dh, dbias) is the MLP backward's fused pass: dh and the fc1
+bias gradient dh.sum(0) in one read of grad and h (csrc/cpu/gelu.cpp, csrc/cuda/gelu.cu,
+kernels/gelu.py), the sums in the same chunks and order on every backend. column_sums is its
+activation-free twin (a fused qkv projection's bias gradients).
 """
 import torch
 import torch.nn.functional as F
@@ -122,6 +123,8 @@ torch.library.register_autograd("genfast::gelu_tanh", _backward, setup_context=_
 
 
 # ------------------------------------------------------------------- backward + bias gradient
+_MODULES = {"cpu": "_C", "cuda": "_cuda", "cuda_emu": "_cuda_emu"}
+_reasons = kernel_reasons  # both fused passes run on the four kernel backends, fp32 / fp16 / bf16
 ROWS = 32  # rows per partial column sum of dbias: a constant, so every backend and device sums alike
 GROUP = 32  # chunk sums added per first-level sum (then the groups' sums): see csrc/gelu.h
 
@@ -156,12 +159,13 @@ def _bwd_bias_impl(grad, h):
     if m == 0 or k == 0:
         return torch.empty(m, k, dtype=dtype, device=h.device), torch.zeros(k, dtype=dtype, device=h.device)
     grad, h = grad.contiguous(), h.contiguous()
-    name = backends.choose_cached("gelu_tanh_backward_bias", h.device.type, (dtype,), _bias_reasons)
+    name = backends.choose_cached("gelu_tanh_backward_bias", h.device.type, (dtype,), _reasons)
     if name == "reference":
         dh = torch.ops.aten.gelu_backward(grad, h, approximate="tanh").contiguous()
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         return dh, dh.to(acc).sum(0).to(dtype)
-    dh = torch.empty(m, k, dtype=dtype, device=h.device)
+    dh = (reused_buffer(_kept, ("bwd", dtype), (m, k), dtype, h.device) if name == "cpu"  # as _bwd_impl's
+          else torch.empty(m, k, dtype=dtype, device=h.device))
     dbias = torch.empty(k, dtype=dtype, device=h.device)
     args = (dh, dbias, _sums_workspace(m, k, h.device), grad, h)
     if name == "triton":
@@ -169,7 +173,7 @@ def _bwd_bias_impl(grad, h):
 
         tk.gelu_tanh_backward_bias(*args, M=m, K=k, chunk_rows=ROWS, chunk_group=GROUP)
     else:
-        mod = _native.module({"cuda": "_cuda", "cuda_emu": "_cuda_emu"}[name])
+        mod = _native.module(_MODULES[name])
         mod.gelu_tanh_backward_bias(*(t.data_ptr() for t in args), M=m, K=k, chunk_rows=ROWS, chunk_group=GROUP,
                                     dtype=DTYPE_CODE[dtype], stream=cuda_stream(h) if name == "cuda" else 0)
     return dh, dbias
@@ -191,7 +195,7 @@ def column_sums(tensors):
     total = sum(t.shape[1] for t in tensors)
     if m == 0:
         return torch.zeros(total, dtype=dtype, device=dev)
-    name = backends.choose_cached("column_sums", dev.type, (dtype,), _bias_reasons)
+    name = backends.choose_cached("column_sums", dev.type, (dtype,), _reasons)
     if name == "reference":
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         return torch.cat([t.sum(0, dtype=acc) for t in tensors]).to(dtype)
@@ -203,20 +207,8 @@ def column_sums(tensors):
 
         tk.column_sums(tensors, out, partial, M=m, chunk_rows=ROWS, chunk_group=GROUP)
     else:
-        mod = _native.module({"cuda": "_cuda", "cuda_emu": "_cuda_emu"}[name])
+        mod = _native.module(_MODULES[name])
         mod.column_sums([t.data_ptr() for t in tensors], [t.shape[1] for t in tensors], out.data_ptr(),
                         partial.data_ptr(), M=m, chunk_rows=ROWS, chunk_group=GROUP, dtype=DTYPE_CODE[dtype],
                         stream=cuda_stream(out) if name == "cuda" else 0)
     return out
-
-
-_BIAS_REASONS = {}
-
-
-def _bias_reasons(device_type, dtype):
-    """kernel_reasons without "cpu": there is no C++ CPU kernel of the fused pass."""
-    key = (device_type, dtype)
-    table = _BIAS_REASONS.get(key)
-    if table is None:
-        table = _BIAS_REASONS[key] = {n: f for n, f in kernel_reasons(device_type, dtype).items() if n != "cpu"}
-    return table
