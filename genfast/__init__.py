@@ -27,11 +27,13 @@ from genfast.sampling import sample_rectified_flow  # noqa: E402
 
 def free_workspace():
     """Drops the buffers genfast keeps between calls to spare fresh pages every step (the CPU
-    attention's score and probability buffers, the GELU kernel's output buffers)."""
-    from genfast.ops import attention_cpu, gelu
+    attention's score and probability buffers, the GELU kernel's output buffers, the fused DiT
+    block's backward temporaries)."""
+    from genfast.ops import attention_cpu, dit_block, gelu
 
     attention_cpu.free_workspace()
     gelu.free_workspace()
+    dit_block.free_workspace()
 
 
 def __getattr__(name):

@@ -80,8 +80,11 @@ def test_fused_equals_eager_fp32(backend, onednn, bias_in_gated, use_backend, pa
 @pytest.mark.parametrize("add_in_modulate", [True, False])
 def test_fused_equals_per_op_bits_fp32(add_in_modulate, use_backend, path, monkeypatch):
     """Same kernels in the same order: the fused path gives the per-op path's bits (CPU kernels), with
-    dx1's residual added inside the modulate backward or apart."""
+    dx1's residual added inside the modulate backward or apart, and the bias gradients from torch's
+    sums as the per-op path makes them (the bias passes sum in other chunks: test_bias_passes_on_cpu)."""
     monkeypatch.setattr(dit_block, "ADD_IN_MODULATE", add_in_modulate)
+    _bias_in_gated(monkeypatch, False)
+    monkeypatch.setattr(dit_block, "GELU_BIAS_IN_BWD", {"cpu": False, "cuda": True})
     use_backend("cpu")
     _, ours = _pair()
     x, c = torch.randn(3, 19, 64, requires_grad=True), torch.randn(3, 64, requires_grad=True)
@@ -347,12 +350,13 @@ def test_bias_in_gated_takes_proj_and_fc2_bias_grads_from_the_gated_backward(bia
     use_backend("cpu")
     path(True)
     _bias_in_gated(monkeypatch, bias_in_gated)
+    monkeypatch.setattr(dit_block, "GELU_BIAS_IN_BWD", {"cpu": False, "cuda": True})
     asked = []
     real = dit_block._lin_grads
 
-    def spy(dy2, x2, w, need_x, need_w, need_b):
+    def spy(dy2, x2, w, need_x, need_w, need_b, *name):
         asked.append((tuple(w.shape), need_b))
-        return real(dy2, x2, w, need_x, need_w, need_b)
+        return real(dy2, x2, w, need_x, need_w, need_b, *name)
 
     monkeypatch.setattr(dit_block, "_lin_grads", spy)
     _, ours = _pair()
@@ -363,8 +367,86 @@ def test_bias_in_gated_takes_proj_and_fc2_bias_grads_from_the_gated_backward(bia
                      ((192, 64), True)]
 
 
+def test_bias_passes_on_cpu(use_backend, path, monkeypatch):
+    """The Intel CPU defaults (torch's BLAS GEMMs, biases folded into the forward passes): proj's and
+    fc2's bias gradients from the gated-residual backward, fc1's from the C++ GELU backward's pass;
+    none of their GEMM-gradient calls is asked for one (qkv's three row-block GEMMs do not take that
+    call); fp32 equals eager within fp32 rounding, a frozen fc1 bias still gets none."""
+    monkeypatch.setattr(genfast.ops.linear, "USE_ONEDNN", False)
+    use_backend("cpu")
+    path(True)
+    _bias_in_gated(monkeypatch, True)
+    monkeypatch.setattr(dit_block, "GELU_BIAS_IN_BWD", {"cpu": True, "cuda": True})
+    asked = []
+    real = dit_block._lin_grads
+    monkeypatch.setattr(dit_block, "_lin_grads", lambda dy2, x2, w, *need: asked.append((tuple(w.shape), need[2]))
+                        or real(dy2, x2, w, *need))
+    ref, ours = _pair()
+    x, c, g = torch.randn(3, 37, 64, requires_grad=True), torch.randn(3, 64, requires_grad=True), torch.randn(3, 37, 64)
+    got, want = _run(ours, x, c, g), _run(ref, x, c, g)
+    assert asked == [((64, 256), False), ((256, 64), False), ((64, 64), False)]
+    for name, a, b in zip(_names(ours), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()), msg=name)
+    ours.mlp.fc1.bias.requires_grad_(False)
+    ref.mlp.fc1.bias.requires_grad_(False)
+    got, want = _run(ours, x, c, g), _run(ref, x, c, g)
+    assert len(got) == len(want) and sum(t is None for t in got) == sum(t is None for t in want) == 1
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_backward_temporaries_reused_across_blocks_and_steps(onednn, use_backend, path, monkeypatch):
+    """The backward's temporaries (dit_block._temp) are reused by the next block and the next step only
+    once free: two chained blocks, two steps, every gradient the same bits as with fresh buffers."""
+    monkeypatch.setattr(genfast.ops.linear, "USE_ONEDNN", onednn)
+    use_backend("cpu")
+    path(True)
+    blocks = nn.Sequential(*(genfast.nn.DiTBlock(64, 4) for _ in range(2)))
+
+    class Chain(nn.Module):
+        def forward(self, x, c):
+            return blocks[1](blocks[0](x, c), c)
+
+    chain = Chain()
+    x, c = torch.randn(2, 33, 64, requires_grad=True), torch.randn(2, 64, requires_grad=True)
+    dit_block.free_workspace()
+    steps = [_run_params(chain, blocks, x, c, torch.randn(2, 33, 64)) for _ in range(2)]
+    assert dit_block._temps, "the temporaries were not kept"
+    monkeypatch.setattr(dit_block, "_temp", lambda name, shape, like: torch.empty(shape, dtype=like.dtype))
+    for got in steps:
+        want = _run_params(chain, blocks, x, c, got[0])
+        for i, (a, b) in enumerate(zip(got[1:], want[1:])):
+            assert torch.equal(a, b), i
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_inference_temporaries_reused_across_blocks_and_calls(onednn, use_backend, path, monkeypatch):
+    """Without autograd every intermediate of the fused forward is a reused buffer (dit_block._temp):
+    two chained blocks, three calls, the outputs the same bits as with fresh buffers, and an output
+    the caller holds is not written over by the next call."""
+    monkeypatch.setattr(genfast.ops.linear, "USE_ONEDNN", onednn)
+    use_backend("cpu")
+    path(True)
+    blocks = [genfast.nn.DiTBlock(64, 4) for _ in range(2)]
+    xs, c = [torch.randn(2, 33, 64) for _ in range(3)], torch.randn(2, 64)
+    dit_block.free_workspace()
+    with torch.no_grad():
+        got = [blocks[1](blocks[0](x, c), c) for x in xs]
+        assert dit_block._temps, "the temporaries were not kept"
+        monkeypatch.setattr(dit_block, "_temp", lambda name, shape, like: torch.empty(shape, dtype=like.dtype))
+        want = [blocks[1](blocks[0](x, c), c) for x in xs]
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), i
+
+
+def _run_params(chain, blocks, x, c, g):
+    """[g, out, dx, dc, *dparams of both blocks]."""
+    xi, ci = x.clone().requires_grad_(), c.clone().requires_grad_()
+    out = chain(xi, ci)
+    return [g, out.detach(), *torch.autograd.grad(out, [xi, ci, *blocks.parameters()], g)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend", ["reference", "cuda_emu", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "cuda_emu", "triton"])
 def test_fused_with_every_gradient_fusion_as_on_gpus(backend, dtype, use_backend, path, monkeypatch):
     """The GPU defaults on CPU tensors through the GPU kernels (CUDA emulation, Triton interpreter):
     proj / fc2 bias gradients from the gated backward, fc1's from the GELU backward

@@ -16,7 +16,7 @@ it saves (H200, bf16, DiT-XL/2, batch 32, benchmarks/gpu/NOTES.md "fourth GPU se
     (109 + 87 us of 1.9 ms of GPU time per block at 256 tokens);
   - inference: fc1 + GELU(tanh) as one cuBLASLt GEMM with its GELU epilogue (torch._addmm_activation;
     tanh form, applied to the fp32 accumulator): -45 us of a 0.5 ms forward at 256 tokens.
-  - bias gradients from passes that read the gradient anyway (GPUs; not yet timed there): proj's and
+  - bias gradients from passes that read the gradient anyway (GPUs, not yet timed there; Intel CPUs): proj's and
     fc2's from the gated-residual backwards (BIAS_IN_GATED), fc1's from the GELU backward
     (GELU_BIAS_IN_BWD); qkv's as one pass over the q, k, v gradients (QKV_BIAS_ONE_PASS); dx1's
     residual gradient added inside the modulate backward (ADD_IN_MODULATE). Torch's column sums over
@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from genfast.ops import attention as _attention_ops
+from genfast.ops import attention_cpu as _attention_cpu
 from genfast.ops import gelu as _gelu
 from genfast.ops import linear as _linear
-from genfast.ops._common import KERNEL_DTYPES, dispatcher_needed
+from genfast.ops._common import KERNEL_DTYPES, dispatcher_needed, reused_buffer
 from genfast.ops.modulate import (
     _gated_impl, _modulate_bwd_impl, _modulate_grads, _modulate_impl, gated_bias_fp32, gated_bwd)
 from genfast.ops.qkv import qkv_head_width
@@ -46,22 +47,26 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 EPILOGUE_GELU = True
 # Where the fused path is the default, per device type (tests and A/B timings flip these).
 USE_FUSED = {"cuda": True, "cpu": True}
+# The CPU's GEMMs are torch's BLAS (MKL) on Intel, oneDNN elsewhere (genfast.ops.linear.USE_ONEDNN),
+# whose fp32 backward makes the bias gradients itself: the bias fusions below are on for the CPU
+# where the GEMMs are MKL's (measured there), off where they are oneDNN's (unmeasured).
+_CPU_BIAS_PASSES = not _linear.default_use_onednn()
 # The proj and fc2 bias gradients from the gated-residual backward's pass over its gradient
 # (genfast.ops.modulate.gated_bwd) instead of a column-sum pass over dp / df each: on GPUs those
-# sums were 7 reductions at ~1 TB/s, 7.3 % of the step (H200, 256 tokens). Per device type; the
-# CPU's sums are cheap next to its GEMMs (and oneDNN's fp32 backward makes them itself).
-BIAS_IN_GATED = {"cuda": True, "cpu": False}
-# fc1's bias gradient from the GELU backward's pass (genfast.ops.gelu.gelu_tanh_backward_bias, GPU
-# kernels) instead of a column-sum pass over the [B*N, 4C] dh. Per device type (CPU tensors have no
-# kernel for it: the CPU keeps its own GELU kernel and torch's sum).
-GELU_BIAS_IN_BWD = {"cuda": True, "cpu": False}
+# sums were 7 reductions at ~1 TB/s, 7.3 % of the step (H200, 256 tokens). Per device type.
+BIAS_IN_GATED = {"cuda": True, "cpu": _CPU_BIAS_PASSES}
+# fc1's bias gradient from the GELU backward's pass (genfast.ops.gelu.gelu_tanh_backward_bias)
+# instead of a column-sum pass over the [B*N, 4C] dh. Per device type. Xeon, 2 threads, the
+# 2048 x 1536 dh of DiT-S out of cache: 1.8 ms vs 2.5 ms for the GELU backward and torch's sum.
+GELU_BIAS_IN_BWD = {"cuda": True, "cpu": _CPU_BIAS_PASSES}
 # proj's, fc1's and fc2's biases added by the passes after their GEMMs where the GEMM is torch's BLAS
 # on fp32 CPU tensors (_folds_bias): DiT-S fp32 forward -0.7-1.0 ms of ~27 on the Xeon.
 FOLD_BIAS = True
 # dx1 = modulate's dx + dout inside the modulate backward (its addend) instead of a separate add.
 ADD_IN_MODULATE = True
-# qkv's bias gradient as one column-sum pass over the q, k and v gradients (genfast.ops.gelu.column_sums,
-# GPU kernels) instead of three torch sums (~1 TB/s each over [B*N, C] on an H200). Per device type.
+# qkv's bias gradient as one column-sum pass over the q, k and v gradients (genfast.ops.gelu.column_sums)
+# instead of three torch sums (~1 TB/s each over [B*N, C] on an H200). Per device type: on the Xeon
+# the C++ pass ties torch's three sums (0.49 vs 0.48 ms over DiT-S's 3 x 2048 x 384 out of cache).
 QKV_BIAS_ONE_PASS = {"cuda": True, "cpu": False}
 
 
@@ -112,17 +117,49 @@ def block_forward(block, x, c, eps=1e-6):
     heads = attn.num_heads
     if grad:
         q, k, v = _AttnIn.apply(x, shift1, scale1, wq, bq, eps, heads)
-    else:
-        qkv = _lin(_modulate_impl(x, shift1, scale1, eps, False)[0].view(b * n, ch), wq, bq)
+    else:  # inference: every intermediate is dropped by the next step, so each is a reused buffer (_temp)
+        m = _modulate_impl(x, shift1, scale1, eps, False, _temp("m", x.shape, x))[0].view(b * n, ch)
+        if _linear._onednn_case(m, wq, bq) or not m.numel():
+            qkv = _lin(m, wq, bq)
+        else:
+            qkv = torch.addmm(bq, m, wq.t(), out=_temp("qkv", (b * n, 3 * ch), m))
         q, k, v = qkv.view(b, n, 3, heads, ch // heads).permute(2, 0, 3, 1, 4)
     # q, k, v are well-formed views here: genfast.attention's checks can be skipped where it would call SDPA
     o = _attention_ops.sdpa_attention(q, k, v)
-    if o is None:
+    if o is None and not grad and x.device.type == "cpu" and x.numel() and _attention_ops._kernel_for(q) == "cpu":
+        # inference on genfast's CPU kernels: the output into a reused buffer (_temp), [B, N, H, D] memory
+        d = ch // heads
+        o = _attention_cpu.forward(q, k, v, None, False, d ** -0.5, None,
+                                   _temp("o", (b, n, heads, d), x).transpose(1, 2))[0]
+    elif o is None:
         o = genfast.attention(q, k, v)
     o = o.transpose(1, 2).reshape(b * n, ch)
     if grad:
         return _BlockOut.apply(o, x, gate1, shift2, scale2, gate2, eps, *weights)
     return _block_out(o, x, gate1, shift2, scale2, gate2, eps, *weights, inference=True)[0]
+
+
+# Temporaries on the CPU: the backward's (gradients a node makes and drops: da, dm2, dp, do, df, dm)
+# and inference's intermediates (m, qkv, p, x1, m2, h, f), one buffer per name and dtype, reused by
+# the next block or step once nothing holds it. Fresh buffers of these sizes page-faulted in every
+# step (glibc trims the heap between steps): 500-1800 faults a DiT-S step on the Xeon VM, ~1-3 us
+# each. GPUs have torch's caching allocator. Freed by free_workspace().
+_temps = {}
+
+
+def free_workspace():
+    _temps.clear()
+
+
+def _temp(name, shape, like):
+    """An uninitialised [shape] buffer of like's dtype and device for a temporary."""
+    if like.device.type != "cpu":
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return reused_buffer(_temps, (name, like.dtype), shape, like.dtype, like.device)
+
+
+def _out(buf):
+    return {} if buf is None else {"out": buf}
 
 
 # ----------------------------------------------------------------------------------- GEMMs
@@ -133,14 +170,16 @@ def _lin(x2, w, b):
     return F.linear(x2, w, b)
 
 
-def _lin_grads(dy2, x2, w, need_x, need_w, need_b):
-    """(dx2, dw, db) of _lin, None where not needed."""
+def _lin_grads(dy2, x2, w, need_x, need_w, need_b, dx_name=None):
+    """(dx2, dw, db) of _lin, None where not needed; dx_name: dx2 is a temporary (_temp) of that name."""
     if dy2.numel() and x2.numel() and _linear._onednn_case(x2, w, None):
         return _linear._grads(dy2, x2, w, (need_x, need_w, need_b))
+    dx = None
+    if need_x:
+        dx = torch.mm(dy2, w) if dx_name is None else torch.mm(dy2, w, out=_temp(dx_name, x2.shape, dy2))
     # bias gradients: torch's column sums (cuBLAS's dy^T @ ones measured no faster in the block: 8.149 vs
     # 8.153 ms at DiT-XL/2, 1024 tokens, H200)
-    return (torch.mm(dy2, w) if need_x else None, torch.mm(dy2.t(), x2) if need_w else None,
-            torch.sum(dy2, 0) if need_b else None)
+    return dx, torch.mm(dy2.t(), x2) if need_w else None, torch.sum(dy2, 0) if need_b else None
 
 
 # ------------------------------------------------------------------------- attention half, in
@@ -184,7 +223,7 @@ def _qkv_grads(grads, m2, w, need_m, need_w, need_b):
     dm = dw = db = None
     if need_m:
         wq, wk, wv = w.view(3, ch, -1).unbind(0)  # (three views in one call: an aten call costs ~12 us on a GPU host)
-        dm = torch.mm(grads[0], wq).addmm_(grads[1], wk).addmm_(grads[2], wv)
+        dm = torch.mm(grads[0], wq, out=_temp("dm", m2.shape, m2)).addmm_(grads[1], wk).addmm_(grads[2], wv)
     if need_w:
         dw = torch.empty_like(w)
         for g, out in zip(grads, dw.view(3, ch, -1).unbind(0)):
@@ -215,25 +254,27 @@ def _block_out(o, x, gate1, shift2, scale2, gate2, eps, wp, bp, w1, b1, w2, b2, 
     """(out, saved): the block after attention. o [B*N, C]; saved is what _BlockOut's backward reads."""
     b, n, ch = x.shape
     fold = _folds_bias(x, o, wp, (gate1, gate2), (bp, b1, b2))
+    # inference: p, x1, m2, h and f are dropped by the block's next steps: reused buffers (_temp)
+    temp = (lambda name, shape: _temp(name, shape, x)) if inference else (lambda name, shape: None)
     if fold:  # biases in the gated residual / GELU passes (see _folds_bias); p, h, f still get them
-        p = torch.mm(o, wp.t()).view(b, n, ch)
-        x1 = gated_bias_fp32(x, gate1, p, bp, keep_y=not inference)
+        p = torch.mm(o, wp.t(), **_out(temp("p", (b * n, ch)))).view(b, n, ch)
+        x1 = gated_bias_fp32(x, gate1, p, bp, keep_y=not inference, out=temp("x1", x.shape))
     else:
         p = _lin(o, wp, bp).view(b, n, ch)
         x1 = _gated_impl(x, gate1, p)
-    m2, mean2, rstd2 = _modulate_impl(x1, shift2, scale2, eps, False)
+    m2, mean2, rstd2 = _modulate_impl(x1, shift2, scale2, eps, False, temp("m2", x.shape))
     m2 = m2.view(b * n, ch)
     if inference and EPILOGUE_GELU and m2.is_cuda and m2.numel():
         h = None
         a = torch._addmm_activation(b1, m2, w1.t(), use_gelu=True)
     elif fold:
-        h = torch.mm(m2, w1.t())
+        h = torch.mm(m2, w1.t(), **_out(temp("h", (b * n, w1.shape[0]))))
         a = _gelu.fwd_bias_fp32(h, b1, inplace=inference)
     else:
         h = _lin(m2, w1, b1)
         a = _gelu.gelu_tanh_inference(h) if inference else _gelu._fwd_impl(h)
     if fold:
-        f = torch.mm(a, w2.t()).view(b, n, ch)
+        f = torch.mm(a, w2.t(), **_out(temp("f", (b * n, ch)))).view(b, n, ch)
         out = gated_bias_fp32(x1, gate2, f, b2, keep_y=not inference)
     else:
         f = _lin(a, w2, b2).view(b, n, ch)
@@ -259,15 +300,15 @@ class _BlockOut(torch.autograd.Function):
         b, n, ch = x1.shape
         dout = dout if dout.is_contiguous() else dout.contiguous()
         fuse = BIAS_IN_GATED.get(dout.device.type, False)
-        df, dgate2, db2 = gated_bwd(dout, gate2, f, True, need[5], need[12] and fuse)
-        da, dw2, db2_sum = _lin_grads(df.view(b * n, ch), a, w2, True, need[11], need[12] and db2 is None)
+        df, dgate2, db2 = gated_bwd(dout, gate2, f, True, need[5], need[12] and fuse, _temp("df", f.shape, f))
+        da, dw2, db2_sum = _lin_grads(df.view(b * n, ch), a, w2, True, need[11], need[12] and db2 is None, "da")
         db2 = db2 if db2 is not None else db2_sum
         if need[10] and GELU_BIAS_IN_BWD.get(da.device.type, False):
             dh, db1 = _gelu._bwd_bias_impl(da, h)
-            dm2, dw1, _ = _lin_grads(dh, m2, w1, True, need[9], False)
+            dm2, dw1, _ = _lin_grads(dh, m2, w1, True, need[9], False, "dm2")
         else:
             dh = _gelu._bwd_impl(da, h)
-            dm2, dw1, db1 = _lin_grads(dh, m2, w1, True, need[9], need[10])
+            dm2, dw1, db1 = _lin_grads(dh, m2, w1, True, need[9], need[10], "dm2")
         # x1 feeds the modulation and the output's residual: dx1 = modulate's dx + dout, one pass
         dx1, dshift2, dscale2 = _modulate_grads(_modulate_bwd_impl, (True, need[3], need[4]), dm2.view(b, n, ch),
                                                 x1, shift2, scale2, mean2, rstd2, ctx.eps, False,
@@ -275,9 +316,10 @@ class _BlockOut(torch.autograd.Function):
         if not ADD_IN_MODULATE:
             dx1 += dout
         need_p = need[0] or need[7] or need[8]
-        dp, dgate1, dbp = gated_bwd(dx1, gate1, p, need_p, need[2], need[8] and fuse)
+        dp, dgate1, dbp = gated_bwd(dx1, gate1, p, need_p, need[2], need[8] and fuse,
+                                    _temp("dp", p.shape, p) if need_p else None)
         do = dwp = None
         if need[0] or need[7] or (need[8] and dbp is None):
-            do, dwp, dbp_sum = _lin_grads(dp.view(b * n, ch), o, wp, need[0], need[7], need[8] and dbp is None)
+            do, dwp, dbp_sum = _lin_grads(dp.view(b * n, ch), o, wp, need[0], need[7], need[8] and dbp is None, "do")
             dbp = dbp if dbp is not None else dbp_sum
         return (do, dx1 if need[1] else None, dgate1, dshift2, dscale2, dgate2, None, dwp, dbp, dw1, db1, dw2, db2)

@@ -162,7 +162,8 @@ def _launch(name, fn, tensors, tensor_kw=None, **kw):
 
 
 # ---------------------------------------------------------------------------- adaln_modulate
-def _modulate_impl(x, shift, scale, eps, rms):
+def _modulate_impl(x, shift, scale, eps, rms, out=None):
+    """(out, mean, rstd); out: a contiguous [B, N, C] buffer to write (kernel backends), or None."""
     b, n, c = x.shape
     mean = torch.empty(b, n, device=x.device, dtype=torch.float32)  # the kernels write every row
     rstd = torch.empty(b, n, device=x.device, dtype=torch.float32)
@@ -178,7 +179,7 @@ def _modulate_impl(x, shift, scale, eps, rms):
         return out.contiguous(), mean, rstd
     x, scale = _unit_c(x), _unit_c(scale)
     shift = _unit_c(shift) if shift is not None else None
-    out = torch.empty(b, n, c, device=x.device, dtype=x.dtype)
+    out = torch.empty(b, n, c, device=x.device, dtype=x.dtype) if out is None else out
     strides = (*out.stride()[:2], *x.stride()[:2], *(_rs(shift, n) if shift is not None else (0, 0)), *_rs(scale, n))
     _launch(name, "modulate_fwd", (out, x, shift, scale, mean, rstd), B=b, N=n, C=c, strides=strides, eps=float(eps),
             rms=bool(rms), dtype=DTYPE_CODE[x.dtype])
@@ -329,13 +330,14 @@ def _gated_impl(x, gate, y):
     return out
 
 
-def gated_bias_fp32(x, gate, y, bias, keep_y):
+def gated_bias_fp32(x, gate, y, bias, keep_y, out=None):
     """x + gate * (y + bias) for the DiT block's fused CPU path (fp32, x and y [B, N, C] contiguous,
     gate a per-sample [B, 1, C] view with a unit last stride, bias [C]): y is a GEMM's output without
     its bias; with keep_y, y + bias is written back into y (the Linear's output, which the backward
-    reads). Callers check these and that the CPU kernels run (genfast.ops.dit_block._folds_bias)."""
+    reads). Callers check these and that the CPU kernels run (genfast.ops.dit_block._folds_bias).
+    out: a contiguous [B, N, C] buffer to write, or None."""
     b, n, c = x.shape
-    out = torch.empty(b, n, c, device=x.device, dtype=x.dtype)
+    out = torch.empty(b, n, c, device=x.device, dtype=x.dtype) if out is None else out
     _native.module("_C").gated_residual_bias_fp32(out.data_ptr(), x.data_ptr(), gate.data_ptr(), gate.stride(0),
                                                   y.data_ptr(), bias.data_ptr(), b, n, c, keep_y)
     return out
@@ -347,10 +349,11 @@ def _gated_bwd_impl(grad, gate, y, needs):
     return dy if dy is not None else y.new_empty(0), dgate if dgate is not None else y.new_empty(0)
 
 
-def gated_bwd(grad, gate, y, need_y, need_gate, need_bias=False):
+def gated_bwd(grad, gate, y, need_y, need_gate, need_bias=False, dy_out=None):
     """(dy, dgate, dbias) of out = x + gate * y, None where not asked for. dbias [C]: the column sums
     of dy over all rows as stored (the bias gradient of the Linear that made y), from the same pass
-    over grad where the gate is per sample (the kernels' chunk sums), else torch's sum of dy."""
+    over grad where the gate is per sample (the kernels' chunk sums), else torch's sum of dy.
+    dy_out: a contiguous [B, N, C] buffer for dy (kernel backends; the reference makes its own)."""
     b, n, c = y.shape
     need_y = need_y or need_bias
     if y.numel() == 0:
@@ -367,7 +370,7 @@ def gated_bwd(grad, gate, y, need_y, need_gate, need_bias=False):
         dgate = dgate.to(y.dtype).contiguous().reshape(gate.shape) if need_gate else None
     else:
         grad, gate, y = _unit_c(grad), _unit_c(gate), _unit_c(y)
-        dy = torch.empty(b, n, c, device=y.device, dtype=y.dtype) if need_y else None
+        dy = (dy_out if dy_out is not None else torch.empty(b, n, c, device=y.device, dtype=y.dtype)) if need_y else None
         dgate = torch.empty((b, 1, c) if per_sample else (b, n, c), device=y.device, dtype=y.dtype) if need_gate else None
         nchunks = -(-n // CHUNK_ROWS)
         partial = (torch.empty(b, nchunks, c, device=y.device, dtype=torch.float32)
