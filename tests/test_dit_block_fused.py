@@ -395,8 +395,10 @@ def test_bias_passes_on_cpu(use_backend, path, monkeypatch):
 
 @pytest.mark.parametrize("onednn", [True, False])
 def test_backward_temporaries_reused_across_blocks_and_steps(onednn, use_backend, path, monkeypatch):
-    """The backward's temporaries (dit_block._temp) are reused by the next block and the next step only
-    once free: two chained blocks, two steps, every gradient the same bits as with fresh buffers."""
+    """The backward's temporaries (dit_block._temp) and the forward's saved activations (a pool per
+    name, dit_block._saved_buf) are reused by the next block and the next step only once free: two
+    chained blocks, two steps, every gradient the same bits as with fresh buffers; the pools hold one
+    buffer per block."""
     monkeypatch.setattr(genfast.ops.linear, "USE_ONEDNN", onednn)
     use_backend("cpu")
     path(True)
@@ -411,7 +413,9 @@ def test_backward_temporaries_reused_across_blocks_and_steps(onednn, use_backend
     dit_block.free_workspace()
     steps = [_run_params(chain, blocks, x, c, torch.randn(2, 33, 64)) for _ in range(2)]
     assert dit_block._temps, "the temporaries were not kept"
+    assert len(dit_block._saved[("x1", torch.float32)]) == 2, "one saved x1 buffer per block"
     monkeypatch.setattr(dit_block, "_temp", lambda name, shape, like: torch.empty(shape, dtype=like.dtype))
+    monkeypatch.setattr(dit_block, "_saved_buf", lambda name, shape, like: None)
     for got in steps:
         want = _run_params(chain, blocks, x, c, got[0])
         for i, (a, b) in enumerate(zip(got[1:], want[1:])):

@@ -180,3 +180,20 @@ def reused_buffer(cache, key, shape, dtype, device, keep=True):
         if keep:
             cache[key] = buf
         return buf.view(shape)
+
+
+def pooled_buffer(pool, key, shape, dtype, device, limit):
+    """reused_buffer with up to `limit` buffers per key (pool[key] a list): for outputs that autograd
+    saves, of which a model holds one per layer until its backward (a DiT's blocks). The first free
+    one of the key that is large enough, else a new one, kept while the key has fewer than limit."""
+    n = math.prod(shape)
+    with _reuse_lock:
+        bufs = pool.setdefault(key, [])
+        for buf in bufs:
+            if buf.numel() >= n and _storage_refs(buf) == _FREE_REFS:
+                return buf[:n].view(shape)
+        with torch.inference_mode(False):
+            buf = torch.empty(n, dtype=dtype, device=device)
+        if len(bufs) < limit:
+            bufs.append(buf)
+        return buf.view(shape)

@@ -36,7 +36,7 @@ from genfast.ops import attention as _attention_ops
 from genfast.ops import attention_cpu as _attention_cpu
 from genfast.ops import gelu as _gelu
 from genfast.ops import linear as _linear
-from genfast.ops._common import KERNEL_DTYPES, dispatcher_needed, reused_buffer
+from genfast.ops._common import KERNEL_DTYPES, dispatcher_needed, pooled_buffer, reused_buffer
 from genfast.ops.modulate import (
     _gated_impl, _modulate_bwd_impl, _modulate_grads, _modulate_impl, gated_bias_fp32, gated_bwd)
 from genfast.ops.qkv import qkv_head_width
@@ -119,10 +119,7 @@ def block_forward(block, x, c, eps=1e-6):
         q, k, v = _AttnIn.apply(x, shift1, scale1, wq, bq, eps, heads)
     else:  # inference: every intermediate is dropped by the next step, so each is a reused buffer (_temp)
         m = _modulate_impl(x, shift1, scale1, eps, False, _temp("m", x.shape, x))[0].view(b * n, ch)
-        if _linear._onednn_case(m, wq, bq) or not m.numel():
-            qkv = _lin(m, wq, bq)
-        else:
-            qkv = torch.addmm(bq, m, wq.t(), out=_temp("qkv", (b * n, 3 * ch), m))
+        qkv = _lin(m, wq, bq, lambda: _temp("qkv", (b * n, 3 * ch), m))
         q, k, v = qkv.view(b, n, 3, heads, ch // heads).permute(2, 0, 3, 1, 4)
     # q, k, v are well-formed views here: genfast.attention's checks can be skipped where it would call SDPA
     o = _attention_ops.sdpa_attention(q, k, v)
@@ -149,6 +146,7 @@ _temps = {}
 
 def free_workspace():
     _temps.clear()
+    _saved.clear()
 
 
 def _temp(name, shape, like):
@@ -158,16 +156,31 @@ def _temp(name, shape, like):
     return reused_buffer(_temps, (name, like.dtype), shape, like.dtype, like.device)
 
 
+# The training forward's saved activations on the CPU (m, qkv, p, x1, m2, h, a, f): a pool per name and
+# dtype, as many buffers as blocks hold them at once (one each until its backward), up to SAVED_POOL;
+# the memory is the forward's peak anyway, kept between steps instead of page-faulted in again.
+SAVED_POOL = 64
+_saved = {}
+
+
+def _saved_buf(name, shape, like):
+    if like.device.type != "cpu":
+        return None
+    return pooled_buffer(_saved, (name, like.dtype), shape, like.dtype, like.device, SAVED_POOL)
+
+
 def _out(buf):
     return {} if buf is None else {"out": buf}
 
 
 # ----------------------------------------------------------------------------------- GEMMs
-def _lin(x2, w, b):
-    """x2 [M, K] W^T + b (F.linear; oneDNN for fp32 on the CPU, as genfast.ops.linear)."""
+def _lin(x2, w, b, out=None):
+    """x2 [M, K] W^T + b (F.linear; oneDNN for fp32 on the CPU, as genfast.ops.linear); out: None or
+    a callable making a contiguous [M, N] buffer for torch's GEMM (oneDNN makes its own)."""
     if x2.numel() and _linear._onednn_case(x2, w, b):
         return _linear._forward_2d(x2, w, b)
-    return F.linear(x2, w, b)
+    buf = out() if out is not None and b is not None and x2.numel() else None
+    return F.linear(x2, w, b) if buf is None else torch.addmm(b, x2, w.t(), out=buf)
 
 
 def _lin_grads(dy2, x2, w, need_x, need_w, need_b, dx_name=None):
@@ -192,11 +205,12 @@ class _AttnIn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, scale, w, bias, eps, heads):
         b, n, ch = x.shape
-        m, mean, rstd = _modulate_impl(x, shift, scale, eps, False)
+        m, mean, rstd = _modulate_impl(x, shift, scale, eps, False, _saved_buf("m", x.shape, x))
         m2 = m.view(b * n, ch)
         ctx.save_for_backward(x, shift, scale, mean, rstd, m2, w)
         ctx.eps, ctx.has_bias = eps, bias is not None
-        qkv = _lin(m2, w, bias).view(b, n, 3, heads, ch // heads).permute(2, 0, 3, 1, 4)
+        qkv = _lin(m2, w, bias, lambda: _saved_buf("qkv", (b * n, w.shape[0]), x))
+        qkv = qkv.view(b, n, 3, heads, ch // heads).permute(2, 0, 3, 1, 4)
         return qkv.unbind(0)
 
     @staticmethod
@@ -254,14 +268,15 @@ def _block_out(o, x, gate1, shift2, scale2, gate2, eps, wp, bp, w1, b1, w2, b2, 
     """(out, saved): the block after attention. o [B*N, C]; saved is what _BlockOut's backward reads."""
     b, n, ch = x.shape
     fold = _folds_bias(x, o, wp, (gate1, gate2), (bp, b1, b2))
-    # inference: p, x1, m2, h and f are dropped by the block's next steps: reused buffers (_temp)
-    temp = (lambda name, shape: _temp(name, shape, x)) if inference else (lambda name, shape: None)
+    # inference: p, x1, m2, h and f are dropped by the block's next steps (_temp); training saves them
+    # for the backward (_saved_buf)
+    temp = (lambda name, shape: (_temp if inference else _saved_buf)(name, shape, x))
     if fold:  # biases in the gated residual / GELU passes (see _folds_bias); p, h, f still get them
         p = torch.mm(o, wp.t(), **_out(temp("p", (b * n, ch)))).view(b, n, ch)
         x1 = gated_bias_fp32(x, gate1, p, bp, keep_y=not inference, out=temp("x1", x.shape))
     else:
-        p = _lin(o, wp, bp).view(b, n, ch)
-        x1 = _gated_impl(x, gate1, p)
+        p = _lin(o, wp, bp, lambda: temp("p", (b * n, ch))).view(b, n, ch)
+        x1 = _gated_impl(x, gate1, p, temp("x1", x.shape))
     m2, mean2, rstd2 = _modulate_impl(x1, shift2, scale2, eps, False, temp("m2", x.shape))
     m2 = m2.view(b * n, ch)
     if inference and EPILOGUE_GELU and m2.is_cuda and m2.numel():
@@ -269,15 +284,15 @@ def _block_out(o, x, gate1, shift2, scale2, gate2, eps, wp, bp, w1, b1, w2, b2, 
         a = torch._addmm_activation(b1, m2, w1.t(), use_gelu=True)
     elif fold:
         h = torch.mm(m2, w1.t(), **_out(temp("h", (b * n, w1.shape[0]))))
-        a = _gelu.fwd_bias_fp32(h, b1, inplace=inference)
+        a = _gelu.fwd_bias_fp32(h, b1, inplace=inference, out=None if inference else temp("a", h.shape))
     else:
-        h = _lin(m2, w1, b1)
+        h = _lin(m2, w1, b1, lambda: temp("h", (b * n, w1.shape[0])))
         a = _gelu.gelu_tanh_inference(h) if inference else _gelu._fwd_impl(h)
     if fold:
         f = torch.mm(a, w2.t(), **_out(temp("f", (b * n, ch)))).view(b, n, ch)
         out = gated_bias_fp32(x1, gate2, f, b2, keep_y=not inference)
     else:
-        f = _lin(a, w2, b2).view(b, n, ch)
+        f = _lin(a, w2, b2, lambda: temp("f", (b * n, ch))).view(b, n, ch)
         out = _gated_impl(x1, gate2, f)
     return out, (o, p, x1, mean2, rstd2, m2, h, a, f)
 

@@ -75,12 +75,12 @@ def _fwd_impl(x):
     return y
 
 
-def fwd_bias_fp32(h, bias, inplace):
+def fwd_bias_fp32(h, bias, inplace, out=None):
     """gelu_tanh(h + bias) for fp32 contiguous CPU h [M, K] made by a GEMM without its bias (the DiT
     block's fused path): h + bias is written back into h (the Linear's output, which the backward
-    reads) and the activation goes to a kept buffer, or over h with inplace (inference). Callers
-    check fp32, contiguity and _uses_kernel."""
-    y = h if inplace else reused_buffer(_kept, ("fwd", h.dtype), h.shape, h.dtype, h.device)
+    reads) and the activation goes to out, a kept buffer where out is None, or over h with inplace
+    (inference). Callers check fp32, contiguity and _uses_kernel."""
+    y = h if inplace else out if out is not None else reused_buffer(_kept, ("fwd", h.dtype), h.shape, h.dtype, h.device)
     _native.module("_C").gelu_tanh_bias_fp32(h.data_ptr(), y.data_ptr(), bias.data_ptr(), h.shape[0], h.shape[1])
     return y
 

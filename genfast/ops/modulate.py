@@ -316,7 +316,8 @@ class _ModulateFunction(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------- gated_residual
-def _gated_impl(x, gate, y):
+def _gated_impl(x, gate, y, out=None):
+    """x + gate * y; out: a contiguous [B, N, C] buffer to write (kernel backends), or None."""
     b, n, c = x.shape
     if x.numel() == 0:
         return torch.empty(b, n, c, device=x.device, dtype=x.dtype)
@@ -324,7 +325,7 @@ def _gated_impl(x, gate, y):
     if name == "reference":
         return reference.gated_residual(x, gate, y).contiguous()
     x, gate, y = _unit_c(x), _unit_c(gate), _unit_c(y)
-    out = torch.empty(b, n, c, device=x.device, dtype=x.dtype)
+    out = torch.empty(b, n, c, device=x.device, dtype=x.dtype) if out is None else out
     strides = (*out.stride()[:2], *x.stride()[:2], *_rs(gate, n), *y.stride()[:2])
     _launch(name, "gated_residual_fwd", (out, x, gate, y), B=b, N=n, C=c, strides=strides, dtype=DTYPE_CODE[x.dtype])
     return out
