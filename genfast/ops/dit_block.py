@@ -176,11 +176,18 @@ def _out(buf):
 # ----------------------------------------------------------------------------------- GEMMs
 def _lin(x2, w, b, out=None):
     """x2 [M, K] W^T + b (F.linear; oneDNN for fp32 on the CPU, as genfast.ops.linear); out: None or
-    a callable making a contiguous [M, N] buffer for torch's GEMM (oneDNN makes its own)."""
+    a callable making a contiguous [M, N] buffer for torch's fp32 GEMM (_out_ok)."""
     if x2.numel() and _linear._onednn_case(x2, w, b):
         return _linear._forward_2d(x2, w, b)
-    buf = out() if out is not None and b is not None and x2.numel() else None
+    buf = out() if out is not None and b is not None and x2.numel() and _out_ok(x2) else None
     return F.linear(x2, w, b) if buf is None else torch.addmm(b, x2, w.t(), out=buf)
+
+
+def _out_ok(t):
+    """Whether torch's GEMM writes t's product into a given buffer (out=) here: fp32 (MKL's sgemm on
+    the CPU). bf16 CPU GEMMs with out= ran ~1.4 ms slower per DiT-S forward than F.linear's (which
+    reuses oneDNN's cached primitives) in the benchmark run beside torch.compile (Xeon, AMX)."""
+    return t.dtype == torch.float32
 
 
 def _lin_grads(dy2, x2, w, need_x, need_w, need_b, dx_name=None):
@@ -189,7 +196,8 @@ def _lin_grads(dy2, x2, w, need_x, need_w, need_b, dx_name=None):
         return _linear._grads(dy2, x2, w, (need_x, need_w, need_b))
     dx = None
     if need_x:
-        dx = torch.mm(dy2, w) if dx_name is None else torch.mm(dy2, w, out=_temp(dx_name, x2.shape, dy2))
+        named = dx_name is not None and _out_ok(dy2)
+        dx = torch.mm(dy2, w, out=_temp(dx_name, x2.shape, dy2)) if named else torch.mm(dy2, w)
     # bias gradients: torch's column sums (cuBLAS's dy^T @ ones measured no faster in the block: 8.149 vs
     # 8.153 ms at DiT-XL/2, 1024 tokens, H200)
     return dx, torch.mm(dy2.t(), x2) if need_w else None, torch.sum(dy2, 0) if need_b else None
@@ -237,7 +245,8 @@ def _qkv_grads(grads, m2, w, need_m, need_w, need_b):
     dm = dw = db = None
     if need_m:
         wq, wk, wv = w.view(3, ch, -1).unbind(0)  # (three views in one call: an aten call costs ~12 us on a GPU host)
-        dm = torch.mm(grads[0], wq, out=_temp("dm", m2.shape, m2)).addmm_(grads[1], wk).addmm_(grads[2], wv)
+        dm = torch.mm(grads[0], wq, **_out(_temp("dm", m2.shape, m2) if _out_ok(m2) else None))
+        dm = dm.addmm_(grads[1], wk).addmm_(grads[2], wv)
     if need_w:
         dw = torch.empty_like(w)
         for g, out in zip(grads, dw.view(3, ch, -1).unbind(0)):
