@@ -342,23 +342,33 @@ def test_fused_block_under_activation_checkpointing(reentrant, use_backend, path
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("bias_in_gated", [False, True], ids=["bias-sums", "bias-in-gated"])
-def test_bias_in_gated_takes_proj_and_fc2_bias_grads_from_the_gated_backward(bias_in_gated, use_backend, path,
-                                                                           monkeypatch):
-    """With BIAS_IN_GATED the proj and fc2 GEMM-gradient calls are not asked for a bias gradient
-    (the gated backward made it); fc1's still is."""
+def _cpu_bias_fusions(monkeypatch, use_backend, path, gated, gelu):
+    """The fused path on the CPU kernels with BIAS_IN_GATED / GELU_BIAS_IN_BWD set; returns _bias_asks."""
     use_backend("cpu")
     path(True)
-    _bias_in_gated(monkeypatch, bias_in_gated)
-    monkeypatch.setattr(dit_block, "GELU_BIAS_IN_BWD", {"cpu": False, "cuda": True})
-    asked = []
-    real = dit_block._lin_grads
+    _bias_in_gated(monkeypatch, gated)
+    monkeypatch.setattr(dit_block, "GELU_BIAS_IN_BWD", {"cpu": gelu, "cuda": True})
+    return _bias_asks(monkeypatch)
+
+
+def _bias_asks(monkeypatch):
+    """[(weight shape, bias gradient asked for)] of every dit_block._lin_grads call from here on."""
+    asked, real = [], dit_block._lin_grads
 
     def spy(dy2, x2, w, need_x, need_w, need_b, *name):
         asked.append((tuple(w.shape), need_b))
         return real(dy2, x2, w, need_x, need_w, need_b, *name)
 
     monkeypatch.setattr(dit_block, "_lin_grads", spy)
+    return asked
+
+
+@pytest.mark.parametrize("bias_in_gated", [False, True], ids=["bias-sums", "bias-in-gated"])
+def test_bias_in_gated_takes_proj_and_fc2_bias_grads_from_the_gated_backward(bias_in_gated, use_backend, path,
+                                                                           monkeypatch):
+    """With BIAS_IN_GATED the proj and fc2 GEMM-gradient calls are not asked for a bias gradient
+    (the gated backward made it); fc1's still is."""
+    asked = _cpu_bias_fusions(monkeypatch, use_backend, path, bias_in_gated, gelu=False)
     _, ours = _pair()
     x, c = torch.randn(2, 9, 64, requires_grad=True), torch.randn(2, 64, requires_grad=True)
     _run(ours, x, c, torch.randn(2, 9, 64))
@@ -373,14 +383,7 @@ def test_bias_passes_on_cpu(use_backend, path, monkeypatch):
     none of their GEMM-gradient calls is asked for one (qkv's three row-block GEMMs do not take that
     call); fp32 equals eager within fp32 rounding, a frozen fc1 bias still gets none."""
     monkeypatch.setattr(genfast.ops.linear, "USE_ONEDNN", False)
-    use_backend("cpu")
-    path(True)
-    _bias_in_gated(monkeypatch, True)
-    monkeypatch.setattr(dit_block, "GELU_BIAS_IN_BWD", {"cpu": True, "cuda": True})
-    asked = []
-    real = dit_block._lin_grads
-    monkeypatch.setattr(dit_block, "_lin_grads", lambda dy2, x2, w, *need: asked.append((tuple(w.shape), need[2]))
-                        or real(dy2, x2, w, *need))
+    asked = _cpu_bias_fusions(monkeypatch, use_backend, path, True, gelu=True)
     ref, ours = _pair()
     x, c, g = torch.randn(3, 37, 64, requires_grad=True), torch.randn(3, 64, requires_grad=True), torch.randn(3, 37, 64)
     got, want = _run(ours, x, c, g), _run(ref, x, c, g)
@@ -465,10 +468,7 @@ def test_fused_with_every_gradient_fusion_as_on_gpus(backend, dtype, use_backend
     _bias_in_gated(monkeypatch, True)
     monkeypatch.setattr(dit_block, "GELU_BIAS_IN_BWD", {"cpu": True, "cuda": True})
     monkeypatch.setattr(dit_block, "QKV_BIAS_ONE_PASS", {"cpu": True, "cuda": True})
-    asked = []
-    real = dit_block._lin_grads
-    monkeypatch.setattr(dit_block, "_lin_grads", lambda dy2, x2, w, *need: asked.append((tuple(w.shape), need[2]))
-                        or real(dy2, x2, w, *need))
+    asked = _bias_asks(monkeypatch)
     ref, ours = _pair(std=0.05)
     x, c, g = torch.randn(2, 35, 64), torch.randn(2, 64), torch.randn(2, 35, 64)
     x.requires_grad_(), c.requires_grad_()
