@@ -371,7 +371,9 @@ def gated_bwd(grad, gate, y, need_y, need_gate, need_bias=False, dy_out=None):
         dgate = dgate.to(y.dtype).contiguous().reshape(gate.shape) if need_gate else None
     else:
         grad, gate, y = _unit_c(grad), _unit_c(gate), _unit_c(y)
-        dy = (dy_out if dy_out is not None else torch.empty(b, n, c, device=y.device, dtype=y.dtype)) if need_y else None
+        dy = None
+        if need_y:
+            dy = dy_out if dy_out is not None else torch.empty(b, n, c, device=y.device, dtype=y.dtype)
         dgate = torch.empty((b, 1, c) if per_sample else (b, n, c), device=y.device, dtype=y.dtype) if need_gate else None
         nchunks = -(-n // CHUNK_ROWS)
         partial = (torch.empty(b, nchunks, c, device=y.device, dtype=torch.float32)
