@@ -4,11 +4,18 @@ import importlib
 import warnings
 
 _MODULES = {}  # name -> (module or None, reason it is unavailable)
+# The compiled module each compiled kernel backend runs on (genfast.backends' names).
+MODULE_OF = {"cpu": "_C", "cuda": "_cuda", "cuda_emu": "_cuda_emu"}
 
 
 def module(name):
     """genfast._C / _cuda / _cuda_emu, or None when it was not built or does not load."""
     return status(name)[0]
+
+
+def for_backend(name):
+    """module() of compiled kernel backend `name` ("cpu", "cuda" or "cuda_emu")."""
+    return module(MODULE_OF[name])
 
 
 def status(name):

@@ -38,7 +38,7 @@ def reasons(backend, device_type, dtype, head_dim):
 
 
 def _module(backend):
-    return _native.module(_MODULE[backend][0])
+    return _native.for_backend(backend)
 
 
 def _stream(t):

@@ -118,7 +118,7 @@ class _FastKernels(dict):
     compiled module built before that binding existed: those take the general path)."""
 
     def __missing__(self, name):
-        mod = _native.module(_MODULE_OF[name]) if name in _MODULE_OF else None
+        mod = _native.for_backend(name) if name in _native.MODULE_OF else None
         self[name] = kernel = getattr(mod, "flow_step_contiguous", None)
         return kernel
 
@@ -202,7 +202,7 @@ def _compute(out, x, vc, vu, dt, dt_v, w, w_v):
         triton_flow_step(rows_view(target), rows_view(x), rows_view(vc), rows_view(vu) if vu is not None else None,
                          dt, w, dt_v, w_v)
     else:
-        mod = _native.module(_MODULE_OF[name])
+        mod = _native.for_backend(name)
         stream = cuda_stream(x) if name == "cuda" else 0
         mod.flow_step(
             target.data_ptr(), x.data_ptr(), vc.data_ptr(), vu.data_ptr() if vu is not None else 0,
@@ -212,9 +212,6 @@ def _compute(out, x, vc, vu, dt, dt_v, w, w_v):
             DTYPE_CODE[x.dtype], stream)
     if target is not out:
         out.copy_(target)
-
-
-_MODULE_OF = {"cpu": "_C", "cuda": "_cuda", "cuda_emu": "_cuda_emu"}
 
 
 def _as_rows(t, cols, for_output=False):

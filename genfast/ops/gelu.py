@@ -123,7 +123,6 @@ torch.library.register_autograd("genfast::gelu_tanh", _backward, setup_context=_
 
 
 # ------------------------------------------------------------------- backward + bias gradient
-_MODULES = {"cpu": "_C", "cuda": "_cuda", "cuda_emu": "_cuda_emu"}
 _reasons = kernel_reasons  # both fused passes run on the four kernel backends, fp32 / fp16 / bf16
 ROWS = 32  # rows per partial column sum of dbias: a constant, so every backend and device sums alike
 GROUP = 32  # chunk sums added per first-level sum (then the groups' sums): see csrc/gelu.h
@@ -173,7 +172,7 @@ def _bwd_bias_impl(grad, h):
 
         tk.gelu_tanh_backward_bias(*args, M=m, K=k, chunk_rows=ROWS, chunk_group=GROUP)
     else:
-        mod = _native.module(_MODULES[name])
+        mod = _native.for_backend(name)
         mod.gelu_tanh_backward_bias(*(t.data_ptr() for t in args), M=m, K=k, chunk_rows=ROWS, chunk_group=GROUP,
                                     dtype=DTYPE_CODE[dtype], stream=cuda_stream(h) if name == "cuda" else 0)
     return dh, dbias
@@ -207,7 +206,7 @@ def column_sums(tensors):
 
         tk.column_sums(tensors, out, partial, M=m, chunk_rows=ROWS, chunk_group=GROUP)
     else:
-        mod = _native.module(_MODULES[name])
+        mod = _native.for_backend(name)
         mod.column_sums([t.data_ptr() for t in tensors], [t.shape[1] for t in tensors], out.data_ptr(),
                         partial.data_ptr(), M=m, chunk_rows=ROWS, chunk_group=GROUP, dtype=DTYPE_CODE[dtype],
                         stream=cuda_stream(out) if name == "cuda" else 0)

@@ -175,7 +175,7 @@ def _clamped(lv, lo, hi, clamp):
 
 
 def _mod(name):
-    return _native.module({"cpu": "_C", "cuda": "_cuda", "cuda_emu": "_cuda_emu"}[name])
+    return _native.for_backend(name)
 
 
 # --------------------------------------------------------------------------- forward / backward

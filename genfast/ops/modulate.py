@@ -153,7 +153,7 @@ def _launch(name, fn, tensors, tensor_kw=None, **kw):
 
         getattr(tk, fn)(*tensors, **(tensor_kw or {}), **kw)  # same argument order, tensors instead of pointers
         return
-    mod = _native.module({"cpu": "_C", "cuda": "_cuda", "cuda_emu": "_cuda_emu"}[name])
+    mod = _native.for_backend(name)
     ref = next(t for t in tensors if t is not None)
     ptrs = [t.data_ptr() if t is not None else 0 for t in tensors]
     if tensor_kw:

@@ -167,9 +167,6 @@ def backend_for(z, codebook):
     return backends.choose(OP, z.device.type, _reasons(z.device.type, z.dtype, codebook.dtype))
 
 
-_MODULE_OF = {"cpu": "_C", "cuda": "_cuda", "cuda_emu": "_cuda_emu"}
-
-
 def _nearest_impl(z, codebook, metric, return_distance, precision=0):
     lead = z.shape[:-1]
     ct = torch.float64 if torch.float64 in (z.dtype, codebook.dtype) else torch.float32
@@ -194,7 +191,7 @@ def _nearest_impl(z, codebook, metric, return_distance, precision=0):
 
         triton_vq_nearest(z, codebook, idx.view(-1), dist.view(-1) if return_distance else None, metric, layout)
         return idx, dist
-    mod = _native.module(_MODULE_OF[name])
+    mod = _native.for_backend(name)
     stream = cuda_stream(z) if name == "cuda" else 0
     mod.vq_nearest(z.data_ptr(), n, d, *layout, DTYPE_CODE[z.dtype], codebook.data_ptr(), k, codebook.stride(0),
                    codebook.stride(1) if d > 1 else 1, DTYPE_CODE[codebook.dtype], metric, precision, idx.data_ptr(),
@@ -214,7 +211,7 @@ def _counts_impl(indices, codebook_size):
 
         triton_vq_counts(flat, counts)
         return counts
-    mod = _native.module(_MODULE_OF[name])
+    mod = _native.for_backend(name)
     stream = cuda_stream(indices) if name == "cuda" else 0
     mod.vq_counts(flat.data_ptr(), flat.numel(), flat.stride(0) if flat.numel() > 1 else 1, codebook_size,
                   counts.data_ptr(), stream)
