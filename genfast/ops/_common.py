@@ -165,6 +165,19 @@ def _storage_refs(t):
 _FREE_REFS = _storage_refs(torch.empty(1))  # a tensor nothing else holds (counts the probe itself)
 
 
+def _free_view(buf, n, shape):
+    """A [shape] view of buf's first n elements when buf is large enough and nothing but its cache
+    holds its memory (a view: holding it makes the buffer busy for the next call), else None."""
+    if buf is not None and buf.numel() >= n and _storage_refs(buf) == _FREE_REFS:
+        return buf[:n].view(shape)
+    return None
+
+
+def _fresh(n, dtype, device):
+    with torch.inference_mode(False):  # a cached buffer must stay usable outside inference mode
+        return torch.empty(n, dtype=dtype, device=device)
+
+
 def reused_buffer(cache, key, shape, dtype, device, keep=True):
     """An uninitialised [shape] tensor for a large op output: the one cached under key when nothing but
     the cache holds its memory any more (its consumer ran and dropped it), else a new one, cached when
@@ -172,11 +185,10 @@ def reused_buffer(cache, key, shape, dtype, device, keep=True):
     own (one buffer per key), freed by clearing it."""
     n = math.prod(shape)
     with _reuse_lock:
-        buf = cache.get(key)
-        if buf is not None and buf.numel() >= n and _storage_refs(buf) == _FREE_REFS:
-            return buf[:n].view(shape)  # a view: holding it makes the buffer busy for the next call
-        with torch.inference_mode(False):
-            buf = torch.empty(n, dtype=dtype, device=device)
+        view = _free_view(cache.get(key), n, shape)
+        if view is not None:
+            return view
+        buf = _fresh(n, dtype, device)
         if keep:
             cache[key] = buf
         return buf.view(shape)
@@ -190,10 +202,10 @@ def pooled_buffer(pool, key, shape, dtype, device, limit):
     with _reuse_lock:
         bufs = pool.setdefault(key, [])
         for buf in bufs:
-            if buf.numel() >= n and _storage_refs(buf) == _FREE_REFS:
-                return buf[:n].view(shape)
-        with torch.inference_mode(False):
-            buf = torch.empty(n, dtype=dtype, device=device)
+            view = _free_view(buf, n, shape)
+            if view is not None:
+                return view
+        buf = _fresh(n, dtype, device)
         if len(bufs) < limit:
             bufs.append(buf)
         return buf.view(shape)
