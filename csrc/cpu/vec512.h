@@ -138,12 +138,10 @@ GENFAST_AVX512 inline __m512 exp_nonpos(__m512 x) {
 
 constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
 
-// 2^x for x <= 0: 2^n 2^f, n = round(x), |f| <= 1/2, degree-5 polynomial fitted for relative
-// error (measured 1.9e-7 in fp32 arithmetic, as the degree-6 Taylor one it replaced); x < -127
-// gives ~2^-127, not 0 (bf16 rounding flushes it, in fp32 it is negligible next to the row's
-// largest term, 1; callers mask keys out of play).
-GENFAST_AVX512 inline __m512 exp2_nonpos(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-127.0f));
+// 2^x = 2^n 2^f, n = round(x), |f| <= 1/2, degree-5 polynomial fitted for relative error (measured
+// 1.9e-7 in fp32 arithmetic, as the degree-6 Taylor one it replaced); callers clamp x (scalef makes
+// 2^n for any n, subnormal or inf past the normal range).
+GENFAST_AVX512 inline __m512 exp2_poly(__m512 x) {
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
   __m512 p = _mm512_set1_ps(1.326472731307149e-3f);
@@ -154,6 +152,10 @@ GENFAST_AVX512 inline __m512 exp2_nonpos(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
 }
+
+// 2^x for x <= 0; x < -127 gives ~2^-127, not 0 (bf16 rounding flushes it, in fp32 it is negligible
+// next to the row's largest term, 1; callers mask keys out of play).
+GENFAST_AVX512 inline __m512 exp2_nonpos(__m512 x) { return exp2_poly(_mm512_max_ps(x, _mm512_set1_ps(-127.0f))); }
 
 }  // namespace vec512
 }  // namespace genfast
