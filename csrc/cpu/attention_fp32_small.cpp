@@ -24,6 +24,17 @@ namespace genfast {
 namespace {
 using namespace vec512;
 constexpr int64_t MR = 12, NR = 32;
+// A D-wide product's last panel takes up to 16 more columns (WIDE_NR: 72 = 32 + 40, 80 = 32 + 48) on
+// an 8 x 48 register block (WIDE_MR), instead of a 16-column panel on a 12 x 16 block, which is
+// bound by its 12 A broadcasts per 12 FMAs and, at D = 72, uses half its lanes.
+constexpr int64_t WIDE_MR = 8, WIDE_NR = 48;
+
+// Columns of the panel at n0 of an [*, n] operand: NR, the rest, or with wide_tail the last 33-48.
+inline int64_t panel_cols(int64_t n, int64_t n0, bool wide_tail) {
+  const int64_t rest = n - n0;
+  return wide_tail && rest > NR && rest <= WIDE_NR ? rest : std::min(NR, rest);
+}
+inline int64_t panel_width(int64_t cols) { return cols > NR ? WIDE_NR : NR; }
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 struct View {  // element (r, c) at p[r * rs + c * cs]
@@ -31,28 +42,31 @@ struct View {  // element (r, c) at p[r * rs + c * cs]
   int64_t rs, cs;
 };
 
-// B [K, N] into panels of NR columns, [panel][k][NR], zero-padded. k^T (a view with unit rows)
-// goes through 16 x 16 register transposes, rows with unit columns through masked vectors.
-GENFAST_AVX512 void pack_b(View b, int64_t k_len, int64_t n, float* dst) {
-  for (int64_t n0 = 0; n0 < n; n0 += NR, dst += k_len * NR) {
-    const int64_t nr = std::min(NR, n - n0);
+// B [K, N] into panels of NR columns (the last one up to WIDE_NR with wide_tail, see panel_cols),
+// [panel][k][width], zero-padded; panel n0 starts at dst + n0 K. k^T (a view with unit rows) goes
+// through 16 x 16 register transposes, rows with unit columns through masked vectors.
+GENFAST_AVX512 void pack_b(View b, int64_t k_len, int64_t n, float* dst, bool wide_tail = false) {
+  for (int64_t n0 = 0, nr; n0 < n; n0 += nr) {
+    nr = panel_cols(n, n0, wide_tail);
+    const int64_t w = panel_width(nr);
     if (b.rs == 1 && b.cs != 1) {
-      transpose32(b.p + n0 * b.cs, b.cs, nr, k_len, dst, NR);  // columns nr .. padded 16: zeros
-      if (nr <= 16)
-        for (int64_t k = 0; k < k_len; ++k) _mm512_storeu_ps(dst + k * NR + 16, _mm512_setzero_ps());
-      continue;
-    }
-    for (int64_t k = 0; k < k_len; ++k) {
-      const float* src = b.p + k * b.rs + n0 * b.cs;
-      float* d = dst + k * NR;
-      if (b.cs == 1) {
-        for (int64_t c = 0; c < NR; c += 16) _mm512_storeu_ps(d + c, _mm512_maskz_loadu_ps(tail(std::max<int64_t>(0, nr - c)), src + c));
-        continue;
+      transpose32(b.p + n0 * b.cs, b.cs, nr, k_len, dst, w);  // columns nr .. padded 16: zeros
+      for (int64_t c = (nr + 15) / 16 * 16; c < w; c += 16)
+        for (int64_t k = 0; k < k_len; ++k) _mm512_storeu_ps(dst + k * w + c, _mm512_setzero_ps());
+    } else {
+      for (int64_t k = 0; k < k_len; ++k) {
+        const float* src = b.p + k * b.rs + n0 * b.cs;
+        float* d = dst + k * w;
+        if (b.cs == 1) {
+          for (int64_t c = 0; c < w; c += 16) _mm512_storeu_ps(d + c, _mm512_maskz_loadu_ps(tail(std::max<int64_t>(0, nr - c)), src + c));
+          continue;
+        }
+        int64_t c = 0;
+        for (; c < nr; ++c) d[c] = src[c * b.cs];
+        for (; c < w; ++c) d[c] = 0.0f;
       }
-      int64_t c = 0;
-      for (; c < nr; ++c) d[c] = src[c * b.cs];
-      for (; c < NR; ++c) d[c] = 0.0f;
     }
+    dst += k_len * w;
   }
 }
 
@@ -64,28 +78,29 @@ GENFAST_AVX512 void pack_b(View b, int64_t k_len, int64_t n, float* dst) {
 template <int ROWS, int NV>
 GENFAST_AVX512 void micro(int64_t k_len, const float* ap, int64_t ars, int64_t acs, const float* pb, float* c,
                           int64_t ldc, int64_t nr_acc) {
+  constexpr int64_t PW = NV == 3 ? WIDE_NR : NR;  // the panel's row width
   const int64_t nr = nr_acc >> 1;
   const bool acc_c = nr_acc & 1;
   __m512 acc[ROWS][NV];
 #pragma GCC unroll 12
   for (int r = 0; r < ROWS; ++r)
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t k = 0; k < k_len; ++k) {
     __m512 b[NV];
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(pb + k * NR + 16 * v);
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(pb + k * PW + 16 * v);
     const float* ak = ap + k * acs;
 #pragma GCC unroll 12
     for (int r = 0; r < ROWS; ++r) {
       const __m512 x = _mm512_set1_ps(ak[r * ars]);
-#pragma GCC unroll 2
+#pragma GCC unroll 3
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(x, b[v], acc[r][v]);
     }
   }
 #pragma GCC unroll 12
   for (int r = 0; r < ROWS; ++r)
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int v = 0; v < NV; ++v) {
       const __mmask16 t = tail(nr - 16 * v);
       store(c + r * ldc + 16 * v, t, acc_c ? _mm512_add_ps(acc[r][v], load(c + r * ldc + 16 * v, t)) : acc[r][v]);
@@ -95,9 +110,12 @@ GENFAST_AVX512 void micro(int64_t k_len, const float* ap, int64_t ars, int64_t a
 template <int NV>
 GENFAST_AVX512 void micro_rows(int64_t rows, int64_t k_len, const float* ap, int64_t ars, int64_t acs, const float* pb,
                                float* c, int64_t ldc, int64_t nr_acc) {
+  constexpr int MAX_ROWS = NV == 3 ? WIDE_MR : MR;  // (no larger blocks: they would spill)
   switch (rows) {  // the row tail of C gets its own register block
 #define GENFAST_ROWS_CASE(R) \
-  case R: micro<R, NV>(k_len, ap, ars, acs, pb, c, ldc, nr_acc); break;
+  case R:                                                                   \
+    if constexpr (R <= MAX_ROWS) micro<R, NV>(k_len, ap, ars, acs, pb, c, ldc, nr_acc); \
+    break;
     GENFAST_ROWS_CASE(1) GENFAST_ROWS_CASE(2) GENFAST_ROWS_CASE(3) GENFAST_ROWS_CASE(4) GENFAST_ROWS_CASE(5)
     GENFAST_ROWS_CASE(6) GENFAST_ROWS_CASE(7) GENFAST_ROWS_CASE(8) GENFAST_ROWS_CASE(9) GENFAST_ROWS_CASE(10)
     GENFAST_ROWS_CASE(11) GENFAST_ROWS_CASE(12)
@@ -114,12 +132,19 @@ inline int64_t padded(int64_t n) { return ((n + NR - 1) / NR) * NR; }
 inline int64_t score_ld(int64_t nk) { return (nk + 15) / 16 * 16 + 16; }
 
 // C [M, N] (row stride ldc, unit columns) = (C +) A [M, K] B [K, N], B packed by pack_b with
-// packed_k >= K rows (a prefix of the keys under the causal mask uses the first K).
+// packed_k >= K rows (a prefix of the keys under the causal mask uses the first K) and the same n
+// and wide_tail.
 GENFAST_AVX512 void gemm_packed(int64_t m, int64_t n, int64_t k_len, View a, const float* pack, int64_t packed_k,
-                                float* c, int64_t ldc, bool acc_c = false) {
-  for (int64_t n0 = 0; n0 < n; n0 += NR) {
-    const float* pb = pack + (n0 / NR) * packed_k * NR;
-    const int64_t nr = std::min(NR, n - n0);
+                                float* c, int64_t ldc, bool acc_c = false, bool wide_tail = false) {
+  for (int64_t n0 = 0, nr; n0 < n; n0 += nr) {
+    nr = panel_cols(n, n0, wide_tail);
+    const float* pb = pack + n0 * packed_k;
+    if (nr > NR) {
+      for (int64_t m0 = 0; m0 < m; m0 += WIDE_MR)
+        micro_rows<3>(std::min(WIDE_MR, m - m0), k_len, a.p + m0 * a.rs, a.rs, a.cs, pb, c + m0 * ldc + n0, ldc,
+                      nr << 1 | (acc_c ? 1 : 0));
+      continue;
+    }
     for (int64_t m0 = 0; m0 < m; m0 += MR) {
       const int64_t rows = std::min(MR, m - m0), nr_acc = nr << 1 | (acc_c ? 1 : 0);
       if (nr > 16)
@@ -250,7 +275,7 @@ GENFAST_AVX512 void forward_head(const AttnSmallParams& a, int64_t bi, int64_t h
   // first nk rows of v's panels, the first nk columns of k^T's)
   float *kt = pack, *v = pack + padded(a.nk) * a.d;
   pack_b(head_t(a.k, bi, hi), a.d, a.nk, kt);
-  pack_b(head(a.v, bi, hi), a.nk, a.d, v);
+  pack_b(head(a.v, bi, hi), a.nk, a.d, v, true);
   for (int64_t i0 = first * a.bq; i0 < std::min(a.nq, last * a.bq); i0 += a.bq) {
     const int64_t rows = std::min(a.bq, a.nq - i0), nk = block_keys(a, i0 + rows), ld = score_ld(nk);
     gemm_packed(rows, nk, a.d, View{q.p + i0 * q.rs, q.rs, q.cs}, kt, a.d, s, ld);  // s = q k^T
@@ -261,7 +286,7 @@ GENFAST_AVX512 void forward_head(const AttnSmallParams& a, int64_t bi, int64_t h
       inv[i] = sum > 0.0f ? 1.0f / sum : 0.0f;
       if (keep) keep_row(s + i * ld, nk, a.nk, inv[i], keep + (i0 + i) * a.nk);
     }
-    gemm_packed(rows, a.d, nk, View{s, ld, 1}, v, a.nk, out + i0 * a.out.ns, a.out.ns);  // e v
+    gemm_packed(rows, a.d, nk, View{s, ld, 1}, v, a.nk, out + i0 * a.out.ns, a.out.ns, false, true);  // e v
     for (int64_t i = 0; i < rows; ++i) {  // p v: the rows of e v over their sums
       float* o = out + (i0 + i) * a.out.ns;
       const __m512 r = _mm512_set1_ps(inv[i]);
@@ -284,7 +309,7 @@ GENFAST_AVX512 void backward_head(const AttnSmallParams& a, int64_t bi, int64_t 
   float* blk = k + padded(a.d) * std::max(a.nk, a.bq);
   if (!kept) pack_b(head_t(a.k, bi, hi), a.d, a.nk, kt);
   pack_b(head_t(a.v, bi, hi), a.d, a.nk, vt);
-  pack_b(head(a.k, bi, hi), a.nk, a.d, k);
+  pack_b(head(a.k, bi, hi), a.nk, a.d, k, true);
   const int64_t row0 = (bi * a.h + hi) * a.nq;
   for (int64_t i0 = 0; i0 < a.nq; i0 += a.bq) {
     const int64_t rows = std::min(a.bq, a.nq - i0), nk = block_keys(a, i0 + rows), ld = score_ld(nk);
@@ -303,11 +328,11 @@ GENFAST_AVX512 void backward_head(const AttnSmallParams& a, int64_t bi, int64_t 
         std::fill(dk + j * a.dk.ns, dk + j * a.dk.ns + a.d, 0.0f);
         std::fill(dv + j * a.dv.ns, dv + j * a.dv.ns + a.d, 0.0f);
       }
-    pack_b(dob, rows, a.d, blk);
-    gemm_packed(nk, a.d, rows, View{s, 1, ld}, blk, rows, dv, a.dv.ns, acc);  // dv (+)= p^T dout
-    pack_b(qb, rows, a.d, blk);
-    gemm_packed(nk, a.d, rows, View{dp, 1, ld}, blk, rows, dk, a.dk.ns, acc);  // dk (+)= ds^T q
-    gemm_packed(rows, a.d, nk, View{dp, ld, 1}, k, a.nk, dq + i0 * a.dq.ns, a.dq.ns);  // dq = ds k
+    pack_b(dob, rows, a.d, blk, true);
+    gemm_packed(nk, a.d, rows, View{s, 1, ld}, blk, rows, dv, a.dv.ns, acc, true);  // dv (+)= p^T dout
+    pack_b(qb, rows, a.d, blk, true);
+    gemm_packed(nk, a.d, rows, View{dp, 1, ld}, blk, rows, dk, a.dk.ns, acc, true);  // dk (+)= ds^T q
+    gemm_packed(rows, a.d, nk, View{dp, ld, 1}, k, a.nk, dq + i0 * a.dq.ns, a.dq.ns, false, true);  // dq = ds k
   }
 }
 }  // namespace
