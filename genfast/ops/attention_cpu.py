@@ -15,7 +15,8 @@ machine, benchmarks/test_attention.py):
             score buffer per call is reused by every group and small enough to stay in L2/L3.
             Used where one head's scores fit the budget below.
   "rows"    blocks of query rows of all heads (when one head's scores do not fit the budget):
-            the same GEMMs and rows, dk/dv summed over the blocks in fp32.
+            the same GEMMs and rows, dk/dv summed over the blocks in fp32. (Both ways live in
+            attention_cpu_heads.py; this module picks the way and holds the buffers.)
   "sdpa"    torch's fused CPU flash kernel (aten::_scaled_dot_product_flash_attention_for_cpu and
             its backward), which returns the fp32 log-sum-exp too. fp16; fp32 under 64 keys.
   "small"   fp32 and bf16 (attention_cpu_fp32.py): ONE C++ call, a thread per (batch, head), each
@@ -121,7 +122,7 @@ from contextlib import contextmanager
 import torch
 
 from genfast import _native
-from genfast.ops import attention_cpu_fp32
+from genfast.ops import attention_cpu_fp32, attention_cpu_heads
 from genfast.ops._common import DTYPE_CODE, cpu_vendor, reused_buffer, unit_last
 from genfast.ops.linear import onednn_available
 
@@ -349,38 +350,6 @@ def _mask_bytes(mask):
     return mask.contiguous().view(torch.uint8) if mask is not None else None
 
 
-def _rows(mod, fn, bufs, groups, rows, nk, *, heads, q0, g0, m, scale, causal, lse, lse_gs, dtype):
-    """One fused row pass over [groups, rows, nk] score buffers. g0: the global (b * H + h) index
-    of the first group; every chunk either starts a sample or stays inside one, so the key mask of
-    local group g is that of sample g0 // H + g // heads."""
-    mask = m.data_ptr() + (g0 // heads) * m.stride(0) if m is not None else 0
-    fn(*[b.data_ptr() for b in bufs], groups, rows, nk, heads=heads, q0=q0, scale=scale, causal=causal,
-       mask=mask, mask_bs=m.stride(0) if m is not None else 0, lse=lse, lse_gs=lse_gs, dtype=dtype)
-
-
-def _head_chunks(b, h, per_head, tensors):
-    """Yields (g0, g1, views): groups of whole heads, [g1 - g0, N, D] views of each [B, H, N, D]
-    tensor, at most per_head heads (>= 1). Several samples per chunk only where every tensor can be
-    viewed as [B*H, N, D] without a copy; otherwise chunks stay inside one sample (strided views of
-    one qkv projection are read in place by the batched GEMM)."""
-    if per_head >= h:
-        try:
-            flat = [t.view(b * h, *t.shape[2:]) for t in tensors]
-        except RuntimeError:  # not viewable: one sample at a time
-            flat = None
-        if flat is not None:
-            step = (per_head // h) * h
-            for g0 in range(0, b * h, step):
-                g1 = min(b * h, g0 + step)
-                yield g0, g1, [t[g0:g1] for t in flat]
-            return
-    step = min(per_head, h)
-    for bi in range(b):
-        for h0 in range(0, h, step):
-            h1 = min(h, h0 + step)
-            yield bi * h + h0, bi * h + h1, [t[bi, h0:h1] for t in tensors]
-
-
 def forward(q, k, v, mask, causal, scale, fully_masked, out, keep_p=False):
     """Writes out (genfast.ops' [B, H, Nq, D] output, whatever its memory layout); returns (out, lse
     [B, H, Nq] fp32 contiguous, +inf on fully masked rows), and p [B, H, Nq, Nk] with keep_p
@@ -422,43 +391,16 @@ def forward(q, k, v, mask, causal, scale, fully_masked, out, keep_p=False):
     m = _mask_bytes(mask)
     common = dict(scale=float(scale), causal=bool(causal), dtype=DTYPE_CODE[q.dtype])
     if way == "rows":
-        _forward_rows(mod, q, k, v, m, out, lse, common)
+        attention_cpu_heads.forward_rows(mod, q, k, v, m, out, lse, common, SCORE_BYTES)
         return out, lse.view(b, h, nq)
     per_head = max(1, SCORE_BYTES // (nq * nk * q.element_size()))
     if keep_p:  # p is an output (saved for the backward): a buffer of its own
         buf = _p_buffer((b * h, nq, nk), q.dtype, q.device)
-        _forward_heads(mod, q, k, v, out, m, lse, per_head, common, lambda g0, g1: buf[g0:g1])
+        attention_cpu_heads.forward_heads(mod, q, k, v, out, m, lse, per_head, common, lambda g0, g1: buf[g0:g1])
         return out, lse.view(b, h, nq), buf.view(b, h, nq, nk)
     with _scores((min(per_head, b * h), nq, nk), q.dtype, q.device) as buf:
-        _forward_heads(mod, q, k, v, out, m, lse, per_head, common, lambda g0, g1: buf[:g1 - g0])
+        attention_cpu_heads.forward_heads(mod, q, k, v, out, m, lse, per_head, common, lambda g0, g1: buf[:g1 - g0])
     return out, lse.view(b, h, nq)
-
-
-def _forward_heads(mod, q, k, v, out, m, lse, per_head, common, scores):
-    # chunks of heads even when p is kept whole: each chunk's s -> p -> p v runs while it is in cache
-    b, h, nq, _ = q.shape
-    nk = k.shape[2]
-    for g0, g1, (qc, kc, vc, oc) in _head_chunks(b, h, per_head, (q, k, v, out)):
-        s = scores(g0, g1)
-        torch.bmm(qc, kc.transpose(1, 2), out=s)
-        _rows(mod, mod.attn_softmax_rows, (s, s), g1 - g0, nq, nk, heads=h, q0=0, g0=g0, m=m,
-              lse=lse[g0].data_ptr(), lse_gs=nq, **common)
-        if oc.is_contiguous() or oc.dtype == torch.bfloat16:
-            torch.bmm(s, vc, out=oc)
-        else:  # fp32/fp16 bmm into a strided view is a naive loop (see backward())
-            oc.copy_(torch.bmm(s, vc))
-
-
-def _forward_rows(mod, q, k, v, m, out, lse, common):
-    b, h, nq, _ = q.shape
-    nk = k.shape[2]
-    kt = k.transpose(-1, -2)
-    bq = max(16, min(nq, SCORE_BYTES // max(1, b * h * nk * q.element_size())))
-    for q0 in range(0, nq, bq):
-        s = torch.matmul(q[:, :, q0:q0 + bq], kt)  # [B, H, bq, Nk] contiguous, q's dtype
-        _rows(mod, mod.attn_softmax_rows, (s, s), b * h, s.shape[2], nk, heads=h, q0=q0, g0=0, m=m,
-              lse=lse[:, q0:].data_ptr(), lse_gs=nq, **common)
-        out[:, :, q0:q0 + s.shape[2]] = torch.matmul(s, v)
 
 
 def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None):
@@ -473,7 +415,7 @@ def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None):
         return attention_cpu_fp32.small_backward(dout, q, k, v, out, lse, _mask_bytes(mask), causal, scale, grads,
                                                  _small_block_bytes(q.dtype), p)
     if p is not None and way != "small":
-        return _backward_from_p(dout, q, k, v, p, mask, causal, scale)
+        return attention_cpu_heads.backward_from_p(dout, q, k, v, p, scale, SCORE_BYTES, _scores)
     if way == "sdpa":
         am = _additive_mask(mask, q.dtype) if mask is not None else None
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -487,71 +429,9 @@ def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None):
         return attention_cpu_fp32.small_backward(dout, q, k, v, out, lse, _mask_bytes(mask), causal, scale, grads,
                                                  _small_block_bytes(), p)
     mod = _native.module("_C")
-    b, h, nq, _ = q.shape
-    nk = k.shape[2]
     m = _mask_bytes(mask)
     lse = lse.contiguous()
     common = dict(scale=float(scale), causal=bool(causal), dtype=DTYPE_CODE[q.dtype])
     if way == "rows":
-        return _backward_rows(mod, dout, q, k, v, lse, m, common)
-    dq, dk, dv = (torch.empty(t.shape, dtype=q.dtype, device=q.device) for t in (q, k, v))
-    per_head = max(1, SCORE_BYTES // (2 * nq * nk * q.element_size()))
-    with _scores((2, min(per_head, b * h), nq, nk), q.dtype, q.device) as bufs:
-        for g0, g1, (qc, kc, vc, doc, dqc, dkc, dvc) in _head_chunks(b, h, per_head, (q, k, v, dout, dq, dk, dv)):
-            s, dp = bufs[0, :g1 - g0], bufs[1, :g1 - g0]
-            torch.bmm(qc, kc.transpose(1, 2), out=s)
-            torch.bmm(doc, vc.transpose(1, 2), out=dp)
-            _rows(mod, mod.attn_softmax_bwd_rows, (s, dp, s, dp), g1 - g0, nq, nk, heads=h, q0=0, g0=g0, m=m,
-                  lse=lse.view(b * h, nq)[g0].data_ptr(), lse_gs=nq, **common)
-            p, ds = s, dp
-            torch.bmm(p.transpose(1, 2), doc, out=dvc)
-            torch.bmm(ds, kc, out=dqc)
-            torch.bmm(ds.transpose(1, 2), qc, out=dkc)
-    return dq, dk, dv
-
-
-def _backward_from_p(dout, q, k, v, p, mask, causal, scale):
-    """The "heads" backward with p kept: dp = dout v^T, ds from p and dp in one pass (written over
-    dp), then the three gradient GEMMs; one score buffer (SCORE_BYTES) besides p."""
-    mod = _native.module("_C")
-    b, h, nq, _ = q.shape
-    nk = k.shape[2]
-    pf = p.view(b * h, nq, nk)
-    dq, dk, dv = (torch.empty(t.shape, dtype=q.dtype, device=q.device) for t in (q, k, v))
-    per_head = max(1, SCORE_BYTES // (nq * nk * q.element_size()))
-    with _scores((min(per_head, b * h), nq, nk), q.dtype, q.device) as buf:
-        for g0, g1, (qc, kc, vc, doc, dqc, dkc, dvc) in _head_chunks(b, h, per_head, (q, k, v, dout, dq, dk, dv)):
-            pc, dp = pf[g0:g1], buf[:g1 - g0]
-            torch.bmm(doc, vc.transpose(1, 2), out=dp)
-            # from_p: no mask, causal or lse needed (p is 0 where they apply); p is only read
-            mod.attn_softmax_bwd_rows(pc.data_ptr(), dp.data_ptr(), 0, dp.data_ptr(), g1 - g0, nq, nk, heads=h, q0=0,
-                                      scale=float(scale), causal=False, mask=0, mask_bs=0, lse=0, lse_gs=nq,
-                                      dtype=DTYPE_CODE[q.dtype], from_p=True)
-            torch.bmm(pc.transpose(1, 2), doc, out=dvc)
-            torch.bmm(dp, kc, out=dqc)
-            torch.bmm(dp.transpose(1, 2), qc, out=dkc)
-    return dq, dk, dv
-
-
-def _backward_rows(mod, dout, q, k, v, lse, m, common):
-    dt = q.dtype
-    b, h, nq, _ = q.shape
-    nk = k.shape[2]
-    dq = torch.empty(q.shape, dtype=dt, device=q.device)
-    dk = dv = None  # sums over query blocks, fp32 when there is more than one block
-    kt, vt = k.transpose(-1, -2), v.transpose(-1, -2)
-    bq = max(16, min(nq, SCORE_BYTES // max(1, 2 * b * h * nk * q.element_size())))
-    for q0 in range(0, nq, bq):
-        qb, dob = q[:, :, q0:q0 + bq], dout[:, :, q0:q0 + bq]
-        s, dp = torch.matmul(qb, kt), torch.matmul(dob, vt)  # [B, H, bq, Nk] contiguous
-        _rows(mod, mod.attn_softmax_bwd_rows, (s, dp, s, dp), b * h, s.shape[2], nk, heads=h, q0=q0, g0=0, m=m,
-              lse=lse[:, :, q0:].data_ptr(), lse_gs=nq, **common)
-        p, ds = s, dp
-        torch.matmul(ds, k, out=dq[:, :, q0:q0 + bq])
-        dv_b, dk_b = torch.matmul(p.transpose(-1, -2), dob), torch.matmul(ds.transpose(-1, -2), qb)
-        if dk is None:
-            dk, dv = (dk_b, dv_b) if q0 + bq >= nq else (dk_b.float(), dv_b.float())
-        else:
-            dk += dk_b
-            dv += dv_b
-    return dq, dk.to(dt).contiguous(), dv.to(dt).contiguous()
+        return attention_cpu_heads.backward_rows(mod, dout, q, k, v, lse, m, common, SCORE_BYTES)
+    return attention_cpu_heads.backward_heads(mod, dout, q, k, v, lse, m, common, SCORE_BYTES, _scores)
