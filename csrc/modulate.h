@@ -15,7 +15,7 @@
 // count), each chunk writes its fp32 partial sums to `partial` [B, nchunks, 2, C], and a second
 // step adds the chunks in order and writes the [B, C] results in the tensors' dtype.
 // The CPU kernels also take partial = nullptr: then the thread that owns a sample adds its chunks
-// in the same order (same bits) inside the one parallel region (csrc/cpu/modulate.cpp).
+// in the same order (same bits) inside the one parallel region (csrc/cpu/modulate.cpp, gated_residual.cpp).
 #pragma once
 #include <cstdint>
 
@@ -95,6 +95,7 @@ struct GatedResidualBwdParams {
 // csrc/cpu/modulate.cpp
 void modulate_fwd_cpu(const ModulateParams& p);
 void modulate_bwd_cpu(const ModulateBwdParams& p);
+// csrc/cpu/gated_residual.cpp
 void gated_residual_fwd_cpu(const GatedResidualParams& p);
 void gated_residual_bwd_cpu(const GatedResidualBwdParams& p);
 // fp32, CPU (the DiT block's fused path, genfast/ops/dit_block.py): out = x + gate * (y + bias),
