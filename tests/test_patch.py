@@ -400,6 +400,45 @@ def test_feed_forward_with_hooks_calls_the_modules():
     assert len(calls) == 2  # once in genfast's call, once in the plain one
 
 
+def test_feed_forward_folds_fc1_bias_into_the_gelu_on_torch_blas(monkeypatch):
+    """fp32 CPU inference on torch's BLAS (Intel's MKL): the first Linear runs as a GEMM into a kept
+    buffer and its bias is added in the GELU pass, with the answer of Linear + GELU; the buffer is
+    reused by the next call. Not taken with autograd, non-contiguous tokens, bf16 or oneDNN."""
+    from diffusers.models.attention import FeedForward
+
+    from genfast.ops import linear as linear_ops
+    from genfast.patch import _diffusers_blocks as blocks
+
+    torch.manual_seed(0)
+    ff = FeedForward(48, activation_fn="gelu-approximate").eval()
+    h = torch.randn(3, 37, 48)
+    fc1 = ff.net[0].proj
+    monkeypatch.setattr(linear_ops, "USE_ONEDNN", False)  # torch's BLAS, as on Intel CPUs
+    with torch.no_grad():
+        assert blocks._fc1_folds(fc1, h)
+        got = blocks.feed_forward(ff, h)
+        kept = blocks._temp("ff_fc1", (3 * 37, 4 * 48), h).data_ptr()
+        again = blocks.feed_forward(ff, h)
+        assert blocks._temp("ff_fc1", (3 * 37, 4 * 48), h).data_ptr() == kept  # the same buffer each call
+        monkeypatch.setattr(blocks, "FOLD_FC1_BIAS", False)
+        plain = blocks.feed_forward(ff, h)
+        monkeypatch.setattr(blocks, "FOLD_FC1_BIAS", True)
+        want = ff(h)
+        assert not blocks._fc1_folds(fc1, h.transpose(0, 1))
+        assert not blocks._fc1_folds(fc1.to(torch.bfloat16), h.bfloat16())
+        fc1.float()
+        if linear_ops.onednn_available():
+            monkeypatch.setattr(linear_ops, "USE_ONEDNN", True)
+            assert not blocks._fc1_folds(fc1, h)
+            monkeypatch.setattr(linear_ops, "USE_ONEDNN", False)
+    assert not blocks._fc1_folds(fc1, h)  # autograd on: the bias needs its gradient
+    assert torch.equal(got, again)
+    if torch.backends.mkl.is_available():
+        assert torch.equal(got, plain)  # MKL's addmm adds the bias to the finished product
+    torch.testing.assert_close(got, plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_patched_adaln_norm_with_a_hooked_norm_calls_it():
     """A patched AdaLayerNormZero whose inner LayerNorm has a hook runs diffusers' own forward, so the
     hook fires and changes the result as in the unpatched model."""

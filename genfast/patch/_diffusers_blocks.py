@@ -9,8 +9,11 @@ import torch
 from torch import nn
 
 import genfast
+from genfast.ops import gelu as _gelu
+from genfast.ops import linear as _linear
+from genfast.ops.dit_block import _temp
 from genfast.ops.gelu import gelu_tanh_inference
-from genfast.ops.linear import has_hooks, linear_layer
+from genfast.ops.linear import has_hooks, linear_layer, plain_linear
 from genfast.patch._support import runnable
 
 
@@ -39,10 +42,31 @@ def _hooked(*mods):
     return any(m is not None and has_hooks(m) for m in mods)
 
 
+# fp32 CPU inference on torch's BLAS: the first Linear without its bias into a kept buffer, the bias
+# added in the GELU pass (feed_forward); False: linear_layer + gelu_tanh_inference (tests compare them).
+FOLD_FC1_BIAS = True
+
+
+def _fc1_folds(fc1, h):
+    """Whether feed_forward's first Linear (a plain biased nn.Linear, no autograd here) runs as a GEMM
+    into a kept buffer with its bias in the GELU pass: fp32 contiguous CPU h on torch's BLAS (Intel's
+    MKL, genfast.ops.linear; oneDNN adds a bias in its epilogue), eager, genfast's GELU kernel. A BLAS
+    addmm copies its bias into a fresh [B*N, 4C] output first, which page-faults in on every call.
+    The same bits as the addmm where its BLAS adds the bias to the finished product (MKL at DiT
+    sizes, tested); fp32 rounding otherwise."""
+    return (FOLD_FC1_BIAS and h.device.type == "cpu" and h.dtype == torch.float32 and plain_linear(fc1)
+            and fc1.bias is not None and not (torch.is_grad_enabled() and fc1.bias.requires_grad)
+            and fc1.weight.dtype == fc1.bias.dtype == torch.float32
+            and fc1.weight.device == h.device and h.is_contiguous() and h.numel() > 0 and type(h) is torch.Tensor
+            and not torch.compiler.is_compiling() and not _linear._onednn_case(h, fc1.weight, fc1.bias)
+            and _gelu._uses_kernel(h))
+
+
 def feed_forward(ff, h):
     """diffusers' FeedForward (Linear, GELU, Dropout, Linear). GELU(tanh) is genfast's gelu_tanh op.
     Without autograd the GELU runs in place on the first Linear's output, which only this function
-    holds: one [B, N, 4C] temporary instead of two (on the CPU every fresh large tensor pays page faults)."""
+    holds: one [B, N, 4C] temporary instead of two (on the CPU every fresh large tensor pays page faults;
+    where _fc1_folds, that temporary is a kept buffer and the Linear's bias goes into the GELU pass)."""
     net = ff.net
     act = net[0]
     grad = torch.is_grad_enabled() and (h.requires_grad or act.proj.weight.requires_grad)
@@ -52,6 +76,10 @@ def feed_forward(ff, h):
     tanh = simple and act.approximate == "tanh"
     if (grad and not tanh) or not simple or h.device.type == "mps":
         return ff(h)
+    if tanh and not grad and _fc1_folds(act.proj, h):
+        w, h2 = act.proj.weight, h.view(-1, h.shape[-1])
+        u = torch.mm(h2, w.t(), out=_temp("ff_fc1", (h2.shape[0], w.shape[0]), h))
+        return linear_layer(net[2], _gelu.fwd_bias_fp32(u, act.proj.bias, inplace=True).view(*h.shape[:-1], -1))
     u = linear_layer(act.proj, h)  # oneDNN's fp32 GEMM on the CPU (genfast.ops.linear)
     if tanh:  # genfast's op (torch's CPU kernel for the tanh form is slow): in place without autograd
         u = gelu_tanh_inference(u)
