@@ -44,6 +44,22 @@ def test_forward_backward_match_torch(dtype, backend, use_backend):
         assert_within_reference_error(f"{name}: dx", dx, dxl, dxh, floor=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_special_values_as_torch(dtype, backend, use_backend):
+    """NaN, +-inf and values past fp32's exp range give torch's answers (NaN for -inf and NaN, inf
+    for inf, -0 and x for huge negative and positive x); values deep in the negative tail may be
+    tinier than torch's -0 (its 1 + tanh(u) cancels there) but not larger."""
+    use_backend(backend)
+    x = torch.tensor([float("-inf"), float("inf"), float("nan"), -1e30, 1e30, -1000.0, -20.0, -9.0, 0.0, 3.0]).to(dtype)
+    got, want = gelu_tanh(x), F.gelu(x, approximate="tanh")
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), (got, want)
+    finite = ~torch.isnan(want)
+    assert torch.equal(torch.isinf(got[finite]), torch.isinf(want[finite])) and torch.equal(got[4], want[4])
+    torch.testing.assert_close(got[finite & ~torch.isinf(want)], want[finite & ~torch.isinf(want)],
+                               rtol=2 * torch.finfo(dtype).eps, atol=1e-20)
+
+
 def test_opcheck_and_compile():
     x = torch.randn(5, 19)
     torch.library.opcheck(torch.ops.genfast.gelu_tanh.default, (x,))
