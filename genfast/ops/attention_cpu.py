@@ -121,7 +121,6 @@ from contextlib import contextmanager
 
 import torch
 
-from genfast import _native
 from genfast.ops import attention_cpu_fp32, attention_cpu_heads
 from genfast.ops._common import DTYPE_CODE, cpu_vendor, reused_buffer, unit_last
 from genfast.ops.linear import onednn_available
@@ -384,22 +383,21 @@ def forward(q, k, v, mask, causal, scale, fully_masked, out, keep_p=False):
             return out, lse, p.view(b, h, nq, -1)
         return attention_cpu_fp32.small_forward(q, k, v, _mask_bytes(mask), causal, scale, out,
                                                 _small_block_bytes(q.dtype))
-    mod = _native.module("_C")
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     lse = torch.empty((b * h, nq), dtype=torch.float32, device=q.device)
     m = _mask_bytes(mask)
     common = dict(scale=float(scale), causal=bool(causal), dtype=DTYPE_CODE[q.dtype])
     if way == "rows":
-        attention_cpu_heads.forward_rows(mod, q, k, v, m, out, lse, common, SCORE_BYTES)
+        attention_cpu_heads.forward_rows(q, k, v, m, out, lse, common, SCORE_BYTES)
         return out, lse.view(b, h, nq)
     per_head = max(1, SCORE_BYTES // (nq * nk * q.element_size()))
     if keep_p:  # p is an output (saved for the backward): a buffer of its own
         buf = _p_buffer((b * h, nq, nk), q.dtype, q.device)
-        attention_cpu_heads.forward_heads(mod, q, k, v, out, m, lse, per_head, common, lambda g0, g1: buf[g0:g1])
+        attention_cpu_heads.forward_heads(q, k, v, out, m, lse, per_head, common, lambda g0, g1: buf[g0:g1])
         return out, lse.view(b, h, nq), buf.view(b, h, nq, nk)
     with _scores((min(per_head, b * h), nq, nk), q.dtype, q.device) as buf:
-        attention_cpu_heads.forward_heads(mod, q, k, v, out, m, lse, per_head, common, lambda g0, g1: buf[:g1 - g0])
+        attention_cpu_heads.forward_heads(q, k, v, out, m, lse, per_head, common, lambda g0, g1: buf[:g1 - g0])
     return out, lse.view(b, h, nq)
 
 
@@ -428,10 +426,9 @@ def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None):
             return attention_cpu_fp32.backward(dout, q, k, v, out, lse, _mask_bytes(mask), causal, scale, grads)
         return attention_cpu_fp32.small_backward(dout, q, k, v, out, lse, _mask_bytes(mask), causal, scale, grads,
                                                  _small_block_bytes(), p)
-    mod = _native.module("_C")
     m = _mask_bytes(mask)
     lse = lse.contiguous()
     common = dict(scale=float(scale), causal=bool(causal), dtype=DTYPE_CODE[q.dtype])
     if way == "rows":
-        return attention_cpu_heads.backward_rows(mod, dout, q, k, v, lse, m, common, SCORE_BYTES)
-    return attention_cpu_heads.backward_heads(mod, dout, q, k, v, lse, m, common, SCORE_BYTES, _scores)
+        return attention_cpu_heads.backward_rows(dout, q, k, v, lse, m, common, SCORE_BYTES)
+    return attention_cpu_heads.backward_heads(dout, q, k, v, lse, m, common, SCORE_BYTES, _scores)

@@ -21,12 +21,12 @@ from genfast.ops._common import cuda_stream, unit_last
 
 MAX_HEAD_DIM = 128
 _CODES = {torch.float16: 1, torch.bfloat16: 2}
-_MODULE = {"cuda": ("_cuda", "cuda"), "cuda_emu": ("_cuda_emu", "cpu")}
+_DEVICE = {"cuda": "cuda", "cuda_emu": "cpu"}  # the device type each backend runs on
 
 
 def reasons(backend, device_type, dtype, head_dim):
-    name, device = _MODULE[backend]
-    why = backends.module_reasons(name, device_type, device)
+    name = _native.MODULE_OF[backend]
+    why = backends.module_reasons(name, device_type, _DEVICE[backend])
     if not why and not hasattr(_native.module(name), "attention_fwd"):
         why.append(f"genfast.{name} was built without the attention kernels")
     if dtype not in _CODES:
@@ -35,10 +35,6 @@ def reasons(backend, device_type, dtype, head_dim):
     if head_dim > MAX_HEAD_DIM:
         why.append(f"head dim {head_dim} > {MAX_HEAD_DIM} is not supported by the CUDA attention")
     return why
-
-
-def _module(backend):
-    return _native.for_backend(backend)
 
 
 def _stream(t):
@@ -67,7 +63,7 @@ def forward(backend, q, k, v, mask, causal, scale, out=None):
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
     mptr, mstr, _keep = _mask_args(mask)
     with _on_device(q):
-        _module(backend).attention_fwd(
+        _native.for_backend(backend).attention_fwd(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), mptr, *q.stride()[:3],
             *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *mstr, b, h, nq, k.shape[2], d, float(scale),
             bool(causal), _CODES[q.dtype], _stream(q))
@@ -85,7 +81,7 @@ def backward(backend, dout, q, k, v, out, lse, mask, causal, scale):
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     mptr, mstr, _keep = _mask_args(mask)
     with _on_device(q):
-        _module(backend).attention_bwd(
+        _native.for_backend(backend).attention_bwd(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(), delta.data_ptr(),
             out.data_ptr(), out.stride()[:3], dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), mptr, q.stride()[:3],
             k.stride()[:3], v.stride()[:3], dout.stride()[:3], dq.stride()[:3], dk.stride()[:3], dv.stride()[:3],
