@@ -400,10 +400,16 @@ def test_feed_forward_with_hooks_calls_the_modules():
     assert len(calls) == 2  # once in genfast's call, once in the plain one
 
 
+class _PassThroughMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
 def test_feed_forward_folds_fc1_bias_into_the_gelu_on_torch_blas(monkeypatch):
     """fp32 CPU inference on torch's BLAS (Intel's MKL): the first Linear runs as a GEMM into a kept
     buffer and its bias is added in the GELU pass, with the answer of Linear + GELU; the buffer is
-    reused by the next call. Not taken with autograd, non-contiguous tokens, bf16 or oneDNN."""
+    reused by the next call. Not taken with autograd, non-contiguous tokens, a torch function mode,
+    bf16 or oneDNN."""
     from diffusers.models.attention import FeedForward
 
     from genfast.ops import linear as linear_ops
@@ -425,6 +431,8 @@ def test_feed_forward_folds_fc1_bias_into_the_gelu_on_torch_blas(monkeypatch):
         monkeypatch.setattr(blocks, "FOLD_FC1_BIAS", True)
         want = ff(h)
         assert not blocks._fc1_folds(fc1, h.transpose(0, 1))
+        with _PassThroughMode():  # a torch function mode sees every op: no raw kernel call
+            assert not blocks._fc1_folds(fc1, h)
         assert not blocks._fc1_folds(fc1.to(torch.bfloat16), h.bfloat16())
         fc1.float()
         if linear_ops.onednn_available():

@@ -11,6 +11,7 @@ from torch import nn
 import genfast
 from genfast.ops import gelu as _gelu
 from genfast.ops import linear as _linear
+from genfast.ops._common import dispatcher_needed, needs_grad
 from genfast.ops.dit_block import _temp
 from genfast.ops.gelu import gelu_tanh_inference
 from genfast.ops.linear import has_hooks, linear_layer, plain_linear
@@ -50,16 +51,15 @@ FOLD_FC1_BIAS = True
 def _fc1_folds(fc1, h):
     """Whether feed_forward's first Linear (a plain biased nn.Linear, no autograd here) runs as a GEMM
     into a kept buffer with its bias in the GELU pass: fp32 contiguous CPU h on torch's BLAS (Intel's
-    MKL, genfast.ops.linear; oneDNN adds a bias in its epilogue), eager, genfast's GELU kernel. A BLAS
-    addmm copies its bias into a fresh [B*N, 4C] output first, which page-faults in on every call.
-    The same bits as the addmm where its BLAS adds the bias to the finished product (MKL at DiT
-    sizes, tested); fp32 rounding otherwise."""
+    MKL, genfast.ops.linear; oneDNN adds a bias in its epilogue), plain eager (no compile, mode,
+    transform or subclass: dispatcher_needed), genfast's GELU kernel. A BLAS addmm copies its bias
+    into a fresh [B*N, 4C] output first, which page-faults in on every call. The same bits as the
+    addmm where its BLAS adds the bias to the finished product (MKL at DiT sizes, tested); fp32
+    rounding otherwise."""
     return (FOLD_FC1_BIAS and h.device.type == "cpu" and h.dtype == torch.float32 and plain_linear(fc1)
-            and fc1.bias is not None and not (torch.is_grad_enabled() and fc1.bias.requires_grad)
-            and fc1.weight.dtype == fc1.bias.dtype == torch.float32
-            and fc1.weight.device == h.device and h.is_contiguous() and h.numel() > 0 and type(h) is torch.Tensor
-            and not torch.compiler.is_compiling() and not _linear._onednn_case(h, fc1.weight, fc1.bias)
-            and _gelu._uses_kernel(h))
+            and fc1.bias is not None and not needs_grad(fc1.bias) and fc1.weight.dtype == fc1.bias.dtype == torch.float32
+            and fc1.weight.device == h.device and h.is_contiguous() and h.numel() > 0 and not dispatcher_needed(h)
+            and not _linear._onednn_case(h, fc1.weight, fc1.bias) and _gelu._uses_kernel(h))
 
 
 def feed_forward(ff, h):
