@@ -39,8 +39,8 @@ struct AttnSmallParams {
   const uint8_t* mask;  // [B, nk] (stride mask_bs), 1 = attend; nullptr: none
   int64_t mask_bs;
   AttnHeadIn q, k, v, dout;  // dout: backward only
+  AttnHeadIn o;              // backward (fp32): the forward's out (unit last stride), for delta = rowsum(dout * out)
   float* lse;                // [B * H, nq]: written by the forward, read by the backward
-  const float* delta;        // backward: [B * H, nq] rowsum(dout * out)
   AttnHeadOut out, dq, dk, dv;
   // p [B * H, nq, nk] contiguous in the call's dtype, kept by the forward (written when not null)
   // and read by the backward instead of recomputing q k^T and the exponentials (when not null).
@@ -49,14 +49,14 @@ struct AttnSmallParams {
 };
 // Forward: out and lse (+inf on rows with no key; their out rows are 0).
 void attn_small_forward_cpu(const AttnSmallParams& a);
-// Backward: dq, dk, dv from lse and delta.
+// Backward: dq, dk, dv from lse and o (delta = rowsum(dout * o), each query block's rows in turn).
 void attn_small_backward_cpu(const AttnSmallParams& a);
 bool attn_small_supported();  // the CPU has AVX-512 (else the caller takes another way)
 
 // The bf16 "small" way (csrc/cpu/attention_bf16_small.cpp): the same structure on AVX-512 BF16
 // dot products (vdpbf16ps): q, k, v, dout, out, dq, dk, dv bf16 with unit last strides and an even
 // head dim; scores, softmax and the dk / dv sums in fp32, p and ds rounded to bf16 for their GEMMs.
-// The backward takes delta from its own rows (rowsum(p dp)); a.delta is not read.
+// The backward takes delta from its own rows (rowsum(p dp)); a.o is not read.
 void attn_small16_forward_cpu(const AttnSmallParams& a);
 void attn_small16_backward_cpu(const AttnSmallParams& a);
 // The same on AMX tiles (csrc/cpu/attention_bf16_amx.cpp), called by the two above when a.amx is

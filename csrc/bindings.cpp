@@ -283,8 +283,8 @@ void bind_all(py::module_& m) {
         py::arg("mask"), py::arg("lse"), py::arg("delta"));
   m.def("attn_small_supported", &attn_small_supported);
   m.def("attn_amx_supported", &attn_amx_supported, "The CPU and the OS give this process AMX-BF16 tiles.");
-  // One binding per direction for both dtypes: fp32 (attn_small_*_cpu, reads delta) and bf16
-  // (attn_small16_*_cpu); both read or fill p_keep (p in the call's dtype), delta is 0 for bf16.
+  // One binding per direction for both dtypes: fp32 (attn_small_*_cpu, its backward reads out) and
+  // bf16 (attn_small16_*_cpu); both read or fill p_keep (p in the call's dtype).
   m.def("attn_small_forward", [](const std::vector<int64_t>& sizes, double scale, bool causal, uintptr_t mask,
                                  int64_t mask_bs, const std::vector<int64_t>& q, const std::vector<int64_t>& k,
                                  const std::vector<int64_t>& v, const std::vector<int64_t>& out, uintptr_t lse,
@@ -302,13 +302,13 @@ void bind_all(py::module_& m) {
   m.def("attn_small_backward", [](const std::vector<int64_t>& sizes, double scale, bool causal, uintptr_t mask,
                                   int64_t mask_bs, const std::vector<int64_t>& q, const std::vector<int64_t>& k,
                                   const std::vector<int64_t>& v, const std::vector<int64_t>& dout, uintptr_t lse,
-                                  uintptr_t delta, uintptr_t p_keep, const std::vector<int64_t>& dq,
+                                  const std::vector<int64_t>& out, uintptr_t p_keep, const std::vector<int64_t>& dq,
                                   const std::vector<int64_t>& dk, const std::vector<int64_t>& dv, int32_t dtype,
                                   bool amx) {
     check_small_dtype(dtype);
     AttnSmallParams a = attn_small_params(sizes, scale, causal, mask, mask_bs, q, k, v, lse);
     a.amx = amx ? 1 : 0;
-    a.dout = attn_head_in(dout), a.delta = reinterpret_cast<const float*>(delta);
+    a.dout = attn_head_in(dout), a.o = attn_head_in(out);
     a.p_keep = reinterpret_cast<void*>(p_keep);
     a.dq = attn_head_out(dq), a.dk = attn_head_out(dk), a.dv = attn_head_out(dv);
     py::gil_scoped_release nogil;
@@ -316,7 +316,7 @@ void bind_all(py::module_& m) {
       attn_small16_backward_cpu(a);
     else
       attn_small_backward_cpu(a);
-  }, "fp32 / bf16 attention backward, all heads in one call; delta (fp32) rowsum(dout * out); p_keep: 0 "
+  }, "fp32 / bf16 attention backward, all heads in one call; out: the forward's (fp32 reads it); p_keep: 0 "
      "(recompute) or the forward's p; amx as the forward's (csrc/attention_fp32.h).");
   m.def("gelu_tanh", [](uintptr_t x, uintptr_t y, int64_t n, int32_t dtype) {
           py::gil_scoped_release nogil;

@@ -296,6 +296,28 @@ def test_own_ways_match_reference(dtype, way, budget, cpu_way, monkeypatch):
         _check_grads(case.name, grads, leaves, g, **case.kwargs)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dout_layout", ["columns", "expanded"])
+def test_small_way_reads_any_dout_strides(dtype, dout_layout, cpu_way):
+    """The "small" backward reads dout with any strides (fp32 takes delta = rowsum(dout * out) row by
+    row inside the kernel): a dout with a non-unit last stride, and the all-zero-stride dout of
+    out.sum(), against the reference."""
+    from genfast.ops import attention_cpu_fp32
+
+    if not attention_cpu_fp32.small_available():
+        pytest.skip("the small way needs AVX-512 with BF16")
+    cpu_way(dtype, "small")
+    leaves = _inputs("qkv", dtype)
+    out = genfast.attention(*leaves)
+    if dout_layout == "columns":
+        g = torch.randn(out.shape[:-1] + (2 * out.shape[-1],), generator=torch.Generator().manual_seed(1))
+        g = g.to(dtype)[..., ::2]
+    else:
+        g = torch.ones((), dtype=dtype).expand(out.shape)
+    assert g.stride(-1) != 1
+    _check_grads(dout_layout, torch.autograd.grad(out, leaves, g), leaves, g)
+
+
 def test_onednn_way_rows_with_no_key_are_zero():
     """Rows the masks leave without a key: zero output, zero (finite) gradients, also where the
     causal limit and the padding mask meet (the transposed backward's per-lane mask)."""

@@ -167,16 +167,13 @@ def small_forward(q, k, v, mask, causal, scale, out, block_bytes, p_keep=None):
 
 def small_backward(dout, q, k, v, out, lse, mask, causal, scale, grads, block_bytes, p=None):
     """As backward(), all heads in one call (dk, dv summed over the query blocks in fp32). grads need
-    unit last strides; p: the forward's p_keep (None: recomputed from lse). fp32 takes delta = rowsum(dout * out)
-    up front; bf16 sums p dp in its own rows."""
-    lse = lse.contiguous()
-    delta = None
+    unit last strides; p: the forward's p_keep (None: recomputed from lse). fp32 takes delta =
+    rowsum(dout * out) per row from out; bf16 sums p dp in its own rows."""
+    lse, out = lse.contiguous(), unit_last(out)
     if q.dtype == torch.bfloat16:
         dout, q, k, v = (unit_last(t) for t in (dout, q, k, v))
-    else:
-        delta = torch.linalg.vecdot(dout, out).contiguous()
     _native.module("_C").attn_small_backward(*_small_args(q, k, v, mask, causal, scale, block_bytes), _spec_in(dout),
-                                             lse.data_ptr(), delta.data_ptr() if delta is not None else 0,
+                                             lse.data_ptr(), _spec_in(out),
                                              p.data_ptr() if p is not None else 0, *[_spec_out(t) for t in grads],
                                              DTYPE_CODE[q.dtype], USE_AMX)
     return tuple(grads)
