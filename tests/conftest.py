@@ -37,6 +37,23 @@ def use_backend(monkeypatch):
     return force
 
 
+@pytest.fixture
+def cpu_way(use_backend, monkeypatch):
+    """cpu_way(dtype, way): the CPU backend, with every shape of dtype taking that attention way
+    (genfast.ops.attention_cpu.variant)."""
+    from genfast.ops import attention_cpu
+
+    def force(dtype, way):
+        use_backend("cpu")
+        monkeypatch.setattr(attention_cpu, "FITS", {**attention_cpu.FITS, dtype: way})
+        monkeypatch.setattr(attention_cpu, "FUSED_FROM_KEYS", {})
+        monkeypatch.setattr(attention_cpu, "FUSED_BELOW_KEYS", {})
+        monkeypatch.setattr(attention_cpu, "CAUSAL_FUSED_FROM_KEYS", {})
+        monkeypatch.setattr(attention_cpu, "SMALL16_FROM_HEADS", 0)  # bf16 "small" with any head count
+        monkeypatch.setattr(attention_cpu, "SMALL32_FROM", None)  # fp32 "small" at any size (Intel's limits off)
+    return force
+
+
 # Shared test helpers that are not test modules (diffusers_tiny.py, zoo_tiny.py): importable by name. The
 # checkout's root stays off sys.path, so the tests still exercise the installed package.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

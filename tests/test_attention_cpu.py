@@ -15,20 +15,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 # (dtype, way) pairs that exist: "onednn" is fp32 only ("small" is fp32 and bf16)
 WAY_CASES = [(d, w) for d in DTYPES for w in WAYS if w != "onednn" or d == torch.float32]
 WAY_IDS = [f"{d}-{w}" for d, w in WAY_CASES]
-
-
-@pytest.fixture
-def cpu_way(use_backend, monkeypatch):
-    """cpu_way(dtype, way): the CPU backend, with every shape of dtype taking that way."""
-    def force(dtype, way):
-        use_backend("cpu")
-        monkeypatch.setattr(attention_cpu, "FITS", {**attention_cpu.FITS, dtype: way})
-        monkeypatch.setattr(attention_cpu, "FUSED_FROM_KEYS", {})
-        monkeypatch.setattr(attention_cpu, "FUSED_BELOW_KEYS", {})
-        monkeypatch.setattr(attention_cpu, "CAUSAL_FUSED_FROM_KEYS", {})
-        monkeypatch.setattr(attention_cpu, "SMALL16_FROM_HEADS", 0)  # bf16 "small" with any head count
-        monkeypatch.setattr(attention_cpu, "SMALL32_FROM", None)  # fp32 "small" at any size (Intel's limits off)
-    return force
+# (the cpu_way fixture, which forces a way: conftest.py)
 
 
 def _inputs(layout, dtype, b=2, h=3, nq=21, nk=21, d=40):

@@ -20,11 +20,15 @@ _onednn_gemms, path = dit_tiny.onednn_gemms, dit_tiny.path
 _pair = block_pair  # (reference block, genfast block) with the same random weights
 
 
+@pytest.mark.parametrize("in_node", [True, False], ids=["attention-in-node", "attention-apart"])
 @pytest.mark.parametrize("bias_in_gated", [False, True], ids=["bias-sums", "bias-in-gated"])
 @pytest.mark.parametrize("backend,onednn", [("cpu", True), ("cpu", False), ("reference", True)])
-def test_fused_equals_eager_fp32(backend, onednn, bias_in_gated, use_backend, path, monkeypatch):
-    """onednn=False: the GEMM way GPUs take (torch's GEMMs, q/k/v grads read as three row blocks)."""
+def test_fused_equals_eager_fp32(backend, onednn, bias_in_gated, in_node, use_backend, path, monkeypatch):
+    """onednn=False with the attention apart: the GEMM way GPUs take (torch's GEMMs, q/k/v grads read
+    as three row blocks). in_node: the CPU kernels' attention inside the first node (_AttnHalf, q/k/v
+    grads in one [B*N, 3C] buffer); the reference backend keeps the attention op apart."""
     monkeypatch.setattr(genfast.ops.linear, "USE_ONEDNN", onednn)
+    monkeypatch.setattr(dit_block, "ATTENTION_IN_NODE", in_node)
     _bias_in_gated(monkeypatch, bias_in_gated)
     use_backend(backend)
     path(True)
@@ -32,7 +36,8 @@ def test_fused_equals_eager_fp32(backend, onednn, bias_in_gated, use_backend, pa
     x, c = torch.randn(2, 37, 64, requires_grad=True), torch.randn(2, 64, requires_grad=True)
     g = torch.randn(2, 37, 64)
     got, want = _run(ours, x, c, g), _run(ref, x, c, g)
-    assert {"_AttnInBackward", "_BlockOutBackward"} <= _nodes(got[0])
+    first = "_AttnHalfBackward" if in_node and backend == "cpu" else "_AttnInBackward"
+    assert {first, "_BlockOutBackward"} <= _nodes(got[0])
     for name, a, b in zip(_names(ours), got, want):
         # fp32 sums of hundreds of terms with |grad| up to ~500: an absolute floor scaled to the value
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()), msg=name)

@@ -123,6 +123,40 @@ def test_inference_temporaries_reused_across_blocks_and_calls(onednn, use_backen
         assert torch.equal(a, b), i
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("way", ["small", "onednn", "sdpa", "heads"])
+def test_attention_in_node_on_every_cpu_way(way, dtype, cpu_way, path, monkeypatch):
+    """CPU training takes the attention inside the first node (_AttnHalf) on every CPU attention way:
+    the ways that write given buffers ("small", "onednn") hand dq, dk, dv over in one [B*N, 3C]
+    buffer (the qkv projection's gradients from one GEMM-gradient call), the others their own
+    tensors (three row blocks: _qkv_grads); forward and every gradient as eager within its error."""
+    from genfast.ops import attention_cpu_fp32
+
+    if way == "onednn" and dtype != torch.float32:
+        pytest.skip("the onednn way is fp32 only")
+    if way == "small" and not attention_cpu_fp32.small_supports(dtype, 16):
+        pytest.skip("the small way needs AVX-512 with BF16")
+    monkeypatch.setattr(genfast.ops.linear, "USE_ONEDNN", False)  # torch's GEMMs: _qkv_grads's three blocks
+    cpu_way(dtype, way)
+    path(True)
+    calls = []
+    for name in ("_lin_grads", "_qkv_grads"):
+        fn = getattr(dit_block, name)
+        monkeypatch.setattr(dit_block, name, lambda dy, *a, fn=fn, name=name: calls.append(
+            (name, tuple(dy.shape) if name == "_lin_grads" else len(dy))) or fn(dy, *a))
+    ref, ours = _pair(dtype=dtype, std=0.05)
+    x, c = torch.randn(2, 37, 64, dtype=dtype), torch.randn(2, 64, dtype=dtype)
+    g = torch.randn(2, 37, 64, dtype=dtype)
+    got = _run(ours, x.requires_grad_(), c.requires_grad_(), g)
+    assert "_AttnHalfBackward" in dit_tiny._nodes(got[0])
+    one = way in ("small", "onednn")
+    assert (("_lin_grads", (74, 192)) in calls) == one and (("_qkv_grads", 3) in calls) != one, calls
+    want = _run(ref, x, c, g)
+    high = _run(_pair(dtype=torch.float64, std=0.05)[0], x.double(), c.double(), g.double())
+    for name, a, lo, hi in zip(_names(ours), got, want, high):
+        assert_within_reference_error(name, a, lo, hi, floor=1e-5 if dtype == torch.float32 else 1e-3)
+
+
 def _run_params(chain, blocks, x, c, g):
     """[g, out, dx, dc, *dparams of both blocks]."""
     xi, ci = x.clone().requires_grad_(), c.clone().requires_grad_()

@@ -113,6 +113,24 @@ def _fused_directly(q, k, v, causal=False, grad=True):
     return way == "sdpa" and attention_cpu.variant(q, nk, buffers=2, causal=causal) == "sdpa"
 
 
+def cpu_self_attention(q, k, v, out=None, keep_p=False):
+    """The op's CPU forward (its default scale, no mask, not causal), for callers whose q, k, v are
+    checked views (genfast.ops.dit_block's fused path, which keeps the output in a buffer of its own
+    and, training, runs the backward itself: cpu_self_attention_backward). out: None or a buffer in
+    the op's output layout (_out_layout). Returns (out, lse, p or None); keep_p: p kept for the
+    backward where _can_keep_p allows."""
+    keep_p = keep_p and _can_keep_p(q, k)
+    out = _out_layout(q) if out is None else out
+    out, lse, *p = attention_cpu.forward(q, k, v, None, False, q.shape[-1] ** -0.5, None, out, keep_p=keep_p)
+    return out, lse, p[0] if p else None
+
+
+def cpu_self_attention_backward(dout, q, k, v, out, lse, p, grads):
+    """(dq, dk, dv) of cpu_self_attention: written into grads (unit last strides) where the CPU way
+    writes given buffers, else the way's own tensors."""
+    return attention_cpu.backward(dout, q, k, v, out, lse, None, False, q.shape[-1] ** -0.5, p=p, grads=grads)
+
+
 def _can_keep_p(q, k):
     """Whether the forward may keep p for the backward: a function of device, dtype and shapes (and
     GENFAST_BACKEND), so eager, the fake and compiled code agree."""

@@ -401,15 +401,17 @@ def forward(q, k, v, mask, causal, scale, fully_masked, out, keep_p=False):
     return out, lse.view(b, h, nq)
 
 
-def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None):
+def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None, grads=None):
     """(dq, dk, dv) in q's dtype, in the layout the way writes them: torch's fused kernel [B, N, H,
     D] memory, the others contiguous (a batched GEMM into a strided view runs a naive loop in fp32,
     ~30x slower, torch 2.13). lse as forward() returned it (either way: the flash kernel's
     log-sum-exp and the rows' are the same quantity); p as kept by forward() (normalised
-    probabilities whichever way kept them, so either way's backward reads them)."""
+    probabilities whichever way kept them, so either way's backward reads them). grads: None or
+    (dq, dk, dv) buffers with unit last strides that the "small" and "onednn" ways write into
+    (and return); the other ways return their own."""
     way = variant(q, k.shape[2], buffers=2, causal=causal)
     if way == "small" and q.dtype == torch.bfloat16:
-        grads = _grad_buffers(q, k, v, tokens_outer=False)
+        grads = _grad_buffers(q, k, v, tokens_outer=False) if grads is None else grads
         return attention_cpu_fp32.small_backward(dout, q, k, v, out, lse, _mask_bytes(mask), causal, scale, grads,
                                                  _small_block_bytes(q.dtype), p)
     if p is not None and way != "small":
@@ -421,7 +423,7 @@ def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None):
             attn_mask=am, scale=scale)
         return dq, dk, dv
     if way in ("onednn", "small"):  # gradients straight into the fused kernel's layout (may_use_fused(fp32))
-        grads = _grad_buffers(q, k, v, tokens_outer=True)
+        grads = _grad_buffers(q, k, v, tokens_outer=True) if grads is None else grads
         if way == "onednn":
             return attention_cpu_fp32.backward(dout, q, k, v, out, lse, _mask_bytes(mask), causal, scale, grads)
         return attention_cpu_fp32.small_backward(dout, q, k, v, out, lse, _mask_bytes(mask), causal, scale, grads,
