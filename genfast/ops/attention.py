@@ -51,13 +51,14 @@ def attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None):
         [B, H, Nq, D] in q's dtype. Rows with every key masked are zeros (and get zero gradients).
     """
     _check(q, k, v, causal, scale, key_padding_mask)
+    name = backend_for(q)  # once a call (a lookup costs ~1 us; tiny CPU calls are host-bound)
     if key_padding_mask is None:
-        out = sdpa_attention(q, k, v, causal, scale)
+        out = sdpa_attention(q, k, v, causal, scale, name)
         if out is not None:
             return out
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if key_padding_mask is None and _fused_directly(q, k, v, causal, grad):
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if key_padding_mask is None and _fused_directly(q, k, v, causal, grad, name):
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
         return out if _has_out_layout(q, out) else _out_layout(q).copy_(out)
     if backends.forced() == "sdpa":
@@ -74,11 +75,11 @@ def attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None):
     return _fwd_impl(q, k, v, key_padding_mask, bool(causal), scale)[0]
 
 
-def sdpa_attention(q, k, v, causal=False, scale=None):
+def sdpa_attention(q, k, v, causal=False, scale=None, name=None):
     """The unmasked call on the "sdpa" way (torch's scaled_dot_product_attention, as users call it; scale
     None: SDPA's 1/sqrt(D)), or None where genfast's kernels serve it. For callers whose q, k, v are
-    already checked (attention() above, genfast.ops.dit_block)."""
-    if not _sdpa_way(q, k):
+    already checked (attention() above, genfast.ops.dit_block); name: backend_for(q) if known."""
+    if not _sdpa_way(q, k, name):
         return None
     if q.numel() == 0:  # torch 2.11's CUDA SDPA returned None for an empty fp16/bf16 batch (H200)
         return torch.matmul(q, k.transpose(-2, -1)).softmax(-1).matmul(v)  # empty, with zero grads for k, v
@@ -86,30 +87,35 @@ def sdpa_attention(q, k, v, causal=False, scale=None):
         q, k, v, is_causal=causal, scale=None if scale is None else float(scale))
 
 
-def _sdpa_way(q, k):
+def _sdpa_way(q, k, name=None):
     """Calls that torch's scaled_dot_product_attention serves, forward and backward under its own
     autograd (the backend "sdpa": on GPUs, fp16/bf16, measured faster than genfast's kernels;
     see backends.PREFERENCE). Never with a key mask (the caller checks) or without keys (genfast
     gives zeros there, SDPA NaN)."""
-    return k.shape[2] > 0 and (q.numel() > 0 or backends.forced() == "sdpa") and backend_for(q) == "sdpa"
-
-
-def _fused_directly(q, k, v, causal=False, grad=True):
-    """Eager CPU calls (without a key mask) whose way is torch's fused kernel with nothing around it:
-    forward and backward, or (grad False) a forward alone that keeps no p where
-    attention_cpu.FUSED_WITHOUT_P sends it there (small bf16 cases on AMX CPUs). torch's own SDPA runs that same
-    kernel under its C++ autograd, which saves this op's dispatch and Python autograd wrapper (~20 us
-    a forward, ~70 us forward and backward). Same kernel, numbers and output/gradient layouts as the
-    op (which compiled code keeps using). Unit last strides only (the op copies other views first);
-    no key mask: no fully masked row to zero."""
-    if q.device.type != "cpu" or torch.compiler.is_compiling() or q.numel() == 0 or k.shape[2] == 0:
+    if k.shape[2] == 0 or (name or backend_for(q)) != "sdpa":
         return False
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or _kernel_for(q) != "cpu":
+    return q.numel() > 0 or backends.forced() == "sdpa"
+
+
+def _fused_directly(q, k, v, causal=False, grad=True, name=None):
+    """Eager CPU calls (without a key mask) whose way is torch's fused kernel with nothing around it:
+    forward and backward, or (grad False) a forward alone on that kernel, where the forward's way
+    says so or attention_cpu.FUSED_WITHOUT_P sends it there (small bf16 cases on AMX CPUs). torch's
+    own SDPA runs that same kernel under its C++ autograd, which saves this op's dispatch and Python
+    autograd wrapper (~20 us a forward, ~70 us forward and backward). Same kernel, numbers and
+    output/gradient layouts as the op (which compiled code keeps using). Unit last strides only (the
+    op copies other views first); no key mask: no fully masked row to zero. name: backend_for(q) if
+    known (on CPU tensors the same as _kernel_for(q) wherever it is not "sdpa")."""
+    if not q.is_cpu or q.numel() == 0 or k.shape[2] == 0 or torch.compiler.is_compiling():
+        return False
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return False
+    if (name if name is not None and name != "sdpa" else _kernel_for(q)) != "cpu":
         return False
     nk = k.shape[2]
     way = attention_cpu.variant(q, nk, causal=causal)
-    if not grad and attention_cpu.fused_without_p(q, way, nk):
-        return True
+    if not grad:
+        return way == "sdpa" or attention_cpu.fused_without_p(q, way, nk)
     return way == "sdpa" and attention_cpu.variant(q, nk, buffers=2, causal=causal) == "sdpa"
 
 
@@ -140,6 +146,30 @@ def _can_keep_p(q, k):
 
 
 def _check(q, k, v, causal, scale, mask):
+    if not _plainly_valid(q, k, v, causal, scale, mask):
+        _check_each(q, k, v, causal, scale, mask)
+
+
+_CHECK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _plainly_valid(q, k, v, causal, scale, mask):
+    """The common valid call (plain tensors, no mask, a float or no scale), recognised in ~1 us where
+    _check_each takes ~2.6 (tiny CPU calls are host-bound); False sends a call to _check_each, which
+    names the first problem or passes it."""
+    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
+        return False
+    if mask is not None or type(causal) is not bool or not (scale is None or type(scale) is float and math.isfinite(scale)):
+        return False
+    qs, ks = q.shape, k.shape
+    if len(qs) != 4 or ks != v.shape or len(ks) != 4 or qs[0] != ks[0] or qs[1] != ks[1] or qs[3] != ks[3]:
+        return False
+    if not 1 <= qs[3] <= MAX_HEAD_DIM or q.dtype not in _CHECK_DTYPES or not q.dtype == k.dtype == v.dtype:
+        return False
+    return (q.is_cpu and k.is_cpu and v.is_cpu) or q.device == k.device == v.device
+
+
+def _check_each(q, k, v, causal, scale, mask):
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float_tensor(name, t)
         if t.dim() != 4:
@@ -303,7 +333,7 @@ def _fwd_run(q, k, v, mask, causal, scale, keep_p):
 def _heads_outer(q):
     """The output keeps [B, H, Nq, D] memory (see _out_layout): CPU tensors whose heads are outer to
     their tokens."""
-    return q.device.type == "cpu" and not q.stride(1) < q.stride(2)
+    return q.is_cpu and not q.stride(1) < q.stride(2)
 
 
 def _has_out_layout(q, out):
