@@ -1,4 +1,5 @@
-"""The DiT block (adaLN-Zero) in three autograd nodes instead of ~25: genfast.nn.DiTBlock's eager path.
+"""The DiT block (adaLN-Zero) in three autograd nodes instead of ~25 (two on CPU kernels, where the
+attention joins the first): genfast.nn.DiTBlock's eager path.
 
     attention half, in:   q, k, v = views of modulate(x, shift1, scale1) Wqkv^T + bqkv  (_AttnIn)
     attention:            o = attention(q, k, v)       (torch's SDPA on GPUs, its C++ autograd node;
