@@ -408,6 +408,7 @@ def test_small_way_under_threads(dtype, use_backend, monkeypatch):
     monkeypatch.setattr(attention_cpu, "FITS", {**attention_cpu.FITS, dtype: "small"})
     monkeypatch.setattr(attention_cpu, "SMALL16_FROM_HEADS", 0)  # bf16 "small" with one head too
     monkeypatch.setattr(attention_cpu, "SMALL32_FROM", None)  # fp32 too (Intel: from 2 heads a thread)
+    monkeypatch.setattr(attention_cpu, "TINY16", None)
     g = torch.Generator().manual_seed(7)
     cases = [[torch.randn(1, h, n, 40, generator=g).to(dtype).requires_grad_(True) for _ in range(3)]
              for h, n in ((1, 70), (3, 129), (2, 257), (1, 100))]

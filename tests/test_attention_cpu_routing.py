@@ -84,6 +84,30 @@ def test_fused_without_p_by_size(monkeypatch):
     assert not fused(1, 2, 64, 64)
 
 
+def test_tiny_bf16_takes_torchs_kernel(monkeypatch):
+    """TINY16 (AMX CPUs): bf16 cases with fewer than 2 (batch, head) pairs a thread and under 4096
+    scores take torch's fused kernel both ways; more pairs or more scores keep "small"; None (the
+    other CPUs' tables) never; fp32 is not affected."""
+    from genfast.ops import attention_cpu_fp32
+
+    monkeypatch.setattr(attention_cpu_fp32, "_SMALL", True)
+    monkeypatch.setattr(attention_cpu, "_threads", lambda: 2)
+    monkeypatch.setattr(attention_cpu, "FITS", {**attention_cpu.FITS, torch.bfloat16: "small"})
+    monkeypatch.setattr(attention_cpu, "SMALL16_FROM_HEADS", 0)
+    monkeypatch.setattr(attention_cpu, "TINY16", (2, 4096))
+
+    def way(b, h, n, buffers=1, d=32, dtype=torch.bfloat16):
+        return attention_cpu.variant(torch.empty(b, h, n, d, dtype=dtype, device="meta"), n, buffers)
+
+    assert way(1, 1, 16) == way(1, 2, 16, buffers=2) == way(1, 2, 32, d=64, buffers=2) == "sdpa"
+    assert way(1, 4, 16) == way(2, 2, 16, d=64) == way(1, 1, 64) == way(1, 2, 64, buffers=2) == "small"
+    monkeypatch.setattr(attention_cpu, "SMALL32_FROM", None)
+    monkeypatch.setattr(attention_cpu, "FUSED_BELOW_KEYS", {})
+    assert way(1, 1, 16, dtype=torch.float32) == "small"
+    monkeypatch.setattr(attention_cpu, "TINY16", None)
+    assert way(1, 1, 16) == "small"
+
+
 def test_small_block_rows():
     """Query rows per block of the "small" way: within the budget, at least one, at most Nq; from 32
     rows on a multiple of 32 (AMX tiles take 16 / 32 rows) unless the block is the whole head."""

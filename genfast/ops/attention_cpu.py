@@ -177,6 +177,14 @@ def tables_for_cpu(vendor, amx):
 # kept (see tables_for_cpu); None: wherever FITS / LONG say.
 FITS, LONG, FUSED_WITHOUT_P, SMALL16_FROM_HEADS, SMALL32_FROM = tables_for_cpu(
     cpu_vendor(), attention_cpu_fp32.AMX_AVAILABLE)
+# bf16 on AMX CPUs: "small" cases with fewer (batch, head) pairs per thread than TINY16[0] and under
+# TINY16[1] scores take torch's fused kernel both ways (torch's C++ autograd when called directly):
+# a "small" forward + backward has a ~190 us floor there (a Python node, buffers, two C++ calls)
+# where torch's costs ~30 us a head. Xeon, 2 threads, paired, torch SDPA time / "small" time:
+# 1x1x16x32 0.64, 1x2x16x32 0.73, 1x2x32x64 0.74 (0.86-0.89 on torch's kernel through
+# genfast.attention), but 1x4x16x32 1.04, 2x2x16x64 1.05, 1x1x64x64 1.12, 1x2x64x64 1.04, and
+# 1.6-4.3 from 2048 scores and 4 pairs on. None: no such cases (unmeasured without AMX).
+TINY16 = (2, 4096) if attention_cpu_fp32.AMX_AVAILABLE else None
 # From this many keys on, torch's fused kernel whatever FITS says: it runs an fp32 1024-token
 # forward at ~92 % of the sgemm peak, which two GEMMs and a softmax pass between them cannot beat
 # (matters only where FITS picks "heads" for that dtype; see the table above).
@@ -218,6 +226,8 @@ def variant(q, nk, buffers=1, causal=False):
     fits = buffers * q.shape[2] * nk * q.element_size() <= SCORE_BYTES
     way = (FITS if fits else LONG).get(q.dtype, "sdpa")
     if way == "small":
+        if q.dtype == torch.bfloat16 and TINY16 is not None and _tiny(q, nk, TINY16):
+            return "sdpa"
         supported = attention_cpu_fp32.small_supports(q.dtype, q.shape[3])
         if q.dtype == torch.bfloat16 and (not supported or q.shape[0] * q.shape[1] < SMALL16_FROM_HEADS * _threads()):
             # no AVX-512 BF16, an odd head dim (the kernels read pairs), or too few heads to keep
@@ -230,6 +240,12 @@ def variant(q, nk, buffers=1, causal=False):
     if way == "onednn" and not (q.dtype == torch.float32 and onednn_available()):
         way = "sdpa"  # fp32 only; a torch build without oneDNN keeps the fused kernel
     return way
+
+
+def _tiny(q, nk, limits):
+    """Fewer (batch, head) pairs per thread than limits[0] and fewer scores than limits[1]."""
+    b, h, nq, _ = q.shape
+    return b * h < limits[0] * _threads() and b * h * nq * nk < limits[1]
 
 
 def _small32_pays(q, nk, buffers):
