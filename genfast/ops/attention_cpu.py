@@ -33,7 +33,7 @@ thread: "heads", or "rows" where one head's scores do not fit). The tables depen
 (tables_for_cpu): on Intel CPUs fp32 takes "small" only from 2 (batch, head) pairs per thread and
 2^18 scores on, and its backward only where the forward kept p (SMALL32_FROM; "sdpa" otherwise),
 and with AMX bf16 takes "small" (on AMX tiles) at any head count, except small forwards that keep
-no p: "sdpa" (FUSED_WITHOUT_P), their backward "small". The tables below are the AMD EPYC's; the Intel Xeon's (AMX) are in
+no p: "sdpa" (FUSED_WITHOUT_P), their backward "small", and the tiniest cases: "sdpa" (TINY16). The tables below are the AMD EPYC's; the Intel Xeon's (AMX) are in
 tables_for_cpu.
 bf16 per way, GENFAST_BENCH_WAYS=1 pytest benchmarks/test_attention.py -k "attention_forward and
 bf16", 2026-11-26 (ms, fwd+bwd / fwd, one run, glibc's default malloc; the machine ran slow that
