@@ -85,9 +85,9 @@ def test_fused_without_p_by_size(monkeypatch):
 
 
 def test_tiny_bf16_takes_torchs_kernel(monkeypatch):
-    """TINY16 (AMX CPUs): bf16 cases with fewer than 2 (batch, head) pairs a thread and under 4096
-    scores take torch's fused kernel both ways; more pairs or more scores keep "small"; None (the
-    other CPUs' tables) never; fp32 is not affected."""
+    """TINY16 (AMX CPUs): unmasked bf16 cases with fewer than 2 (batch, head) pairs a thread and under
+    4096 scores take torch's fused kernel both ways; masked ones, more pairs or more scores keep
+    "small"; None (the other CPUs' tables) never; fp32 is not affected."""
     from genfast.ops import attention_cpu_fp32
 
     monkeypatch.setattr(attention_cpu_fp32, "_SMALL", True)
@@ -96,10 +96,11 @@ def test_tiny_bf16_takes_torchs_kernel(monkeypatch):
     monkeypatch.setattr(attention_cpu, "SMALL16_FROM_HEADS", 0)
     monkeypatch.setattr(attention_cpu, "TINY16", (2, 4096))
 
-    def way(b, h, n, buffers=1, d=32, dtype=torch.bfloat16):
-        return attention_cpu.variant(torch.empty(b, h, n, d, dtype=dtype, device="meta"), n, buffers)
+    def way(b, h, n, buffers=1, d=32, dtype=torch.bfloat16, masked=False):
+        return attention_cpu.variant(torch.empty(b, h, n, d, dtype=dtype, device="meta"), n, buffers, masked=masked)
 
     assert way(1, 1, 16) == way(1, 2, 16, buffers=2) == way(1, 2, 32, d=64, buffers=2) == "sdpa"
+    assert way(1, 1, 16, masked=True) == way(1, 2, 16, buffers=2, masked=True) == "small"
     assert way(1, 4, 16) == way(2, 2, 16, d=64) == way(1, 1, 64) == way(1, 2, 64, buffers=2) == "small"
     monkeypatch.setattr(attention_cpu, "SMALL32_FROM", None)
     monkeypatch.setattr(attention_cpu, "FUSED_BELOW_KEYS", {})

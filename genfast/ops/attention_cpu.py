@@ -183,7 +183,8 @@ FITS, LONG, FUSED_WITHOUT_P, SMALL16_FROM_HEADS, SMALL32_FROM = tables_for_cpu(
 # where torch's costs ~30 us a head. Xeon, 2 threads, paired, torch SDPA time / "small" time:
 # 1x1x16x32 0.64, 1x2x16x32 0.73, 1x2x32x64 0.74 (0.86-0.89 on torch's kernel through
 # genfast.attention), but 1x4x16x32 1.04, 2x2x16x64 1.05, 1x1x64x64 1.12, 1x2x64x64 1.04, and
-# 1.6-4.3 from 2048 scores and 4 pairs on. None: no such cases (unmeasured without AMX).
+# 1.6-4.3 from 2048 scores and 4 pairs on. Not with a key mask: torch's kernel around an additive
+# mask lost there (1x2x16x32 358 vs 218 us; causal a tie). None: unmeasured (no AMX).
 TINY16 = (2, 4096) if attention_cpu_fp32.AMX_AVAILABLE else None
 # From this many keys on, torch's fused kernel whatever FITS says: it runs an fp32 1024-token
 # forward at ~92 % of the sgemm peak, which two GEMMs and a softmax pass between them cannot beat
@@ -216,9 +217,9 @@ def _threads():
     return torch.get_num_threads()
 
 
-def variant(q, nk, buffers=1, causal=False):
+def variant(q, nk, buffers=1, causal=False, masked=False):
     """'small', 'heads', 'rows', 'onednn' or 'sdpa' for q [B, H, Nq, D] against nk keys (buffers: 1
-    fwd, 2 bwd)."""
+    fwd, 2 bwd; masked: with a key padding mask)."""
     if nk >= FUSED_FROM_KEYS.get(q.dtype, nk + 1) or nk < FUSED_BELOW_KEYS.get(q.dtype, 0):
         return "sdpa"
     if causal and nk >= CAUSAL_FUSED_FROM_KEYS.get(q.dtype, nk + 1):
@@ -226,7 +227,7 @@ def variant(q, nk, buffers=1, causal=False):
     fits = buffers * q.shape[2] * nk * q.element_size() <= SCORE_BYTES
     way = (FITS if fits else LONG).get(q.dtype, "sdpa")
     if way == "small":
-        if q.dtype == torch.bfloat16 and TINY16 is not None and _tiny(q, nk, TINY16):
+        if q.dtype == torch.bfloat16 and TINY16 is not None and not masked and _tiny(q, nk, TINY16):
             return "sdpa"
         supported = attention_cpu_fp32.small_supports(q.dtype, q.shape[3])
         if q.dtype == torch.bfloat16 and (not supported or q.shape[0] * q.shape[1] < SMALL16_FROM_HEADS * _threads()):
@@ -369,7 +370,7 @@ def forward(q, k, v, mask, causal, scale, fully_masked, out, keep_p=False):
     """Writes out (genfast.ops' [B, H, Nq, D] output, whatever its memory layout); returns (out, lse
     [B, H, Nq] fp32 contiguous, +inf on fully masked rows), and p [B, H, Nq, Nk] with keep_p
     (only where keeps_p() says so)."""
-    way = variant(q, k.shape[2], causal=causal)
+    way = variant(q, k.shape[2], causal=causal, masked=mask is not None)
     # with a key mask, torch's kernel needs an additive mask and fixes for fully masked rows around
     # it: "small" (masks in its rows) is faster there at every size measured (bf16 1x2x64x64 49 vs
     # 82 us, 2x16x17x72 75 vs 146, 1x1x512x72 246 vs 263)
@@ -425,7 +426,7 @@ def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None, grads=None):
     probabilities whichever way kept them, so either way's backward reads them). grads: None or
     (dq, dk, dv) buffers with unit last strides that the "small" and "onednn" ways write into
     (and return); the other ways return their own."""
-    way = variant(q, k.shape[2], buffers=2, causal=causal)
+    way = variant(q, k.shape[2], buffers=2, causal=causal, masked=mask is not None)
     if way == "small" and q.dtype == torch.bfloat16:
         grads = _grad_buffers(q, k, v, tokens_outer=False) if grads is None else grads
         return attention_cpu_fp32.small_backward(dout, q, k, v, out, lse, _mask_bytes(mask), causal, scale, grads,
