@@ -129,8 +129,7 @@ def block_forward(block, x, c, eps=1e-6):
         if grad:
             q, k, v = _AttnIn.apply(x, shift1, scale1, wq, bq, eps, heads)
         else:  # inference: every intermediate is dropped by the next step, so each is a reused buffer (_temp)
-            m = _modulate_impl(x, shift1, scale1, eps, False, _temp("m", x.shape, x))[0].view(b * n, ch)
-            q, k, v = _heads(_lin(m, wq, bq, lambda: _temp("qkv", (b * n, 3 * ch), m)), b, n, heads)
+            q, k, v = _heads(_modulated_qkv(x, shift1, scale1, wq, bq, eps, _temp)[3], b, n, heads)
         # q, k, v are well-formed views here: genfast.attention's checks can be skipped
         o = _attention_ops.sdpa_attention(q, k, v)
         if o is None and not grad and cpu_kernels:  # the output into a reused buffer, [B, N, H, D] memory
@@ -232,14 +231,11 @@ class _AttnIn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, shift, scale, w, bias, eps, heads):
-        b, n, ch = x.shape
-        m, mean, rstd = _modulate_impl(x, shift, scale, eps, False, _saved_buf("m", x.shape, x))
-        m2 = m.view(b * n, ch)
+        b, n, _ = x.shape
+        m2, mean, rstd, qkv = _modulated_qkv(x, shift, scale, w, bias, eps, _saved_buf)
         ctx.save_for_backward(x, shift, scale, mean, rstd, m2, w)
         ctx.eps, ctx.has_bias = eps, bias is not None
-        qkv = _lin(m2, w, bias, lambda: _saved_buf("qkv", (b * n, w.shape[0]), x))
-        qkv = qkv.view(b, n, 3, heads, ch // heads).permute(2, 0, 3, 1, 4)
-        return qkv.unbind(0)
+        return _heads(qkv, b, n, heads)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -247,6 +243,16 @@ class _AttnIn(torch.autograd.Function):
         x, shift, scale, mean, rstd, m2, w = ctx.saved_tensors
         return _in_grads(ctx.needs_input_grad, (dq, dk, dv), None, x, shift, scale, mean, rstd, m2, w, ctx.eps,
                          ctx.has_bias)
+
+
+def _modulated_qkv(x, shift, scale, w, bias, eps, buffer):
+    """(m2 [B*N, C], mean, rstd, qkv [B*N, 3C]): modulate(x, shift, scale) and its qkv projection, in
+    buffers from buffer(name, shape, like): _saved_buf when training (the backward reads them), _temp
+    for inference."""
+    b, n, ch = x.shape
+    m, mean, rstd = _modulate_impl(x, shift, scale, eps, False, buffer("m", x.shape, x))
+    m2 = m.view(b * n, ch)
+    return m2, mean, rstd, _lin(m2, w, bias, lambda: buffer("qkv", (b * n, w.shape[0]), x))
 
 
 def _in_grads(need, grads, dqkv, x, shift, scale, mean, rstd, m2, w, eps, has_bias):
@@ -278,9 +284,7 @@ class _AttnHalf(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, scale, w, bias, eps, heads):
         b, n, ch = x.shape
-        m, mean, rstd = _modulate_impl(x, shift, scale, eps, False, _saved_buf("m", x.shape, x))
-        m2 = m.view(b * n, ch)
-        qkv = _lin(m2, w, bias, lambda: _saved_buf("qkv", (b * n, w.shape[0]), x))
+        m2, mean, rstd, qkv = _modulated_qkv(x, shift, scale, w, bias, eps, _saved_buf)
         q, k, v = _heads(qkv, b, n, heads)
         buf = _saved_buf("o", (b, n, heads, ch // heads), x)
         o, lse, p = _attention_ops.cpu_self_attention(q, k, v, buf.transpose(1, 2) if buf is not None else None,
