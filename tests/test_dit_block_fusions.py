@@ -9,7 +9,7 @@ from torch import nn
 import genfast.nn
 from genfast import reference
 from genfast.ops import dit_block
-from genfast.testing import assert_within_reference_error
+from genfast.testing import assert_within_reference_error, backends_to_test
 
 import dit_tiny  # (tests/ on sys.path: conftest.py)
 from dit_tiny import _bias_in_gated, _names, _run, block_pair
@@ -18,6 +18,7 @@ from dit_tiny import _bias_in_gated, _names, _run, block_pair
 _onednn_gemms, path = dit_tiny.onednn_gemms, dit_tiny.path
 
 _pair = block_pair  # (reference block, genfast block) with the same random weights
+CPU_BACKENDS = [b for d, b in backends_to_test() if d == "cpu"]
 
 
 def _cpu_bias_fusions(monkeypatch, use_backend, path, gated, gelu):
@@ -165,7 +166,7 @@ def _run_params(chain, blocks, x, c, g):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend", ["reference", "cpu", "cuda_emu", "triton"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)  # Triton on CPU tensors only under the interpreter (no GPU)
 def test_fused_with_every_gradient_fusion_as_on_gpus(backend, dtype, use_backend, path, monkeypatch):
     """The GPU defaults on CPU tensors through the GPU kernels (CUDA emulation, Triton interpreter):
     proj / fc2 bias gradients from the gated backward, fc1's from the GELU backward

@@ -67,6 +67,19 @@ __device__ __forceinline__ float round_to(float v) {
   else if constexpr (DT == kFloat16) return __half2float(__float2half_rn(v));
   else return __bfloat162float(__float2bfloat16_rn(v));
 }
+// The modulate kernels' arithmetic with each rounding spelled out (__fmul_rn is never contracted,
+// fmaf always is), so that every kernel and load order gives the same bits on a GPU: left to itself,
+// nvcc contracted a * b + c into an FMA in some instances and not in others (session 17, H200).
+// out = xhat * (1 + scale) + shift,  xhat = (x - mean) * rstd
+__device__ __forceinline__ float modulate_one(float x, float mean, float rstd, float scale, float shift,
+                                              bool has_shift) {
+  const float xh = __fmul_rn(x - mean, rstd);
+  return has_shift ? fmaf(xh, 1.f + scale, shift) : __fmul_rn(xh, 1.f + scale);
+}
+// dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+__device__ __forceinline__ float modulate_dx(float dxh, float xh, float ma, float mb, float rstd) {
+  return __fmul_rn(rstd, fmaf(-xh, mb, dxh - ma));
+}
 __device__ __forceinline__ float load_elem(const void* base, int64_t i, int dtype) {
   return dtype == kFloat32 ? load_elem<kFloat32>(base, i)
          : dtype == kFloat16 ? load_elem<kFloat16>(base, i) : load_elem<kBFloat16>(base, i);
@@ -183,11 +196,12 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 }
 
 // ---- host side ------------------------------------------------------------------------------
-// Blocks of `kernel` (launched with `threads` threads) the whole device holds at once, cached per
-// device in `cache` (one std::atomic<int>[64] per kernel instantiation). A failed query falls back
+// Blocks of `kernel` (launched with `threads` threads and `smem` bytes of dynamic shared memory) the
+// whole device holds at once, cached per device in `cache` (one std::atomic<int>[64] per kernel
+// instantiation and smem). A failed query falls back
 // to H100-like figures and clears the error it left, so it is not mistaken for a launch error.
 template <class Kernel>
-inline int64_t resident_blocks(Kernel kernel, int threads, std::atomic<int>* cache) {
+inline int64_t resident_blocks(Kernel kernel, int threads, std::atomic<int>* cache, size_t smem = 0) {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
     (void)cudaGetLastError();
@@ -197,7 +211,7 @@ inline int64_t resident_blocks(Kernel kernel, int threads, std::atomic<int>* cac
   if (!cap) {
     int sms = 0, occ = 0;
     if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) sms = 132;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, threads, 0) != cudaSuccess || occ <= 0) occ = 4;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, threads, smem) != cudaSuccess || occ <= 0) occ = 4;
     (void)cudaGetLastError();
     cap = sms * occ;
     cache[dev].store(cap, std::memory_order_relaxed);

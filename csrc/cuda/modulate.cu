@@ -7,7 +7,7 @@
 //    fp16 / bf16 forward with per-sample scale / shift and C <= 1280 (DiT-XL's 1152): the
 //    streaming kernel, a warp taking several rows with the next row's loads in flight
 //    (stream_rows; GENFAST_MODULATE_FWD_ROWS=1 keeps the one-row kernel, for GPU A/B timings); the
-//    per-sample backward's warps likewise load a row ahead (GENFAST_MODULATE_BWD_STREAM=0: off).
+//    per-sample backward's warps likewise load a row ahead where the grid fits one wave (stream_bwd).
 //  - wider rows: one block (128 threads) per row, block reductions, x re-read from L1/L2 in each
 //    pass; per sample, one block per (row chunk, sample) that walks its rows and accumulates in
 //    its own fp32 partial row in global memory (only this block touches it).
@@ -74,14 +74,14 @@ __global__ void __launch_bounds__(kThreads) modulate_fwd_wide_kernel(const Modul
   float q = 0.f;  // mean((x - mean)^2), never E[x^2] - mean^2
   for (int64_t c = tid; c < C; c += kThreads) {
     const float d = dev::load_elem<DT>(x, c) - mean;
-    q += d * d;
+    q = fmaf(d, d, q);
   }
   // Correctly rounded sqrt and reciprocal as inline instructions (the IEEE 1/sqrtf path is a
   // subroutine call that cost a stack frame and a spill on sm_80); same values as the C++ kernel.
   const float rstd = __frcp_rn(__fsqrt_rn(dev::block_sum(q, scratch) * inv_c + p.eps));
   for (int64_t c = tid; c < C; c += kThreads) {
-    const float o = (dev::load_elem<DT>(x, c) - mean) * rstd * (1.f + dev::load_elem<DT>(scale, c));
-    dev::store_elem<DT>(out, c, shift ? o + dev::load_elem<DT>(shift, c) : o);
+    dev::store_elem<DT>(out, c, dev::modulate_one(dev::load_elem<DT>(x, c), mean, rstd, dev::load_elem<DT>(scale, c),
+                                                  shift ? dev::load_elem<DT>(shift, c) : 0.f, shift != nullptr));
   }
   if (tid == 0) {
     p.mean[r] = mean;
@@ -103,13 +103,13 @@ __device__ void modulate_bwd_row_wide(const ModulateBwdParams& p, int64_t b, int
   const float mean = p.mean[r], rstd = p.rstd[r];
   float a = 0.f, bs = 0.f;
   for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-    const float gv = dev::load_elem<DT>(g, c), xh = (dev::load_elem<DT>(x, c) - mean) * rstd;
-    const float dxh = gv * (1.f + dev::load_elem<DT>(scale, c));
+    const float gv = dev::load_elem<DT>(g, c), xh = __fmul_rn(dev::load_elem<DT>(x, c) - mean, rstd);
+    const float dxh = __fmul_rn(gv, 1.f + dev::load_elem<DT>(scale, c)), gx = __fmul_rn(gv, xh);
     a += dxh;
-    bs += dxh * xh;
-    if (part_scale) part_scale[c] += gv * xh;
+    bs = fmaf(dxh, xh, bs);
+    if (part_scale) part_scale[c] += gx;
     if (part_shift) part_shift[c] += gv;
-    if (!p.per_sample && p.dscale) dev::store_elem<DT>(p.dscale, r * C + c, gv * xh);
+    if (!p.per_sample && p.dscale) dev::store_elem<DT>(p.dscale, r * C + c, gx);
     if (!p.per_sample && p.dshift) dev::store_elem<DT>(p.dshift, r * C + c, gv);
   }
   if (!p.dx) return;
@@ -119,9 +119,9 @@ __device__ void modulate_bwd_row_wide(const ModulateBwdParams& p, int64_t b, int
   E<DT>* dx = static_cast<E<DT>*>(p.dx) + b * p.dx_sb + n * p.dx_sn;
   const E<DT>* add = p.addend ? static_cast<const E<DT>*>(p.addend) + b * p.dx_sb + n * p.dx_sn : nullptr;
   for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-    const float xh = (dev::load_elem<DT>(x, c) - mean) * rstd;
-    const float dxh = dev::load_elem<DT>(g, c) * (1.f + dev::load_elem<DT>(scale, c));
-    float v = rstd * (dxh - ma - xh * mb);
+    const float xh = __fmul_rn(dev::load_elem<DT>(x, c) - mean, rstd);
+    const float dxh = __fmul_rn(dev::load_elem<DT>(g, c), 1.f + dev::load_elem<DT>(scale, c));
+    float v = dev::modulate_dx(dxh, xh, ma, mb, rstd);
     if (add) v = __fadd_rn(dev::round_to<DT>(v), dev::load_elem<DT>(add, c));  // as the warp kernels
     dev::store_elem<DT>(dx, c, v);
   }
@@ -170,11 +170,25 @@ bool bwd_preload() {
   static const bool on = env_on("GENFAST_MODULATE_BWD_PRELOAD");
   return on;
 }
-// GENFAST_MODULATE_BWD_STREAM=0: the per-sample backward's warps load one row at a time (preloaded or
-// not, as above) instead of a row ahead; read once, for GPU A/B timings.
-bool bwd_stream() {
-  static const bool on = env_on("GENFAST_MODULATE_BWD_STREAM");
-  return on;
+// GENFAST_MODULATE_BWD_STREAM: 0 = the per-sample backward's warps always load one row at a time
+// (preloaded or not, as above), 1 = always a row ahead, unset = by stream_bwd(); read once, for GPU A/B
+// timings (benchmarks/gpu/profile.py modab).
+int bwd_stream_env() {
+  static const int v = [] {
+    const char* s = std::getenv("GENFAST_MODULATE_BWD_STREAM");
+    return s && s[0] == '0' ? 0 : s && s[0] == '1' ? 1 : -1;
+  }();
+  return v;
+}
+// A row ahead only while the grid fits one wave of the streaming kernel's resident blocks. H200, bf16,
+// C = 1152 (session 17, profile.py modab): 256 blocks (8192 rows) 46-49 us a row ahead vs 55-60 a row
+// at a time; 1024 blocks (32768 rows) 166 vs 142 us: past one wave the row-at-a-time kernel's third
+// block an SM (205 vs 154-168 registers) hides more latency than the walk does.
+template <class Kernel>
+bool stream_bwd(Kernel kernel, int64_t blocks, size_t max_smem) {
+  static std::atomic<int> cache[64];
+  if (const int env = bwd_stream_env(); env >= 0) return env == 1;
+  return blocks <= dev::resident_blocks(kernel, kChunkWarps * 32, cache, max_smem);
 }
 // GENFAST_MODULATE_FWD_ROWS: rows a warp of the streaming forward takes (1: the one-row kernel; unset
 // or 0: stream_rows() picks), read once, for GPU A/B timings (benchmarks/gpu/profile.py modab).
@@ -241,15 +255,18 @@ void launch_bwd_warp_v(const ModulateBwdParams& p, int64_t nchunks, void* stream
   const dim3 grid(static_cast<unsigned>(nchunks), static_cast<unsigned>(p.B));
   // Row loads (modulate_bwd_warp_row), all the same bits, switchable for GPU A/B timings (benchmarks/gpu/
   // profile.py chunks / fusions): fp16 / bf16 16-byte rows up to 40 items a row ahead (the streaming
-  // walk; GENFAST_MODULATE_BWD_STREAM=0 off), else 16-byte rows up to 40 items preloaded a row at a time
+  // walk, while the grid fits one wave: stream_bwd), else 16-byte rows up to 40 items preloaded a row at a time
   // (GENFAST_MODULATE_BWD_PRELOAD=0 off: the old order, each pack's loads where used). Not at 48 items
   // (it would spill) nor on the element path (misaligned tensors: it spilled 16 bytes on sm_80, fp32,
   // 40 items, at 128 registers); fp32 rows are twice the raw registers, so they are not streamed.
   if constexpr (ITEMS <= 40 && VEC) {
-    if (dev::kPack<DT> == 8 && bwd_stream()) {
+    if constexpr (dev::kPack<DT> == 8) {
       auto bwd_stream_k = &modulate_bwd_chunk_warp_kernel<DT, VEC, ITEMS, kLoadGiven>;
-      GENFAST_LAUNCH(bwd_stream_k, grid, kChunkWarps * 32, smem, stream, p);
-      return;
+      constexpr size_t max_smem = sizeof(float) * kChunkWarps * 2 * 32 * ITEMS;  // chunk_slots <= 32 * ITEMS
+      if (stream_bwd(bwd_stream_k, nchunks * p.B, max_smem)) {
+        GENFAST_LAUNCH(bwd_stream_k, grid, kChunkWarps * 32, smem, stream, p);
+        return;
+      }
     }
     if (bwd_preload()) {
       auto k = &modulate_bwd_chunk_warp_kernel<DT, VEC, ITEMS, kLoadRowFirst>;

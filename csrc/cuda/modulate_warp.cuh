@@ -51,21 +51,18 @@ __device__ __forceinline__ float2 warp_row_stats(const float (&v)[ITEMS], int la
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const float d = v[k * V + j] - mean;
-      q += ok ? d * d : 0.f;
+      if (ok) q = fmaf(d, d, q);
     }
   }
   return make_float2(mean, __frcp_rn(__fsqrt_rn(dev::warp_sum(q) * inv_c + eps)));
 }
 
-// One output pack: (v - mean) * rstd * (1 + scale) (+ shift).
+// One output pack: (v - mean) * rstd * (1 + scale) (+ shift), every rounding spelled out (dev::modulate_one).
 template <int V>
 __device__ __forceinline__ void modulate_pack(const float* v, const float (&sc)[V], const float (&sh)[V],
                                               bool has_shift, float2 st, float (&o)[V]) {
 #pragma unroll
-  for (int j = 0; j < V; ++j) {
-    o[j] = (v[j] - st.x) * st.y * (1.f + sc[j]);
-    if (has_shift) o[j] = o[j] + sh[j];
-  }
+  for (int j = 0; j < V; ++j) o[j] = dev::modulate_one(v[j], st.x, st.y, sc[j], has_shift ? sh[j] : 0.f, has_shift);
 }
 
 // PRELOAD (16-byte rows only): the row's scale / shift packs are loaded right after x, before the
@@ -270,11 +267,11 @@ __device__ __forceinline__ void modulate_bwd_warp_row(const ModulateBwdParams& p
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const int i = k * V + j;
-      xh[i] = (xv[j] - mean) * rstd;
-      dxh[i] = gv[j] * (1.f + sc[j]);
+      xh[i] = __fmul_rn(xv[j] - mean, rstd);
+      dxh[i] = __fmul_rn(gv[j], 1.f + sc[j]);
       a += dxh[i];
-      bs += dxh[i] * xh[i];
-      gx[j] = gv[j] * xh[i];
+      bs = fmaf(dxh[i], xh[i], bs);
+      gx[j] = __fmul_rn(gv[j], xh[i]);
       if (acc) {
         const int64_t slot = static_cast<int64_t>(i) * 32 + lane;
         acc[slot] += gx[j];
@@ -296,7 +293,7 @@ __device__ __forceinline__ void modulate_bwd_warp_row(const ModulateBwdParams& p
     if (c0 >= C) continue;
     float o[V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) o[j] = rstd * (dxh[k * V + j] - ma - xh[k * V + j] * mb);
+    for (int j = 0; j < V; ++j) o[j] = dev::modulate_dx(dxh[k * V + j], xh[k * V + j], ma, mb, rstd);
     if (add) {  // dx as stored plus the addend (__fadd_rn: never contracted into an FMA): a separate add's bits
       float av[V];
       load_v<DT, VEC>(add, c0, av);
