@@ -14,11 +14,17 @@ products, ~fp32 accurate) and "tf32" are GPU options the op layer does not expos
 
 References: van den Oord et al., "Neural Discrete Representation Learning", arXiv:1711.00937.
 
-Configurations (fixed; to be tuned on a GPU when one is lent — AOT_CONFIGS lists what CI compiles):
-  GPU:         BLOCK_N 64, BLOCK_K 64, BLOCK_D 32 (any d), 8 warps, 1 stage. fp32 "ieee" tl.dot is
-               FMA-lowered and register hungry: ptxas (Triton 3.9) reports 4 warps spilling at
-               every BLOCK_D and 8 warps with BLOCK_D 16 spilling on sm_80; this one uses 152-228
-               registers and does not spill on sm_80 or sm_90 (l2, cosine + distance, bf16 z).
+Configurations, by the vector length d (GPU: timed on an H200 under Triton 3.6, fp32, N = 65,536,
+K = 8,192, benchmarks/gpu/vq_sweep.py, session 17; AOT_CONFIGS lists what CI compiles):
+  d <= 16:     BLOCK_N 128, BLOCK_K 128, BLOCK_D 16, 8 warps   1.62 ms at d = 8  (was 5.72 with the
+                                                               earlier single 64 x 64 x 32, 8-warp one)
+  d <= 32:     BLOCK_N 128, BLOCK_K 64,  BLOCK_D 32, 4 warps   2.21 ms at d = 32 (was 5.47)
+  larger d:    BLOCK_N 128, BLOCK_K 128, BLOCK_D 32, 8 warps   13.9 ms at d = 256 (was 38.6; BLOCK_D 64: 13.0
+                                                               but 564 B of spills on sm_90)
+  Bigger row tiles amortise each codebook tile over more rows; BLOCK_D no wider than d wastes no
+  masked columns. One stage: three were no faster at d = 256. fp32 "ieee" tl.dot is FMA-lowered;
+  "tf32x3" (0.94 / 1.06 / 4.85 ms, no index differing from an fp64 argmin on the rows checked) and
+  "tf32" (faster, some near ties flipped) are measured but not exposed by the op layer yet.
   interpreter: BLOCK_N 32, BLOCK_K 32, BLOCK_D <= 32 (the multiply + sum form holds a 3-D tile)
 """
 import torch
@@ -124,14 +130,17 @@ def vq_counts_kernel(
 
 _INTERPRETED = isinstance(vq_nearest_kernel, InterpretedFunction)
 
-# name -> (BLOCK_N, BLOCK_K, max BLOCK_D, num_warps, num_stages)
-CONFIGS = {"gpu": (64, 64, 32, 8, 1), "interpreter": (32, 32, 32, 4, 1)}
+# (largest d, (BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages)) on GPUs, by d (docstring); None: any d
+GPU_CONFIGS = ((16, (128, 128, 16, 8, 1)), (32, (128, 64, 32, 4, 1)), (None, (128, 128, 32, 8, 1)))
+INTERPRETER_CONFIG = (32, 32, 32, 4, 1)  # BLOCK_D here is a cap: the next power of two >= d, 16 at least
 
 
-def _block_d(d, cap):
-    if not _INTERPRETED:
-        return cap  # one compiled variant for every d (see the docstring: smaller ones spill)
-    return max(16, min(cap, triton.next_power_of_2(d)))
+def config_for(d):
+    """(BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages) for vectors of length d."""
+    if _INTERPRETED:
+        bn, bk, cap, warps, stages = INTERPRETER_CONFIG
+        return bn, bk, max(16, min(cap, triton.next_power_of_2(d))), warps, stages
+    return next(cfg for top, cfg in GPU_CONFIGS if top is None or d <= top)
 
 
 def vq_nearest(z, codebook, indices, distance, metric, layout, *, precision="ieee", use_dot=None):
@@ -147,13 +156,13 @@ def vq_nearest(z, codebook, indices, distance, metric, layout, *, precision="iee
     if n == 0:
         return
     inner, z_os, z_rs, z_cs = layout
-    bn, bk, bd, warps, stages = CONFIGS["interpreter" if _INTERPRETED else "gpu"]
+    bn, bk, bd, warps, stages = config_for(d)
     grid = (triton.cdiv(n, bn),)
     vq_nearest_kernel[grid](
         z, codebook, indices, distance if distance is not None else indices,
         n, k, d, inner, z_os, z_rs, z_cs, codebook.stride(0), codebook.stride(1),
         COSINE=metric == 1, RETURN_DIST=distance is not None,
-        BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=_block_d(d, bd), DOT_PRECISION=precision,
+        BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, DOT_PRECISION=precision,
         USE_DOT=(not _INTERPRETED) if use_dot is None else use_dot,
         num_warps=warps, num_stages=stages,
     )
@@ -172,17 +181,17 @@ def vq_counts(indices, counts):
 
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time compile list for genfast/devtools/gpu_compile.py (the format kernels/flow_step.py
-# documents): the GPU config (one for every d) for fp32, bf16 and fp16 z against an fp32 codebook,
-# l2 and cosine, with and without distances. Sizes i64.
+# documents): each GPU config (GPU_CONFIGS) for fp32 z against an fp32 codebook (l2), and at the d <= 32
+# one (4 warps: the fewest registers a thread) bf16 / fp16 z, cosine and the distance pass. Sizes i64.
 _INTS = ("n", "k", "d", "inner", "z_os", "z_rs", "z_cs", "c_rs", "c_cs")
 
 
-def _aot(zdt, cdt, cosine, dist):
-    bn, bk, block_d, warps, stages = CONFIGS["gpu"]
+def _aot(zdt, cdt, cosine, dist, cfg):
+    bn, bk, block_d, warps, stages = cfg
     sig = {"z_ptr": f"*{zdt}", "c_ptr": f"*{cdt}", "idx_ptr": "*i64", "dist_ptr": "*fp32"}
     sig.update({name: "i64" for name in _INTS})
     return {
-        "name": f"vq_nearest[{zdt}/{cdt},{'cos' if cosine else 'l2'}{',dist' if dist else ''}]",
+        "name": f"vq_nearest[{zdt}/{cdt},{'cos' if cosine else 'l2'}{',dist' if dist else ''},{bn}x{bk}x{block_d}w{warps}]",
         "kernel": vq_nearest_kernel,
         "signature": sig,
         "constexprs": {"COSINE": cosine, "RETURN_DIST": dist, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": block_d,
@@ -190,18 +199,21 @@ def _aot(zdt, cdt, cosine, dist):
         "divisible_by_16": ["z_ptr", "c_ptr", "idx_ptr", "dist_ptr", "c_rs"],
         "num_warps": warps,
         "num_stages": stages,
-        **({} if dist else {"allow_spills": _SM90_T36_SPILLS}),  # the variants without distances spill
+        **({"allow_spills": _NEWER_TRITON_SPILLS} if _NEWER_TRITON else {}),
     }
 
 
-# Triton 3.6 caps these sm_90 variants at 80 registers and spills 4-8 B (3.9: none; sm_80: none);
-# seen on the GPU machine's Triton 3.6 and reproduced here (genfast.devtools.gpu_compile). Not timed.
-_SM90_T36_SPILLS = "sm_90 under Triton 3.6: 4-8 B spilled at the 80-register cap it sets (3.9, sm_80: none)"
+# The GPU configs were timed under Triton 3.6 (the GPU machine's), where ptxas fits them without
+# spilling (d > 32 at BLOCK_D 64 spilled 564 B there: it was 7 % faster, BLOCK_D 32 is kept). Triton 3.9
+# lowers the fp32 FMA dot with more live registers and spills 56-1,468 B in each: untimed on a GPU.
+_NEWER_TRITON = tuple(int(p) for p in triton.__version__.split(".")[:2]) > (3, 6)
+_NEWER_TRITON_SPILLS = "Triton > 3.6 spills these tiles (3.6, where they were timed fastest on an H200: none)"
 
-
+_D32 = GPU_CONFIGS[1][1]
 AOT_CONFIGS = (
-    [_aot("fp32", "fp32", False, False), _aot("bf16", "fp32", False, False), _aot("fp16", "fp32", False, True)]
-    + [_aot("fp32", "fp32", True, True), _aot("bf16", "bf16", True, False)]
+    [_aot("fp32", "fp32", False, False, cfg) for _, cfg in GPU_CONFIGS]
+    + [_aot("bf16", "fp32", False, False, _D32), _aot("fp16", "fp32", False, True, _D32),
+       _aot("fp32", "fp32", True, True, _D32), _aot("bf16", "bf16", True, False, _D32)]
     + [{
         "name": "vq_counts",
         "kernel": vq_counts_kernel,
