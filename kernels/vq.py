@@ -27,7 +27,6 @@ K = 8,192, benchmarks/gpu/vq_sweep.py, session 17; AOT_CONFIGS lists what CI com
   "tf32" (faster, some near ties flipped) are measured but not exposed by the op layer yet.
   interpreter: BLOCK_N 32, BLOCK_K 32, BLOCK_D <= 32 (the multiply + sum form holds a 3-D tile)
 """
-import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction

@@ -26,6 +26,9 @@
                                                   autograd.Function, the same with autograd multithreading
                                                   off, genfast modulate / gated vs eager, stream query,
                                                   allocation (H200 session 3: benchmarks/gpu/NOTES.md)
+  python3 -P benchmarks/gpu/profile.py kl         reparam_kl fwd and fwd+bwd at [64, 16, 64, 64] fp32, mu / logvar
+                                                  two halves of one encoder output (the harness's case: 7 % of
+                                                  copy on the H200, session 17), against randn_like alone
 Prints, per case, the wall time per call (synchronised), the summed device time, and the top ops
 by host time and by device time. Needs the installed genfast (run from the repository root)."""
 import sys
@@ -396,7 +399,22 @@ def _dit_threads():
     dit_block.USE_FUSED["cuda"] = True
 
 
+def kl():
+    enc = torch.randn(64, 32, 64, 64, device="cuda")
+    mu, lv = (t.detach().requires_grad_() for t in enc.chunk(2, dim=1))
+    dz, dkl = torch.randn_like(mu), torch.full((64,), 1 / 64, device="cuda")
+
+    def fwd_bwd():
+        z, k = genfast.reparam_kl(mu, lv)
+        torch.autograd.backward([z, k], [dz, dkl])
+
+    with torch.no_grad():
+        _report("reparam_kl fwd (no grad)", lambda: genfast.reparam_kl(mu, lv))
+    _report("reparam_kl fwd+bwd", fwd_bwd)
+    _report("randn_like", lambda: torch.randn_like(mu), tables=("self_device_time_total",))
+
+
 if __name__ == "__main__":
     {"modulate": modulate, "dit": dit, "host": host, "overhead": overhead, "kernels": kernels,
      "chunks": chunks, "big": big, "threads": threads, "fusions": fusions, "modab": modab,
-     "_modab_one": _modab_one}[sys.argv[1] if len(sys.argv) > 1 else "modulate"]()
+     "_modab_one": _modab_one, "kl": kl}[sys.argv[1] if len(sys.argv) > 1 else "modulate"]()
