@@ -277,6 +277,31 @@ def test_load_order_switches_same_bits(backend, tmp_path):
         assert "bwd_stream_k" not in kernels["bwd row at a time"] and "bwd_stream_k" not in kernels["old"]
 
 
+def test_backward_walks_a_row_ahead_only_within_one_wave(use_backend):
+    """By default the per-sample backward's warps load a row ahead only while its grid (B x 32-row
+    chunks) fits one wave of resident blocks, else a row at a time (H200: faster on each side of that
+    line; benchmarks/gpu/NOTES.md, session 17). The emulated device holds 2 SMs x 16 such blocks: 4
+    blocks stream, 39 do not (the launch log names the kernel that ran)."""
+    import os
+
+    from genfast import _native
+    from genfast.ops.modulate import _modulate_bwd_impl, _modulate_impl
+
+    if "GENFAST_MODULATE_BWD_STREAM" in os.environ:
+        pytest.skip("GENFAST_MODULATE_BWD_STREAM is set: the default rule is off")
+    use_backend("cuda_emu")
+    emu = _native.module("_cuda_emu")
+    gen = torch.Generator().manual_seed(5)
+    for (b, n), streamed in (((2, 37), True), ((3, 400), False)):
+        x, g = (torch.randn(b, n, 384, generator=gen).bfloat16() for _ in range(2))
+        shift, scale = (torch.randn(b, 1, 384, generator=gen).bfloat16() for _ in range(2))
+        _, mean, rstd = _modulate_impl(x, shift, scale, 1e-6, False)
+        emu.emu_launches()
+        _modulate_bwd_impl(g, x, shift, scale, mean, rstd, 1e-6, False, [True, True, True])
+        names = [k for k, _, _ in emu.emu_launches()]
+        assert ("bwd_stream_k" in names) == streamed, (b, n, names)
+
+
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS, ids=IDS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_modulate_backward_addend_is_a_separate_add(device, backend, dtype, use_backend):

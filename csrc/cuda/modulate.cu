@@ -184,9 +184,10 @@ int bwd_stream_env() {
 // C = 1152 (session 17, profile.py modab): 256 blocks (8192 rows) 46-49 us a row ahead vs 55-60 a row
 // at a time; 1024 blocks (32768 rows) 166 vs 142 us: past one wave the row-at-a-time kernel's third
 // block an SM (205 vs 154-168 registers) hides more latency than the walk does.
+// `cache`: one per kernel instance (every instance has the same function-pointer type, so a static
+// here would be shared by all of them).
 template <class Kernel>
-bool stream_bwd(Kernel kernel, int64_t blocks, size_t max_smem) {
-  static std::atomic<int> cache[64];
+bool stream_bwd(Kernel kernel, int64_t blocks, size_t max_smem, std::atomic<int>* cache) {
   if (const int env = bwd_stream_env(); env >= 0) return env == 1;
   return blocks <= dev::resident_blocks(kernel, kChunkWarps * 32, cache, max_smem);
 }
@@ -205,8 +206,7 @@ int fwd_rows_env() {
 // wave of warps (the device's resident blocks), each with at least two rows so that a load of the
 // next row overlaps the current one, at most kMaxStreamRows.
 template <class Kernel>
-int stream_rows(Kernel kernel, int64_t rows) {
-  static std::atomic<int> cache[64];
+int stream_rows(Kernel kernel, int64_t rows, std::atomic<int>* cache) {  // cache: as stream_bwd's
   if (const int env = fwd_rows_env()) return env > 1 ? env : 0;
   const int64_t warps = dev::resident_blocks(kernel, kRowWarps * 32, cache) * kRowWarps;
   const int64_t per_warp = (rows + warps - 1) / warps;
@@ -222,7 +222,8 @@ void launch_fwd_warp(const ModulateParams& p, bool vec, void* stream) {
   if constexpr (dev::kPack<DT> == 8 && ITEMS <= 40) {
     if (vec && per_sample) {
       auto fwd_stream = &modulate_fwd_stream_kernel<DT, ITEMS>;
-      if (const int per_warp = stream_rows(fwd_stream, rows)) {
+      static std::atomic<int> cache[64];  // this instance's resident blocks, per device
+      if (const int per_warp = stream_rows(fwd_stream, rows, cache)) {
         const int64_t rows_per_block = int64_t{kRowWarps} * per_warp;
         GENFAST_LAUNCH(fwd_stream, dim3(static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block)),
                        kRowWarps * 32, 0, stream, p, per_warp);
@@ -263,7 +264,8 @@ void launch_bwd_warp_v(const ModulateBwdParams& p, int64_t nchunks, void* stream
     if constexpr (dev::kPack<DT> == 8) {
       auto bwd_stream_k = &modulate_bwd_chunk_warp_kernel<DT, VEC, ITEMS, kLoadGiven>;
       constexpr size_t max_smem = sizeof(float) * kChunkWarps * 2 * 32 * ITEMS;  // chunk_slots <= 32 * ITEMS
-      if (stream_bwd(bwd_stream_k, nchunks * p.B, max_smem)) {
+      static std::atomic<int> cache[64];  // this instance's resident blocks, per device
+      if (stream_bwd(bwd_stream_k, nchunks * p.B, max_smem, cache)) {
         GENFAST_LAUNCH(bwd_stream_k, grid, kChunkWarps * 32, smem, stream, p);
         return;
       }
