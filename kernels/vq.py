@@ -23,8 +23,10 @@ K = 8,192, benchmarks/gpu/vq_sweep.py, session 17; AOT_CONFIGS lists what CI com
                                                                but 564 B of spills on sm_90)
   Bigger row tiles amortise each codebook tile over more rows; BLOCK_D no wider than d wastes no
   masked columns. One stage: three were no faster at d = 256. fp32 "ieee" tl.dot is FMA-lowered;
-  "tf32x3" (0.94 / 1.06 / 4.85 ms, no index differing from an fp64 argmin on the rows checked) and
-  "tf32" (faster, some near ties flipped) are measured but not exposed by the op layer yet.
+  "tf32x3" (0.94 / 1.06 ms, and 4.85 at d = 256 with BLOCK_D 64; no index differing from an fp64
+  argmin on the 1,024 rows checked) and
+  "tf32" (faster, some near ties flipped) were measured; the op layer exposes "tf32x3"
+  (genfast.vq_nearest(..., precision="tf32x3")), not "tf32".
   interpreter: BLOCK_N 32, BLOCK_K 32, BLOCK_D <= 32 (the multiply + sum form holds a 3-D tile)
 """
 import triton
@@ -185,20 +187,22 @@ def vq_counts(indices, counts):
 _INTS = ("n", "k", "d", "inner", "z_os", "z_rs", "z_cs", "c_rs", "c_cs")
 
 
-def _aot(zdt, cdt, cosine, dist, cfg):
+def _aot(zdt, cdt, cosine, dist, cfg, precision="ieee"):
     bn, bk, block_d, warps, stages = cfg
     sig = {"z_ptr": f"*{zdt}", "c_ptr": f"*{cdt}", "idx_ptr": "*i64", "dist_ptr": "*fp32"}
     sig.update({name: "i64" for name in _INTS})
     return {
-        "name": f"vq_nearest[{zdt}/{cdt},{'cos' if cosine else 'l2'}{',dist' if dist else ''},{bn}x{bk}x{block_d}w{warps}]",
+        "name": (f"vq_nearest[{zdt}/{cdt},{'cos' if cosine else 'l2'}{',dist' if dist else ''},{bn}x{bk}x{block_d}"
+                 f"w{warps}{'' if precision == 'ieee' else ',' + precision}]"),
         "kernel": vq_nearest_kernel,
         "signature": sig,
         "constexprs": {"COSINE": cosine, "RETURN_DIST": dist, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": block_d,
-                       "DOT_PRECISION": "ieee", "USE_DOT": True},
+                       "DOT_PRECISION": precision, "USE_DOT": True},
         "divisible_by_16": ["z_ptr", "c_ptr", "idx_ptr", "dist_ptr", "c_rs"],
         "num_warps": warps,
         "num_stages": stages,
-        **({"allow_spills": _NEWER_TRITON_SPILLS} if _NEWER_TRITON else {}),
+        **({"allow_spills": _NEWER_TRITON_SPILLS} if _NEWER_TRITON else
+           {"allow_spills": _TF32X3_SPILLS} if precision != "ieee" else {}),
     }
 
 
@@ -207,12 +211,16 @@ def _aot(zdt, cdt, cosine, dist, cfg):
 # lowers the fp32 FMA dot with more live registers and spills 56-1,468 B in each: untimed on a GPU.
 _NEWER_TRITON = tuple(int(p) for p in triton.__version__.split(".")[:2]) > (3, 6)
 _NEWER_TRITON_SPILLS = "Triton > 3.6 spills these tiles (3.6, where they were timed fastest on an H200: none)"
+# tf32x3 splits both tiles into TF32 hi / lo parts: under Triton 3.6 the d <= 32 tile spills 16 B on
+# sm_90 (timed there: 1.06 ms at d = 32, 2.1x the ieee kernel) and ~600 B on sm_80 (untimed)
+_TF32X3_SPILLS = "tf32x3's hi / lo operand tiles: 16 B on sm_90 (timed fast on an H200), ~600 B on sm_80 (untimed)"
 
 _D32 = GPU_CONFIGS[1][1]
 AOT_CONFIGS = (
     [_aot("fp32", "fp32", False, False, cfg) for _, cfg in GPU_CONFIGS]
     + [_aot("bf16", "fp32", False, False, _D32), _aot("fp16", "fp32", False, True, _D32),
        _aot("fp32", "fp32", True, True, _D32), _aot("bf16", "bf16", True, False, _D32)]
+    + [_aot("fp32", "fp32", False, False, cfg, "tf32x3") for _, cfg in GPU_CONFIGS]
     + [{
         "name": "vq_counts",
         "kernel": vq_counts_kernel,

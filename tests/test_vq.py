@@ -217,6 +217,7 @@ def test_opcheck(backend, use_backend):
             torch.library.opcheck(torch.ops.genfast.vq_nearest.default,
                                   (case.z, case.codebook, genfast.ops.vq.METRICS[case.metric], rd))
     torch.library.opcheck(torch.ops.genfast.vq_nearest.default, (case.z, case.codebook, 0, True, 1))  # bf16-screen
+    torch.library.opcheck(torch.ops.genfast.vq_nearest.default, (case.z, case.codebook, 0, True, 2))  # tf32x3
     torch.library.opcheck(torch.ops.genfast.vq_counts.default, (torch.randint(0, 9, (50,)), 9))
 
 
@@ -276,3 +277,37 @@ def test_bf16_screen_elsewhere_is_the_fp32_path(device, backend, use_backend):
     case = vq_samples(device, torch.float32)[0]
     torch.testing.assert_close(genfast.vq_nearest(case.z, case.codebook, precision="bf16-screen"),
                                genfast.vq_nearest(case.z, case.codebook), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in ALL_BACKENDS if p != ("cuda", "triton")],
+                         ids=[i for i, p in zip(IDS, ALL_BACKENDS) if p != ("cuda", "triton")])
+def test_tf32x3_elsewhere_is_the_fp32_path(device, backend, use_backend):
+    """precision="tf32x3" is a GPU Triton mode: every other backend (the interpreter's multiply + sum
+    included) returns the fp32 mode's indices and distances, bit for bit."""
+    use_backend(backend)
+    for case in vq_samples(device, torch.float32)[:3]:
+        want = genfast.vq_nearest(case.z, case.codebook, metric=case.metric, return_distance=True)
+        got = genfast.vq_nearest(case.z, case.codebook, metric=case.metric, return_distance=True, precision="tf32x3")
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=case.name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_gpu_tf32x3_within_a_few_fp32_roundings(dtype, use_backend):
+    """On the GPU's Triton kernel, precision="tf32x3" (three TF32 products a dot: ~2^-21 relative
+    each, against fp32's 2^-24) picks the fp64 argmin wherever the two best codes are apart by more
+    than 8x the fp32 rounding bound, and within that of the minimum elsewhere; its distances are the
+    fp32 mode's (the same direct fp32 pass) wherever the two modes pick the same code."""
+    use_backend("triton")
+    g = torch.Generator().manual_seed(11)
+    for d in (8, 32, 72, 256):
+        for metric in ("l2", "cosine"):
+            z = torch.randn(3000, d, generator=g).to("cuda", dtype)
+            c = torch.randn(2500, d, generator=g).to("cuda", dtype)
+            idx, dist = genfast.vq_nearest(z, c, metric=metric, return_distance=True, precision="tf32x3")
+            assert_vq_indices(f"tf32x3 d{d} {metric}", idx, z, c, metric, slack=8.0)
+            idx32, dist32 = genfast.vq_nearest(z, c, metric=metric, return_distance=True)
+            same = idx == idx32
+            assert same.float().mean() > 0.99, (d, metric)
+            torch.testing.assert_close(dist[same], dist32[same], rtol=1e-6, atol=0)  # the same fp32 pass
