@@ -37,6 +37,40 @@ def test_forward_matches_functional(ema, metric):
     assert z.grad is not None and z.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("precision", ["bf16-screen", "tf32x3"])
+@pytest.mark.parametrize("ema", [False, True])
+def test_precision_reaches_the_search(precision, ema, monkeypatch):
+    """VectorQuantizer(precision=...) and vector_quantize(precision=...) hand the mode to the search
+    (seen by the op's precision argument); on the CPU both modes return the fp32 indices, so the
+    outputs equal the default quantizer's. A bad mode is a ValueError naming the argument."""
+    seen = []
+    real = torch.ops.genfast.vq_nearest
+
+    class Spy:
+        def __call__(self, *args):
+            seen.append(args[4] if len(args) > 4 else 0)
+            return real(*args)
+
+    from genfast.ops import vq as vq_ops
+    monkeypatch.setattr(torch.ops.genfast, "vq_nearest", Spy(), raising=False)
+    torch.manual_seed(0)
+    fast = VectorQuantizer(8, 32, ema=ema, precision=precision).eval()
+    plain = VectorQuantizer(8, 32, ema=ema).eval()
+    plain.load_state_dict(fast.state_dict())
+    z = torch.randn(3, 7, 8)
+    for a, b in zip(fast(z), plain(z)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert seen[0] == vq_ops.PRECISIONS[precision] and seen[1] == 0, seen
+    assert precision in repr(fast)
+    cb = plain.codebook
+    for a, b in zip(genfast.vector_quantize(z, cb, precision=precision), genfast.vector_quantize(z, cb)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="precision"):
+        VectorQuantizer(8, 32, precision="tf32")
+    with pytest.raises(ValueError, match="precision"):
+        genfast.vector_quantize(z, plain.codebook, precision="fp16")
+
+
 def test_image_fmap_layout():
     torch.manual_seed(0)
     vq = VectorQuantizer(6, 20, accept_image_fmap=True).eval()

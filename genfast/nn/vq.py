@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from genfast.ops.vq import code_counts, vector_quantize, vq_nearest
+from genfast.ops.vq import _check_precision, code_counts, vector_quantize, vq_nearest
 from genfast.reference import VQ_NORM_EPS
 
 
@@ -42,12 +42,15 @@ class VectorQuantizer(torch.nn.Module):
             (cluster size = threshold, sum = vector * threshold). 0 disables.
         accept_image_fmap: forward takes [B, D, H, W] and returns z_q in that layout (read in
             place through a channels-last view; no copy for the search).
+        precision: the nearest-code search's ("fp32", "bf16-screen", "tf32x3": genfast.vq_nearest).
     Buffers: cluster_size [K] (EMA of per-code counts, starts at 1), embed_avg [K, D] (ema only),
     last_counts [K] (counts of the last training batch)."""
 
     def __init__(self, dim, codebook_size, *, beta=0.25, metric="l2", ema=False, decay=0.99, eps=1e-5,
-                 dead_code_threshold=0, accept_image_fmap=False):
+                 dead_code_threshold=0, accept_image_fmap=False, precision="fp32"):
         super().__init__()
+        _check_precision(precision)
+        self.precision = precision
         if metric not in ("l2", "cosine"):
             raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
         for name, v in (("dim", dim), ("codebook_size", codebook_size)):
@@ -73,7 +76,8 @@ class VectorQuantizer(torch.nn.Module):
 
     def extra_repr(self):
         return (f"dim={self.dim}, codebook_size={self.codebook_size}, beta={self.beta}, metric={self.metric!r}, "
-                f"ema={self.ema}, decay={self.decay}, dead_code_threshold={self.dead_code_threshold}")
+                f"ema={self.ema}, decay={self.decay}, dead_code_threshold={self.dead_code_threshold}"
+                + ("" if self.precision == "fp32" else f", precision={self.precision!r}"))
 
     def forward(self, x):
         """x [..., D] (or [B, D, H, W] with accept_image_fmap) -> (quantize, indices, loss)."""
@@ -83,12 +87,13 @@ class VectorQuantizer(torch.nn.Module):
                              f"but the quantizer has dim={self.dim}")
         if self.ema:
             z_in = F.normalize(z, dim=-1, eps=VQ_NORM_EPS) if self.metric == "cosine" else z
-            idx = vq_nearest(z_in, self.codebook)
+            idx = vq_nearest(z_in, self.codebook, precision=self.precision)
             c = self.codebook[idx].to(z.dtype)
             loss = self.beta * ((z_in.float() - c.float()) ** 2).mean()
             z_q = z_in + (c - z_in).detach()
         else:
-            z_q, idx, loss = vector_quantize(z, self.codebook, beta=self.beta, metric=self.metric)
+            z_q, idx, loss = vector_quantize(z, self.codebook, beta=self.beta, metric=self.metric,
+                                             precision=self.precision)
             z_in = F.normalize(z, dim=-1, eps=VQ_NORM_EPS) if self.metric == "cosine" else z
         if self.training:
             self._update(z_in.detach(), idx)

@@ -55,8 +55,7 @@ def vq_nearest(z, codebook, *, metric="l2", return_distance=False, precision="fp
     containing NaN is never chosen while any other row scores a number.
     """
     metric_code = _check(z, codebook, metric)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
+    _check_precision(precision)
     idx, dist = torch.ops.genfast.vq_nearest(z.detach(), codebook.detach(), metric_code, bool(return_distance),
                                              PRECISIONS[precision])
     return (idx, dist) if return_distance else idx
@@ -75,7 +74,7 @@ def code_counts(indices, codebook_size):
     return torch.ops.genfast.vq_counts(indices.to(torch.int64), codebook_size)
 
 
-def vector_quantize(z, codebook, *, beta=0.25, metric="l2"):
+def vector_quantize(z, codebook, *, beta=0.25, metric="l2", precision="fp32"):
     """The VQ-VAE bottleneck (van den Oord et al. 2017, arXiv:1711.00937): (z_q, indices, loss).
 
         z_q  = z + sg(c - z)                            value c = codebook[indices], gradient to z
@@ -86,20 +85,27 @@ def vector_quantize(z, codebook, *, beta=0.25, metric="l2"):
     Cosine: z and the codebook are L2-normalised first (differentiably), so z_q is a unit code.
     The search is the fused kernel; the gather and the two means are O(N D) elementwise work
     left to PyTorch (fusing them saved nothing measurable next to the O(N K D) search).
+    precision: the search's, as vq_nearest's.
     """
     _check(z, codebook, metric)
+    _check_precision(precision)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
         raise TypeError(f"beta must be a float, got {type(beta).__name__}")
     if metric == "cosine":
         z = torch.nn.functional.normalize(z, dim=-1, eps=reference.VQ_NORM_EPS)
         codebook = torch.nn.functional.normalize(codebook, dim=-1, eps=reference.VQ_NORM_EPS)
-    idx, _ = torch.ops.genfast.vq_nearest(z.detach(), codebook.detach(), METRICS["l2"], False)
+    idx, _ = torch.ops.genfast.vq_nearest(z.detach(), codebook.detach(), METRICS["l2"], False, PRECISIONS[precision])
     c = codebook[idx]
     ct = torch.float64 if torch.float64 in (z.dtype, codebook.dtype) else torch.float32
     zf, cf = z.to(ct), c.to(ct)
     loss = ((zf.detach() - cf) ** 2).mean() + beta * ((zf - cf.detach()) ** 2).mean()
     z_q = z + (c.to(z.dtype) - z).detach()
     return z_q, idx, loss
+
+
+def _check_precision(precision):
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
 
 
 def _check(z, codebook, metric):
