@@ -10,7 +10,7 @@ Ties go to the lowest index (tl.argmin's leftmost + a strict < across tiles); Na
 replaced by +inf, so they never win and an all-NaN row keeps index 0.
 
 Precision: DOT_PRECISION "ieee" (default) is true fp32 products; "tf32x3" (3 tensor-core TF32
-products, ~fp32 accurate) and "tf32" are GPU options the op layer does not expose yet.
+products, ~fp32 accurate: the op's precision="tf32x3") and "tf32" (not exposed) are GPU options.
 
 References: van den Oord et al., "Neural Discrete Representation Learning", arXiv:1711.00937.
 

@@ -252,7 +252,7 @@ void launch_bwd_warp_v(const ModulateBwdParams& p, int64_t nchunks, void* stream
                    stream, p);
     return;
   }
-  const size_t smem = sizeof(float) * kChunkWarps * 2 * static_cast<size_t>(chunk_slots<DT, VEC>(p.C));
+  const size_t smem = chunk_smem<DT, VEC>(p.C);
   const dim3 grid(static_cast<unsigned>(nchunks), static_cast<unsigned>(p.B));
   // Row loads (modulate_bwd_warp_row), all the same bits, switchable for GPU A/B timings (benchmarks/gpu/
   // profile.py chunks / fusions): fp16 / bf16 16-byte rows up to 40 items a row ahead (the streaming
@@ -263,7 +263,7 @@ void launch_bwd_warp_v(const ModulateBwdParams& p, int64_t nchunks, void* stream
   if constexpr (ITEMS <= 40 && VEC) {
     if constexpr (dev::kPack<DT> == 8) {
       auto bwd_stream_k = &modulate_bwd_chunk_warp_kernel<DT, VEC, ITEMS, kLoadGiven>;
-      constexpr size_t max_smem = sizeof(float) * kChunkWarps * 2 * 32 * ITEMS;  // chunk_slots <= 32 * ITEMS
+      const size_t max_smem = chunk_smem<DT, VEC>(32 * ITEMS);  // this instance's widest rows
       static std::atomic<int> cache[64];  // this instance's resident blocks, per device
       if (stream_bwd(bwd_stream_k, nchunks * p.B, max_smem, cache)) {
         GENFAST_LAUNCH(bwd_stream_k, grid, kChunkWarps * 32, smem, stream, p);

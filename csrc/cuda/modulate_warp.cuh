@@ -320,6 +320,11 @@ __host__ __device__ __forceinline__ int64_t chunk_slots(int64_t C) {
   constexpr int64_t step = 32 * kLaneVec<DT, VEC>;
   return (C + step - 1) / step * step;
 }
+// Dynamic shared memory of the per-sample chunk kernel for rows C wide (its warps' two accumulators).
+template <int DT, bool VEC>
+inline size_t chunk_smem(int64_t C) {
+  return sizeof(float) * kChunkWarps * 2 * static_cast<size_t>(chunk_slots<DT, VEC>(C));
+}
 
 // Per sample: grid = (nchunks, B); dynamic shared memory kChunkWarps * 2 * nslot floats.
 // LOAD == kLoadGiven (16-byte rows): the warp walks its rows a row ahead, loading row n + 1's g and x
