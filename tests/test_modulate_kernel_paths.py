@@ -235,6 +235,7 @@ print(json.dumps(sorted(kernels)))
 # Environment switches of the CUDA modulate kernels' load orders (all the same bits; read once per process)
 _OLD_ORDERS = {"GENFAST_MODULATE_FWD_PRELOAD": "0", "GENFAST_MODULATE_BWD_PRELOAD": "0",
                "GENFAST_MODULATE_BWD_STREAM": "0", "GENFAST_MODULATE_FWD_ROWS": "1"}
+_SWITCHES = (*_OLD_ORDERS, "GENFAST_MODULATE_FWD_ASYNC")
 
 
 def _run_with_switches(script, backend, flags, path):
@@ -245,7 +246,7 @@ def _run_with_switches(script, backend, flags, path):
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in _OLD_ORDERS}
+    env = {k: v for k, v in os.environ.items() if k not in _SWITCHES}
     env.update(flags, GENFAST_BACKEND=backend)
     device = "cuda" if backend == "cuda" else "cpu"
     res = subprocess.run([sys.executable, "-P", "-c", script, str(path), device], env=env, check=True, timeout=600,
@@ -366,23 +367,30 @@ print(json.dumps(kernels))
 @pytest.mark.parametrize("backend", ["cuda_emu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_streaming_forward_same_bits_as_one_row_kernel(backend, tmp_path):
     """The streaming forward (fp16/bf16, per-sample scale / shift, C <= 1280: a warp takes several rows,
-    loading the next row's x while it reduces and stores the current one) gives the one-row kernel's
-    bits, for every rows-per-warp count (GENFAST_MODULATE_FWD_ROWS: 1 = the one-row kernel, 3 and 16
-    forced, unset = the device's choice), rows of several samples within one warp's share included.
-    On the emulation the launch log shows which kernel ran, so the comparison cannot pass by running
-    the one-row kernel twice."""
+    loading the next row's x while it reduces and stores the current one) and the asynchronous one
+    (GENFAST_MODULATE_FWD_ASYNC=1: the rows copied into shared memory by cp.async, 3 in flight) give
+    the one-row kernel's bits, for every rows-per-warp count (GENFAST_MODULATE_FWD_ROWS: 1 = the
+    one-row kernel, 2 (fewer rows than the pipeline's stages), 3, 5 and 16 forced, unset = the
+    device's choice), rows of several samples within one warp's share included. On the emulation
+    the launch log shows which kernel ran, so the comparison cannot pass by running the one-row kernel
+    twice; and the emulation lands a cp.async group only at its wait, so a slot read before its wait
+    gives other bits."""
+    runs = {("stream", r): {} if r is None else {"GENFAST_MODULATE_FWD_ROWS": r} for r in ("1", "3", "16", None)}
+    runs.update({("async", r): {"GENFAST_MODULATE_FWD_ASYNC": "1", **({} if r is None else {"GENFAST_MODULATE_FWD_ROWS": r})}
+                 for r in ("2", "5", None)})
     got, logs = {}, {}
-    for rows in ("1", "3", "16", None):
-        flags = {} if rows is None else {"GENFAST_MODULATE_FWD_ROWS": rows}
-        got[rows], logs[rows] = _run_with_switches(_STREAM_SCRIPT, backend, flags, tmp_path / f"rows{rows}.pt")
-    for rows in ("3", "16", None):
-        _assert_same_bits(got["1"], got[rows], rows)
+    for (kind, rows), flags in runs.items():
+        got[kind, rows], logs[kind, rows] = _run_with_switches(_STREAM_SCRIPT, backend, flags,
+                                                               tmp_path / f"{kind}{rows}.pt")
+    for key in runs:
+        _assert_same_bits(got["stream", "1"], got[key], key)
     if backend == "cuda_emu":
         cases = 7
-        for rows, log in logs.items():
+        for (kind, rows), log in logs.items():
             for i, kernels in enumerate(log):
                 dtype_16bit, case = i < 2 * cases, i % cases
-                streams = dtype_16bit and case < 4 and rows != "1"  # per sample, aligned, C <= 1280
+                walks = dtype_16bit and case < 4 and rows != "1"  # per sample, aligned, C <= 1280
                 if rows is None and case == 3:  # 35 rows: fewer than 2 a resident warp, the device's choice is 1
-                    streams = False
-                assert kernels == (["fwd_stream"] * 2 if streams else ["k"] * 2), (rows, i, kernels)
+                    walks = False
+                name = "fwd_stream" if kind == "stream" else "fwd_async_k"
+                assert kernels == ([name] * 2 if walks else ["k"] * 2), (kind, rows, i, kernels)

@@ -15,7 +15,10 @@
                                                   GENFAST_MODULATE_BWD_PRELOAD=0 (the old load orders)
   python3 -P benchmarks/gpu/profile.py modab      the modulate kernels per load order (forward: a row a warp with /
                                                   without preload, streamed 2-16 rows a warp; backward: old order,
-                                                  a row at a time, a row ahead), TB/s and % of a same-size copy
+                                                  a row at a time, a row ahead; the async forward), TB/s and %
+                                                  of a same-size copy
+  python3 -P benchmarks/gpu/profile.py modfwd     the forward's walking kernels: streaming vs asynchronous
+                                                  (GENFAST_MODULATE_FWD_ASYNC=1, cp.async 3 rows ahead), rows a warp
   python3 -P benchmarks/gpu/profile.py threads    a Python node's per-op cost with autograd's device thread on / off
   python3 -P benchmarks/gpu/profile.py host       cProfile of the Python side of adaln_modulate,
                                                   gated_residual and attention fwd+bwd (tiny tensors:
@@ -229,22 +232,40 @@ def fusions():
 
 
 _LOAD_ORDER_ENV = ("GENFAST_MODULATE_FWD_ROWS", "GENFAST_MODULATE_FWD_PRELOAD", "GENFAST_MODULATE_BWD_PRELOAD",
-                   "GENFAST_MODULATE_BWD_STREAM")
+                   "GENFAST_MODULATE_BWD_STREAM", "GENFAST_MODULATE_FWD_ASYNC")
 
 
 def modab():
     """The adaln_modulate kernels per load order, each setting in its own process (the switches are read
     once): the forward one row a warp (GENFAST_MODULATE_FWD_ROWS=1) with and without its scale / shift
     preload, or streamed 2-16 rows a warp; the per-sample backward in the old order, preloading a row at
-    a time, or walking its rows a row ahead (the default)."""
-    import os
-    import subprocess
+    a time, or walking its rows a row ahead (the default); and the asynchronous forward."""
     old = dict(zip(_LOAD_ORDER_ENV, ("1", "0", "0", "0")))
     settings = [("fwd 1 row, no preload / bwd old order", old),
                 ("fwd 1 row, preload / bwd a row at a time", {"GENFAST_MODULATE_FWD_ROWS": "1",
                                                               "GENFAST_MODULATE_BWD_STREAM": "0"}),
                 *((f"fwd {r} rows a warp / bwd a row ahead", {"GENFAST_MODULATE_FWD_ROWS": r}) for r in ("2", "4", "8", "16")),
-                ("defaults (fwd rows by device) / bwd a row ahead", {})]
+                ("defaults (fwd rows by device) / bwd a row ahead", {}),
+                ("fwd async (cp.async, rows by device) / bwd default", {"GENFAST_MODULATE_FWD_ASYNC": "1"})]
+    _modab_settings(settings)
+
+
+def modfwd():
+    """The forward's walking kernels only: streaming (a row ahead in registers) against asynchronous
+    (GENFAST_MODULATE_FWD_ASYNC=1: cp.async into shared memory, 3 rows ahead), rows a warp by device
+    or forced; the one-row kernel for scale."""
+    settings = [("fwd 1 row", {"GENFAST_MODULATE_FWD_ROWS": "1"}),
+                ("fwd streaming, rows by device", {}),
+                ("fwd async, rows by device", {"GENFAST_MODULATE_FWD_ASYNC": "1"}),
+                *((f"fwd async, {r} rows a warp", {"GENFAST_MODULATE_FWD_ASYNC": "1", "GENFAST_MODULATE_FWD_ROWS": r})
+                  for r in ("4", "8", "32"))]
+    _modab_settings(settings)
+
+
+def _modab_settings(settings):
+    """Runs _modab_one once per (label, env flags), each in its own process (the switches are read once)."""
+    import os
+    import subprocess
     for label, flags in settings:
         env = {k: v for k, v in os.environ.items() if k not in _LOAD_ORDER_ENV}
         env.update(flags, GENFAST_AB_LABEL=label)
@@ -417,4 +438,4 @@ def kl():
 if __name__ == "__main__":
     {"modulate": modulate, "dit": dit, "host": host, "overhead": overhead, "kernels": kernels,
      "chunks": chunks, "big": big, "threads": threads, "fusions": fusions, "modab": modab,
-     "_modab_one": _modab_one, "kl": kl}[sys.argv[1] if len(sys.argv) > 1 else "modulate"]()
+     "modfwd": modfwd, "_modab_one": _modab_one, "kl": kl}[sys.argv[1] if len(sys.argv) > 1 else "modulate"]()

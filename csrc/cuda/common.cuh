@@ -155,6 +155,39 @@ __device__ __forceinline__ void store_pack(void* p, const float (&v)[kPack<DT>])
 #endif
 }
 
+// ---- cp.async (sm_80+): 16-byte global -> shared copies that complete asynchronously -------------
+// cp_async16 copies 16 bytes (both addresses 16-byte aligned); cp_async_commit closes this thread's
+// group of copies; cp_async_wait<N>() waits until at most the N newest committed groups are still in
+// flight (cp.async.wait_group N): the copies waited for are then visible to this thread, and to the
+// block after a __syncthreads. The emulation lands a group's bytes only at its wait (cuda_emu.h), so
+// reading a slot too early gives wrong results there too.
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+#ifdef GENFAST_EMULATE
+  check_pack_alignment(smem_dst, "cp_async16 (shared)");
+  check_pack_alignment(gmem_src, "cp_async16 (global)");
+  genfast_emu::cp_async_issue(smem_dst, gmem_src);
+#else
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(gmem_src) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef GENFAST_EMULATE
+  genfast_emu::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef GENFAST_EMULATE
+  genfast_emu::cp_async_wait(N);
+#else
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() { cp_async_wait<0>(); }
+
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // ---- reductions ---------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 // Tensor-core wrappers for sm_80+ (also run on Hopper): mma.sync m16n8k16 (bf16 / fp16 in,
 // fp32 accumulate), ldmatrix m8n8 .x1/.x2/.x4 (+ .trans), and packing two floats into a bf16x2 /
-// f16x2 register. Include after "cuda/common.cuh".
+// f16x2 register (cp.async: csrc/cuda/common.cuh). Include after "cuda/common.cuh".
 //
 // Under nvcc each wrapper is one inline PTX instruction. Under GENFAST_EMULATE each has a twin
 // that follows the PTX ISA fragment layouts lane by lane (DESIGN.md §8), so a kernel that gets a
@@ -186,29 +186,6 @@ __device__ __forceinline__ void ldmatrix(uint32_t (&r)[N], const void* row_addr)
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(a));
-#endif
-}
-
-// ---- cp.async (sm_80+): 16-byte global -> shared copies that complete asynchronously -------------
-// cp_async16 copies 16 bytes; cp_async_wait_all waits for every copy this thread issued (then a
-// __syncthreads makes them visible to the block). Under the emulation the copy happens at once,
-// so a missing wait is NOT caught there (only on a GPU): keep each wait next to its barrier.
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
-#ifdef GENFAST_EMULATE
-  memcpy(smem_dst, gmem_src, 16);
-#else
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(gmem_src) : "memory");
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#ifndef GENFAST_EMULATE
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void cp_async_wait_all() {
-#ifndef GENFAST_EMULATE
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 #endif
 }
 

@@ -6,7 +6,9 @@
 //    pointers allow (csrc/cuda/modulate_warp.cuh, which also describes the per-sample sums).
 //    fp16 / bf16 forward with per-sample scale / shift and C <= 1280 (DiT-XL's 1152): the
 //    streaming kernel, a warp taking several rows with the next row's loads in flight
-//    (stream_rows; GENFAST_MODULATE_FWD_ROWS=1 keeps the one-row kernel, for GPU A/B timings); the
+//    (rows_per_warp; GENFAST_MODULATE_FWD_ROWS=1 keeps the one-row kernel, for GPU A/B timings), or
+//    with GENFAST_MODULATE_FWD_ASYNC=1 the asynchronous one (cp.async into shared memory, 3 rows in
+//    flight a warp; not yet timed on a GPU, so off by default); the
 //    per-sample backward's warps likewise load a row ahead where the grid fits one wave (stream_bwd).
 //  - wider rows: one block (128 threads) per row, block reductions, x re-read from L1/L2 in each
 //    pass; per sample, one block per (row chunk, sample) that walks its rows and accumulates in
@@ -49,6 +51,7 @@ namespace {
 constexpr int kThreads = 128;  // wide rows: one block of 4 warps per row
 constexpr int kColBlock = 128;  // columns per block in the column-sum kernels
 constexpr int kMaxStreamRows = 16;  // rows a warp of the streaming forward takes at most
+constexpr int kMaxAsyncRows = 32;   // and of the asynchronous forward (its pipeline fills over kAsyncStages - 1 rows)
 
 template <int DT>
 using E = dev::elem_t<DT>;
@@ -191,26 +194,36 @@ bool stream_bwd(Kernel kernel, int64_t blocks, size_t max_smem, std::atomic<int>
   if (const int env = bwd_stream_env(); env >= 0) return env == 1;
   return blocks <= dev::resident_blocks(kernel, kChunkWarps * 32, cache, max_smem);
 }
-// GENFAST_MODULATE_FWD_ROWS: rows a warp of the streaming forward takes (1: the one-row kernel; unset
-// or 0: stream_rows() picks), read once, for GPU A/B timings (benchmarks/gpu/profile.py modab).
+// GENFAST_MODULATE_FWD_ROWS: rows a warp of the streaming / asynchronous forward takes (1: the one-row
+// kernel; unset or 0: rows_per_warp() picks), read once, for GPU A/B timings (benchmarks/gpu/profile.py modab).
 int fwd_rows_env() {
   static const int rows = [] {
     const char* s = std::getenv("GENFAST_MODULATE_FWD_ROWS");
     const int v = s ? std::atoi(s) : 0;
-    return v < 0 ? 0 : (v > kMaxStreamRows ? kMaxStreamRows : v);
+    return v < 0 ? 0 : (v > kMaxAsyncRows ? kMaxAsyncRows : v);
   }();
   return rows;
 }
+// GENFAST_MODULATE_FWD_ASYNC=1: the per-sample 16-bit forward takes the asynchronous kernel (cp.async
+// into shared memory, several rows in flight a warp) instead of the streaming one. Off until timed on
+// a GPU (benchmarks/gpu/profile.py modab); read once.
+bool fwd_async() {
+  static const bool on = [] {
+    const char* s = std::getenv("GENFAST_MODULATE_FWD_ASYNC");
+    return s && s[0] == '1';
+  }();
+  return on;
+}
 
-// Rows per warp for the streaming forward, or 0 for the one-row kernel. Not yet timed on a GPU: one
-// wave of warps (the device's resident blocks), each with at least two rows so that a load of the
-// next row overlaps the current one, at most kMaxStreamRows.
+// Rows per warp for a walking forward kernel (warps_per_block warps a block), or 0 for the one-row
+// kernel: one wave of warps (the device's resident blocks), each with at least two rows so that a
+// load of the next row overlaps the current one, at most max_rows. `cache`: one per kernel instance.
 template <class Kernel>
-int stream_rows(Kernel kernel, int64_t rows, std::atomic<int>* cache) {  // cache: as stream_bwd's
-  if (const int env = fwd_rows_env()) return env > 1 ? env : 0;
-  const int64_t warps = dev::resident_blocks(kernel, kRowWarps * 32, cache) * kRowWarps;
+int rows_per_warp(Kernel kernel, int warps_per_block, int64_t rows, int max_rows, std::atomic<int>* cache) {
+  if (const int env = fwd_rows_env()) return env > 1 ? (env < max_rows ? env : max_rows) : 0;
+  const int64_t warps = dev::resident_blocks(kernel, warps_per_block * 32, cache) * warps_per_block;
   const int64_t per_warp = (rows + warps - 1) / warps;
-  return per_warp < 2 ? 0 : static_cast<int>(per_warp < kMaxStreamRows ? per_warp : kMaxStreamRows);
+  return per_warp < 2 ? 0 : static_cast<int>(per_warp < max_rows ? per_warp : max_rows);
 }
 
 template <int DT, int ITEMS>
@@ -220,10 +233,19 @@ void launch_fwd_warp(const ModulateParams& p, bool vec, void* stream) {
   // 16-bit types up to 40 items (C <= 1280): two rows of raw packs fit 128 registers (2 blocks an SM);
   // at 64 items the streaming kernel spills (sm_80 / sm_90, nvcc 13.0)
   if constexpr (dev::kPack<DT> == 8 && ITEMS <= 40) {
-    if (vec && per_sample) {
+    if (vec && per_sample && fwd_async()) {
+      auto fwd_async_k = &modulate_fwd_async_kernel<DT, ITEMS>;
+      static std::atomic<int> cache[64];  // this instance's resident blocks, per device
+      if (const int per_warp = rows_per_warp(fwd_async_k, kAsyncWarps, rows, kMaxAsyncRows, cache)) {
+        const int64_t rows_per_block = int64_t{kAsyncWarps} * per_warp;
+        GENFAST_LAUNCH(fwd_async_k, dim3(static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block)),
+                       kAsyncWarps * 32, 0, stream, p, per_warp);
+        return;
+      }
+    } else if (vec && per_sample) {
       auto fwd_stream = &modulate_fwd_stream_kernel<DT, ITEMS>;
       static std::atomic<int> cache[64];  // this instance's resident blocks, per device
-      if (const int per_warp = stream_rows(fwd_stream, rows, cache)) {
+      if (const int per_warp = rows_per_warp(fwd_stream, kRowWarps, rows, kMaxStreamRows, cache)) {
         const int64_t rows_per_block = int64_t{kRowWarps} * per_warp;
         GENFAST_LAUNCH(fwd_stream, dim3(static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block)),
                        kRowWarps * 32, 0, stream, p, per_warp);

@@ -136,59 +136,124 @@ __device__ __forceinline__ void load_row_raw(const E<DT>* row, int lane, int64_t
   }
 }
 
+// One row of the per-sample forward (16-byte rows) from its raw packs: raw(k) is this lane's pack k,
+// asked only for packs inside the row. Statistics, output (scale / shift read here: a sample's packs
+// stay in L1 for its rows), mean / rstd of row r = (b, n). The one-row kernel's arithmetic, in the
+// same order: the same bits. Shared by the streaming and the asynchronous kernels.
+template <int DT, int ITEMS, class Raw>
+__device__ __forceinline__ void fwd_row_per_sample(const ModulateParams& p, Raw raw, int lane, int64_t r, int64_t b,
+                                                   int64_t n) {
+  constexpr int V = dev::kPack<DT>, P = ITEMS / V;
+  const int64_t C = p.C;
+  float v[ITEMS];
+#pragma unroll
+  for (int k = 0; k < P; ++k) {
+    const bool ok = static_cast<int64_t>(lane + 32 * k) * V < C;
+    float t[V];
+    if (ok) dev::unpack_pack<DT>(raw(k), t);
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[k * V + j] = ok ? t[j] : 0.f;
+  }
+  const float2 st = warp_row_stats<V, ITEMS>(v, lane, C, p.eps, p.rms);
+  const E<DT>* scale = static_cast<const E<DT>*>(p.scale) + b * p.scale_sb;
+  const E<DT>* shift = p.shift ? static_cast<const E<DT>*>(p.shift) + b * p.shift_sb : nullptr;
+  E<DT>* out = static_cast<E<DT>*>(p.out) + b * p.out_sb + n * p.out_sn;
+#pragma unroll
+  for (int k = 0; k < P; ++k) {
+    const int64_t c0 = static_cast<int64_t>(lane + 32 * k) * V;
+    if (c0 >= C) continue;
+    float sc[V], sh[V], o[V];
+    dev::load_pack<DT>(scale + c0, sc);
+    if (shift) dev::load_pack<DT>(shift + c0, sh);
+    modulate_pack<V>(v + k * V, sc, sh, shift != nullptr, st, o);
+    dev::store_pack<DT>(out + c0, o);
+  }
+  if (lane == 0) {
+    p.mean[r] = st.x;
+    p.rstd[r] = st.y;
+  }
+}
+
+// (b, n) of row r, advanced row by row without a 64-bit division (tens of instructions on a GPU).
+struct RowPos {
+  int64_t b, n;
+  __device__ __forceinline__ RowPos(int64_t r, int64_t N) : b(r / N), n(r - (r / N) * N) {}
+  __device__ __forceinline__ void next(int64_t N) {
+    if (++n == N) n = 0, ++b;
+  }
+};
+
 // Streaming forward (16-byte rows, scale / shift per sample): a warp takes `rows` consecutive rows
 // and loads the next row's x (raw packs) before the current row's statistics, so that it always has
 // a row of loads in flight while it reduces and stores (the one-row kernel waits for its loads once
-// a row with nothing else in flight). scale / shift are read in the output loop, as the one-row
-// kernel without PRELOAD: a sample's packs stay in L1 for its rows, and holding them in registers
-// too would spill (176-254 registers at 40-64 items with them). The same row math as
-// modulate_fwd_warp_kernel: the same bits.
+// a row with nothing else in flight). scale / shift are read in the output loop (fwd_row_per_sample):
+// holding them in registers too would spill (176-254 registers at 40-64 items with them).
 template <int DT, int ITEMS>
 __global__ void __launch_bounds__(kRowWarps * 32, 2) modulate_fwd_stream_kernel(const ModulateParams p, int rows) {
-  constexpr int V = dev::kPack<DT>, P = ITEMS / V;
+  constexpr int P = ITEMS / dev::kPack<DT>;
   const int lane = threadIdx.x & 31;
   const int64_t total = p.B * p.N, C = p.C;
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5)) * rows;
   if (first >= total) return;  // whole warps only
   const int64_t end = first + rows < total ? first + rows : total;
+  const E<DT>* x = static_cast<const E<DT>*>(p.x);
   uint4 cur[P], nxt[P];
-  auto load_x = [&](int64_t r, uint4 (&dst)[P]) {
-    const int64_t b = r / p.N, n = r - b * p.N;
-    load_row_raw<DT, P>(static_cast<const E<DT>*>(p.x) + b * p.x_sb + n * p.x_sn, lane, C, dst);
-  };
-  load_x(first, cur);
+  RowPos at(first, p.N), ahead = at;  // the row reduced, the row loaded next
+  load_row_raw<DT, P>(x + ahead.b * p.x_sb + ahead.n * p.x_sn, lane, C, cur);
+  ahead.next(p.N);
   for (int64_t r = first; r < end; ++r) {
-    if (r + 1 < end) load_x(r + 1, nxt);
-    const int64_t b = r / p.N, n = r - b * p.N;
-    float v[ITEMS];
-#pragma unroll
-    for (int k = 0; k < P; ++k) {
-      const bool ok = static_cast<int64_t>(lane + 32 * k) * V < C;
-      float t[V];
-      if (ok) dev::unpack_pack<DT>(cur[k], t);
-#pragma unroll
-      for (int j = 0; j < V; ++j) v[k * V + j] = ok ? t[j] : 0.f;
+    if (r + 1 < end) {
+      load_row_raw<DT, P>(x + ahead.b * p.x_sb + ahead.n * p.x_sn, lane, C, nxt);
+      ahead.next(p.N);
     }
-    const float2 st = warp_row_stats<V, ITEMS>(v, lane, C, p.eps, p.rms);
-    const E<DT>* scale = static_cast<const E<DT>*>(p.scale) + b * p.scale_sb;
-    const E<DT>* shift = p.shift ? static_cast<const E<DT>*>(p.shift) + b * p.shift_sb : nullptr;
-    E<DT>* out = static_cast<E<DT>*>(p.out) + b * p.out_sb + n * p.out_sn;
+    fwd_row_per_sample<DT, ITEMS>(p, [&](int k) { return cur[k]; }, lane, r, at.b, at.n);
+    at.next(p.N);
+#pragma unroll
+    for (int k = 0; k < P; ++k) cur[k] = nxt[k];
+  }
+}
+
+// Asynchronous forward (16-byte rows, scale / shift per sample, 16-bit types; GENFAST_MODULATE_FWD_ASYNC=1):
+// the streaming kernel's walk with x copied into shared memory by cp.async, kAsyncStages row slots
+// a warp, so that kAsyncStages - 1 rows are in flight while the warp reduces and stores one (the
+// streaming kernel has one row ahead, in registers). A lane reads back only the packs it copied
+// itself, so its own wait_group orders the slots: no barrier. The slot a copy goes to was read by the
+// same lane for the previous row (its values already consumed).
+constexpr int kAsyncWarps = 4;   // warps a block (40 KiB of slots at 40 items: static shared memory)
+constexpr int kAsyncStages = 4;  // row slots a warp
+
+template <int DT, int ITEMS>
+__global__ void __launch_bounds__(kAsyncWarps * 32, 4) modulate_fwd_async_kernel(const ModulateParams p, int rows) {
+  constexpr int V = dev::kPack<DT>, P = ITEMS / V;
+  __shared__ uint4 ring[kAsyncWarps][kAsyncStages][P][32];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int64_t total = p.B * p.N, C = p.C;
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * kAsyncWarps + w) * rows;
+  if (first >= total) return;  // whole warps only
+  const int64_t count = (first + rows < total ? first + rows : total) - first;
+  const E<DT>* x = static_cast<const E<DT>*>(p.x);
+  RowPos at(first, p.N), ahead = at;  // the row reduced, the row copied next
+  auto copy_next = [&](int64_t i) {  // row first + i into slot i % kAsyncStages
+    const E<DT>* row = x + ahead.b * p.x_sb + ahead.n * p.x_sn;
 #pragma unroll
     for (int k = 0; k < P; ++k) {
       const int64_t c0 = static_cast<int64_t>(lane + 32 * k) * V;
-      if (c0 >= C) continue;
-      float sc[V], sh[V], o[V];
-      dev::load_pack<DT>(scale + c0, sc);
-      if (shift) dev::load_pack<DT>(shift + c0, sh);
-      modulate_pack<V>(v + k * V, sc, sh, shift != nullptr, st, o);
-      dev::store_pack<DT>(out + c0, o);
+      if (c0 < C) dev::cp_async16(&ring[w][i % kAsyncStages][k][lane], row + c0);
     }
-    if (lane == 0) {
-      p.mean[r] = st.x;
-      p.rstd[r] = st.y;
-    }
+    ahead.next(p.N);
+  };
 #pragma unroll
-    for (int k = 0; k < P; ++k) cur[k] = nxt[k];
+  for (int s = 0; s < kAsyncStages - 1; ++s) {
+    if (s < count) copy_next(s);
+    dev::cp_async_commit();  // empty groups too: the wait below counts groups
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    if (i + kAsyncStages - 1 < count) copy_next(i + kAsyncStages - 1);
+    dev::cp_async_commit();
+    dev::cp_async_wait<kAsyncStages - 1>();  // row i's group has landed
+    const int slot = static_cast<int>(i % kAsyncStages);
+    fwd_row_per_sample<DT, ITEMS>(p, [&](int k) { return ring[w][slot][k][lane]; }, lane, first + i, at.b, at.n);
+    at.next(p.N);
   }
 }
 

@@ -131,6 +131,32 @@ inline unsigned __activemask() {
   return t->warp->live;
 }
 
+// cp.async (csrc/cuda/common.cuh: dev::cp_async16, cp_async_commit, cp_async_wait): the source's 16
+// bytes are read at issue but land in shared memory only when a wait_group completes their group,
+// so a kernel that reads a slot before waiting for it reads the slot's old bytes here (on a GPU it
+// may or may not, by timing) and a wrong wait count shows as wrong results.
+namespace genfast_emu {
+inline void cp_async_issue(void* dst, const void* src) {
+  AsyncCopy c;
+  c.dst = dst;
+  memcpy(c.bytes, src, sizeof c.bytes);
+  self()->uncommitted.push_back(c);
+}
+inline void cp_async_commit() {
+  Thread* t = self();
+  t->groups.emplace_back(std::move(t->uncommitted));
+  t->uncommitted.clear();
+}
+// cp.async.wait_group n: every committed group but the newest n has landed (uncommitted copies wait on).
+inline void cp_async_wait(int n) {
+  Thread* t = self();
+  while (static_cast<int>(t->groups.size()) > n) {
+    for (const AsyncCopy& c : t->groups.front()) memcpy(c.dst, c.bytes, sizeof c.bytes);
+    t->groups.pop_front();
+  }
+}
+}  // namespace genfast_emu
+
 inline cudaError_t cudaGetLastError() {
   const cudaError_t e = genfast_emu::tls_last_error;
   genfast_emu::tls_last_error = cudaSuccess;

@@ -248,6 +248,8 @@ inline cudaError_t launch_impl(const char* name, const void* fn, dim3 grid, dim3
           t.block = b.get();
           t.waiting = nullptr;
           t.finished = false;
+          t.uncommitted.clear();  // a copy never waited for lands in the block's discarded shared memory
+          t.groups.clear();
         }
         memset(b->dyn_smem, 0xff, shmem);  // uninitialised shared memory is garbage on the GPU too
         const bool ok = threaded(*b) ? run_block_threads(*b) : run_block_fibers(*b);

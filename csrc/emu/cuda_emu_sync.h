@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -79,9 +80,19 @@ struct Warp {
 };
 
 struct Block;
+// A cp.async copy issued but not landed: its 16 source bytes (read at issue) and where they go.
+struct AsyncCopy {
+  void* dst;
+  unsigned char bytes[16];
+};
+
 struct Thread {
   uint3 tid;
   int lane = 0;
+  // cp.async copies (cuda_emu.h, emu_cp_async_*): not yet committed, then one group per commit,
+  // oldest first; a group's bytes land in shared memory only when a wait_group lets it complete.
+  std::vector<AsyncCopy> uncommitted;
+  std::deque<std::vector<AsyncCopy>> groups;
   Warp* warp = nullptr;
   Block* block = nullptr;
   const char* waiting = nullptr;  // what it waits in (deadlock report)
