@@ -107,3 +107,37 @@ def test_reparam_kl_forward_only(compare, shape):
         "compile_fallback_random": lambda: compiled(mu, lv),
         "randn_like": lambda: torch.randn_like(mu),
     }, bytes=3 * mu.numel() * 4, note="forward only (no grad)")
+
+
+def _eager_moments(h):
+    return eager_reparam_kl(*h.chunk(2, dim=1))
+
+
+def _gf_chunks(h):
+    return genfast.reparam_kl(*h.chunk(2, dim=1))
+
+
+def _gf_moments(h):
+    return genfast.reparam_kl_moments(h)
+
+
+@pytest.mark.parametrize("shape", SHAPES[-1:], ids=_name)
+def test_reparam_kl_from_encoder_output(compare, shape):
+    """A VAE's training step: mu and logvar the halves of one encoder output h that needs a gradient.
+    reparam_kl_moments writes dh into one buffer from its backward kernel; reparam_kl on h.chunk(2, 1)
+    leaves autograd's split backward to concatenate dmu and dlogvar (another pass over both)."""
+    h = torch.randn((shape[0], 2 * shape[1], *shape[2:]), device=compare.device, requires_grad=True)
+    dz = torch.randn(shape, device=compare.device)
+    dkl = torch.full((shape[0],), 1.0 / shape[0], device=compare.device)
+
+    def grad_of(fn):
+        def run():
+            z, kl = fn(h)
+            return torch.autograd.grad((z, kl), (h,), (dz, dkl))
+        return run
+    n = dz.numel()
+    compare(f"reparam_kl fwd+bwd from the encoder output fp32 {_name(shape)}", {
+        "genfast": grad_of(_gf_moments), "genfast_on_chunks": grad_of(_gf_chunks), "eager": grad_of(_eager_moments),
+        "compile": grad_of(compare.compile(_eager_moments)),
+    }, bytes=6 * n * 4, targets=TARGETS, note="reparam_kl_moments(h) vs reparam_kl(*h.chunk(2, 1)): h [B, 2C, H, W] "
+            "requires grad; 6 N elements must move (read mu, logvar, dz; write z, dh)")

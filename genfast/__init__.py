@@ -19,7 +19,8 @@ _native.warn_if_cpu_module_missing()
 
 from genfast.info import info  # noqa: E402
 from genfast.ops import (  # noqa: E402
-    adaln_modulate, code_counts, flow_euler_step, gated_residual, reparam_kl, vector_quantize, vq_nearest)
+    adaln_modulate, code_counts, flow_euler_step, gated_residual, reparam_kl, reparam_kl_moments, vector_quantize,
+    vq_nearest)
 from genfast.ops.attention import attention  # noqa: E402
 from genfast.sampling import sample_rectified_flow  # noqa: E402
 
@@ -47,4 +48,5 @@ def __getattr__(name):
 
 
 __all__ = ["info", "patch", "flow_euler_step", "sample_rectified_flow", "attention", "adaln_modulate", "gated_residual",
-           "vq_nearest", "vector_quantize", "code_counts", "reparam_kl", "free_workspace", "__version__"]
+           "vq_nearest", "vector_quantize", "code_counts", "reparam_kl", "reparam_kl_moments", "free_workspace",
+           "__version__"]

@@ -21,7 +21,9 @@ var - 1 - logvar); mode() = mean; nll(sample). Differences, all deliberate:
   - deterministic=True: kl() returns zeros of shape [B] on the parameters' device (diffusers
     returns torch.Tensor([0.0]) on the CPU), nll() likewise; sample() returns the mean.
   - sample() and kl() are each one fused pass; sample_and_kl() gives both from one pass (the
-    training path; what GaussianPosterior.forward calls).
+    training path; what GaussianPosterior.forward calls). Their gradient goes to `parameters`
+    directly, in one buffer the backward kernel writes (genfast.reparam_kl_moments), not through
+    the `mean` / `raw_logvar` views: hooks on those views do not see it.
   - kl(other) (KL between two diagonal Gaussians) and nll() are plain PyTorch, as in diffusers.
 """
 import math
@@ -29,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from genfast.ops.kl import reparam_kl
+from genfast.ops.kl import reparam_kl_moments
 
 DEFAULT_CLAMP = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution
 
@@ -44,7 +46,7 @@ class DiagonalGaussian:
         if parameters.dim() < 2 or parameters.shape[dim] % 2:
             raise ValueError(f"parameters must have an even size along dim {dim} (mean and logvar), "
                              f"got shape {tuple(parameters.shape)}")
-        self.parameters = parameters
+        self.parameters, self.dim = parameters, dim
         self.mean, self.raw_logvar = torch.chunk(parameters, 2, dim=dim)
         self.deterministic = deterministic
         self.logvar_clamp = tuple(logvar_clamp) if logvar_clamp is not None else None
@@ -62,8 +64,10 @@ class DiagonalGaussian:
         return torch.zeros_like(self.mean) if self.deterministic else torch.exp(self.logvar)
 
     def _fused(self, *, generator=None, seed=None, noise=None, reduction="per_sample", free_bits=0.0):
-        return reparam_kl(self.mean, self.raw_logvar, generator=generator, seed=seed, noise=noise,
-                          reduction=reduction, free_bits=free_bits, logvar_clamp=self.logvar_clamp)
+        # through the parameters, not self.mean / self.raw_logvar: the backward writes both halves of
+        # their gradient into one buffer (reparam_kl_moments)
+        return reparam_kl_moments(self.parameters, dim=self.dim, generator=generator, seed=seed, noise=noise,
+                                  reduction=reduction, free_bits=free_bits, logvar_clamp=self.logvar_clamp)
 
     def sample_and_kl(self, generator=None, *, seed=None, noise=None, reduction="per_sample", free_bits=0.0):
         """(z, kl) from one fused pass; see genfast.reparam_kl for reduction and free_bits."""

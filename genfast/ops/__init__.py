@@ -2,7 +2,7 @@
 from genfast.ops import attention as _attention_op  # the module; the function is genfast.attention
 from genfast.ops import flow_step, gelu, kl, modulate, vq
 from genfast.ops.flow_step import flow_euler_step
-from genfast.ops.kl import reparam_kl
+from genfast.ops.kl import reparam_kl, reparam_kl_moments
 from genfast.ops.modulate import adaln_modulate, gated_residual
 from genfast.ops.vq import code_counts, vector_quantize, vq_nearest
 
@@ -18,5 +18,5 @@ REASONS_BY_OP = {
     "column_sums": gelu._reasons,
 }
 
-__all__ = ["flow_euler_step", "reparam_kl", "adaln_modulate", "gated_residual", "vq_nearest", "vector_quantize",
+__all__ = ["flow_euler_step", "reparam_kl", "reparam_kl_moments", "adaln_modulate", "gated_residual", "vq_nearest", "vector_quantize",
            "code_counts", "REASONS_BY_OP"]

@@ -64,6 +64,38 @@ def reparam_kl(mu, logvar, *, seed=None, generator=None, noise=None, reduction="
     the same words but uses its own log/sin/cos (normals within ~1e-6); the reference (fp64
     inputs, or forced) computes them in fp64 from the same words.
     """
+    return _reparam_kl(mu, logvar, None, seed, generator, noise, reduction, free_bits, logvar_clamp)
+
+
+def reparam_kl_moments(moments, *, dim=1, seed=None, generator=None, noise=None, reduction="per_sample",
+                       free_bits=0.0, logvar_clamp=(-30.0, 20.0)):
+    """reparam_kl(*moments.chunk(2, dim), ...) for an encoder output holding mu and logvar
+    concatenated along `dim` (diffusers' DiagonalGaussianDistribution(parameters), LDM's moments):
+    the same z and KL, and the gradient of `moments` written by the backward kernel straight into
+    one buffer. Through reparam_kl on the chunks, autograd's split backward concatenates dmu and
+    dlogvar afterwards: a second pass over both gradients (and one more op on a GPU's host).
+
+    In eager training with a contiguous `moments` (else, and under torch.compile, it is reparam_kl on
+    the chunks) the gradient reaches `moments` directly, not through chunk views of it: hooks or
+    autograd.grad on such views do not see it. Arguments and returns as reparam_kl; noise has the
+    shape of one half.
+    """
+    if not isinstance(moments, torch.Tensor):
+        raise TypeError(f"moments must be a torch.Tensor, got {type(moments).__name__}")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if moments.dim() < 1 or not -moments.dim() <= dim < moments.dim():
+        raise ValueError(f"dim must index a dim of moments (shape {tuple(moments.shape)}), got {dim}")
+    dim %= moments.dim()
+    if moments.shape[dim] % 2:
+        raise ValueError(f"moments must have an even size along dim {dim} (mu and logvar concatenated), "
+                         f"got shape {tuple(moments.shape)}")
+    mu, logvar = moments.chunk(2, dim)
+    return _reparam_kl(mu, logvar, (moments, dim), seed, generator, noise, reduction, free_bits, logvar_clamp)
+
+
+def _reparam_kl(mu, logvar, moments, seed, generator, noise, reduction, free_bits, logvar_clamp):
+    """reparam_kl; moments: None, or (h, dim) when mu and logvar are h.chunk(2, dim)."""
     _check(mu, logvar, noise, reduction, free_bits, logvar_clamp)
     if noise is not None and (seed is not None or generator is not None):
         raise ValueError("noise replaces the generator: pass either noise or seed/generator, not both")
@@ -73,7 +105,12 @@ def reparam_kl(mu, logvar, *, seed=None, generator=None, noise=None, reduction="
     per_row = reduction != "none" and free_bits == 0
     args = (mu, logvar, noise, seed_t, lo, hi, clamp, per_row)
     if _plain_eager(mu, logvar, noise):
-        z, kl = _ReparamKL.apply(*args) if torch.is_grad_enabled() else _forward(*args)
+        if not torch.is_grad_enabled():
+            z, kl = _forward(*args)
+        elif moments is not None and _one_gradient_buffer(moments[0], mu, logvar):
+            z, kl = _ReparamKLMoments.apply(moments[0], moments[1], *args[2:])
+        else:
+            z, kl = _ReparamKL.apply(*args)
     else:
         z, kl = torch.ops.genfast.reparam_kl(*args)
     if free_bits > 0:
@@ -219,9 +256,13 @@ def _forward(mu, logvar, noise, seed, lo, hi, clamp, per_row):
     return z, kl
 
 
-def _backward_impl(dz, gkl, mu, logvar, noise, seed, lo, hi, clamp):
-    dmu = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
-    dlv = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
+def _backward_impl(dz, gkl, mu, logvar, noise, seed, lo, hi, clamp, out=None):
+    """(dmu, dlogvar); out: two tensors of mu's shape to write them into (row-strided views: _rs)."""
+    if out is None:
+        dmu = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
+        dlv = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
+    else:
+        dmu, dlv = out
     if mu.numel() == 0:
         return dmu, dlv
     name = backend_for(mu)
@@ -252,7 +293,8 @@ def _backward_impl(dz, gkl, mu, logvar, noise, seed, lo, hi, clamp):
     else:
         g_, (g_rs, g_cs) = _as_rows(gkl)
     rows, cols = mu.shape[0], math.prod(mu.shape[1:])
-    strides = [mu_rs, mu_cs, lv_rs, lv_cs, n_rs, n_cs, dz_rs, dz_cs, g_rs, g_cs, cols, 1, cols, 1]
+    out_strides = [cols, 1, cols, 1] if out is None else [*_rs(dmu), *_rs(dlv)]
+    strides = [mu_rs, mu_cs, lv_rs, lv_cs, n_rs, n_cs, dz_rs, dz_cs, g_rs, g_cs, *out_strides]
     if name == "triton":
         from genfast.kernels.kl import kl_backward as triton_kl_backward
 
@@ -304,6 +346,32 @@ def _backward(ctx, dz, dkl):
 
 
 torch.library.register_autograd("genfast::reparam_kl", _backward, setup_context=_setup_context)
+
+
+def _one_gradient_buffer(h, mu, logvar):
+    """Whether the backward can write dmu and dlogvar into the halves of one empty_like(h) in place:
+    h contiguous (empty_like gives the same strides, so the halves of the gradient have mu's and
+    logvar's) and both halves seen as [rows, cols] without a copy."""
+    return h.requires_grad and h.is_contiguous() and _rs(mu) is not None and _rs(logvar) is not None
+
+
+class _ReparamKLMoments(torch.autograd.Function):
+    """reparam_kl with the gradient going to h (mu, logvar = h.chunk(2, dim)) in one buffer: the
+    kernel writes dmu and dlogvar into the halves of dh (reparam_kl_moments)."""
+
+    @staticmethod
+    def forward(ctx, h, dim, noise, seed, lo, hi, clamp, per_row):
+        ctx.dim, ctx.params = dim, (lo, hi, clamp)
+        ctx.save_for_backward(h, noise, seed)
+        return _forward(*h.chunk(2, dim), noise, seed, lo, hi, clamp, per_row)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dz, dkl):
+        h, noise, seed = ctx.saved_tensors
+        dh = torch.empty_like(h)
+        _backward_impl(dz, dkl, *h.chunk(2, ctx.dim), noise, seed, *ctx.params, out=dh.chunk(2, ctx.dim))
+        return dh, None, None, None, None, None, None, None
 
 
 class _ReparamKL(torch.autograd.Function):

@@ -20,7 +20,8 @@ from genfast.ops import gelu as _gelu
 from genfast.ops import linear as _linear
 from genfast.ops import qkv as _qkv
 
-NAMES = ("attention", "adaln_modulate", "gated_residual", "reparam_kl", "vector_quantize", "flow_euler_step")
+NAMES = ("attention", "adaln_modulate", "gated_residual", "reparam_kl", "reparam_kl_moments", "vector_quantize",
+         "flow_euler_step")
 
 _state = {"genfast": os.environ.get("GENFAST_ZOO_OPS", "").lower() != "eager"}
 
@@ -119,6 +120,12 @@ def _reparam_kl(mu, logvar, *, generator=None, noise=None, reduction="per_sample
     raise ValueError(f"reduction must be 'per_sample', 'sum', 'mean' or 'none', got {reduction!r}")
 
 
+def _reparam_kl_moments(moments, *, dim=1, generator=None, noise=None, reduction="per_sample"):
+    """_reparam_kl on mu, logvar = moments.chunk(2, dim) (an encoder output holding both)."""
+    mu, logvar = moments.chunk(2, dim)
+    return _reparam_kl(mu, logvar, generator=generator, noise=noise, reduction=reduction)
+
+
 def _vector_quantize(z, codebook, *, beta=0.25):
     """(z_q with straight-through gradient, int64 indices [...], codebook + beta * commitment loss)
     for z [..., D] and codebook [K, D]."""
@@ -141,6 +148,7 @@ attention = _dispatch("attention", _attention)
 adaln_modulate = _dispatch("adaln_modulate", _adaln_modulate)
 gated_residual = _dispatch("gated_residual", _gated_residual)
 reparam_kl = _dispatch("reparam_kl", _reparam_kl)
+reparam_kl_moments = _dispatch("reparam_kl_moments", _reparam_kl_moments)
 vector_quantize = _dispatch("vector_quantize", _vector_quantize)
 flow_euler_step = _dispatch("flow_euler_step", _flow_euler_step)
 

@@ -32,10 +32,10 @@ class AutoencoderKL(nn.Module):
                                      nn.Conv2d(width // 2, 1, 3, 1, 1))
 
     def encode(self, x, *, generator=None, sample=True):
-        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        h = self.encoder(x)  # [mu; logvar] along dim 1
         if not sample:
-            return mu, None
-        return _ops.reparam_kl(mu, logvar, generator=generator, reduction="per_sample")
+            return h.chunk(2, dim=1)[0], None
+        return _ops.reparam_kl_moments(h, generator=generator, reduction="per_sample")
 
     def decode(self, z):
         return self.decoder(z)

@@ -67,8 +67,8 @@ class VAE(nn.Module):
 
     def forward(self, x, *, generator=None, noise=None, beta=1.0):
         """{"loss": -ELBO (beta-weighted KL) mean, "elbo", "recon" (-log p(x|z)), "kl"}: means over the batch."""
-        mu, logvar = self.encode(x)
-        z, kl = _ops.reparam_kl(mu, logvar, generator=generator, noise=noise, reduction="per_sample")
+        # the encoder output whole: the backward writes d(mu) and d(logvar) into one buffer (no split backward)
+        z, kl = _ops.reparam_kl_moments(self.encoder(x), generator=generator, noise=noise, reduction="per_sample")
         rec = -self.log_likelihood(self.decode(z), x)
         return {"loss": (rec + beta * kl).mean(), "elbo": -(rec + kl).mean(), "recon": rec.mean(), "kl": kl.mean(),
                 "z": z}
