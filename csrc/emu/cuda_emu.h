@@ -18,7 +18,9 @@
 // mask calling different collectives, and deadlock (fibers: no thread can move; threads: a wait
 // longer than GENFAST_EMU_TIMEOUT_S, default 60) fail the launch with a message on stderr and
 // cudaErrorLaunchFailure. Reading a lane that did not take part in a shuffle returns all-ones
-// bits (NaN for floats). Dynamic shared memory is filled with 0xff bytes before every block.
+// bits (NaN for floats). Dynamic shared memory is filled with 0xff bytes before every block. A
+// cp.async copy lands in shared memory only at the wait_group that completes its group, so a slot
+// read before its wait holds its old bytes.
 // Launch configurations are validated as the GPU would (block <= 1024 threads, grid.y/z <=
 // 65535, dynamic shared memory > 48 KiB only after cudaFuncSetAttribute, at most 227 KiB).
 // Env (read at each launch): GENFAST_EMU_RUNNER=fibers|threads, GENFAST_EMU_STACK_KB (default

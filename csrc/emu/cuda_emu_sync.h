@@ -89,7 +89,7 @@ struct AsyncCopy {
 struct Thread {
   uint3 tid;
   int lane = 0;
-  // cp.async copies (cuda_emu.h, emu_cp_async_*): not yet committed, then one group per commit,
+  // cp.async copies (cuda_emu.h: genfast_emu::cp_async_*): not yet committed, then one group per commit,
   // oldest first; a group's bytes land in shared memory only when a wait_group lets it complete.
   std::vector<AsyncCopy> uncommitted;
   std::deque<std::vector<AsyncCopy>> groups;
