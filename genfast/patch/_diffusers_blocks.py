@@ -67,7 +67,7 @@ def feed_forward(ff, h):
     Without autograd the GELU runs in place on the first Linear's output, which only this function
     holds: one [B, N, 4C] temporary instead of two (on the CPU every fresh large tensor pays page faults;
     where _fc1_folds, that temporary is a kept buffer and the Linear's bias goes into the GELU pass)."""
-    net = ff.net
+    net = tuple(ff.net._modules.values())  # (slicing the ModuleList itself builds a new one a call)
     act = net[0]
     grad = torch.is_grad_enabled() and (h.requires_grad or act.proj.weight.requires_grad)
     simple = (type(act).__name__ == "GELU" and type(act.proj) is nn.Linear and len(net) in (3, 4)
