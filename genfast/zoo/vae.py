@@ -45,8 +45,12 @@ class VAE(nn.Module):
                 nn.ConvTranspose2d(32, 32, 4, 2, 1), nn.SiLU(), nn.Conv2d(32, 1, 3, 1, 1))
         self.log_sigma = nn.Parameter(torch.tensor(-1.0)) if likelihood == "gaussian" else None
 
+    def moments(self, x):
+        """The encoder output: mu and logvar concatenated along dim 1."""
+        return self.encoder(x)
+
     def encode(self, x):
-        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        mu, logvar = self.moments(x).chunk(2, dim=1)
         return mu, logvar
 
     def decode(self, z):
@@ -68,7 +72,7 @@ class VAE(nn.Module):
     def forward(self, x, *, generator=None, noise=None, beta=1.0):
         """{"loss": -ELBO (beta-weighted KL) mean, "elbo", "recon" (-log p(x|z)), "kl"}: means over the batch."""
         # the encoder output whole: the backward writes d(mu) and d(logvar) into one buffer (no split backward)
-        z, kl = _ops.reparam_kl_moments(self.encoder(x), generator=generator, noise=noise, reduction="per_sample")
+        z, kl = _ops.reparam_kl_moments(self.moments(x), generator=generator, noise=noise, reduction="per_sample")
         rec = -self.log_likelihood(self.decode(z), x)
         return {"loss": (rec + beta * kl).mean(), "elbo": -(rec + kl).mean(), "recon": rec.mean(), "kl": kl.mean(),
                 "z": z}
