@@ -158,29 +158,26 @@ int last_error() { return static_cast<int>(cudaGetLastError()); }
 using dev::reduce_partials;  // csrc/cuda/common.cuh: shared with csrc/cuda/gelu.cu
 using dev::vec_ok;
 
-// Read once each: GENFAST_MODULATE_FWD_PRELOAD=0 / GENFAST_MODULATE_BWD_PRELOAD=0 switch the forward's
-// scale / shift preloading and the per-sample backward's row preloading off (the old load orders,
-// same bits: for GPU A/B timings, benchmarks/gpu/NOTES.md).
-bool env_on(const char* name) {
+// The load-order switches below (all the same bits; for GPU A/B timings, benchmarks/gpu/NOTES.md), each
+// read once: 0 or 1 when the variable starts with that digit, -1 when it is unset or anything else.
+int env_switch(const char* name) {
   const char* s = std::getenv(name);
-  return !(s && s[0] == '0');
+  return s && s[0] == '0' ? 0 : s && s[0] == '1' ? 1 : -1;
 }
+// GENFAST_MODULATE_FWD_PRELOAD=0 / GENFAST_MODULATE_BWD_PRELOAD=0 switch the forward's scale / shift
+// preloading and the per-sample backward's row preloading off (the old load orders).
 bool fwd_preload() {
-  static const bool on = env_on("GENFAST_MODULATE_FWD_PRELOAD");
+  static const bool on = env_switch("GENFAST_MODULATE_FWD_PRELOAD") != 0;
   return on;
 }
 bool bwd_preload() {
-  static const bool on = env_on("GENFAST_MODULATE_BWD_PRELOAD");
+  static const bool on = env_switch("GENFAST_MODULATE_BWD_PRELOAD") != 0;
   return on;
 }
 // GENFAST_MODULATE_BWD_STREAM: 0 = the per-sample backward's warps always load one row at a time
-// (preloaded or not, as above), 1 = always a row ahead, unset = by stream_bwd(); read once, for GPU A/B
-// timings (benchmarks/gpu/profile.py modab).
+// (preloaded or not, as above), 1 = always a row ahead, unset = by stream_bwd() (benchmarks/gpu/profile.py modab).
 int bwd_stream_env() {
-  static const int v = [] {
-    const char* s = std::getenv("GENFAST_MODULATE_BWD_STREAM");
-    return s && s[0] == '0' ? 0 : s && s[0] == '1' ? 1 : -1;
-  }();
+  static const int v = env_switch("GENFAST_MODULATE_BWD_STREAM");
   return v;
 }
 // A row ahead only while the grid fits one wave of the streaming kernel's resident blocks. H200, bf16,
@@ -195,23 +192,21 @@ bool stream_bwd(Kernel kernel, int64_t blocks, size_t max_smem, std::atomic<int>
   return blocks <= dev::resident_blocks(kernel, kChunkWarps * 32, cache, max_smem);
 }
 // GENFAST_MODULATE_FWD_ROWS: rows a warp of the streaming / asynchronous forward takes (1: the one-row
-// kernel; unset or 0: rows_per_warp() picks), read once, for GPU A/B timings (benchmarks/gpu/profile.py modab).
+// kernel; unset or 0: rows_per_warp() picks; it caps the count at the kernel's most), read once, for GPU
+// A/B timings (benchmarks/gpu/profile.py modab / modfwd).
 int fwd_rows_env() {
   static const int rows = [] {
     const char* s = std::getenv("GENFAST_MODULATE_FWD_ROWS");
     const int v = s ? std::atoi(s) : 0;
-    return v < 0 ? 0 : (v > kMaxAsyncRows ? kMaxAsyncRows : v);
+    return v < 0 ? 0 : v;
   }();
   return rows;
 }
 // GENFAST_MODULATE_FWD_ASYNC=1: the per-sample 16-bit forward takes the asynchronous kernel (cp.async
 // into shared memory, several rows in flight a warp) instead of the streaming one. Off until timed on
-// a GPU (benchmarks/gpu/profile.py modab); read once.
+// a GPU (benchmarks/gpu/profile.py modfwd).
 bool fwd_async() {
-  static const bool on = [] {
-    const char* s = std::getenv("GENFAST_MODULATE_FWD_ASYNC");
-    return s && s[0] == '1';
-  }();
+  static const bool on = env_switch("GENFAST_MODULATE_FWD_ASYNC") == 1;
   return on;
 }
 
