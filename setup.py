@@ -25,6 +25,12 @@ ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 CPU_SOURCES = sorted(str(p) for p in (CSRC / "cpu").glob("*.cpp"))
 CUDA_SOURCES = sorted(str(p) for p in (CSRC / "cuda").glob("*.cu"))
+# CPU sources built with -ffp-contract=off: GCC otherwise fuses a product and a sum into one FMA in
+# the AVX2 / AVX-512 clones but not in the SSE2 one, so the bits depend on the CPU, and an FMA keeps
+# a product's rounding error where the formula cancels it (the modulate backward at C = 1, where
+# xhat = 0: dx = rstd (dxhat - mean(dxhat)) gave ~1e-4 instead of 0). Memory-bound row kernels
+# whose GPU twins spell out each rounding too (csrc/cuda/modulate*.cuh).
+NO_CONTRACT = {"modulate.cpp", "gated_residual.cpp"}
 BINDINGS = str(CSRC / "bindings.cpp")
 
 
@@ -120,7 +126,9 @@ class NinjaBuildExt(build_ext):
             self.objects[ext].append(str(obj))
 
         for s in CPU_SOURCES:
-            add("cxx", s, "genfast._C", "-fopenmp -fno-math-errno")  # errno-free sqrtf vectorises
+            # errno-free sqrtf vectorises; NO_CONTRACT files round every product as written (no FMA)
+            contract = " -ffp-contract=off" if Path(s).name in NO_CONTRACT else ""
+            add("cxx", s, "genfast._C", "-fopenmp -fno-math-errno" + contract)
         add("cxx", BINDINGS, "genfast._C", "-DGENFAST_MODULE_CPU")
         for s in CUDA_SOURCES:
             add("emu", s, "genfast._cuda_emu")

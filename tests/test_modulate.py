@@ -105,6 +105,33 @@ def test_large_magnitude_fp16_statistics(device, backend, use_backend):
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS, ids=IDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
+def test_single_channel_layer_norm_gradient_is_zero(device, backend, dtype, per_token, use_backend):
+    """C = 1: x - mean(x) = 0, so the output is shift and dx is 0 in exact arithmetic; a kernel that
+    rounds each product as the formula says gets dxhat - mean(dxhat) = 0 too. The CPU kernels once
+    fused g (1 + scale) - mean into one FMA there (GCC's contraction) and gave |dx| ~ 1e-4."""
+    use_backend(backend)
+    g = torch.Generator().manual_seed(7)
+    b, n = 3, 5
+    side = (b, n, 1) if per_token else (b, 1)
+    x, shift, scale = (torch.randn(*s, generator=g).to(device, dtype).requires_grad_() for s in ((b, n, 1), side, side))
+    out = genfast.adaln_modulate(x, shift, scale)
+    assert torch.equal(out, (shift if per_token else shift[:, None]).expand(b, n, 1))
+    grad = torch.randn(b, n, 1, generator=g).to(device, dtype)
+    dx, dshift, dscale = torch.autograd.grad(out, (x, shift, scale), grad)
+    if device == "cuda" and backend == "triton":
+        # Triton's compiler may fuse g * (1 + scale) - mean into an FMA on a GPU: allow one fp32 rounding of dxhat
+        bound = 1e3 * 2 ** -23 * (grad.float().abs() * (1 + scale.float().abs().view(*side[:2], 1))).max().item()
+        assert dx.float().abs().max().item() <= bound
+    else:
+        assert torch.equal(dx, torch.zeros_like(dx))
+    assert torch.equal(dscale, torch.zeros_like(dscale))
+    expect = grad if per_token else grad.float().sum(1).to(dtype)
+    torch.testing.assert_close(dshift, expect, atol=0, rtol=2 ** -7 if dtype != torch.float32 else 1e-6)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS, ids=IDS)
 def test_per_sample_gradients_are_deterministic(device, backend, use_backend):
     use_backend(backend)
     x, sh, sc = (torch.randn(*s, device=device) for s in ((3, 100, 40), (3, 40), (3, 40)))
