@@ -120,9 +120,12 @@ def vq_distance(z2, c2, metric="l2"):
 def vq_nearest(z, codebook, *, metric="l2", return_distance=False, chunk=4096):
     """Index of the nearest codebook row for every z[..., :] (int64, shape z.shape[:-1]).
 
-    Math in fp32 (fp64 when either input is fp64). Ties go to the lowest index; a NaN score never
-    wins (a row of all-NaN scores, i.e. NaN in z, gets index 0). Rows are taken `chunk` at a time
-    so the reference holds chunk x k scores, not n x k."""
+    Math in fp32 (fp64 when either input is fp64). Ties (equal scores) go to the lowest index; a
+    NaN score never wins (a row of all-NaN scores, i.e. NaN in z, gets index 0). Rows are taken
+    `chunk` at a time so the reference holds chunk x k scores, not n x k. The scores come from a
+    BLAS matmul, whose rounding may depend on a code's position in the codebook: here bit-identical
+    codes can score a last bit apart and a later copy win (seen in fp32 with hundreds of copies);
+    genfast's kernels score every code alike and return the first copy."""
     ct = _vq_compute_dtype(z, codebook)
     d = codebook.shape[1]
     z2 = z.reshape(-1, d).to(ct)

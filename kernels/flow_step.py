@@ -119,7 +119,9 @@ def _step(out_p, x_p, vc_p, vu_p, dt, w, mask, HAS_VU: tl.constexpr, BF16_RTNE: 
     vc = tl.load(vc_p, mask=mask).to(tl.float32)
     if HAS_VU:
         vu = tl.load(vu_p, mask=mask).to(tl.float32)
-        v = vc + w * (vc - vu)  # == (1 + w) * vc - w * vu, one multiply fewer
+        # (1 + w) vc - w vu as the other backends and the reference write it: vc + w (vc - vu), a
+        # multiply fewer, overflows where vc - vu does (|vc|, |vu| ~ 2e38) and gives NaN for vc = inf at w = 0
+        v = (1.0 + w) * vc - w * vu
     else:
         v = vc
     y = x - dt * v

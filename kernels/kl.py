@@ -85,6 +85,12 @@ def _box_muller(xu, xa):
 
 
 @triton.jit
+def _clamp(l, lo, hi):
+    # torch.clamp's rule: NaN stays NaN (tl.minimum / tl.maximum drop it on GPUs, hiding a diverged encoder)
+    return tl.where(l < lo, lo, tl.where(l > hi, hi, l))
+
+
+@triton.jit
 def _store(ptr, value, mask, BF16_RTNE: tl.constexpr):
     if BF16_RTNE:
         # The interpreter's fp32 -> bf16 cast truncates; the GPU's rounds to nearest even.
@@ -132,7 +138,7 @@ def kl_forward_kernel(
         n0, n1, n2, n3 = _philox_normals(seed_ptr, first_group, GROUPS)
         eps = tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))  # group-major words 0..3
     if CLAMP:
-        l = tl.minimum(tl.maximum(l, lo), hi)
+        l = _clamp(l, lo, hi)
     s = tl.exp(0.5 * l)
     _store(z_ptr + r * z_rs + c * z_cs, m + eps * s, mask, BF16_RTNE)
     kl = 0.5 * (m * m + s * s - 1.0 - l)
@@ -163,7 +169,7 @@ def kl_backward_kernel(
     l0 = tl.load(lv_ptr + r * lv_rs + c * lv_cs, mask=mask, other=0.0).to(tl.float32)
     l = l0
     if CLAMP:
-        l = tl.minimum(tl.maximum(l0, lo), hi)
+        l = _clamp(l0, lo, hi)
     s = tl.exp(0.5 * l)
     d = tl.zeros([4 * GROUPS], dtype=tl.float32)
     dlv = tl.zeros([4 * GROUPS], dtype=tl.float32)

@@ -49,6 +49,30 @@ def test_in_place_and_out(device, backend, dtype, use_backend):
         del expected
 
 
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS, ids=IDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_guidance_formula_at_the_edges_of_the_range(device, backend, dtype, use_backend):
+    """(1 + w) vc - w vu as written: an infinite v_cond at w = 0 is an infinite step (vc + w (vc - vu)
+    gives inf + 0 * inf = NaN), and fp32 velocities of opposite sign near the top of the range do
+    not overflow in vc - vu. The kernels' results have the reference's inf / NaN pattern and value."""
+    use_backend(backend)
+    inf = float("inf")
+    x = torch.tensor([[0.0], [-inf], [1.0], [0.0]], dtype=dtype, device=device)
+    vc = torch.tensor([[inf], [inf], [2.0], [-inf]], dtype=dtype, device=device)
+    vu = torch.tensor([[1.0], [1.0], [3.0], [5.0]], dtype=dtype, device=device)
+    for w in (0.0, 2.0):
+        got = genfast.flow_euler_step(x, vc, vu, dt=0.5, guidance=w)
+        want = reference.flow_euler_step(x, vc, vu, dt=0.5, guidance=w)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    if dtype == torch.float32:
+        big = torch.tensor([[3e38], [-3e38]], device=device)
+        for w in (0.0, 1e-3):
+            got = genfast.flow_euler_step(torch.zeros_like(big), big, -big, dt=1e-3, guidance=w)
+            want = reference.flow_euler_step(torch.zeros_like(big), big, -big, dt=1e-3, guidance=w)
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
 def test_non_mergeable_out_is_written(use_backend):
     use_backend("cpu")
     x = torch.randn(2, 5, 4, 3)

@@ -411,6 +411,45 @@ def test_cuda_kernels_race_free_under_tsan(tmp_path):
     assert r.returncode == 0 and "kl: results ok" in r.stdout, r.stdout + r.stderr[-2000:]
 
 
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS, ids=IDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_nan_logvar_stays_nan_through_the_clamp(device, backend, dtype, use_backend):
+    """A NaN logvar (a diverged encoder) gives NaN z and KL for that element, as torch.clamp keeps NaN:
+    fminf / fmaxf-style clamps would turn it into lo and hide it."""
+    use_backend(backend)
+    mu = torch.tensor([[0.5, 0.0], [0.1, 0.2]], dtype=dtype, device=device)
+    lv = torch.tensor([[float("nan"), 0.0], [1.0, -1.0]], dtype=dtype, device=device)
+    noise = torch.ones_like(mu)
+    z, kl = genfast.reparam_kl(mu, lv, noise=noise, reduction="none")
+    assert torch.equal(z.isnan(), lv.isnan()) and torch.equal(kl.isnan(), lv.isnan())
+    _, kl_sample = genfast.reparam_kl(mu, lv, seed=SEED)
+    assert kl_sample.isnan().tolist() == [True, False]
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS, ids=IDS)
+@pytest.mark.parametrize("registered", [False, True], ids=["eager", "op"])
+def test_unused_output_adds_no_term_to_dlogvar(device, backend, registered, use_backend):
+    """Without a clamp, exp(logvar) is inf from logvar ~ 88.7 in fp32 while exp(logvar / 2) is not: a
+    loss through z alone has a finite dlogvar (autograd's formula has no KL term), which 0 * inf
+    would make NaN. Likewise the KL alone at logvar 200 (exp(100) = inf): the z term is left out.
+    Both the eager fast path and the registered op (gradients not materialised as zeros)."""
+    use_backend(backend)
+    mu = torch.zeros(1, 3, device=device)
+    for lv0, which in ((torch.tensor([[100.0, 90.0, 50.0]]), 0), (torch.tensor([[200.0, 120.0, 10.0]]), 1)):
+        noise = torch.ones(1, 3, device=device)
+        m, l = mu.clone().requires_grad_(), lv0.to(device).requires_grad_()
+        if registered:
+            outs = torch.ops.genfast.reparam_kl(m, l, noise, None, 0.0, 0.0, False, False)
+        else:
+            outs = genfast.reparam_kl(m, l, noise=noise, logvar_clamp=None, reduction="none")
+        outs[which].sum().backward()
+        mr, lr = mu.clone().requires_grad_(), lv0.to(device).requires_grad_()
+        reference.reparam_kl(mr, lr, noise=noise, logvar_clamp=None, reduction="none")[which].sum().backward()
+        assert not l.grad.isnan().any(), l.grad
+        torch.testing.assert_close(l.grad, lr.grad, rtol=1e-5, atol=0)
+        torch.testing.assert_close(m.grad, mr.grad, rtol=1e-5, atol=0)
+
+
 def test_registered_op_and_eager_fast_path_agree():
     """genfast.reparam_kl calls the kernels through an autograd.Function in plain eager mode and
     through torch.ops.genfast.reparam_kl otherwise: same values and gradients."""

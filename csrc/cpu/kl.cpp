@@ -200,11 +200,14 @@ double forward_item(const KLForwardParams& p, int64_t r, int64_t c0, int64_t c1,
 }
 
 // gk: the KL gradient, per element (kElemG) or one value g for the whole block (per-row KL).
+// has_dz / has_g: whether z / the KL had a gradient at all. A term without one is left out, not
+// multiplied by 0: exp(lv) (or exp(lv / 2)) may be inf where there is no clamp, and 0 * inf is NaN
+// where autograd's own formula has no such term (a loss through z alone at logvar > 88).
 template <typename T, bool kElemG>
 GENFAST_CPU_CLONES void backward_contiguous(const T* __restrict mu, const T* __restrict lv, const float* __restrict eps,
                                             const T* __restrict dz, const float* __restrict gk, float g,
                                             T* __restrict dmu, T* __restrict dlv, int64_t n, int32_t clamp, float lo,
-                                            float hi) {
+                                            float hi, bool has_dz, bool has_g) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float m = to_float(mu[i]);
@@ -215,7 +218,8 @@ GENFAST_CPU_CLONES void backward_contiguous(const T* __restrict mu, const T* __r
     const float d = to_float(dz[i]);
     const float gi = kElemG ? gk[i] : g;
     dmu[i] = from_float<T>(d + gi * m);
-    dlv[i] = from_float<T>(pass ? 0.5f * (d * eps[i] * s + gi * (s * s - 1.0f)) : 0.0f);
+    const float tz = has_dz ? d * eps[i] * s : 0.0f, tk = has_g ? gi * (s * s - 1.0f) : 0.0f;
+    dlv[i] = from_float<T>(pass ? 0.5f * (tz + tk) : 0.0f);
   }
 }
 
@@ -252,10 +256,10 @@ void backward_item(const KLBackwardParams& p, int64_t r, int64_t c0, int64_t c1,
       const T* d = dz ? dz + c : zeros;
       if (elem_g)
         backward_contiguous<T, true>(mu + c, lv + c, eps, d, gk + c, 0.0f, dmu + c, dlv + c, n, in.clamp, in.clamp_lo,
-                                     in.clamp_hi);
+                                     in.clamp_hi, dz != nullptr, true);
       else
         backward_contiguous<T, false>(mu + c, lv + c, eps, d, nullptr, g_row, dmu + c, dlv + c, n, in.clamp,
-                                      in.clamp_lo, in.clamp_hi);
+                                      in.clamp_lo, in.clamp_hi, dz != nullptr, gk != nullptr);
       continue;
     }
     for (int64_t i = 0; i < n; ++i) {
@@ -268,7 +272,8 @@ void backward_item(const KLBackwardParams& p, int64_t r, int64_t c0, int64_t c1,
       const float d = dz ? to_float(dz[cc * p.dz_cs]) : 0.0f;
       const float g = gk ? gk[cc * p.gkl_cs] : 0.0f;
       dmu[cc * p.dmu_cs] = from_float<T>(d + g * m);
-      dlv[cc * p.dlv_cs] = from_float<T>(pass ? 0.5f * (d * eps[i] * s + g * (s * s - 1.0f)) : 0.0f);
+      const float tz = dz ? d * eps[i] * s : 0.0f, tk = gk ? g * (s * s - 1.0f) : 0.0f;  // (see backward_contiguous)
+      dlv[cc * p.dlv_cs] = from_float<T>(pass ? 0.5f * (tz + tk) : 0.0f);
     }
   }
 }

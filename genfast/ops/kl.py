@@ -53,7 +53,10 @@ def reparam_kl(mu, logvar, *, seed=None, generator=None, noise=None, reduction="
             gets no KL gradient (Kingma et al. 2016, "free bits" per dimension).
         logvar_clamp: (lo, hi) applied to logvar before use, as diffusers'
             DiagonalGaussianDistribution does with (-30, 20); its gradient is 0 outside. None: no
-            clamp (exp may overflow to inf for logvar > 88).
+            clamp (exp may overflow to inf for logvar > 88). NaN policy: as torch.clamp, a NaN
+            logvar stays NaN, so that element's z and KL are NaN on every backend (a diverged
+            encoder shows). An output left out of the loss adds no term to the gradients (not
+            0 * inf where exp overflows without a clamp).
     Returns:
         (z, kl): z in mu's dtype and shape (contiguous); kl per `reduction`. The math is fp32, so
         the KL and the gradients stay finite at logvar +-50 in every dtype; z itself is stored in
@@ -271,12 +274,14 @@ def _backward_impl(dz, gkl, mu, logvar, noise, seed, lo, hi, clamp, out=None):
         m, lv0 = mu.to(ct), logvar.to(ct)
         lv = _clamped(lv0, lo, hi, clamp)
         s = torch.exp(0.5 * lv)
-        d = dz.to(ct) if dz is not None else torch.zeros_like(m)
-        g = _gkl_full(gkl, mu).to(ct) if gkl is not None else torch.zeros_like(m)
-        eps = (noise.to(ct) if noise is not None else _regen_eps(mu, seed)) if dz is not None else torch.zeros_like(m)
-        dlogvar = 0.5 * (d * eps * s + g * (s * s - 1))
+        zero = torch.zeros_like(m)
+        d = dz.to(ct) if dz is not None else zero
+        g = _gkl_full(gkl, mu).to(ct) if gkl is not None else zero
+        eps = (noise.to(ct) if noise is not None else _regen_eps(mu, seed)) if dz is not None else zero
+        # a term without a gradient is left out, not multiplied by 0: exp may be inf without a clamp
+        dlogvar = 0.5 * ((d * eps * s if dz is not None else zero) + (g * (s * s - 1) if gkl is not None else zero))
         if clamp:
-            dlogvar = torch.where((lv0 >= lo) & (lv0 <= hi), dlogvar, torch.zeros_like(dlogvar))
+            dlogvar = torch.where((lv0 >= lo) & (lv0 <= hi), dlogvar, zero)
         dmu.copy_(d + g * m)
         dlv.copy_(dlogvar)
         return dmu, dlv
@@ -335,6 +340,7 @@ def _fake_backward(dz, gkl, mu, logvar, noise, seed, lo, hi, clamp):
 
 def _setup_context(ctx, inputs, output):
     mu, logvar, noise, seed, lo, hi, clamp, per_row = inputs
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: its term is left out
     ctx.lo, ctx.hi, ctx.clamp, ctx.per_row = lo, hi, clamp, per_row
     ctx.save_for_backward(mu, logvar, noise, seed)
 
@@ -361,6 +367,7 @@ class _ReparamKLMoments(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, dim, noise, seed, lo, hi, clamp, per_row):
+        ctx.set_materialize_grads(False)  # as _setup_context
         ctx.dim, ctx.params = dim, (lo, hi, clamp)
         ctx.save_for_backward(h, noise, seed)
         return _forward(*h.chunk(2, dim), noise, seed, lo, hi, clamp, per_row)
@@ -379,6 +386,7 @@ class _ReparamKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mu, logvar, noise, seed, lo, hi, clamp, per_row):
+        ctx.set_materialize_grads(False)  # as _setup_context
         ctx.params = (lo, hi, clamp)
         ctx.save_for_backward(mu, logvar, noise, seed)
         return _forward(mu, logvar, noise, seed, lo, hi, clamp, per_row)
