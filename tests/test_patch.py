@@ -266,6 +266,28 @@ def test_general_float_mask_runs_the_original_processor():
     assert key_padding_mask(bias - 3.0 * (bias == 0), 2, 5)[1] is False  # a real bias, not padding
     assert key_padding_mask(bias < 0, 2, 5)[1] is False                  # bool masks: original processor
     assert key_padding_mask(torch.zeros(2, 4, 5), 2, 5)[1] is False      # varies over queries
+    # diffusers' bias in the model's dtype: bf16 rounds it to -9984, and compares it with -1e4 rounded alike
+    for dtype in (torch.float16, torch.bfloat16):
+        low, low_ok = key_padding_mask((1 - (bias > -1).to(dtype)) * -10000.0, 2, 5)
+        assert low_ok and torch.equal(low, kpm), dtype
+    assert key_padding_mask(bias * 0.9984, 2, 5)[1] is False  # -9984 in fp32 is a bias, not padding
+
+
+def test_pixart_bf16_text_mask_runs_genfast_attention(monkeypatch):
+    """PixArt's bf16 text mask (bias -9984) takes genfast's processor path, not the original one."""
+    model, inputs = build("pixart")
+    ref = copy.deepcopy(model).to(torch.bfloat16)
+    model = model.to(torch.bfloat16)
+    genfast.patch(model)
+    calls = []
+    real = genfast.attention
+    monkeypatch.setattr(genfast, "attention", lambda *a, **k: calls.append(k.get("key_padding_mask")) or real(*a, **k))
+    with torch.no_grad():
+        out = _run(model, inputs, torch.bfloat16)
+        want = _run(ref, inputs, torch.bfloat16)
+    assert any(m is not None for m in calls), calls  # the cross attention got the text mask as a key mask
+    hi = _run(copy.deepcopy(ref).double(), inputs, torch.float64)
+    assert_within_reference_error("pixart bf16 masked", out, want, hi, floor=1e-2)
 
 
 def _sized_inputs(name, i):
