@@ -96,6 +96,14 @@ def gated_residual(x, gate, y):
 VQ_NORM_EPS = 1e-12  # F.normalize's eps: a zero vector scores 0 in cosine mode, not NaN
 
 
+def unit_rows(t):
+    """F.normalize(t, dim=-1, eps=VQ_NORM_EPS), computed in fp32 for fp16 / bf16 t and rounded back:
+    in fp16 the eps underflows to 0, so a zero vector would give 0 / 0 = NaN. Differentiable."""
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return torch.nn.functional.normalize(t.float(), dim=-1, eps=VQ_NORM_EPS).to(t.dtype)
+    return torch.nn.functional.normalize(t, dim=-1, eps=VQ_NORM_EPS)
+
+
 def _vq_compute_dtype(z, codebook):
     return torch.float64 if torch.float64 in (z.dtype, codebook.dtype) else torch.float32
 
@@ -152,10 +160,9 @@ def vector_quantize(z, codebook, *, beta=0.25, metric="l2"):
         loss = |sg(z) - c|^2 + beta |z - sg(c)|^2   (means over every element; fp32)
 
     with c = codebook[indices] (in z's dtype). Cosine: z and the codebook are L2-normalised
-    first (F.normalize), so z_q is the unit code and the losses compare unit vectors."""
+    first (unit_rows), so z_q is the unit code and the losses compare unit vectors."""
     if metric == "cosine":
-        z = torch.nn.functional.normalize(z, dim=-1, eps=VQ_NORM_EPS)
-        codebook = torch.nn.functional.normalize(codebook, dim=-1, eps=VQ_NORM_EPS)
+        z, codebook = unit_rows(z), unit_rows(codebook)
     idx = vq_nearest(z.detach(), codebook.detach(), metric="l2")
     c = codebook[idx]
     zf, cf = z.float() if z.dtype != torch.float64 else z, c.float() if c.dtype != torch.float64 else c

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import genfast
+import genfast.nn
 from genfast import reference
 from genfast.testing import (
     FLOAT_DTYPES, assert_vq_indices, assert_within_reference_error, backends_to_test, vq_samples)
@@ -156,6 +157,26 @@ def test_vector_quantize_matches_reference(device, backend, metric, use_backend)
         (zq_r * g).sum().add(loss_r).backward()
         torch.testing.assert_close(za.grad, zb.grad)
         torch.testing.assert_close(ca.grad, cb.grad)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_cosine_zero_vector_stays_finite(dtype):
+    """A zero vector normalises to zero (VQ_NORM_EPS), not NaN, in every dtype: in fp16 the eps of 1e-12
+    underflows, so the normalisation runs in fp32 (it gave NaN z_q and loss there). Its gradient there is
+    ~1/eps (F.normalize's, fp32 too), which fp16 cannot hold: checked finite in the other dtypes."""
+    z = torch.zeros(3, 8, dtype=dtype)
+    z[1] = 1.0
+    z.requires_grad_()
+    cb = torch.randn(5, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for fn in (genfast.vector_quantize, reference.vector_quantize):
+        zq, idx, loss = fn(z, cb, metric="cosine")
+        assert torch.isfinite(zq).all() and torch.isfinite(loss), fn
+        loss.backward()
+        assert torch.isfinite(z.grad).all() or dtype == torch.float16
+        z.grad = None
+    vq = genfast.nn.VectorQuantizer(8, 5, metric="cosine", ema=True).to(dtype)
+    zq, _, loss = vq(z.detach())
+    assert torch.isfinite(zq).all() and torch.isfinite(loss) and torch.isfinite(vq.codebook).all()
 
 
 def test_straight_through_gradient():

@@ -101,6 +101,34 @@ def test_ema_step_equals_plain_pytorch():
         torch.testing.assert_close(vq.last_counts, torch.bincount(idx, minlength=16), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("ema", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_trains_after_a_dtype_cast(ema, dtype):
+    """.to(dtype) casts the statistics buffers too; training updates them (in fp32, fp64 for fp64) and keeps
+    their dtype. fp64 follows the fp32 module's steps; bf16 follows them to bf16's resolution."""
+    torch.manual_seed(0)
+    ref = VectorQuantizer(8, 16, ema=ema, dead_code_threshold=0.5)
+    vq = VectorQuantizer(8, 16, ema=ema, dead_code_threshold=0.5)
+    vq.load_state_dict(ref.state_dict())
+    vq = vq.to(dtype)
+    for step in range(3):
+        z = _batch(64, seed=step)
+        torch.manual_seed(step)  # the same dead-code draws
+        zq_ref, idx_ref, loss_ref = ref(z)
+        torch.manual_seed(step)
+        zq, idx, loss = vq(z.to(dtype))
+        assert zq.dtype == dtype and vq.cluster_size.dtype == dtype and vq.codebook.dtype == dtype
+        if dtype == torch.float64:  # the same codes, statistics to fp32 rounding
+            assert torch.equal(idx, idx_ref)
+            torch.testing.assert_close(vq.cluster_size, ref.cluster_size.double(), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(vq.codebook, ref.codebook.detach().double(), rtol=1e-5, atol=1e-6)
+        if not ema:
+            (zq.float().sum() + loss.float()).backward()
+    assert torch.isfinite(vq.codebook).all() and torch.isfinite(vq.cluster_size).all()
+    if dtype == torch.bfloat16:
+        torch.testing.assert_close(vq.cluster_size.float(), ref.cluster_size, rtol=2 ** -7, atol=2 ** -7)
+
+
 def test_eval_does_not_update():
     vq = VectorQuantizer(8, 16, ema=True).eval()
     before = {k: v.clone() for k, v in vq.state_dict().items()}

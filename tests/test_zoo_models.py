@@ -63,6 +63,25 @@ def test_vae_bad_options():
         vae.VAE(arch="rnn")
     with pytest.raises(ValueError, match="likelihood"):
         vae.VAE(likelihood="poisson")
+    with pytest.raises(ValueError, match="size must be a multiple of 4"):  # failed in the first forward before
+        vae.VAE(arch="cnn", size=10)
+    with pytest.raises(ValueError, match="latent"):
+        vae.VAE(latent=0)
+    vae.VAE(arch="mlp", size=10)  # any size for the MLP
+
+
+def test_zoo_bad_configs_name_the_argument():
+    """Caught at construction with the argument's name (each used to fail later, in a forward's reshape)."""
+    from genfast.zoo import dit_variants
+
+    with pytest.raises(ValueError, match="divisible by heads"):
+        vqvae.ARPrior(16, 8, dim=30, heads=4)
+    with pytest.raises(ValueError, match="context_len"):
+        dit_variants.ConditionedDiT(mode="cross", context_len=0, input_size=8, hidden_size=32, depth=1, num_heads=2)
+    with pytest.raises(TypeError, match="beta"):
+        vqvae.VQVAE(beta="a")
+    with pytest.raises(TypeError, match="decay"):
+        genfast.nn.VectorQuantizer(4, 8, decay="0.9")
 
 
 # ---------------------------------------------------------------------------------------- VQ-VAE

@@ -20,6 +20,10 @@ feature maps with accept_image_fmap=True. Differences, on purpose:
     all-reduces inside forward when distributed.
   - NaN in the input: a vector containing NaN gets index 0 (genfast.vq_nearest's rule), and
     with ema=True it would poison code 0's statistics; the module does not filter it.
+  - dtype: .to(dtype) casts the statistics buffers with the rest (as BatchNorm's running stats);
+    the updates are computed in fp32 (fp64 for fp64 buffers) and stored in the buffers' dtype. In
+    bf16 / fp16 buffers an EMA step smaller than the buffer's resolution is lost: keep the
+    quantizer in fp32 (autocast around it) for long EMA training.
 """
 import math
 
@@ -27,7 +31,21 @@ import torch
 import torch.nn.functional as F
 
 from genfast.ops.vq import _check_precision, code_counts, vector_quantize, vq_nearest
-from genfast.reference import VQ_NORM_EPS
+from genfast.reference import unit_rows
+
+
+def _stats_dtype(buf):
+    """The dtype the EMA statistics are updated in: fp32, or fp64 for fp64 buffers."""
+    return torch.float64 if buf.dtype == torch.float64 else torch.float32
+
+
+def _lerp_(buf, target, weight):
+    """buf <- buf + weight (target - buf), computed in _stats_dtype(buf), stored in buf's dtype (a module
+    cast with .to(dtype) has its buffers in that dtype; fp32 buffers update in place, as before)."""
+    if buf.dtype == target.dtype:
+        buf.lerp_(target, weight)
+    else:
+        buf.copy_(buf.to(target.dtype).lerp_(target, weight))
 
 
 class VectorQuantizer(torch.nn.Module):
@@ -56,6 +74,9 @@ class VectorQuantizer(torch.nn.Module):
         for name, v in (("dim", dim), ("codebook_size", codebook_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        for name, v in (("beta", beta), ("decay", decay), ("eps", eps), ("dead_code_threshold", dead_code_threshold)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"{name} must be a float, got {type(v).__name__}")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.dim, self.codebook_size, self.beta, self.metric = dim, codebook_size, float(beta), metric
@@ -86,7 +107,7 @@ class VectorQuantizer(torch.nn.Module):
             raise ValueError(f"x has {z.shape[-1]} features (dim {'1' if self.accept_image_fmap else '-1'}) "
                              f"but the quantizer has dim={self.dim}")
         if self.ema:
-            z_in = F.normalize(z, dim=-1, eps=VQ_NORM_EPS) if self.metric == "cosine" else z
+            z_in = unit_rows(z) if self.metric == "cosine" else z
             idx = vq_nearest(z_in, self.codebook, precision=self.precision)
             c = self.codebook[idx].to(z.dtype)
             loss = self.beta * ((z_in.float() - c.float()) ** 2).mean()
@@ -94,7 +115,7 @@ class VectorQuantizer(torch.nn.Module):
         else:
             z_q, idx, loss = vector_quantize(z, self.codebook, beta=self.beta, metric=self.metric,
                                              precision=self.precision)
-            z_in = F.normalize(z, dim=-1, eps=VQ_NORM_EPS) if self.metric == "cosine" else z
+            z_in = unit_rows(z) if self.metric == "cosine" else z
         if self.training:
             self._update(z_in.detach(), idx)
         if self.accept_image_fmap:
@@ -105,11 +126,12 @@ class VectorQuantizer(torch.nn.Module):
     def _update(self, z, idx):
         counts = code_counts(idx, self.codebook_size)
         self.last_counts.copy_(counts)
-        z2 = z.reshape(-1, self.dim).float()
-        self.cluster_size.lerp_(counts.float(), 1 - self.decay)
+        ct = _stats_dtype(self.cluster_size)
+        z2 = z.reshape(-1, self.dim).to(ct)
+        _lerp_(self.cluster_size, counts.to(ct), 1 - self.decay)
         if self.ema:
-            batch_sum = torch.zeros_like(self.embed_avg).index_add_(0, idx.reshape(-1), z2)
-            self.embed_avg.lerp_(batch_sum, 1 - self.decay)
+            batch_sum = torch.zeros(self.embed_avg.shape, dtype=ct, device=z2.device).index_add_(0, idx.reshape(-1), z2)
+            _lerp_(self.embed_avg, batch_sum, 1 - self.decay)
         if self.dead_code_threshold > 0 and z2.shape[0] > 0:
             dead = self.cluster_size < self.dead_code_threshold
             n_dead = int(dead.sum())
@@ -118,7 +140,7 @@ class VectorQuantizer(torch.nn.Module):
                 seeds = z2[pick]
                 self.cluster_size[dead] = self.dead_code_threshold
                 if self.ema:
-                    self.embed_avg[dead] = seeds * self.dead_code_threshold
+                    self.embed_avg[dead] = (seeds * self.dead_code_threshold).to(self.embed_avg.dtype)
                 else:
                     self.codebook.data[dead] = seeds.to(self.codebook.dtype)
                 self._reseeded |= dead
@@ -126,18 +148,20 @@ class VectorQuantizer(torch.nn.Module):
             self._codebook_from_ema()
 
     def _codebook_from_ema(self):
-        n = self.cluster_size.sum()
-        smoothed = (self.cluster_size + self.eps) / (n + self.codebook_size * self.eps) * n
-        cb = self.embed_avg / smoothed[:, None]
+        ct = _stats_dtype(self.cluster_size)
+        size = self.cluster_size.to(ct)
+        n = size.sum()
+        smoothed = (size + self.eps) / (n + self.codebook_size * self.eps) * n
+        cb = self.embed_avg.to(ct) / smoothed[:, None]
         if self.metric == "cosine":
-            cb = F.normalize(cb, dim=-1, eps=VQ_NORM_EPS)
+            cb = unit_rows(cb)
         self.codebook.copy_(cb)
 
     def decode(self, indices):
         """Codebook vectors for integer indices [...] -> [..., D] (unit vectors for cosine)."""
         cb = self.codebook
         if self.metric == "cosine" and not self.ema:
-            cb = F.normalize(cb, dim=-1, eps=VQ_NORM_EPS)
+            cb = unit_rows(cb)
         return cb[indices]
 
     def usage(self, counts=None):

@@ -92,8 +92,7 @@ def vector_quantize(z, codebook, *, beta=0.25, metric="l2", precision="fp32"):
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
         raise TypeError(f"beta must be a float, got {type(beta).__name__}")
     if metric == "cosine":
-        z = torch.nn.functional.normalize(z, dim=-1, eps=reference.VQ_NORM_EPS)
-        codebook = torch.nn.functional.normalize(codebook, dim=-1, eps=reference.VQ_NORM_EPS)
+        z, codebook = reference.unit_rows(z), reference.unit_rows(codebook)
     idx, _ = torch.ops.genfast.vq_nearest(z.detach(), codebook.detach(), METRICS["l2"], False, PRECISIONS[precision])
     c = codebook[idx]
     ct = torch.float64 if torch.float64 in (z.dtype, codebook.dtype) else torch.float32

@@ -93,6 +93,8 @@ class ConditionedDiT(DiT):
     def __init__(self, *, mode="cross", context_len=4, **kw):
         if mode not in ("cross", "joint"):
             raise ValueError(f"mode must be 'cross' or 'joint', got {mode!r}")
+        if isinstance(context_len, bool) or not isinstance(context_len, int) or context_len < 1:
+            raise ValueError(f"context_len must be a positive int (condition tokens per class), got {context_len!r}")
         super().__init__(**kw)
         hidden, heads = kw.get("hidden_size", 96), kw.get("num_heads", 4)
         depth, ratio = kw.get("depth", 4), kw.get("mlp_ratio", 4.0)

@@ -26,6 +26,11 @@ class VAE(nn.Module):
             raise ValueError(f"arch must be 'mlp' or 'cnn', got {arch!r}")
         if likelihood not in ("bernoulli", "gaussian"):
             raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian', got {likelihood!r}")
+        for name, v in (("size", size), ("latent", latent), ("hidden", hidden)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if arch == "cnn" and size % 4:
+            raise ValueError(f"size must be a multiple of 4 for arch='cnn' (two stride-2 convolutions), got {size}")
         self.config = dict(arch=arch, size=size, latent=latent, hidden=hidden, likelihood=likelihood)
         self.size, self.latent, self.likelihood = size, latent, likelihood
         d = size * size

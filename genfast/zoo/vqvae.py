@@ -108,6 +108,8 @@ class ARPrior(nn.Module):
 
     def __init__(self, vocab, length, *, classes=10, dim=128, depth=4, heads=4, dropout=0.0):
         super().__init__()
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or dim % heads:
+            raise ValueError(f"dim {dim} must be divisible by heads {heads} (a positive int)")
         self.config = dict(vocab=vocab, length=length, classes=classes, dim=dim, depth=depth, heads=heads,
                            dropout=dropout)
         self.vocab, self.length = vocab, length
