@@ -117,6 +117,27 @@ def test_compiled_equals_eager_without_graph_breaks():
     torch.testing.assert_close(torch.compile(step_in_place, fullgraph=True)(x.clone(), v, dt), want)
 
 
+def test_dynamic_compile_with_python_float_arguments():
+    """torch.compile(dynamic=True) traces Python floats symbolically: the ops' checks of float arguments
+    (finite dt / guidance / scale, free_bits, the logvar clamp) must not break the graph (math.isfinite
+    on a symbolic float did, in reparam_kl with its default arguments and in flow_euler_step)."""
+    torch._dynamo.reset()
+    x, vc, vu = _xv(3, 4, 5)
+    step = torch.compile(lambda x, vc, vu, dt, w: genfast.flow_euler_step(x, vc, vu, dt=dt, guidance=w),
+                         dynamic=True, fullgraph=True)
+    for dt, w in ((0.1, 2.0), (0.25, 1.5)):
+        torch.testing.assert_close(step(x, vc, vu, dt, w), reference.flow_euler_step(x, vc, vu, dt=dt, guidance=w))
+    kl = torch.compile(lambda m, l, fb: genfast.reparam_kl(m, l, seed=1, free_bits=fb, logvar_clamp=(-20.0, 10.0)),
+                       dynamic=True, fullgraph=True)
+    for fb in (0.0, 0.5):
+        got = kl(x, vc, fb)
+        want = genfast.reparam_kl(x, vc, seed=1, free_bits=fb, logvar_clamp=(-20.0, 10.0))
+        torch.testing.assert_close(got, want)
+    q = torch.randn(1, 2, 5, 8)
+    att = torch.compile(lambda q, s: genfast.attention(q, q, q, scale=s), dynamic=True, fullgraph=True)
+    torch.testing.assert_close(att(q, 0.3), genfast.attention(q, q, q, scale=0.3))
+
+
 def test_fifty_step_compiled_loop_compiles_once():
     from torch._dynamo.testing import CompileCounter
 

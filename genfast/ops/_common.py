@@ -127,6 +127,13 @@ def dispatcher_needed(*tensors):
     return any(t is not None and type(t) is not torch.Tensor for t in tensors)
 
 
+def finite(v):
+    """math.isfinite(v) written with arithmetic and a comparison, so that torch.compile(dynamic=True),
+    which traces Python floats symbolically, checks it without a graph break (math.isfinite on a
+    symbolic float breaks the graph): inf - inf and NaN - NaN are NaN, which equals nothing."""
+    return v - v == 0
+
+
 def needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 

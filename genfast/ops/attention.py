@@ -17,13 +17,12 @@ On GPUs, fp16/bf16 calls without a key mask go to torch's scaled_dot_product_att
 genfast's Triton and CUDA kernels at every benchmarked shape; masks, fp32 and a forced
 GENFAST_BACKEND=triton|cuda run genfast's kernels.
 """
-import math
 
 import torch
 
 from genfast import backends, reference
 from genfast.ops import attention_cpu
-from genfast.ops._common import LIB, check_float_tensor, dispatcher_needed
+from genfast.ops._common import LIB, check_float_tensor, dispatcher_needed, finite
 
 OP = "attention"
 MAX_HEAD_DIM = 256
@@ -159,7 +158,7 @@ def _plainly_valid(q, k, v, causal, scale, mask):
     names the first problem or passes it."""
     if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
         return False
-    if mask is not None or type(causal) is not bool or not (scale is None or type(scale) is float and math.isfinite(scale)):
+    if mask is not None or type(causal) is not bool or not (scale is None or type(scale) is float and finite(scale)):
         return False
     qs, ks = q.shape, k.shape
     if len(qs) != 4 or ks != v.shape or len(ks) != 4 or qs[0] != ks[0] or qs[1] != ks[1] or qs[3] != ks[3]:
@@ -193,7 +192,7 @@ def _check_each(q, k, v, causal, scale, mask):
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-        if not math.isfinite(scale):
+        if not finite(scale):
             raise ValueError(f"scale must be finite, got {scale}")
     if mask is not None:
         if not isinstance(mask, torch.Tensor):

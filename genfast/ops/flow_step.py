@@ -7,13 +7,12 @@ dt and w arrive at the op as either a Python float or a float32 (fp64 for fp64 x
 value serves the batch), read on the device: no host synchronisation, so CUDA graphs and compiled
 loops stay valid and a compiled loop does not recompile for every new dt.
 """
-import math
 
 import torch
 
 from genfast import _native, backends, reference
 from genfast.ops._common import (
-    DTYPE_CODE, LIB, check_float_tensor, check_like, cuda_stream, dispatcher_needed, kernel_reasons, needs_grad,
+    DTYPE_CODE, LIB, check_float_tensor, check_like, cuda_stream, dispatcher_needed, finite, kernel_reasons, needs_grad,
     overlaps, rows_strides, rows_view)
 
 OP = "flow_euler_step"
@@ -93,7 +92,7 @@ def _fast_step(x, vc, vu, dt, w, out):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or vc.requires_grad or (vu is not None and vu.requires_grad)):
         return None
-    if not (math.isfinite(dt) and math.isfinite(w)):
+    if not (finite(dt) and finite(w)):
         return None
     name = backend_for(x)
     kernel = _FAST_KERNELS[name]
@@ -150,7 +149,7 @@ def _coefficient(name, value, x):
         return value.to(ct).reshape(-1).expand(b), 0.0
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
-    if not math.isfinite(value):
+    if not finite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return None, float(value)
 

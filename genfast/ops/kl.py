@@ -13,7 +13,8 @@ import torch
 
 from genfast import _native, backends, reference
 from genfast.ops._common import (
-    DTYPE_CODE, LIB, check_float_tensor, check_like, cuda_stream, dispatcher_needed, kernel_reasons, rows_strides)
+    DTYPE_CODE, LIB, check_float_tensor, check_like, cuda_stream, dispatcher_needed, finite, kernel_reasons,
+    rows_strides)
 
 OP = "reparam_kl"
 REDUCTIONS = reference.REDUCTIONS
@@ -151,14 +152,14 @@ def _check(mu, logvar, noise, reduction, free_bits, logvar_clamp):
         raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
     if isinstance(free_bits, bool) or not isinstance(free_bits, (int, float)):
         raise TypeError(f"free_bits must be a float, got {type(free_bits).__name__}")
-    if not (math.isfinite(free_bits) and free_bits >= 0):
+    if not (finite(free_bits) and free_bits >= 0):
         raise ValueError(f"free_bits must be a finite float >= 0 (nats per latent dimension), got {free_bits}")
     if logvar_clamp is not None:
         ok = isinstance(logvar_clamp, (tuple, list)) and len(logvar_clamp) == 2 and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in logvar_clamp)
         if not ok:
             raise TypeError(f"logvar_clamp must be None or a (lo, hi) pair of floats, got {logvar_clamp!r}")
-        if not (logvar_clamp[0] <= logvar_clamp[1]) or any(math.isnan(v) for v in logvar_clamp):
+        if not (logvar_clamp[0] <= logvar_clamp[1]) or any(v != v for v in logvar_clamp):  # NaN (v != v: see finite)
             raise ValueError(f"logvar_clamp must satisfy lo <= hi, got {tuple(logvar_clamp)}")
 
 
