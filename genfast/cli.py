@@ -3,6 +3,17 @@ import argparse
 import json
 
 
+def _positive_int(text):
+    """argparse type: an int >= 1 (0 or negative steps / batches failed deep inside a job, or ran nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="genfast", description="genfast: fused kernels for generative models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -13,9 +24,9 @@ def main(argv=None):
                       help="which model: dit (default: class-conditional rectified-flow DiT with CFG on digits), "
                            "flow2d (the 2-D mixture), and the other zoo families")
     demo.add_argument("--out", default="out/demo", help="output folder (PNGs, metrics.json, checkpoint.pt)")
-    demo.add_argument("--train-steps", type=int, default=None, help="training steps (default: per model)")
-    demo.add_argument("--sample-steps", type=int, default=None, help="sampling steps (default: 50)")
-    demo.add_argument("--batch", type=int, default=None, help="batch size (default: per model)")
+    demo.add_argument("--train-steps", type=_positive_int, default=None, help="training steps (default: per model)")
+    demo.add_argument("--sample-steps", type=_positive_int, default=None, help="sampling steps (default: 50)")
+    demo.add_argument("--batch", type=_positive_int, default=None, help="batch size (default: per model)")
     demo.add_argument("--sampler", choices=["euler", "heun", "sde"], default=None,
                       help="flow models: Euler (fused step, default), Heun, or Euler-Maruyama")
     demo.add_argument("--seed", type=int, default=0)

@@ -242,6 +242,22 @@ def test_cli_rejects_a_corrupt_checkpoint_with_its_name(tmp_path):
     assert r.returncode == 2 and "checkpoint.pt is corrupt" in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.parametrize("option,value", [("--train-steps", "0"), ("--batch", "-2"), ("--sample-steps", "x")])
+def test_cli_rejects_bad_counts_naming_the_option(option, value):
+    """Zero, negative or non-int counts: argparse's error naming the option (exit 2), not a traceback from
+    inside a job (KeyError: 'loss', a negative dimension) or a run that trains on nothing."""
+    from genfast import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", option, value])
+    assert e.value.code == 2
+
+
+def test_zoo_sampler_rejects_zero_steps():
+    with pytest.raises(ValueError, match="steps must be a positive int"):  # returned the initial noise
+        rf.sample(lambda x, t, y: x, (1, 1, 4, 4), steps=0)
+
+
 def test_small_run_beats_calibrated_quality_thresholds(clf_dir):
     """A pre-set small run (600 steps, batch 64, hidden 96, depth 2: ~16 CPU seconds), 100 samples
     per guidance weight, 20 Euler steps. Measured (torch 2.13 CPU, seed 0): accuracy 0.65 at w=0 and

@@ -90,6 +90,8 @@ def sample(model, shape, *, method="euler", steps=50, guidance=None, labels=None
            eta=1.0, schedule="uniform", shift=1.0, progress=False, device=None, eager=False):
     """Samples with `method` in euler | heun | sde; the noise is torch.randn(shape, generator=generator).
     eager=True runs the plain-PyTorch loop (genfast.reference) instead of the fused step (baselines)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")  # 0 returned the initial noise
     if method == "euler":
         if not eager and labels is not None and _ops.enabled() and hasattr(model, "sampling_conditioning"):
             x = _euler_conditioned(model, shape, steps=steps, guidance=guidance, labels=labels,
