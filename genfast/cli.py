@@ -24,9 +24,12 @@ def main(argv=None):
                       help="which model: dit (default: class-conditional rectified-flow DiT with CFG on digits), "
                            "flow2d (the 2-D mixture), and the other zoo families")
     demo.add_argument("--out", default="out/demo", help="output folder (PNGs, metrics.json, checkpoint.pt)")
-    demo.add_argument("--train-steps", type=_positive_int, default=None, help="training steps (default: per model)")
-    demo.add_argument("--sample-steps", type=_positive_int, default=None, help="sampling steps (default: 50)")
-    demo.add_argument("--batch", type=_positive_int, default=None, help="batch size (default: per model)")
+    demo.add_argument("--train-steps", type=_positive_int, default=None,
+                      help="training steps (default: per model; distill: the teacher's, ldm: the latent flow's)")
+    demo.add_argument("--sample-steps", type=_positive_int, default=None,
+                      help="sampling steps (default: 50; distill: not used, it reports its own step counts)")
+    demo.add_argument("--batch", type=_positive_int, default=None,
+                      help="batch size (default: per model; distill and ldm: not used)")
     demo.add_argument("--sampler", choices=["euler", "heun", "sde"], default=None,
                       help="flow models: Euler (fused step, default), Heun, or Euler-Maruyama")
     demo.add_argument("--seed", type=int, default=0)
