@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "flow_step.h"  // DType
+#include "philox.h"     // GENFAST_HD
 
 namespace genfast {
 
@@ -53,6 +54,23 @@ struct KLBackwardParams {
   void* dlogvar;
   int64_t dmu_rs, dmu_cs, dlv_rs, dlv_cs;
 };
+
+// One element of the formulas above, shared by the CPU and CUDA kernels so that they cannot drift apart
+// (the CUDA clamp once used fminf / fmaxf, which turn a NaN logvar into lo and hide a diverged encoder).
+// clamp(logvar, lo, hi) by torch.clamp's rule: NaN stays NaN.
+GENFAST_HD float kl_clamp(float l, bool clamp, float lo, float hi) {
+  return clamp ? (l < lo ? lo : (l > hi ? hi : l)) : l;
+}
+
+// dlogvar from logvar before the clamp (l0) and s = exp(clamp(l0) / 2). A term whose output had no
+// gradient (has_dz / has_g false) is left out, not multiplied by 0: exp may be inf without a clamp, and
+// 0 * inf is NaN where autograd's own formula has no such term (a loss through z alone at logvar > 88).
+GENFAST_HD float kl_dlogvar(float l0, bool clamp, float lo, float hi, float s, float dz, float eps, float gk,
+                            bool has_dz, bool has_g) {
+  const bool pass = !clamp | ((l0 >= lo) & (l0 <= hi));  // bitwise, no branches: the CPU loop vectorises
+  const float tz = has_dz ? dz * eps * s : 0.0f, tk = has_g ? gk * (s * s - 1.0f) : 0.0f;
+  return pass ? 0.5f * (tz + tk) : 0.0f;
+}
 
 // csrc/cpu/kl.cpp
 void kl_forward_cpu(const KLForwardParams& p);

@@ -99,9 +99,7 @@ VQ_NORM_EPS = 1e-12  # F.normalize's eps: a zero vector scores 0 in cosine mode,
 def unit_rows(t):
     """F.normalize(t, dim=-1, eps=VQ_NORM_EPS), computed in fp32 for fp16 / bf16 t and rounded back:
     in fp16 the eps underflows to 0, so a zero vector would give 0 / 0 = NaN. Differentiable."""
-    if t.dtype in (torch.float16, torch.bfloat16):
-        return torch.nn.functional.normalize(t.float(), dim=-1, eps=VQ_NORM_EPS).to(t.dtype)
-    return torch.nn.functional.normalize(t, dim=-1, eps=VQ_NORM_EPS)
+    return torch.nn.functional.normalize(t.to(_compute_dtype(t)), dim=-1, eps=VQ_NORM_EPS).to(t.dtype)
 
 
 def _vq_compute_dtype(z, codebook):

@@ -132,9 +132,7 @@ void philox_block(uint64_t g0, int64_t n, uint64_t seed, uint64_t offset, float*
   normals_from_words(groups, w0, w1, w2, w3, buf);
 }
 
-inline float clamp_lv(float lv, const KLCommon& c) {
-  return c.clamp ? (lv < c.clamp_lo ? c.clamp_lo : (lv > c.clamp_hi ? c.clamp_hi : lv)) : lv;
-}
+inline float clamp_lv(float lv, const KLCommon& c) { return kl_clamp(lv, c.clamp, c.clamp_lo, c.clamp_hi); }
 
 // One block of the forward over contiguous columns; returns the block's KL sum (fp32).
 template <typename T>
@@ -145,8 +143,7 @@ GENFAST_CPU_CLONES float forward_contiguous(const T* __restrict mu, const T* __r
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) {
     const float m = to_float(mu[i]);
-    float l = to_float(lv[i]);
-    l = clamp ? (l < lo ? lo : (l > hi ? hi : l)) : l;
+    const float l = kl_clamp(to_float(lv[i]), clamp, lo, hi);
     const float s = philox::exp_any(0.5f * l);
     z[i] = from_float<T>(m + eps[i] * s);
     const float k = 0.5f * (m * m + s * s - 1.0f - l);
@@ -200,9 +197,7 @@ double forward_item(const KLForwardParams& p, int64_t r, int64_t c0, int64_t c1,
 }
 
 // gk: the KL gradient, per element (kElemG) or one value g for the whole block (per-row KL).
-// has_dz / has_g: whether z / the KL had a gradient at all. A term without one is left out, not
-// multiplied by 0: exp(lv) (or exp(lv / 2)) may be inf where there is no clamp, and 0 * inf is NaN
-// where autograd's own formula has no such term (a loss through z alone at logvar > 88).
+// has_dz / has_g: whether z / the KL had a gradient at all (kl_dlogvar, csrc/kl.h).
 template <typename T, bool kElemG>
 GENFAST_CPU_CLONES void backward_contiguous(const T* __restrict mu, const T* __restrict lv, const float* __restrict eps,
                                             const T* __restrict dz, const float* __restrict gk, float g,
@@ -212,14 +207,11 @@ GENFAST_CPU_CLONES void backward_contiguous(const T* __restrict mu, const T* __r
   for (int64_t i = 0; i < n; ++i) {
     const float m = to_float(mu[i]);
     const float l0 = to_float(lv[i]);
-    const float l = clamp ? (l0 < lo ? lo : (l0 > hi ? hi : l0)) : l0;
-    const bool pass = (clamp == 0) | ((l0 >= lo) & (l0 <= hi));  // no branches: vectorises
-    const float s = philox::exp_any(0.5f * l);
+    const float s = philox::exp_any(0.5f * kl_clamp(l0, clamp, lo, hi));
     const float d = to_float(dz[i]);
     const float gi = kElemG ? gk[i] : g;
     dmu[i] = from_float<T>(d + gi * m);
-    const float tz = has_dz ? d * eps[i] * s : 0.0f, tk = has_g ? gi * (s * s - 1.0f) : 0.0f;
-    dlv[i] = from_float<T>(pass ? 0.5f * (tz + tk) : 0.0f);
+    dlv[i] = from_float<T>(kl_dlogvar(l0, clamp, lo, hi, s, d, eps[i], gi, has_dz, has_g));
   }
 }
 
@@ -266,14 +258,13 @@ void backward_item(const KLBackwardParams& p, int64_t r, int64_t c0, int64_t c1,
       const int64_t cc = c + i;
       const float m = to_float(mu[cc * in.mu_cs]);
       const float l0 = to_float(lv[cc * in.lv_cs]);
-      const float l = clamp_lv(l0, in);
-      const bool pass = !in.clamp || (l0 >= in.clamp_lo && l0 <= in.clamp_hi);
-      const float s = philox::exp_any(0.5f * l);
+      const float s = philox::exp_any(0.5f * clamp_lv(l0, in));
       const float d = dz ? to_float(dz[cc * p.dz_cs]) : 0.0f;
       const float g = gk ? gk[cc * p.gkl_cs] : 0.0f;
       dmu[cc * p.dmu_cs] = from_float<T>(d + g * m);
-      const float tz = dz ? d * eps[i] * s : 0.0f, tk = gk ? g * (s * s - 1.0f) : 0.0f;  // (see backward_contiguous)
-      dlv[cc * p.dlv_cs] = from_float<T>(pass ? 0.5f * (tz + tk) : 0.0f);
+      const float dl = kl_dlogvar(l0, in.clamp, in.clamp_lo, in.clamp_hi, s, d, eps[i], g, dz != nullptr,
+                                  gk != nullptr);
+      dlv[cc * p.dlv_cs] = from_float<T>(dl);
     }
   }
 }

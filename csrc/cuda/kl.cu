@@ -94,9 +94,8 @@ __device__ __forceinline__ void noise4(const KLCommon& in, const Group& g, float
                    eps[2], eps[3]);
 }
 
-// torch.clamp's rule: a NaN logvar stays NaN (fminf / fmaxf would turn it into lo, hiding a diverged encoder)
 __device__ __forceinline__ float clamp_lv(float l, const KLCommon& in) {
-  return in.clamp ? (l < in.clamp_lo ? in.clamp_lo : (l > in.clamp_hi ? in.clamp_hi : l)) : l;
+  return kl_clamp(l, in.clamp, in.clamp_lo, in.clamp_hi);  // csrc/kl.h: NaN stays NaN
 }
 
 template <int DT>
@@ -169,13 +168,10 @@ __global__ void __launch_bounds__(kThreads) kl_backward_kernel(const KLBackwardP
   }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float lv = clamp_lv(l[i], in);
-    const bool pass = !in.clamp || (l[i] >= in.clamp_lo && l[i] <= in.clamp_hi);
-    const float s = philox::exp_any(0.5f * lv);
+    const float s = philox::exp_any(0.5f * clamp_lv(l[i], in));
     dmu[i] = d[i] + gk[i] * m[i];
-    // a term without a gradient is left out, not multiplied by 0 (exp may be inf without a clamp: 0 * inf = NaN)
-    const float tz = p.dz ? d[i] * eps[i] * s : 0.0f, tk = p.gkl ? gk[i] * (s * s - 1.0f) : 0.0f;
-    dlv[i] = pass ? 0.5f * (tz + tk) : 0.0f;
+    dlv[i] = kl_dlogvar(l[i], in.clamp, in.clamp_lo, in.clamp_hi, s, d[i], eps[i], gk[i], p.dz != nullptr,
+                        p.gkl != nullptr);
   }
   store4<DT>(static_cast<T*>(p.dmu) + r * p.dmu_rs, p.dmu_cs, g, in.cols, dmu);
   store4<DT>(static_cast<T*>(p.dlogvar) + r * p.dlv_rs, p.dlv_cs, g, in.cols, dlv);

@@ -31,17 +31,13 @@ import torch
 import torch.nn.functional as F
 
 from genfast.ops.vq import _check_precision, code_counts, vector_quantize, vq_nearest
-from genfast.reference import unit_rows
-
-
-def _stats_dtype(buf):
-    """The dtype the EMA statistics are updated in: fp32, or fp64 for fp64 buffers."""
-    return torch.float64 if buf.dtype == torch.float64 else torch.float32
+from genfast.reference import _compute_dtype, unit_rows
 
 
 def _lerp_(buf, target, weight):
-    """buf <- buf + weight (target - buf), computed in _stats_dtype(buf), stored in buf's dtype (a module
-    cast with .to(dtype) has its buffers in that dtype; fp32 buffers update in place, as before)."""
+    """buf <- buf + weight (target - buf), computed in target's dtype (the callers': _compute_dtype(buf)) and
+    stored in buf's dtype (a module cast with .to(dtype) has its buffers in that dtype; fp32 buffers update
+    in place, as before)."""
     if buf.dtype == target.dtype:
         buf.lerp_(target, weight)
     else:
@@ -126,7 +122,7 @@ class VectorQuantizer(torch.nn.Module):
     def _update(self, z, idx):
         counts = code_counts(idx, self.codebook_size)
         self.last_counts.copy_(counts)
-        ct = _stats_dtype(self.cluster_size)
+        ct = _compute_dtype(self.cluster_size)
         z2 = z.reshape(-1, self.dim).to(ct)
         _lerp_(self.cluster_size, counts.to(ct), 1 - self.decay)
         if self.ema:
@@ -148,7 +144,7 @@ class VectorQuantizer(torch.nn.Module):
             self._codebook_from_ema()
 
     def _codebook_from_ema(self):
-        ct = _stats_dtype(self.cluster_size)
+        ct = _compute_dtype(self.cluster_size)
         size = self.cluster_size.to(ct)
         n = size.sum()
         smoothed = (size + self.eps) / (n + self.codebook_size * self.eps) * n

@@ -17,7 +17,6 @@ On GPUs, fp16/bf16 calls without a key mask go to torch's scaled_dot_product_att
 genfast's Triton and CUDA kernels at every benchmarked shape; masks, fp32 and a forced
 GENFAST_BACKEND=triton|cuda run genfast's kernels.
 """
-
 import torch
 
 from genfast import backends, reference

@@ -7,7 +7,6 @@ dt and w arrive at the op as either a Python float or a float32 (fp64 for fp64 x
 value serves the batch), read on the device: no host synchronisation, so CUDA graphs and compiled
 loops stay valid and a compiled loop does not recompile for every new dt.
 """
-
 import torch
 
 from genfast import _native, backends, reference

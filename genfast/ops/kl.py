@@ -278,9 +278,9 @@ def _backward_impl(dz, gkl, mu, logvar, noise, seed, lo, hi, clamp, out=None):
         zero = torch.zeros_like(m)
         d = dz.to(ct) if dz is not None else zero
         g = _gkl_full(gkl, mu).to(ct) if gkl is not None else zero
-        eps = (noise.to(ct) if noise is not None else _regen_eps(mu, seed)) if dz is not None else zero
-        # a term without a gradient is left out, not multiplied by 0: exp may be inf without a clamp
-        dlogvar = 0.5 * ((d * eps * s if dz is not None else zero) + (g * (s * s - 1) if gkl is not None else zero))
+        # a term without a gradient is left out, not multiplied by 0 (kl_dlogvar, csrc/kl.h)
+        tz = d * (noise.to(ct) if noise is not None else _regen_eps(mu, seed)) * s if dz is not None else zero
+        dlogvar = 0.5 * (tz + (g * (s * s - 1) if gkl is not None else zero))
         if clamp:
             dlogvar = torch.where((lv0 >= lo) & (lv0 <= hi), dlogvar, zero)
         dmu.copy_(d + g * m)
