@@ -38,6 +38,15 @@ def use_backend(monkeypatch):
 
 
 @pytest.fixture
+def reuse_small_buffers(monkeypatch):
+    """Kept buffers (genfast.ops._common.reused_buffer) for every size, so that tests of the reuse
+    can use tiny shapes (outside tests, buffers under REUSE_MIN_BYTES are plain torch.empty)."""
+    from genfast.ops import _common
+
+    monkeypatch.setattr(_common, "REUSE_MIN_BYTES", 0)
+
+
+@pytest.fixture
 def cpu_way(use_backend, monkeypatch):
     """cpu_way(dtype, way): the CPU backend, with every shape of dtype taking that attention way
     (genfast.ops.attention_cpu.variant)."""

@@ -175,7 +175,7 @@ def test_no_workspace_kept_when_disabled(cpu_way, monkeypatch):
 
 @pytest.mark.parametrize("dtype,way", [(torch.bfloat16, "heads"), (torch.bfloat16, "small"), (torch.float32, "small")],
                          ids=["bf16-heads", "bf16-small", "fp32-small"])
-def test_kept_p_is_reused_only_when_free(dtype, way, cpu_way):
+def test_kept_p_is_reused_only_when_free(dtype, way, cpu_way, reuse_small_buffers):
     """The p buffer kept for the backward is reused by the next forward only once nothing holds it:
     two graphs alive at once get two buffers, and both backwards are right."""
     from genfast.ops import attention_cpu_fp32

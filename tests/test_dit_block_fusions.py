@@ -76,7 +76,8 @@ def test_bias_passes_on_cpu(use_backend, path, monkeypatch):
 
 
 @pytest.mark.parametrize("onednn", [True, False])
-def test_backward_temporaries_reused_across_blocks_and_steps(onednn, use_backend, path, monkeypatch):
+def test_backward_temporaries_reused_across_blocks_and_steps(onednn, use_backend, path, monkeypatch,
+                                                             reuse_small_buffers):
     """The backward's temporaries (dit_block._temp) and the forward's saved activations (a pool per
     name, dit_block._saved_buf) are reused by the next block and the next step only once free: two
     chained blocks, two steps, every gradient the same bits as with fresh buffers; the pools hold one
@@ -105,7 +106,8 @@ def test_backward_temporaries_reused_across_blocks_and_steps(onednn, use_backend
 
 
 @pytest.mark.parametrize("onednn", [True, False])
-def test_inference_temporaries_reused_across_blocks_and_calls(onednn, use_backend, path, monkeypatch):
+def test_inference_temporaries_reused_across_blocks_and_calls(onednn, use_backend, path, monkeypatch,
+                                                              reuse_small_buffers):
     """Without autograd every intermediate of the fused forward is a reused buffer (dit_block._temp):
     two chained blocks, three calls, the outputs the same bits as with fresh buffers, and an output
     the caller holds is not written over by the next call."""

@@ -100,7 +100,7 @@ def test_inference_variant_in_place_only_without_autograd(dtype):
     assert xg.grad is not None and torch.isfinite(xg.grad.float()).all()
 
 
-def test_output_buffers_reused_only_when_free():
+def test_output_buffers_reused_only_when_free(reuse_small_buffers):
     """The CPU kernel's outputs come from a kept buffer once nothing else holds it (no page faults
     every step), never while a caller still holds the last one; values unaffected."""
     from genfast.ops import gelu

@@ -163,56 +163,85 @@ def kernel_reasons(device_type, dtype):
 
 # ------------------------------------------------------------- output buffers reused between calls
 _reuse_lock = threading.Lock()
+_use_count = torch._C._storage_Use_Count
 
 
-def _storage_refs(t):
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+class _Kept:
+    """A cached buffer with its storage's handle (read once: untyped_storage() builds a Python
+    object, ~1 us a call on the launch-bound path)."""
+    __slots__ = ("buf", "cdata")
+
+    def __init__(self, buf):
+        self.buf, self.cdata = buf, buf.untyped_storage()._cdata
+
+    def free_view(self, n, shape):
+        """A [shape] view of the buffer's first n elements when it is large enough and nothing but
+        the cache holds its memory (a view: holding it makes the buffer busy for the next call),
+        else None. The view of a buffer of exactly that shape is a detach() (~0.4 us; a slice and
+        a view: ~2.5 us)."""
+        buf = self.buf
+        if buf.numel() < n or _use_count(self.cdata) != _FREE_REFS:
+            return None
+        return buf.detach() if buf.shape == shape else buf.view(-1)[:n].view(shape)
 
 
-_FREE_REFS = _storage_refs(torch.empty(1))  # a tensor nothing else holds (counts the probe itself)
+def _free_refs():
+    probe = _Kept(torch.empty(1))
+    return _use_count(probe.cdata)
 
 
-def _free_view(buf, n, shape):
-    """A [shape] view of buf's first n elements when buf is large enough and nothing but its cache
-    holds its memory (a view: holding it makes the buffer busy for the next call), else None."""
-    if buf is not None and buf.numel() >= n and _storage_refs(buf) == _FREE_REFS:
-        return buf[:n].view(shape)
-    return None
+_FREE_REFS = _free_refs()  # the storage use count of a buffer that nothing but its cache holds
 
 
-def _fresh(n, dtype, device):
+# Below this size a buffer is a plain torch.empty (~1 us): glibc serves such blocks from its heap
+# without page faults, and the reuse bookkeeping costs more (~3 us a buffer, tiny DiT block on the CPU).
+REUSE_MIN_BYTES = 64 * 1024
+
+
+def _small(n, dtype):
+    return n * dtype.itemsize < REUSE_MIN_BYTES
+
+
+def _fresh(shape, dtype, device):
     with torch.inference_mode(False):  # a cached buffer must stay usable outside inference mode
-        return torch.empty(n, dtype=dtype, device=device)
+        return torch.empty(shape, dtype=dtype, device=device)
 
 
 def reused_buffer(cache, key, shape, dtype, device, keep=True):
-    """An uninitialised [shape] tensor for a large op output: the one cached under key when nothing but
+    """An uninitialised [shape] tensor for a large op output (a plain torch.empty below REUSE_MIN_BYTES): the one cached under key when nothing but
     the cache holds its memory any more (its consumer ran and dropped it), else a new one, cached when
     keep. Saves a fresh buffer's page faults on every training step; the caller's cache dict is its
     own (one buffer per key), freed by clearing it."""
+    shape = torch.Size(shape)
     n = math.prod(shape)
+    if _small(n, dtype):
+        return torch.empty(shape, dtype=dtype, device=device)
     with _reuse_lock:
-        view = _free_view(cache.get(key), n, shape)
+        kept = cache.get(key)
+        view = kept.free_view(n, shape) if kept is not None else None
         if view is not None:
             return view
-        buf = _fresh(n, dtype, device)
+        buf = _fresh(shape, dtype, device)
         if keep:
-            cache[key] = buf
-        return buf.view(shape)
+            cache[key] = _Kept(buf)
+        return buf.detach()
 
 
 def pooled_buffer(pool, key, shape, dtype, device, limit):
     """reused_buffer with up to `limit` buffers per key (pool[key] a list): for outputs that autograd
     saves, of which a model holds one per layer until its backward (a DiT's blocks). The first free
     one of the key that is large enough, else a new one, kept while the key has fewer than limit."""
+    shape = torch.Size(shape)
     n = math.prod(shape)
+    if _small(n, dtype):
+        return torch.empty(shape, dtype=dtype, device=device)
     with _reuse_lock:
-        bufs = pool.setdefault(key, [])
-        for buf in bufs:
-            view = _free_view(buf, n, shape)
+        kept_list = pool.setdefault(key, [])
+        for kept in kept_list:
+            view = kept.free_view(n, shape)
             if view is not None:
                 return view
-        buf = _fresh(n, dtype, device)
-        if len(bufs) < limit:
-            bufs.append(buf)
-        return buf.view(shape)
+        buf = _fresh(shape, dtype, device)
+        if len(kept_list) < limit:
+            kept_list.append(_Kept(buf))
+        return buf.detach()

@@ -40,19 +40,20 @@ def adaln_modulate(x, shift, scale, *, eps=1e-6, norm="layer"):
         mean((x - mean)^2), so fp16 inputs of magnitude 1e3 do not overflow.
     """
     _check_x("x", x)
-    scale3 = _modulation("scale", scale, x)
-    shift3 = _modulation("shift", shift, x) if shift is not None else None
+    _check_modulation("scale", scale, x)
+    if shift is not None:
+        _check_modulation("shift", shift, x)
     if norm not in ("layer", "rms"):
         raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")
     rms, eps = norm == "rms", float(eps)
-    route = _route(x, shift3, scale3)
+    route = _route(x, shift, scale)
     if route == "direct":
-        return _modulate_impl(x, shift3, scale3, eps, rms)[0]
-    if route == "function":
-        return _ModulateFunction.apply(x, shift3, scale3, eps, rms)
-    return torch.ops.genfast.adaln_modulate(x, shift3, scale3, eps, rms)[0]
+        return _modulate_impl(x, _as3(shift), _as3(scale), eps, rms)[0]
+    if route == "function":  # [B, C] forms go in as they are (see _as3)
+        return _ModulateFunction.apply(x, shift, scale, eps, rms)
+    return torch.ops.genfast.adaln_modulate(x, _as3(shift), _as3(scale), eps, rms)[0]
 
 
 def gated_residual(x, gate, y):
@@ -63,13 +64,13 @@ def gated_residual(x, gate, y):
     if y.shape != x.shape:
         raise ValueError(f"y has shape {tuple(y.shape)} but x has {tuple(x.shape)}; expected the same shape")
     _same_kind("y", y, x)
-    gate3 = _modulation("gate", gate, x)
-    route = _route(x, gate3, y)
+    _check_modulation("gate", gate, x)
+    route = _route(x, gate, y)
     if route == "direct":
-        return _gated_impl(x, gate3, y)
-    if route == "function":
-        return _GatedFunction.apply(x, gate3, y)
-    return torch.ops.genfast.gated_residual(x, gate3, y)
+        return _gated_impl(x, _as3(gate), y)
+    if route == "function":  # a [B, C] gate goes in as it is (see _as3)
+        return _GatedFunction.apply(x, gate, y)
+    return torch.ops.genfast.gated_residual(x, _as3(gate), y)
 
 
 def _route(*tensors):
@@ -100,18 +101,31 @@ def _same_kind(name, t, x):
                         f"(cast the modulation to x's dtype)")
 
 
-def _modulation(name, t, x):
-    """[B, C] -> [B, 1, C] view; [B, 1, C] and [B, N, C] as they are; anything else raises."""
+def _check_modulation(name, t, x):
+    """t must be [B, C], [B, 1, C] or [B, N, C] for x [B, N, C]; anything else raises."""
     check_float_tensor(name, t)
     _same_kind(name, t, x)
     b, n, c = x.shape
     if t.dim() == 2 and tuple(t.shape) == (b, c):
-        return t.unsqueeze(1)
+        return
     if t.dim() == 3 and t.shape[0] == b and t.shape[1] in (1, n) and t.shape[2] == c:
-        return t
+        return
     raise ValueError(f"{name} must have shape [B, C] = [{b}, {c}] (per sample) or [B, N, C] = [{b}, {n}, {c}] "
                      f"(per token; [{b}, 1, {c}] also per sample) for x of shape {tuple(x.shape)}, "
                      f"got {tuple(t.shape)}")
+
+
+def _as3(t):
+    """A [B, C] modulation as the [B, 1, C] view the kernels and the registered ops take (None and
+    3-D forms as they are). The autograd.Functions call it inside forward and backward, where the
+    view is not recorded: unsqueezing a tensor that requires grad before the call added a view node
+    and ~10 us of host time to a tiny call's forward + backward (CPU, [2, 8, 64])."""
+    return t.unsqueeze(1) if t is not None and t.dim() == 2 else t
+
+
+def _as_given(g, t):
+    """Gradient g of _as3(t) in t's own shape (None stays None)."""
+    return g.view(t.shape) if g is not None and t.dim() == 2 else g
 
 
 # ----------------------------------------------------------------------------------- backends
@@ -302,7 +316,7 @@ class _ModulateFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, shift, scale, eps, rms):
-        out, mean, rstd = _modulate_impl(x, shift, scale, eps, rms)
+        out, mean, rstd = _modulate_impl(x, _as3(shift), _as3(scale), eps, rms)
         ctx.eps, ctx.rms = eps, rms
         ctx.save_for_backward(x, shift, scale, mean, rstd)
         return out
@@ -310,9 +324,9 @@ class _ModulateFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, shift, scale, mean, rstd = ctx.saved_tensors
-        grads = _modulate_grads(_modulate_bwd_impl, ctx.needs_input_grad[:3], grad, x, shift, scale, mean, rstd,
-                                ctx.eps, ctx.rms)
-        return (*grads, None, None)
+        dx, dshift, dscale = _modulate_grads(_modulate_bwd_impl, ctx.needs_input_grad[:3], grad, x, _as3(shift),
+                                             _as3(scale), mean, rstd, ctx.eps, ctx.rms)
+        return dx, _as_given(dshift, shift) if shift is not None else None, _as_given(dscale, scale), None, None
 
 
 # ---------------------------------------------------------------------------- gated_residual
@@ -424,12 +438,15 @@ class _GatedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate, y):
         _gated_setup(ctx, (x, gate, y), None)
-        return _gated_impl(x, gate, y)
+        return _gated_impl(x, _as3(gate), y)
 
     @staticmethod
     def backward(ctx, grad):
         gate, y = ctx.saved_tensors
-        return _gated_grads(_gated_bwd_impl, ctx.needs_input_grad, grad, gate, y, ctx.gate_meta)
+        (b, *rest), dtype = ctx.gate_meta
+        meta3 = ((b, 1, *rest) if len(rest) == 1 else (b, *rest), dtype)  # the [B, 1, C] form of a [B, C] gate
+        dx, dgate, dy = _gated_grads(_gated_bwd_impl, ctx.needs_input_grad, grad, _as3(gate), y, meta3)
+        return dx, dgate.view(ctx.gate_meta[0]) if dgate is not None else None, dy
 
 
 # ------------------------------------------------------------------------- torch.library glue
