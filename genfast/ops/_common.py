@@ -5,6 +5,7 @@ import math
 import threading
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from genfast import backends
 
@@ -117,14 +118,32 @@ def cuda_stream(t):
 
 def dispatcher_needed(*tensors):
     """True when a call must go through torch.ops.genfast.*: under torch.compile, a torch function
-    or dispatch mode, a functorch transform (vmap, grad), or with a tensor subclass (fake tensors).
-    Otherwise plain eager calls may skip the dispatcher and call the kernel (or an autograd.Function
-    with the op's forward and backward) directly, which saves ~5-40 us a call."""
+    or dispatch mode, a functorch transform (vmap, grad), forward-mode AD, or with a tensor subclass
+    (fake tensors). Otherwise plain eager calls may skip the dispatcher and call the kernel (or an
+    autograd.Function with the op's forward and backward) directly, which saves ~5-40 us a call.
+    (A raw kernel call on a dual tensor would drop its tangent without a word.)"""
     if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
         return True
     if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None:
         return True
+    if _forward_ad._current_level >= 0:
+        return True
     return any(t is not None and type(t) is not torch.Tensor for t in tensors)
+
+
+def transformed():
+    """True under a torch.func transform (grad, vjp, jvp, vmap, jacrev, jacfwd, hessian, ...) or
+    inside torch.autograd.forward_ad.dual_level(). genfast's kernels have autograd formulas but no
+    forward-mode (JVP) or batching rules, and torch.library's autograd glue refuses functorch's grad
+    transforms, while its JVP gave zero tangents without an error. So the differentiable ops compute
+    such calls with their plain-PyTorch reference (genfast.reference), which every transform handles:
+    the reference's numbers (the kernels' within the tolerance rule, DESIGN.md §5) at eager
+    PyTorch's speed and memory (attention materialises the Nq x Nk scores there). Consistency-model
+    and MeanFlow training (torch.func.jvp through a DiT) and per-sample gradients (vmap of grad) take
+    this path. Not under torch.compile, which traces the registered ops."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None or _forward_ad._current_level >= 0
 
 
 def finite(v):

@@ -21,7 +21,7 @@ import torch
 
 from genfast import backends, reference
 from genfast.ops import attention_cpu
-from genfast.ops._common import LIB, check_float_tensor, dispatcher_needed, finite
+from genfast.ops._common import LIB, check_float_tensor, dispatcher_needed, finite, transformed
 
 OP = "attention"
 MAX_HEAD_DIM = 256
@@ -49,6 +49,8 @@ def attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None):
         [B, H, Nq, D] in q's dtype. Rows with every key masked are zeros (and get zero gradients).
     """
     _check(q, k, v, causal, scale, key_padding_mask)
+    if transformed():  # torch.func / forward-mode AD: the reference (see genfast.ops._common.transformed)
+        return reference.attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
     name = backend_for(q)  # once a call (a lookup costs ~1 us; tiny CPU calls are host-bound)
     if key_padding_mask is None:
         out = sdpa_attention(q, k, v, causal, scale, name)

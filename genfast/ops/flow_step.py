@@ -12,7 +12,7 @@ import torch
 from genfast import _native, backends, reference
 from genfast.ops._common import (
     DTYPE_CODE, LIB, check_float_tensor, check_like, cuda_stream, dispatcher_needed, finite, kernel_reasons, needs_grad,
-    overlaps, rows_strides, rows_view)
+    overlaps, rows_strides, rows_view, transformed)
 
 OP = "flow_euler_step"
 _SCHEMA_ARGS = "Tensor x, Tensor v_cond, Tensor? v_uncond, Tensor? dt, float dt_value, Tensor? w, float w_value"
@@ -48,6 +48,11 @@ def flow_euler_step(x, v_cond, v_uncond=None, *, dt, guidance=0.0, out=None):
         check_like("v_uncond", v_uncond, "x", x)
     dt_t, dt_v = _coefficient("dt", dt, x)
     w_t, w_v = _coefficient("guidance", guidance, x) if v_uncond is not None else (None, 0.0)
+    if transformed():  # torch.func / forward-mode AD: the reference (see genfast.ops._common.transformed)
+        if out is not None:
+            _check_out(out, x, v_cond, v_uncond, dt_t, w_t)
+        step = reference.flow_euler_step(x, v_cond, v_uncond, dt=dt, guidance=guidance)
+        return step if out is None else out.copy_(step)
     direct = _plain_eager_call(x, v_cond, v_uncond, dt_t, w_t)
     if out is None:
         if direct:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from genfast import _native, backends
 from genfast.ops._common import (
     DTYPE_CODE, LIB, check_float_tensor, check_like, cuda_stream, dispatcher_needed, kernel_reasons, needs_grad,
-    reused_buffer)
+    reused_buffer, transformed)
 
 LIB.define("gelu_tanh(Tensor x) -> Tensor")
 LIB.define("gelu_tanh_backward(Tensor grad, Tensor x) -> Tensor")
@@ -33,7 +33,9 @@ def gelu_tanh(x):
     x: any shape and strides, fp32/fp16/bf16 (fp64 runs on torch's kernel). Returns a new
     contiguous tensor of x's dtype."""
     check_float_tensor("x", x)
-    if not _uses_kernel(x):  # torch's own op and C++ autograd: no Python node (costly on a GPU's backward thread)
+    # torch's own op and C++ autograd: no Python node (costly on a GPU's backward thread); also what
+    # torch.func transforms and forward-mode AD differentiate (genfast.ops._common.transformed)
+    if not _uses_kernel(x) or transformed():
         return F.gelu(x, approximate="tanh").contiguous()
     return torch.ops.genfast.gelu_tanh(x)
 

@@ -14,7 +14,7 @@ import torch
 from genfast import _native, backends, reference
 from genfast.ops._common import (
     DTYPE_CODE, LIB, check_float_tensor, check_like, cuda_stream, dispatcher_needed, finite, kernel_reasons,
-    rows_strides)
+    rows_strides, transformed)
 
 OP = "reparam_kl"
 REDUCTIONS = reference.REDUCTIONS
@@ -104,6 +104,10 @@ def _reparam_kl(mu, logvar, moments, seed, generator, noise, reduction, free_bit
     if noise is not None and (seed is not None or generator is not None):
         raise ValueError("noise replaces the generator: pass either noise or seed/generator, not both")
     seed_t = None if noise is not None else _seed_tensor(seed, generator, mu.device)
+    if transformed():  # torch.func / forward-mode AD: the reference on the same noise (genfast.ops._common)
+        eps = noise if noise is not None else _regen_eps(mu, seed_t)
+        return reference.reparam_kl(mu, logvar, noise=eps, reduction=reduction, free_bits=free_bits,
+                                    logvar_clamp=logvar_clamp)
     lo, hi = (float(logvar_clamp[0]), float(logvar_clamp[1])) if logvar_clamp is not None else (0.0, 0.0)
     clamp = logvar_clamp is not None
     per_row = reduction != "none" and free_bits == 0

@@ -14,7 +14,7 @@ import torch
 
 from genfast import _native, backends, reference
 from genfast.ops._common import (
-    DTYPE_CODE, LIB, check_float_tensor, cuda_stream, dispatcher_needed, kernel_reasons, needs_grad)
+    DTYPE_CODE, LIB, check_float_tensor, cuda_stream, dispatcher_needed, kernel_reasons, needs_grad, transformed)
 
 LIB.define("adaln_modulate(Tensor x, Tensor? shift, Tensor scale, float eps, bool rms) -> (Tensor, Tensor, Tensor)")
 LIB.define("adaln_modulate_backward(Tensor grad, Tensor x, Tensor? shift, Tensor scale, Tensor mean, Tensor rstd, "
@@ -48,6 +48,8 @@ def adaln_modulate(x, shift, scale, *, eps=1e-6, norm="layer"):
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")
     rms, eps = norm == "rms", float(eps)
+    if transformed():  # torch.func / forward-mode AD: the reference (see genfast.ops._common.transformed)
+        return reference.adaln_modulate(x, shift, scale, eps=eps, norm=norm)
     route = _route(x, shift, scale)
     if route == "direct":
         return _modulate_impl(x, _as3(shift), _as3(scale), eps, rms)[0]
@@ -65,6 +67,8 @@ def gated_residual(x, gate, y):
         raise ValueError(f"y has shape {tuple(y.shape)} but x has {tuple(x.shape)}; expected the same shape")
     _same_kind("y", y, x)
     _check_modulation("gate", gate, x)
+    if transformed():
+        return reference.gated_residual(x, gate, y)
     route = _route(x, gate, y)
     if route == "direct":
         return _gated_impl(x, _as3(gate), y)
