@@ -146,6 +146,30 @@ def transformed():
     return torch._C._functorch.peek_interpreter_stack() is not None or _forward_ad._current_level >= 0
 
 
+def graph_grads(fn, inputs, needs, grads):
+    """For a backward called with create_graph=True (a double backward: gradient penalties such as
+    R1 / WGAN-GP, Hessian-vector products), where torch.is_grad_enabled() holds inside backward: the
+    gradients of fn(*inputs) for the inputs flagged in needs, recomputed through fn in plain PyTorch
+    and differentiated by autograd, so that they are themselves differentiable. The kernels' gradients
+    would enter that graph as constants and the second-order terms through them would be lost without
+    a word. grads: the outputs' gradients (None: an output without one). inputs: the saved tensors
+    (the forward's own inputs, with their autograd history); non-tensors pass through to fn."""
+    with torch.enable_grad():
+        # each wanted input through an alias of its own: autograd.grad with respect to the inputs
+        # themselves would add the paths through another input computed from this one (mu and
+        # logvar = f(mu)), a total derivative where the backward owes the partial one
+        inputs = [t.view_as(t) if n else t for t, n in zip(inputs, needs)]
+        outs = fn(*inputs)
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+    wanted = [t for t, n in zip(inputs, needs) if n]
+    if not pairs or not wanted:
+        return tuple(None for _ in needs)
+    got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
+                                   allow_unused=True))
+    return tuple(next(got) if n else None for n in needs)
+
+
 def finite(v):
     """math.isfinite(v) written with arithmetic and a comparison, so that torch.compile(dynamic=True),
     which traces Python floats symbolically, checks it without a graph break (math.isfinite on a

@@ -21,7 +21,7 @@ import torch
 
 from genfast import backends, reference
 from genfast.ops import attention_cpu
-from genfast.ops._common import LIB, check_float_tensor, dispatcher_needed, finite, transformed
+from genfast.ops._common import LIB, check_float_tensor, dispatcher_needed, finite, graph_grads, transformed
 
 OP = "attention"
 MAX_HEAD_DIM = 256
@@ -434,6 +434,10 @@ def _backward(ctx, dout, _dlse, _dp, direct=False):
     q, k, v, out, lse, p, mask = ctx.saved_tensors
     if dout is None:
         return None, None, None, None, None, None, None
+    if torch.is_grad_enabled():  # create_graph=True: differentiable gradients (genfast.ops._common.graph_grads)
+        fn = lambda q, k, v: reference.attention(q, k, v, causal=ctx.causal, scale=ctx.scale,  # noqa: E731
+                                                 key_padding_mask=mask)
+        return (*graph_grads(fn, (q, k, v), ctx.needs_input_grad[:3], (dout,)), None, None, None, None)
     # the CPU path reads any strides (dout arrives in [B, N, H, D] memory from a DiT's output projection)
     dout = dout if dout.is_cpu and _kernel_for(q) == "cpu" else dout.contiguous()
     bwd = _bwd_impl if direct and not dispatcher_needed(dout, q) else torch.ops.genfast.attention_bwd
@@ -454,6 +458,5 @@ class _GenfastAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         return _backward(ctx, dout, None, None, direct=True)

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from genfast.ops import attention as _attention_ops
 from genfast.ops import gelu as _gelu
 from genfast.ops import linear as _linear
-from genfast.ops._common import KERNEL_DTYPES, dispatcher_needed, pooled_buffer, reused_buffer
+from genfast import reference
+from genfast.ops._common import KERNEL_DTYPES, dispatcher_needed, graph_grads, pooled_buffer, reused_buffer
 from genfast.ops.modulate import (
     _gated_impl, _modulate_bwd_impl, _modulate_grads, _modulate_impl, gated_bias_fp32, gated_bwd)
 from genfast.ops.qkv import qkv_head_width
@@ -233,14 +234,15 @@ class _AttnIn(torch.autograd.Function):
     def forward(ctx, x, shift, scale, w, bias, eps, heads):
         b, n, _ = x.shape
         m2, mean, rstd, qkv = _modulated_qkv(x, shift, scale, w, bias, eps, _saved_buf)
-        ctx.save_for_backward(x, shift, scale, mean, rstd, m2, w)
-        ctx.eps, ctx.has_bias = eps, bias is not None
+        ctx.save_for_backward(x, shift, scale, mean, rstd, m2, w, bias)  # (bias: for a double backward)
+        ctx.eps, ctx.has_bias, ctx.heads = eps, bias is not None, heads
         return _heads(qkv, b, n, heads)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dq, dk, dv):
-        x, shift, scale, mean, rstd, m2, w = ctx.saved_tensors
+        x, shift, scale, mean, rstd, m2, w, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: see _graph_grads
+            return _graph_grads(ctx, _ref_attn_in, (x, shift, scale, w, bias), (dq, dk, dv), _IN_ORDER)
         return _in_grads(ctx.needs_input_grad, (dq, dk, dv), None, x, shift, scale, mean, rstd, m2, w, ctx.eps,
                          ctx.has_bias)
 
@@ -289,14 +291,16 @@ class _AttnHalf(torch.autograd.Function):
         buf = _saved_buf("o", (b, n, heads, ch // heads), x)
         o, lse, p = _attention_ops.cpu_self_attention(q, k, v, buf.transpose(1, 2) if buf is not None else None,
                                                       keep_p=True)
-        ctx.save_for_backward(x, shift, scale, mean, rstd, m2, w, qkv, o, lse, p)
+        ctx.save_for_backward(x, shift, scale, mean, rstd, m2, w, qkv, o, lse, p, bias)
         ctx.eps, ctx.heads = eps, heads
         return o
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, do):
-        x, shift, scale, mean, rstd, m2, w, qkv, o, lse, p = ctx.saved_tensors
+        x, shift, scale, mean, rstd, m2, w, qkv, o, lse, p, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: see _graph_grads
+            fn = lambda ctx, *args: reference.attention(*_ref_attn_in(ctx, *args))  # noqa: E731
+            return _graph_grads(ctx, fn, (x, shift, scale, w, bias), (do,), _IN_ORDER)
         b, n, _ = x.shape
         dqkv = _temp("dqkv", qkv.shape, qkv)
         given = _heads(dqkv, b, n, ctx.heads)
@@ -381,14 +385,17 @@ class _BlockOut(torch.autograd.Function):
     @staticmethod
     def forward(ctx, o, x, gate1, shift2, scale2, gate2, eps, wp, bp, w1, b1, w2, b2):
         out, saved = _block_out(o, x, gate1, shift2, scale2, gate2, eps, wp, bp, w1, b1, w2, b2)
-        ctx.save_for_backward(*saved, gate1, shift2, scale2, gate2, wp, w1, w2)
+        # x and the biases only for a double backward (held anyway: the block's input, parameters)
+        ctx.save_for_backward(*saved, gate1, shift2, scale2, gate2, wp, w1, w2, x, bp, b1, b2)
         ctx.eps = eps
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        o, p, x1, mean2, rstd2, m2, h, a, f, gate1, shift2, scale2, gate2, wp, w1, w2 = ctx.saved_tensors
+        o, p, x1, mean2, rstd2, m2, h, a, f, gate1, shift2, scale2, gate2, wp, w1, w2, x, bp, b1, b2 = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: see _graph_grads
+            return _graph_grads(ctx, _ref_block_out, (o, x, gate1, shift2, scale2, gate2, wp, bp, w1, b1, w2, b2),
+                                (dout,), _OUT_ORDER)
         need = ctx.needs_input_grad  # o, x, gate1, shift2, scale2, gate2, eps, wp, bp, w1, b1, w2, b2
         b, n, ch = x1.shape
         dout = dout if dout.is_contiguous() else dout.contiguous()
@@ -416,3 +423,38 @@ class _BlockOut(torch.autograd.Function):
             do, dwp, dbp_sum = _lin_grads(dp.view(b * n, ch), o, wp, need[0], need[7], need[8] and dbp is None, "do")
             dbp = dbp if dbp is not None else dbp_sum
         return (do, dx1 if need[1] else None, dgate1, dshift2, dscale2, dgate2, None, dwp, dbp, dw1, db1, dw2, db2)
+
+
+# ------------------------------------------------------------------- double backward (reference)
+def _graph_grads(ctx, fn, inputs, grads, order):
+    """A backward called with create_graph=True (a gradient penalty through the block): the node's
+    gradients recomputed through its plain-PyTorch reference so that they are differentiable
+    (genfast.ops._common.graph_grads). fn(ctx, *inputs) -> the node's outputs; order: the forward
+    argument index of each input (eps, heads and the like get None)."""
+    need = ctx.needs_input_grad
+    got = graph_grads(lambda *args: fn(ctx, *args), inputs, [need[i] for i in order], grads)
+    out = [None] * len(need)
+    for i, g in zip(order, got):
+        out[i] = g
+    return tuple(out)
+
+
+def _ref_attn_in(ctx, x, shift, scale, w, bias):
+    """_AttnIn's q, k, v in plain PyTorch."""
+    b, n, ch = x.shape
+    m = reference.adaln_modulate(x, shift, scale, eps=ctx.eps)
+    return _heads(F.linear(m.reshape(b * n, ch), w, bias), b, n, ctx.heads)
+
+
+def _ref_block_out(ctx, o, x, gate1, shift2, scale2, gate2, wp, bp, w1, b1, w2, b2):
+    """_BlockOut's output in plain PyTorch."""
+    b, n, ch = x.shape
+    x1 = reference.gated_residual(x, gate1, F.linear(o, wp, bp).view(b, n, ch))
+    m2 = reference.adaln_modulate(x1, shift2, scale2, eps=ctx.eps)
+    f = F.linear(F.gelu(F.linear(m2, w1, b1), approximate="tanh"), w2, b2)
+    return reference.gated_residual(x1, gate2, f)
+
+
+# the forward-argument index of each input the reference functions take
+_IN_ORDER = (0, 1, 2, 3, 4)  # x, shift, scale, w, bias (then eps, heads)
+_OUT_ORDER = (0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12)  # o, x, gate1, shift2, scale2, gate2, (eps,) wp .. b2

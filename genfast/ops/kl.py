@@ -14,7 +14,7 @@ import torch
 from genfast import _native, backends, reference
 from genfast.ops._common import (
     DTYPE_CODE, LIB, check_float_tensor, check_like, cuda_stream, dispatcher_needed, finite, kernel_reasons,
-    rows_strides, transformed)
+    graph_grads, rows_strides, transformed)
 
 OP = "reparam_kl"
 REDUCTIONS = reference.REDUCTIONS
@@ -346,13 +346,28 @@ def _fake_backward(dz, gkl, mu, logvar, noise, seed, lo, hi, clamp):
 def _setup_context(ctx, inputs, output):
     mu, logvar, noise, seed, lo, hi, clamp, per_row = inputs
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None: its term is left out
-    ctx.lo, ctx.hi, ctx.clamp, ctx.per_row = lo, hi, clamp, per_row
+    ctx.params, ctx.per_row = (lo, hi, clamp), per_row
     ctx.save_for_backward(mu, logvar, noise, seed)
+
+
+def _graph_grads(ctx, inputs, split, noise, seed, dz, dkl):
+    """create_graph=True: the gradients through the reference on the same noise, differentiable
+    (genfast.ops._common.graph_grads). split(*inputs) -> (mu, logvar)."""
+    lo, hi, clamp = ctx.params
+
+    def fn(*tensors):
+        mu, logvar = split(*tensors)
+        eps = noise if noise is not None else _regen_eps(mu, seed)
+        return reference.reparam_kl(mu, logvar, noise=eps, reduction="per_sample" if ctx.per_row else "none",
+                                    logvar_clamp=(lo, hi) if clamp else None)
+    return graph_grads(fn, inputs, ctx.needs_input_grad[:len(inputs)], (dz, dkl))
 
 
 def _backward(ctx, dz, dkl):
     mu, logvar, noise, seed = ctx.saved_tensors
-    dmu, dlv = torch.ops.genfast.reparam_kl_backward(dz, dkl, mu, logvar, noise, seed, ctx.lo, ctx.hi, ctx.clamp)
+    if torch.is_grad_enabled():
+        return (*_graph_grads(ctx, (mu, logvar), lambda m, lv: (m, lv), noise, seed, dz, dkl), *(None,) * 6)
+    dmu, dlv = torch.ops.genfast.reparam_kl_backward(dz, dkl, mu, logvar, noise, seed, *ctx.params)
     return dmu, dlv, None, None, None, None, None, None
 
 
@@ -373,14 +388,15 @@ class _ReparamKLMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, dim, noise, seed, lo, hi, clamp, per_row):
         ctx.set_materialize_grads(False)  # as _setup_context
-        ctx.dim, ctx.params = dim, (lo, hi, clamp)
+        ctx.dim, ctx.params, ctx.per_row = dim, (lo, hi, clamp), per_row
         ctx.save_for_backward(h, noise, seed)
         return _forward(*h.chunk(2, dim), noise, seed, lo, hi, clamp, per_row)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dz, dkl):
         h, noise, seed = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return (*_graph_grads(ctx, (h,), lambda h: h.chunk(2, ctx.dim), noise, seed, dz, dkl), *(None,) * 7)
         dh = torch.empty_like(h)
         _backward_impl(dz, dkl, *h.chunk(2, ctx.dim), noise, seed, *ctx.params, out=dh.chunk(2, ctx.dim))
         return dh, None, None, None, None, None, None, None
@@ -392,13 +408,14 @@ class _ReparamKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mu, logvar, noise, seed, lo, hi, clamp, per_row):
         ctx.set_materialize_grads(False)  # as _setup_context
-        ctx.params = (lo, hi, clamp)
+        ctx.params, ctx.per_row = (lo, hi, clamp), per_row
         ctx.save_for_backward(mu, logvar, noise, seed)
         return _forward(mu, logvar, noise, seed, lo, hi, clamp, per_row)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # no double backward: say so instead of a silent 0
     def backward(ctx, dz, dkl):
         mu, logvar, noise, seed = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return (*_graph_grads(ctx, (mu, logvar), lambda m, lv: (m, lv), noise, seed, dz, dkl), *(None,) * 6)
         dmu, dlv = _backward_impl(dz, dkl, mu, logvar, noise, seed, *ctx.params)
         return dmu, dlv, None, None, None, None, None, None

@@ -27,7 +27,7 @@ from torch.nn.modules import module as _module_mod
 import torch.nn.functional as F
 
 from genfast import backends
-from genfast.ops._common import LIB, cpu_vendor, dispatcher_needed
+from genfast.ops._common import LIB, cpu_vendor, dispatcher_needed, graph_grads
 
 # False: F.linear everywhere. Default: oneDNN except on Intel CPUs, where MKL runs its AVX-512 code
 # and came out ahead (2-core Intel Xeon, 2026-11-26, DiT-S GEMMs 2048x384 -> 1152 / 384 / 1536 and
@@ -96,16 +96,16 @@ class _OneDNNLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        _setup_context(ctx, (x, weight, bias), None)
         # 2-D out: a view made here would forbid in-place updates of the result (autograd's rule
         # for views created inside a custom Function); linear() reshapes it outside
         return _forward_2d(x, weight, bias)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
+        x, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _graph_grads(ctx, dy, x, weight, bias, two_d=True)
         need = ctx.needs_input_grad
         return _grads(dy, x, weight, (need[0], need[1], ctx.has_bias and need[2]))
 
@@ -185,12 +185,21 @@ def _fake_bwd(grad, x, weight, mask):
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias = inputs
-    ctx.save_for_backward(x, weight)
+    ctx.save_for_backward(x, weight, bias)  # bias: for a double backward only (a parameter: no memory)
     ctx.has_bias = bias is not None
 
 
+def _graph_grads(ctx, grad, x, weight, bias, two_d=False):
+    """create_graph=True: F.linear's gradients, differentiable (genfast.ops._common.graph_grads);
+    two_d: the eager Function's output is [M, N] (linear() reshapes it)."""
+    fn = lambda x, w, b: F.linear(x, w, b).reshape(grad.shape) if two_d else F.linear(x, w, b)  # noqa: E731
+    return graph_grads(fn, (x, weight, bias), ctx.needs_input_grad[:3], (grad,))
+
+
 def _backward(ctx, grad):
-    x, weight = ctx.saved_tensors
+    x, weight, bias = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return _graph_grads(ctx, grad, x, weight, bias)
     need = ctx.needs_input_grad
     mask = [bool(need[0]), bool(need[1]), bool(ctx.has_bias and need[2])]
     dx, dw, db = torch.ops.genfast.linear_backward(grad, x, weight, mask)

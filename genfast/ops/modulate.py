@@ -14,7 +14,7 @@ import torch
 
 from genfast import _native, backends, reference
 from genfast.ops._common import (
-    DTYPE_CODE, LIB, check_float_tensor, cuda_stream, dispatcher_needed, kernel_reasons, needs_grad, transformed)
+    DTYPE_CODE, LIB, check_float_tensor, cuda_stream, dispatcher_needed, graph_grads, kernel_reasons, needs_grad, transformed)
 
 LIB.define("adaln_modulate(Tensor x, Tensor? shift, Tensor scale, float eps, bool rms) -> (Tensor, Tensor, Tensor)")
 LIB.define("adaln_modulate_backward(Tensor grad, Tensor x, Tensor? shift, Tensor scale, Tensor mean, Tensor rstd, "
@@ -290,8 +290,17 @@ def _dshift(grad, per_sample):
     return grad.float().sum(1, keepdim=True).to(grad.dtype) if per_sample else grad
 
 
+def _modulate_graph_grads(ctx, grad, x, shift, scale):
+    """create_graph=True: the gradients through the reference, differentiable (see graph_grads)."""
+    norm = "rms" if ctx.rms else "layer"
+    fn = lambda x, shift, scale: reference.adaln_modulate(x, shift, scale, eps=ctx.eps, norm=norm)  # noqa: E731
+    return (*graph_grads(fn, (x, shift, scale), ctx.needs_input_grad[:3], (grad,)), None, None)
+
+
 def _modulate_backward(ctx, grad, _gmean, _grstd):
     x, shift, scale, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return _modulate_graph_grads(ctx, grad, x, shift, scale)
     grads = _modulate_grads(torch.ops.genfast.adaln_modulate_backward, ctx.needs_input_grad[:3], grad, x, shift,
                             scale, mean, rstd, ctx.eps, ctx.rms)
     return (*grads, None, None)
@@ -328,6 +337,8 @@ class _ModulateFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, shift, scale, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _modulate_graph_grads(ctx, grad, x, shift, scale)
         dx, dshift, dscale = _modulate_grads(_modulate_bwd_impl, ctx.needs_input_grad[:3], grad, x, _as3(shift),
                                              _as3(scale), mean, rstd, ctx.eps, ctx.rms)
         return dx, _as_given(dshift, shift) if shift is not None else None, _as_given(dscale, scale), None, None
@@ -425,9 +436,18 @@ def _gated_backward(ctx, grad):
 
 
 def _gated_grads(backward_op, needs, grad, gate, y, gate_meta):
-    """(dx, dgate, dy), None where not needed; dx is grad itself."""
+    """(dx, dgate, dy), None where not needed; dx is grad itself. gate: [B, 1 | N, C]."""
     need_y, need_gate = bool(needs[2]), bool(needs[1])
     dy = dgate = None
+    if torch.is_grad_enabled():  # create_graph=True: the formulas in torch ops, differentiable (graph_grads)
+        ct = reference._compute_dtype(grad)
+        g = grad.to(ct)
+        if need_y:
+            dy = (g * gate.to(ct)).to(grad.dtype)
+        if need_gate:
+            dgate = g * y.to(ct)
+            dgate = (dgate.sum(1, keepdim=True) if gate_meta[0][1] != g.shape[1] else dgate).to(grad.dtype)
+        return grad if needs[0] else None, dgate, dy
     if need_y or need_gate:
         # A tensor the kernel will not read stands in for the one not saved (shapes only).
         gate_t = gate if gate is not None else grad.new_zeros(gate_meta[0])
