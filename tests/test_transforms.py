@@ -1,5 +1,6 @@
 """genfast's differentiable ops, modules and patched models under torch.func transforms (grad, jvp,
-vmap, jacrev) and forward-mode AD (torch.autograd.forward_ad): the results of the same transform of
+vmap, jacrev), forward-mode AD (torch.autograd.forward_ad) and batched gradients (is_grads_batched):
+the results of the same transform of
 the plain-PyTorch reference (genfast.ops._common.transformed routes such calls there), and JVPs that
 agree with the kernels' own eager backward: <J t, u> = <t, J^T u>.
 
@@ -117,6 +118,22 @@ def test_jvp_agrees_with_the_kernels_backward(op):
     torch.testing.assert_close((tangent * u).sum(), (vjp * t).sum(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("op", list(OPS))
+def test_batched_gradients(op):
+    """torch.autograd.grad(..., is_grads_batched=True) (and jacobian(vectorize=True), built on it): the
+    backward gets batched gradients without storage of their own, which the kernels cannot read; it
+    recomputes through the reference (genfast.ops._common.backward_by_reference)."""
+    ours, ref, a = OPS[op]
+    got, want = [], []
+    for fn, res in ((ours, got), (ref, want)):
+        leaf = a.clone().requires_grad_()
+        out = fn(leaf)
+        cot = torch.randn(3, *out.shape, generator=torch.Generator().manual_seed(2))
+        res.append(torch.autograd.grad(out, leaf, cot, is_grads_batched=True)[0])
+        res.append(torch.autograd.functional.jacobian(fn, a, vectorize=True))
+    _close(tuple(got), tuple(want), f"{op} batched gradients")
+
+
 def test_reparam_kl_with_seed_under_grad_uses_the_kernels_noise():
     mu, logvar = X, X * 0.3
     z_eager, kl_eager = genfast.reparam_kl(mu, logvar, seed=(7, 3))
@@ -169,6 +186,17 @@ def test_dit_block_jvp_and_forward_ad():
         out = forward_ad.unpack_dual(ours(forward_ad.make_dual(x, tx), forward_ad.make_dual(c, tc)))
     _close((out.primal, out.tangent), want, "DiTBlock forward AD", rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(want[0], ours(x, c), rtol=1e-5, atol=1e-5)  # the fused eager path's forward
+
+
+def test_dit_block_batched_gradients():
+    ours, ref = _block_pair()
+    x, c = _randn(2, 9, 32), _randn(2, 32)
+    cot = _randn(3, 2, 9, 32)
+    got, want = [], []
+    for block, res in ((ours, got), (_math_sdpa(ref), want)):
+        leaf = x.clone().requires_grad_()
+        res.append(torch.autograd.grad(block(leaf, c), leaf, cot, is_grads_batched=True)[0])
+    _close(got[0], want[0], "DiTBlock batched gradients", rtol=1e-4, atol=1e-5)
 
 
 def test_dit_block_per_sample_gradients():

@@ -146,6 +146,22 @@ def transformed():
     return torch._C._functorch.peek_interpreter_stack() is not None or _forward_ad._current_level >= 0
 
 
+_LEGACY_BATCHED = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+
+
+def backward_by_reference(*grads):
+    """Inside an autograd.Function's backward with these incoming gradients: whether it must recompute
+    through the reference (graph_grads) instead of calling the kernels: create_graph=True (grad mode is
+    on in the backward), a functorch transform around the backward, or batched gradients
+    (torch.autograd.grad(..., is_grads_batched=True), jacobian(vectorize=True): tensors without
+    storage of their own, which the kernels cannot read)."""
+    if torch.is_grad_enabled() or transformed():
+        return True
+    if _LEGACY_BATCHED is not None:
+        return any(g is not None and _LEGACY_BATCHED(g) for g in grads)
+    return any(g is not None and torch._C._dispatch_keys(g).has(torch._C.DispatchKey.Batched) for g in grads)
+
+
 def graph_grads(fn, inputs, needs, grads):
     """For a backward called with create_graph=True (a double backward: gradient penalties such as
     R1 / WGAN-GP, Hessian-vector products), where torch.is_grad_enabled() holds inside backward: the
@@ -165,8 +181,8 @@ def graph_grads(fn, inputs, needs, grads):
     wanted = [t for t, n in zip(inputs, needs) if n]
     if not pairs or not wanted:
         return tuple(None for _ in needs)
-    got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
-                                   allow_unused=True))
+    got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                   create_graph=torch.is_grad_enabled(), allow_unused=True))
     return tuple(next(got) if n else None for n in needs)
 
 
@@ -251,10 +267,10 @@ def _fresh(shape, dtype, device):
 
 
 def reused_buffer(cache, key, shape, dtype, device, keep=True):
-    """An uninitialised [shape] tensor for a large op output (a plain torch.empty below REUSE_MIN_BYTES): the one cached under key when nothing but
-    the cache holds its memory any more (its consumer ran and dropped it), else a new one, cached when
-    keep. Saves a fresh buffer's page faults on every training step; the caller's cache dict is its
-    own (one buffer per key), freed by clearing it."""
+    """An uninitialised [shape] tensor for a large op output (a plain torch.empty below REUSE_MIN_BYTES):
+    the one cached under key when nothing but the cache holds its memory any more (its consumer ran and
+    dropped it), else a new one, cached when keep. Saves a fresh buffer's page faults on every training
+    step; the caller's cache dict is its own (one buffer per key), freed by clearing it."""
     shape = torch.Size(shape)
     n = math.prod(shape)
     if _small(n, dtype):

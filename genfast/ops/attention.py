@@ -21,7 +21,8 @@ import torch
 
 from genfast import backends, reference
 from genfast.ops import attention_cpu
-from genfast.ops._common import LIB, check_float_tensor, dispatcher_needed, finite, graph_grads, transformed
+from genfast.ops._common import (
+    LIB, backward_by_reference, check_float_tensor, dispatcher_needed, finite, graph_grads, transformed)
 
 OP = "attention"
 MAX_HEAD_DIM = 256
@@ -434,7 +435,7 @@ def _backward(ctx, dout, _dlse, _dp, direct=False):
     q, k, v, out, lse, p, mask = ctx.saved_tensors
     if dout is None:
         return None, None, None, None, None, None, None
-    if torch.is_grad_enabled():  # create_graph=True: differentiable gradients (genfast.ops._common.graph_grads)
+    if backward_by_reference(dout):  # create_graph or batched grads: genfast.ops._common.backward_by_reference
         fn = lambda q, k, v: reference.attention(q, k, v, causal=ctx.causal, scale=ctx.scale,  # noqa: E731
                                                  key_padding_mask=mask)
         return (*graph_grads(fn, (q, k, v), ctx.needs_input_grad[:3], (dout,)), None, None, None, None)

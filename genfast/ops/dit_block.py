@@ -38,7 +38,8 @@ from genfast.ops import attention as _attention_ops
 from genfast.ops import gelu as _gelu
 from genfast.ops import linear as _linear
 from genfast import reference
-from genfast.ops._common import KERNEL_DTYPES, dispatcher_needed, graph_grads, pooled_buffer, reused_buffer
+from genfast.ops._common import (
+    KERNEL_DTYPES, backward_by_reference, dispatcher_needed, graph_grads, pooled_buffer, reused_buffer)
 from genfast.ops.modulate import (
     _gated_impl, _modulate_bwd_impl, _modulate_grads, _modulate_impl, gated_bias_fp32, gated_bwd)
 from genfast.ops.qkv import qkv_head_width
@@ -241,7 +242,7 @@ class _AttnIn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk, dv):
         x, shift, scale, mean, rstd, m2, w, bias = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: see _graph_grads
+        if backward_by_reference(dq, dk, dv):  # create_graph or batched grads: see _graph_grads
             return _graph_grads(ctx, _ref_attn_in, (x, shift, scale, w, bias), (dq, dk, dv), _IN_ORDER)
         return _in_grads(ctx.needs_input_grad, (dq, dk, dv), None, x, shift, scale, mean, rstd, m2, w, ctx.eps,
                          ctx.has_bias)
@@ -298,7 +299,7 @@ class _AttnHalf(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         x, shift, scale, mean, rstd, m2, w, qkv, o, lse, p, bias = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: see _graph_grads
+        if backward_by_reference(do):  # create_graph or batched grads: see _graph_grads
             fn = lambda ctx, *args: reference.attention(*_ref_attn_in(ctx, *args))  # noqa: E731
             return _graph_grads(ctx, fn, (x, shift, scale, w, bias), (do,), _IN_ORDER)
         b, n, _ = x.shape
@@ -393,7 +394,7 @@ class _BlockOut(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         o, p, x1, mean2, rstd2, m2, h, a, f, gate1, shift2, scale2, gate2, wp, w1, w2, x, bp, b1, b2 = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: see _graph_grads
+        if backward_by_reference(dout):  # create_graph or batched grads: see _graph_grads
             return _graph_grads(ctx, _ref_block_out, (o, x, gate1, shift2, scale2, gate2, wp, bp, w1, b1, w2, b2),
                                 (dout,), _OUT_ORDER)
         need = ctx.needs_input_grad  # o, x, gate1, shift2, scale2, gate2, eps, wp, bp, w1, b1, w2, b2

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from genfast import _native, backends
 from genfast.ops._common import (
     DTYPE_CODE, LIB, check_float_tensor, check_like, cuda_stream, dispatcher_needed, kernel_reasons, needs_grad,
-    graph_grads, reused_buffer, transformed)
+    backward_by_reference, graph_grads, reused_buffer, transformed)
 
 LIB.define("gelu_tanh(Tensor x) -> Tensor")
 LIB.define("gelu_tanh_backward(Tensor grad, Tensor x) -> Tensor")
@@ -118,7 +118,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (x,) = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True: differentiable (genfast.ops._common.graph_grads)
+    if backward_by_reference(grad):  # create_graph or batched grads (backward_by_reference)
         return graph_grads(lambda x: F.gelu(x, approximate="tanh"), (x,), (True,), (grad,))[0]
     return torch.ops.genfast.gelu_tanh_backward(grad, x)
 

@@ -14,7 +14,7 @@ import torch
 from genfast import _native, backends, reference
 from genfast.ops._common import (
     DTYPE_CODE, LIB, check_float_tensor, check_like, cuda_stream, dispatcher_needed, finite, kernel_reasons,
-    graph_grads, rows_strides, transformed)
+    backward_by_reference, graph_grads, rows_strides, transformed)
 
 OP = "reparam_kl"
 REDUCTIONS = reference.REDUCTIONS
@@ -365,7 +365,7 @@ def _graph_grads(ctx, inputs, split, noise, seed, dz, dkl):
 
 def _backward(ctx, dz, dkl):
     mu, logvar, noise, seed = ctx.saved_tensors
-    if torch.is_grad_enabled():
+    if backward_by_reference(dz, dkl):
         return (*_graph_grads(ctx, (mu, logvar), lambda m, lv: (m, lv), noise, seed, dz, dkl), *(None,) * 6)
     dmu, dlv = torch.ops.genfast.reparam_kl_backward(dz, dkl, mu, logvar, noise, seed, *ctx.params)
     return dmu, dlv, None, None, None, None, None, None
@@ -395,7 +395,7 @@ class _ReparamKLMoments(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dz, dkl):
         h, noise, seed = ctx.saved_tensors
-        if torch.is_grad_enabled():
+        if backward_by_reference(dz, dkl):
             return (*_graph_grads(ctx, (h,), lambda h: h.chunk(2, ctx.dim), noise, seed, dz, dkl), *(None,) * 7)
         dh = torch.empty_like(h)
         _backward_impl(dz, dkl, *h.chunk(2, ctx.dim), noise, seed, *ctx.params, out=dh.chunk(2, ctx.dim))
@@ -415,7 +415,7 @@ class _ReparamKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dz, dkl):
         mu, logvar, noise, seed = ctx.saved_tensors
-        if torch.is_grad_enabled():
+        if backward_by_reference(dz, dkl):
             return (*_graph_grads(ctx, (mu, logvar), lambda m, lv: (m, lv), noise, seed, dz, dkl), *(None,) * 6)
         dmu, dlv = _backward_impl(dz, dkl, mu, logvar, noise, seed, *ctx.params)
         return dmu, dlv, None, None, None, None, None, None

@@ -27,7 +27,7 @@ from torch.nn.modules import module as _module_mod
 import torch.nn.functional as F
 
 from genfast import backends
-from genfast.ops._common import LIB, cpu_vendor, dispatcher_needed, graph_grads
+from genfast.ops._common import LIB, backward_by_reference, cpu_vendor, dispatcher_needed, graph_grads
 
 # False: F.linear everywhere. Default: oneDNN except on Intel CPUs, where MKL runs its AVX-512 code
 # and came out ahead (2-core Intel Xeon, 2026-11-26, DiT-S GEMMs 2048x384 -> 1152 / 384 / 1536 and
@@ -104,7 +104,7 @@ class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias = ctx.saved_tensors
-        if torch.is_grad_enabled():
+        if backward_by_reference(dy):
             return _graph_grads(ctx, dy, x, weight, bias, two_d=True)
         need = ctx.needs_input_grad
         return _grads(dy, x, weight, (need[0], need[1], ctx.has_bias and need[2]))
@@ -198,7 +198,7 @@ def _graph_grads(ctx, grad, x, weight, bias, two_d=False):
 
 def _backward(ctx, grad):
     x, weight, bias = ctx.saved_tensors
-    if torch.is_grad_enabled():
+    if backward_by_reference(grad):
         return _graph_grads(ctx, grad, x, weight, bias)
     need = ctx.needs_input_grad
     mask = [bool(need[0]), bool(need[1]), bool(ctx.has_bias and need[2])]

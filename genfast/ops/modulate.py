@@ -14,7 +14,8 @@ import torch
 
 from genfast import _native, backends, reference
 from genfast.ops._common import (
-    DTYPE_CODE, LIB, check_float_tensor, cuda_stream, dispatcher_needed, graph_grads, kernel_reasons, needs_grad, transformed)
+    DTYPE_CODE, LIB, backward_by_reference, check_float_tensor, cuda_stream, dispatcher_needed, graph_grads,
+    kernel_reasons, needs_grad, transformed)
 
 LIB.define("adaln_modulate(Tensor x, Tensor? shift, Tensor scale, float eps, bool rms) -> (Tensor, Tensor, Tensor)")
 LIB.define("adaln_modulate_backward(Tensor grad, Tensor x, Tensor? shift, Tensor scale, Tensor mean, Tensor rstd, "
@@ -299,7 +300,7 @@ def _modulate_graph_grads(ctx, grad, x, shift, scale):
 
 def _modulate_backward(ctx, grad, _gmean, _grstd):
     x, shift, scale, mean, rstd = ctx.saved_tensors
-    if torch.is_grad_enabled():
+    if backward_by_reference(grad):
         return _modulate_graph_grads(ctx, grad, x, shift, scale)
     grads = _modulate_grads(torch.ops.genfast.adaln_modulate_backward, ctx.needs_input_grad[:3], grad, x, shift,
                             scale, mean, rstd, ctx.eps, ctx.rms)
@@ -337,7 +338,7 @@ class _ModulateFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, shift, scale, mean, rstd = ctx.saved_tensors
-        if torch.is_grad_enabled():
+        if backward_by_reference(grad):
             return _modulate_graph_grads(ctx, grad, x, shift, scale)
         dx, dshift, dscale = _modulate_grads(_modulate_bwd_impl, ctx.needs_input_grad[:3], grad, x, _as3(shift),
                                              _as3(scale), mean, rstd, ctx.eps, ctx.rms)
@@ -439,7 +440,7 @@ def _gated_grads(backward_op, needs, grad, gate, y, gate_meta):
     """(dx, dgate, dy), None where not needed; dx is grad itself. gate: [B, 1 | N, C]."""
     need_y, need_gate = bool(needs[2]), bool(needs[1])
     dy = dgate = None
-    if torch.is_grad_enabled():  # create_graph=True: the formulas in torch ops, differentiable (graph_grads)
+    if backward_by_reference(grad):  # create_graph or batched grads: the formulas in torch ops
         ct = reference._compute_dtype(grad)
         g = grad.to(ct)
         if need_y:
