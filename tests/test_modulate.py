@@ -209,7 +209,7 @@ def test_shared_modulation_tensor_gradients(backend, use_backend):
 def test_per_sample_modulation_enters_the_graph_as_given():
     """Eager calls with [B, C] shift / scale / gate that require grad: the [B, 1, C] view the kernels
     take is made inside the autograd node, so the graph has no view node in front of it (one
-    more node and ~10 us of host time a call), and the gradients come back as [B, C]."""
+    more node a call), and the gradients come back as [B, C]."""
     x = torch.randn(2, 5, 8, requires_grad=True)
     shift, scale, gate = (torch.randn(2, 8, requires_grad=True) for _ in range(3))
     for out, leaves in ((genfast.adaln_modulate(x, shift, scale), (x, shift, scale)),
