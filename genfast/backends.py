@@ -44,13 +44,18 @@ except AttributeError:  # not CPython on POSIX
     _RAW_ENV = None
 
 
-def getenv(name, _cache={}):
+# The encoded keys of the variables genfast reads, made at import: a cache filled on first use was
+# filled inside torch.compile's trace when a compiled function made the process's first genfast call
+# (genfast.attention), and dynamo failed its own guard on that dict ("Guard failed on the same frame
+# it was created").
+_KEYS = {name: _ENCODE(name) for name in ("GENFAST_BACKEND", "TRITON_INTERPRET")} if _RAW_ENV is not None else {}
+
+
+def getenv(name):
     """os.environ.get(name), but cheap enough for a per-call check; sees changes made at any time."""
-    if _RAW_ENV is None:
+    key = _KEYS.get(name)
+    if key is None:  # another name (or not CPython on POSIX): the plain lookup
         return os.environ.get(name)
-    key = _cache.get(name)
-    if key is None:
-        key = _cache[name] = _ENCODE(name)
     value = _RAW_ENV.get(key)
     return None if value is None else _DECODE(value)
 
