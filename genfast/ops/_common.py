@@ -124,11 +124,14 @@ def dispatcher_needed(*tensors):
     (A raw kernel call on a dual tensor would drop its tangent without a word.)"""
     if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
         return True
-    if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None:
-        return True
-    if _forward_ad._current_level >= 0:
+    if torch._C._len_torch_dispatch_stack() or _transform_active():
         return True
     return any(t is not None and type(t) is not torch.Tensor for t in tensors)
+
+
+def _transform_active():
+    """A functorch transform (vmap, grad, jvp, ...) or a forward-mode AD level is active."""
+    return torch._C._functorch.peek_interpreter_stack() is not None or _forward_ad._current_level >= 0
 
 
 def transformed():
@@ -141,9 +144,7 @@ def transformed():
     PyTorch's speed and memory (attention materialises the Nq x Nk scores there). Consistency-model
     and MeanFlow training (torch.func.jvp through a DiT) and per-sample gradients (vmap of grad) take
     this path. Not under torch.compile, which traces the registered ops."""
-    if torch.compiler.is_compiling():
-        return False
-    return torch._C._functorch.peek_interpreter_stack() is not None or _forward_ad._current_level >= 0
+    return not torch.compiler.is_compiling() and _transform_active()
 
 
 _LEGACY_BATCHED = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)

@@ -105,7 +105,7 @@ class _OneDNNLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias = ctx.saved_tensors
         if backward_by_reference(dy):
-            return _graph_grads(ctx, dy, x, weight, bias, two_d=True)
+            return _graph_grads(ctx, dy, x, weight, bias)
         need = ctx.needs_input_grad
         return _grads(dy, x, weight, (need[0], need[1], ctx.has_bias and need[2]))
 
@@ -189,10 +189,10 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _graph_grads(ctx, grad, x, weight, bias, two_d=False):
-    """create_graph=True: F.linear's gradients, differentiable (genfast.ops._common.graph_grads);
-    two_d: the eager Function's output is [M, N] (linear() reshapes it)."""
-    fn = lambda x, w, b: F.linear(x, w, b).reshape(grad.shape) if two_d else F.linear(x, w, b)  # noqa: E731
+def _graph_grads(ctx, grad, x, weight, bias):
+    """create_graph or batched grads: F.linear's gradients through autograd (genfast.ops._common.graph_grads),
+    its output in the node's output shape (the eager Function's is [M, N]: linear() reshapes it)."""
+    fn = lambda x, w, b: F.linear(x, w, b).reshape(grad.shape)  # noqa: E731
     return graph_grads(fn, (x, weight, bias), ctx.needs_input_grad[:3], (grad,))
 
 

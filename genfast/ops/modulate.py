@@ -394,11 +394,9 @@ def gated_bwd(grad, gate, y, need_y, need_gate, need_bias=False, dy_out=None):
     per_sample = gate.shape[1] == 1 and n != 1
     dbias = None
     if name == "reference":
-        ct = torch.float64 if y.dtype == torch.float64 else torch.float32
-        g = grad.to(ct)
-        dy = (g * gate.to(ct)).to(y.dtype).contiguous() if need_y else None
-        dgate = (g * y.to(ct)).sum(1, keepdim=True) if per_sample else g * y.to(ct)
-        dgate = dgate.to(y.dtype).contiguous().reshape(gate.shape) if need_gate else None
+        dy, dgate = _gated_torch_grads(grad, gate, y, gate.shape, need_y, need_gate)
+        dy = dy.contiguous() if need_y else None
+        dgate = dgate.contiguous().reshape(gate.shape) if need_gate else None
     else:
         grad, gate, y = _unit_c(grad), _unit_c(gate), _unit_c(y)
         dy = None
@@ -425,6 +423,22 @@ def gated_bwd(grad, gate, y, need_y, need_gate, need_bias=False, dy_out=None):
     return dy, dgate, dbias
 
 
+def _gated_torch_grads(grad, gate, y, gate_shape, need_y, need_gate):
+    """(dy, dgate) of x + gate * y in torch ops, fp32 math (fp64 for fp64), None where not asked for:
+    the reference backend's, and a double backward's (differentiable). gate [B, 1 | N, C] of gate_shape;
+    dy reads only gate, dgate only y (the other may be None)."""
+    ct = reference._compute_dtype(grad)
+    g = grad.to(ct)
+    dy = (g * gate.to(ct)).to(grad.dtype) if need_y else None
+    dgate = None
+    if need_gate:
+        dgate = g * y.to(ct)
+        if gate_shape[1] != g.shape[1]:  # per sample: summed over the tokens
+            dgate = dgate.sum(1, keepdim=True)
+        dgate = dgate.to(grad.dtype)
+    return dy, dgate
+
+
 def _gated_setup(ctx, inputs, output):
     x, gate, y = inputs
     ctx.save_for_backward(gate if ctx.needs_input_grad[2] else None, y if ctx.needs_input_grad[1] else None)
@@ -441,13 +455,7 @@ def _gated_grads(backward_op, needs, grad, gate, y, gate_meta):
     need_y, need_gate = bool(needs[2]), bool(needs[1])
     dy = dgate = None
     if backward_by_reference(grad):  # create_graph or batched grads: the formulas in torch ops
-        ct = reference._compute_dtype(grad)
-        g = grad.to(ct)
-        if need_y:
-            dy = (g * gate.to(ct)).to(grad.dtype)
-        if need_gate:
-            dgate = g * y.to(ct)
-            dgate = (dgate.sum(1, keepdim=True) if gate_meta[0][1] != g.shape[1] else dgate).to(grad.dtype)
+        dy, dgate = _gated_torch_grads(grad, gate, y, gate_meta[0], need_y, need_gate)
         return grad if needs[0] else None, dgate, dy
     if need_y or need_gate:
         # A tensor the kernel will not read stands in for the one not saved (shapes only).
