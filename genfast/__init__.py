@@ -37,16 +37,20 @@ def free_workspace():
     dit_block.free_workspace()
 
 
+# Subpackages loaded on first use, so that `import genfast` then `genfast.nn.DiTBlock(...)` works
+# (as `torch.nn` after `import torch`) while `import genfast` stays light and never imports
+# diffusers (genfast.patch, a callable module: genfast.patch(model)).
+_LAZY = ("nn", "zoo", "patch", "testing", "reference", "integrations")
+
+
 def __getattr__(name):
-    # genfast.patch (a callable module: genfast.patch(model)) is loaded on first use, so that
-    # `import genfast` never imports diffusers.
-    if name == "patch":
+    if name in _LAZY:
         import importlib
 
-        return importlib.import_module("genfast.patch")
+        return importlib.import_module(f"genfast.{name}")
     raise AttributeError(f"module 'genfast' has no attribute {name!r}")
 
 
-__all__ = ["info", "patch", "flow_euler_step", "sample_rectified_flow", "attention", "adaln_modulate", "gated_residual",
+__all__ = ["info", "nn", "zoo", "patch", "flow_euler_step", "sample_rectified_flow", "attention", "adaln_modulate", "gated_residual",
            "vq_nearest", "vector_quantize", "code_counts", "reparam_kl", "reparam_kl_moments", "free_workspace",
            "__version__"]

@@ -12,13 +12,20 @@ CASES = {  # (setup, the call): nothing of genfast runs before the compiled call
     "attention": ("", "out = genfast.attention(x4, x4, x4)"),
     "attention_mask": ("", "out = genfast.attention(x4, x4, x4, key_padding_mask=torch.ones(2, 5, dtype=torch.bool))"),
     "dit_block": ("block = genfast.nn.DiTBlock(8, 2)", "out = block(x, x[:, 0])"),
+    # oneDNN linears (the default on non-Intel CPUs): their availability check ran lazily in the trace
+    "dit_block_onednn": ("block = genfast.nn.DiTBlock(8, 2); genfast.ops.linear.USE_ONEDNN = True",
+                         "out = block(x, x[:, 0])"),
+    "modulate_gated": ("", "out = genfast.gated_residual(x, x[:, 1], genfast.adaln_modulate(x, x[:, 0], x[:, 2]))"),
+    "flow_step": ("", "out = genfast.flow_euler_step(x, x * 2, x * 3, dt=0.1, guidance=2.0)"),
+    "reparam_kl": ("", "out = sum(t.sum() for t in genfast.reparam_kl(x, x * 0.1, noise=x.detach() * 0.5))"),
+    "vq": ("cb = torch.randn(7, 8, requires_grad=True)", "out = genfast.vector_quantize(x, cb)[0]"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_compile_as_the_first_genfast_call(case, tmp_path):
     code = textwrap.dedent(f"""
-        import torch, genfast, genfast.nn
+        import torch, genfast, genfast.nn, genfast.ops.linear
         torch.manual_seed(0)
         x = torch.randn(2, 5, 8, requires_grad=True)
         x4 = torch.randn(2, 2, 5, 4, requires_grad=True)

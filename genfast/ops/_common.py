@@ -70,6 +70,19 @@ def cpu_vendor():
     return ""
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo ("avx512f", "avx2", ...; empty where it has none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def unit_last(t):
     """t, or a contiguous copy where its last dim is strided (kernels that read rows as vectors)."""
     return t if t.stride(-1) == 1 else t.contiguous()

@@ -143,6 +143,8 @@ def _can_keep_p(q, k):
     GENFAST_BACKEND), so eager, the fake and compiled code agree."""
     if q.device.type != "cpu" or q.numel() == 0 or k.shape[2] == 0 or _kernel_for(q) != "cpu":
         return False
+    if any(isinstance(n, torch.SymInt) for n in (*q.shape, k.shape[2])):
+        return False  # dynamic sizes (export Dims, mark_dynamic): a choice by size would guard them
     return attention_cpu.keeps_p(q, k.shape[2])
 
 

@@ -39,7 +39,8 @@ from genfast.ops import gelu as _gelu
 from genfast.ops import linear as _linear
 from genfast import reference
 from genfast.ops._common import (
-    KERNEL_DTYPES, backward_by_reference, dispatcher_needed, graph_grads, pooled_buffer, reused_buffer)
+    KERNEL_DTYPES, backward_by_reference, cpu_flags, cpu_vendor, dispatcher_needed, graph_grads, pooled_buffer,
+    reused_buffer)
 from genfast.ops.modulate import (
     _gated_impl, _modulate_bwd_impl, _modulate_grads, _modulate_impl, gated_bias_fp32, gated_bwd)
 from genfast.ops.qkv import qkv_head_width
@@ -63,8 +64,10 @@ BIAS_IN_GATED = {"cuda": True, "cpu": _CPU_BIAS_PASSES}
 # 2048 x 1536 dh of DiT-S out of cache: 1.8 ms vs 2.5 ms for the GELU backward and torch's sum.
 GELU_BIAS_IN_BWD = {"cuda": True, "cpu": _CPU_BIAS_PASSES}
 # proj's, fc1's and fc2's biases added by the passes after their GEMMs where the GEMM is torch's BLAS
-# on fp32 CPU tensors (_folds_bias): DiT-S fp32 forward -0.7-1.0 ms of ~27 on the Xeon.
-FOLD_BIAS = True
+# on fp32 CPU tensors (_folds_bias): DiT-S fp32 forward -0.7-1.0 ms of ~27 on the Xeon. Only where
+# MKL's addmm was measured to give mm + bias's bits (its AVX-512 code on Intel CPUs): on an AVX2-only
+# AMD EPYC, MKL's addmm adds the bias in another order (outputs 1 ulp apart), so it stays off there.
+FOLD_BIAS = cpu_vendor() == "GenuineIntel" and "avx512f" in cpu_flags()
 # dx1 = modulate's dx + dout inside the modulate backward (its addend) instead of a separate add.
 ADD_IN_MODULATE = True
 # CPU training where genfast's CPU attention serves the heads: the attention inside the first node

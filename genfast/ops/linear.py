@@ -39,15 +39,14 @@ def default_use_onednn():
 
 USE_ONEDNN = default_use_onednn()
 
-_available = None
+# Known at import: asked lazily inside torch.compile's trace, torch.backends.mkldnn.is_available is
+# a function dynamo refuses to trace (a fullgraph compile as the process's first genfast call failed).
+_AVAILABLE = bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # a module's weights are Parameters
 
 
 def onednn_available():
-    global _available
-    if _available is None:
-        _available = bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    return _available
+    return _AVAILABLE
 
 
 def _onednn_case(x, weight, bias):
