@@ -1,8 +1,11 @@
 // 16-lane fp32 vectors (GCC vector extensions) with loads/stores from fp32, fp16 and bf16 storage.
 // Written out instead of left to the auto-vectoriser, which on GCC 12 kept the modulate rows
 // mostly scalar (reductions) and turned every _Float16 conversion into a libgcc call (~30 ns an
-// element). The same source becomes 1 zmm, 2 ymm or 4 xmm registers in each target_clones
-// variant (GENFAST_VEC_CLONES below), so no -march=native. Horizontal sums add the lanes in a fixed order.
+// element). A 16-lane vector is two 8-lane (32-byte) GCC vectors: 2 ymm registers in the AVX-512 and
+// AVX2 target_clones variants (GENFAST_VEC_CLONES below), so no -march=native. It was one 64-byte
+// vector before; GCC 12 has no register for that in the AVX2 clone and kept such values on the
+// stack, moved 16 bytes at a time, and scalarised their compares and selects (2-core AVX2-only AMD
+// EPYC: bf16 modulate forward 0.55x eager). Horizontal sums add the lanes in a fixed order (0..15).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -21,90 +24,127 @@
 #define GENFAST_VEC_CLONES
 #endif
 
-// 64-byte vectors by value in always-inline helpers: the ABI note GCC prints does not apply.
+// 32-byte vectors by value in always-inline helpers: the ABI note GCC prints does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace genfast {
 namespace vec {
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+// unaligned, may_alias views for loads and stores (memcpy of a vector went through the stack)
+typedef float f32x8_mem __attribute__((vector_size(32), aligned(4), may_alias));
+typedef uint16_t u16x8_mem __attribute__((vector_size(16), aligned(2), may_alias));
 
-GENFAST_INLINE f32x16 splat(float v) { return f32x16{} + v; }
+// 16 fp32 lanes: lanes 0-7 in lo, 8-15 in hi; lane-wise arithmetic, with scalars on either side.
+struct f32x16 {
+  f32x8 lo, hi;
+};
+GENFAST_INLINE f32x16 operator+(f32x16 a, f32x16 b) { return {a.lo + b.lo, a.hi + b.hi}; }
+GENFAST_INLINE f32x16 operator-(f32x16 a, f32x16 b) { return {a.lo - b.lo, a.hi - b.hi}; }
+GENFAST_INLINE f32x16 operator*(f32x16 a, f32x16 b) { return {a.lo * b.lo, a.hi * b.hi}; }
+GENFAST_INLINE f32x16 operator+(f32x16 a, float b) { return {a.lo + b, a.hi + b}; }
+GENFAST_INLINE f32x16 operator-(f32x16 a, float b) { return {a.lo - b, a.hi - b}; }
+GENFAST_INLINE f32x16 operator*(f32x16 a, float b) { return {a.lo * b, a.hi * b}; }
+GENFAST_INLINE f32x16 operator+(float a, f32x16 b) { return {a + b.lo, a + b.hi}; }
+GENFAST_INLINE f32x16 operator-(float a, f32x16 b) { return {a - b.lo, a - b.hi}; }
+GENFAST_INLINE f32x16 operator*(float a, f32x16 b) { return {a * b.lo, a * b.hi}; }
+GENFAST_INLINE f32x16& operator+=(f32x16& a, f32x16 b) { return a = a + b; }
+GENFAST_INLINE f32x16& operator-=(f32x16& a, f32x16 b) { return a = a - b; }
+GENFAST_INLINE f32x16& operator*=(f32x16& a, f32x16 b) { return a = a * b; }
+
+GENFAST_INLINE f32x16 splat(float v) { return {f32x8{} + v, f32x8{} + v}; }
 
 GENFAST_INLINE float hsum(f32x16 v) {
   float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += v[i];
+  for (int i = 0; i < 8; ++i) s += v.lo[i];
+  for (int i = 0; i < 8; ++i) s += v.hi[i];
   return s;
 }
 
-GENFAST_INLINE f32x16 bits_to_f32(u32x16 u) {
-  f32x16 f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
+// (a cast between GCC vector types of one size reinterprets the bits)
+GENFAST_INLINE f32x8 bits_to_f32(u32x8 u) { return (f32x8)u; }
+GENFAST_INLINE u32x8 f32_to_bits(f32x8 f) { return (u32x8)f; }
+
+// Lane masks by arithmetic and selects by bitwise ops (GCC 12 scalarised vector compares in the
+// AVX2 clone while the vectors were 64 bytes; this form is plain integer SIMD on any width).
+// All ones in the lanes where a < b, zeros elsewhere; only for lanes where a - b fits an int32
+// (both under 2^31 here): the sign of the difference, spread by an arithmetic shift.
+GENFAST_INLINE u32x8 less_mask(u32x8 a, u32x8 b) {
+  return (u32x8)((i32x8)(a - b) >> 31);
 }
-GENFAST_INLINE u32x16 f32_to_bits(f32x16 f) {
-  u32x16 u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
+// mask ? a : b, lane by lane
+GENFAST_INLINE u32x8 select(u32x8 mask, u32x8 a, u32x8 b) { return (a & mask) | (b & ~mask); }
+GENFAST_INLINE u32x8 fill(uint32_t v) { return u32x8{} + v; }
 
 // fp16 bits -> fp32, exact: the exponent/mantissa moved into fp32 position is off by a factor
 // 2^112 (bias 127 vs 15), which one multiply fixes for normal and subnormal values alike.
-GENFAST_INLINE f32x16 half_bits_to_f32(u32x16 h) {
-  const u32x16 sign = (h & 0x8000u) << 16;
-  const u32x16 em = h & 0x7fffu;
-  const f32x16 scaled = bits_to_f32(em << 13) * 0x1p112f;
-  const u32x16 inf_nan = (em << 13) | 0x7f800000u;
-  const u32x16 mag = em >= 0x7c00u ? inf_nan : f32_to_bits(scaled);
+GENFAST_INLINE f32x8 half_bits_to_f32(u32x8 h) {
+  const u32x8 sign = (h & 0x8000u) << 16;
+  const u32x8 em = h & 0x7fffu;
+  const f32x8 scaled = bits_to_f32(em << 13) * 0x1p112f;
+  const u32x8 inf_nan = (em << 13) | 0x7f800000u;
+  const u32x8 mag = select(less_mask(fill(0x7bffu), em), inf_nan, f32_to_bits(scaled));  // em >= 0x7c00
   return bits_to_f32(mag | sign);
 }
 
 // fp32 -> fp16 bits, round to nearest even, overflow to inf, NaN stays NaN: the value scaled into
 // fp16 range is added to a power of two that pins the rounding position to fp16's last mantissa
 // bit, so the FPU's own round-to-nearest-even does the rounding.
-GENFAST_INLINE u32x16 f32_to_half_bits(f32x16 f) {
-  const u32x16 w = f32_to_bits(f);
-  const u32x16 sign = w & 0x80000000u;
-  const u32x16 two_w = w + w;
-  const f32x16 absf = bits_to_f32(w & 0x7fffffffu);
-  f32x16 base = (absf * 0x1p112f) * 0x1p-110f;  // scale to fp16 exponent range, overflow to inf
-  u32x16 bias = two_w & 0xff000000u;
-  bias = bias < 0x71000000u ? u32x16{} + 0x71000000u : bias;  // subnormal results: fixed position
+GENFAST_INLINE u32x8 f32_to_half_bits(f32x8 f) {
+  const u32x8 w = f32_to_bits(f);
+  const u32x8 sign = w & 0x80000000u;
+  const u32x8 two_w = w + w;
+  const f32x8 absf = bits_to_f32(w & 0x7fffffffu);
+  f32x8 base = (absf * 0x1p112f) * 0x1p-110f;  // scale to fp16 exponent range, overflow to inf
+  u32x8 bias = two_w & 0xff000000u;
+  // subnormal results (bias < 0x71000000): a fixed rounding position
+  bias = select(less_mask(bias >> 1, fill(0x38800000u)), fill(0x71000000u), bias);
   base = bits_to_f32((bias >> 1) + 0x07800000u) + base;
-  const u32x16 bits = f32_to_bits(base);
-  const u32x16 nonsign = ((bits >> 13) & 0x7c00u) + (bits & 0x0fffu);
-  return (sign >> 16) | (two_w > 0xff000000u ? u32x16{} + 0x7e00u : nonsign);
+  const u32x8 bits = f32_to_bits(base);
+  const u32x8 nonsign = ((bits >> 13) & 0x7c00u) + (bits & 0x0fffu);
+  const u32x8 nan = less_mask(fill(0x7f800000u), two_w >> 1);  // two_w > 0xff000000: f is a NaN
+  return (sign >> 16) | select(nan, fill(0x7e00u), nonsign);
 }
 
-GENFAST_INLINE u32x16 f32_to_bf16_bits(f32x16 f) {
-  const u32x16 u = f32_to_bits(f);
-  const u32x16 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return (u & 0x7fffffffu) > 0x7f800000u ? ((u >> 16) | 0x40u) : rounded;  // NaN stays quiet NaN
+GENFAST_INLINE u32x8 f32_to_bf16_bits(f32x8 f) {
+  const u32x8 u = f32_to_bits(f);
+  const u32x8 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const u32x8 nan = less_mask(fill(0x7f800000u), u & 0x7fffffffu);
+  return select(nan, (u >> 16) | 0x40u, rounded);  // NaN stays quiet NaN
+}
+
+GENFAST_INLINE u32x8 load_u16x8(const void* p) {
+  return __builtin_convertvector(*reinterpret_cast<const u16x8_mem*>(p), u32x8);
+}
+GENFAST_INLINE void store_u16x8(void* p, u32x8 b) {
+  *reinterpret_cast<u16x8_mem*>(p) = __builtin_convertvector(b, u16x8);
 }
 
 GENFAST_INLINE f32x16 load(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
+  return {*reinterpret_cast<const f32x8_mem*>(p), *reinterpret_cast<const f32x8_mem*>(p + 8)};
 }
-GENFAST_INLINE u32x16 load_u16(const void* p) {
-  u16x16 h;
-  std::memcpy(&h, p, sizeof h);
-  return __builtin_convertvector(h, u32x16);
+GENFAST_INLINE f32x16 load(const BFloat16* p) {
+  return {bits_to_f32(load_u16x8(p) << 16), bits_to_f32(load_u16x8(p + 8) << 16)};
 }
-GENFAST_INLINE f32x16 load(const BFloat16* p) { return bits_to_f32(load_u16(p) << 16); }
-GENFAST_INLINE f32x16 load(const Half* p) { return half_bits_to_f32(load_u16(p)); }
+GENFAST_INLINE f32x16 load(const Half* p) {
+  return {half_bits_to_f32(load_u16x8(p)), half_bits_to_f32(load_u16x8(p + 8))};
+}
 
-GENFAST_INLINE void store(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
-GENFAST_INLINE void store_u16(void* p, u32x16 b) {
-  const u16x16 h = __builtin_convertvector(b, u16x16);
-  std::memcpy(p, &h, sizeof h);
+GENFAST_INLINE void store(float* p, f32x16 v) {
+  *reinterpret_cast<f32x8_mem*>(p) = v.lo;
+  *reinterpret_cast<f32x8_mem*>(p + 8) = v.hi;
 }
-GENFAST_INLINE void store(BFloat16* p, f32x16 v) { store_u16(p, f32_to_bf16_bits(v)); }
-GENFAST_INLINE void store(Half* p, f32x16 v) { store_u16(p, f32_to_half_bits(v)); }
+GENFAST_INLINE void store(BFloat16* p, f32x16 v) {
+  store_u16x8(p, f32_to_bf16_bits(v.lo));
+  store_u16x8(p + 8, f32_to_bf16_bits(v.hi));
+}
+GENFAST_INLINE void store(Half* p, f32x16 v) {
+  store_u16x8(p, f32_to_half_bits(v.lo));
+  store_u16x8(p + 8, f32_to_half_bits(v.hi));
+}
 
 // Scalar twins for the tails (< 16 elements), with the same rounding as the vector paths.
 GENFAST_INLINE float load1(const float* p) { return *p; }
@@ -112,12 +152,12 @@ GENFAST_INLINE float load1(const BFloat16* p) { return to_float(*p); }
 GENFAST_INLINE float load1(const Half* p) {
   uint16_t b;
   std::memcpy(&b, p, 2);
-  return half_bits_to_f32(u32x16{} + b)[0];
+  return half_bits_to_f32(fill(b))[0];
 }
 GENFAST_INLINE void store1(float* p, float v) { *p = v; }
 GENFAST_INLINE void store1(BFloat16* p, float v) { *p = from_float<BFloat16>(v); }
 GENFAST_INLINE void store1(Half* p, float v) {
-  const uint16_t b = static_cast<uint16_t>(f32_to_half_bits(splat(v))[0]);
+  const uint16_t b = static_cast<uint16_t>(f32_to_half_bits(f32x8{} + v)[0]);
   std::memcpy(p, &b, 2);
 }
 
