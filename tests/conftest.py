@@ -61,6 +61,7 @@ def cpu_way(use_backend, monkeypatch):
         monkeypatch.setattr(attention_cpu, "SMALL16_FROM_HEADS", 0)  # bf16 "small" with any head count
         monkeypatch.setattr(attention_cpu, "SMALL32_FROM", None)  # fp32 "small" at any size (Intel's limits off)
         monkeypatch.setattr(attention_cpu, "TINY16", None)  # bf16 too (AMX CPUs: not the tiniest cases)
+        monkeypatch.setattr(attention_cpu, "BF16_GEMMS", True)  # genfast's bf16 ways on any CPU
     return force
 
 

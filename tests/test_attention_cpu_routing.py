@@ -9,7 +9,7 @@ from genfast.ops import attention_cpu
 def test_fp32_routing_by_shape(monkeypatch):
     """Default choice for fp32 (measured, see attention_cpu.py): very short key sequences take torch's
     fused kernel (call overhead), everything else the "small" way where the CPU has AVX-512; without
-    it, "onednn" from 384 keys on, within the score budget."""
+    it torch's fused kernel ("onednn" from ONEDNN_FROM_KEYS on, within the score budget, where set)."""
     from genfast.ops import attention_cpu_fp32
 
     def way(nq, nk, causal=False, buffers=1):
@@ -21,10 +21,12 @@ def test_fp32_routing_by_shape(monkeypatch):
     monkeypatch.setattr(attention_cpu, "SMALL32_FROM", small32_from)
     assert way(256, 32) == way(17, 17) == "sdpa"
     assert way(1024, 1024, buffers=2) == way(1024, 1024, causal=True) == (
-        "small" if attention_cpu_fp32.small_available() else "onednn")
+        "small" if attention_cpu_fp32.small_available() else "sdpa")
     monkeypatch.setattr(attention_cpu_fp32, "_SMALL", True)
     assert way(256, 256) == way(1024, 77) == way(4096, 4096) == "small"
-    monkeypatch.setattr(attention_cpu_fp32, "_SMALL", False)  # a CPU without AVX-512
+    monkeypatch.setattr(attention_cpu_fp32, "_SMALL", False)  # a CPU without AVX-512: torch's kernel
+    assert way(256, 256) == way(1024, 1024, buffers=2) == way(4096, 4096) == "sdpa"
+    monkeypatch.setattr(attention_cpu, "ONEDNN_FROM_KEYS", 384)  # "onednn" switched on
     assert way(256, 256) == "sdpa" and way(1024, 1024, buffers=2) == "onednn"
     assert way(4096, 4096) == "sdpa"  # "onednn" is held to SCORE_BYTES
 
@@ -123,13 +125,15 @@ def test_small_block_rows():
 def test_bf16_routing(monkeypatch):
     """bf16 takes the "small" way on AVX-512 BF16 CPUs at every length, except an odd head dim (its
     dot products read element pairs): there, and on other CPUs, torch's bf16 GEMMs around genfast's
-    rows ("heads", or "rows" where one head's scores do not fit SCORE_BYTES)."""
+    rows ("heads", or "rows" where one head's scores do not fit SCORE_BYTES) where those GEMMs are fast
+    (BF16_GEMMS), else torch's fused kernel."""
     from genfast.ops import attention_cpu_fp32
 
     def way(nq, nk, d=72, buffers=1):
         return attention_cpu.variant(torch.empty(2, 16, nq, d, dtype=torch.bfloat16, device="meta"), nk, buffers)
 
     monkeypatch.setattr(attention_cpu_fp32, "_SMALL", True)
+    monkeypatch.setattr(attention_cpu, "BF16_GEMMS", True)
     assert way(256, 256) == way(17, 77, d=32) == way(4096, 4096, buffers=2) == "small"
     assert way(256, 256, d=33) == "heads" and way(4096, 4096, d=33) == "rows"
     # fewer (batch, head) pairs than SMALL16_FROM_HEADS per thread: "heads" (measured faster there)
@@ -138,3 +142,6 @@ def test_bf16_routing(monkeypatch):
     assert attention_cpu.variant(few, 512) == want
     monkeypatch.setattr(attention_cpu_fp32, "_SMALL", False)
     assert way(256, 256) == "heads" and way(4096, 4096) == "rows"
+    # without fast bf16 GEMMs (no AVX-512 BF16 / AMX): torch's fused kernel
+    monkeypatch.setattr(attention_cpu, "BF16_GEMMS", False)
+    assert way(256, 256) == way(4096, 4096, buffers=2) == way(256, 256, d=33) == "sdpa"

@@ -122,7 +122,7 @@ from contextlib import contextmanager
 import torch
 
 from genfast.ops import attention_cpu_fp32, attention_cpu_heads
-from genfast.ops._common import DTYPE_CODE, cpu_vendor, reused_buffer, unit_last
+from genfast.ops._common import DTYPE_CODE, cpu_flags, cpu_vendor, reused_buffer, unit_last
 from genfast.ops.linear import onednn_available
 
 # Score buffers a call may hold (see the module docstring). Measured: 4-16 MiB chunks run the
@@ -205,9 +205,15 @@ SMALL16_BLOCK_BYTES = 4 << 20
 # the scores. Empty: the "small" way skips the keys after each query block's last row too and
 # wins causal cases by 1.5-2.4x (the "onednn" way does not skip: 0.9-1.07x at 1024 keys).
 CAUSAL_FUSED_FROM_KEYS = {}
-# Without AVX-512, "small" falls back to "onednn" from this many keys on ("sdpa" below): its
-# per-head library calls cost more than they save on shorter sequences (measured 0.8-1.0x at 256).
-ONEDNN_FROM_KEYS = 384
+# Without AVX-512, "small" could fall back to "onednn" from this many keys on ("sdpa" below); None:
+# never. Chosen at 384 on an AVX-512 AMD EPYC with "small" switched off (0.8-1.0x at 256 keys); on a
+# real AVX2-only CPU (2-core AMD EPYC) "onednn" ran 0.36-0.39x torch's fused kernel forward and
+# 0.48-0.52x forward + backward at 1024 keys, so torch's kernel serves those CPUs.
+ONEDNN_FROM_KEYS = None
+# Whether torch's bf16 GEMMs are fast here (oneDNN on AVX-512 BF16 or AMX): the "heads" / "rows" ways
+# run on them. Without (AVX2-only 2-core AMD EPYC) they ran 0.03x torch's fused kernel forward and
+# 0.27x forward + backward (2x16x256x72 and 1024 tokens): bf16 takes torch's kernel there.
+BF16_GEMMS = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 # p kept for the backward up to this many bytes (see the module docstring); 0: never.
 KEEP_P_BYTES = 64 << 20
 
@@ -233,9 +239,10 @@ def variant(q, nk, buffers=1, causal=False, masked=False):
         if q.dtype == torch.bfloat16 and (not supported or q.shape[0] * q.shape[1] < SMALL16_FROM_HEADS * _threads()):
             # no AVX-512 BF16, an odd head dim (the kernels read pairs), or too few heads to keep
             # every thread busy (the small backward runs a head per thread): torch's bf16 GEMMs
-            return "heads" if fits else "rows"
-        if not supported:  # fp32 without AVX-512: oneDNN's GEMMs, within the budget
-            way = "onednn" if fits and nk >= ONEDNN_FROM_KEYS else "sdpa"
+            # where they are fast, else torch's fused kernel
+            return ("heads" if fits else "rows") if BF16_GEMMS else "sdpa"
+        if not supported:  # fp32 without AVX-512: oneDNN's GEMMs where enabled, within the budget
+            way = "onednn" if fits and ONEDNN_FROM_KEYS is not None and nk >= ONEDNN_FROM_KEYS else "sdpa"
         elif q.dtype == torch.float32 and SMALL32_FROM is not None and not _small32_pays(q, nk, buffers):
             way = "sdpa"
     if way == "onednn" and not (q.dtype == torch.float32 and onednn_available()):
