@@ -27,14 +27,17 @@ from torch.nn.modules import module as _module_mod
 import torch.nn.functional as F
 
 from genfast import backends
-from genfast.ops._common import LIB, backward_by_reference, cpu_vendor, dispatcher_needed, graph_grads
+from genfast.ops._common import LIB, backward_by_reference, cpu_flags, cpu_vendor, dispatcher_needed, graph_grads
 
 # False: F.linear everywhere. Default: oneDNN except on Intel CPUs, where MKL runs its AVX-512 code
 # and came out ahead (2-core Intel Xeon, 2026-11-26, DiT-S GEMMs 2048x384 -> 1152 / 384 / 1536 and
 # 2048x1536 -> 384, GFLOP/s forward, forward + backward: MKL 353-375, 330-359; oneDNN 332-359,
-# 225-285; the DiT-S fp32 block's forward + backward measured 0.88x eager with oneDNN there).
+# 225-285; the DiT-S fp32 block's forward + backward measured 0.88x eager with oneDNN there). Not on
+# CPUs without AVX-512 either: on a 2-core AVX2-only AMD EPYC (2026-11-27, same GEMMs) oneDNN tied
+# forward (107-139 GFLOP/s both) and lost forward + backward (20.3-52.0 vs 17.5-37.2 ms, 0.71-0.89x),
+# and the DiT-S fp32 block's forward + backward ran 0.89x eager with it.
 def default_use_onednn():
-    return cpu_vendor() != "GenuineIntel"
+    return cpu_vendor() != "GenuineIntel" and "avx512f" in cpu_flags()
 
 
 USE_ONEDNN = default_use_onednn()
