@@ -52,10 +52,6 @@ GENFAST_INLINE f32x16 operator+(float a, f32x16 b) { return {a + b.lo, a + b.hi}
 GENFAST_INLINE f32x16 operator-(float a, f32x16 b) { return {a - b.lo, a - b.hi}; }
 GENFAST_INLINE f32x16 operator*(float a, f32x16 b) { return {a * b.lo, a * b.hi}; }
 GENFAST_INLINE f32x16& operator+=(f32x16& a, f32x16 b) { return a = a + b; }
-GENFAST_INLINE f32x16& operator-=(f32x16& a, f32x16 b) { return a = a - b; }
-GENFAST_INLINE f32x16& operator*=(f32x16& a, f32x16 b) { return a = a * b; }
-
-GENFAST_INLINE f32x16 splat(float v) { return {f32x8{} + v, f32x8{} + v}; }
 
 GENFAST_INLINE float hsum(f32x16 v) {
   float s = 0.f;

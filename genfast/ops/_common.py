@@ -56,31 +56,28 @@ def overlaps(a, *others):
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_vendor():
-    """The CPU's vendor_id ("GenuineIntel", "AuthenticAMD", ...; "" where /proc/cpuinfo has none).
-    Some defaults depend on it: MKL, behind torch's fp32 CPU GEMMs, runs its AVX-512 code on Intel
-    CPUs only (genfast.ops.linear, genfast.ops.attention_cpu)."""
+def _cpuinfo(field):
+    """The value of the first `field : value` line of /proc/cpuinfo ("" where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.split(":", 1)[0].strip() == field:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
 
 
-@functools.lru_cache(maxsize=None)
+def cpu_vendor():
+    """The CPU's vendor_id ("GenuineIntel", "AuthenticAMD", ...; "" where /proc/cpuinfo has none).
+    Some defaults depend on it: MKL, behind torch's fp32 CPU GEMMs, runs its AVX-512 code on Intel
+    CPUs only (genfast.ops.linear, genfast.ops.attention_cpu)."""
+    return _cpuinfo("vendor_id")
+
+
 def cpu_flags():
     """The CPU's feature flags from /proc/cpuinfo ("avx512f", "avx2", ...; empty where it has none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    return frozenset(_cpuinfo("flags").split())
 
 
 def unit_last(t):
