@@ -202,10 +202,12 @@ def test_kept_p_is_reused_only_when_free(dtype, way, cpu_way, reuse_small_buffer
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_fused_way_in_eager_is_torchs_sdpa(dtype, use_backend):
+def test_fused_way_in_eager_is_torchs_sdpa(dtype, use_backend, monkeypatch):
     """Eager calls the fused way serves without a key mask run torch's SDPA itself (the same kernel
-    under its C++ autograd): same numbers and layouts as the op, whose kernels masked calls still take."""
+    under its C++ autograd): same numbers and layouts as the op, whose kernels masked calls still take.
+    (16-bit dtypes with widened CPU GEMMs keep the op: tests/test_attention_cpu_widened.py.)"""
     use_backend("cpu")
+    monkeypatch.setattr(genfast.ops.linear, "WIDENED", frozenset())
     q, k, v = _inputs("qkv", dtype)
     out = genfast.attention(q, k, v, causal=True)
     assert "ScaledDotProduct" in type(out.grad_fn).__name__

@@ -97,11 +97,17 @@ def test_bias_folding_keeps_the_bits_fp32(use_backend, path, monkeypatch):
 @pytest.mark.parametrize("bias_in_gated", [False, True], ids=["bias-sums", "bias-in-gated"])
 @pytest.mark.parametrize("dtype,backend", [(torch.bfloat16, "cpu"), (torch.float16, "cpu"),
                                            (torch.bfloat16, "cuda_emu")])
-def test_fused_low_precision_within_reference_error(dtype, backend, bias_in_gated, use_backend, path, monkeypatch):
-    """bf16/fp16 (the CUDA kernels through their CPU emulation too) within 2x eager's own error."""
+@pytest.mark.parametrize("fused,widened", [(True, False), (True, True), (False, True)],
+                         ids=["fused", "fused-widened", "per-op-widened"])
+def test_fused_low_precision_within_reference_error(dtype, backend, bias_in_gated, fused, widened, use_backend, path,
+                                                    monkeypatch):
+    """bf16/fp16 (the CUDA kernels through their CPU emulation too) within 2x eager's own error;
+    widened: the CPU GEMMs in fp32 (genfast.ops.linear.WIDENED, the default on CPUs without 16-bit
+    GEMM instructions), else torch's 16-bit GEMMs."""
     use_backend(backend)
     _bias_in_gated(monkeypatch, bias_in_gated)
-    path(True)
+    monkeypatch.setattr(genfast.ops.linear, "WIDENED", frozenset({dtype}) if widened else frozenset())
+    path(fused)
     ref, ours = _pair(std=0.05)
     ref64 = reference.DiTBlock(64, 4).double()
     ref64.load_state_dict(ref.state_dict())

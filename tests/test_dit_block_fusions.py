@@ -140,6 +140,7 @@ def test_attention_in_node_on_every_cpu_way(way, dtype, cpu_way, path, monkeypat
     if way == "small" and not attention_cpu_fp32.small_supports(dtype, 16):
         pytest.skip("the small way needs AVX-512 with BF16")
     monkeypatch.setattr(genfast.ops.linear, "USE_ONEDNN", False)  # torch's GEMMs: _qkv_grads's three blocks
+    monkeypatch.setattr(genfast.ops.linear, "WIDENED", frozenset())
     cpu_way(dtype, way)
     path(True)
     calls = []

@@ -1,4 +1,4 @@
-"""genfast.ops.linear.linear: oneDNN's fp32 GEMM on the CPU, F.linear elsewhere. Forward and all
+"""genfast.ops.linear.linear: oneDNN's fp32 GEMM on the CPU (16-bit: test_linear_widened.py), F.linear elsewhere. Forward and all
 gradients against F.linear in fp64 (the high reference) and fp32 (the low one) with the tolerance
 rule; odd shapes, strided inputs, no bias, empty; the cases that must take F.linear."""
 import pytest
@@ -49,7 +49,7 @@ def test_forward_backward_match_f_linear(shape, n_out, bias, strided):
         y = fn(ts[0], ts[1], ts[2] if bias else None)
         return (y, *torch.autograd.grad(y, ts, gr))
 
-    assert lin._takes_onednn(*(params + [None])[:3])
+    assert lin._takes_own_gemm(*(params + [None])[:3])
     got = run(lin.linear, params, g)
     low = run(F.linear, params, g)
     ref = run(F.linear, high, g.double())
@@ -60,7 +60,7 @@ def test_forward_backward_match_f_linear(shape, n_out, bias, strided):
 
 def test_module_parameters_take_onednn():
     layer = torch.nn.Linear(8, 3)
-    assert lin._takes_onednn(torch.randn(2, 8), layer.weight, layer.bias)
+    assert lin._takes_own_gemm(torch.randn(2, 8), layer.weight, layer.bias)
 
 
 def test_no_grad_and_inference_mode_paths():
@@ -96,16 +96,17 @@ def test_only_needed_gradients_and_empty_input():
 
 def test_cases_that_take_f_linear(monkeypatch):
     x, w, b = _inputs((4, 8), 3)
-    assert not lin._takes_onednn(x.double(), w.double(), b.double())
-    assert not lin._takes_onednn(x.bfloat16(), w.bfloat16(), b.bfloat16())
+    assert not lin._takes_own_gemm(x.double(), w.double(), b.double())
+    monkeypatch.setattr(lin, "WIDENED", frozenset())  # (16-bit widened GEMMs: tests/test_linear_widened.py)
+    assert not lin._takes_own_gemm(x.bfloat16(), w.bfloat16(), b.bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not lin._takes_onednn(x, w, b)
+        assert not lin._takes_own_gemm(x, w, b)
         assert lin.linear(x, w, b).dtype == torch.bfloat16  # autocast's casts kept
     monkeypatch.setenv("GENFAST_BACKEND", "reference")
-    assert not lin._takes_onednn(x, w, b)
+    assert not lin._takes_own_gemm(x, w, b)
     monkeypatch.delenv("GENFAST_BACKEND")
     monkeypatch.setattr(lin, "USE_ONEDNN", False)
-    assert not lin._takes_onednn(x, w, b)
+    assert not lin._takes_own_gemm(x, w, b)
 
 
 def test_onednn_backward_is_really_taken(monkeypatch):

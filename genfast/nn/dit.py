@@ -42,12 +42,13 @@ and loaded, so only paired ratios of one run count):
     ms (smaller tiles lose more). The smaller GEMMs lose more rate than the cache saves.
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import genfast
 from genfast.ops.dit_block import block_forward, fused_block_ok
 from genfast.ops.gelu import gelu_tanh_inference
-from genfast.ops.linear import linear_layer
+from genfast.ops.linear import has_hooks, linear_layer
 from genfast.ops.qkv import qkv_projection
 
 
@@ -111,7 +112,13 @@ class DiTBlock(nn.Module):
         if (type(mods["attn"]) is DiTAttention and type(mods["mlp"]) is _Mlp and type(ada) is nn.Sequential
                 and len(ada._modules) == 2 and type(ada._modules["0"]) is nn.SiLU and fused_block_ok(self, x, c)):
             return block_forward(self, x, c)
-        mods = self.adaLN_modulation(c).chunk(6, dim=1)
+        # SiLU + Linear through genfast.ops.linear where it is the plain pair (its CPU GEMMs; hooks keep
+        # the modules' calls)
+        if (type(ada) is nn.Sequential and len(ada._modules) == 2 and type(ada._modules["0"]) is nn.SiLU
+                and not has_hooks(ada) and not has_hooks(ada._modules["0"])):
+            mods = linear_layer(ada._modules["1"], F.silu(c)).chunk(6, dim=1)
+        else:
+            mods = ada(c).chunk(6, dim=1)
         # Under autocast the Linears give bf16/fp16 while x stays fp32: the modulation and branch outputs
         # are upcast to x's dtype (exact), as eager's type promotion does (its gate * y product is
         # rounded to bf16 first; here it is fp32)

@@ -21,6 +21,7 @@ import torch
 
 from genfast import backends, reference
 from genfast.ops import attention_cpu
+from genfast.ops import linear as _linear
 from genfast.ops._common import (
     LIB, backward_by_reference, check_float_tensor, dispatcher_needed, finite, graph_grads, transformed)
 
@@ -117,7 +118,9 @@ def _fused_directly(q, k, v, causal=False, grad=True, name=None):
     way = attention_cpu.variant(q, nk, causal=causal)
     if not grad:
         return way == "sdpa" or attention_cpu.fused_without_p(q, way, nk)
-    return way == "sdpa" and attention_cpu.variant(q, nk, buffers=2, causal=causal) == "sdpa"
+    # (16-bit dtypes whose CPU GEMMs genfast widens: the op's backward runs torch's kernel in fp32)
+    return (way == "sdpa" and attention_cpu.variant(q, nk, buffers=2, causal=causal) == "sdpa"
+            and q.dtype not in _linear.WIDENED)
 
 
 def cpu_self_attention(q, k, v, out=None, keep_p=False):

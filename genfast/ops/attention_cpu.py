@@ -123,6 +123,7 @@ import torch
 
 from genfast.ops import attention_cpu_fp32, attention_cpu_heads
 from genfast.ops._common import DTYPE_CODE, cpu_flags, cpu_vendor, reused_buffer, unit_last
+from genfast.ops import linear as _linear
 from genfast.ops.linear import onednn_available
 
 # Score buffers a call may hold (see the module docstring). Measured: 4-16 MiB chunks run the
@@ -425,6 +426,22 @@ def forward(q, k, v, mask, causal, scale, fully_masked, out, keep_p=False):
     return out, lse.view(b, h, nq)
 
 
+def _sdpa_backward(dout, q, k, v, out, lse, mask, causal, scale):
+    """torch's fused backward. 16-bit dtypes whose CPU GEMMs genfast widens (genfast.ops.linear.WIDENED:
+    no 16-bit GEMM instructions here) run the fp32 kernel on exact fp32 copies of dout, q, k, v and
+    out (the 16-bit forward's output and fp32 log-sum-exp), the gradients rounded once: torch's bf16
+    backward ran 3.9-7.8x slower than that on a 2-core AVX2-only AMD EPYC (bf16 forward + backward,
+    8x6x256x64 181 vs 38 ms, 2x16x256x72 91 vs 24, 2x16x1024x72 1879 vs 526, 1x8x1024x64 422 vs 77,
+    conversions included). Its forward stays 16-bit (faster than fp32's there: 10 vs 19 ms)."""
+    dt = q.dtype
+    wide = dt in _linear.WIDENED
+    cast = (lambda t: unit_last(t.float())) if wide else unit_last
+    am = _additive_mask(mask, torch.float32 if wide else dt) if mask is not None else None
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        cast(dout), cast(q), cast(k), cast(v), cast(out), lse, 0.0, causal, attn_mask=am, scale=scale)
+    return tuple(g.to(dt) for g in grads) if wide else grads
+
+
 def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None, grads=None):
     """(dq, dk, dv) in q's dtype, in the layout the way writes them: torch's fused kernel [B, N, H,
     D] memory, the others contiguous (a batched GEMM into a strided view runs a naive loop in fp32,
@@ -441,11 +458,7 @@ def backward(dout, q, k, v, out, lse, mask, causal, scale, p=None, grads=None):
     if p is not None and way != "small":
         return attention_cpu_heads.backward_from_p(dout, q, k, v, p, scale, SCORE_BYTES, _scores)
     if way == "sdpa":
-        am = _additive_mask(mask, q.dtype) if mask is not None else None
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            unit_last(dout), unit_last(q), unit_last(k), unit_last(v), unit_last(out), lse, 0.0, causal,
-            attn_mask=am, scale=scale)
-        return dq, dk, dv
+        return _sdpa_backward(dout, q, k, v, out, lse, mask, causal, scale)
     if way in ("onednn", "small"):  # gradients straight into the fused kernel's layout (may_use_fused(fp32))
         grads = _grad_buffers(q, k, v, tokens_outer=True) if grads is None else grads
         if way == "onednn":

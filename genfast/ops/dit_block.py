@@ -122,7 +122,9 @@ def block_forward(block, x, c, eps=1e-6):
     wq, bq = qkv_p["weight"], qkv_p["bias"]
     weights = tuple(lin._parameters[name] for lin in (am["proj"], mm["fc1"], mm["fc2"]) for name in ("weight", "bias"))
     # six [B, 1, C] views of the adaLN output (one view + unbind: fewer ops on the host-bound path)
-    shift1, scale1, gate1, shift2, scale2, gate2 = F.linear(F.silu(c), ada["weight"], ada["bias"]).view(b, 6, 1, ch).unbind(1)
+    # (on the CPU through genfast.ops.linear: a bf16 dX GEMM of this shape took 9 ms in torch on an AVX2 CPU)
+    ada_linear = _linear.linear if c.device.type == "cpu" else F.linear
+    shift1, scale1, gate1, shift2, scale2, gate2 = ada_linear(F.silu(c), ada["weight"], ada["bias"]).view(b, 6, 1, ch).unbind(1)
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, c, ada["weight"], ada["bias"], wq, bq, *weights))
     heads = attn.num_heads
@@ -199,9 +201,10 @@ def _out(buf):
 
 # ----------------------------------------------------------------------------------- GEMMs
 def _lin(x2, w, b, out=None):
-    """x2 [M, K] W^T + b (F.linear; oneDNN for fp32 on the CPU, as genfast.ops.linear); out: None or
+    """x2 [M, K] W^T + b (F.linear; genfast.ops.linear's CPU GEMMs where it has them: oneDNN for fp32,
+    widened to fp32 for 16-bit dtypes on CPUs without 16-bit GEMM instructions); out: None or
     a callable making a contiguous [M, N] buffer for torch's fp32 GEMM (_out_ok)."""
-    if x2.numel() and _linear._onednn_case(x2, w, b):
+    if x2.numel() and _linear.own_gemm_case(x2, w, b):
         return _linear._forward_2d(x2, w, b)
     buf = out() if out is not None and b is not None and x2.numel() and _out_ok(x2) else None
     return F.linear(x2, w, b) if buf is None else torch.addmm(b, x2, w.t(), out=buf)
@@ -216,7 +219,7 @@ def _out_ok(t):
 
 def _lin_grads(dy2, x2, w, need_x, need_w, need_b, dx_name=None):
     """(dx2, dw, db) of _lin, None where not needed; dx_name: dx2 is a temporary (_temp) of that name."""
-    if dy2.numel() and x2.numel() and _linear._onednn_case(x2, w, None):
+    if dy2.numel() and x2.numel() and _linear.own_gemm_case(x2, w, None):
         return _linear._grads(dy2, x2, w, (need_x, need_w, need_b))
     dx = None
     if need_x:
@@ -316,7 +319,7 @@ class _AttnHalf(torch.autograd.Function):
 
 def _qkv_grads(grads, m2, w, need_m, need_w, need_b):
     """(dm, dw, db) of m2 Wqkv^T + b from the q, k, v row grads [B*N, C] each."""
-    if m2.numel() == 0 or _linear._onednn_case(m2, w, None):  # CPU fp32 (oneDNN) and empty: one dqkv
+    if m2.numel() == 0 or _linear.own_gemm_case(m2, w, None):  # genfast.ops.linear's GEMMs, empty: one dqkv
         return _lin_grads(torch.cat(grads, 1), m2, w, need_m, need_w, need_b)
     ch = m2.shape[1]
     dm = dw = db = None
@@ -345,7 +348,7 @@ def _folds_bias(x, o, wp, gates, biases):
     it in its epilogue), contiguous, per-sample gates. Same bits: MKL's addmm equals mm + bias."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or not FOLD_BIAS or any(b is None for b in biases):
         return False
-    if _linear._onednn_case(o, wp, biases[0]) or not _gelu._uses_kernel(x) or not (x.is_contiguous() and o.is_contiguous()):
+    if _linear.own_gemm_case(o, wp, biases[0]) or not _gelu._uses_kernel(x) or not (x.is_contiguous() and o.is_contiguous()):
         return False
     return all(g.dim() == 3 and g.shape[1] == 1 and g.stride(-1) == 1 for g in gates)
 

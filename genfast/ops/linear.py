@@ -1,11 +1,12 @@
 """linear(x, weight, bias) = x weight^T + bias, as F.linear, for genfast's modules (genfast.nn,
-the zoo). On the CPU in fp32 it runs oneDNN's GEMM (torch.ops.mkldnn._linear_pointwise, shipped in
-torch's CPU builds) forward and backward instead of the BLAS behind F.linear.
+the zoo, genfast.patch). Two CPU cases run GEMMs of genfast's choosing, forward and backward
+(own_gemm_case); everything else is F.linear.
 
-Why: torch's CPU builds call MKL for fp32 matmul, which on the 2-core AMD EPYC (AVX-512) of this
-project runs at under half oneDNN's rate (consistent with MKL's AVX2 code path on AMD CPUs). On
-Intel CPUs MKL measured ahead, so there it stays F.linear (USE_ONEDNN below). 2 threads, torch 2.13, by-hand timings, median of 20-300
-calls, quiet machine:
+1. fp32 on oneDNN's GEMM (torch.ops.mkldnn._linear_pointwise, shipped in torch's CPU builds)
+   instead of the BLAS behind F.linear, where that measured faster (USE_ONEDNN). torch's CPU builds
+   call MKL for fp32 matmul, which on the 2-core AMD EPYC (AVX-512) of this project runs at under half
+   oneDNN's rate (consistent with MKL's AVX2 code path on AMD CPUs). 2 threads, torch 2.13, by-hand
+   timings, median of 20-300 calls, quiet machine:
 
     GEMM [M, K] x [K, N]          F.linear / mm (MKL)    oneDNN
     forward 2048x384 -> 1152        208 GFLOP/s          480 GFLOP/s
@@ -13,14 +14,28 @@ calls, quiet machine:
     dX = dY W (2048x1152 -> 384)    213                  438
     dW = dY^T X (strided views)     190-212              257-357
 
-Under torch.compile (CPU, fp32) it is the custom op genfast::linear (+ genfast::linear_backward),
-which Inductor calls as an opaque kernel: with the same oneDNN GEMMs inside, compiled code keeps
-them (Inductor's own CPU GEMMs go through the same MKL as F.linear unless its freezing is on).
+   Same fp32 arithmetic (oneDNN's fp32 math mode is strict IEEE by default; sums in another order).
 
-Same fp32 arithmetic (oneDNN's fp32 math mode is strict IEEE by default; sums in another order,
-so results differ from F.linear by fp32 rounding only: tests/test_linear.py holds it to the
-tolerance rule). Everything else takes F.linear: other dtypes and devices, autocast (its casts
-belong to F.linear), tensor subclasses / functorch transforms, empty inputs, GENFAST_BACKEND=reference, or USE_ONEDNN = False.
+2. bf16 / fp16 where the CPU has no instructions for 16-bit GEMMs (WIDENED): the operands widened
+   to fp32 (exact), one fp32 GEMM, the result rounded once to the 16-bit dtype. That is the
+   arithmetic of torch's own 16-bit CPU GEMMs (fp32 accumulation, one rounding at the end) in
+   another summation order; without avx512_bf16 / amx_bf16 (avx512_fp16 / amx_fp16) torch's run
+   at a fraction of its fp32 rate. 2-core AVX2-only AMD EPYC, torch 2.13, best of 5, GFLOP/s
+   (DiT-S GEMMs, M = 2048):
+
+    GEMM                          torch bf16   widened bf16   torch fp16   widened fp16
+    forward 384 -> 1152              13            100            16            66
+    dW = dY^T X                      16            114             5            89
+    dX = dY W                         2            121             2           104
+
+   Costs a transient fp32 copy of the operands and of the [M, N] product per call.
+
+Under torch.compile (CPU) both are the custom op genfast::linear (+ genfast::linear_backward), which
+Inductor calls as an opaque kernel: compiled code keeps these GEMMs (Inductor's own CPU GEMMs go
+through the same BLAS as F.linear unless its freezing is on). Results differ from F.linear by
+rounding only: tests/test_linear.py holds them to the tolerance rule. F.linear takes other dtypes
+and devices, autocast (its casts belong to F.linear), tensor subclasses / functorch transforms,
+empty inputs, GENFAST_BACKEND=reference, and the cases switched off (USE_ONEDNN, WIDENED).
 """
 import torch
 from torch.nn.modules import module as _module_mod
@@ -48,27 +63,49 @@ _AVAILABLE = bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mk
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # a module's weights are Parameters
 
 
+# The 16-bit dtypes whose CPU GEMMs run widened to fp32 (case 2 of the module docstring): x86 CPUs
+# (AVX2, the class measured) without the instructions torch's 16-bit GEMMs use. Elsewhere
+# (AVX-512 BF16 / AMX: the Intel Xeon and AVX-512 AMD EPYC of earlier sessions; ARM) F.linear.
+def default_widened(flags=None):
+    flags = cpu_flags() if flags is None else flags
+    if "avx2" not in flags:
+        return frozenset()
+    out = set()
+    if not flags & {"avx512_bf16", "amx_bf16"}:
+        out.add(torch.bfloat16)
+    if not flags & {"avx512_fp16", "amx_fp16"}:
+        out.add(torch.float16)
+    return frozenset(out)
+
+
+WIDENED = default_widened()
+
+
 def onednn_available():
     return _AVAILABLE
 
 
-def _onednn_case(x, weight, bias):
-    """Whether this linear runs on oneDNN, from device, dtypes, ranks and flags only (no data-dependent
-    check: under torch.compile it adds no guard on shapes)."""
-    if not USE_ONEDNN or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+def own_gemm_case(x, weight, bias):
+    """Whether this linear runs genfast's CPU GEMMs (fp32 on oneDNN, or 16-bit widened to fp32), from
+    device, dtypes, ranks and flags only (no data-dependent check: under torch.compile it adds no
+    guard on shapes)."""
+    dt = x.dtype
+    if x.device.type != "cpu" or weight.dtype != dt:
         return False
-    if bias is not None and (bias.dtype != torch.float32 or bias.dim() != 1):
+    if not ((dt == torch.float32 and USE_ONEDNN and onednn_available()) or dt in WIDENED):
+        return False
+    if bias is not None and (bias.dtype != dt or bias.dim() != 1):
         return False
     if x.dim() < 2 or weight.dim() != 2 or torch.is_autocast_enabled("cpu"):
         return False
-    return backends.forced() in (None, "cpu") and onednn_available()
+    return backends.forced() in (None, "cpu")
 
 
-def _takes_onednn(x, weight, bias):
-    """Eager calls: _onednn_case, plain tensors (subclasses and transforms take F.linear), not empty."""
+def _takes_own_gemm(x, weight, bias):
+    """Eager calls: own_gemm_case, plain tensors (subclasses and transforms take F.linear), not empty."""
     if dispatcher_needed(x) or any(t is not None and type(t) not in _PLAIN for t in (weight, bias)):
         return False
-    return x.numel() > 0 and weight.numel() > 0 and _onednn_case(x, weight, bias)
+    return x.numel() > 0 and weight.numel() > 0 and own_gemm_case(x, weight, bias)
 
 
 def gemm_nt(a, b_t):
@@ -76,23 +113,47 @@ def gemm_nt(a, b_t):
     return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
 
 
+def _onednn32():
+    """Whether fp32 GEMMs (also the widened ones) run on oneDNN here."""
+    return USE_ONEDNN and onednn_available()
+
+
+def _mm32(a, b):
+    """a @ b for fp32 [M, K] and [K, N] (strided views welcome): oneDNN or torch's BLAS."""
+    return gemm_nt(a, b.t()) if _onednn32() else torch.mm(a, b)
+
+
 def _forward_2d(x, weight, bias):
-    """[M, N] = x [..., K] flattened to M rows, times weight^T, plus bias, on oneDNN."""
-    return torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+    """[M, N] = x [..., K] flattened to M rows, times weight^T, plus bias: oneDNN for fp32, widened
+    to fp32 for 16-bit dtypes (own_gemm_case)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x.dtype == torch.float32:
+        return torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+    b32 = None if bias is None else bias.float()
+    w32 = weight.float()
+    y = (torch.ops.mkldnn._linear_pointwise(x2.float(), w32, b32, "none", [], "") if _onednn32()
+         else F.linear(x2.float(), w32, b32))
+    return y.to(x.dtype)
 
 
 def _grads(dy, x, weight, mask):
-    """(dx, dw, db) for the True entries of mask (None elsewhere): oneDNN GEMMs, torch's for empty
-    operands."""
+    """(dx, dw, db) for the True entries of mask (None elsewhere): oneDNN's fp32 GEMMs, fp32 GEMMs
+    of widened operands for 16-bit dtypes (rounded once), torch's for empty operands."""
     dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
-    fast = dy2.numel() > 0 and x2.numel() > 0 and onednn_available()
+    empty = dy2.numel() == 0 or x2.numel() == 0
+    db = dy2.sum(0) if mask[2] else None
+    if x.dtype != torch.float32 and not empty:
+        dt, dy32 = x.dtype, dy2.float()
+        dx = _mm32(dy32, weight.float()).to(dt).view(x.shape) if mask[0] else None
+        dw = _mm32(dy32.t(), x2.float()).to(dt) if mask[1] else None
+        return dx, dw, db
+    fast = not empty and onednn_available()
     dx = (gemm_nt(dy2, weight.t()) if fast else dy2 @ weight).view(x.shape) if mask[0] else None
     dw = (gemm_nt(dy2.t(), x2.t()) if fast else dy2.t() @ x2) if mask[1] else None
-    db = dy2.sum(0) if mask[2] else None
     return dx, dw, db
 
 
-class _OneDNNLinear(torch.autograd.Function):
+class _OwnGemmLinear(torch.autograd.Function):
     """The eager path with autograd (skips the op's dispatch): the same forward and gradients as
     genfast::linear and genfast::linear_backward below."""
 
@@ -113,18 +174,18 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def linear(x, weight, bias=None):
-    """F.linear(x, weight, bias), on oneDNN where that is faster (see the module docstring)."""
+    """F.linear(x, weight, bias), on genfast's CPU GEMMs where those are faster (see the module docstring)."""
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError(f"linear: x and weight must be tensors, got {type(x).__name__} and {type(weight).__name__}")
     if x.shape[-1:] != weight.shape[-1:] or weight.dim() != 2:
         raise ValueError(f"linear: x [..., {x.shape[-1] if x.dim() else '?'}] does not match weight "
                          f"{tuple(weight.shape)} (expected [out_features, {x.shape[-1] if x.dim() else 'in'}])")
     if torch.compiler.is_compiling():
-        return torch.ops.genfast.linear(x, weight, bias) if _onednn_case(x, weight, bias) else F.linear(x, weight, bias)
-    if not _takes_onednn(x, weight, bias):
+        return torch.ops.genfast.linear(x, weight, bias) if own_gemm_case(x, weight, bias) else F.linear(x, weight, bias)
+    if not _takes_own_gemm(x, weight, bias):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        y = _OneDNNLinear.apply(x, weight, bias)
+        y = _OwnGemmLinear.apply(x, weight, bias)
     else:
         y = _forward_2d(x, weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
@@ -158,7 +219,7 @@ LIB.define("linear_backward(Tensor grad, Tensor x, Tensor weight, bool[3] mask) 
 
 
 def _op_fwd(x, weight, bias):
-    if x.numel() == 0 or weight.numel() == 0 or not onednn_available():
+    if x.numel() == 0 or weight.numel() == 0 or (x.dtype == torch.float32 and not onednn_available()):
         return F.linear(x, weight, bias).contiguous()
     return _forward_2d(x, weight, bias).view(*x.shape[:-1], weight.shape[0])
 

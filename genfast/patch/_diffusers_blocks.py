@@ -59,7 +59,7 @@ def _fc1_folds(fc1, h):
     return (FOLD_FC1_BIAS and h.device.type == "cpu" and h.dtype == torch.float32 and plain_linear(fc1)
             and fc1.bias is not None and not needs_grad(fc1.bias) and fc1.weight.dtype == fc1.bias.dtype == torch.float32
             and fc1.weight.device == h.device and h.is_contiguous() and h.numel() > 0 and not dispatcher_needed(h)
-            and not _linear._onednn_case(h, fc1.weight, fc1.bias) and _gelu._uses_kernel(h))
+            and not _linear.own_gemm_case(h, fc1.weight, fc1.bias) and _gelu._uses_kernel(h))
 
 
 def feed_forward(ff, h):
