@@ -33,6 +33,9 @@ and loaded, so only paired ratios of one run count):
     backward on the CPU. torch's MKL sgemm reaches ~210 GFLOP/s on 2 threads of this AMD EPYC,
     oneDNN ~470: DiT-S block fp32 forward 1.02x -> 1.7-2.0x eager, forward + backward
     0.99x -> 1.56-1.58x (benchmarks/test_attention.py -k dit_block, quiet machine).
+  - bf16 / fp16 where the CPU has no 16-bit GEMM instructions (AVX2 only): the Linears' GEMMs widened
+    to fp32 and the attention's backward on torch's fp32 kernel (genfast.ops.linear.WIDENED): DiT-S
+    bf16 4.0x eager forward and 16.4x forward + backward (2-core AVX2-only AMD EPYC, c6fe231).
   - Folding the modulation into the qkv / fc1 weights or the gate into proj means a per-sample copy
     of the weight (B x C x C), larger than the activation pass it saves at DiT sizes: not done.
   - Tried and dropped: a token-tiled MLP (fc1, GELU, fc2 and their backward over tiles of 128-512
