@@ -9,7 +9,6 @@ import torch
 import genfast
 from genfast import reference
 from genfast.ops import attention as attention_op
-from genfast.ops import attention_cpu
 from genfast.ops import linear as lin
 from genfast.testing import assert_within_reference_error
 
