@@ -228,12 +228,15 @@ def test_replaced_submodules_keep_their_forward(path):
     assert not torch.allclose(out, plain_out)
 
 
+@pytest.mark.parametrize("widened", [False, True], ids=["bf16-gemms", "widened"])
 @pytest.mark.parametrize("fused", [True, False])
-def test_block_under_autocast_matches_eager_autocast(fused, use_backend, path):
+def test_block_under_autocast_matches_eager_autocast(fused, widened, use_backend, path, monkeypatch):
     """bf16 autocast (mixed-precision training) with fp32 x and weights: the per-op path (autocast
-    always takes it) gives eager-autocast's output dtype and numbers within bf16 rounding."""
+    always takes it) gives eager-autocast's output dtype and numbers within bf16 rounding; widened:
+    its Linears cast as autocast does, then run genfast.ops.linear's widened GEMMs."""
     use_backend("cpu")
     path(fused)
+    monkeypatch.setattr(genfast.ops.linear, "WIDENED", frozenset({torch.bfloat16}) if widened else frozenset())
     ref, ours = _pair(std=0.05)
     x, c, g = torch.randn(2, 9, 64, requires_grad=True), torch.randn(2, 64, requires_grad=True), torch.randn(2, 9, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -131,3 +131,40 @@ def test_opcheck_bf16():
     x, w, b = _inputs((4, 6, 8), 5, torch.bfloat16)
     for args in [(x, w, b), (x, w, None), (x.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True))]:
         torch.library.opcheck(torch.ops.genfast.linear.default, args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+def test_autocast_casts_then_widens(dtype):
+    """Under CPU autocast to a widened dtype: autocast's casts (gradients back in fp32), then the widened
+    GEMMs: the bits of the fp32 product of the cast operands, rounded once; gradients within the error
+    of F.linear under autocast (the low reference) against fp64; a backward called inside the region too."""
+    x, w, b = _inputs((3, 9, 24), 10, torch.float32)
+    ts = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    g = torch.randn(3, 9, 10, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=dtype):
+        y = lin.linear(*ts)
+        grads = torch.autograd.grad(y, ts, g.to(dtype))
+        lows = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
+        y_low = F.linear(*lows)
+        low = torch.autograd.grad(y_low, lows, g.to(dtype))
+    assert y.dtype == dtype and all(gr.dtype == torch.float32 for gr in grads)
+    assert torch.equal(y, F.linear(*(t.to(dtype).float() for t in (x, w, b))).to(dtype))
+    high = [t.double().requires_grad_(True) for t in (x, w, b)]
+    y_high = F.linear(*high)
+    ref = torch.autograd.grad(y_high, high, g.to(dtype).double())
+    assert_within_reference_error("autocast out", y, y_low, y_high)
+    for name, a, lo, hi in zip(["dx", "dw", "db"], grads, low, ref):
+        assert_within_reference_error(f"autocast {name}", a, lo, hi)
+
+
+def test_autocast_elsewhere_stays_f_linear(monkeypatch):
+    x, w, b = _inputs((4, 8), 3, torch.float32)
+    monkeypatch.setattr(lin, "WIDENED", frozenset())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lin._autocast_widened(x, w, b) is None
+    monkeypatch.setattr(lin, "WIDENED", frozenset(DTYPES))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lin._autocast_widened(x, w, b) == torch.bfloat16
+        assert lin._autocast_widened(x.double(), w.double(), b.double()) is None  # autocast leaves fp64 be
+        assert lin._autocast_widened(x[:0], w, b) is None
+    assert lin._autocast_widened(x, w, b) is None  # no autocast

@@ -30,11 +30,12 @@ the zoo, genfast.patch). Two CPU cases run GEMMs of genfast's choosing, forward 
 
    Costs a transient fp32 copy of the operands and of the [M, N] product per call.
 
-Under torch.compile (CPU) both are the custom op genfast::linear (+ genfast::linear_backward), which
+Under CPU autocast to a widened dtype, eager calls make autocast's casts themselves and take case 2
+(torch.compile keeps F.linear there). Under torch.compile (CPU) both are the custom op genfast::linear (+ genfast::linear_backward), which
 Inductor calls as an opaque kernel: compiled code keeps these GEMMs (Inductor's own CPU GEMMs go
 through the same BLAS as F.linear unless its freezing is on). Results differ from F.linear by
 rounding only: tests/test_linear.py holds them to the tolerance rule. F.linear takes other dtypes
-and devices, autocast (its casts belong to F.linear), tensor subclasses / functorch transforms,
+and devices, autocast elsewhere, tensor subclasses / functorch transforms,
 empty inputs, GENFAST_BACKEND=reference, and the cases switched off (USE_ONEDNN, WIDENED).
 """
 import torch
@@ -99,6 +100,22 @@ def own_gemm_case(x, weight, bias):
     if x.dim() < 2 or weight.dim() != 2 or torch.is_autocast_enabled("cpu"):
         return False
     return backends.forced() in (None, "cpu")
+
+
+def _autocast_widened(x, weight, bias):
+    """Under CPU autocast to a dtype in WIDENED: that dtype, where F.linear would cast x, weight and bias
+    (plain fp32 or already that dtype, CPU, not empty) to it and run torch's 16-bit GEMM; else None."""
+    if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return None
+    dt = torch.get_autocast_dtype("cpu")
+    if dt not in WIDENED or backends.forced() not in (None, "cpu") or dispatcher_needed(x):
+        return None
+    for t in (x, weight, bias):
+        if t is not None and (type(t) not in _PLAIN or t.device.type != "cpu" or t.dtype not in (torch.float32, dt)):
+            return None
+    if x.dim() < 2 or x.numel() == 0 or weight.numel() == 0 or (bias is not None and bias.dim() != 1):
+        return None
+    return dt
 
 
 def _takes_own_gemm(x, weight, bias):
@@ -170,7 +187,8 @@ class _OwnGemmLinear(torch.autograd.Function):
         if backward_by_reference(dy):
             return _graph_grads(ctx, dy, x, weight, bias)
         need = ctx.needs_input_grad
-        return _grads(dy, x, weight, (need[0], need[1], ctx.has_bias and need[2]))
+        with torch.autocast("cpu", enabled=False):  # (a backward called inside a CPU autocast region)
+            return _grads(dy, x, weight, (need[0], need[1], ctx.has_bias and need[2]))
 
 
 def linear(x, weight, bias=None):
@@ -183,7 +201,13 @@ def linear(x, weight, bias=None):
     if torch.compiler.is_compiling():
         return torch.ops.genfast.linear(x, weight, bias) if own_gemm_case(x, weight, bias) else F.linear(x, weight, bias)
     if not _takes_own_gemm(x, weight, bias):
-        return F.linear(x, weight, bias)
+        dt = _autocast_widened(x, weight, bias)
+        if dt is None:
+            return F.linear(x, weight, bias)
+        # autocast's own casts (differentiable: gradients return in the inputs' dtypes), then the
+        # widened GEMMs with autocast off (it would cast their fp32 operands back to 16 bits)
+        with torch.autocast("cpu", enabled=False):
+            return linear(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt))
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         y = _OwnGemmLinear.apply(x, weight, bias)
     else:
