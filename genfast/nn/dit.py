@@ -112,13 +112,13 @@ class DiTBlock(nn.Module):
         # (submodules read from _modules: nn.Module attribute access costs ~1 us each, host-bound on GPUs)
         mods = self._modules
         ada = mods["adaLN_modulation"]
-        if (type(mods["attn"]) is DiTAttention and type(mods["mlp"]) is _Mlp and type(ada) is nn.Sequential
-                and len(ada._modules) == 2 and type(ada._modules["0"]) is nn.SiLU and fused_block_ok(self, x, c)):
+        silu_linear = type(ada) is nn.Sequential and len(ada._modules) == 2 and type(ada._modules["0"]) is nn.SiLU
+        if (type(mods["attn"]) is DiTAttention and type(mods["mlp"]) is _Mlp and silu_linear
+                and fused_block_ok(self, x, c)):
             return block_forward(self, x, c)
         # SiLU + Linear through genfast.ops.linear where it is the plain pair (its CPU GEMMs; hooks keep
         # the modules' calls)
-        if (type(ada) is nn.Sequential and len(ada._modules) == 2 and type(ada._modules["0"]) is nn.SiLU
-                and not has_hooks(ada) and not has_hooks(ada._modules["0"])):
+        if silu_linear and not has_hooks(ada) and not has_hooks(ada._modules["0"]):
             mods = linear_layer(ada._modules["1"], F.silu(c)).chunk(6, dim=1)
         else:
             mods = ada(c).chunk(6, dim=1)
