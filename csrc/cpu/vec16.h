@@ -34,9 +34,11 @@ typedef float f32x8 __attribute__((vector_size(32)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
 // unaligned, may_alias views for loads and stores (memcpy of a vector went through the stack)
 typedef float f32x8_mem __attribute__((vector_size(32), aligned(4), may_alias));
 typedef uint16_t u16x8_mem __attribute__((vector_size(16), aligned(2), may_alias));
+typedef uint16_t u16x16_mem __attribute__((vector_size(32), aligned(2), may_alias));
 
 // 16 fp32 lanes: lanes 0-7 in lo, 8-15 in hi; lane-wise arithmetic, with scalars on either side.
 struct f32x16 {
@@ -105,11 +107,13 @@ GENFAST_INLINE u32x8 f32_to_half_bits(f32x8 f) {
   return (sign >> 16) | select(nan, fill(0x7e00u), nonsign);
 }
 
-GENFAST_INLINE u32x8 f32_to_bf16_bits(f32x8 f) {
+// fp32 -> bf16 (round to nearest even, as PyTorch; NaN stays a quiet NaN), the bf16 bits left in
+// the high half of each 32-bit lane for store() to pick out. A float compare and a blend for NaN:
+// the integer mask arithmetic it replaces cost ~20 % of the bf16 modulate forward (AVX2 AMD EPYC).
+GENFAST_INLINE u32x8 f32_to_bf16_high(f32x8 f) {
   const u32x8 u = f32_to_bits(f);
-  const u32x8 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const u32x8 nan = less_mask(fill(0x7f800000u), u & 0x7fffffffu);
-  return select(nan, (u >> 16) | 0x40u, rounded);  // NaN stays quiet NaN
+  const i32x8 nan = f != f;
+  return nan ? (u | 0x400000u) : u + 0x7fffu + ((u >> 16) & 1u);
 }
 
 GENFAST_INLINE u32x8 load_u16x8(const void* p) {
@@ -134,8 +138,10 @@ GENFAST_INLINE void store(float* p, f32x16 v) {
   *reinterpret_cast<f32x8_mem*>(p + 8) = v.hi;
 }
 GENFAST_INLINE void store(BFloat16* p, f32x16 v) {
-  store_u16x8(p, f32_to_bf16_bits(v.lo));
-  store_u16x8(p + 8, f32_to_bf16_bits(v.hi));
+  static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the odd 16-bit halves are the high ones");
+  const u16x16 lo = (u16x16)f32_to_bf16_high(v.lo), hi = (u16x16)f32_to_bf16_high(v.hi);
+  *reinterpret_cast<u16x16_mem*>(p) =
+      __builtin_shufflevector(lo, hi, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 GENFAST_INLINE void store(Half* p, f32x16 v) {
   store_u16x8(p, f32_to_half_bits(v.lo));
