@@ -251,6 +251,30 @@ def test_block_under_autocast_matches_eager_autocast(fused, widened, use_backend
                                    msg=name)
 
 
+def test_compiled_block_under_autocast_widens_and_matches_eager(use_backend, monkeypatch):
+    """torch.compile(fullgraph) of the block under bf16 autocast where WIDENED holds bf16: its Linears are
+    genfast::linear in the graph (not torch's bf16 GEMMs), numbers within bf16 rounding of eager autocast."""
+    use_backend("cpu")
+    monkeypatch.setattr(genfast.ops.linear, "WIDENED", frozenset({torch.bfloat16}))
+    _, ours = _pair(std=0.05)
+    x, c, g = torch.randn(2, 9, 64, requires_grad=True), torch.randn(2, 64), torch.randn(2, 9, 64)
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(str(gm.graph))
+        return torch._inductor.compile(gm, inputs)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = _run(ours, x, c, g)
+        got = _run(torch.compile(ours, fullgraph=True, backend=backend), x, c, g)
+    assert sum(s.count("genfast.linear") for s in graphs) >= 5, graphs  # adaLN, qkv, proj, fc1, fc2
+    for name, a, b in zip(_names(ours), got, want):
+        if b is not None:
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * max(1.0, b.abs().max().item()),
+                                       msg=name)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("hidden,heads", [(64, 4), (144, 2)], ids=["d16", "d72"])
 def test_gpu_fused_block_bf16_every_grad_within_reference_error(hidden, heads, monkeypatch, path):

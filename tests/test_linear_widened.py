@@ -168,3 +168,34 @@ def test_autocast_elsewhere_stays_f_linear(monkeypatch):
         assert lin._autocast_widened(x.double(), w.double(), b.double()) is None  # autocast leaves fp64 be
         assert lin._autocast_widened(x[:0], w, b) is None
     assert lin._autocast_widened(x, w, b) is None  # no autocast
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+def test_compiled_autocast_widens_too(dtype):
+    """torch.compile under CPU autocast to a widened dtype: the casts, then genfast::linear in the graph
+    (not torch's 16-bit GEMM), with the bits and gradients of the eager call under autocast."""
+    x, w, b = _inputs((3, 9, 24), 10, torch.float32)
+    ts = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    g = torch.randn(3, 9, 10, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+    def f(x, w, b):
+        return lin.linear(x, w, b) * 2
+
+    def run(fn):
+        with torch.autocast("cpu", dtype=dtype):
+            y = fn(*ts)
+            return (y, *torch.autograd.grad(y, ts, g))
+
+    want = run(f)
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(str(gm.graph))
+        return torch._inductor.compile(gm, inputs)
+
+    got = run(torch.compile(f, fullgraph=True, backend=backend))
+    assert any("genfast.linear" in s for s in graphs), graphs
+    assert got[0].dtype == dtype and all(a.dtype == torch.float32 for a in got[1:])
+    for a, e in zip(got, want):
+        assert torch.equal(a, e)
