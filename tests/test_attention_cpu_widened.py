@@ -1,6 +1,7 @@
 """The CPU attention's "sdpa" way for bf16 / fp16 where genfast widens 16-bit GEMMs
 (genfast.ops.linear.WIDENED: CPUs without 16-bit GEMM instructions): the forward is torch's 16-bit
-fused kernel, the backward its fp32 kernel on exact fp32 copies, gradients rounded once. Every
+fused kernel (fp16: its fp32 kernel on exact fp32 copies, the output rounded once), the backward its
+fp32 kernel on exact fp32 copies, gradients rounded once. Every
 gradient within the reference's own error (DESIGN.md §5) for odd, cross, causal, masked (a fully
 masked row) and strided cases, in the layout the op's fake promises; eager and compiled agree."""
 import pytest
@@ -67,16 +68,46 @@ def test_sdpa_way_backward_within_reference_error(dtype, widened, layout, kw, nk
         assert_within_reference_error(f"{dtype} {layout} {kw} d{n}", a, lo, hi, floor=1e-3)
 
 
+@pytest.mark.parametrize("widened", [True, False], ids=["widened", "16bit"])
+@pytest.mark.parametrize("layout,kw,nk", CASES, ids=[f"{c[0]}-{'-'.join(c[1]) or 'plain'}" for c in CASES])
+def test_fp16_sdpa_way_forward(widened, layout, kw, nk, cpu_way, monkeypatch):
+    """fp16 forward where WIDENED holds fp16: the bits of torch's fp32 kernel on fp32 copies, rounded
+    once (else those of its fp16 kernel); within the reference's error; fully masked rows zeros;
+    inference and training calls alike."""
+    dtype = torch.float16
+    cpu_way(dtype, "sdpa")
+    monkeypatch.setattr(lin, "WIDENED", frozenset({dtype}) if widened else frozenset())
+    q, k, v = _leaves(dtype, layout, nk=nk)
+    causal, mask = kw.get("causal", False), None
+    if kw.get("mask"):
+        mask = torch.rand(2, k.shape[2], generator=torch.Generator().manual_seed(2)) > 0.3
+        mask[1] = False
+    with torch.no_grad():
+        out = genfast.attention(q, k, v, causal=causal, key_padding_mask=mask)
+    assert torch.equal(out, genfast.attention(q, k, v, causal=causal, key_padding_mask=mask).detach())
+    if mask is None:
+        dt = torch.float32 if widened else dtype
+        want = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            *(t.detach().to(dt).contiguous() for t in (q, k, v)), 0.0, causal, scale=q.shape[-1] ** -0.5)[0]
+        assert torch.equal(out, want.to(dtype))
+    else:
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+    low = reference.attention(q, k, v, causal=causal, key_padding_mask=mask, upcast=False)
+    high = reference.attention(*(t.double() for t in (q, k, v)), causal=causal, key_padding_mask=mask)
+    assert_within_reference_error(f"fp16 {layout} {kw} out", out, low, high, floor=1e-3)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 def test_widened_dtypes_keep_the_op_for_training(dtype, cpu_way, monkeypatch):
     """Eager training calls of widened dtypes take the op (its backward widens), not torch's SDPA
-    directly (whose 16-bit backward is the slow one); forward-only calls still go straight to SDPA."""
+    directly (whose 16-bit backward is the slow one); forward-only calls go straight to SDPA in bf16,
+    through the op in fp16 (whose forward widens too)."""
     cpu_way(dtype, "sdpa")
     q, k, v = _leaves(dtype, "qkv")
     monkeypatch.setattr(lin, "WIDENED", frozenset({dtype}))
     assert "genfast" in type(genfast.attention(q, k, v).grad_fn).__name__.lower()
     with torch.no_grad():
-        assert attention_op._fused_directly(q, k, v, grad=False)
+        assert attention_op._fused_directly(q, k, v, grad=False) == (dtype == torch.bfloat16)
     monkeypatch.setattr(lin, "WIDENED", frozenset())
     assert "ScaledDotProduct" in type(genfast.attention(q, k, v).grad_fn).__name__
 

@@ -385,10 +385,12 @@ def forward(q, k, v, mask, causal, scale, fully_masked, out, keep_p=False):
     if not keep_p and mask is None and fused_without_p(q, way, k.shape[2]):
         way = "sdpa"
     if way == "sdpa":
-        am = _additive_mask(mask, q.dtype) if mask is not None else None
+        wide = widened_forward(q.dtype)
+        cast = (lambda t: unit_last(t.float())) if wide else unit_last
+        am = _additive_mask(mask, torch.float32 if wide else q.dtype) if mask is not None else None
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            unit_last(q), unit_last(k), unit_last(v), 0.0, causal, attn_mask=am, scale=scale)
-        if o.stride() == out.stride():
+            cast(q), cast(k), cast(v), 0.0, causal, attn_mask=am, scale=scale)
+        if not wide and o.stride() == out.stride():
             out = o  # the kernel wrote the layout the op promises (q's): no copy, no fresh pages touched
         else:
             out.copy_(o)
@@ -426,13 +428,26 @@ def forward(q, k, v, mask, causal, scale, fully_masked, out, keep_p=False):
     return out, lse.view(b, h, nq)
 
 
+# 16-bit dtypes whose "sdpa" forward, where genfast widens their GEMMs (genfast.ops.linear.WIDENED),
+# runs torch's fp32 kernel on exact fp32 copies, the output rounded once. fp16 only: on a 2-core
+# AVX2-only AMD EPYC torch's fp16 forward ran 1.5-1.8x slower than that (2x16x256x72 19.0 vs 10.3 ms,
+# 2x16x1024x72 180 vs 122, 1x8x1024x64 50.5 vs 31.4, conversions included); its bf16 one was as fast
+# or faster (10.4 vs 17.0, 104 vs 112, 33.7 vs 34.8).
+WIDE_FORWARD = frozenset({torch.float16})
+
+
+def widened_forward(dtype):
+    return dtype in WIDE_FORWARD and dtype in _linear.WIDENED
+
+
 def _sdpa_backward(dout, q, k, v, out, lse, mask, causal, scale):
     """torch's fused backward. 16-bit dtypes whose CPU GEMMs genfast widens (genfast.ops.linear.WIDENED:
     no 16-bit GEMM instructions here) run the fp32 kernel on exact fp32 copies of dout, q, k, v and
     out (the 16-bit forward's output and fp32 log-sum-exp), the gradients rounded once: torch's bf16
     backward ran 3.9-7.8x slower than that on a 2-core AVX2-only AMD EPYC (bf16 forward + backward,
     8x6x256x64 181 vs 38 ms, 2x16x256x72 91 vs 24, 2x16x1024x72 1879 vs 526, 1x8x1024x64 422 vs 77,
-    conversions included). Its forward stays 16-bit (faster than fp32's there: 10 vs 19 ms)."""
+    conversions included). Its bf16 forward stays 16-bit (faster than fp32's there: 10 vs 19 ms); fp16's
+    is widened too (WIDE_FORWARD)."""
     dt = q.dtype
     wide = dt in _linear.WIDENED
     cast = (lambda t: unit_last(t.float())) if wide else unit_last
