@@ -104,7 +104,7 @@ class CudaGraphStep:
         return graph
 
     def _step(self):
-        x, b = self.x, self.b
+        x = self.x
         if self.guidance is None:
             v = self.model(x, self.t) if self.cond is None else self.model(x, self.t, self.cond)
             flow_euler_step(x, v, dt=self.dt, out=x)

@@ -10,7 +10,7 @@ import torch
 
 import genfast
 from genfast import data
-from genfast.zoo import _ops, checkpoint, classifier, dit, flow_job, train
+from genfast.zoo import _ops, checkpoint, classifier, dit, flow_job
 from genfast.zoo import rectified_flow as rf
 from zoo_tiny import tiny_dit
 

@@ -11,7 +11,6 @@ import math
 import os
 
 import pytest
-import torch
 
 from genfast.zoo import classifier, distill, flow_job, jobs, ldm, plots
 
