@@ -22,23 +22,36 @@ namespace {
 
 // ------------------------------------------------------------------------------------ forward
 // sum(x - m) (POW 1) or sum((x - m)^2) (POW 2) over a row: four independent 16-lane accumulators
-// (one would wait on the add latency every step), combined in a fixed order.
+// (one would wait on the add latency every step), combined in a fixed order. copy (or nullptr): also
+// stores the row as fp32 there, in the same pass; ahead (or nullptr): a row prefetched a cache line
+// per 32 elements meanwhile (see modulate_row).
 template <typename T, int POW>
-GENFAST_INLINE float row_sum_dev(const T* __restrict x, int64_t C, float m) {
+GENFAST_INLINE float row_sum_dev(const T* __restrict x, int64_t C, float m, float* __restrict copy = nullptr,
+                                 const T* ahead = nullptr) {
   using namespace vec;
-  auto term = [m](f32x16 v) { return POW == 1 ? v - m : (v - m) * (v - m); };
+  auto term = [&](int64_t c) {
+    const f32x16 v = load(x + c);
+    if (copy) store(copy + c, v);
+    return POW == 1 ? v - m : (v - m) * (v - m);
+  };
   f32x16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
   int64_t c = 0;
   for (; c + 64 <= C; c += 64) {
-    a0 += term(load(x + c));
-    a1 += term(load(x + c + 16));
-    a2 += term(load(x + c + 32));
-    a3 += term(load(x + c + 48));
+    if (ahead) {
+      __builtin_prefetch(ahead + c);
+      __builtin_prefetch(ahead + c + 32);
+    }
+    a0 += term(c);
+    a1 += term(c + 16);
+    a2 += term(c + 32);
+    a3 += term(c + 48);
   }
-  for (; c + 16 <= C; c += 16) a0 += term(load(x + c));
+  for (; c + 16 <= C; c += 16) a0 += term(c);
   float s = hsum((a0 + a1) + (a2 + a3));
   for (; c < C; ++c) {
-    const float d = load1(x + c) - m;
+    const float xc = load1(x + c);
+    if (copy) copy[c] = xc;
+    const float d = xc - m;
     s += POW == 1 ? d : d * d;
   }
   return s;
@@ -83,35 +96,15 @@ GENFAST_VEC_CLONES void modulate_row(T* __restrict out, const T* __restrict x, c
   constexpr bool one_plus = std::is_same_v<S, float> && sizeof(T) == 2;  // scale holds 1 + scale
   const int64_t C16 = C & ~int64_t{15};
   const float* xf;
-  float mean;
+  float sum;
   if constexpr (sizeof(T) == 2) {
-    // converted and summed in one pass, in row_sum_dev<float, 1>'s order (x - 0 is x: the same bits)
-    f32x16 a[4] = {};
-    int64_t c = 0;
-    for (; c + 64 <= C; c += 64) {
-      if (ahead) {
-        __builtin_prefetch(ahead + c);
-        __builtin_prefetch(ahead + c + 32);
-      }
-      for (int k = 0; k < 4; ++k) {
-        const f32x16 v = load(x + c + 16 * k);
-        store(buf + c + 16 * k, v);
-        a[k] += v;
-      }
-    }
-    for (; c + 16 <= C; c += 16) {
-      const f32x16 v = load(x + c);
-      store(buf + c, v);
-      a[0] += v;
-    }
-    float s = hsum((a[0] + a[1]) + (a[2] + a[3]));
-    for (; c < C; ++c) s += (buf[c] = load1(x + c));
+    sum = row_sum_dev<T, 1>(x, C, 0.f, buf, ahead);  // converted into buf and summed in one pass
     xf = buf;
-    mean = rms ? 0.f : s / static_cast<float>(C);
   } else {
+    sum = rms ? 0.f : row_sum_dev<T, 1>(x, C, 0.f);
     xf = x;
-    mean = rms ? 0.f : row_sum_dev<float, 1>(xf, C, 0.f) / static_cast<float>(C);
   }
+  const float mean = rms ? 0.f : sum / static_cast<float>(C);
   // mean((x - mean)^2), never E[x^2] - mean^2: fp16 inputs of magnitude 1e3 stay accurate.
   const float q = row_sum_dev<float, 2>(xf, C, mean);
   const float rstd = 1.f / std::sqrt(q / static_cast<float>(C) + eps);
@@ -148,8 +141,8 @@ void modulate_fwd(const ModulateParams& p) {
       T* out = static_cast<T*>(p.out) + b * p.out_sb + n * p.out_sn;
       const T* x = static_cast<const T*>(p.x) + b * p.x_sb + n * p.x_sn;
       const T* scale = static_cast<const T*>(p.scale) + b * p.scale_sb + n * p.scale_sn;
-      const int64_t r2 = std::min(r + 2, rows - 1);
-      const T* ahead = static_cast<const T*>(p.x) + (r2 / p.N) * p.x_sb + (r2 % p.N) * p.x_sn;
+      const int64_t r2 = std::min(r + 2, rows - 1);  // (rows cached in buf only: the others never read it)
+      const T* ahead = cache ? static_cast<const T*>(p.x) + (r2 / p.N) * p.x_sb + (r2 % p.N) * p.x_sn : nullptr;
       if (const float* sc1 = scale1p.of(scale, b)) {
         modulate_row<T, float>(out, x, shift_f.of(shift, b), sc1, p.C, p.eps, p.rms, p.mean + r, p.rstd + r, buf,
                                ahead);

@@ -114,10 +114,10 @@ def _fused_directly(q, k, v, causal=False, grad=True, name=None):
         return False
     if (name if name is not None and name != "sdpa" else _kernel_for(q)) != "cpu":
         return False
-    nk = k.shape[2]
-    way = attention_cpu.variant(q, nk, causal=causal)
     if attention_cpu.widened_forward(q.dtype):
         return False  # the op's forward runs torch's kernel in fp32 (attention_cpu.WIDE_FORWARD)
+    nk = k.shape[2]
+    way = attention_cpu.variant(q, nk, causal=causal)
     if not grad:
         return way == "sdpa" or attention_cpu.fused_without_p(q, way, nk)
     # (16-bit dtypes whose CPU GEMMs genfast widens: the op's backward runs torch's kernel in fp32)

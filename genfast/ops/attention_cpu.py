@@ -370,6 +370,13 @@ def _additive_mask(mask, dtype):
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))[:, None, None, :]
 
 
+def _sdpa_operands(wide, mask, dtype):
+    """(cast, attn_mask) for torch's fused kernel: cast(t) gives its unit-last operand, an exact fp32
+    copy where wide (the widened 16-bit ways); the additive mask in the dtype the kernel runs in."""
+    cast = (lambda t: unit_last(t.float())) if wide else unit_last
+    return cast, (_additive_mask(mask, torch.float32 if wide else dtype) if mask is not None else None)
+
+
 def _mask_bytes(mask):
     return mask.contiguous().view(torch.uint8) if mask is not None else None
 
@@ -386,8 +393,7 @@ def forward(q, k, v, mask, causal, scale, fully_masked, out, keep_p=False):
         way = "sdpa"
     if way == "sdpa":
         wide = widened_forward(q.dtype)
-        cast = (lambda t: unit_last(t.float())) if wide else unit_last
-        am = _additive_mask(mask, torch.float32 if wide else q.dtype) if mask is not None else None
+        cast, am = _sdpa_operands(wide, mask, q.dtype)
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             cast(q), cast(k), cast(v), 0.0, causal, attn_mask=am, scale=scale)
         if not wide and o.stride() == out.stride():
@@ -450,8 +456,7 @@ def _sdpa_backward(dout, q, k, v, out, lse, mask, causal, scale):
     is widened too (WIDE_FORWARD)."""
     dt = q.dtype
     wide = dt in _linear.WIDENED
-    cast = (lambda t: unit_last(t.float())) if wide else unit_last
-    am = _additive_mask(mask, torch.float32 if wide else dt) if mask is not None else None
+    cast, am = _sdpa_operands(wide, mask, dt)
     grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         cast(dout), cast(q), cast(k), cast(v), cast(out), lse, 0.0, causal, attn_mask=am, scale=scale)
     return tuple(g.to(dt) for g in grads) if wide else grads
