@@ -95,14 +95,17 @@ GENFAST_VEC_CLONES void bwd_chunk(const T* g, const T* x, T* dx, int64_t n) {
   map16<T>(x, g, dx, n, [](f32x16 v, f32x16 gv) { return gv * f32x16{dgelu8(v.lo), dgelu8(v.hi)}; });
 }
 
-// One row: h = x + bias (kept in x unless y aliases x), y = gelu(h).
+// One row: h = x + bias (kept in x unless y aliases x), y = gelu(h). One pass over the row; the
+// tail (< 16) in two through map16's buffers, h into x before y reads it.
 GENFAST_VEC_CLONES void fwd_bias_row(float* x, float* y, const float* bias, int64_t cols) {
-  if (x != y) {
-    map16<float>(x, bias, x, cols, [](f32x16 v, f32x16 b) { return v + b; });
-    map16<float>(x, nullptr, y, cols, [](f32x16 v, f32x16) { return gelu16(v); });
-    return;
+  const int64_t full = cols & ~int64_t{15};
+  for (int64_t i = 0; i < full; i += 16) {
+    const f32x16 v = vec::load(x + i) + vec::load(bias + i);
+    vec::store(x + i, v);  // before y: y may alias x
+    vec::store(y + i, gelu16(v));
   }
-  map16<float>(x, bias, y, cols, [](f32x16 v, f32x16 b) { return gelu16(v + b); });
+  map16<float>(x + full, bias + full, x + full, cols - full, [](f32x16 v, f32x16 b) { return v + b; });
+  map16<float>(x + full, nullptr, y + full, cols - full, [](f32x16 v, f32x16) { return gelu16(v); });
 }
 
 #ifdef GENFAST_HAVE_AVX512
