@@ -17,8 +17,9 @@ and a host sync to a step that runs inside sampling loops and CUDA graphs):
   wide   cols >= 512: tile [1, 2048], 4 warps -> 16 elements a thread a tensor (4 x 128-bit
          loads for fp32, 2 for 16-bit types), enough bytes in flight to saturate HBM with
          ~10 resident CTAs an SM, and a grid of thousands of CTAs at 16M elements.
-  narrow cols <  512: tile [32, 64], 4 warps, so many short rows share one CTA instead of
-         launching one mostly-masked 2048-wide CTA per row.
+  narrow cols <  512: tile [32, 64], 8 warps, so many short rows share one CTA instead of
+         launching one mostly-masked 2048-wide CTA per row. (4 warps, 16 elements a thread,
+         spilled 12-16 B in the fp32 guided step on sm_90 under Triton 3.6.)
   A non-unit column stride (no vector accesses, int64 offsets per element) uses 8 warps: half
   the addresses a thread, which AOT compiles show cuts registers from 80-210 to 62-91.
 Fully contiguous tensors with one dt and w for all rows are launched as a single long row, so
@@ -36,7 +37,7 @@ MAX_GRID_YZ = 65535
 # name -> (BLOCK_R, BLOCK_C, num_warps (contiguous), num_warps (strided columns), num_stages)
 CONFIGS = {
     "wide": (1, 2048, 4, 8, 1),
-    "narrow": (32, 64, 4, 8, 1),
+    "narrow": (32, 64, 8, 8, 1),
 }
 NARROW_BELOW_COLS = 512
 

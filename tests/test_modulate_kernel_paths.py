@@ -394,3 +394,38 @@ def test_streaming_forward_same_bits_as_one_row_kernel(backend, tmp_path):
                     walks = False
                 name = "fwd_stream" if kind == "stream" else "fwd_async_k"
                 assert kernels == ([name] * 2 if walks else ["k"] * 2), (kind, rows, i, kernels)
+
+
+_DEFAULT_ASYNC_SCRIPT = """
+import json, sys, torch
+from genfast import _native
+from genfast.ops import modulate as m
+torch.manual_seed(0)
+emu = _native.module("_cuda_emu")
+out, kernels = [], []
+for b, n in ((2, 400), (2, 600), (3, 342)):  # 800, 1200 and 1026 rows
+    x = torch.randn(b, n, 384).to(torch.bfloat16)
+    shift, scale = (torch.randn(b, 1, 384).to(torch.bfloat16) for _ in range(2))
+    emu.emu_launches()
+    out += list(m._modulate_impl(x, shift, scale, 1e-6, False))
+    kernels.append([k for k, _, _ in emu.emu_launches()])
+torch.save(out, sys.argv[1])
+print(json.dumps(kernels))
+"""
+
+
+def test_forward_default_takes_async_kernel_from_eight_rows_a_streaming_warp(tmp_path):
+    """GENFAST_MODULATE_FWD_ASYNC unset: the per-sample 16-bit forward takes the streaming kernel while the
+    rows give its resident warps fewer than 8 each, the asynchronous kernel from there (measured on an
+    H200: async ahead at 15.5 rows a streaming warp, behind at 3.9). The emulation holds 2 SMs x 8 blocks
+    x 8 warps of the streaming kernel, so async from 1024 rows. =0 / =1 force either kernel, and every
+    choice gives the one-row kernel's bits (its launch log says which kernel ran)."""
+    runs = {"one row": {"GENFAST_MODULATE_FWD_ROWS": "1"}, "default": {}, "stream": {"GENFAST_MODULATE_FWD_ASYNC": "0"},
+            "async": {"GENFAST_MODULATE_FWD_ASYNC": "1"}}
+    got, logs = {}, {}
+    for label, flags in runs.items():
+        got[label], logs[label] = _run_with_switches(_DEFAULT_ASYNC_SCRIPT, "cuda_emu", flags, tmp_path / f"{label}.pt")
+    assert logs == {"one row": [["k"]] * 3, "default": [["fwd_stream"], ["fwd_async_k"], ["fwd_async_k"]],
+                    "stream": [["fwd_stream"]] * 3, "async": [["fwd_async_k"]] * 3}
+    for label in runs:
+        _assert_same_bits(got["one row"], got[label], label)

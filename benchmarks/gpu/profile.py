@@ -245,17 +245,18 @@ def modab():
                 ("fwd 1 row, preload / bwd a row at a time", {"GENFAST_MODULATE_FWD_ROWS": "1",
                                                               "GENFAST_MODULATE_BWD_STREAM": "0"}),
                 *((f"fwd {r} rows a warp / bwd a row ahead", {"GENFAST_MODULATE_FWD_ROWS": r}) for r in ("2", "4", "8", "16")),
-                ("defaults (fwd rows by device) / bwd a row ahead", {}),
+                ("defaults (fwd streaming or async by rows) / bwd a row ahead", {}),
                 ("fwd async (cp.async, rows by device) / bwd default", {"GENFAST_MODULATE_FWD_ASYNC": "1"})]
     _modab_settings(settings)
 
 
 def modfwd():
-    """The forward's walking kernels only: streaming (a row ahead in registers) against asynchronous
-    (GENFAST_MODULATE_FWD_ASYNC=1: cp.async into shared memory, 3 rows ahead), rows a warp by device
-    or forced; the one-row kernel for scale."""
+    """The forward's walking kernels only: streaming (a row ahead in registers, GENFAST_MODULATE_FWD_ASYNC=0)
+    against asynchronous (=1: cp.async into shared memory, 3 rows ahead), rows a warp by device or forced;
+    the default (async from 8 rows a streaming warp); the one-row kernel for scale."""
     settings = [("fwd 1 row", {"GENFAST_MODULATE_FWD_ROWS": "1"}),
-                ("fwd streaming, rows by device", {}),
+                ("fwd streaming, rows by device", {"GENFAST_MODULATE_FWD_ASYNC": "0"}),
+                ("fwd default (streaming or async by rows)", {}),
                 ("fwd async, rows by device", {"GENFAST_MODULATE_FWD_ASYNC": "1"}),
                 *((f"fwd async, {r} rows a warp", {"GENFAST_MODULATE_FWD_ASYNC": "1", "GENFAST_MODULATE_FWD_ROWS": r})
                   for r in ("4", "8", "32"))]

@@ -7,8 +7,8 @@
 //    fp16 / bf16 forward with per-sample scale / shift and C <= 1280 (DiT-XL's 1152): the
 //    streaming kernel, a warp taking several rows with the next row's loads in flight
 //    (rows_per_warp; GENFAST_MODULATE_FWD_ROWS=1 keeps the one-row kernel, for GPU A/B timings), or
-//    with GENFAST_MODULATE_FWD_ASYNC=1 the asynchronous one (cp.async into shared memory, 3 rows in
-//    flight a warp; not yet timed on a GPU, so off by default); the
+//    the asynchronous one (cp.async into shared memory, 3 rows in flight a warp) where the rows fill
+//    several waves of the streaming kernel (fwd_async, timed on an H200); the
 //    per-sample backward's warps likewise load a row ahead where the grid fits one wave (stream_bwd).
 //  - wider rows: one block (128 threads) per row, block reductions, x re-read from L1/L2 in each
 //    pass; per sample, one block per (row chunk, sample) that walks its rows and accumulates in
@@ -202,12 +202,24 @@ int fwd_rows_env() {
   }();
   return rows;
 }
-// GENFAST_MODULATE_FWD_ASYNC=1: the per-sample 16-bit forward takes the asynchronous kernel (cp.async
-// into shared memory, several rows in flight a warp) instead of the streaming one. Off until timed on
-// a GPU (benchmarks/gpu/profile.py modfwd).
-bool fwd_async() {
-  static const bool on = env_switch("GENFAST_MODULATE_FWD_ASYNC") == 1;
-  return on;
+// GENFAST_MODULATE_FWD_ASYNC: 1 = the per-sample 16-bit forward always takes the asynchronous kernel
+// (cp.async into shared memory, several rows in flight a warp), 0 = never (the streaming one); unset =
+// by fwd_async() below. Read once, for GPU A/B timings (benchmarks/gpu/profile.py modfwd).
+int fwd_async_env() {
+  static const int v = env_switch("GENFAST_MODULATE_FWD_ASYNC");
+  return v;
+}
+// The asynchronous forward where the streaming kernel's warps would take kAsyncFromRows rows or more
+// each (a grid of several waves' worth of rows), the streaming one below. H200, bf16, C = 1152 (session
+// 25, profile.py modfwd): 32768 rows (15.5 a streaming warp) 50.8 us async vs 55.4 streaming (76 vs 69 %
+// of a same-size copy); 8192 rows (3.9 a warp) 36.7-38.8 vs 22.6-22.7. A forced row count alone
+// (GENFAST_MODULATE_FWD_ROWS) keeps the streaming kernel, as before the rule.
+constexpr int kAsyncFromRows = 8;
+template <class Kernel>
+bool fwd_async(Kernel stream_kernel, int64_t rows, std::atomic<int>* stream_cache) {
+  if (const int env = fwd_async_env(); env >= 0) return env == 1;
+  if (fwd_rows_env()) return false;
+  return rows >= kAsyncFromRows * kRowWarps * dev::resident_blocks(stream_kernel, kRowWarps * 32, stream_cache);
 }
 
 // Rows per warp for a walking forward kernel (warps_per_block warps a block), or 0 for the one-row
@@ -228,9 +240,11 @@ void launch_fwd_warp(const ModulateParams& p, bool vec, void* stream) {
   // 16-bit types up to 40 items (C <= 1280): two rows of raw packs fit 128 registers (2 blocks an SM);
   // at 64 items the streaming kernel spills (sm_80 / sm_90, nvcc 13.0)
   if constexpr (dev::kPack<DT> == 8 && ITEMS <= 40) {
-    if (vec && per_sample && fwd_async()) {
+    auto fwd_stream = &modulate_fwd_stream_kernel<DT, ITEMS>;
+    static std::atomic<int> stream_cache[64];  // this instance's resident blocks, per device
+    if (vec && per_sample && fwd_async(fwd_stream, rows, stream_cache)) {
       auto fwd_async_k = &modulate_fwd_async_kernel<DT, ITEMS>;
-      static std::atomic<int> cache[64];  // this instance's resident blocks, per device
+      static std::atomic<int> cache[64];
       if (const int per_warp = rows_per_warp(fwd_async_k, kAsyncWarps, rows, kMaxAsyncRows, cache)) {
         const int64_t rows_per_block = int64_t{kAsyncWarps} * per_warp;
         GENFAST_LAUNCH(fwd_async_k, dim3(static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block)),
@@ -238,9 +252,7 @@ void launch_fwd_warp(const ModulateParams& p, bool vec, void* stream) {
         return;
       }
     } else if (vec && per_sample) {
-      auto fwd_stream = &modulate_fwd_stream_kernel<DT, ITEMS>;
-      static std::atomic<int> cache[64];  // this instance's resident blocks, per device
-      if (const int per_warp = rows_per_warp(fwd_stream, kRowWarps, rows, kMaxStreamRows, cache)) {
+      if (const int per_warp = rows_per_warp(fwd_stream, kRowWarps, rows, kMaxStreamRows, stream_cache)) {
         const int64_t rows_per_block = int64_t{kRowWarps} * per_warp;
         GENFAST_LAUNCH(fwd_stream, dim3(static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block)),
                        kRowWarps * 32, 0, stream, p, per_warp);
