@@ -486,10 +486,12 @@ def test_patched_adaln_norm_with_a_hooked_norm_calls_it():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,where", [("dit", "norm3"), ("dit", "ff"), ("sd3", "norm2"), ("flux", "norm1.norm")])
+@pytest.mark.parametrize("name,where", [("dit", "norm3"), ("dit", "ff"), ("dit", "attn1"),
+                                        ("sd3", "norm2"), ("flux", "norm1.norm")])
 def test_patched_blocks_honour_hooks_on_the_modules_they_skip(name, where):
-    """A hook on a block's norm or FeedForward (modules the patched forwards do not call) fires and
-    changes the result as in the unpatched model: such a call runs diffusers' own forward."""
+    """A hook on a block's norm or FeedForward (modules the patched forwards do not call), or on an
+    attention layer (whose processor they call directly when it has none), fires and changes the result
+    as in the unpatched model: such a call runs diffusers' own forward (or the layer's own call)."""
     model, inputs = build(name, layers=1)
     ours = copy.deepcopy(model)
     genfast.patch(ours)
