@@ -201,6 +201,10 @@ def linear(x, weight, bias=None):
     if x.shape[-1:] != weight.shape[-1:] or weight.dim() != 2:
         raise ValueError(f"linear: x [..., {x.shape[-1] if x.dim() else '?'}] does not match weight "
                          f"{tuple(weight.shape)} (expected [out_features, {x.shape[-1] if x.dim() else 'in'}])")
+    # genfast's own GEMMs are CPU-only: elsewhere F.linear at once, without the ~15 Python-level checks
+    # below (host time, which bounds small GPU calls)
+    if x.device.type != "cpu":
+        return F.linear(x, weight, bias)
     compiling = torch.compiler.is_compiling()
     if compiling and own_gemm_case(x, weight, bias):
         return torch.ops.genfast.linear(x, weight, bias)

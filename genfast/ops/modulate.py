@@ -49,9 +49,10 @@ def adaln_modulate(x, shift, scale, *, eps=1e-6, norm="layer"):
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")
     rms, eps = norm == "rms", float(eps)
-    if transformed():  # torch.func / forward-mode AD: the reference (see genfast.ops._common.transformed)
-        return reference.adaln_modulate(x, shift, scale, eps=eps, norm=norm)
     route = _route(x, shift, scale)
+    # torch.func / forward-mode AD (which _route sends to "op"): the reference (genfast.ops._common.transformed)
+    if route == "op" and transformed():
+        return reference.adaln_modulate(x, shift, scale, eps=eps, norm=norm)
     if route == "direct":
         return _modulate_impl(x, _as3(shift), _as3(scale), eps, rms)[0]
     if route == "function":  # [B, C] forms go in as they are (see _as3)
@@ -68,9 +69,9 @@ def gated_residual(x, gate, y):
         raise ValueError(f"y has shape {tuple(y.shape)} but x has {tuple(x.shape)}; expected the same shape")
     _same_kind("y", y, x)
     _check_modulation("gate", gate, x)
-    if transformed():
-        return reference.gated_residual(x, gate, y)
     route = _route(x, gate, y)
+    if route == "op" and transformed():
+        return reference.gated_residual(x, gate, y)
     if route == "direct":
         return _gated_impl(x, _as3(gate), y)
     if route == "function":  # a [B, C] gate goes in as it is (see _as3)
