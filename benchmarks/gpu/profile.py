@@ -18,7 +18,7 @@
                                                   a row at a time, a row ahead; the async forward), TB/s and %
                                                   of a same-size copy
   python3 -P benchmarks/gpu/profile.py modfwd     the forward's walking kernels: streaming vs asynchronous
-                                                  (GENFAST_MODULATE_FWD_ASYNC=1, cp.async 3 rows ahead), rows a warp
+                                                  (GENFAST_MODULATE_FWD_ASYNC=0 / 1, cp.async 3 rows ahead), rows a warp
   python3 -P benchmarks/gpu/profile.py threads    a Python node's per-op cost with autograd's device thread on / off
   python3 -P benchmarks/gpu/profile.py host       cProfile of the Python side of adaln_modulate,
                                                   gated_residual and attention fwd+bwd (tiny tensors:

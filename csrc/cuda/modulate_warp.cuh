@@ -213,7 +213,8 @@ __global__ void __launch_bounds__(kRowWarps * 32, 2) modulate_fwd_stream_kernel(
   }
 }
 
-// Asynchronous forward (16-byte rows, scale / shift per sample, 16-bit types; GENFAST_MODULATE_FWD_ASYNC=1):
+// Asynchronous forward (16-byte rows, scale / shift per sample, 16-bit types; where the rows fill several
+// waves of the streaming kernel, modulate.cu's fwd_async()):
 // the streaming kernel's walk with x copied into shared memory by cp.async, kAsyncStages row slots
 // a warp, so that kAsyncStages - 1 rows are in flight while the warp reduces and stores one (the
 // streaming kernel has one row ahead, in registers). A lane reads back only the packs it copied

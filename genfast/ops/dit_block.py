@@ -18,14 +18,16 @@ it saves (H200, bf16, DiT-XL/2, batch 32, benchmarks/gpu/NOTES.md "fourth GPU se
     (109 + 87 us of 1.9 ms of GPU time per block at 256 tokens);
   - inference: fc1 + GELU(tanh) as one cuBLASLt GEMM with its GELU epilogue (torch._addmm_activation;
     tanh form, applied to the fp32 accumulator): -45 us of a 0.5 ms forward at 256 tokens.
-  - bias gradients from passes that read the gradient anyway (GPUs, not yet timed there; Intel CPUs): proj's and
+  - bias gradients from passes that read the gradient anyway (GPUs: 8.22 vs 8.50 ms a 1024-token step
+    with all off, H200 session 17; Intel CPUs): proj's and
     fc2's from the gated-residual backwards (BIAS_IN_GATED), fc1's from the GELU backward
     (GELU_BIAS_IN_BWD); qkv's as one pass over the q, k, v gradients (QKV_BIAS_ONE_PASS); dx1's
     residual gradient added inside the modulate backward (ADD_IN_MODULATE). Torch's column sums over
     [B*N, C], [B*N, C] and [B*N, 4C] and one add over [B*N, C] fewer; three sums become one launch.
-Measured (harness, same run): forward 1.38x / 1.32x eager and 1.15x / 1.12x torch.compile at 256 /
-1024 tokens; forward + backward 1.05x / 1.18x eager, 0.93x / 1.00x compile (the per-op path: 1.11x /
-1.07x slower than this one).
+Measured (harness, same run; H200, session 25): forward 1.35x / 1.30x eager and 1.04x / 1.12x
+torch.compile at 256 / 1024 tokens; forward + backward 0.89x / 1.22x eager, 0.82x / 1.04x compile (the
+per-op path: 1.16x / 1.12x slower than this one). The 256-token training step is bound by host time, and
+this path's two Python backward nodes cost the host more than eager's C++ nodes there.
 
 Only plain eager calls come here (see fused_block_ok): torch.compile, tensor subclasses, functorch
 transforms, autocast, fp64, LoRA-style wrapped Linears and the padded qkv projection of the Triton
