@@ -487,7 +487,7 @@ def test_patched_adaln_norm_with_a_hooked_norm_calls_it():
 
 
 @pytest.mark.parametrize("name,where", [("dit", "norm3"), ("dit", "ff"), ("dit", "attn1"),
-                                        ("sd3", "norm2"), ("flux", "norm1.norm")])
+                                        ("sd3", "norm2"), ("sd3", "attn"), ("flux", "norm1.norm")])
 def test_patched_blocks_honour_hooks_on_the_modules_they_skip(name, where):
     """A hook on a block's norm or FeedForward (modules the patched forwards do not call), or on an
     attention layer (whose processor they call directly when it has none), fires and changes the result

@@ -15,7 +15,7 @@ from genfast.ops._common import dispatcher_needed, needs_grad
 from genfast.ops.dit_block import _temp
 from genfast.ops.gelu import gelu_tanh_inference
 from genfast.ops.linear import has_hooks, linear_layer, plain_linear
-from genfast.patch._diffusers_attn import GenfastAttnProcessor
+from genfast.patch._diffusers_attn import GenfastAttnProcessor, GenfastJointAttnProcessor
 from genfast.patch._support import runnable
 
 
@@ -146,16 +146,20 @@ def basic_block_reasons(blk):
     return out
 
 
-def _attend(attn, h, context, mask):
-    """attn(h, encoder_hidden_states=context, attention_mask=mask). With genfast's processor and no hooks
-    on the layer, the processor is called directly: diffusers' Attention.forward runs inspect.signature
-    on its processor every call (to drop keyword arguments it does not take; none here) — ~55 us of a
-    ~230 us attention call on the CPU host of tests/ (tiny tensors), a fifth of what a patched block
-    adds to eager's host time there."""
+_GENFAST_PROCESSORS = (GenfastAttnProcessor, GenfastJointAttnProcessor)
+
+
+def _attend(attn, h, **kwargs):
+    """attn(h, **kwargs). With one of genfast's processors, no hooks on the layer and no keyword beyond
+    encoder_hidden_states / attention_mask, the processor is called directly: diffusers'
+    Attention.forward runs inspect.signature on its processor every call (to drop keyword arguments it
+    does not take; none here) — ~55 us of a ~230 us attention call on the CPU host of tests/ (tiny
+    tensors), a fifth of what a patched DiT block added to eager's host time there."""
     proc = attn.processor
-    if type(proc) is GenfastAttnProcessor and not has_hooks(attn):
-        return proc(attn, h, encoder_hidden_states=context, attention_mask=mask)
-    return attn(h, encoder_hidden_states=context, attention_mask=mask)
+    if (type(proc) in _GENFAST_PROCESSORS and kwargs.keys() <= {"encoder_hidden_states", "attention_mask"}
+            and not has_hooks(attn)):
+        return proc(attn, h, **kwargs)
+    return attn(h, **kwargs)
 
 
 def basic_block_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
@@ -178,11 +182,13 @@ def basic_block_forward(self, hidden_states, attention_mask=None, encoder_hidden
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = n1.linear(n1.silu(emb)).chunk(6, dim=1)
         eps1, eps_mlp = n1.norm.eps, self.norm3.eps
     h = genfast.adaln_modulate(x, shift_msa, scale_msa, eps=eps1)
-    a = _attend(self.attn1, h, encoder_hidden_states if self.only_cross_attention else None, attention_mask)
+    a = _attend(self.attn1, h, encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
+                attention_mask=attention_mask)
     x = genfast.gated_residual(x, gate_msa, a)
     if self.attn2 is not None:
         h = x if single else self.norm2(x)  # PixArt does not normalise before its cross attention
-        x = _attend(self.attn2, h, encoder_hidden_states, encoder_attention_mask) + x
+        x = _attend(self.attn2, h, encoder_hidden_states=encoder_hidden_states,
+                    attention_mask=encoder_attention_mask) + x
     h = genfast.adaln_modulate(x, shift_mlp, scale_mlp, eps=eps_mlp)
     return genfast.gated_residual(x, gate_mlp, feed_forward(self.ff, h))
 
@@ -213,7 +219,7 @@ def _joint(self, x, c, temb, attn_kwargs, flux):
         c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = \
             nc.linear(nc.silu(temb)).chunk(6, dim=1)
         ch = genfast.adaln_modulate(c, c_shift_msa, c_scale_msa, eps=nc.norm.eps)
-    outs = self.attn(hidden_states=h, encoder_hidden_states=ch, **attn_kwargs)
+    outs = _attend(self.attn, h, encoder_hidden_states=ch, **attn_kwargs)
     attn_out, ctx_out = outs[0], outs[1]
     x = genfast.gated_residual(x, gate_msa, attn_out)
     h = genfast.adaln_modulate(x, shift_mlp, scale_mlp, eps=self.norm2.eps)
