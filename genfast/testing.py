@@ -170,6 +170,9 @@ def modulate_samples(device="cpu", dtype=torch.float32, *, seed=0):
     cases.append(ModulateCase("channel_stride", rnd(2, 20, 6).transpose(1, 2), rnd(2, 20), rnd(2, 20),
                               rnd(2, 20, 6).transpose(1, 2)))
     cases.append(ModulateCase("token_major", rnd(5, 2, 16).transpose(0, 1), rnd(2, 16), rnd(2, 16), rnd(2, 5, 16)))
+    # [B, C] modulations reach the kernels' wrappers as they are: one with a non-unit channel stride
+    cases.append(ModulateCase("modulation_channel_stride", rnd(2, 9, 12), rnd(12, 2).t(), rnd(12, 2).t(),
+                              rnd(2, 9, 12)))
     big = 1000 + torch.randn(2, 4, 64, generator=g)  # fp16: x^2 overflows, E[x^2] - mean^2 cancels
     cases.append(ModulateCase("magnitude_1000", big.to(device=device, dtype=dtype), rnd(2, 64), rnd(2, 64),
                               rnd(2, 4, 64)))

@@ -268,7 +268,7 @@ def _dummy(t, like):
 # ------------------------------------------------------------------------------------ launchers
 # Same argument order as the compiled modules' functions (genfast/ops/modulate.py passes tensors
 # here where it passes data pointers there); shapes and strides are checked by the caller.
-def modulate_fwd(out, x, shift, scale, mean, rstd, *, B, N, C, strides, eps, rms, dtype=None):
+def modulate_fwd(out, x, shift, scale, mean, rstd, B, N, C, strides, eps, rms, dtype=None):
     if C > MAX_C:
         raise ValueError(f"the Triton modulate kernel holds rows of at most {MAX_C} channels, got C={C}")
     block = triton.next_power_of_2(C)
@@ -291,7 +291,7 @@ def reduce_groups(out, partial, ngroups, group, width):
     _reduce(out, sums, 1, ngroups, width, width)
 
 
-def modulate_bwd(dx, dshift, dscale, partial, grad, x, scale, mean, rstd, *, B, N, C, strides, chunk_rows,
+def modulate_bwd(dx, dshift, dscale, partial, grad, x, scale, mean, rstd, B, N, C, strides, chunk_rows,
                  per_sample, rms, dtype=None, addend=None):
     if C > MAX_C:
         raise ValueError(f"the Triton modulate kernel holds rows of at most {MAX_C} channels, got C={C}")
@@ -310,13 +310,13 @@ def modulate_bwd(dx, dshift, dscale, partial, grad, x, scale, mean, rstd, *, B, 
         _reduce(dshift, partial[:, :, 1], B, nchunks, 2 * C, C)
 
 
-def gated_residual_fwd(out, x, gate, y, *, B, N, C, strides, dtype=None):
+def gated_residual_fwd(out, x, gate, y, B, N, C, strides, dtype=None):
     block = min(1024, triton.next_power_of_2(C))
     gated_fwd_kernel[(B * N, triton.cdiv(C, block))](
         out, x, gate, y, N, C, *strides, BLOCK_C=block, BF16_RTNE=_rtne(out), num_warps=4)
 
 
-def gated_residual_bwd(dy, dgate, partial, grad, gate, y, *, B, N, C, strides, chunk_rows, per_sample,
+def gated_residual_bwd(dy, dgate, partial, grad, gate, y, B, N, C, strides, chunk_rows, per_sample,
                        dtype=None, dbias=None, bias_partial=None):
     rows = chunk_rows if per_sample else GATED_ROWS
     nchunks = triton.cdiv(N, rows)

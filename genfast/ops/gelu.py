@@ -164,7 +164,7 @@ def _bwd_bias_impl(grad, h):
     dtype = h.dtype
     if m == 0 or k == 0:
         return torch.empty(m, k, dtype=dtype, device=h.device), torch.zeros(k, dtype=dtype, device=h.device)
-    grad, h = grad.contiguous(), h.contiguous()
+    grad, h = _contig(grad), _contig(h)
     name = backends.choose_cached("gelu_tanh_backward_bias", h.device.type, (dtype,), _reasons)
     if name == "reference":
         dh = torch.ops.aten.gelu_backward(grad, h, approximate="tanh").contiguous()
@@ -179,10 +179,15 @@ def _bwd_bias_impl(grad, h):
 
         tk.gelu_tanh_backward_bias(*args, M=m, K=k, chunk_rows=ROWS, chunk_group=GROUP)
     else:
-        mod = _native.for_backend(name)
-        mod.gelu_tanh_backward_bias(*(t.data_ptr() for t in args), M=m, K=k, chunk_rows=ROWS, chunk_group=GROUP,
-                                    dtype=DTYPE_CODE[dtype], stream=cuda_stream(h) if name == "cuda" else 0)
+        # positional: pybind11 matches keywords ~3 us slower per call (host-bound DiT block backward)
+        _native.for_backend(name).gelu_tanh_backward_bias(
+            dh.data_ptr(), dbias.data_ptr(), args[2].data_ptr(), grad.data_ptr(), h.data_ptr(), m, k, ROWS, GROUP,
+            DTYPE_CODE[dtype], cuda_stream(h) if name == "cuda" else 0)
     return dh, dbias
+
+
+def _contig(t):
+    return t if t.is_contiguous() else t.contiguous()  # (is_contiguous: ~0.3 us; contiguous(): ~1-2 us)
 
 
 def _sums_workspace(m, width, device):
@@ -205,7 +210,7 @@ def column_sums(tensors):
     if name == "reference":
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         return torch.cat([t.sum(0, dtype=acc) for t in tensors]).to(dtype)
-    tensors = [t.contiguous() for t in tensors]
+    tensors = [_contig(t) for t in tensors]
     out = torch.empty(total, dtype=dtype, device=dev)
     partial = _sums_workspace(m, total, dev)
     if name == "triton":
@@ -213,8 +218,7 @@ def column_sums(tensors):
 
         tk.column_sums(tensors, out, partial, M=m, chunk_rows=ROWS, chunk_group=GROUP)
     else:
-        mod = _native.for_backend(name)
-        mod.column_sums([t.data_ptr() for t in tensors], [t.shape[1] for t in tensors], out.data_ptr(),
-                        partial.data_ptr(), M=m, chunk_rows=ROWS, chunk_group=GROUP, dtype=DTYPE_CODE[dtype],
-                        stream=cuda_stream(out) if name == "cuda" else 0)
+        _native.for_backend(name).column_sums(
+            [t.data_ptr() for t in tensors], [t.shape[1] for t in tensors], out.data_ptr(), partial.data_ptr(), m,
+            ROWS, GROUP, DTYPE_CODE[dtype], cuda_stream(out) if name == "cuda" else 0)
     return out

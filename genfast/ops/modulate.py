@@ -54,8 +54,8 @@ def adaln_modulate(x, shift, scale, *, eps=1e-6, norm="layer"):
     if route == "op" and transformed():
         return reference.adaln_modulate(x, shift, scale, eps=eps, norm=norm)
     if route == "direct":
-        return _modulate_impl(x, _as3(shift), _as3(scale), eps, rms)[0]
-    if route == "function":  # [B, C] forms go in as they are (see _as3)
+        return _modulate_impl(x, shift, scale, eps, rms)[0]
+    if route == "function":  # [B, C] forms go in as they are (the kernels' wrappers take them)
         return _ModulateFunction.apply(x, shift, scale, eps, rms)
     return torch.ops.genfast.adaln_modulate(x, _as3(shift), _as3(scale), eps, rms)[0]
 
@@ -73,8 +73,8 @@ def gated_residual(x, gate, y):
     if route == "op" and transformed():
         return reference.gated_residual(x, gate, y)
     if route == "direct":
-        return _gated_impl(x, _as3(gate), y)
-    if route == "function":  # a [B, C] gate goes in as it is (see _as3)
+        return _gated_impl(x, gate, y)
+    if route == "function":  # a [B, C] gate goes in as it is
         return _GatedFunction.apply(x, gate, y)
     return torch.ops.genfast.gated_residual(x, _as3(gate), y)
 
@@ -122,16 +122,9 @@ def _check_modulation(name, t, x):
 
 
 def _as3(t):
-    """A [B, C] modulation as the [B, 1, C] view the kernels and the registered ops take (None and
-    3-D forms as they are). The autograd.Functions call it inside forward and backward, where the
-    view is not recorded: unsqueezing a tensor that requires grad before the call added a view node
-    (1-3 us of a tiny call's forward + backward on the CPU, [2, 8, 64])."""
+    """A [B, C] modulation as the [B, 1, C] view the registered ops and the torch formulas take (None
+    and 3-D forms as they are). The kernels' wrappers take [B, C] as it is (see _bn)."""
     return t.unsqueeze(1) if t is not None and t.dim() == 2 else t
-
-
-def _as_given(g, t):
-    """Gradient g of _as3(t) in t's own shape (None stays None)."""
-    return g.view(t.shape) if g is not None and t.dim() == 2 else g
 
 
 # ----------------------------------------------------------------------------------- backends
@@ -150,9 +143,24 @@ def _sums_in_thread(name, b):
     return name == "cpu" and (b % threads == 0 or b >= 4 * threads)
 
 
-def _unit_c(t):
-    """t with channel stride 1 (a copy only when it is not)."""
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+def _bn(t, n):
+    """(t with channel stride 1, its batch stride, its row stride) for a [B, C], [B, 1, C] or [B, N, C]
+    tensor; a row stride of 0 where t is broadcast over the N rows. One stride() read: each tensor
+    attribute costs ~0.3-1 us from Python, and these wrappers run on host-bound paths (small tensors,
+    GPU launches); [B, C] modulations are taken as they are (an unsqueeze costs ~2-3 us)."""
+    s = t.stride()
+    if s[-1] != 1 and t.shape[-1] > 1:
+        t = t.contiguous()
+        s = t.stride()
+    if len(s) == 2:
+        return t, s[0], 0
+    return t, s[0], (s[1] if n != 1 and t.shape[1] == n else 0)
+
+
+def _per_sample(t, n):
+    """Whether modulation t ([B, C], [B, 1, C] or [B, N, C]) is one row per sample broadcast over
+    N > 1 rows (its gradient a sum over the rows)."""
+    return n != 1 and (t.dim() == 2 or t.shape[1] == 1)
 
 
 def _as_shape(t, shape):
@@ -160,25 +168,24 @@ def _as_shape(t, shape):
     return t if t.shape == shape else t.reshape(shape)
 
 
-def _rs(t, n):
-    """(batch, row) strides of a [B, 1 | N, C] tensor; a broadcast middle dim gets stride 0."""
-    return t.stride(0), (t.stride(1) if t.shape[1] == n and n != 1 else 0)
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
 
 
-def _launch(name, fn, tensors, tensor_kw=None, **kw):
-    """Runs kernel `fn` of backend `name`: tensors (or None) become pointers for compiled modules;
-    tensor_kw: tensors passed by keyword (pointers there too)."""
+def _launch(name, fn, tensors, args, tail=()):
+    """Runs kernel fn of backend name with positional arguments in the compiled modules' order: the
+    tensors, the other args, then the optional trailing tensors (tail); data pointers (0 for None)
+    for the compiled modules, with the CUDA stream last, the tensors themselves for the Triton
+    launchers (genfast/kernels/modulate.py, same order). Positional: pybind11 matches keywords
+    ~3 us slower per call on the CPU."""
     if name == "triton":
         from genfast.kernels import modulate as tk
 
-        getattr(tk, fn)(*tensors, **(tensor_kw or {}), **kw)  # same argument order, tensors instead of pointers
+        getattr(tk, fn)(*tensors, *args, *tail)
         return
-    mod = _native.for_backend(name)
-    ref = next(t for t in tensors if t is not None)
-    ptrs = [t.data_ptr() if t is not None else 0 for t in tensors]
-    if tensor_kw:
-        kw.update({k: t.data_ptr() if t is not None else 0 for k, t in tensor_kw.items()})
-    getattr(mod, fn)(*ptrs, **kw, stream=cuda_stream(ref) if name == "cuda" else 0)
+    getattr(_native.for_backend(name), fn)(*map(_ptr, tensors), *args, *map(_ptr, tail),
+                                           cuda_stream(next(t for t in tensors if t is not None))
+                                           if name == "cuda" else 0)
 
 
 # ---------------------------------------------------------------------------- adaln_modulate
@@ -197,12 +204,12 @@ def _modulate_impl(x, shift, scale, eps, rms, out=None):
         rstd.copy_(torch.rsqrt(((xf - m[..., None]) ** 2).mean(-1) + eps))
         out = reference.adaln_modulate(x, shift, scale, eps=eps, norm="rms" if rms else "layer")
         return out.contiguous(), mean, rstd
-    x, scale = _unit_c(x), _unit_c(scale)
-    shift = _unit_c(shift) if shift is not None else None
-    out = torch.empty(b, n, c, device=x.device, dtype=x.dtype) if out is None else out
-    strides = (*out.stride()[:2], *x.stride()[:2], *(_rs(shift, n) if shift is not None else (0, 0)), *_rs(scale, n))
-    _launch(name, "modulate_fwd", (out, x, shift, scale, mean, rstd), B=b, N=n, C=c, strides=strides, eps=float(eps),
-            rms=bool(rms), dtype=DTYPE_CODE[x.dtype])
+    x, x_sb, x_sn = _bn(x, n)
+    scale, sc_sb, sc_sn = _bn(scale, n)
+    shift, sh_sb, sh_sn = _bn(shift, n) if shift is not None else (None, 0, 0)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
+    _launch(name, "modulate_fwd", (out, x, shift, scale, mean, rstd),
+            (b, n, c, (n * c, c, x_sb, x_sn, sh_sb, sh_sn, sc_sb, sc_sn), float(eps), bool(rms), DTYPE_CODE[x.dtype]))
     return out, mean, rstd
 
 
@@ -219,26 +226,27 @@ def _modulate_bwd_impl(grad, x, shift, scale, mean, rstd, eps, rms, needs, adden
                 torch.zeros_like(shift) if need_shift else nothing, torch.zeros_like(scale) if need_scale else nothing)
     name = backend_for(x)
     if name == "reference":
-        dx, dshift, dscale = _reference_backward(grad, x, shift, scale, eps, rms, needs)
-        return (dx + addend if addend is not None else dx), dshift, dscale
-    per_sample = scale.shape[1] == 1 and n != 1
-    shift_per_sample = shift is not None and shift.shape[1] == 1 and n != 1
+        dx, dshift, dscale = _reference_backward(grad, x, _as3(shift), _as3(scale), eps, rms, needs)
+        return ((dx + addend if addend is not None else dx), dshift.view(shift.shape) if need_shift else dshift,
+                dscale.view(scale.shape) if need_scale else dscale)
+    per_sample = _per_sample(scale, n)
+    shift_per_sample = shift is not None and _per_sample(shift, n)
     kernel_dshift = need_shift and shift_per_sample and per_sample  # else dshift is grad or its sum over N
-    grad, x, scale = _unit_c(grad), _unit_c(x), _unit_c(scale)
-    dx = torch.empty(b, n, c, device=x.device, dtype=x.dtype) if need_x else None
-    red_shape = (b, 1, c) if per_sample else (b, n, c)
-    dscale = torch.empty(red_shape, device=x.device, dtype=x.dtype) if need_scale else None
-    dshift = torch.empty(red_shape, device=x.device, dtype=x.dtype) if kernel_dshift else None
+    grad, g_sb, g_sn = _bn(grad, n)
+    x, x_sb, x_sn = _bn(x, n)
+    scale, sc_sb, sc_sn = _bn(scale, n)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+    # in the modulations' own shapes: B x C (per sample, or N = 1) or B x N x C values, contiguous
+    dscale = torch.empty(scale.shape, device=x.device, dtype=x.dtype) if need_scale else None
+    dshift = torch.empty(shift.shape, device=x.device, dtype=x.dtype) if kernel_dshift else None
     nchunks = -(-n // CHUNK_ROWS)
     partial = (torch.empty(b, nchunks, 2, c, device=x.device, dtype=torch.float32)
                if per_sample and (need_scale or kernel_dshift) and not _sums_in_thread(name, b) else None)
     if need_x or need_scale or kernel_dshift:
-        strides = (*(dx.stride()[:2] if dx is not None else (0, 0)), *grad.stride()[:2], *x.stride()[:2],
-                   *_rs(scale, n))
+        strides = (n * c if need_x else 0, c if need_x else 0, g_sb, g_sn, x_sb, x_sn, sc_sb, sc_sn)
         _launch(name, "modulate_bwd", (dx, dshift, dscale, partial, grad, x, scale, mean, rstd),
-                {"addend": addend.contiguous()} if addend is not None and need_x else None, B=b, N=n, C=c,
-                strides=strides, chunk_rows=CHUNK_ROWS, per_sample=per_sample, rms=bool(rms),
-                dtype=DTYPE_CODE[x.dtype])
+                (b, n, c, strides, CHUNK_ROWS, per_sample, bool(rms), DTYPE_CODE[x.dtype]),
+                (addend.contiguous() if addend is not None and need_x else None,))
     if need_shift and not kernel_dshift:  # (the autograd formula does not ask for these: see _dshift)
         dshift = _dshift(grad, shift_per_sample).clone()
     return (dx if need_x else nothing, _as_shape(dshift, shift.shape) if need_shift else nothing,
@@ -313,7 +321,7 @@ def _modulate_grads(backward_op, needs, grad, x, shift, scale, mean, rstd, eps, 
     (the impl with an addend for dx: see _modulate_bwd_impl)."""
     needs = [bool(v) for v in needs]
     n = x.shape[1]
-    shift_ps, scale_ps = shift is not None and shift.shape[1] == 1 and n != 1, scale.shape[1] == 1 and n != 1
+    shift_ps, scale_ps = shift is not None and _per_sample(shift, n), _per_sample(scale, n)
     # The fused kernel sums dshift beside dscale when both are per sample; per token dshift is grad itself,
     # returned here without a copy (a custom op may not return an alias of its input).
     kernel_dshift = needs[1] and shift_ps and scale_ps
@@ -331,7 +339,7 @@ class _ModulateFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, shift, scale, eps, rms):
-        out, mean, rstd = _modulate_impl(x, _as3(shift), _as3(scale), eps, rms)
+        out, mean, rstd = _modulate_impl(x, shift, scale, eps, rms)
         ctx.eps, ctx.rms = eps, rms
         ctx.save_for_backward(x, shift, scale, mean, rstd)
         return out
@@ -341,9 +349,9 @@ class _ModulateFunction(torch.autograd.Function):
         x, shift, scale, mean, rstd = ctx.saved_tensors
         if backward_by_reference(grad):
             return _modulate_graph_grads(ctx, grad, x, shift, scale)
-        dx, dshift, dscale = _modulate_grads(_modulate_bwd_impl, ctx.needs_input_grad[:3], grad, x, _as3(shift),
-                                             _as3(scale), mean, rstd, ctx.eps, ctx.rms)
-        return dx, _as_given(dshift, shift) if shift is not None else None, _as_given(dscale, scale), None, None
+        # (the gradients come in the modulations' own shapes, [B, C] included)
+        return (*_modulate_grads(_modulate_bwd_impl, ctx.needs_input_grad[:3], grad, x, shift, scale, mean, rstd,
+                                 ctx.eps, ctx.rms), None, None)
 
 
 # ---------------------------------------------------------------------------- gated_residual
@@ -355,10 +363,12 @@ def _gated_impl(x, gate, y, out=None):
     name = backend_for(x, "gated_residual")
     if name == "reference":
         return reference.gated_residual(x, gate, y).contiguous()
-    x, gate, y = _unit_c(x), _unit_c(gate), _unit_c(y)
-    out = torch.empty(b, n, c, device=x.device, dtype=x.dtype) if out is None else out
-    strides = (*out.stride()[:2], *x.stride()[:2], *_rs(gate, n), *y.stride()[:2])
-    _launch(name, "gated_residual_fwd", (out, x, gate, y), B=b, N=n, C=c, strides=strides, dtype=DTYPE_CODE[x.dtype])
+    x, x_sb, x_sn = _bn(x, n)
+    gate, g_sb, g_sn = _bn(gate, n)
+    y, y_sb, y_sn = _bn(y, n)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
+    _launch(name, "gated_residual_fwd", (out, x, gate, y),
+            (b, n, c, (n * c, c, x_sb, x_sn, g_sb, g_sn, y_sb, y_sn), DTYPE_CODE[x.dtype]))
     return out
 
 
@@ -392,31 +402,33 @@ def gated_bwd(grad, gate, y, need_y, need_gate, need_bias=False, dy_out=None):
         return (torch.zeros_like(y) if need_y else None, torch.zeros_like(gate) if need_gate else None,
                 y.new_zeros(c) if need_bias else None)
     name = backend_for(y, "gated_residual")
-    per_sample = gate.shape[1] == 1 and n != 1
+    per_sample = _per_sample(gate, n)
     dbias = None
     if name == "reference":
-        dy, dgate = _gated_torch_grads(grad, gate, y, gate.shape, need_y, need_gate)
+        dy, dgate = _gated_torch_grads(grad, _as3(gate), y, _as3(gate).shape, need_y, need_gate)
         dy = dy.contiguous() if need_y else None
         dgate = dgate.contiguous().reshape(gate.shape) if need_gate else None
     else:
-        grad, gate, y = _unit_c(grad), _unit_c(gate), _unit_c(y)
+        grad, g_sb, g_sn = _bn(grad, n)
+        gate, ga_sb, ga_sn = _bn(gate, n)
+        y, y_sb, y_sn = _bn(y, n)
         dy = None
         if need_y:
-            dy = dy_out if dy_out is not None else torch.empty(b, n, c, device=y.device, dtype=y.dtype)
-        dgate = torch.empty((b, 1, c) if per_sample else (b, n, c), device=y.device, dtype=y.dtype) if need_gate else None
+            dy = dy_out if dy_out is not None else torch.empty_like(y, memory_format=torch.contiguous_format)
+        # in the gate's own shape: B x C (per sample, or N = 1) or B x N x C values, contiguous
+        dgate = torch.empty(gate.shape, device=y.device, dtype=y.dtype) if need_gate else None
         nchunks = -(-n // CHUNK_ROWS)
         partial = (torch.empty(b, nchunks, c, device=y.device, dtype=torch.float32)
                    if per_sample and need_gate and not _sums_in_thread(name, b) else None)
-        bias_kw = None
+        tail = (None, None)
         if need_bias and per_sample:
             dbias = torch.empty(c, device=y.device, dtype=y.dtype)
             # chunk sums [B * nchunks, C], then the per-sample sums [B, C] (see csrc/modulate.h)
-            bias_kw = {"dbias": dbias,
-                       "bias_partial": torch.empty(b * (nchunks + 1), c, device=y.device, dtype=torch.float32)}
+            tail = (dbias, torch.empty(b * (nchunks + 1), c, device=y.device, dtype=torch.float32))
         if need_y or need_gate:
-            strides = (*grad.stride()[:2], *_rs(gate, n), *y.stride()[:2])
-            _launch(name, "gated_residual_bwd", (dy, dgate, partial, grad, gate, y), bias_kw, B=b, N=n, C=c,
-                    strides=strides, chunk_rows=CHUNK_ROWS, per_sample=per_sample, dtype=DTYPE_CODE[y.dtype])
+            _launch(name, "gated_residual_bwd", (dy, dgate, partial, grad, gate, y),
+                    (b, n, c, (g_sb, g_sn, ga_sb, ga_sn, y_sb, y_sn), CHUNK_ROWS, per_sample, DTYPE_CODE[y.dtype]),
+                    tail)
         dgate = _as_shape(dgate, gate.shape) if need_gate else None
     if need_bias and dbias is None:  # reference, or a per-token gate: torch's column sums of dy
         ct = torch.float64 if y.dtype == torch.float64 else torch.float32
@@ -472,15 +484,18 @@ class _GatedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate, y):
         _gated_setup(ctx, (x, gate, y), None)
-        return _gated_impl(x, _as3(gate), y)
+        return _gated_impl(x, gate, y)
 
     @staticmethod
     def backward(ctx, grad):
         gate, y = ctx.saved_tensors
-        (b, *rest), dtype = ctx.gate_meta
-        meta3 = ((b, 1, *rest) if len(rest) == 1 else (b, *rest), dtype)  # the [B, 1, C] form of a [B, C] gate
+        shape, dtype = ctx.gate_meta
+        if len(shape) == 3 or not backward_by_reference(grad):  # the kernels take a [B, C] gate as it is
+            return _gated_grads(_gated_bwd_impl, ctx.needs_input_grad, grad, gate, y, ctx.gate_meta)
+        # the torch formulas (a double backward) take its [B, 1, C] form
+        meta3 = ((shape[0], 1, shape[1]), dtype)
         dx, dgate, dy = _gated_grads(_gated_bwd_impl, ctx.needs_input_grad, grad, _as3(gate), y, meta3)
-        return dx, dgate.view(ctx.gate_meta[0]) if dgate is not None else None, dy
+        return dx, dgate.view(shape) if dgate is not None else None, dy
 
 
 # ------------------------------------------------------------------------- torch.library glue
