@@ -95,18 +95,21 @@ def fused_block_ok(block, x, c):
     mods = block._modules
     attn, mlp, ada = mods["attn"], mods["mlp"], mods["adaLN_modulation"]  # (a Sequential of SiLU, Linear)
     silu, ada_lin = ada._modules["0"], ada._modules["1"]
-    if _linear.has_hooks(attn) or _linear.has_hooks(mlp) or _linear.has_hooks(ada) or _linear.has_hooks(silu):
-        return False
     linears = (attn._modules["qkv"], attn._modules["proj"], mlp._modules["fc1"], mlp._modules["fc2"], ada_lin)
+    # hooks (the global ones checked once) and plain Linears (as _linear.plain_linear)
+    own_hooks = _linear.own_hooks
+    if _linear.global_hooks() or own_hooks(attn) or own_hooks(mlp) or own_hooks(ada) or own_hooks(silu):
+        return False
     for m in linears:
-        if not _linear.plain_linear(m):
+        if type(m) is not torch.nn.Linear or "weight" not in m._parameters or own_hooks(m):
             return False
         w, b = m._parameters["weight"], m._parameters.get("bias")
         if b is None or w.dtype != x.dtype or type(w) not in _PLAIN or type(b) not in _PLAIN:  # DTensor, fake, ...
             return False
     if dispatcher_needed(x, c):
         return False
-    return qkv_head_width(attn.head_dim, x.dtype, x.device) == attn.head_dim
+    d = attn.head_dim
+    return x.device.type != "cuda" or qkv_head_width(d, x.dtype, x.device) == d
 
 
 def block_forward(block, x, c, eps=1e-6):

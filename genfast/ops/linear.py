@@ -227,10 +227,20 @@ def has_hooks(module):
     """Whether calling module would run hooks (its own or global forward / backward ones): then it must
     be called, not bypassed. (The old-style torch.nn.utils.weight_norm / spectral_norm compute the
     weight in a forward pre-hook: bypassing it would use a stale weight.)"""
-    g = _module_mod
+    return own_hooks(module) or global_hooks()
+
+
+def own_hooks(module):
+    """Whether module has hooks of its own (has_hooks without the global ones)."""
     return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
-                or module._backward_hooks or g._global_forward_pre_hooks or g._global_forward_hooks
-                or g._global_backward_pre_hooks or g._global_backward_hooks)
+                or module._backward_hooks)
+
+
+def global_hooks():
+    """Whether global module hooks are registered (torch.nn.modules.module.register_module_*_hook)."""
+    g = _module_mod
+    return bool(g._global_forward_pre_hooks or g._global_forward_hooks or g._global_backward_pre_hooks
+                or g._global_backward_hooks)
 
 
 def plain_linear(layer):

@@ -463,11 +463,12 @@ def _gated_backward(ctx, grad):
     return _gated_grads(torch.ops.genfast.gated_residual_backward, ctx.needs_input_grad, grad, gate, y, ctx.gate_meta)
 
 
-def _gated_grads(backward_op, needs, grad, gate, y, gate_meta):
-    """(dx, dgate, dy), None where not needed; dx is grad itself. gate: [B, 1 | N, C]."""
+def _gated_grads(backward_op, needs, grad, gate, y, gate_meta, by_reference=None):
+    """(dx, dgate, dy), None where not needed; dx is grad itself. gate: [B, 1 | N, C] ([B, C] for the
+    kernels' wrappers); by_reference: backward_by_reference(grad) where the caller has it."""
     need_y, need_gate = bool(needs[2]), bool(needs[1])
     dy = dgate = None
-    if backward_by_reference(grad):  # create_graph or batched grads: the formulas in torch ops
+    if backward_by_reference(grad) if by_reference is None else by_reference:  # create_graph or batched grads
         dy, dgate = _gated_torch_grads(grad, gate, y, gate_meta[0], need_y, need_gate)
         return grad if needs[0] else None, dgate, dy
     if need_y or need_gate:
@@ -490,11 +491,12 @@ class _GatedFunction(torch.autograd.Function):
     def backward(ctx, grad):
         gate, y = ctx.saved_tensors
         shape, dtype = ctx.gate_meta
-        if len(shape) == 3 or not backward_by_reference(grad):  # the kernels take a [B, C] gate as it is
-            return _gated_grads(_gated_bwd_impl, ctx.needs_input_grad, grad, gate, y, ctx.gate_meta)
+        by_reference = backward_by_reference(grad)
+        if len(shape) == 3 or not by_reference:  # the kernels take a [B, C] gate as it is
+            return _gated_grads(_gated_bwd_impl, ctx.needs_input_grad, grad, gate, y, ctx.gate_meta, by_reference)
         # the torch formulas (a double backward) take its [B, 1, C] form
         meta3 = ((shape[0], 1, shape[1]), dtype)
-        dx, dgate, dy = _gated_grads(_gated_bwd_impl, ctx.needs_input_grad, grad, _as3(gate), y, meta3)
+        dx, dgate, dy = _gated_grads(_gated_bwd_impl, ctx.needs_input_grad, grad, _as3(gate), y, meta3, True)
         return dx, dgate.view(shape) if dgate is not None else None, dy
 
 
