@@ -190,7 +190,9 @@ _reasons = kernel_reasons  # fp32/fp16/bf16 on every kernel backend; fp64 goes t
 
 
 def backend_for(x):
-    return backends.choose(OP, x.device.type, _reasons(x.device.type, x.dtype))
+    # cached per device type and dtype (and the environment: backends.choose_cached); the forward and
+    # the backward each ask once, and small VAE latents make the call host-bound
+    return backends.choose_cached(OP, x.device.type, (x.dtype,), _reasons)
 
 
 def _rs(t):
