@@ -136,7 +136,10 @@ def dispatcher_needed(*tensors):
         return True
     if torch._C._len_torch_dispatch_stack() or _transform_active():
         return True
-    return any(t is not None and type(t) is not torch.Tensor for t in tensors)
+    for t in tensors:  # (a loop: any() over a generator costs ~0.5 us more a call)
+        if t is not None and type(t) is not torch.Tensor:
+            return True
+    return False
 
 
 def _transform_active():
@@ -205,7 +208,11 @@ def finite(v):
 
 
 def needs_grad(*tensors):
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return True
+    return False
 
 
 def kernel_dtype_reasons(dtype):
