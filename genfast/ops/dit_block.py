@@ -96,12 +96,12 @@ def fused_block_ok(block, x, c):
     attn, mlp, ada = mods["attn"], mods["mlp"], mods["adaLN_modulation"]  # (a Sequential of SiLU, Linear)
     silu, ada_lin = ada._modules["0"], ada._modules["1"]
     linears = (attn._modules["qkv"], attn._modules["proj"], mlp._modules["fc1"], mlp._modules["fc2"], ada_lin)
-    # hooks (the global ones checked once) and plain Linears (as _linear.plain_linear)
+    # hooks (the global ones checked once) and plain Linears (_linear.plain_linear)
     own_hooks = _linear.own_hooks
     if _linear.global_hooks() or own_hooks(attn) or own_hooks(mlp) or own_hooks(ada) or own_hooks(silu):
         return False
     for m in linears:
-        if type(m) is not torch.nn.Linear or "weight" not in m._parameters or own_hooks(m):
+        if not _linear.plain_linear_own(m):
             return False
         w, b = m._parameters["weight"], m._parameters.get("bias")
         if b is None or w.dtype != x.dtype or type(w) not in _PLAIN or type(b) not in _PLAIN:  # DTensor, fake, ...

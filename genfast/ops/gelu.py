@@ -173,15 +173,15 @@ def _bwd_bias_impl(grad, h):
     dh = (reused_buffer(_kept, ("bwd", dtype), (m, k), dtype, h.device) if name == "cpu"  # as _bwd_impl's
           else torch.empty(m, k, dtype=dtype, device=h.device))
     dbias = torch.empty(k, dtype=dtype, device=h.device)
-    args = (dh, dbias, _sums_workspace(m, k, h.device), grad, h)
+    partial = _sums_workspace(m, k, h.device)
     if name == "triton":
         from genfast.kernels import gelu as tk
 
-        tk.gelu_tanh_backward_bias(*args, M=m, K=k, chunk_rows=ROWS, chunk_group=GROUP)
+        tk.gelu_tanh_backward_bias(dh, dbias, partial, grad, h, M=m, K=k, chunk_rows=ROWS, chunk_group=GROUP)
     else:
         # positional: pybind11 matches keywords ~3 us slower per call (host-bound DiT block backward)
         _native.for_backend(name).gelu_tanh_backward_bias(
-            dh.data_ptr(), dbias.data_ptr(), args[2].data_ptr(), grad.data_ptr(), h.data_ptr(), m, k, ROWS, GROUP,
+            dh.data_ptr(), dbias.data_ptr(), partial.data_ptr(), grad.data_ptr(), h.data_ptr(), m, k, ROWS, GROUP,
             DTYPE_CODE[dtype], cuda_stream(h) if name == "cuda" else 0)
     return dh, dbias
 

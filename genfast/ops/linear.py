@@ -246,7 +246,12 @@ def global_hooks():
 def plain_linear(layer):
     """Whether layer(x) is exactly F.linear(x, layer.weight, layer.bias) with a Parameter weight: a
     torch.nn.Linear (not a subclass or a parametrized one), no hooks."""
-    return type(layer) is torch.nn.Linear and "weight" in layer._parameters and not has_hooks(layer)
+    return plain_linear_own(layer) and not global_hooks()
+
+
+def plain_linear_own(layer):
+    """plain_linear without the global hooks (callers checking many layers ask global_hooks() once)."""
+    return type(layer) is torch.nn.Linear and "weight" in layer._parameters and not own_hooks(layer)
 
 
 def linear_layer(layer, x):

@@ -249,8 +249,9 @@ def _modulate_bwd_impl(grad, x, shift, scale, mean, rstd, eps, rms, needs, adden
                 (addend.contiguous() if addend is not None and need_x else None,))
     if need_shift and not kernel_dshift:  # (the autograd formula does not ask for these: see _dshift)
         dshift = _dshift(grad, shift_per_sample).clone()
+    # (dscale is allocated in scale's shape; dshift from _dshift may be [B, 1, C] for a [B, C] shift)
     return (dx if need_x else nothing, _as_shape(dshift, shift.shape) if need_shift else nothing,
-            _as_shape(dscale, scale.shape) if need_scale else nothing)
+            dscale if need_scale else nothing)
 
 
 def _reference_backward(grad, x, shift, scale, eps, rms, needs):
@@ -429,7 +430,6 @@ def gated_bwd(grad, gate, y, need_y, need_gate, need_bias=False, dy_out=None):
             _launch(name, "gated_residual_bwd", (dy, dgate, partial, grad, gate, y),
                     (b, n, c, (g_sb, g_sn, ga_sb, ga_sn, y_sb, y_sn), CHUNK_ROWS, per_sample, DTYPE_CODE[y.dtype]),
                     tail)
-        dgate = _as_shape(dgate, gate.shape) if need_gate else None
     if need_bias and dbias is None:  # reference, or a per-token gate: torch's column sums of dy
         ct = torch.float64 if y.dtype == torch.float64 else torch.float32
         dbias = dy.view(b * n, c).sum(0, dtype=ct).to(y.dtype)
