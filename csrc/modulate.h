@@ -28,8 +28,8 @@ struct ModulateParams {
   const void* x;        // [B, N, C] strides (x_sb, x_sn, 1)
   const void* shift;    // nullptr: no shift
   const void* scale;
-  float* mean;          // [B * N] fp32, written (0 for rms): saved for the backward
-  float* rstd;          // [B * N] fp32, written
+  float* mean;          // [B * N] fp32, written (0 for rms): saved for the backward; both null:
+  float* rstd;          // [B * N] fp32, written                  not written (inference)
   int64_t B, N, C;
   int64_t out_sb, out_sn, x_sb, x_sn, shift_sb, shift_sn, scale_sb, scale_sn;
   float eps;

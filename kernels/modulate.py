@@ -47,8 +47,8 @@ def modulate_fwd_kernel(
     x_ptr,  # [B, N, C] strides (x_sb, x_sn, 1)
     shift_ptr,  # [B, N | 1, C] strides (shift_sb, shift_sn, 1); unused if not HAS_SHIFT
     scale_ptr,  # [B, N | 1, C] strides (scale_sb, scale_sn, 1)
-    mean_ptr,  # [B * N] fp32, written (0 for rms)
-    rstd_ptr,  # [B * N] fp32, written
+    mean_ptr,  # [B * N] fp32, written (0 for rms); unused if not STATS
+    rstd_ptr,  # [B * N] fp32, written; unused if not STATS
     N,  # scalar int: tokens per sample
     C,  # scalar int: channels
     out_sb, out_sn, x_sb, x_sn,  # scalar ints: strides in elements
@@ -56,6 +56,7 @@ def modulate_fwd_kernel(
     eps,  # scalar fp32
     HAS_SHIFT: tl.constexpr,  # bool
     RMS: tl.constexpr,  # bool: rms norm (no mean) instead of layer norm
+    STATS: tl.constexpr,  # bool: store mean / rstd (False: an inference call, nothing saves them)
     BLOCK_C: tl.constexpr,  # power of two >= C
     BF16_RTNE: tl.constexpr,  # bool: round to bf16 by hand (interpreter only)
 ):
@@ -77,8 +78,9 @@ def modulate_fwd_kernel(
     if HAS_SHIFT:
         y += tl.load(shift_ptr + b * shift_sb + n * shift_sn + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + b * out_sb + n * out_sn + cols, _out_value(y, out_ptr, BF16_RTNE), mask=mask)
-    tl.store(mean_ptr + r, mean)
-    tl.store(rstd_ptr + r, rstd)
+    if STATS:
+        tl.store(mean_ptr + r, mean)
+        tl.store(rstd_ptr + r, rstd)
 
 
 @triton.jit
@@ -273,8 +275,8 @@ def modulate_fwd(out, x, shift, scale, mean, rstd, B, N, C, strides, eps, rms, d
         raise ValueError(f"the Triton modulate kernel holds rows of at most {MAX_C} channels, got C={C}")
     block = triton.next_power_of_2(C)
     modulate_fwd_kernel[(B * N,)](
-        out, x, _dummy(shift, scale), scale, mean, rstd, N, C, *strides, float(eps),
-        HAS_SHIFT=shift is not None, RMS=bool(rms), BLOCK_C=block, BF16_RTNE=_rtne(out), num_warps=_fwd_warps(block))
+        out, x, _dummy(shift, scale), scale, _dummy(mean, out), _dummy(rstd, out), N, C, *strides, float(eps),
+        HAS_SHIFT=shift is not None, RMS=bool(rms), STATS=mean is not None, BLOCK_C=block, BF16_RTNE=_rtne(out), num_warps=_fwd_warps(block))
 
 
 def _reduce(out, partial, B, nchunks, stride_k, C):
@@ -347,7 +349,7 @@ def _aot_fwd(dtype, block, has_shift, rms):
     ints = ("N", "C", "out_sb", "out_sn", "x_sb", "x_sn", "shift_sb", "shift_sn", "scale_sb", "scale_sn")
     return {"name": f"modulate_fwd[{dtype},C<={block}{',rms' if rms else ''}{'' if has_shift else ',noshift'}]",
             "kernel": modulate_fwd_kernel, "signature": _sig(ptrs, ints, ("eps",)),
-            "constexprs": {"HAS_SHIFT": has_shift, "RMS": rms, "BLOCK_C": block, "BF16_RTNE": False},
+            "constexprs": {"HAS_SHIFT": has_shift, "RMS": rms, "STATS": True, "BLOCK_C": block, "BF16_RTNE": False},
             "divisible_by_16": list(ptrs) + ["out_sb", "out_sn", "x_sb", "x_sn", "shift_sb", "scale_sb"],
             "num_warps": _fwd_warps(block), "num_stages": 1}
 

@@ -53,7 +53,7 @@ def main():
                 continue
             def fwd():
                 km.modulate_fwd_kernel[(b * n,)](out, x, shift, scale, mean, rstd, n, c, *strides, 1e-6,
-                                                 HAS_SHIFT=True, RMS=False, BLOCK_C=block, BF16_RTNE=False,
+                                                 HAS_SHIFT=True, RMS=False, STATS=True, BLOCK_C=block, BF16_RTNE=False,
                                                  num_warps=warps)
             ms = _time(fwd)
             err = (out.float() - ref).abs().max().item()

@@ -77,8 +77,10 @@ GENFAST_VEC_CLONES void modulate_row_nocache(T* __restrict out, const T* __restr
     if (shift) v += load1(shift + c);
     store1(out + c, v);
   }
-  *mean_o = mean;
-  *rstd_o = rstd;
+  if (mean_o) {  // (null: an inference call, nothing saves them)
+    *mean_o = mean;
+    *rstd_o = rstd;
+  }
 }
 
 // The same for 16-bit rows of up to kRowBuf channels: converted to fp32 once, into `buf` (an
@@ -118,8 +120,10 @@ GENFAST_VEC_CLONES void modulate_row(T* __restrict out, const T* __restrict x, c
     if (shift) v += load1(shift + c);
     store1(out + c, v);
   }
-  *mean_o = mean;
-  *rstd_o = rstd;
+  if (mean_o) {  // (null: an inference call, nothing saves them)
+    *mean_o = mean;
+    *rstd_o = rstd;
+  }
 }
 
 constexpr int64_t kRowBuf = 8192;  // fp32 row cache per thread (32 KiB); wider 16-bit rows convert per pass
@@ -141,15 +145,17 @@ void modulate_fwd(const ModulateParams& p) {
       T* out = static_cast<T*>(p.out) + b * p.out_sb + n * p.out_sn;
       const T* x = static_cast<const T*>(p.x) + b * p.x_sb + n * p.x_sn;
       const T* scale = static_cast<const T*>(p.scale) + b * p.scale_sb + n * p.scale_sn;
+      float* mean_r = p.mean ? p.mean + r : nullptr;
+      float* rstd_r = p.rstd ? p.rstd + r : nullptr;
       const int64_t r2 = std::min(r + 2, rows - 1);  // (rows cached in buf only: the others never read it)
       const T* ahead = cache ? static_cast<const T*>(p.x) + (r2 / p.N) * p.x_sb + (r2 % p.N) * p.x_sn : nullptr;
       if (const float* sc1 = scale1p.of(scale, b)) {
-        modulate_row<T, float>(out, x, shift_f.of(shift, b), sc1, p.C, p.eps, p.rms, p.mean + r, p.rstd + r, buf,
+        modulate_row<T, float>(out, x, shift_f.of(shift, b), sc1, p.C, p.eps, p.rms, mean_r, rstd_r, buf,
                                ahead);
       } else if (cache) {
-        modulate_row<T, T>(out, x, shift, scale, p.C, p.eps, p.rms, p.mean + r, p.rstd + r, buf, ahead);
+        modulate_row<T, T>(out, x, shift, scale, p.C, p.eps, p.rms, mean_r, rstd_r, buf, ahead);
       } else {
-        modulate_row_nocache<T>(out, x, shift, scale, p.C, p.eps, p.rms, p.mean + r, p.rstd + r);
+        modulate_row_nocache<T>(out, x, shift, scale, p.C, p.eps, p.rms, mean_r, rstd_r);
       }
     }
   }

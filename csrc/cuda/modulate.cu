@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kThreads) modulate_fwd_wide_kernel(const Modul
     dev::store_elem<DT>(out, c, dev::modulate_one(dev::load_elem<DT>(x, c), mean, rstd, dev::load_elem<DT>(scale, c),
                                                   shift ? dev::load_elem<DT>(shift, c) : 0.f, shift != nullptr));
   }
-  if (tid == 0) {
+  if (tid == 0 && p.mean) {  // (null: an inference call, nothing saves them)
     p.mean[r] = mean;
     p.rstd[r] = rstd;
   }

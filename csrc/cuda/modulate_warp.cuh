@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) modulate_fwd_warp_kernel(const
     modulate_pack<V>(v + k * V, sc, sh, shift != nullptr, st, o);
     store_v<DT, VEC>(out, c0, o);
   }
-  if (lane == 0) {
+  if (lane == 0 && p.mean) {  // (null: an inference call)
     p.mean[r] = st.x;
     p.rstd[r] = st.y;
   }
@@ -168,7 +168,7 @@ __device__ __forceinline__ void fwd_row_per_sample(const ModulateParams& p, Raw 
     modulate_pack<V>(v + k * V, sc, sh, shift != nullptr, st, o);
     dev::store_pack<DT>(out + c0, o);
   }
-  if (lane == 0) {
+  if (lane == 0 && p.mean) {  // (null: an inference call)
     p.mean[r] = st.x;
     p.rstd[r] = st.y;
   }

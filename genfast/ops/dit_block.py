@@ -141,17 +141,19 @@ def block_forward(block, x, c, eps=1e-6):
         if grad:
             q, k, v = _AttnIn.apply(x, shift1, scale1, wq, bq, eps, heads)
         else:  # inference: every intermediate is dropped by the next step, so each is a reused buffer (_temp)
-            q, k, v = _heads(_modulated_qkv(x, shift1, scale1, wq, bq, eps, _temp)[3], b, n, heads)
+            m, _, _, qkv = _modulated_qkv(x, shift1, scale1, wq, bq, eps, _temp, stats=False)
+            q, k, v = _heads(qkv, b, n, heads)
         # q, k, v are well-formed views here: genfast.attention's checks can be skipped
         o = _attention_ops.sdpa_attention(q, k, v)
         if o is None and not grad and cpu_kernels:  # the output into a reused buffer, [B, N, H, D] memory
             o = _attention_ops.cpu_self_attention(q, k, v, _temp("o", (b, n, heads, d), x).transpose(1, 2))[0]
         elif o is None:
             o = genfast.attention(q, k, v)
-    o = o.transpose(1, 2).reshape(b * n, ch)
+    o = _token_rows(o, b, n, ch)
     if grad:
         return _BlockOut.apply(o, x, gate1, shift2, scale2, gate2, eps, *weights)
-    return _block_out(o, x, gate1, shift2, scale2, gate2, eps, *weights, inference=True)[0]
+    # (the second modulation into the first's buffer, which the qkv GEMM has read: an allocation fewer)
+    return _block_out(o, x, gate1, shift2, scale2, gate2, eps, *weights, inference=True, m2_buf=m)[0]
 
 
 def _cpu_kernels(x, d):
@@ -165,6 +167,16 @@ def _cpu_kernels(x, d):
 def _heads(t2, b, n, heads):
     """q, k, v [B, H, N, D]: views of a [B*N, 3C] qkv projection (or of its gradient)."""
     return t2.view(b, n, 3, heads, t2.shape[1] // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _token_rows(t, b, n, ch):
+    """[B, H, N, D] -> its [B*N, C] token rows (a view where t is [B, N, H, D] in memory, as SDPA's
+    outputs and cuDNN's gradients are): one as_strided call instead of a transpose and a reshape
+    (host calls) where nothing records it for autograd (as_strided's backward is a scatter)."""
+    h, d = t.shape[1], t.shape[3]
+    if not t.requires_grad and t.stride() == (n * ch, d, ch, 1) and h * d == ch:
+        return t.as_strided((b * n, ch), (ch, 1))
+    return t.transpose(1, 2).reshape(b * n, ch)
 
 
 # Temporaries on the CPU: the backward's (gradients a node makes and drops: da, dm2, dp, do, df, dm)
@@ -259,14 +271,19 @@ class _AttnIn(torch.autograd.Function):
                          ctx.has_bias)
 
 
-def _modulated_qkv(x, shift, scale, w, bias, eps, buffer):
+def _modulated_qkv(x, shift, scale, w, bias, eps, buffer, stats=True):
     """(m2 [B*N, C], mean, rstd, qkv [B*N, 3C]): modulate(x, shift, scale) and its qkv projection, in
     buffers from buffer(name, shape, like): _saved_buf when training (the backward reads them), _temp
-    for inference."""
+    for inference (stats=False: no mean / rstd)."""
     b, n, ch = x.shape
-    m, mean, rstd = _modulate_impl(x, shift, scale, eps, False, buffer("m", x.shape, x))
-    m2 = m.view(b * n, ch)
+    m2, mean, rstd = _modulate_impl(x, shift, scale, eps, False, _rows_buf(buffer("m", (b * n, ch), x), x), stats)
     return m2, mean, rstd, _lin(m2, w, bias, lambda: buffer("qkv", (b * n, w.shape[0]), x))
+
+
+def _rows_buf(buf, x):
+    """buf, or (None from _saved_buf off the CPU) a new [B*N, C] buffer: the modulate kernels write
+    the GEMMs' 2-D input directly, without a view of a [B, N, C] output (a host call fewer)."""
+    return buf if buf is not None else torch.empty(x.shape[0] * x.shape[1], x.shape[2], dtype=x.dtype, device=x.device)
 
 
 def _in_grads(need, grads, dqkv, x, shift, scale, mean, rstd, m2, w, eps, has_bias):
@@ -279,12 +296,12 @@ def _in_grads(need, grads, dqkv, x, shift, scale, mean, rstd, m2, w, eps, has_bi
         dm, dw, db = _lin_grads(dqkv, m2, w, need_m, need[3], need_b, "dm")
     else:
         # [B, H, N, D] -> [B*N, C] rows: free when the grad is [B, N, H, D] in memory (cuDNN's matches q's)
-        rows = [g.transpose(1, 2).reshape(b * n, ch) for g in grads]
+        rows = [_token_rows(g, b, n, ch) for g in grads]
         dm, dw, db = _qkv_grads(rows, m2, w, need_m, need[3], need_b)
     dx = dshift = dscale = None
-    if need_m:
-        dx, dshift, dscale = _modulate_grads(_modulate_bwd_impl, need[:3], dm.view(x.shape), x, shift, scale,
-                                             mean, rstd, eps, False)
+    if need_m:  # (dm as the GEMM's [B*N, C] rows: the kernels take them as they are)
+        dx, dshift, dscale = _modulate_grads(_modulate_bwd_impl, need[:3], dm, x, shift, scale, mean, rstd, eps,
+                                             False)
     return dx, dshift, dscale, dw, db, None, None
 
 
@@ -358,21 +375,23 @@ def _folds_bias(x, o, wp, gates, biases):
     return all(g.dim() == 3 and g.shape[1] == 1 and g.stride(-1) == 1 for g in gates)
 
 
-def _block_out(o, x, gate1, shift2, scale2, gate2, eps, wp, bp, w1, b1, w2, b2, inference=False):
-    """(out, saved): the block after attention. o [B*N, C]; saved is what _BlockOut's backward reads."""
+def _block_out(o, x, gate1, shift2, scale2, gate2, eps, wp, bp, w1, b1, w2, b2, inference=False, m2_buf=None):
+    """(out, saved): the block after attention. o [B*N, C]; saved is what _BlockOut's backward reads.
+    The GEMMs' [B*N, C] outputs go to the kernels as they are (no views to [B, N, C]: host calls).
+    m2_buf: a [B*N, C] buffer for the second modulation (inference), or None."""
     b, n, ch = x.shape
     fold = _folds_bias(x, o, wp, (gate1, gate2), (bp, b1, b2))
     # inference: p, x1, m2, h and f are dropped by the block's next steps (_temp); training saves them
     # for the backward (_saved_buf)
     temp = (lambda name, shape: (_temp if inference else _saved_buf)(name, shape, x))
     if fold:  # biases in the gated residual / GELU passes (see _folds_bias); p, h, f still get them
-        p = torch.mm(o, wp.t(), **_out(temp("p", (b * n, ch)))).view(b, n, ch)
+        p = torch.mm(o, wp.t(), **_out(temp("p", (b * n, ch))))
         x1 = gated_bias_fp32(x, gate1, p, bp, keep_y=not inference, out=temp("x1", x.shape))
     else:
-        p = _lin(o, wp, bp, lambda: temp("p", (b * n, ch))).view(b, n, ch)
+        p = _lin(o, wp, bp, lambda: temp("p", (b * n, ch)))
         x1 = _gated_impl(x, gate1, p, temp("x1", x.shape))
-    m2, mean2, rstd2 = _modulate_impl(x1, shift2, scale2, eps, False, temp("m2", x.shape))
-    m2 = m2.view(b * n, ch)
+    m2_buf = _rows_buf(temp("m2", (b * n, ch)) if m2_buf is None else m2_buf, x)
+    m2, mean2, rstd2 = _modulate_impl(x1, shift2, scale2, eps, False, m2_buf, stats=not inference)
     if inference and EPILOGUE_GELU and m2.is_cuda and m2.numel():
         h = None
         a = torch._addmm_activation(b1, m2, w1.t(), use_gelu=True)
@@ -383,10 +402,10 @@ def _block_out(o, x, gate1, shift2, scale2, gate2, eps, wp, bp, w1, b1, w2, b2, 
         h = _lin(m2, w1, b1, lambda: temp("h", (b * n, w1.shape[0])))
         a = _gelu.gelu_tanh_inference(h) if inference else _gelu._fwd_impl(h)
     if fold:
-        f = torch.mm(a, w2.t(), **_out(temp("f", (b * n, ch)))).view(b, n, ch)
+        f = torch.mm(a, w2.t(), **_out(temp("f", (b * n, ch))))
         out = gated_bias_fp32(x1, gate2, f, b2, keep_y=not inference)
     else:
-        f = _lin(a, w2, b2, lambda: temp("f", (b * n, ch))).view(b, n, ch)
+        f = _lin(a, w2, b2, lambda: temp("f", (b * n, ch)))
         out = _gated_impl(x1, gate2, f)
     return out, (o, p, x1, mean2, rstd2, m2, h, a, f)
 
@@ -409,11 +428,11 @@ class _BlockOut(torch.autograd.Function):
             return _graph_grads(ctx, _ref_block_out, (o, x, gate1, shift2, scale2, gate2, wp, bp, w1, b1, w2, b2),
                                 (dout,), _OUT_ORDER)
         need = ctx.needs_input_grad  # o, x, gate1, shift2, scale2, gate2, eps, wp, bp, w1, b1, w2, b2
-        b, n, ch = x1.shape
         dout = dout if dout.is_contiguous() else dout.contiguous()
         fuse = BIAS_IN_GATED.get(dout.device.type, False)
+        # (p, f and their gradients are [B*N, C] rows: the kernels and GEMMs take them without views)
         df, dgate2, db2 = gated_bwd(dout, gate2, f, True, need[5], need[12] and fuse, _temp("df", f.shape, f))
-        da, dw2, db2_sum = _lin_grads(df.view(b * n, ch), a, w2, True, need[11], need[12] and db2 is None, "da")
+        da, dw2, db2_sum = _lin_grads(df, a, w2, True, need[11], need[12] and db2 is None, "da")
         db2 = db2 if db2 is not None else db2_sum
         if need[10] and GELU_BIAS_IN_BWD.get(da.device.type, False):
             dh, db1 = _gelu._bwd_bias_impl(da, h)
@@ -422,7 +441,7 @@ class _BlockOut(torch.autograd.Function):
             dh = _gelu._bwd_impl(da, h)
             dm2, dw1, db1 = _lin_grads(dh, m2, w1, True, need[9], need[10], "dm2")
         # x1 feeds the modulation and the output's residual: dx1 = modulate's dx + dout, one pass
-        dx1, dshift2, dscale2 = _modulate_grads(_modulate_bwd_impl, (True, need[3], need[4]), dm2.view(b, n, ch),
+        dx1, dshift2, dscale2 = _modulate_grads(_modulate_bwd_impl, (True, need[3], need[4]), dm2,
                                                 x1, shift2, scale2, mean2, rstd2, ctx.eps, False,
                                                 addend=dout if ADD_IN_MODULATE else None)
         if not ADD_IN_MODULATE:
@@ -432,7 +451,7 @@ class _BlockOut(torch.autograd.Function):
                                     _temp("dp", p.shape, p) if need_p else None)
         do = dwp = None
         if need[0] or need[7] or (need[8] and dbp is None):
-            do, dwp, dbp_sum = _lin_grads(dp.view(b * n, ch), o, wp, need[0], need[7], need[8] and dbp is None, "do")
+            do, dwp, dbp_sum = _lin_grads(dp, o, wp, need[0], need[7], need[8] and dbp is None, "do")
             dbp = dbp if dbp is not None else dbp_sum
         return (do, dx1 if need[1] else None, dgate1, dshift2, dscale2, dgate2, None, dwp, dbp, dw1, db1, dw2, db2)
 

@@ -53,8 +53,8 @@ def adaln_modulate(x, shift, scale, *, eps=1e-6, norm="layer"):
     # torch.func / forward-mode AD (which _route sends to "op"): the reference (genfast.ops._common.transformed)
     if route == "op" and transformed():
         return reference.adaln_modulate(x, shift, scale, eps=eps, norm=norm)
-    if route == "direct":
-        return _modulate_impl(x, shift, scale, eps, rms)[0]
+    if route == "direct":  # (nothing saves the statistics: the kernels skip them)
+        return _modulate_impl(x, shift, scale, eps, rms, stats=False)[0]
     if route == "function":  # [B, C] forms go in as they are (the kernels' wrappers take them)
         return _ModulateFunction.apply(x, shift, scale, eps, rms)
     return torch.ops.genfast.adaln_modulate(x, _as3(shift), _as3(scale), eps, rms)[0]
@@ -157,6 +157,16 @@ def _bn(t, n):
     return t, s[0], (s[1] if n != 1 and t.shape[1] == n else 0)
 
 
+def _tok(t, n):
+    """_bn for a token tensor: [B, N, C], or its [B*N, C] rows (a GEMM's input or output, taken
+    without the view to 3-D: a view costs ~2-12 us of host time, see genfast.ops.dit_block)."""
+    s = t.stride()
+    if s[-1] != 1 and t.shape[-1] > 1:
+        t = t.contiguous()
+        s = t.stride()
+    return (t, n * s[0], s[0]) if len(s) == 2 else (t, s[0], s[1])
+
+
 def _per_sample(t, n):
     """Whether modulation t ([B, C], [B, 1, C] or [B, N, C]) is one row per sample broadcast over
     N > 1 rows (its gradient a sum over the rows)."""
@@ -189,22 +199,35 @@ def _launch(name, fn, tensors, args, tail=()):
 
 
 # ---------------------------------------------------------------------------- adaln_modulate
-def _modulate_impl(x, shift, scale, eps, rms, out=None):
-    """(out, mean, rstd); out: a contiguous [B, N, C] buffer to write (kernel backends), or None."""
+def _modulate_impl(x, shift, scale, eps, rms, out=None, stats=True):
+    """(out, mean, rstd); out: a contiguous [B, N, C] buffer (or its [B*N, C] rows) to write (kernel
+    backends), or None. stats=False (no backward will read them): mean and rstd are None, not written
+    (two allocations fewer on a host-bound inference path)."""
     b, n, c = x.shape
-    mean = torch.empty(b, n, device=x.device, dtype=torch.float32)  # the kernels write every row
-    rstd = torch.empty(b, n, device=x.device, dtype=torch.float32)
+    mean = rstd = None
+    if stats:
+        mean = torch.empty(b, n, device=x.device, dtype=torch.float32)  # the kernels write every row
+        rstd = torch.empty(b, n, device=x.device, dtype=torch.float32)
     if x.numel() == 0:
-        return torch.empty(b, n, c, device=x.device, dtype=x.dtype), mean.zero_(), rstd.fill_(eps ** -0.5 if eps else 0)
+        if stats:
+            mean.zero_()
+            rstd.fill_(eps ** -0.5 if eps else 0)
+        return (torch.empty(b, n, c, device=x.device, dtype=x.dtype) if out is None else out), mean, rstd
     name = backend_for(x)
     if name == "reference":
+        ref = reference.adaln_modulate(x, shift, scale, eps=eps, norm="rms" if rms else "layer")
+        if out is None:
+            out = ref.contiguous()
+        else:  # into the given buffer, as the kernels write it
+            out.view(ref.shape).copy_(ref)
+        if not stats:
+            return out, None, None
         xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
         m = xf.mean(-1) if not rms else torch.zeros_like(xf[..., 0])
         mean.copy_(m)
         rstd.copy_(torch.rsqrt(((xf - m[..., None]) ** 2).mean(-1) + eps))
-        out = reference.adaln_modulate(x, shift, scale, eps=eps, norm="rms" if rms else "layer")
-        return out.contiguous(), mean, rstd
-    x, x_sb, x_sn = _bn(x, n)
+        return out, mean, rstd
+    x, x_sb, x_sn = _tok(x, n)
     scale, sc_sb, sc_sn = _bn(scale, n)
     shift, sh_sb, sh_sn = _bn(shift, n) if shift is not None else (None, 0, 0)
     out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
@@ -226,14 +249,14 @@ def _modulate_bwd_impl(grad, x, shift, scale, mean, rstd, eps, rms, needs, adden
                 torch.zeros_like(shift) if need_shift else nothing, torch.zeros_like(scale) if need_scale else nothing)
     name = backend_for(x)
     if name == "reference":
-        dx, dshift, dscale = _reference_backward(grad, x, _as3(shift), _as3(scale), eps, rms, needs)
+        dx, dshift, dscale = _reference_backward(grad.view(x.shape), x, _as3(shift), _as3(scale), eps, rms, needs)
         return ((dx + addend if addend is not None else dx), dshift.view(shift.shape) if need_shift else dshift,
                 dscale.view(scale.shape) if need_scale else dscale)
     per_sample = _per_sample(scale, n)
     shift_per_sample = shift is not None and _per_sample(shift, n)
     kernel_dshift = need_shift and shift_per_sample and per_sample  # else dshift is grad or its sum over N
-    grad, g_sb, g_sn = _bn(grad, n)
-    x, x_sb, x_sn = _bn(x, n)
+    grad, g_sb, g_sn = _tok(grad, n)  # (grad may be the [B*N, C] rows of a GEMM's dX)
+    x, x_sb, x_sn = _tok(x, n)
     scale, sc_sb, sc_sn = _bn(scale, n)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
     # in the modulations' own shapes: B x C (per sample, or N = 1) or B x N x C values, contiguous
@@ -248,7 +271,7 @@ def _modulate_bwd_impl(grad, x, shift, scale, mean, rstd, eps, rms, needs, adden
                 (b, n, c, strides, CHUNK_ROWS, per_sample, bool(rms), DTYPE_CODE[x.dtype]),
                 (addend.contiguous() if addend is not None and need_x else None,))
     if need_shift and not kernel_dshift:  # (the autograd formula does not ask for these: see _dshift)
-        dshift = _dshift(grad, shift_per_sample).clone()
+        dshift = _dshift(grad.view(x.shape), shift_per_sample).clone()
     # (dscale is allocated in scale's shape; dshift from _dshift may be [B, 1, C] for a [B, C] shift)
     return (dx if need_x else nothing, _as_shape(dshift, shift.shape) if need_shift else nothing,
             dscale if need_scale else nothing)
@@ -331,7 +354,7 @@ def _modulate_grads(backward_op, needs, grad, x, shift, scale, mean, rstd, eps, 
                                          [needs[0], kernel_dshift, needs[2]],
                                          **({} if addend is None else {"addend": addend}))
     if needs[1] and not kernel_dshift:
-        dshift = _dshift(grad, shift_ps).reshape(shift.shape)
+        dshift = _dshift(grad.view(x.shape), shift_ps).reshape(shift.shape)
     return dx if needs[0] else None, dshift if needs[1] else None, dscale if needs[2] else None
 
 
@@ -357,16 +380,17 @@ class _ModulateFunction(torch.autograd.Function):
 
 # ---------------------------------------------------------------------------- gated_residual
 def _gated_impl(x, gate, y, out=None):
-    """x + gate * y; out: a contiguous [B, N, C] buffer to write (kernel backends), or None."""
+    """x + gate * y; out: a contiguous [B, N, C] buffer to write (kernel backends), or None. y may be
+    the [B*N, C] rows of a GEMM's output (the kernels take it as it is)."""
     b, n, c = x.shape
     if x.numel() == 0:
         return torch.empty(b, n, c, device=x.device, dtype=x.dtype)
     name = backend_for(x, "gated_residual")
     if name == "reference":
-        return reference.gated_residual(x, gate, y).contiguous()
-    x, x_sb, x_sn = _bn(x, n)
+        return reference.gated_residual(x, gate, y.view(x.shape)).contiguous()
+    x, x_sb, x_sn = _tok(x, n)
     gate, g_sb, g_sn = _bn(gate, n)
-    y, y_sb, y_sn = _bn(y, n)
+    y, y_sb, y_sn = _tok(y, n)
     out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
     _launch(name, "gated_residual_fwd", (out, x, gate, y),
             (b, n, c, (n * c, c, x_sb, x_sn, g_sb, g_sn, y_sb, y_sn), DTYPE_CODE[x.dtype]))
@@ -396,8 +420,9 @@ def gated_bwd(grad, gate, y, need_y, need_gate, need_bias=False, dy_out=None):
     """(dy, dgate, dbias) of out = x + gate * y, None where not asked for. dbias [C]: the column sums
     of dy over all rows as stored (the bias gradient of the Linear that made y), from the same pass
     over grad where the gate is per sample (the kernels' chunk sums), else torch's sum of dy.
-    dy_out: a contiguous [B, N, C] buffer for dy (kernel backends; the reference makes its own)."""
-    b, n, c = y.shape
+    dy_out: a contiguous [B, N, C] buffer for dy (kernel backends; the reference makes its own). y (and
+    dy_out) may be the [B*N, C] rows of a GEMM's output: dy then comes in that shape."""
+    b, n, c = grad.shape
     need_y = need_y or need_bias
     if y.numel() == 0:
         return (torch.zeros_like(y) if need_y else None, torch.zeros_like(gate) if need_gate else None,
@@ -406,13 +431,13 @@ def gated_bwd(grad, gate, y, need_y, need_gate, need_bias=False, dy_out=None):
     per_sample = _per_sample(gate, n)
     dbias = None
     if name == "reference":
-        dy, dgate = _gated_torch_grads(grad, _as3(gate), y, _as3(gate).shape, need_y, need_gate)
-        dy = dy.contiguous() if need_y else None
+        dy, dgate = _gated_torch_grads(grad, _as3(gate), y.view(grad.shape), _as3(gate).shape, need_y, need_gate)
+        dy = _as_shape(dy.contiguous(), y.shape) if need_y else None
         dgate = dgate.contiguous().reshape(gate.shape) if need_gate else None
     else:
-        grad, g_sb, g_sn = _bn(grad, n)
+        grad, g_sb, g_sn = _tok(grad, n)
         gate, ga_sb, ga_sn = _bn(gate, n)
-        y, y_sb, y_sn = _bn(y, n)
+        y, y_sb, y_sn = _tok(y, n)
         dy = None
         if need_y:
             dy = dy_out if dy_out is not None else torch.empty_like(y, memory_format=torch.contiguous_format)
