@@ -276,7 +276,8 @@ def modulate_fwd(out, x, shift, scale, mean, rstd, B, N, C, strides, eps, rms, d
     block = triton.next_power_of_2(C)
     modulate_fwd_kernel[(B * N,)](
         out, x, _dummy(shift, scale), scale, _dummy(mean, out), _dummy(rstd, out), N, C, *strides, float(eps),
-        HAS_SHIFT=shift is not None, RMS=bool(rms), STATS=mean is not None, BLOCK_C=block, BF16_RTNE=_rtne(out), num_warps=_fwd_warps(block))
+        HAS_SHIFT=shift is not None, RMS=bool(rms), STATS=mean is not None, BLOCK_C=block, BF16_RTNE=_rtne(out),
+        num_warps=_fwd_warps(block))
 
 
 def _reduce(out, partial, B, nchunks, stride_k, C):

@@ -249,7 +249,7 @@ def _modulate_bwd_impl(grad, x, shift, scale, mean, rstd, eps, rms, needs, adden
                 torch.zeros_like(shift) if need_shift else nothing, torch.zeros_like(scale) if need_scale else nothing)
     name = backend_for(x)
     if name == "reference":
-        dx, dshift, dscale = _reference_backward(grad.view(x.shape), x, _as3(shift), _as3(scale), eps, rms, needs)
+        dx, dshift, dscale = _reference_backward(_as_shape(grad, x.shape), x, _as3(shift), _as3(scale), eps, rms, needs)
         return ((dx + addend if addend is not None else dx), dshift.view(shift.shape) if need_shift else dshift,
                 dscale.view(scale.shape) if need_scale else dscale)
     per_sample = _per_sample(scale, n)
@@ -271,7 +271,7 @@ def _modulate_bwd_impl(grad, x, shift, scale, mean, rstd, eps, rms, needs, adden
                 (b, n, c, strides, CHUNK_ROWS, per_sample, bool(rms), DTYPE_CODE[x.dtype]),
                 (addend.contiguous() if addend is not None and need_x else None,))
     if need_shift and not kernel_dshift:  # (the autograd formula does not ask for these: see _dshift)
-        dshift = _dshift(grad.view(x.shape), shift_per_sample).clone()
+        dshift = _dshift(_as_shape(grad, x.shape), shift_per_sample).clone()
     # (dscale is allocated in scale's shape; dshift from _dshift may be [B, 1, C] for a [B, C] shift)
     return (dx if need_x else nothing, _as_shape(dshift, shift.shape) if need_shift else nothing,
             dscale if need_scale else nothing)
@@ -354,7 +354,7 @@ def _modulate_grads(backward_op, needs, grad, x, shift, scale, mean, rstd, eps, 
                                          [needs[0], kernel_dshift, needs[2]],
                                          **({} if addend is None else {"addend": addend}))
     if needs[1] and not kernel_dshift:
-        dshift = _dshift(grad.view(x.shape), shift_ps).reshape(shift.shape)
+        dshift = _dshift(_as_shape(grad, x.shape), shift_ps).reshape(shift.shape)
     return dx if needs[0] else None, dshift if needs[1] else None, dscale if needs[2] else None
 
 
@@ -387,7 +387,7 @@ def _gated_impl(x, gate, y, out=None):
         return torch.empty(b, n, c, device=x.device, dtype=x.dtype)
     name = backend_for(x, "gated_residual")
     if name == "reference":
-        return reference.gated_residual(x, gate, y.view(x.shape)).contiguous()
+        return reference.gated_residual(x, gate, _as_shape(y, x.shape)).contiguous()
     x, x_sb, x_sn = _tok(x, n)
     gate, g_sb, g_sn = _bn(gate, n)
     y, y_sb, y_sn = _tok(y, n)
@@ -431,7 +431,7 @@ def gated_bwd(grad, gate, y, need_y, need_gate, need_bias=False, dy_out=None):
     per_sample = _per_sample(gate, n)
     dbias = None
     if name == "reference":
-        dy, dgate = _gated_torch_grads(grad, _as3(gate), y.view(grad.shape), _as3(gate).shape, need_y, need_gate)
+        dy, dgate = _gated_torch_grads(grad, _as3(gate), _as_shape(y, grad.shape), _as3(gate).shape, need_y, need_gate)
         dy = _as_shape(dy.contiguous(), y.shape) if need_y else None
         dgate = dgate.contiguous().reshape(gate.shape) if need_gate else None
     else:
