@@ -11,6 +11,7 @@ build serves every torch 2.x. GENFAST_CUDA_ARCH="80;90" picks the CUDA archs (de
 visible GPU's, else sm_80 and sm_90). The build prints what it built and why it skipped anything,
 and records it in genfast/_build_info.py for genfast.info().
 """
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -36,6 +37,15 @@ BINDINGS = str(CSRC / "bindings.cpp")
 
 def log(msg):
     print(f"genfast build: {msg}", file=sys.stderr, flush=True)
+
+
+def load_by_path(rel):
+    """A standard-library-only module of the genfast package, loaded from its file (genfast, which
+    needs torch, is not importable while it is being built)."""
+    spec = importlib.util.spec_from_file_location("_genfast_build_" + Path(rel).stem, ROOT / rel)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def find_nvcc():
@@ -137,9 +147,13 @@ class NinjaBuildExt(build_ext):
             gencode = " ".join(f"-gencode arch=compute_{a},code=sm_{a}" for a in self.cuda["archs"])
             top = max(self.cuda["archs"])  # PTX of the newest arch too, so newer GPUs can JIT it
             gencode += f" -gencode arch=compute_{top},code=compute_{top}"
+            # ptxas's resource report of each object kept in $out.usage (genfast/devtools/cuda_usage.py:
+            # the GPU compile check reads it instead of compiling the same sources again); its output
+            # is shown where nvcc fails. -MD: header changes rebuild the objects that include them.
             rules.append(
                 f"rule nvcc\n  command = {self.cuda['nvcc']} -std=c++17 -O3 -Xcompiler -fPIC,-fvisibility=hidden"
-                f" -I{CSRC} {gencode} -lineinfo -c $in -o $out\n"
+                f" -I{CSRC} {gencode} -lineinfo --resource-usage -MD -MF $out.d -c $in -o $out > $out.usage 2>&1"
+                " || { cat $out.usage; exit 1; }\n  depfile = $out.d\n  deps = gcc\n"
             )
             for s in CUDA_SOURCES:
                 add("nvcc", s, "genfast._cuda")
@@ -180,8 +194,16 @@ class NinjaBuildExt(build_ext):
             "cpu_compiler": subprocess.run([os.environ.get("CXX", "g++"), "--version"], capture_output=True, text=True).stdout.splitlines()[0],
         }
         # Beside the compiled modules, wherever this build puts them (a wheel, or in place).
-        p = Path(self.get_ext_fullpath("genfast._C")).parent / "_build_info.py"
-        p.write_text(f"# Written by setup.py at build time.\nBUILD = {info!r}\n")
+        where = Path(self.get_ext_fullpath("genfast._C")).parent
+        (where / "_build_info.py").write_text(f"# Written by setup.py at build time.\nBUILD = {info!r}\n")
+        usage = load_by_path("genfast/devtools/cuda_usage.py")
+        report = where / usage.FILE_NAME
+        if self.cuda:  # nvcc's resource report of this build, for genfast.devtools.gpu_compile
+            tmp = Path(self.build_temp).resolve() / "genfast._cuda"
+            logs = {Path(s).name: (tmp / (Path(s).name + ".o.usage")).read_text() for s in CUDA_SOURCES}
+            usage.write(report, CSRC, self.cuda["archs"], self.cuda["version"], logs)
+        elif report.exists():
+            report.unlink()  # an earlier in-place build's
 
 
 ext_modules = [Extension(n, sources=[]) for n in ("genfast._C", "genfast._cuda_emu", "genfast._cuda")]

@@ -65,19 +65,33 @@ def _expected_cuda_kernels():
     return want
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu_compile") / "report.json"
+def _installed_build_report():
+    """The installed genfast's record of its own nvcc build (setup.py), or None (no CUDA build)."""
+    import genfast
+    from genfast.devtools import cuda_usage
+
+    path = Path(genfast.__file__).parent / cuda_usage.FILE_NAME
+    return path if path.is_file() else None
+
+
+def _run_tool(out, *args):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     # TRITON_INTERPRET may be set by conftest: the tool must cope (it restarts itself without it).
     proc = subprocess.run(
-        [sys.executable, "-m", "genfast.devtools.gpu_compile", "--csrc", str(REPO / "csrc"), "--json", str(out)],
-        # ~260 s alone on the 2-core CI machine; over 300 s there beside another pytest-xdist worker
+        [sys.executable, "-m", "genfast.devtools.gpu_compile", *args, "--json", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
     )
-    data = json.loads(out.read_text()) if out.exists() else None
-    return proc, data
+    return proc, (json.loads(out.read_text()) if out.exists() else None)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    # The CUDA figures from the install's own nvcc build where it compiled these sources (the same
+    # nvcc work again cost ~5 CPU minutes on the 2-core CI machine); the Triton half compiles (~4 min).
+    built = _installed_build_report()
+    extra = ["--build-report", str(built)] if built else []
+    return _run_tool(tmp_path_factory.mktemp("gpu_compile") / "report.json", "--csrc", str(REPO / "csrc"), *extra)
 
 
 def test_tool_succeeds(report):
@@ -117,3 +131,39 @@ def test_every_cuda_kernel_compiled_for_both_archs(report):
             assert hits, (f"{cu_name}: __global__ {kernel} has no sm_{arch} figures (not compiled, or a"
                           f" template never instantiated in that file):\n{proc.stdout}")
             assert all(_has_figures(r) for r in hits), hits
+
+
+def _figures(rows):
+    return {(r["kernel"], r["arch"]): (r["regs"], r["spill_stores"], r["spill_loads"], r["smem"]) for r in rows}
+
+
+def test_build_report_figures_equal_a_fresh_compile(tmp_path):
+    """The figures the check takes from the build's report are the ones nvcc gives when it compiles
+    a source itself: colsum.cu (small) compiled fresh vs the same file's rows from the report."""
+    built = _installed_build_report()
+    if built is None:
+        pytest.skip("the installed genfast has no CUDA build report (built without nvcc)")
+    from genfast.devtools import cuda_usage
+
+    got, why = cuda_usage.load(built, REPO / "csrc", _nvcc_version())
+    if got is None:
+        pytest.skip(f"the installed build is not of this checkout's sources: {why}")
+    csrc = tmp_path / "csrc"
+    shutil.copytree(REPO / "csrc", csrc)
+    for cu in (csrc / "cuda").glob("*.cu"):
+        if cu.name != "colsum.cu":
+            cu.unlink()
+    fresh_proc, fresh = _run_tool(tmp_path / "fresh.json", "--no-triton", "--csrc", str(csrc))
+    assert fresh_proc.returncode == 0, fresh_proc.stdout + fresh_proc.stderr
+    # the checkout's sources with the report: colsum.cu's rows come from it, and equal the fresh ones
+    used_proc, used = _run_tool(tmp_path / "used.json", "--no-triton", "--csrc", str(REPO / "csrc"), "--build-report", str(built))
+    assert used_proc.returncode == 0, used_proc.stdout + used_proc.stderr
+    from_report = [r for r in used["rows"] if r["config"] == "colsum.cu"]
+    assert from_report and all(r["source"].startswith("setup.py") for r in from_report)
+    want = _figures(fresh["rows"])
+    assert {a for _, a in want} == set(ARCHS) and _figures(from_report) == want
+
+
+def _nvcc_version():
+    out = subprocess.run([_nvcc(), "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+    return out[-1] if out else "unknown"

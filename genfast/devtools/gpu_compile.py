@@ -1,6 +1,6 @@
 """Compile every GPU kernel for sm_80 and sm_90 without a GPU, and print what each one costs.
 
-    python -m genfast.devtools.gpu_compile [--csrc DIR] [--arch 80,90] [--json FILE]
+    python -m genfast.devtools.gpu_compile [--csrc DIR] [--arch 80,90] [--json FILE] [--build-report FILE]
 
 1. Triton: imports every module of the kernels package and compiles each entry of its
    `AOT_CONFIGS` with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`.
@@ -9,7 +9,10 @@
    Registers and spills come from ptxas's own log (TRITON_DUMP_PTXAS_LOG=1, a private
    TRITON_CACHE_DIR so nothing is a cache hit), shared memory from `metadata.shared`.
 2. CUDA: `nvcc -std=c++17 -O3 -arch=sm_XX --resource-usage -I<csrc> -c` on every
-   `<csrc>/cuda/*.cu` (default csrc: <repo>/csrc when run from a checkout).
+   `<csrc>/cuda/*.cu` (default csrc: <repo>/csrc when run from a checkout). With
+   `--build-report <installed genfast>/_cuda_usage.json`, the (file, arch) figures that setup.py's
+   own nvcc build recorded are taken from it instead, where it compiled the same sources with the
+   same nvcc (genfast/devtools/cuda_usage.py); the rest are compiled.
 3. One table (kernel, config, arch, regs, spills, smem); exit status 1 if anything failed to
    compile, a default config spills without `allow_spills`, needs more shared memory than a
    block of that arch can have, or a kernels module failed to import.
@@ -52,6 +55,8 @@ import time
 import types
 import warnings
 from pathlib import Path
+
+from genfast.devtools import cuda_usage
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout root when run from the source tree
 
@@ -293,7 +298,7 @@ def short_name(demangled):
     return s[cut:]
 
 
-def cuda_rows(csrc, archs, nvcc, failures, notes, jobs):
+def cuda_rows(csrc, archs, nvcc, failures, notes, jobs, build_report=None):
     sources = sorted((csrc / "cuda").glob("*.cu"))
     if not sources:
         notes.append(f"no CUDA sources in {csrc / 'cuda'}")
@@ -302,14 +307,8 @@ def cuda_rows(csrc, archs, nvcc, failures, notes, jobs):
     tmp = tempfile.mkdtemp(prefix="genfast-nvcc-")
     running = []
 
-    def finish(p, cu, arch, t0):
-        text = p.stdout.read() if p.stdout else ""
-        p.wait()
+    def add_rows(cu, arch, text, seconds, source):
         rel = f"{csrc.name}/cuda/{cu.name}"
-        if p.returncode != 0:
-            rows.append({"kind": "cuda", "file": rel, "kernel": "(nvcc)", "config": cu.name, "arch": arch,
-                         "status": "FAIL", "error": f"nvcc exit {p.returncode}: " + text.strip()[-3000:], "seconds": round(time.time() - t0, 2)})
-            return
         figs = parse_ptxas(text)
         names = demangle(list(figs))
         if not figs:
@@ -317,7 +316,30 @@ def cuda_rows(csrc, archs, nvcc, failures, notes, jobs):
         for mangled, f in sorted(figs.items(), key=lambda kv: names[kv[0]]):
             rows.append({"kind": "cuda", "file": rel, "kernel": short_name(names[mangled]),
                          "demangled": names[mangled], "config": cu.name, "arch": arch, "status": "ok",
-                         "seconds": round(time.time() - t0, 2), "source": "nvcc --resource-usage", **f})
+                         "seconds": seconds, "source": source, **f})
+
+    def finish(p, cu, arch, t0):
+        text = p.stdout.read() if p.stdout else ""
+        p.wait()
+        if p.returncode != 0:
+            rows.append({"kind": "cuda", "file": f"{csrc.name}/cuda/{cu.name}", "kernel": "(nvcc)", "config": cu.name,
+                         "arch": arch, "status": "FAIL", "error": f"nvcc exit {p.returncode}: " + text.strip()[-3000:],
+                         "seconds": round(time.time() - t0, 2)})
+            return
+        add_rows(cu, arch, text, round(time.time() - t0, 2), "nvcc --resource-usage")
+
+    if build_report is not None:  # the installed build's own ptxas figures, where it compiled these sources
+        ver = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+        report, why = cuda_usage.load(build_report, csrc, ver[-1] if ver else "unknown")
+        if report is None:
+            notes.append(f"CUDA: compiling (the build's report is not used: {why})")
+        else:
+            kept = [(cu, arch) for cu, arch in work if arch in report["logs"].get(cu.name, {})]
+            for cu, arch in kept:
+                add_rows(cu, arch, report["logs"][cu.name][arch], 0.0, "setup.py's nvcc build (--resource-usage)")
+            work = [w for w in work if w not in kept]
+            notes.append(f"CUDA: {len(kept)} of {len(kept) + len(work)} (file, arch) figures from the build's report"
+                         f" ({build_report}, {report['nvcc']}), same sources")
 
     for cu, arch in work:  # a few nvcc processes at a time, collected in order
         while len(running) >= jobs:
@@ -391,7 +413,8 @@ def run_cuda_part(args, archs, res):
         try:
             ver = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
             res["notes"].append(f"nvcc: {ver[-1] if ver else '?'}")
-            res["rows"] += cuda_rows(csrc.resolve(), archs, nvcc, res["failures"], res["notes"], args.jobs)
+            res["rows"] += cuda_rows(csrc.resolve(), archs, nvcc, res["failures"], res["notes"], args.jobs,
+                                     args.build_report)
         except Exception as e:  # never lose a CUDA problem in the thread
             res["failures"].append(f"CUDA part crashed: {type(e).__name__}: {e}")
 
@@ -404,6 +427,9 @@ def parse_args(argv):
     p.add_argument("--json", type=Path, default=None, help="also write the rows and failures as JSON here")
     p.add_argument("--no-triton", action="store_true", help="skip the Triton kernels")
     p.add_argument("--no-cuda", action="store_true", help="skip the CUDA sources")
+    p.add_argument("--build-report", type=Path, default=None,
+                   help="an installed genfast's _cuda_usage.json: take the CUDA figures of the archs it holds from"
+                        " it where it was built from the same csrc sources (else compile them)")
     p.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)), help="parallel nvcc processes")
     return p.parse_args(argv)
 
