@@ -3,7 +3,15 @@ before triton is imported; backends are forced per test through GENFAST_BACKEND.
 import os
 import sys
 
-import torch
+# pytest-xdist workers (README: `pytest -n 2` on 2 cores) each run torch's 2 OpenMP threads: 4 threads
+# on 2 cores, whose default spin-waiting at every parallel region's barrier burns the other worker's
+# time slices. Sleeping waits there (read by libgomp when torch loads it, so set before the import):
+# the zoo's small flow run took 226 s as one of two concurrent processes, 49 s with passive waits,
+# 45 s with one thread each (which would drop the kernels' 2-thread paths from the tests).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
