@@ -200,7 +200,8 @@ class NinjaBuildExt(build_ext):
         report = where / usage.FILE_NAME
         if self.cuda:  # nvcc's resource report of this build, for genfast.devtools.gpu_compile
             tmp = Path(self.build_temp).resolve() / "genfast._cuda"
-            logs = {Path(s).name: (tmp / (Path(s).name + ".o.usage")).read_text() for s in CUDA_SOURCES}
+            found = [(Path(s).name, tmp / (Path(s).name + ".o.usage")) for s in CUDA_SOURCES]
+            logs = {name: f.read_text() for name, f in found if f.is_file()}  # (the check compiles any missing)
             usage.write(report, CSRC, self.cuda["archs"], self.cuda["version"], logs)
         elif report.exists():
             report.unlink()  # an earlier in-place build's
