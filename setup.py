@@ -48,6 +48,10 @@ def load_by_path(rel):
     return mod
 
 
+# nvcc's version and the build's resource report, in the form genfast.devtools.gpu_compile reads them
+CUDA_USAGE = load_by_path("genfast/devtools/cuda_usage.py")
+
+
 def find_nvcc():
     env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if env and (Path(env) / "bin" / "nvcc").exists():
@@ -66,11 +70,6 @@ def cuda_home(nvcc):
     except OSError:
         pass
     return str(Path(os.path.realpath(nvcc)).parent.parent)
-
-
-def nvcc_version(nvcc):
-    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    return out.strip().splitlines()[-1] if out.strip() else "unknown"
 
 
 def cuda_archs():
@@ -104,7 +103,8 @@ class NinjaBuildExt(build_ext):
             self.skipped["genfast._cuda"] = "no csrc/cuda sources"
         else:
             archs, why = cuda_archs()
-            self.cuda = dict(nvcc=nvcc, home=cuda_home(nvcc), archs=archs, why=why, version=nvcc_version(nvcc))
+            self.cuda = dict(nvcc=nvcc, home=cuda_home(nvcc), archs=archs, why=why,
+                             version=CUDA_USAGE.nvcc_version(nvcc))
         self.extensions = [e for e in self.extensions if e.name != "genfast._cuda" or self.cuda]
         self.build_all_objects()
         super().run()
@@ -196,13 +196,12 @@ class NinjaBuildExt(build_ext):
         # Beside the compiled modules, wherever this build puts them (a wheel, or in place).
         where = Path(self.get_ext_fullpath("genfast._C")).parent
         (where / "_build_info.py").write_text(f"# Written by setup.py at build time.\nBUILD = {info!r}\n")
-        usage = load_by_path("genfast/devtools/cuda_usage.py")
-        report = where / usage.FILE_NAME
+        report = where / CUDA_USAGE.FILE_NAME
         if self.cuda:  # nvcc's resource report of this build, for genfast.devtools.gpu_compile
             tmp = Path(self.build_temp).resolve() / "genfast._cuda"
             found = [(Path(s).name, tmp / (Path(s).name + ".o.usage")) for s in CUDA_SOURCES]
             logs = {name: f.read_text() for name, f in found if f.is_file()}  # (the check compiles any missing)
-            usage.write(report, CSRC, self.cuda["archs"], self.cuda["version"], logs)
+            CUDA_USAGE.write(report, CSRC, self.cuda["archs"], self.cuda["version"], logs)
         elif report.exists():
             report.unlink()  # an earlier in-place build's
 

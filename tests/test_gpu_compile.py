@@ -145,7 +145,7 @@ def test_build_report_figures_equal_a_fresh_compile(tmp_path):
         pytest.skip("the installed genfast has no CUDA build report (built without nvcc)")
     from genfast.devtools import cuda_usage
 
-    got, why = cuda_usage.load(built, REPO / "csrc", _nvcc_version())
+    got, why = cuda_usage.load(built, REPO / "csrc", cuda_usage.nvcc_version(_nvcc()))
     if got is None:
         pytest.skip(f"the installed build is not of this checkout's sources: {why}")
     csrc = tmp_path / "csrc"
@@ -162,8 +162,3 @@ def test_build_report_figures_equal_a_fresh_compile(tmp_path):
     assert from_report and all(r["source"].startswith("setup.py") for r in from_report)
     want = _figures(fresh["rows"])
     assert {a for _, a in want} == set(ARCHS) and _figures(from_report) == want
-
-
-def _nvcc_version():
-    out = subprocess.run([_nvcc(), "--version"], capture_output=True, text=True).stdout.strip().splitlines()
-    return out[-1] if out else "unknown"

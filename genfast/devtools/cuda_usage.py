@@ -11,12 +11,20 @@ Standard library only: setup.py loads this file by path, before genfast is insta
 import hashlib
 import json
 import re
+import subprocess
 from pathlib import Path
 
 FILE_NAME = "_cuda_usage.json"
 # what nvcc reads to compile csrc/cuda/*.cu: the sources and every header they may include
 SUFFIXES = (".cu", ".cuh", ".h", ".hpp")
 _ENTRY_ARCH = re.compile(r"Compiling entry function '[^']+' for 'sm_(\d+)'")
+
+
+def nvcc_version(nvcc):
+    """The last line of `nvcc --version` ("Build cuda_13.0.r13.0/compiler.…"): what a report records
+    (write) and what a check compares it with (load)."""
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+    return out[-1] if out else "unknown"
 
 
 def csrc_digest(csrc):

@@ -298,7 +298,7 @@ def short_name(demangled):
     return s[cut:]
 
 
-def cuda_rows(csrc, archs, nvcc, failures, notes, jobs, build_report=None):
+def cuda_rows(csrc, archs, nvcc, failures, notes, jobs, build_report=None, nvcc_version="unknown"):
     sources = sorted((csrc / "cuda").glob("*.cu"))
     if not sources:
         notes.append(f"no CUDA sources in {csrc / 'cuda'}")
@@ -329,8 +329,7 @@ def cuda_rows(csrc, archs, nvcc, failures, notes, jobs, build_report=None):
         add_rows(cu, arch, text, round(time.time() - t0, 2), "nvcc --resource-usage")
 
     if build_report is not None:  # the installed build's own ptxas figures, where it compiled these sources
-        ver = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
-        report, why = cuda_usage.load(build_report, csrc, ver[-1] if ver else "unknown")
+        report, why = cuda_usage.load(build_report, csrc, nvcc_version)
         if report is None:
             notes.append(f"CUDA: compiling (the build's report is not used: {why})")
         else:
@@ -411,10 +410,10 @@ def run_cuda_part(args, archs, res):
         (res["failures"] if args.csrc else res["notes"]).append(msg)  # asked for explicitly: a failure
     else:
         try:
-            ver = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
-            res["notes"].append(f"nvcc: {ver[-1] if ver else '?'}")
+            version = cuda_usage.nvcc_version(nvcc)
+            res["notes"].append(f"nvcc: {version}")
             res["rows"] += cuda_rows(csrc.resolve(), archs, nvcc, res["failures"], res["notes"], args.jobs,
-                                     args.build_report)
+                                     args.build_report, version)
         except Exception as e:  # never lose a CUDA problem in the thread
             res["failures"].append(f"CUDA part crashed: {type(e).__name__}: {e}")
 
